@@ -1,0 +1,34 @@
+"""Memory backends behind one interface (see ``base``): ``cpu`` (POSIX shm) and ``cuda`` (CUDA IPC)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..protocol import CpuSlabHandle, CudaSlabHandle, SlabHandle
+from .base import Backend, ExportedSlab, ImportedSlab
+from .cpu import CpuBackend
+
+
+def backend_for(device: torch.device | str) -> Backend:
+    """The backend that exports slabs living on ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        from .cuda import CudaBackend
+
+        return CudaBackend(device)
+    return CpuBackend()
+
+
+def open_slab(handle: SlabHandle) -> ImportedSlab:
+    """Import a slab described by a validated handle."""
+    if isinstance(handle, CudaSlabHandle):
+        from .cuda import CudaImportedSlab
+
+        return CudaImportedSlab(handle)
+    assert isinstance(handle, CpuSlabHandle)
+    from .cpu import CpuImportedSlab
+
+    return CpuImportedSlab(handle)
+
+
+__all__ = ["Backend", "ExportedSlab", "ImportedSlab", "backend_for", "open_slab"]

@@ -1,0 +1,67 @@
+"""The memory-backend interface: a flat byte slab one process exports and another imports.
+
+Producer side: ``Backend.allocate(nbytes) -> ExportedSlab``; pack into ``slab.tensor``, then
+``slab.mark_ready()``; send ``slab.handle``. Consumer side: ``open_slab(handle) -> ImportedSlab``
+(kept open and reused across versions), then ``copy_out(used_bytes, device)`` returns memory the
+consumer owns, fully written, so the lease on the slab can be dropped right after.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..layout import SlabLayout
+from ..protocol import SlabHandle
+
+
+class ExportedSlab(ABC):
+    slab_id: str
+    nbytes: int
+    device: torch.device
+    tensor: torch.Tensor  # uint8, 1-D, nbytes long
+    handle: SlabHandle
+    _views: tuple[bytes, list[torch.Tensor]] | None = None
+
+    def destination_views(self, layout: SlabLayout) -> list[torch.Tensor]:
+        """Per-entry views of this slab for ``layout``, cached: a recycled slab re-packs with no new views."""
+        if self._views is None or self._views[0] != layout.digest:
+            self._views = (layout.digest, layout.destination_views(self.tensor))
+        return self._views[1]
+
+    @abstractmethod
+    def mark_ready(self) -> None:
+        """Called after every pack: orders the importer's reads after the pack's writes."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the memory (importers that still map it keep their mapping alive)."""
+
+
+class ImportedSlab(ABC):
+    slab_id: str
+    nbytes: int
+    device: torch.device  # where the mapping lives in this process
+
+    @abstractmethod
+    def copy_into(self, dst: torch.Tensor) -> None:
+        """Copy the slab's first ``dst.numel()`` bytes into ``dst`` (uint8, 1-D); complete on return."""
+
+    def copy_out(self, used_bytes: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """The first ``used_bytes`` in a new uint8 tensor this process owns (on ``device``, default the slab's)."""
+        owned = torch.empty(used_bytes, dtype=torch.uint8, device=self.device if device is None else device)
+        self.copy_into(owned)
+        return owned
+
+    @abstractmethod
+    def close(self) -> None:
+        """Drop the mapping."""
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def allocate(self, nbytes: int) -> ExportedSlab:
+        """A new exported slab of at least ``nbytes`` holding nothing but what will be packed into it."""

@@ -1,0 +1,164 @@
+"""AdapterClient: fetch a published adapter into tensors this process owns.
+
+One fetch is one round trip: ``FetchRequest`` -> ``FetchReply`` (a lease). The slab is imported the
+first time and kept open; the layout is validated the first time and cached by digest, so a steady
+state reply carries neither. Then the used bytes are copied into owned memory in one copy, the
+lease is released (sent, not waited for) and the owned buffer is cut into per-tensor views.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from . import protocol as p
+from .backends import ImportedSlab, open_slab
+from .endpoint import default_endpoint
+from .errors import ExporterUnavailable, ProtocolError
+from .layout import SlabLayout
+
+log = logging.getLogger("lora_ipc.client")
+MAX_CACHED_LAYOUTS = 32
+MAX_CACHED_SLABS = 32
+
+
+@dataclass
+class Adapter:
+    """A fetched adapter. ``tensors`` are owned by this process (views of one owned buffer)."""
+
+    name: str
+    version: int
+    tensors: dict[str, torch.Tensor]
+    peft_config: dict
+
+
+class AdapterClient:
+    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, context: zmq.Context | None = None):
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout_s = timeout_s
+        self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
+        self._sock.connect(self.endpoint)
+        self._request_ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._slabs: OrderedDict[str, ImportedSlab] = OrderedDict()
+        self._layouts: OrderedDict[bytes, SlabLayout] = OrderedDict()
+
+    # ---- transport -------------------------------------------------------------------------
+
+    def _send(self, message: p.Message) -> int:
+        request_id = next(self._request_ids)
+        self._sock.send_multipart([b"", p.encode(message, request_id)])
+        return request_id
+
+    def _request(self, message: p.Message, reply_type: type) -> p.Message:
+        request_id = self._send(message)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._sock.poll(remaining_ms):
+                raise ExporterUnavailable(
+                    f"no reply from {self.endpoint} within {self.timeout_s:g}s (exporter gone, closed or stuck)")
+            frame = p.decode(self._sock.recv_multipart()[-1])
+            if frame.request_id != request_id:
+                continue  # a late reply to an earlier request (a release, or one that timed out)
+            if isinstance(frame.message, p.ErrorReply):
+                raise frame.message.to_exception()
+            if not isinstance(frame.message, reply_type):
+                raise ProtocolError(f"expected {reply_type.TYPE}, got {frame.message.TYPE}")
+            return frame.message
+
+    # ---- API -------------------------------------------------------------------------------
+
+    def list(self) -> list[p.AdapterSummary]:
+        with self._lock:
+            return self._request(p.ListRequest(), p.ListReply).adapters  # type: ignore[attr-defined]
+
+    def versions(self, name: str) -> list[int]:
+        for summary in self.list():
+            if summary.name == name:
+                return summary.versions
+        return []
+
+    def status(self) -> dict:
+        with self._lock:
+            return self._request(p.StatusRequest(), p.StatusReply).report  # type: ignore[attr-defined]
+
+    def fetch(self, name: str, version: int | None = None, device: torch.device | str | None = None) -> Adapter:
+        """Lease ``version`` (newest if None), copy it into owned memory on ``device``, release the lease.
+
+        On CUDA, ``device`` defaults to the local GPU that is the exporter's (matched by UUID).
+        """
+        with self._lock:
+            reply: p.FetchReply = self._request(  # type: ignore[assignment]
+                p.FetchRequest(name, version, self.client_id, list(self._slabs), list(self._layouts)),
+                p.FetchReply)
+            try:
+                slab = self._slab_for(reply)
+                layout = self._layout_for(reply, slab)
+                owned = slab.copy_out(layout.used_bytes, device)
+            finally:
+                self._send(p.ReleaseRequest(reply.lease_id))
+            self._forget_dead_slabs(reply.live_slabs)
+        return Adapter(reply.name, reply.version, layout.unpack(owned), reply.peft_config)
+
+    def close(self) -> None:
+        with self._lock:
+            for slab in self._slabs.values():
+                slab.close()
+            self._slabs.clear()
+            self._sock.close(0)
+
+    def __enter__(self) -> AdapterClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- caches ----------------------------------------------------------------------------
+
+    def _slab_for(self, reply: p.FetchReply) -> ImportedSlab:
+        slab = self._slabs.get(reply.slab_id)
+        if slab is not None:
+            self._slabs.move_to_end(reply.slab_id)
+            return slab
+        if reply.slab is None or reply.slab.slab_id != reply.slab_id:
+            raise ProtocolError(f"reply names slab {reply.slab_id!r} but carries no handle for it")
+        slab = self._slabs[reply.slab_id] = open_slab(reply.slab)
+        while len(self._slabs) > MAX_CACHED_SLABS:
+            self._slabs.popitem(last=False)[1].close()
+        return slab
+
+    def _layout_for(self, reply: p.FetchReply, slab: ImportedSlab) -> SlabLayout:
+        layout = self._layouts.get(reply.layout_digest)
+        if layout is None:
+            if reply.entries is None:
+                raise ProtocolError("reply omits a layout this client does not have")
+            layout = SlabLayout.from_wire(reply.entries, reply.used_bytes, slab.nbytes)
+            if layout.digest != reply.layout_digest:
+                raise ProtocolError("layout digest does not match its entries")
+            self._layouts[layout.digest] = layout
+            while len(self._layouts) > MAX_CACHED_LAYOUTS:
+                self._layouts.popitem(last=False)
+        else:
+            self._layouts.move_to_end(reply.layout_digest)
+        if layout.used_bytes != reply.used_bytes or layout.used_bytes > slab.nbytes:
+            raise ProtocolError(f"layout of {layout.used_bytes} bytes does not fit slab {slab.slab_id} ({slab.nbytes})")
+        return layout
+
+    def _forget_dead_slabs(self, live: list[str]) -> None:
+        live_set = set(live)
+        for slab_id in [s for s in self._slabs if s not in live_set]:
+            self._slabs.pop(slab_id).close()

@@ -1,0 +1,146 @@
+"""The ZeroMQ loop over an :class:`AdapterStore`: a thread inside a trainer, or the daemon's main loop.
+
+One ROUTER socket. Each request is answered on its own from the store (no request waits for another
+client), every frame is validated by ``protocol.decode`` and every failure becomes an ``ErrorReply``
+to the sender and a log line; the loop itself never dies on a peer's input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+import zmq
+
+from . import protocol as p
+from .backends import open_slab
+from .endpoint import prepare_ipc_path
+from .errors import LoraIpcError, ProtocolError
+from .layout import SlabLayout
+from .store import AdapterStore
+
+log = logging.getLogger("lora_ipc.server")
+POLL_MS = 50
+
+
+class AdapterServer:
+    def __init__(self, store: AdapterStore, endpoint: str, *, context: zmq.Context | None = None):
+        self.store = store
+        self.endpoint = endpoint
+        self._path = prepare_ipc_path(endpoint)
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
+        self._sock.bind(endpoint)
+        os.chmod(self._path, 0o600)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._handlers: dict[type, Callable[[p.Message], p.Message]] = {
+            p.ListRequest: self._on_list,
+            p.FetchRequest: self._on_fetch,
+            p.ReleaseRequest: self._on_release,
+            p.PublishRequest: self._on_publish,
+            p.StatusRequest: self._on_status,
+        }
+
+    # ---- loop ------------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(POLL_MS):
+                    self.store.expire_leases()
+                    continue
+                while True:
+                    try:
+                        frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._serve_one(frames)
+        finally:
+            self._sock.close(0)
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass
+
+    def _serve_one(self, frames: list[bytes]) -> None:
+        # DEALER peers send [identity, b"", payload]; anything else is answered with an error if addressable
+        if len(frames) < 2:
+            return
+        identity, payload = frames[0], frames[-1]
+        request_id = 0
+        try:
+            frame = p.decode(payload)
+            request_id = frame.request_id
+            handler = self._handlers.get(type(frame.message))
+            if handler is None:
+                raise ProtocolError(f"{frame.message.TYPE} is not a request")
+            reply = handler(frame.message)
+        except LoraIpcError as exc:
+            request_id = getattr(exc, "request_id", request_id)
+            self.store.count_error(exc)
+            log.warning("request %d rejected: %s: %s", request_id, type(exc).__name__, exc)
+            reply = p.ErrorReply.from_error(exc)
+        except Exception as exc:  # a bug of ours: the peer still gets a typed reply
+            self.store.count_error(exc)
+            log.exception("request %d failed", request_id)
+            reply = p.ErrorReply("LoraIpcError", f"internal error: {type(exc).__name__}: {exc}")
+        try:
+            self._sock.send_multipart([identity, b"", p.encode(reply, request_id)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone or its queue full: never block the loop on one client
+            log.info("reply to request %d dropped: %s", request_id, exc)
+
+    # ---- handlers --------------------------------------------------------------------------
+
+    def _on_list(self, msg: p.ListRequest) -> p.ListReply:
+        return p.ListReply(self.store.summaries())
+
+    def _on_fetch(self, msg: p.FetchRequest) -> p.FetchReply:
+        lease, pv = self.store.lease(msg.name, msg.version, msg.client_id)
+        layout = pv.layout
+        return p.FetchReply(
+            name=pv.name, version=pv.version, lease_id=lease.lease_id, peft_config=pv.peft_config,
+            slab_id=pv.slab.slab_id,
+            slab=None if pv.slab.slab_id in msg.known_slabs else pv.slab.handle,
+            layout_digest=layout.digest,
+            entries=None if layout.digest in msg.known_layouts else layout.to_wire(),
+            used_bytes=layout.used_bytes, live_slabs=self.store.live_slab_ids(),
+        )
+
+    def _on_release(self, msg: p.ReleaseRequest) -> p.ReleaseReply:
+        self.store.release(msg.lease_id)
+        return p.ReleaseReply(msg.lease_id)
+
+    def _on_publish(self, msg: p.PublishRequest) -> p.PublishReply:
+        layout = SlabLayout.from_wire(msg.entries, msg.used_bytes, msg.slab.nbytes)
+        source = open_slab(msg.slab)  # the sender's slab; the daemon keeps its own copy, not this mapping
+        try:
+            version = self.store.publish_copy(msg.name, layout, msg.peft_config, source.copy_into, source.device)
+        finally:
+            source.close()
+        return p.PublishReply(msg.name, version)
+
+    def _on_status(self, msg: p.StatusRequest) -> p.StatusReply:
+        report = self.store.status()
+        report["endpoint"] = self.endpoint
+        report["pid"] = os.getpid()
+        return p.StatusReply(report)
+
+    # ---- thread ----------------------------------------------------------------------------
+
+    def start(self) -> AdapterServer:
+        self._thread = threading.Thread(target=self.serve_forever, name="lora-ipc-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
