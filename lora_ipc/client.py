@@ -41,30 +41,29 @@ class Adapter:
     peft_config: dict
 
 
-class AdapterClient:
-    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, context: zmq.Context | None = None):
-        self.endpoint = endpoint or default_endpoint()
+class Connection:
+    """A DEALER socket speaking the protocol: one request, one matching reply, typed errors, a deadline.
+
+    Replies are matched by request id, so a late reply (to a fire-and-forget release, or to a request
+    that timed out) is dropped instead of being mistaken for the current one.
+    """
+
+    def __init__(self, endpoint: str, timeout_s: float, context: zmq.Context | None = None):
+        self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
-        self._sock.connect(self.endpoint)
+        self._sock.connect(endpoint)
         self._request_ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self._slabs: OrderedDict[str, ImportedSlab] = OrderedDict()
-        self._layouts: OrderedDict[bytes, SlabLayout] = OrderedDict()
 
-    # ---- transport -------------------------------------------------------------------------
-
-    def _send(self, message: p.Message) -> int:
+    def send(self, message: p.Message) -> int:
         request_id = next(self._request_ids)
         self._sock.send_multipart([b"", p.encode(message, request_id)])
         return request_id
 
-    def _request(self, message: p.Message, reply_type: type) -> p.Message:
-        request_id = self._send(message)
+    def request(self, message: p.Message, reply_type: type) -> p.Message:
+        request_id = self.send(message)
         deadline = time.monotonic() + self.timeout_s
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
@@ -73,18 +72,31 @@ class AdapterClient:
                     f"no reply from {self.endpoint} within {self.timeout_s:g}s (exporter gone, closed or stuck)")
             frame = p.decode(self._sock.recv_multipart()[-1])
             if frame.request_id != request_id:
-                continue  # a late reply to an earlier request (a release, or one that timed out)
+                continue
             if isinstance(frame.message, p.ErrorReply):
                 raise frame.message.to_exception()
             if not isinstance(frame.message, reply_type):
                 raise ProtocolError(f"expected {reply_type.TYPE}, got {frame.message.TYPE}")
             return frame.message
 
+    def close(self) -> None:
+        self._sock.close(0)
+
+
+class AdapterClient:
+    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, context: zmq.Context | None = None):
+        self.endpoint = endpoint or default_endpoint()
+        self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._conn = Connection(self.endpoint, timeout_s, context)
+        self._lock = threading.Lock()
+        self._slabs: OrderedDict[str, ImportedSlab] = OrderedDict()
+        self._layouts: OrderedDict[bytes, SlabLayout] = OrderedDict()
+
     # ---- API -------------------------------------------------------------------------------
 
     def list(self) -> list[p.AdapterSummary]:
         with self._lock:
-            return self._request(p.ListRequest(), p.ListReply).adapters  # type: ignore[attr-defined]
+            return self._conn.request(p.ListRequest(), p.ListReply).adapters  # type: ignore[attr-defined]
 
     def versions(self, name: str) -> list[int]:
         for summary in self.list():
@@ -94,7 +106,7 @@ class AdapterClient:
 
     def status(self) -> dict:
         with self._lock:
-            return self._request(p.StatusRequest(), p.StatusReply).report  # type: ignore[attr-defined]
+            return self._conn.request(p.StatusRequest(), p.StatusReply).report  # type: ignore[attr-defined]
 
     def fetch(self, name: str, version: int | None = None, device: torch.device | str | None = None) -> Adapter:
         """Lease ``version`` (newest if None), copy it into owned memory on ``device``, release the lease.
@@ -102,7 +114,7 @@ class AdapterClient:
         On CUDA, ``device`` defaults to the local GPU that is the exporter's (matched by UUID).
         """
         with self._lock:
-            reply: p.FetchReply = self._request(  # type: ignore[assignment]
+            reply: p.FetchReply = self._conn.request(  # type: ignore[assignment]
                 p.FetchRequest(name, version, self.client_id, list(self._slabs), list(self._layouts)),
                 p.FetchReply)
             try:
@@ -110,7 +122,7 @@ class AdapterClient:
                 layout = self._layout_for(reply, slab)
                 owned = slab.copy_out(layout.used_bytes, device)
             finally:
-                self._send(p.ReleaseRequest(reply.lease_id))
+                self._conn.send(p.ReleaseRequest(reply.lease_id))
             self._forget_dead_slabs(reply.live_slabs)
         return Adapter(reply.name, reply.version, layout.unpack(owned), reply.peft_config)
 
@@ -119,7 +131,7 @@ class AdapterClient:
             for slab in self._slabs.values():
                 slab.close()
             self._slabs.clear()
-            self._sock.close(0)
+            self._conn.close()
 
     def __enter__(self) -> AdapterClient:
         return self

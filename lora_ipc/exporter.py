@@ -8,10 +8,14 @@ from typing import Any
 
 import torch
 
+from .backends import ExportedSlab, backend_for
+from .client import Connection
 from .endpoint import default_endpoint
+from .layout import SlabLayout, align_up
 from .peft import adapter_from
+from .protocol import PublishReply, PublishRequest
 from .server import AdapterServer
-from .store import AdapterStore
+from .store import SLAB_GRANULE, AdapterStore
 
 log = logging.getLogger("lora_ipc.exporter")
 
@@ -44,6 +48,51 @@ class AdapterExporter:
             self.store.close()
 
     def __enter__(self) -> AdapterExporter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RemoteExporter:
+    """Publish into a ``lora-ipc serve`` daemon: same ``publish``/``close`` as :class:`AdapterExporter`.
+
+    Each publish packs into a staging slab this process exports (reused across publishes), and the
+    daemon copies it into a slab of its own (device to device on GPU) before answering, so the version
+    outlives this process.
+    """
+
+    def __init__(self, endpoint: str | None = None, *, device: torch.device | str | None = None,
+                 timeout_s: float = 30.0):
+        self.endpoint = endpoint or default_endpoint()
+        self.device = device
+        self._conn = Connection(self.endpoint, timeout_s)
+        self._staging: ExportedSlab | None = None
+
+    def publish(self, name: str, adapter: Any, peft_config: Any = None) -> int:
+        tensors, config = adapter_from(adapter, peft_config)
+        layout = SlabLayout.plan(tensors)
+        device = torch.device(self.device) if self.device is not None else next(iter(tensors.values())).device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        slab = self._staging
+        if slab is None or slab.nbytes < layout.used_bytes or slab.device != device:
+            if slab is not None:
+                slab.close()
+            slab = self._staging = backend_for(device).allocate(align_up(layout.used_bytes, SLAB_GRANULE))
+        layout.pack(slab.destination_views(layout), tensors)
+        slab.mark_ready()
+        reply = self._conn.request(
+            PublishRequest(name, config, slab.handle, layout.to_wire(), layout.used_bytes), PublishReply)
+        return reply.version  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._conn.close()
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
+
+    def __enter__(self) -> RemoteExporter:
         return self
 
     def __exit__(self, *exc) -> None:

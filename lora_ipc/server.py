@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 import zmq
 
 from . import protocol as p
-from .backends import open_slab
+from .backends import ImportedSlab, open_slab
 from .endpoint import prepare_ipc_path
 from .errors import LoraIpcError, ProtocolError
 from .layout import SlabLayout
@@ -23,6 +24,7 @@ from .store import AdapterStore
 
 log = logging.getLogger("lora_ipc.server")
 POLL_MS = 50
+MAX_PUBLISH_SOURCES = 8
 
 
 class AdapterServer:
@@ -36,6 +38,7 @@ class AdapterServer:
         self._sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
         self._sock.bind(endpoint)
         os.chmod(self._path, 0o600)
+        self._publish_sources: OrderedDict[str, ImportedSlab] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._handlers: dict[type, Callable[[p.Message], p.Message]] = {
@@ -63,6 +66,8 @@ class AdapterServer:
                         break
                     self._serve_one(frames)
         finally:
+            for source in self._publish_sources.values():
+                source.close()
             self._sock.close(0)
             try:
                 os.unlink(self._path)
@@ -119,11 +124,12 @@ class AdapterServer:
 
     def _on_publish(self, msg: p.PublishRequest) -> p.PublishReply:
         layout = SlabLayout.from_wire(msg.entries, msg.used_bytes, msg.slab.nbytes)
-        source = open_slab(msg.slab)  # the sender's slab; the daemon keeps its own copy, not this mapping
-        try:
-            version = self.store.publish_copy(msg.name, layout, msg.peft_config, source.copy_into, source.device)
-        finally:
-            source.close()
+        source = self._publish_sources.get(msg.slab.slab_id)
+        if source is None:  # a publisher's staging slab: opened once, kept while it is in use
+            source = self._publish_sources[msg.slab.slab_id] = open_slab(msg.slab)
+            while len(self._publish_sources) > MAX_PUBLISH_SOURCES:
+                self._publish_sources.popitem(last=False)[1].close()
+        version = self.store.publish_copy(msg.name, layout, msg.peft_config, source.copy_into, source.device)
         return p.PublishReply(msg.name, version)
 
     def _on_status(self, msg: p.StatusRequest) -> p.StatusReply:

@@ -1,0 +1,49 @@
+import os
+
+import pytest
+import torch
+
+from .procs import ExporterProcess
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
+                       b.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
+
+
+def assert_same_adapter(got: dict, want: dict) -> None:
+    assert list(got) == list(want) or set(got) == set(want), (sorted(set(got) ^ set(want)))[:5]
+    for k in want:
+        assert bitwise_equal(got[k], want[k]), k
+
+
+@pytest.fixture(scope="module")
+def exporter_proc():
+    proc = ExporterProcess(keep=3)
+    yield proc
+    proc.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def shm_files_of():
+    from lora_ipc.backends.cpu import shm_files_of
+
+    return shm_files_of
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def shm_mappings(pid: int) -> int:
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(1 for line in f if "/dev/shm/lora-ipc." in line)

@@ -1,0 +1,65 @@
+"""Tiny local models and real PEFT adapters, built from configs (no hub access)."""
+
+from __future__ import annotations
+
+import torch
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama_config(vocab_size: int = 256):
+    from transformers import LlamaConfig
+
+    # head_dim 64: the vLLM CPU attention rejects 16 (DESIGN.md §2)
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = 256):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(vocab_size)).to(dtype).eval()
+
+
+def lora_config(r: int = 8, alpha: int = 16):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGET_MODULES, lora_dropout=0.0,
+                      init_lora_weights=False, bias="none", task_type="CAUSAL_LM")
+
+
+def peft_model(seed: int = 0, dtype: torch.dtype = torch.float32, r: int = 8, base_seed: int = 0, vocab_size: int = 256):
+    """A PeftModel whose LoRA A and B are both random (non-zero), in ``dtype``."""
+    from peft import get_peft_model
+
+    base = tiny_llama(base_seed, dtype, vocab_size)
+    torch.manual_seed(1000 + seed)
+    model = get_peft_model(base, lora_config(r), autocast_adapter_dtype=False)
+    return model.to(dtype)
+
+
+def train_step(model, step: int, scale: float = 0.05) -> None:
+    """Change every LoRA weight deterministically, as a trainer's update would."""
+    g = torch.Generator().manual_seed(10_000 + step)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=g).to(param.dtype) * scale)
+
+
+def random_adapter(seed: int, layers: int = 2, hidden: int = 128, r: int = 8, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(layers):
+        for m in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{m}"
+            out[f"{prefix}.lora_A.weight"] = torch.randn(r, hidden, generator=g).to(dtype)
+            out[f"{prefix}.lora_B.weight"] = torch.randn(hidden, r, generator=g).to(dtype)
+    return out
+
+
+RANDOM_ADAPTER_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA"}

@@ -1,0 +1,141 @@
+"""Child-process entry points for the two-process tests (started with the spawn method).
+
+The control pipe between the test and its child is test scaffolding only; the adapter data path under
+test is lora_ipc's own socket and shared memory.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
+import torch
+
+SPAWN = mp.get_context("spawn")
+
+
+def _exporter_main(conn, endpoint, keep, lease_timeout_s):
+    from lora_ipc import AdapterExporter
+
+    from . import models
+
+    exporter = AdapterExporter(endpoint, keep=keep, lease_timeout_s=lease_timeout_s)
+    conn.send((exporter.endpoint, os.getpid()))
+    peft_models = {}
+    streaming = threading.Event()
+    while True:
+        cmd, *args = conn.recv()
+        try:
+            if cmd == "publish_peft":  # name, dtype, seed, save_dir (reference written the ordinary way)
+                name, dtype, seed, save_dir = args
+                model = peft_models[(name, dtype)] = models.peft_model(seed, getattr(torch, dtype))
+                version = exporter.publish(name, model)
+                if save_dir:
+                    model.save_pretrained(save_dir)
+                conn.send(version)
+            elif cmd == "train_and_publish":  # name, dtype, step, save_dir
+                name, dtype, step, save_dir = args
+                model = peft_models[(name, dtype)]
+                models.train_step(model, step)
+                version = exporter.publish(name, model)
+                if save_dir:
+                    model.save_pretrained(save_dir)
+                conn.send(version)
+            elif cmd == "publish_random":  # name, seed
+                name, seed = args
+                conn.send(exporter.publish(name, models.random_adapter(seed), models.RANDOM_ADAPTER_CONFIG))
+            elif cmd == "stream":  # publish a new version continuously until killed
+                name, = args
+                streaming.set()
+
+                def loop():
+                    i = 0
+                    while True:
+                        exporter.publish(name, models.random_adapter(i % 7), models.RANDOM_ADAPTER_CONFIG)
+                        i += 1
+                        time.sleep(0.001)
+
+                exporter.publish(name, models.random_adapter(0), models.RANDOM_ADAPTER_CONFIG)
+                threading.Thread(target=loop, daemon=True).start()
+                conn.send("streaming")
+            elif cmd == "status":
+                conn.send(exporter.store.status())
+            elif cmd == "close":
+                exporter.close()
+                conn.send("closed")
+                return
+            else:
+                conn.send(RuntimeError(f"unknown command {cmd}"))
+        except Exception as exc:  # report to the test instead of dying silently
+            conn.send(exc)
+
+
+class ExporterProcess:
+    """An AdapterExporter in its own spawned process, driven over a control pipe."""
+
+    def __init__(self, endpoint: str | None = None, keep: int = 2, lease_timeout_s: float = 30.0):
+        self._conn, child = SPAWN.Pipe()
+        self.proc = SPAWN.Process(target=_exporter_main, args=(child, endpoint, keep, lease_timeout_s), daemon=True)
+        self.proc.start()
+        if not self._conn.poll(120):
+            raise RuntimeError("exporter process did not start")
+        self.endpoint, self.pid = self._conn.recv()
+
+    def call(self, *cmd, timeout: float = 120.0):
+        self._conn.send(cmd)
+        if not self._conn.poll(timeout):
+            raise TimeoutError(f"exporter did not answer {cmd[0]}")
+        out = self._conn.recv()
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        self.proc.join(10)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.call("close", timeout=20)
+            except Exception:
+                self.kill()
+        self.proc.join(10)
+
+
+def _client_main(conn, endpoint, timeout_s):
+    from lora_ipc import AdapterClient
+
+    client = AdapterClient(endpoint, timeout_s=timeout_s)
+    conn.send(os.getpid())
+    while True:
+        cmd, *args = conn.recv()
+        try:
+            if cmd == "fetch":
+                name, version = args
+                adapter = client.fetch(name, version)
+                conn.send((adapter.version, {k: v.clone() for k, v in adapter.tensors.items()}))
+            elif cmd == "fetch_many":  # name, count -> list of versions
+                name, count = args
+                conn.send([client.fetch(name).version for _ in range(count)])
+            elif cmd == "close":
+                client.close()
+                conn.send("closed")
+                return
+        except Exception as exc:
+            conn.send(exc)
+
+
+class ClientProcess:
+    def __init__(self, endpoint: str, timeout_s: float = 10.0):
+        self._conn, child = SPAWN.Pipe()
+        self.proc = SPAWN.Process(target=_client_main, args=(child, endpoint, timeout_s), daemon=True)
+        self.proc.start()
+        self.pid = self._conn.recv()
+
+    call = ExporterProcess.call
+    kill = ExporterProcess.kill
+    close = ExporterProcess.close

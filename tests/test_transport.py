@@ -1,0 +1,140 @@
+"""Two real processes: an AdapterExporter in a spawned child, the AdapterClient here (CPU backend)."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_ipc import AdapterClient, AdapterNotFound, ExporterUnavailable, VersionNotFound
+from lora_ipc.backends.cpu import shm_files_of
+
+from . import models
+from .conftest import assert_same_adapter, bitwise_equal, open_fds, shm_mappings
+from .procs import ExporterProcess
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_peft_round_trip_is_bitwise_equal_to_save_pretrained(exporter_proc, tmp_path, dtype):
+    name = f"policy-{dtype}"
+    version = exporter_proc.call("publish_peft", name, dtype, 3, str(tmp_path))
+    reference = load_file(tmp_path / "adapter_model.safetensors")
+    with AdapterClient(exporter_proc.endpoint) as client:
+        adapter = client.fetch(name)
+    assert (adapter.name, adapter.version) == (name, version)
+    assert len(reference) == 2 * 2 * len(models.TARGET_MODULES)  # 2 layers, A and B, 7 projections
+    for module in models.TARGET_MODULES:
+        assert any(f".{module}.lora_B" in k for k in adapter.tensors)
+    assert_same_adapter(adapter.tensors, reference)
+    assert all(t.dtype == getattr(torch, dtype) for t in adapter.tensors.values())
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    for key in ("r", "lora_alpha", "peft_type", "bias", "use_dora"):
+        assert adapter.peft_config[key] == saved[key]
+    assert sorted(adapter.peft_config["target_modules"]) == sorted(saved["target_modules"])
+
+
+def test_tensors_are_owned_not_views_of_the_slab(exporter_proc):
+    exporter_proc.call("publish_random", "owned", 1)
+    with AdapterClient(exporter_proc.endpoint) as client:
+        a = client.fetch("owned")
+        before = {k: v.clone() for k, v in a.tensors.items()}
+        for t in a.tensors.values():
+            t.mul_(0)  # what vLLM's in-place lora_B scaling would do to a shared view
+        b = client.fetch("owned")
+    assert_same_adapter(b.tensors, before)
+
+
+def test_newest_by_default_and_old_versions_fetchable_while_publishing(exporter_proc):
+    with AdapterClient(exporter_proc.endpoint) as client:
+        v1 = exporter_proc.call("publish_random", "hist", 11)
+        first = client.fetch("hist", v1).tensors
+        v2 = exporter_proc.call("publish_random", "hist", 12)
+        v3 = exporter_proc.call("publish_random", "hist", 13)
+        assert (v1, v2, v3) == (v1, v1 + 1, v1 + 2)
+        assert client.fetch("hist").version == v3
+        assert client.versions("hist") == [v1, v2, v3]
+        assert_same_adapter(client.fetch("hist", v1).tensors, first)
+        assert_same_adapter(client.fetch("hist", v3).tensors, models.random_adapter(13))
+        assert_same_adapter(client.fetch("hist", v2).tensors, models.random_adapter(12))
+        v4 = exporter_proc.call("publish_random", "hist", 14)  # keep=3: v1 retires
+        assert client.fetch("hist").version == v4
+        with pytest.raises(VersionNotFound):
+            client.fetch("hist", v1)
+        with pytest.raises(AdapterNotFound):
+            client.fetch("no-such-adapter")
+        assert "hist" in [a.name for a in client.list()]
+
+
+def test_thousand_cycles_leave_memory_and_fds_flat():
+    exporter = ExporterProcess(keep=2)
+    client = AdapterClient(exporter.endpoint)
+    me = os.getpid()
+
+    def measure():
+        files = shm_files_of(exporter.pid)
+        return {
+            "exporter_shm_files": len(files),
+            "exporter_shm_bytes": sum(os.path.getsize(f) for f in files),
+            "exporter_fds": open_fds(exporter.pid),
+            "client_fds": open_fds(me),
+            "client_shm_mappings": shm_mappings(me),
+        }
+
+    try:
+        for i in range(100):  # warm-up: slab pool and caches reach steady state
+            exporter.call("publish_random", "soak", i % 5)
+            client.fetch("soak")
+        warm = measure()
+        for i in range(900):
+            v = exporter.call("publish_random", "soak", i % 5)
+            adapter = client.fetch("soak")
+            assert adapter.version == v
+        after = measure()
+        assert_same_adapter(adapter.tensors, models.random_adapter(899 % 5))
+        growth = {k: after[k] - warm[k] for k in warm}
+        print("after warm-up", warm, "growth over 900 cycles", growth)
+        assert growth == {k: 0 for k in warm}
+        assert warm["exporter_shm_files"] <= 3  # keep=2 versions + one recycled slab
+    finally:
+        client.close()
+        exporter.close()
+    assert shm_files_of(exporter.pid) == []  # close unlinks everything
+
+
+def test_exporter_sigkill_mid_stream_raises_documented_error_within_timeout():
+    exporter = ExporterProcess(keep=2)
+    client = AdapterClient(exporter.endpoint, timeout_s=1.5)
+    exporter.call("stream", "live")
+    kept = None
+    for _ in range(200):
+        kept = client.fetch("live")
+    snapshot = {k: v.clone() for k, v in kept.tensors.items()}
+    exporter.kill()
+    start = time.monotonic()
+    with pytest.raises(ExporterUnavailable):
+        client.fetch("live")
+    elapsed = time.monotonic() - start
+    print(f"detected a dead exporter in {elapsed:.2f}s (timeout 1.5s)")
+    assert elapsed < 1.5 + 0.5
+    assert_same_adapter(kept.tensors, snapshot)  # what the client owns is untouched
+    client.close()
+    # the dead exporter's shared memory is swept by the next exporter on the machine
+    assert shm_files_of(exporter.pid)
+    from lora_ipc.backends.cpu import CpuBackend
+
+    CpuBackend()
+    assert shm_files_of(exporter.pid) == []
+
+
+def test_exporter_closed_mid_fetch_loop_raises_and_keeps_owned_tensors():
+    exporter = ExporterProcess(keep=2)
+    client = AdapterClient(exporter.endpoint, timeout_s=1.0)
+    exporter.call("publish_random", "c", 5)
+    got = client.fetch("c")
+    exporter.close()
+    with pytest.raises(ExporterUnavailable):
+        client.fetch("c")
+    assert bitwise_equal(next(iter(got.tensors.values())), next(iter(models.random_adapter(5).values())))
+    client.close()
