@@ -70,7 +70,7 @@ class Connection:
             if remaining_ms <= 0 or not self._sock.poll(remaining_ms):
                 raise ExporterUnavailable(
                     f"no reply from {self.endpoint} within {self.timeout_s:g}s (exporter gone, closed or stuck)")
-            frame = p.decode(self._sock.recv_multipart()[-1])
+            frame = p.decode(self._sock.recv_multipart()[-1], p.REPLY_TYPES)
             if frame.request_id != request_id:
                 continue
             if isinstance(frame.message, p.ErrorReply):

@@ -432,6 +432,9 @@ class ErrorReply(Message):
         return cls(check_str(body, "error", max_chars=64), check_str(body, "message", max_chars=4000, allow_empty=True))
 
 
+REQUEST_TYPES = frozenset(c.TYPE for c in (ListRequest, FetchRequest, ReleaseRequest, PublishRequest, StatusRequest))
+REPLY_TYPES = frozenset(c.TYPE for c in (ListReply, FetchReply, ReleaseReply, PublishReply, StatusReply, ErrorReply))
+
 # --------------------------------------------------------------------------------------------
 # framing
 # --------------------------------------------------------------------------------------------
@@ -451,8 +454,8 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack extension type {code} is not allowed")
 
 
-def decode(data: bytes) -> Frame:
-    """Decode and validate one frame. Raises ProtocolError for anything malformed."""
+def decode(data: bytes, accept: frozenset[str] | None = None) -> Frame:
+    """Decode and validate one frame whose type is in ``accept``. Raises ProtocolError for anything else."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame too large or not bytes ({len(data) if hasattr(data, '__len__') else '?'} bytes)")
     try:
@@ -472,6 +475,10 @@ def decode(data: bytes) -> Frame:
     cls = MESSAGE_TYPES.get(type_name) if type(type_name) is str else None
     if cls is None:
         raise ProtocolError(f"unknown message type {type_name!r:.40}")
+    if accept is not None and type_name not in accept:
+        err = ProtocolError(f"{type_name} is not accepted here")
+        err.request_id = request_id
+        raise err
     if type(body) is not dict:
         raise ProtocolError("message body must be a map")
     try:

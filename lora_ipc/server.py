@@ -18,7 +18,7 @@ import zmq
 from . import protocol as p
 from .backends import ImportedSlab, open_slab
 from .endpoint import prepare_ipc_path
-from .errors import LoraIpcError, ProtocolError
+from .errors import LoraIpcError
 from .layout import SlabLayout
 from .store import AdapterStore
 
@@ -81,12 +81,9 @@ class AdapterServer:
         identity, payload = frames[0], frames[-1]
         request_id = 0
         try:
-            frame = p.decode(payload)
+            frame = p.decode(payload, p.REQUEST_TYPES)
             request_id = frame.request_id
-            handler = self._handlers.get(type(frame.message))
-            if handler is None:
-                raise ProtocolError(f"{frame.message.TYPE} is not a request")
-            reply = handler(frame.message)
+            reply = self._handlers[type(frame.message)](frame.message)
         except LoraIpcError as exc:
             request_id = getattr(exc, "request_id", request_id)
             self.store.count_error(exc)
