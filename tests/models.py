@@ -52,14 +52,16 @@ def train_step(model, step: int, scale: float = 0.05) -> None:
 
 
 def random_adapter(seed: int, layers: int = 2, hidden: int = 128, r: int = 8, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """q_proj/v_proj LoRA weights shaped for ``tiny_llama`` (q: 2 heads x 64, v: 1 kv head x 64)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for i in range(layers):
-        for m in ("q_proj", "v_proj"):
+        for m, out_features in (("q_proj", hidden), ("v_proj", 64)):
             prefix = f"base_model.model.model.layers.{i}.self_attn.{m}"
-            out[f"{prefix}.lora_A.weight"] = torch.randn(r, hidden, generator=g).to(dtype)
-            out[f"{prefix}.lora_B.weight"] = torch.randn(hidden, r, generator=g).to(dtype)
+            out[f"{prefix}.lora_A.weight"] = (torch.randn(r, hidden, generator=g) * 0.2).to(dtype)
+            out[f"{prefix}.lora_B.weight"] = (torch.randn(out_features, r, generator=g) * 0.2).to(dtype)
     return out
 
 
-RANDOM_ADAPTER_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA"}
+RANDOM_ADAPTER_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA",
+                         "bias": "none"}

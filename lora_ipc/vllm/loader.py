@@ -1,0 +1,126 @@
+"""Inside a vLLM worker: turn a ``lora-ipc://`` LoRARequest into a ``LoRAModel`` from tensors we own.
+
+Mirrors ``WorkerLoRAManager._load_adapter`` step for step (expected modules, ``PEFTHelper``,
+``validate_legal``, weights mapper, skip prefixes, post-load validations), with the disk read replaced
+by ``AdapterClient.fetch`` and ``from_local_checkpoint`` by ``from_lora_tensors``. Unlike
+``from_lora_tensors``, unknown module names are an error here, as they are for vLLM's disk loader.
+Signatures are introspected, so keyword arguments a vLLM version does not know are left out.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from typing import Any
+
+from ..client import AdapterClient
+from ..errors import AdapterRejected
+from .uri import AdapterURI
+
+log = logging.getLogger("lora_ipc.vllm")
+
+_clients: dict[str, AdapterClient] = {}
+_clients_lock = threading.Lock()
+
+
+def client_for(endpoint: str) -> AdapterClient:
+    """One client per endpoint per process: the slab mappings and layouts it caches are reused."""
+    with _clients_lock:
+        client = _clients.get(endpoint)
+        if client is None:
+            client = _clients[endpoint] = AdapterClient(endpoint)
+        return client
+
+
+def expected_lora_modules(adapter_manager: Any) -> set[str]:
+    """The module names vLLM's own loader accepts (same computation as ``_load_adapter``)."""
+    packed = adapter_manager.packed_modules_mapping
+    expected: set[str] = set()
+    for module in adapter_manager.supported_lora_modules:
+        expected.update(packed.get(module, [module]))
+        if module == "experts":
+            expected.add(module)
+    return expected
+
+
+def unexpected_modules(tensor_names, expected: set[str], peft_helper, weights_mapper, skip_prefixes) -> list[str]:
+    """Names ``from_lora_tensors`` would silently drop; ``from_local_checkpoint`` refuses them."""
+    from vllm.lora.utils import is_base_embedding_weights, parse_fine_tuned_lora_name
+
+    bad = []
+    keep_full = set(peft_helper.modules_to_save or ())
+    for name in tensor_names:
+        if is_base_embedding_weights(name) or "base_layer" in name:
+            continue
+        if skip_prefixes and any(p in name for p in skip_prefixes):
+            continue
+        try:
+            module_name, _ = parse_fine_tuned_lora_name(name, weights_mapper)
+        except ValueError:
+            bad.append(name)
+            continue
+        if ".experts" in module_name:
+            if module_name[module_name.find(".experts") + 1:] not in expected:
+                bad.append(module_name)
+        elif module_name.rsplit(".", 1)[-1] not in expected | keep_full:
+            bad.append(module_name)
+    return bad
+
+
+def _call_with_known_kwargs(fn, **kwargs):
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def load_adapter(worker_manager: Any, lora_request: Any):
+    """The ``lora-ipc://`` branch of ``WorkerLoRAManager._load_adapter``."""
+    from vllm.lora.peft_helper import PEFTHelper
+
+    started = time.perf_counter()
+    uri = AdapterURI.parse(lora_request.lora_path)
+    adapter_manager = worker_manager._adapter_manager
+    device = worker_manager.device
+    adapter = client_for(uri.endpoint).fetch(uri.name, uri.version, device=device)
+
+    config = dict(adapter.peft_config)
+    config["vllm_max_position_embeddings"] = getattr(worker_manager, "max_position_embeddings", None)
+    try:
+        peft_helper = PEFTHelper.from_dict(config)
+        peft_helper.validate_legal(worker_manager.lora_config)
+    except ValueError as exc:
+        raise AdapterRejected(f"{uri.name} v{adapter.version}: {exc}") from None
+
+    model = adapter_manager.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    if mapper is not None:
+        mapper = mapper.get_rename_mapper() if hasattr(mapper, "get_rename_mapper") else mapper
+    skip_prefixes = getattr(model, "lora_skip_prefixes", None)
+
+    expected = expected_lora_modules(adapter_manager)
+    bad = unexpected_modules(adapter.tensors, expected, peft_helper, mapper, skip_prefixes)
+    if bad:
+        raise AdapterRejected(
+            f"{uri.name} v{adapter.version}: modules {sorted(set(bad))[:8]} are not LoRA targets of this "
+            f"model (expected modules: {sorted(expected)})")
+
+    lora_cls = getattr(worker_manager, "_lora_model_cls", None)
+    if lora_cls is None:
+        from vllm.lora.lora_model import LoRAModel as lora_cls
+    lora = _call_with_known_kwargs(
+        lora_cls.from_lora_tensors,
+        lora_model_id=lora_request.lora_int_id, tensors=adapter.tensors, peft_helper=peft_helper,
+        device=str(device), dtype=worker_manager.lora_config.lora_dtype, model_vocab_size=worker_manager.vocab_size,
+        weights_mapper=mapper, skip_prefixes=skip_prefixes,
+    )
+    lora.is_3d_lora_weight = getattr(lora_request, "is_3d_lora_weight", False)
+    for check in ("_validate_moe_lora_format", "_validate_modules_to_save", "_validate_token_classification_lora"):
+        fn = getattr(adapter_manager, check, None)
+        if fn is not None:
+            fn(lora)
+    log.info("loaded %s v%d as LoRA id %d in %.2f ms", uri.name, adapter.version, lora_request.lora_int_id,
+             (time.perf_counter() - started) * 1e3)
+    return lora

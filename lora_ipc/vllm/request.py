@@ -1,0 +1,67 @@
+"""``lora_request``: a vLLM ``LoRARequest`` for a published adapter version."""
+
+from __future__ import annotations
+
+import hashlib
+
+from ..client import AdapterClient
+from ..endpoint import default_endpoint
+from ..errors import AdapterNotFound, VersionNotFound
+from .uri import AdapterURI
+
+
+def lora_int_id_for(name: str, version: int) -> int:
+    """A deterministic id in [1, 2**31): the same (name, version) gets the same id in every process."""
+    digest = hashlib.blake2b(f"{name}@{version}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % ((1 << 31) - 1) + 1
+
+
+def resolve_version(name: str, endpoint: str, version: int | None, timeout_s: float = 10.0) -> int:
+    with AdapterClient(endpoint, timeout_s=timeout_s) as client:
+        versions = client.versions(name)
+    if not versions:
+        raise AdapterNotFound(f"no adapter named {name!r} at {endpoint}")
+    if version is None:
+        return versions[-1]
+    if version not in versions:
+        raise VersionNotFound(f"{name!r} version {version} is not kept at {endpoint} (kept: {versions})")
+    return version
+
+
+def lora_request(name: str, endpoint: str | None = None, version: int | None = None,
+                 lora_int_id: int | None = None, **kwargs):
+    """A ``LoRARequest`` whose ``lora_path`` is ``lora-ipc://name/v<version>?endpoint=…``.
+
+    The version (newest when omitted) is resolved now and pinned in the path, so vLLM's prefix cache
+    never mixes versions. By default ``lora_int_id`` is derived from (name, version): every version is
+    its own adapter in vLLM, requests of two versions can share a batch, and old versions age out of
+    vLLM's LRU cache. Pass a fixed ``lora_int_id`` to swap one slot in place instead (``load_inplace``):
+    the plugin reloads only when the version changes.
+    """
+    from vllm.lora.request import LoRARequest
+
+    endpoint = endpoint or default_endpoint()
+    version = resolve_version(name, endpoint, version)
+    uri = str(AdapterURI(name, version, endpoint))
+    if lora_int_id is None:
+        return LoRARequest(lora_name=f"{name}@v{version}", lora_int_id=lora_int_id_for(name, version),
+                           lora_path=uri, **kwargs)
+    return LoRARequest(lora_name=name, lora_int_id=lora_int_id, lora_path=uri, load_inplace=True, **kwargs)
+
+
+def add_lora(llm, name: str, endpoint: str | None = None, version: int | None = None,
+             lora_int_id: int | None = None, **kwargs):
+    """Load an adapter version into an offline ``vllm.LLM`` now and return its ``LoRARequest``.
+
+    Errors (unknown module names, rank above ``max_lora_rank``, a missing version, a gone exporter)
+    are raised here as :class:`~lora_ipc.errors.LoraIpcError` subclasses, and the engine keeps
+    serving; a bad request handed straight to ``generate`` would fail inside vLLM's step loop instead.
+    """
+    from ..errors import AdapterRejected
+
+    request = lora_request(name, endpoint, version, lora_int_id, **kwargs)
+    try:
+        llm.llm_engine.add_lora(request)
+    except Exception as exc:  # vLLM wraps the worker's error in a plain Exception
+        raise AdapterRejected(f"vLLM refused {request.lora_path}: {exc}") from None
+    return request
