@@ -17,7 +17,7 @@ import torch
 SPAWN = mp.get_context("spawn")
 
 
-def _exporter_main(conn, endpoint, keep, lease_timeout_s):
+def _exporter_main(conn, endpoint, keep, lease_timeout_s, device):
     from lora_ipc import AdapterExporter
 
     from . import models
@@ -31,7 +31,7 @@ def _exporter_main(conn, endpoint, keep, lease_timeout_s):
         try:
             if cmd == "publish_peft":  # name, dtype, seed, save_dir (reference written the ordinary way)
                 name, dtype, seed, save_dir = args
-                model = peft_models[(name, dtype)] = models.peft_model(seed, getattr(torch, dtype))
+                model = peft_models[(name, dtype)] = models.peft_model(seed, getattr(torch, dtype)).to(device)
                 version = exporter.publish(name, model)
                 if save_dir:
                     model.save_pretrained(save_dir)
@@ -46,7 +46,8 @@ def _exporter_main(conn, endpoint, keep, lease_timeout_s):
                 conn.send(version)
             elif cmd == "publish_random":  # name, seed
                 name, seed = args
-                conn.send(exporter.publish(name, models.random_adapter(seed), models.RANDOM_ADAPTER_CONFIG))
+                tensors = {k: v.to(device) for k, v in models.random_adapter(seed).items()}
+                conn.send(exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG))
             elif cmd == "stream":  # publish a new version continuously until killed
                 name, = args
                 streaming.set()
@@ -63,6 +64,8 @@ def _exporter_main(conn, endpoint, keep, lease_timeout_s):
                 conn.send("streaming")
             elif cmd == "status":
                 conn.send(exporter.store.status())
+            elif cmd == "cuda_memory":
+                conn.send((torch.cuda.memory_allocated(), torch.cuda.memory_reserved()))
             elif cmd == "close":
                 exporter.close()
                 conn.send("closed")
@@ -76,10 +79,21 @@ def _exporter_main(conn, endpoint, keep, lease_timeout_s):
 class ExporterProcess:
     """An AdapterExporter in its own spawned process, driven over a control pipe."""
 
-    def __init__(self, endpoint: str | None = None, keep: int = 2, lease_timeout_s: float = 30.0):
+    def __init__(self, endpoint: str | None = None, keep: int = 2, lease_timeout_s: float = 30.0,
+                 device: str = "cpu", env: dict | None = None):
         self._conn, child = SPAWN.Pipe()
-        self.proc = SPAWN.Process(target=_exporter_main, args=(child, endpoint, keep, lease_timeout_s), daemon=True)
-        self.proc.start()
+        self.proc = SPAWN.Process(target=_exporter_main, args=(child, endpoint, keep, lease_timeout_s, device),
+                                  daemon=True)
+        saved = {k: os.environ.get(k) for k in (env or {})}
+        os.environ.update(env or {})
+        try:
+            self.proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         if not self._conn.poll(120):
             raise RuntimeError("exporter process did not start")
         self.endpoint, self.pid = self._conn.recv()
