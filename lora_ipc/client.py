@@ -174,3 +174,16 @@ class AdapterClient:
         live_set = set(live)
         for slab_id in [s for s in self._slabs if s not in live_set]:
             self._slabs.pop(slab_id).close()
+
+
+_shared: dict[str, AdapterClient] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_client(endpoint: str) -> AdapterClient:
+    """One client per endpoint per process, so slab mappings and validated layouts are reused."""
+    with _shared_lock:
+        client = _shared.get(endpoint)
+        if client is None:
+            client = _shared[endpoint] = AdapterClient(endpoint, timeout_s=float(os.environ.get("LORA_IPC_TIMEOUT_S", 10)))
+        return client

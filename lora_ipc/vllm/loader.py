@@ -11,28 +11,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 import time
 from typing import Any
 
-from ..client import AdapterClient
+from ..client import shared_client
 from ..errors import AdapterRejected
 from .uri import AdapterURI
 
 log = logging.getLogger("lora_ipc.vllm")
-
-_clients: dict[str, AdapterClient] = {}
-_clients_lock = threading.Lock()
-
-
-def client_for(endpoint: str) -> AdapterClient:
-    """One client per endpoint per process: the slab mappings and layouts it caches are reused."""
-    with _clients_lock:
-        client = _clients.get(endpoint)
-        if client is None:
-            client = _clients[endpoint] = AdapterClient(endpoint)
-        return client
-
 
 def expected_lora_modules(adapter_manager: Any) -> set[str]:
     """The module names vLLM's own loader accepts (same computation as ``_load_adapter``)."""
@@ -84,7 +70,7 @@ def load_adapter(worker_manager: Any, lora_request: Any):
     uri = AdapterURI.parse(lora_request.lora_path)
     adapter_manager = worker_manager._adapter_manager
     device = worker_manager.device
-    adapter = client_for(uri.endpoint).fetch(uri.name, uri.version, device=device)
+    adapter = shared_client(uri.endpoint).fetch(uri.name, uri.version, device=device)
 
     config = dict(adapter.peft_config)
     config["vllm_max_position_embeddings"] = getattr(worker_manager, "max_position_embeddings", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from ..client import AdapterClient
+from ..client import shared_client
 from ..endpoint import default_endpoint
 from ..errors import AdapterNotFound, VersionNotFound
 from .uri import AdapterURI
@@ -16,9 +16,8 @@ def lora_int_id_for(name: str, version: int) -> int:
     return int.from_bytes(digest, "big") % ((1 << 31) - 1) + 1
 
 
-def resolve_version(name: str, endpoint: str, version: int | None, timeout_s: float = 10.0) -> int:
-    with AdapterClient(endpoint, timeout_s=timeout_s) as client:
-        versions = client.versions(name)
+def resolve_version(name: str, endpoint: str, version: int | None) -> int:
+    versions = shared_client(endpoint).versions(name)
     if not versions:
         raise AdapterNotFound(f"no adapter named {name!r} at {endpoint}")
     if version is None:

@@ -25,7 +25,7 @@ class LoraIpcResolver(LoRAResolver):
         m = re.fullmatch(r"(.+)@v([1-9][0-9]*)", lora_name)
         name, version = (m.group(1), int(m.group(2))) if m else (lora_name, None)
         try:
-            version = await asyncio.to_thread(resolve_version, name, self.endpoint, version, 2.0)
+            version = await asyncio.to_thread(resolve_version, name, self.endpoint, version)
         except LoraIpcError as exc:
             log.info("lora-ipc resolver: %s", exc)
             return None

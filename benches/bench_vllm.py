@@ -1,0 +1,104 @@
+"""Request -> adapter active in a running vLLM engine (CPU build): lora-ipc:// vs save_pretrained on /dev/shm.
+
+    python benches/bench_vllm.py [--iters 20] [--hidden 512 --layers 4 --rank 16]
+
+Each iteration is a new adapter version: the trainer side publishes it (or saves it with
+save_pretrained into /dev/shm), then ``llm.llm_engine.add_lora`` returns once the worker has loaded
+and activated it. Same adapter, same engine, same run; prints p50/p90 and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_model_dir(path: str, hidden: int, layers: int, vocab: int = 256) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.engine import write_tokenizer
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), head_dim=64,
+                      max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    write_tokenizer(path)
+    return path
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from vllm.lora.request import LoRARequest
+
+    from lora_ipc import AdapterExporter
+    from lora_ipc.vllm import add_lora
+    from tests import engine, models
+
+    work = tempfile.mkdtemp(prefix="lora-bench-vllm-")
+    shm = tempfile.mkdtemp(prefix="lora-bench-vllm-", dir="/dev/shm")
+    try:
+        model_dir = build_model_dir(os.path.join(work, "base"), args.hidden, args.layers)
+        print("starting the vLLM engine (CPU, ~30-60 s)...", flush=True)
+        llm = engine.make_llm(model_dir, max_lora_rank=max(16, args.rank), max_loras=2, max_cpu_loras=4)
+        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16),
+                              LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=models.TARGET_MODULES,
+                                         init_lora_weights=False))
+        times = {"lora_ipc": [], "disk_shm": []}
+        with AdapterExporter(keep=2) as exporter:
+            for i in range(args.warmup + args.iters):
+                models.train_step(peft, i)
+                t0 = time.perf_counter()
+                exporter.publish("policy", peft)
+                add_lora(llm, "policy", exporter.endpoint)
+                t1 = time.perf_counter()
+                out = os.path.join(shm, f"v{i}")
+                peft.save_pretrained(out)
+                llm.llm_engine.add_lora(LoRARequest(f"disk-v{i}", 500_000 + i, out))
+                t2 = time.perf_counter()
+                shutil.rmtree(out)
+                if i >= args.warmup:
+                    times["lora_ipc"].append((t1 - t0) * 1e3)
+                    times["disk_shm"].append((t2 - t1) * 1e3)
+        llm.llm_engine.engine_core.shutdown()
+        nbytes = sum(p.numel() * p.element_size() for n, p in peft.named_parameters() if "lora_" in n)
+        res = {"hidden": args.hidden, "layers": args.layers, "rank": args.rank, "adapter_bytes": nbytes,
+               **{k: {"p50_ms": statistics.median(v), "p90_ms": sorted(v)[int(0.9 * (len(v) - 1))]}
+                  for k, v in times.items()}}
+        res["ratio_disk_over_ipc"] = res["disk_shm"]["p50_ms"] / res["lora_ipc"]["p50_ms"]
+        print(f"vLLM CPU engine, hidden={args.hidden} layers={args.layers} r={args.rank} "
+              f"adapter={nbytes / 1e6:.2f} MB, {args.iters} iterations")
+        for k in times:
+            print(f"  {k:<9} request -> active  p50 {res[k]['p50_ms']:8.2f} ms   p90 {res[k]['p90_ms']:8.2f} ms")
+        print(f"  lora-ipc is {res['ratio_disk_over_ipc']:.1f}x faster than save_pretrained + load from /dev/shm")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return res
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
