@@ -114,15 +114,18 @@ class AdapterClient:
         On CUDA, ``device`` defaults to the local GPU that is the exporter's (matched by UUID).
         """
         with self._lock:
+            started = time.perf_counter()
             reply: p.FetchReply = self._conn.request(  # type: ignore[assignment]
                 p.FetchRequest(name, version, self.client_id, list(self._slabs), list(self._layouts)),
                 p.FetchReply)
+            fetch_ms = 0.0
             try:
                 slab = self._slab_for(reply)
                 layout = self._layout_for(reply, slab)
                 owned = slab.copy_out(layout.used_bytes, device)
+                fetch_ms = (time.perf_counter() - started) * 1e3
             finally:
-                self._conn.send(p.ReleaseRequest(reply.lease_id))
+                self._conn.send(p.ReleaseRequest(reply.lease_id, fetch_ms))
             self._forget_dead_slabs(reply.live_slabs)
         return Adapter(reply.name, reply.version, layout.unpack(owned), reply.peft_config)
 

@@ -55,3 +55,12 @@ def prepare_ipc_path(endpoint: str) -> str:
         finally:
             probe.close()
     return path
+
+
+def daemon_endpoint() -> str:
+    """Where ``lora-ipc serve`` listens by default: ``$LORA_IPC_ENDPOINT``, else a per-user private path."""
+    env = os.environ.get(ENV_ENDPOINT)
+    if env:
+        return env
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(tempfile.gettempdir(), f"lora-ipc-{os.getuid()}")
+    return "ipc://" + os.path.join(base, "lora-ipc", "daemon.sock")

@@ -336,12 +336,19 @@ class FetchReply(Message):
 
 @dataclass(frozen=True)
 class ReleaseRequest(Message):
+    """Drop a lease. ``fetch_ms`` is the client's own measure of the fetch (request sent -> bytes owned),
+    which the server aggregates into its swap-latency histogram; 0 when unknown."""
+
     lease_id: int
+    fetch_ms: float = 0.0
     TYPE: ClassVar[str] = "release"
 
     @classmethod
     def from_body(cls, body: dict) -> ReleaseRequest:
-        return cls(check_int(body, "lease_id", lo=1))
+        fetch_ms = body.get("fetch_ms", 0.0)
+        if type(fetch_ms) not in (int, float) or not 0 <= fetch_ms < 1e9:
+            raise _fail("fetch_ms", "expected a non-negative number")
+        return cls(check_int(body, "lease_id", lo=1), float(fetch_ms))
 
 
 @dataclass(frozen=True)

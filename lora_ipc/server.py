@@ -116,7 +116,7 @@ class AdapterServer:
         )
 
     def _on_release(self, msg: p.ReleaseRequest) -> p.ReleaseReply:
-        self.store.release(msg.lease_id)
+        self.store.release(msg.lease_id, msg.fetch_ms)
         return p.ReleaseReply(msg.lease_id)
 
     def _on_publish(self, msg: p.PublishRequest) -> p.PublishReply:

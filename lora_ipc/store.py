@@ -45,6 +45,28 @@ class Lease:
     expires_at: float
 
 
+LATENCY_BUCKETS_MS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
+
+
+@dataclass
+class LatencyHistogram:
+    """Cumulative-friendly counts per upper bound (ms), Prometheus style; the last bucket is +Inf."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    total_ms: float = 0.0
+    n: int = 0
+
+    def observe(self, ms: float) -> None:
+        i = next((i for i, b in enumerate(LATENCY_BUCKETS_MS) if ms <= b), len(LATENCY_BUCKETS_MS))
+        self.counts[i] += 1
+        self.total_ms += ms
+        self.n += 1
+
+    def report(self) -> dict:
+        return {"buckets_ms": list(LATENCY_BUCKETS_MS) + ["+Inf"], "counts": list(self.counts),
+                "sum_ms": round(self.total_ms, 3), "count": self.n}
+
+
 @dataclass
 class StoreMetrics:
     publishes: int = 0
@@ -55,6 +77,8 @@ class StoreMetrics:
     errors: int = 0
     slabs_allocated: int = 0
     errors_by_type: dict[str, int] = field(default_factory=dict)
+    fetch_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    publish_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 class AdapterStore:
@@ -83,6 +107,7 @@ class AdapterStore:
     def publish(self, name: str, tensors: Mapping[str, torch.Tensor], peft_config: dict,
                 device: torch.device | str | None = None) -> int:
         """Pack ``tensors`` into a slab on ``device`` (default: where the tensors are) as the next version."""
+        started = time.perf_counter()
         layout = SlabLayout.plan(tensors)
         if self.check_finite:
             _reject_non_finite(tensors)
@@ -96,7 +121,9 @@ class AdapterStore:
         except BaseException:
             self._give_back(slab)
             raise
-        return self._add(name, slab, layout, peft_config)
+        version = self._add(name, slab, layout, peft_config)
+        self.metrics.publish_latency.observe((time.perf_counter() - started) * 1e3)
+        return version
 
     def publish_copy(self, name: str, layout: SlabLayout, peft_config: dict,
                      copy_into: Callable[[torch.Tensor], None], device: torch.device) -> int:
@@ -166,12 +193,14 @@ class AdapterStore:
             self.metrics.bytes_served += pv.layout.used_bytes
             return lease, pv
 
-    def release(self, lease_id: int) -> None:
+    def release(self, lease_id: int, fetch_ms: float = 0.0) -> None:
         with self._lock:
             lease = self._leases.pop(lease_id, None)
             if lease is None:
                 raise LeaseError(f"lease {lease_id} is unknown or expired")
             self._drop(lease)
+            if fetch_ms > 0:
+                self.metrics.fetch_latency.observe(fetch_ms)
 
     def _drop(self, lease: Lease) -> None:
         key = (lease.name, lease.version)
@@ -227,7 +256,9 @@ class AdapterStore:
                 "metrics": {"publishes": m.publishes, "fetches": m.fetches, "bytes_published": m.bytes_published,
                             "bytes_served": m.bytes_served, "leases_expired": m.leases_expired,
                             "errors": m.errors, "errors_by_type": dict(m.errors_by_type),
-                            "slabs_allocated": m.slabs_allocated},
+                            "slabs_allocated": m.slabs_allocated,
+                            "fetch_latency": m.fetch_latency.report(),
+                            "publish_latency": m.publish_latency.report()},
             }
 
     def _all_slabs(self) -> list[ExportedSlab]:

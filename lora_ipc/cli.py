@@ -1,0 +1,125 @@
+"""``lora-ipc`` / ``python -m lora_ipc``: serve | status | demo | bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .endpoint import EndpointInUse, daemon_endpoint
+
+
+def _cmd_serve(args) -> int:
+    from .daemon import serve
+
+    try:
+        return serve(args.endpoint, keep=args.keep, lease_timeout_s=args.lease_timeout, drain_s=args.drain,
+                     metrics_port=args.metrics_port, check_finite=args.check_finite)
+    except EndpointInUse as exc:
+        print(f"lora-ipc serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def format_status(report: dict) -> str:
+    m = report["metrics"]
+    lines = [f"lora-ipc server pid {report.get('pid')} on {report.get('endpoint')}, up {report['uptime_s']:.0f} s, "
+             f"keep={report['keep']}",
+             f"slabs: {report['slabs']['live']} ({_human_bytes(report['slabs']['bytes'])}), free {report['slabs']['free']}",
+             "",
+             f"{'adapter':<24} {'version':>7} {'size':>10} {'tensors':>7} {'leases':>6}  published"]
+    for a in report["adapters"]:
+        when = time.strftime("%H:%M:%S", time.localtime(a["published_at"]))
+        lines.append(f"{a['name']:<24} {a['version']:>7} {_human_bytes(a['bytes']):>10} {a['tensors']:>7} "
+                     f"{a['leases']:>6}  {when}{'  (retiring)' if a['retiring'] else ''}")
+    if not report["adapters"]:
+        lines.append("(no adapters published)")
+    lines += ["", f"live leases: {len(report['leases'])}"]
+    for lease in report["leases"]:
+        lines.append(f"  #{lease['lease_id']} {lease['name']}@v{lease['version']} held by {lease['holder']}, "
+                     f"expires in {lease['expires_in_s']:.1f} s")
+    h = m["fetch_latency"]
+    mean = f"{h['sum_ms'] / h['count']:.3f} ms mean" if h["count"] else "none yet"
+    lines += ["", f"publishes {m['publishes']}, fetches {m['fetches']}, bytes moved {_human_bytes(m['bytes_served'])}, "
+              f"errors {m['errors']}, leases expired {m['leases_expired']}, fetch latency {mean}"]
+    return "\n".join(lines)
+
+
+def _cmd_status(args) -> int:
+    from .client import AdapterClient
+    from .errors import ExporterUnavailable
+
+    try:
+        with AdapterClient(args.endpoint, timeout_s=args.timeout) as client:
+            report = client.status()
+    except ExporterUnavailable as exc:
+        print(f"lora-ipc status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(steps=args.steps, device=args.device, rank=args.rank)
+
+
+def _cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lora-ipc", description="Move LoRA adapters into a running vLLM engine "
+                                 "through shared GPU/CPU memory.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the adapter server as a daemon that owns its adapters")
+    s.add_argument("--endpoint", default=daemon_endpoint(), help="ipc:// endpoint (default: %(default)s)")
+    s.add_argument("--keep", type=int, default=2, help="versions kept fetchable per adapter (default: 2)")
+    s.add_argument("--lease-timeout", type=float, default=30.0, help="seconds before an unreleased lease is reclaimed")
+    s.add_argument("--drain", type=float, default=5.0, help="seconds to wait for held leases on shutdown")
+    s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    s.add_argument("--check-finite", action="store_true", help="reject adapters holding NaN/Inf at publish time")
+    s.set_defaults(fn=_cmd_serve)
+
+    s = sub.add_parser("status", help="what a server holds: adapters, versions, leases, metrics")
+    s.add_argument("--endpoint", default=daemon_endpoint(), help="ipc:// endpoint (default: %(default)s)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--timeout", type=float, default=3.0)
+    s.set_defaults(fn=_cmd_status)
+
+    s = sub.add_parser("demo", help="train a tiny Llama's LoRA in one process, generate with vLLM in another")
+    s.add_argument("--steps", type=int, default=5)
+    s.add_argument("--rank", type=int, default=8)
+    s.add_argument("--device", default=None, help="trainer device (default: cuda if available, else cpu)")
+    s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("bench", help="run the transport benchmark; write JSON, a PNG plot and a table")
+    s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    s.add_argument("--ranks", default=None, help="comma-separated LoRA ranks (default: 4,8,16,32,64 on GPU, 4,16,64 on CPU)")
+    s.add_argument("--layers", type=int, default=None, help="Llama layers (default: 32 on GPU, 8 on CPU)")
+    s.add_argument("--iters", type=int, default=20)
+    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
+    s.set_defaults(fn=_cmd_bench)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
