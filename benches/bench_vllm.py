@@ -21,21 +21,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def build_model_dir(path: str, hidden: int, layers: int, vocab: int = 256) -> str:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.engine import write_tokenizer
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), head_dim=64,
-                      max_position_embeddings=512, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    write_tokenizer(path)
-    return path
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=20)
@@ -52,16 +37,17 @@ def main(argv=None) -> dict:
     from vllm.lora.request import LoRARequest
 
     from lora_ipc import AdapterExporter
+    from lora_ipc.tiny import write_model_dir
     from lora_ipc.vllm import add_lora
     from tests import engine, models
 
     work = tempfile.mkdtemp(prefix="lora-bench-vllm-")
     shm = tempfile.mkdtemp(prefix="lora-bench-vllm-", dir="/dev/shm")
     try:
-        model_dir = build_model_dir(os.path.join(work, "base"), args.hidden, args.layers)
+        model_dir = write_model_dir(os.path.join(work, "base"), args.hidden, args.layers)
         print("starting the vLLM engine (CPU, ~30-60 s)...", flush=True)
         llm = engine.make_llm(model_dir, max_lora_rank=max(16, args.rank), max_loras=2, max_cpu_loras=4)
-        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16),
+        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
                               LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=models.TARGET_MODULES,
                                          init_lora_weights=False))
         times = {"lora_ipc": [], "disk_shm": []}

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_status)
 
     s = sub.add_parser("demo", help="train a tiny Llama's LoRA in one process, generate with vLLM in another")
-    s.add_argument("--steps", type=int, default=5)
+    s.add_argument("--steps", type=int, default=8)
     s.add_argument("--rank", type=int, default=8)
     s.add_argument("--device", default=None, help="trainer device (default: cuda if available, else cpu)")
     s.set_defaults(fn=_cmd_demo)

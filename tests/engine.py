@@ -4,32 +4,10 @@ from __future__ import annotations
 
 import os
 
-from . import models
 
-VOCAB = 256
+from lora_ipc.tiny import VOCAB, write_model_dir, write_tokenizer  # noqa: F401
+
 PROMPTS = [[1, 17, 42, 99, 7, 8], [1, 200, 3, 150, 23], [1, 5, 6, 7, 8, 9, 10, 11]]
-
-
-def write_tokenizer(path: str) -> None:
-    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": i for i in range(4, VOCAB)})
-    tok = Tokenizer(tmodels.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(path)
-
-
-def write_model_dir(path: str) -> str:
-    """The base model of ``models.peft_model(base_seed=0)``, saved the ordinary way, in bfloat16."""
-    import torch
-
-    os.makedirs(path, exist_ok=True)
-    models.tiny_llama(0, torch.bfloat16, VOCAB).save_pretrained(path)
-    write_tokenizer(path)
-    return path
 
 
 def engine_env() -> None:

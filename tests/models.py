@@ -4,32 +4,7 @@ from __future__ import annotations
 
 import torch
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_llama_config(vocab_size: int = 256):
-    from transformers import LlamaConfig
-
-    # head_dim 64: the vLLM CPU attention rejects 16 (DESIGN.md §2)
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-
-
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = 256):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(vocab_size)).to(dtype).eval()
-
-
-def lora_config(r: int = 8, alpha: int = 16):
-    from peft import LoraConfig
-
-    return LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGET_MODULES, lora_dropout=0.0,
-                      init_lora_weights=False, bias="none", task_type="CAUSAL_LM")
+from lora_ipc.tiny import TARGET_MODULES, lora_config, tiny_llama  # noqa: F401
 
 
 def peft_model(seed: int = 0, dtype: torch.dtype = torch.float32, r: int = 8, base_seed: int = 0, vocab_size: int = 256):
