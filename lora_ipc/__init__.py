@@ -13,12 +13,12 @@ from .errors import (
     ProtocolError,
     VersionNotFound,
 )
-from .exporter import AdapterExporter
+from .exporter import AdapterExporter, RemoteExporter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterClient", "AdapterExporter", "AdapterNotFound", "AdapterRejected", "BackendError",
-    "EndpointInUse", "ExporterUnavailable", "LayoutError", "LeaseError", "LoraIpcError", "ProtocolError",
+    "EndpointInUse", "ExporterUnavailable", "LayoutError", "LeaseError", "LoraIpcError", "ProtocolError", "RemoteExporter",
     "VersionNotFound",
 ]

@@ -153,3 +153,23 @@ class ClientProcess:
     call = ExporterProcess.call
     kill = ExporterProcess.kill
     close = ExporterProcess.close
+
+
+def _remote_publish_main(endpoint, save_dir, seed):
+    from lora_ipc import RemoteExporter
+
+    from . import models
+
+    model = models.peft_model(seed, torch.bfloat16)
+    with RemoteExporter(endpoint) as exporter:
+        version = exporter.publish("policy", model)
+    model.save_pretrained(save_dir)
+    print("published version", version, flush=True)
+
+
+def publish_from_short_lived_trainer(endpoint: str, save_dir: str, seed: int = 0) -> int:
+    """A trainer process that publishes one version into a daemon and exits; returns its exit code."""
+    proc = SPAWN.Process(target=_remote_publish_main, args=(endpoint, save_dir, seed))
+    proc.start()
+    proc.join(120)
+    return proc.exitcode

@@ -1,0 +1,170 @@
+"""``lora-ipc serve`` as its own process: trainers publish into it and may exit; engines fetch from it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import zmq
+from safetensors.torch import load_file
+
+from lora_ipc import AdapterClient
+from lora_ipc import protocol as p
+from lora_ipc.backends.cpu import shm_files_of
+
+from .conftest import assert_same_adapter
+from .procs import publish_from_short_lived_trainer
+
+
+def start_daemon(endpoint, *extra):
+    proc = subprocess.Popen([sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "serving on" in line, line + proc.stderr.read()
+    return proc
+
+
+def cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "lora_ipc", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    endpoint = f"ipc://{tmp_path}/daemon.sock"
+    proc = start_daemon(endpoint, "--drain", "0.5")
+    yield endpoint, proc
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_adapter_outlives_the_trainer_that_published_it(daemon, tmp_path):
+    endpoint, proc = daemon
+    assert publish_from_short_lived_trainer(endpoint, str(tmp_path / "ref")) == 0  # the trainer has exited
+    reference = load_file(tmp_path / "ref" / "adapter_model.safetensors")
+    with AdapterClient(endpoint) as client:
+        adapter = client.fetch("policy")
+    assert adapter.version == 1
+    assert_same_adapter(adapter.tensors, reference)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("lora-ipc.") and not f.startswith(f"lora-ipc.{proc.pid}.")
+                and not os.path.exists(f"/proc/{f.split('.')[1]}")], "the trainer left its staging slab behind"
+
+
+def test_status_json_reports_adapters_versions_and_leases(daemon, tmp_path):
+    endpoint, proc = daemon
+    publish_from_short_lived_trainer(endpoint, str(tmp_path / "ref"))
+    publish_from_short_lived_trainer(endpoint, str(tmp_path / "ref2"), seed=1)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    sock.send_multipart([b"", p.encode(p.FetchRequest("policy", 1, "holder-under-test"), 1)])
+    assert sock.poll(5000)
+    lease = p.decode(sock.recv_multipart()[-1]).message
+    assert isinstance(lease, p.FetchReply)
+
+    out = cli("status", "--endpoint", endpoint, "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert [(a["name"], a["version"]) for a in report["adapters"]] == [("policy", 1), ("policy", 2)]
+    assert report["pid"] == proc.pid and report["uptime_s"] > 0
+    [held] = report["leases"]
+    assert (held["holder"], held["name"], held["version"]) == ("holder-under-test", "policy", 1)
+    assert report["adapters"][0]["leases"] == 1
+
+    human = cli("status", "--endpoint", endpoint)
+    assert "policy" in human.stdout and "holder-under-test" in human.stdout
+
+    sock.send_multipart([b"", p.encode(p.ReleaseRequest(lease.lease_id), 2)])
+    assert sock.poll(5000)
+    sock.recv_multipart()
+    sock.close(0)
+    report = json.loads(cli("status", "--endpoint", endpoint, "--json").stdout)
+    assert report["leases"] == [] and report["metrics"]["fetches"] == 1
+
+
+def test_sigterm_releases_shared_memory_and_socket(daemon, tmp_path):
+    endpoint, proc = daemon
+    publish_from_short_lived_trainer(endpoint, str(tmp_path / "ref"))
+    with AdapterClient(endpoint) as client:
+        client.fetch("policy")
+    assert shm_files_of(proc.pid)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    print(f"daemon stopped {time.monotonic() - started:.2f}s after SIGTERM")
+    assert shm_files_of(proc.pid) == []
+    assert not os.path.exists(endpoint[len("ipc://"):])
+    assert "shared memory released" in proc.stdout.read()
+
+
+def test_held_leases_are_reported_at_shutdown(daemon, tmp_path):
+    endpoint, proc = daemon
+    publish_from_short_lived_trainer(endpoint, str(tmp_path / "ref"))
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    sock.send_multipart([b"", p.encode(p.FetchRequest("policy", None, "stuck-engine"), 1)])
+    assert sock.poll(5000)
+    sock.recv_multipart()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(20) == 0
+    assert "stuck-engine" in proc.stderr.read()
+    assert shm_files_of(proc.pid) == []
+    sock.close(0)
+
+
+def test_second_serve_on_the_same_endpoint_fails_clearly(daemon):
+    endpoint, proc = daemon
+    out = cli("serve", "--endpoint", endpoint, timeout=30)
+    assert out.returncode == 2
+    assert "already served" in out.stderr
+    with AdapterClient(endpoint, timeout_s=5) as client:  # the first daemon is unharmed
+        assert client.list() == []
+
+
+def test_prometheus_metrics(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"ipc://{tmp_path}/m.sock"
+    proc = start_daemon(endpoint, "--metrics-port", str(port))
+    try:
+        publish_from_short_lived_trainer(endpoint, str(tmp_path / "ref"))
+        with AdapterClient(endpoint) as client:
+            client.fetch("policy")
+            client.fetch("policy")
+        time.sleep(0.2)  # the second release travels after the fetch returns
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert "lora_ipc_fetches_total 2.0" in body
+        assert 'lora_ipc_adapter_version{adapter="policy"} 1.0' in body
+        assert "lora_ipc_fetch_latency_seconds_count 2.0" in body
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_bench_writes_png_and_json(tmp_path):
+    out = cli("bench", "--device", "cpu", "--layers", "2", "--ranks", "4,8", "--iters", "3", "--warmup", "1",
+              "--out", str(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert set(results["ranks"]) == {"4", "8"}
+    for r in results["ranks"].values():
+        assert set(r["paths"]) == {"lora_ipc", "disk_shm", "ipc_per_tensor"}
+    png = (tmp_path / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert "lora_ipc" in out.stdout
+
+
+@pytest.mark.vllm
+def test_demo_runs_end_to_end():
+    pytest.importorskip("vllm")
+    out = cli("demo", "--steps", "2", timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if "|" in line and line.strip()[:1].isdigit()]
+    assert len(rows) == 2 and all(" True " in row for row in rows), out.stdout
+    assert "median swap: lora-ipc" in out.stdout
