@@ -24,11 +24,28 @@ from .store import AdapterStore
 
 log = logging.getLogger("lora_ipc.server")
 POLL_MS = 50
+SEND_HWM = 256  # replies queued per peer; a peer that stops reading loses replies, it never blocks the loop
+
+
+def _filter_peers(sock: zmq.Socket, uids: set[int]) -> bool:
+    """Accept ipc connections only from these uids (SO_PEERCRED, checked by libzmq at connect time).
+
+    The socket file is also 0600 in a 0700 directory; this is the second check, against a process
+    that gets hold of the path anyway. Returns False where libzmq cannot filter.
+    """
+    try:
+        for uid in uids:
+            sock.setsockopt(zmq.IPC_FILTER_UID, uid)
+        return True
+    except (AttributeError, zmq.ZMQError) as exc:
+        log.warning("peer credential check unavailable on this platform (%s); relying on file permissions", exc)
+        return False
 MAX_PUBLISH_SOURCES = 8
 
 
 class AdapterServer:
-    def __init__(self, store: AdapterStore, endpoint: str, *, context: zmq.Context | None = None):
+    def __init__(self, store: AdapterStore, endpoint: str, *, context: zmq.Context | None = None,
+                 allowed_uids: set[int] | None = None):
         self.store = store
         self.endpoint = endpoint
         self._path = prepare_ipc_path(endpoint)
@@ -36,6 +53,8 @@ class AdapterServer:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
+        self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self.peer_check = _filter_peers(self._sock, {os.getuid()} if allowed_uids is None else allowed_uids)
         self._sock.bind(endpoint)
         os.chmod(self._path, 0o600)
         self._publish_sources: OrderedDict[str, ImportedSlab] = OrderedDict()

@@ -40,3 +40,8 @@ def random_adapter(seed: int, layers: int = 2, hidden: int = 128, r: int = 8, dt
 
 RANDOM_ADAPTER_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA",
                          "bias": "none"}
+
+
+def constant_adapter(value: int) -> dict[str, torch.Tensor]:
+    """random_adapter's names and shapes, every element equal to ``value`` (float32: exact below 2**24)."""
+    return {k: torch.full(v.shape, float(value)) for k, v in random_adapter(0).items()}

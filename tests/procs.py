@@ -62,6 +62,29 @@ def _exporter_main(conn, endpoint, keep, lease_timeout_s, device):
                 exporter.publish(name, models.random_adapter(0), models.RANDOM_ADAPTER_CONFIG)
                 threading.Thread(target=loop, daemon=True).start()
                 conn.send("streaming")
+            elif cmd == "stream_constant":  # version v is an adapter whose every value is v (a torn read shows)
+                name, = args
+
+                def constant_loop():
+                    v = 0
+                    while True:
+                        v += 1
+                        published = exporter.publish(name, models.constant_adapter(v), models.RANDOM_ADAPTER_CONFIG)
+                        assert published == v
+
+                threading.Thread(target=constant_loop, daemon=True).start()
+                conn.send("streaming")
+            elif cmd == "stall_next_fetch":  # the next lease is granted only after `seconds`
+                seconds, = args
+                original = exporter.store.lease
+
+                def slow_lease(*a, **kw):
+                    exporter.store.lease = original
+                    time.sleep(seconds)
+                    return original(*a, **kw)
+
+                exporter.store.lease = slow_lease
+                conn.send("armed")
             elif cmd == "status":
                 conn.send(exporter.store.status())
             elif cmd == "cuda_memory":
@@ -135,6 +158,20 @@ def _client_main(conn, endpoint, timeout_s):
             elif cmd == "fetch_many":  # name, count -> list of versions
                 name, count = args
                 conn.send([client.fetch(name).version for _ in range(count)])
+            elif cmd == "fetch_checking_constant":  # name, count -> (versions seen, torn adapters)
+                name, count = args
+                versions, torn = [], 0
+                for _ in range(count):
+                    a = client.fetch(name)
+                    versions.append(a.version)
+                    torn += any(not bool((t == a.version).all()) for t in a.tensors.values())
+                conn.send((versions, torn))
+            elif cmd == "hold_lease":  # lease the newest version and never release it
+                from lora_ipc import protocol as p
+
+                name, = args
+                reply = client._conn.request(p.FetchRequest(name, None, client.client_id), p.FetchReply)
+                conn.send(reply.lease_id)
             elif cmd == "close":
                 client.close()
                 conn.send("closed")

@@ -141,6 +141,19 @@ def test_bad_adapters_get_clear_errors_and_engine_keeps_serving(llm, trainer, ve
     assert engine.generate(llm, lora_request("policy", trainer.endpoint, version=v1)) == reference[v1]
 
 
+def test_failed_load_never_replaces_the_last_good_adapter(llm, trainer, versions, reference):
+    v1 = min(versions)
+    good = add_lora(llm, "policy", trainer.endpoint, version=v1, lora_int_id=777)
+    assert engine.generate(llm, good) == reference[v1]
+    with AdapterExporter() as exporter:  # a broken next version, swapped into the same slot
+        broken = dict(models.random_adapter(1))
+        broken["base_model.model.model.layers.0.self_attn.foo_proj.lora_A.weight"] = torch.zeros(8, 128, dtype=torch.bfloat16)
+        exporter.publish("policy", broken, models.RANDOM_ADAPTER_CONFIG)
+        with pytest.raises(AdapterRejected):
+            add_lora(llm, "policy", exporter.endpoint, lora_int_id=777)
+    assert engine.generate(llm, good) == reference[v1]  # slot 777 still holds the good version
+
+
 def add_lora_existing(llm, request):
     try:
         llm.llm_engine.add_lora(request)

@@ -1,0 +1,147 @@
+"""Fuzzing the control-message decoder and the layout validator (hypothesis).
+
+Every input must either decode to a validated message or raise ProtocolError (LayoutError is one):
+no other exception, no hang. CI runs a bounded number of cases; LORA_IPC_LONG=1 runs >= 100,000.
+"""
+
+import os
+import time
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lora_ipc import protocol as p
+from lora_ipc.errors import LayoutError, ProtocolError
+from lora_ipc.layout import DTYPES, SlabLayout
+
+LONG = os.environ.get("LORA_IPC_LONG") == "1"
+CASES = {"bytes": 40_000, "frames": 40_000, "mutated": 20_000, "layouts": 20_000} if LONG else \
+        {"bytes": 1_500, "frames": 1_500, "mutated": 1_000, "layouts": 1_000}
+SLOW_CASE_S = 0.5  # a "hang": one decode taking this long fails the test
+
+
+def fuzz_settings(kind):
+    return settings(max_examples=CASES[kind], deadline=None, database=None,
+                    suppress_health_check=list(HealthCheck))
+
+
+def must_decode_or_reject(data, accept=None):
+    started = time.perf_counter()
+    try:
+        frame = p.decode(data, accept)
+    except ProtocolError:
+        frame = None
+    assert time.perf_counter() - started < SLOW_CASE_S
+    if frame is not None:  # what decodes must encode again and decode to the same message
+        assert p.decode(p.encode(frame.message, frame.request_id), accept) == frame
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
+                    st.floats(), st.text(max_size=20), st.binary(max_size=40))
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=6),
+    st.dictionaries(st.one_of(st.text(max_size=12), st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)), inner,
+                    max_size=6)),
+    max_leaves=30)
+FIELD_NAMES = sorted({f for cls in p.MESSAGE_TYPES.values() for f in getattr(cls, "__dataclass_fields__", {})}
+                     | {"backend", "path", "slab_id", "nbytes", "device_uuid", "storage_handle", "ready_event"})
+
+
+@fuzz_settings("bytes")
+@given(st.binary(max_size=512))
+def test_random_bytes(data):
+    must_decode_or_reject(data)
+
+
+@fuzz_settings("frames")
+@given(st.sampled_from([p.PROTOCOL_VERSION, p.PROTOCOL_VERSION, 0, 2, -1, "1"]),
+       st.sampled_from(sorted(p.MESSAGE_TYPES) + ["", "nope"]),
+       st.one_of(st.integers(min_value=-5, max_value=(1 << 64) - 1), st.text(max_size=3)),
+       st.dictionaries(st.sampled_from(FIELD_NAMES), values, max_size=12))
+def test_structured_frames(version, type_name, request_id, body):
+    must_decode_or_reject(msgpack.packb([version, type_name, request_id, body], use_bin_type=True))
+    must_decode_or_reject(msgpack.packb([version, type_name, request_id, body], use_bin_type=True), p.REQUEST_TYPES)
+
+
+def _valid_frames():
+    layout = SlabLayout.plan({"a": torch.zeros(4, 8, dtype=torch.bfloat16), "b": torch.zeros(8, 4)})
+    slab = p.CpuSlabHandle("lora-ipc.1.ab.1", 4096, "/dev/shm/lora-ipc.1.ab.1")
+    return [
+        p.encode(p.FetchRequest("policy", 3, "c", ["s1"], [b"\0" * 16]), 7),
+        p.encode(p.FetchReply("policy", 3, 9, {"r": 8, "target_modules": ["q_proj"]}, slab.slab_id, slab,
+                              layout.digest, layout.to_wire(), layout.used_bytes, [slab.slab_id]), 7),
+        p.encode(p.PublishRequest("policy", {"r": 8}, slab, layout.to_wire(), layout.used_bytes), 2),
+        p.encode(p.ReleaseRequest(5, 0.25), 3),
+        p.encode(p.ErrorReply("LayoutError", "x"), 1),
+    ]
+
+
+VALID = _valid_frames()
+
+
+@fuzz_settings("mutated")
+@given(st.sampled_from(range(len(VALID))), st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)),
+                                                      min_size=1, max_size=8),
+       st.integers(min_value=0))
+def test_mutated_valid_frames(which, flips, cut):
+    data = bytearray(VALID[which])
+    for pos, byte in flips:
+        data[pos % len(data)] = byte
+    must_decode_or_reject(bytes(data))
+    must_decode_or_reject(bytes(data[: cut % (len(data) + 1)]))
+
+
+entry = st.tuples(st.one_of(st.text(min_size=0, max_size=8), st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)),
+                  st.one_of(st.sampled_from(sorted(DTYPES)), st.text(max_size=10)),
+                  st.one_of(st.lists(st.integers(min_value=-2, max_value=70), max_size=4), scalars),
+                  st.one_of(st.integers(min_value=-256, max_value=1 << 20).map(lambda x: x - x % 64), scalars),
+                  st.one_of(st.integers(min_value=-1, max_value=1 << 16), scalars)).map(list)
+
+
+@fuzz_settings("layouts")
+@given(st.one_of(st.lists(entry, max_size=10), values),
+       st.one_of(st.integers(min_value=-256, max_value=1 << 21).map(lambda x: x - x % 256), scalars),
+       st.integers(min_value=1, max_value=1 << 21))
+def test_layout_validator(wire, used_bytes, slab_nbytes):
+    try:
+        layout = SlabLayout.from_wire(wire, used_bytes, slab_nbytes)
+    except LayoutError:
+        return
+    # accepted: every entry lies inside the used bytes, aligned, without overlap, and unpacks
+    buf = torch.zeros(layout.used_bytes, dtype=torch.uint8)
+    tensors = layout.unpack(buf)
+    assert len(tensors) == len(layout.entries) and layout.used_bytes <= slab_nbytes
+    spans = sorted((e.offset, e.offset + e.nbytes) for e in layout.entries)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    for e in layout.entries:
+        assert tensors[e.name].dtype == DTYPES[e.dtype] and tuple(tensors[e.name].shape) == e.shape
+
+
+def test_live_server_survives_fuzzed_frames(exporter_proc):
+    """A smaller run against a real exporter process: every frame gets a reply, the exporter keeps serving."""
+    import random
+
+    import zmq
+
+    from lora_ipc import AdapterClient
+
+    exporter_proc.call("publish_random", "fz", 1)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(exporter_proc.endpoint)
+    rng = random.Random(0)
+    n = 3000 if LONG else 300
+    for i in range(n):
+        data = bytearray(rng.choice(VALID))
+        for _ in range(rng.randint(1, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        sock.send_multipart([b"", bytes(data[: rng.randint(0, len(data))])])
+        assert sock.poll(5000), f"no reply to fuzzed frame {i}"
+        sock.recv_multipart()
+    sock.close(0)
+    with AdapterClient(exporter_proc.endpoint, timeout_s=5) as client:
+        assert client.fetch("fz").name == "fz"
+    print(f"\nlive exporter answered {n} fuzzed frames and kept serving")
