@@ -100,7 +100,7 @@ class CudaImportedSlab(ImportedSlab):
             self.tensor = rebuild_cuda_tensor(
                 torch.Tensor, (handle.nbytes,), (1,), 0, torch.UntypedStorage, torch.uint8, index,
                 handle.storage_handle, handle.storage_size_bytes, handle.storage_offset_bytes, False,
-                handle.ref_counter_handle, handle.ref_counter_offset, handle.event_handle or None,
+                handle.ref_counter_handle, handle.ref_counter_offset, handle.event_handle,
                 handle.event_sync_required,
             )
             self._ready = torch.cuda.Event.from_ipc_handle(self.device, handle.ready_event)
