@@ -176,13 +176,35 @@ class SlabLayout:
             end = e.offset + e.nbytes
         return cls(entries, used_bytes)
 
+    def group_views(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        """One ``(n, *shape)`` view of ``buf`` (uint8, 1-D) per shape group, in ``self.groups`` order."""
+        views = []
+        for g in self.groups:
+            n = len(g.names)
+            region = buf[g.offset:g.offset + n * g.stride].view(g.dtype)
+            numel = math.prod(g.shape)
+            views.append(region.view(n, g.stride // g.dtype.itemsize)[:, :numel].view(n, *g.shape))
+        return views
+
     def unpack(self, owned: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of ``owned`` (uint8, 1-D, at least ``used_bytes``) per entry, one ``unbind`` per shape group."""
         out: dict[str, torch.Tensor] = {}
-        for g in self.groups:
-            n = len(g.names)
-            region = owned[g.offset:g.offset + n * g.stride].view(g.dtype)
-            numel = math.prod(g.shape)
-            items = region.view(n, g.stride // g.dtype.itemsize)[:, :numel].view(n, *g.shape).unbind(0)
-            out.update(zip(g.names, items))
+        for g, view in zip(self.groups, self.group_views(owned)):
+            out.update(zip(g.names, view.unbind(0)))
         return {e.name: out[e.name] for e in self.entries}
+
+    def non_finite_names(self, buf: torch.Tensor) -> list[str]:
+        """Names of floating entries in ``buf`` that hold NaN or ±Inf.
+
+        One min/max pass per shape group (NaN propagates through both) and one device-to-host sync.
+        """
+        floating = [(g, v) for g, v in zip(self.groups, self.group_views(buf)) if g.dtype.is_floating_point and v.numel()]
+        if not floating:
+            return []
+        extremes = torch.stack([torch.stack([v.amax(), v.amin()]).float() for _, v in floating])
+        if bool(extremes.isfinite().all()):
+            return []
+        bad = []  # the slow path only runs for a bad adapter: find which tensors
+        for g, v in floating:
+            bad += [name for name, t in zip(g.names, v.unbind(0)) if not bool(t.isfinite().all())]
+        return bad

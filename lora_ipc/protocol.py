@@ -228,13 +228,17 @@ def slab_handle_from_body(body: Any, where: str = "slab") -> SlabHandle:
     return cls.from_body(body)
 
 
-@dataclass(frozen=True)
-class ListRequest(Message):
-    TYPE: ClassVar[str] = "list"
+class _NoFields(Message):
+    """A request that carries nothing but its type."""
 
     @classmethod
-    def from_body(cls, body: dict) -> ListRequest:
+    def from_body(cls, body: dict) -> Message:
         return cls()
+
+
+@dataclass(frozen=True)
+class ListRequest(_NoFields):
+    TYPE: ClassVar[str] = "list"
 
 
 @dataclass(frozen=True)
@@ -400,12 +404,8 @@ class PublishReply(Message):
 
 
 @dataclass(frozen=True)
-class StatusRequest(Message):
+class StatusRequest(_NoFields):
     TYPE: ClassVar[str] = "status"
-
-    @classmethod
-    def from_body(cls, body: dict) -> StatusRequest:
-        return cls()
 
 
 @dataclass(frozen=True)

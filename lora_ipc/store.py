@@ -109,14 +109,14 @@ class AdapterStore:
         """Pack ``tensors`` into a slab on ``device`` (default: where the tensors are) as the next version."""
         started = time.perf_counter()
         layout = SlabLayout.plan(tensors)
-        if self.check_finite:
-            _reject_non_finite(tensors)
         target = torch.device(device) if device is not None else next(iter(tensors.values())).device
         if target.type == "cuda" and target.index is None:
             target = torch.device("cuda", torch.cuda.current_device())
         slab = self._take_slab(target, layout.used_bytes)
         try:
             layout.pack(slab.destination_views(layout), tensors)
+            if self.check_finite:
+                _reject_non_finite(layout, slab.tensor)
             slab.mark_ready()
         except BaseException:
             self._give_back(slab)
@@ -131,6 +131,8 @@ class AdapterStore:
         slab = self._take_slab(device, layout.used_bytes)
         try:
             copy_into(slab.tensor[:layout.used_bytes])
+            if self.check_finite:
+                _reject_non_finite(layout, slab.tensor)
             slab.mark_ready()
         except BaseException:
             self._give_back(slab)
@@ -281,14 +283,8 @@ class AdapterStore:
             self._leases.clear()
 
 
-def _reject_non_finite(tensors: Mapping[str, torch.Tensor]) -> None:
-    """One batched reduction over all floating tensors; costs a read of every byte and one sync."""
-    floats = [t for t in tensors.values() if t.is_floating_point() and t.numel()]
-    if not floats:
-        return
-    norms = torch._foreach_norm(floats, ord=math.inf)
-    finite = torch.stack([n.float() for n in norms]).isfinite()
-    if not bool(finite.all()):
-        names = [n for n, t in tensors.items() if t.is_floating_point() and t.numel()]
-        bad = [names[i] for i in (~finite).nonzero().flatten().tolist()]
+def _reject_non_finite(layout: SlabLayout, slab: torch.Tensor) -> None:
+    """Refuse a packed version holding NaN/Inf (costs one read of the adapter and one synchronize)."""
+    bad = layout.non_finite_names(slab)
+    if bad:
         raise AdapterRejected(f"non-finite values (NaN/Inf) in {bad[:5]}{' …' if len(bad) > 5 else ''}")

@@ -47,3 +47,14 @@ def open_fds(pid: int) -> int:
 def shm_mappings(pid: int) -> int:
     with open(f"/proc/{pid}/maps") as f:
         return sum(1 for line in f if "/dev/shm/lora-ipc." in line)
+
+
+def footprint(exporter_pid: int) -> dict:
+    """What must stay flat in a steady publish/fetch loop: the exporter's shared memory and fds,
+    and this (client) process's fds and shared-memory mappings."""
+    from lora_ipc.backends.cpu import shm_files_of
+
+    files = shm_files_of(exporter_pid)
+    me = os.getpid()
+    return {"exporter_shm_files": len(files), "exporter_shm_bytes": sum(os.path.getsize(f) for f in files),
+            "exporter_fds": open_fds(exporter_pid), "client_fds": open_fds(me), "client_shm_mappings": shm_mappings(me)}

@@ -168,3 +168,29 @@ def test_demo_runs_end_to_end():
     rows = [line for line in out.stdout.splitlines() if "|" in line and line.strip()[:1].isdigit()]
     assert len(rows) == 2 and all(" True " in row for row in rows), out.stdout
     assert "median swap: lora-ipc" in out.stdout
+
+
+def test_daemon_check_finite_rejects_remote_nan_and_keeps_the_good_version(tmp_path):
+    import torch
+
+    from lora_ipc import AdapterRejected, RemoteExporter
+
+    from . import models
+
+    endpoint = f"ipc://{tmp_path}/finite.sock"
+    proc = start_daemon(endpoint, "--check-finite")
+    try:
+        good = models.random_adapter(1)
+        with RemoteExporter(endpoint) as trainer:
+            assert trainer.publish("a", good, models.RANDOM_ADAPTER_CONFIG) == 1
+            bad = {k: v.clone() for k, v in good.items()}
+            next(iter(bad.values()))[1, 1] = torch.nan
+            with pytest.raises(AdapterRejected, match="non-finite"):
+                trainer.publish("a", bad, models.RANDOM_ADAPTER_CONFIG)
+        with AdapterClient(endpoint) as client:
+            adapter = client.fetch("a")
+        assert adapter.version == 1
+        assert_same_adapter(adapter.tensors, good)
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -1,6 +1,5 @@
 """The same two-process round trip on CUDA (CUDA IPC backend). Skipped without a GPU."""
 
-import os
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Two real processes: an AdapterExporter in a spawned child, the AdapterClient here (CPU backend)."""
 
 import json
-import os
 import time
 
 import pytest
@@ -12,7 +11,7 @@ from lora_ipc import AdapterClient, AdapterNotFound, ExporterUnavailable, Versio
 from lora_ipc.backends.cpu import shm_files_of
 
 from . import models
-from .conftest import assert_same_adapter, bitwise_equal, open_fds, shm_mappings
+from .conftest import assert_same_adapter, bitwise_equal, footprint
 from .procs import ExporterProcess
 
 
@@ -70,17 +69,9 @@ def test_newest_by_default_and_old_versions_fetchable_while_publishing(exporter_
 def test_thousand_cycles_leave_memory_and_fds_flat():
     exporter = ExporterProcess(keep=2)
     client = AdapterClient(exporter.endpoint)
-    me = os.getpid()
 
     def measure():
-        files = shm_files_of(exporter.pid)
-        return {
-            "exporter_shm_files": len(files),
-            "exporter_shm_bytes": sum(os.path.getsize(f) for f in files),
-            "exporter_fds": open_fds(exporter.pid),
-            "client_fds": open_fds(me),
-            "client_shm_mappings": shm_mappings(me),
-        }
+        return footprint(exporter.pid)
 
     try:
         for i in range(100):  # warm-up: slab pool and caches reach steady state
