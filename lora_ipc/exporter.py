@@ -11,7 +11,7 @@ import torch
 from .backends import ExportedSlab, backend_for
 from .client import Connection
 from .endpoint import default_endpoint
-from .layout import SlabLayout, align_up
+from .layout import SlabLayout, align_up, signature_of
 from .peft import adapter_from
 from .protocol import PublishReply, PublishRequest
 from .server import AdapterServer
@@ -68,10 +68,14 @@ class RemoteExporter:
         self.device = device
         self._conn = Connection(self.endpoint, timeout_s)
         self._staging: ExportedSlab | None = None
+        self._layout: tuple[tuple, SlabLayout] | None = None
 
     def publish(self, name: str, adapter: Any, peft_config: Any = None) -> int:
         tensors, config = adapter_from(adapter, peft_config)
-        layout = SlabLayout.plan(tensors)
+        key = signature_of(tensors)
+        if self._layout is None or self._layout[0] != key:
+            self._layout = (key, SlabLayout.plan(tensors))
+        layout = self._layout[1]
         device = torch.device(self.device) if self.device is not None else next(iter(tensors.values())).device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

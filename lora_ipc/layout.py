@@ -82,6 +82,11 @@ def _groups(entries: list[TensorEntry]) -> tuple[ShapeGroup, ...]:
     return tuple(groups)
 
 
+def signature_of(tensors: Mapping[str, torch.Tensor]) -> tuple:
+    """Names, dtypes and shapes, in order: equal signatures can share one layout."""
+    return tuple((name, t.dtype, tuple(t.shape)) for name, t in tensors.items())
+
+
 class SlabLayout:
     """An immutable, validated layout. Build with :meth:`plan` (producer) or :meth:`from_wire` (consumer)."""
 
@@ -123,15 +128,14 @@ class SlabLayout:
         """One view of ``slab`` (uint8, 1-D) per entry, in entry order — the targets of :meth:`pack`."""
         return [slab[e.offset:e.offset + e.nbytes].view(DTYPES[e.dtype]).view(e.shape) for e in self.entries]
 
+    def signature(self) -> tuple:
+        """What a dict of tensors must match to be packed with this layout (see :func:`signature_of`)."""
+        return tuple((e.name, DTYPES[e.dtype], e.shape) for e in self.entries)
+
     def pack(self, destinations: list[torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> None:
-        """Copy ``tensors`` into their places with one batched copy."""
-        sources = []
-        for e, dst in zip(self.entries, destinations):
-            src = tensors[e.name]
-            if src.dtype != dst.dtype or tuple(src.shape) != e.shape:
-                raise LayoutError(f"{e.name}: expected {e.dtype}{list(e.shape)}, got {src.dtype}{list(src.shape)}")
-            sources.append(src.detach())
-        torch._foreach_copy_(destinations, sources)
+        """Copy ``tensors`` (matching :meth:`signature`) into their places with one batched copy."""
+        with torch.no_grad():
+            torch._foreach_copy_(destinations, [tensors[e.name] for e in self.entries])
 
     def to_wire(self) -> list:
         return self._wire

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,16 +35,58 @@ def is_peft_model(obj: Any) -> bool:
     return hasattr(obj, "peft_config") and hasattr(obj, "active_adapter") and hasattr(obj, "base_model")
 
 
+class PeftAdapterView:
+    """A PeftModel adapter's state-dict names mapped to the model's live parameters, worked out once.
+
+    ``get_peft_model_state_dict`` walks the whole model's state dict (about 15 ms for a 32-layer
+    model), far more than the copy it feeds. Optimizer steps update parameters in place and
+    ``model.to(...)`` swaps their data, so holding the Parameter objects stays correct; a new adapter
+    config object (re-created adapter) builds a new view. Falls back to the helper every time when
+    some entry is not a parameter of the model.
+    """
+
+    def __init__(self, model: Any, adapter_name: str):
+        from peft import get_peft_model_state_dict
+
+        self.config_obj = model.peft_config[adapter_name]
+        self.config = config_to_dict(self.config_obj)
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        by_ptr = {p.data_ptr(): p for p in model.parameters()}
+        self.params: dict[str, torch.nn.Parameter] | None = {}
+        for name, tensor in state.items():
+            param = by_ptr.get(tensor.data_ptr())
+            if param is None or param.shape != tensor.shape or param.dtype != tensor.dtype:
+                self.params = None
+                break
+            self.params[name] = param
+
+    def tensors(self, model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+        if self.params is None:
+            from peft import get_peft_model_state_dict
+
+            return get_peft_model_state_dict(model, adapter_name=adapter_name)
+        return dict(self.params)
+
+
+_views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def peft_adapter_view(model: Any, adapter_name: str) -> PeftAdapterView:
+    per_model = _views.setdefault(model, {})
+    view = per_model.get(adapter_name)
+    if view is None or view.config_obj is not model.peft_config.get(adapter_name):
+        view = per_model[adapter_name] = PeftAdapterView(model, adapter_name)
+    return view
+
+
 def adapter_from(adapter: Any, peft_config: Any = None, adapter_name: str | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and config of a PeftModel's adapter, or of a ``dict[str, Tensor]`` with its LoRA config."""
     if is_peft_model(adapter):
-        from peft import get_peft_model_state_dict
-
         name = adapter_name or adapter.active_adapter
-        tensors = get_peft_model_state_dict(adapter, adapter_name=name)
-        config = config_to_dict(peft_config if peft_config is not None else adapter.peft_config[name])
-        return {k: v.detach() for k, v in tensors.items()}, config
+        view = peft_adapter_view(adapter, name)
+        config = view.config if peft_config is None else config_to_dict(peft_config)
+        return view.tensors(adapter, name), config
     if isinstance(adapter, Mapping):
         if peft_config is None:
             raise TypeError("publishing a dict of tensors needs its LoRA config (peft_config=)")

@@ -19,7 +19,7 @@ import torch
 
 from .backends import Backend, ExportedSlab, backend_for
 from .errors import AdapterNotFound, AdapterRejected, LeaseError, VersionNotFound
-from .layout import SlabLayout, align_up
+from .layout import SlabLayout, align_up, signature_of
 from .protocol import AdapterSummary
 
 SLAB_GRANULE = 64 << 10
@@ -101,6 +101,7 @@ class AdapterStore:
         self._leases: dict[int, Lease] = {}
         self._free: list[ExportedSlab] = []
         self._lease_ids = itertools.count(1)
+        self._layouts: dict[tuple, SlabLayout] = {}
 
     # ---- publishing ------------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ class AdapterStore:
                 device: torch.device | str | None = None) -> int:
         """Pack ``tensors`` into a slab on ``device`` (default: where the tensors are) as the next version."""
         started = time.perf_counter()
-        layout = SlabLayout.plan(tensors)
+        layout = self._layout_for(tensors)
         target = torch.device(device) if device is not None else next(iter(tensors.values())).device
         if target.type == "cuda" and target.index is None:
             target = torch.device("cuda", torch.cuda.current_device())
@@ -124,6 +125,19 @@ class AdapterStore:
         version = self._add(name, slab, layout, peft_config)
         self.metrics.publish_latency.observe((time.perf_counter() - started) * 1e3)
         return version
+
+    def _layout_for(self, tensors: Mapping[str, torch.Tensor]) -> SlabLayout:
+        """Plan once per distinct (names, dtypes, shapes); a training loop republishes the same layout."""
+        key = signature_of(tensors)
+        with self._lock:
+            layout = self._layouts.get(key)
+        if layout is None:
+            layout = SlabLayout.plan(tensors)
+            with self._lock:
+                self._layouts[key] = layout
+                while len(self._layouts) > 16:
+                    self._layouts.pop(next(iter(self._layouts)))
+        return layout
 
     def publish_copy(self, name: str, layout: SlabLayout, peft_config: dict,
                      copy_into: Callable[[torch.Tensor], None], device: torch.device) -> int:

@@ -129,3 +129,28 @@ def test_exporter_closed_mid_fetch_loop_raises_and_keeps_owned_tensors():
         client.fetch("c")
     assert bitwise_equal(next(iter(got.tensors.values())), next(iter(models.random_adapter(5).values())))
     client.close()
+
+
+def test_peft_fast_path_follows_updates_dtype_changes_and_new_adapters():
+    """Publishing a PeftModel holds its live parameters (no state-dict walk per publish): in-place
+    updates, ``.to(dtype)`` and a re-created adapter must all show up in what is published."""
+    from peft import get_peft_model_state_dict
+
+    from lora_ipc import AdapterExporter
+
+    model = models.peft_model(0, torch.float32)
+    with AdapterExporter() as exporter, AdapterClient(exporter.endpoint) as client:
+        def published_equals_model():
+            exporter.publish("m", model)
+            assert_same_adapter(client.fetch("m").tensors, get_peft_model_state_dict(model))
+
+        published_equals_model()
+        models.train_step(model, 1)
+        published_equals_model()
+        model.to(torch.bfloat16)
+        published_equals_model()
+        assert next(iter(client.fetch("m").tensors.values())).dtype == torch.bfloat16
+        model.delete_adapter("default")
+        model.add_adapter("default", models.lora_config(4))
+        published_equals_model()
+        assert next(iter(client.fetch("m").tensors.values())).shape[0] == 4  # rank 4 now
