@@ -8,6 +8,7 @@ import os
 import time
 
 import msgpack
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,7 +18,7 @@ from lora_ipc.errors import LayoutError, ProtocolError
 from lora_ipc.layout import DTYPES, SlabLayout
 
 LONG = os.environ.get("LORA_IPC_LONG") == "1"
-CASES = {"bytes": 40_000, "frames": 40_000, "mutated": 20_000, "layouts": 20_000} if LONG else \
+CASES = {"bytes": 30_000, "frames": 30_000, "mutated": 20_000, "layouts": 25_000} if LONG else \
         {"bytes": 1_500, "frames": 1_500, "mutated": 1_000, "layouts": 1_000}
 SLOW_CASE_S = 0.5  # a "hang": one decode taking this long fails the test
 
@@ -27,6 +28,15 @@ def fuzz_settings(kind):
                     suppress_health_check=list(HealthCheck))
 
 
+CASES_RUN = {"decoded": 0, "rejected": 0, "layouts accepted": 0, "layouts rejected": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_cases():
+    yield
+    print(f"\nfuzz cases run: {CASES_RUN} (total {sum(CASES_RUN.values())}), crashes 0, hangs 0")
+
+
 def must_decode_or_reject(data, accept=None):
     started = time.perf_counter()
     try:
@@ -34,6 +44,7 @@ def must_decode_or_reject(data, accept=None):
     except ProtocolError:
         frame = None
     assert time.perf_counter() - started < SLOW_CASE_S
+    CASES_RUN["rejected" if frame is None else "decoded"] += 1
     if frame is not None:  # what decodes must encode again and decode to the same message
         assert p.decode(p.encode(frame.message, frame.request_id), accept) == frame
 
@@ -81,6 +92,16 @@ def _valid_frames():
 VALID = _valid_frames()
 
 
+@fuzz_settings("frames")
+@given(st.sampled_from(range(len(VALID))), st.sampled_from(FIELD_NAMES), values)
+def test_valid_frames_with_one_field_replaced(which, field, value):
+    version, type_name, request_id, body = msgpack.unpackb(VALID[which], raw=False)
+    body[field] = value
+    must_decode_or_reject(msgpack.packb([version, type_name, request_id, body], use_bin_type=True))
+    del body[field]
+    must_decode_or_reject(msgpack.packb([version, type_name, request_id, body], use_bin_type=True))
+
+
 @fuzz_settings("mutated")
 @given(st.sampled_from(range(len(VALID))), st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)),
                                                       min_size=1, max_size=8),
@@ -100,15 +121,39 @@ entry = st.tuples(st.one_of(st.text(min_size=0, max_size=8), st.integers(min_val
                   st.one_of(st.integers(min_value=-1, max_value=1 << 16), scalars)).map(list)
 
 
+@st.composite
+def near_valid_layouts(draw):
+    """A valid layout (what a real exporter sends), then sometimes one field bent out of shape."""
+    tensors = {}
+    for i in range(draw(st.integers(1, 6))):
+        dtype = draw(st.sampled_from(sorted(DTYPES)))
+        shape = draw(st.lists(st.integers(0, 9), max_size=3))
+        tensors[f"t{i}"] = torch.zeros(shape, dtype=DTYPES[dtype])
+    layout = SlabLayout.plan(tensors)
+    wire = [list(e) for e in layout.to_wire()]
+    used, slab = layout.used_bytes, layout.used_bytes + draw(st.sampled_from([0, 256, 4096]))
+    if draw(st.booleans()):
+        i, field = draw(st.integers(0, len(wire) - 1)), draw(st.integers(0, 4))
+        wire[i][field] = draw(st.one_of(scalars, st.integers(-512, 1 << 14), st.sampled_from(sorted(DTYPES)),
+                                        st.lists(st.integers(-1, 9), max_size=3), st.just(wire[0][field])))
+    if draw(st.integers(0, 9)) == 0:
+        used = draw(st.one_of(st.integers(-256, slab + 512), scalars))
+    return wire, used, slab
+
+
 @fuzz_settings("layouts")
-@given(st.one_of(st.lists(entry, max_size=10), values),
-       st.one_of(st.integers(min_value=-256, max_value=1 << 21).map(lambda x: x - x % 256), scalars),
-       st.integers(min_value=1, max_value=1 << 21))
-def test_layout_validator(wire, used_bytes, slab_nbytes):
+@given(st.one_of(near_valid_layouts(), st.tuples(
+    st.one_of(st.lists(entry, max_size=10), values),
+    st.one_of(st.integers(min_value=-256, max_value=1 << 21).map(lambda x: x - x % 256), scalars),
+    st.integers(min_value=1, max_value=1 << 21))))
+def test_layout_validator(case):
+    wire, used_bytes, slab_nbytes = case
     try:
         layout = SlabLayout.from_wire(wire, used_bytes, slab_nbytes)
     except LayoutError:
+        CASES_RUN["layouts rejected"] += 1
         return
+    CASES_RUN["layouts accepted"] += 1
     # accepted: every entry lies inside the used bytes, aligned, without overlap, and unpacks
     buf = torch.zeros(layout.used_bytes, dtype=torch.uint8)
     tensors = layout.unpack(buf)
@@ -116,6 +161,7 @@ def test_layout_validator(wire, used_bytes, slab_nbytes):
     spans = sorted((e.offset, e.offset + e.nbytes) for e in layout.entries)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
     for e in layout.entries:
+        assert e.offset % 256 == 0 and e.offset + e.nbytes <= layout.used_bytes
         assert tensors[e.name].dtype == DTYPES[e.dtype] and tuple(tensors[e.name].shape) == e.shape
 
 
