@@ -25,6 +25,7 @@ from .store import AdapterStore
 log = logging.getLogger("lora_ipc.server")
 POLL_MS = 50
 SEND_HWM = 256  # replies queued per peer; a peer that stops reading loses replies, it never blocks the loop
+MAX_PUBLISH_SOURCES = 8  # publishers' staging slabs a daemon keeps mapped (CUDA IPC handles must not be re-opened)
 
 
 def _filter_peers(sock: zmq.Socket, uids: set[int]) -> bool:
@@ -40,7 +41,6 @@ def _filter_peers(sock: zmq.Socket, uids: set[int]) -> bool:
     except (AttributeError, zmq.ZMQError) as exc:
         log.warning("peer credential check unavailable on this platform (%s); relying on file permissions", exc)
         return False
-MAX_PUBLISH_SOURCES = 8
 
 
 class AdapterServer:
