@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .backends import ExportedSlab, backend_for
+from .backends import ExportedSlab, backend_for, slab_device
 from .client import Connection
 from .endpoint import default_endpoint
 from .layout import SlabLayout, align_up, signature_of
@@ -76,9 +76,7 @@ class RemoteExporter:
         if self._layout is None or self._layout[0] != key:
             self._layout = (key, SlabLayout.plan(tensors))
         layout = self._layout[1]
-        device = torch.device(self.device) if self.device is not None else next(iter(tensors.values())).device
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = slab_device(self.device, tensors)
         slab = self._staging
         if slab is None or slab.nbytes < layout.used_bytes or slab.device != device:
             if slab is not None:

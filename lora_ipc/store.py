@@ -9,7 +9,6 @@ the client when its copy is complete, or reclaimed after ``lease_timeout_s`` if 
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends import Backend, ExportedSlab, backend_for
+from .backends import Backend, ExportedSlab, backend_for, slab_device
 from .errors import AdapterNotFound, AdapterRejected, LeaseError, VersionNotFound
 from .layout import SlabLayout, align_up, signature_of
 from .protocol import AdapterSummary
@@ -108,14 +107,22 @@ class AdapterStore:
     def publish(self, name: str, tensors: Mapping[str, torch.Tensor], peft_config: dict,
                 device: torch.device | str | None = None) -> int:
         """Pack ``tensors`` into a slab on ``device`` (default: where the tensors are) as the next version."""
-        started = time.perf_counter()
         layout = self._layout_for(tensors)
-        target = torch.device(device) if device is not None else next(iter(tensors.values())).device
-        if target.type == "cuda" and target.index is None:
-            target = torch.device("cuda", torch.cuda.current_device())
-        slab = self._take_slab(target, layout.used_bytes)
+        return self._publish_into(name, layout, peft_config, slab_device(device, tensors),
+                                  lambda slab: layout.pack(slab.destination_views(layout), tensors))
+
+    def publish_copy(self, name: str, layout: SlabLayout, peft_config: dict,
+                     copy_into: Callable[[torch.Tensor], None], device: torch.device) -> int:
+        """Add a version whose bytes ``copy_into(slab_tensor)`` writes (the daemon's copy of a remote slab)."""
+        return self._publish_into(name, layout, peft_config, device,
+                                  lambda slab: copy_into(slab.tensor[:layout.used_bytes]))
+
+    def _publish_into(self, name: str, layout: SlabLayout, peft_config: dict, device: torch.device,
+                      write: Callable[[ExportedSlab], None]) -> int:
+        started = time.perf_counter()
+        slab = self._take_slab(device, layout.used_bytes)
         try:
-            layout.pack(slab.destination_views(layout), tensors)
+            write(slab)
             if self.check_finite:
                 _reject_non_finite(layout, slab.tensor)
             slab.mark_ready()
@@ -138,20 +145,6 @@ class AdapterStore:
                 while len(self._layouts) > 16:
                     self._layouts.pop(next(iter(self._layouts)))
         return layout
-
-    def publish_copy(self, name: str, layout: SlabLayout, peft_config: dict,
-                     copy_into: Callable[[torch.Tensor], None], device: torch.device) -> int:
-        """Add a version whose bytes ``copy_into(slab_tensor)`` writes (the daemon's copy of a remote slab)."""
-        slab = self._take_slab(device, layout.used_bytes)
-        try:
-            copy_into(slab.tensor[:layout.used_bytes])
-            if self.check_finite:
-                _reject_non_finite(layout, slab.tensor)
-            slab.mark_ready()
-        except BaseException:
-            self._give_back(slab)
-            raise
-        return self._add(name, slab, layout, peft_config)
 
     def _add(self, name: str, slab: ExportedSlab, layout: SlabLayout, peft_config: dict) -> int:
         with self._lock:

@@ -19,6 +19,14 @@ def backend_for(device: torch.device | str) -> Backend:
     return CpuBackend()
 
 
+def slab_device(device: torch.device | str | None, tensors) -> torch.device:
+    """Where a slab for ``tensors`` lives: ``device`` if given, else the tensors' own; CUDA with an index."""
+    target = torch.device(device) if device is not None else next(iter(tensors.values())).device
+    if target.type == "cuda" and target.index is None:
+        target = torch.device("cuda", torch.cuda.current_device())
+    return target
+
+
 def open_slab(handle: SlabHandle) -> ImportedSlab:
     """Import a slab described by a validated handle."""
     if isinstance(handle, CudaSlabHandle):
@@ -31,4 +39,4 @@ def open_slab(handle: SlabHandle) -> ImportedSlab:
     return CpuImportedSlab(handle)
 
 
-__all__ = ["Backend", "ExportedSlab", "ImportedSlab", "backend_for", "open_slab"]
+__all__ = ["Backend", "ExportedSlab", "ImportedSlab", "backend_for", "open_slab", "slab_device"]
