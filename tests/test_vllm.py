@@ -93,7 +93,10 @@ def test_hot_swap_serves_the_new_version_and_old_one_on_request(llm, trainer, tm
 def test_fixed_id_swaps_in_place_both_ways(llm, trainer, versions, reference):
     v1, v2 = sorted(versions)
     for v in (v1, v2, v1, v2):
+        before = llm.collective_rpc("lora_ipc_load_count")[0]
         assert engine.generate(llm, lora_request("policy", trainer.endpoint, version=v, lora_int_id=4242)) == reference[v]
+        # vLLM re-sends load_inplace requests every step (12 tokens here): one load per version change
+        assert llm.collective_rpc("lora_ipc_load_count")[0] == before + 1
 
 
 def test_evicted_adapters_reload(llm):

@@ -19,6 +19,14 @@ log = logging.getLogger("lora_ipc.vllm")
 _MARK = "__lora_ipc_wrapped__"
 
 
+def loaded_paths(worker_manager) -> dict[int, str]:
+    """``lora_int_id -> lora-ipc:// path`` of what this worker loaded through lora_ipc."""
+    paths = worker_manager.__dict__.get("_lora_ipc_paths")
+    if paths is None:
+        paths = worker_manager._lora_ipc_paths = {}
+    return paths
+
+
 def _wrap_load_adapter(cls) -> None:
     original = cls._load_adapter
     if getattr(original, _MARK, False):
@@ -31,8 +39,8 @@ def _wrap_load_adapter(cls) -> None:
         from .loader import load_adapter
 
         lora = load_adapter(self, lora_request)
-        getattr(self, "_lora_ipc_paths", None) or setattr(self, "_lora_ipc_paths", {})
-        self._lora_ipc_paths[lora_request.lora_int_id] = lora_request.lora_path
+        loaded_paths(self)[lora_request.lora_int_id] = lora_request.lora_path
+        self._lora_ipc_loads = getattr(self, "_lora_ipc_loads", 0) + 1
         return lora
 
     setattr(_load_adapter, _MARK, True)
@@ -49,7 +57,7 @@ def _wrap_add_adapter(cls) -> None:
     def add_adapter(self, lora_request):
         if (getattr(lora_request, "load_inplace", False) and AdapterURI.matches(lora_request.lora_path)
                 and lora_request.lora_int_id in self.list_adapters()
-                and getattr(self, "_lora_ipc_paths", {}).get(lora_request.lora_int_id) == lora_request.lora_path):
+                and loaded_paths(self).get(lora_request.lora_int_id) == lora_request.lora_path):
             import msgspec
 
             lora_request = msgspec.structs.replace(lora_request, load_inplace=False)

@@ -29,7 +29,13 @@ class WorkerExtension:
     def lora_ipc_unload(self, lora_int_id: int) -> bool:
         return self._lora_ipc_manager().remove_adapter(lora_int_id)
 
+    def lora_ipc_load_count(self) -> int:
+        """How many times this worker has loaded an adapter through lora_ipc (each fetch + from_lora_tensors)."""
+        return getattr(self._lora_ipc_manager(), "_lora_ipc_loads", 0)
+
     def lora_ipc_loaded(self) -> list[dict]:
+        from .plugin import loaded_paths
+
         manager = self._lora_ipc_manager()
-        paths = getattr(manager, "_lora_ipc_paths", {})
+        paths = loaded_paths(manager)
         return [{"lora_int_id": i, "lora_path": paths.get(i)} for i in sorted(manager.list_adapters())]
