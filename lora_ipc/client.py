@@ -9,7 +9,6 @@ lease is released (sent, not waited for) and the owned buffer is cut into per-te
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import threading
 import time
@@ -22,11 +21,10 @@ import zmq
 
 from . import protocol as p
 from .backends import ImportedSlab, open_slab
-from .endpoint import default_endpoint
+from .endpoint import daemon_endpoint
 from .errors import ExporterUnavailable, ProtocolError
 from .layout import SlabLayout
 
-log = logging.getLogger("lora_ipc.client")
 MAX_CACHED_LAYOUTS = 32
 MAX_CACHED_SLABS = 32
 
@@ -85,7 +83,7 @@ class Connection:
 
 class AdapterClient:
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, context: zmq.Context | None = None):
-        self.endpoint = endpoint or default_endpoint()
+        self.endpoint = endpoint or daemon_endpoint()
         self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._conn = Connection(self.endpoint, timeout_s, context)
         self._lock = threading.Lock()

@@ -17,7 +17,9 @@ class EndpointInUse(LoraIpcError):
 
 
 def default_endpoint() -> str:
-    """``$LORA_IPC_ENDPOINT``, else a socket in a fresh private (0700) directory."""
+    """Where a new in-process exporter listens: ``$LORA_IPC_ENDPOINT``, else a socket in a fresh
+    private (0700) directory. Clients never use this (it would invent a path nobody serves); they
+    default to :func:`daemon_endpoint`."""
     env = os.environ.get(ENV_ENDPOINT)
     if env:
         return env

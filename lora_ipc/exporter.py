@@ -3,22 +3,18 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
 from .backends import ExportedSlab, backend_for, slab_device
 from .client import Connection
-from .endpoint import default_endpoint
+from .endpoint import daemon_endpoint, default_endpoint
 from .layout import SlabLayout, align_up, signature_of
 from .peft import adapter_from
 from .protocol import PublishReply, PublishRequest
 from .server import AdapterServer
 from .store import SLAB_GRANULE, AdapterStore
-
-log = logging.getLogger("lora_ipc.exporter")
-
 
 class AdapterExporter:
     """Publish adapter versions from this process; engines fetch them with :class:`AdapterClient`.
@@ -64,7 +60,7 @@ class RemoteExporter:
 
     def __init__(self, endpoint: str | None = None, *, device: torch.device | str | None = None,
                  timeout_s: float = 30.0):
-        self.endpoint = endpoint or default_endpoint()
+        self.endpoint = endpoint or daemon_endpoint()
         self.device = device
         self._conn = Connection(self.endpoint, timeout_s)
         self._staging: ExportedSlab | None = None

@@ -33,13 +33,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture
-def shm_files_of():
-    from lora_ipc.backends.cpu import shm_files_of
-
-    return shm_files_of
-
-
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

@@ -85,8 +85,8 @@ def test_no_pickle_where_peer_bytes_are_decoded():
     assert len(list(PACKAGE.rglob("*.py"))) > 10  # the scan really looked at the package
 
 
-def test_check_finite_cost_is_one_pass():
-    """check_finite reads every floating tensor once (one batched reduction) and synchronizes once."""
+def test_store_check_finite_rejects_nan_and_keeps_the_last_good_version():
+    """The store-level switch (the daemon's and AdapterExporter's): NaN refused, version 1 stays."""
     tensors = models.random_adapter(1)
     store = AdapterStore(check_finite=True)
     try:
@@ -97,3 +97,19 @@ def test_check_finite_cost_is_one_pass():
         assert [a["version"] for a in store.status()["adapters"]] == [1]
     finally:
         store.close()
+
+
+def test_clients_without_an_endpoint_use_the_daemon_path_and_create_nothing(monkeypatch, tmp_path):
+    import tempfile
+
+    from lora_ipc import RemoteExporter
+    from lora_ipc.endpoint import daemon_endpoint
+
+    monkeypatch.delenv("LORA_IPC_ENDPOINT", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with AdapterClient(timeout_s=0.2) as client, RemoteExporter(timeout_s=0.2) as remote:
+        assert client.endpoint == remote.endpoint == daemon_endpoint()
+    assert list(tmp_path.iterdir()) == []  # no invented private directory nobody serves
+    monkeypatch.setenv("LORA_IPC_ENDPOINT", "ipc:///tmp/x.sock")
+    with AdapterClient(timeout_s=0.2) as client:
+        assert client.endpoint == "ipc:///tmp/x.sock"

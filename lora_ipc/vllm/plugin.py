@@ -27,12 +27,17 @@ def loaded_paths(worker_manager) -> dict[int, str]:
     return paths
 
 
-def _wrap_load_adapter(cls) -> None:
-    original = cls._load_adapter
+def _install(cls, attr: str, make_wrapper) -> None:
+    """Replace ``cls.attr`` by ``make_wrapper(original)`` once (register() may run more than once)."""
+    original = getattr(cls, attr)
     if getattr(original, _MARK, False):
         return
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    setattr(wrapper, _MARK, True)
+    setattr(cls, attr, wrapper)
 
-    @functools.wraps(original)
+
+def _load_adapter_wrapper(original):
     def _load_adapter(self, lora_request):
         if not AdapterURI.matches(getattr(lora_request, "lora_path", None)):
             return original(self, lora_request)
@@ -43,17 +48,12 @@ def _wrap_load_adapter(cls) -> None:
         self._lora_ipc_loads = getattr(self, "_lora_ipc_loads", 0) + 1
         return lora
 
-    setattr(_load_adapter, _MARK, True)
-    cls._load_adapter = _load_adapter
+    return _load_adapter
 
 
-def _wrap_add_adapter(cls) -> None:
+def _add_adapter_wrapper(original):
     """``load_inplace`` requests are re-sent by vLLM on every step; reload only when the path changed."""
-    original = cls.add_adapter
-    if getattr(original, _MARK, False):
-        return
 
-    @functools.wraps(original)
     def add_adapter(self, lora_request):
         if (getattr(lora_request, "load_inplace", False) and AdapterURI.matches(lora_request.lora_path)
                 and lora_request.lora_int_id in self.list_adapters()
@@ -63,8 +63,7 @@ def _wrap_add_adapter(cls) -> None:
             lora_request = msgspec.structs.replace(lora_request, load_inplace=False)
         return original(self, lora_request)
 
-    setattr(add_adapter, _MARK, True)
-    cls.add_adapter = add_adapter
+    return add_adapter
 
 
 def register() -> None:
@@ -72,10 +71,10 @@ def register() -> None:
         from vllm.lora import worker_manager
     except ImportError:  # vLLM without LoRA support: nothing to do
         return
-    _wrap_load_adapter(worker_manager.WorkerLoRAManager)
+    _install(worker_manager.WorkerLoRAManager, "_load_adapter", _load_adapter_wrapper)
     for cls in (worker_manager.WorkerLoRAManager, getattr(worker_manager, "LRUCacheWorkerLoRAManager", None)):
         if cls is not None and "add_adapter" in cls.__dict__:
-            _wrap_add_adapter(cls)
+            _install(cls, "add_adapter", _add_adapter_wrapper)
     if os.environ.get(ENV_ENDPOINT):
         from .resolver import register_resolver
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from ..client import shared_client
-from ..endpoint import default_endpoint
+from ..endpoint import daemon_endpoint
 from ..errors import AdapterNotFound, VersionNotFound
 from .uri import AdapterURI
 
@@ -39,7 +39,7 @@ def lora_request(name: str, endpoint: str | None = None, version: int | None = N
     """
     from vllm.lora.request import LoRARequest
 
-    endpoint = endpoint or default_endpoint()
+    endpoint = endpoint or daemon_endpoint()
     version = resolve_version(name, endpoint, version)
     uri = str(AdapterURI(name, version, endpoint))
     if lora_int_id is None:
