@@ -7,7 +7,8 @@ import json
 import sys
 import time
 
-from .endpoint import EndpointInUse, daemon_endpoint
+from .endpoint import daemon_endpoint
+from .errors import EndpointInUse, EndpointNotTrusted
 
 
 def _cmd_serve(args) -> int:
@@ -16,7 +17,7 @@ def _cmd_serve(args) -> int:
     try:
         return serve(args.endpoint, keep=args.keep, lease_timeout_s=args.lease_timeout, drain_s=args.drain,
                      metrics_port=args.metrics_port, check_finite=args.check_finite)
-    except EndpointInUse as exc:
+    except (EndpointInUse, EndpointNotTrusted) as exc:
         print(f"lora-ipc serve: {exc}", file=sys.stderr)
         return 2
 
@@ -60,7 +61,7 @@ def _cmd_status(args) -> int:
     try:
         with AdapterClient(args.endpoint, timeout_s=args.timeout) as client:
             report = client.status()
-    except ExporterUnavailable as exc:
+    except (ExporterUnavailable, EndpointNotTrusted) as exc:
         print(f"lora-ipc status: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2) if args.json else format_status(report))

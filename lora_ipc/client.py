@@ -8,7 +8,6 @@ lease is released (sent, not waited for) and the owned buffer is cut into per-te
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
@@ -21,12 +20,15 @@ import zmq
 
 from . import protocol as p
 from .backends import ImportedSlab, open_slab
+from .connection import Connection
 from .endpoint import daemon_endpoint
-from .errors import ExporterUnavailable, ProtocolError
+from .errors import LoraIpcError, ProtocolError, SlabRecycled
 from .layout import SlabLayout
 
 MAX_CACHED_LAYOUTS = 32
 MAX_CACHED_SLABS = 32
+MAX_SHARED_CLIENTS = 8
+FETCH_ATTEMPTS = 3  # a copy invalidated by a slab reuse is retried (newest version only) this many times
 
 
 @dataclass
@@ -39,53 +41,12 @@ class Adapter:
     peft_config: dict
 
 
-class Connection:
-    """A DEALER socket speaking the protocol: one request, one matching reply, typed errors, a deadline.
-
-    Replies are matched by request id, so a late reply (to a fire-and-forget release, or to a request
-    that timed out) is dropped instead of being mistaken for the current one.
-    """
-
-    def __init__(self, endpoint: str, timeout_s: float, context: zmq.Context | None = None):
-        self.endpoint = endpoint
-        self.timeout_s = timeout_s
-        self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
-        self._sock.connect(endpoint)
-        self._request_ids = itertools.count(1)
-
-    def send(self, message: p.Message) -> int:
-        request_id = next(self._request_ids)
-        self._sock.send_multipart([b"", p.encode(message, request_id)])
-        return request_id
-
-    def request(self, message: p.Message, reply_type: type) -> p.Message:
-        request_id = self.send(message)
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._sock.poll(remaining_ms):
-                raise ExporterUnavailable(
-                    f"no reply from {self.endpoint} within {self.timeout_s:g}s (exporter gone, closed or stuck)")
-            frame = p.decode(self._sock.recv_multipart()[-1], p.REPLY_TYPES)
-            if frame.request_id != request_id:
-                continue
-            if isinstance(frame.message, p.ErrorReply):
-                raise frame.message.to_exception()
-            if not isinstance(frame.message, reply_type):
-                raise ProtocolError(f"expected {reply_type.TYPE}, got {frame.message.TYPE}")
-            return frame.message
-
-    def close(self) -> None:
-        self._sock.close(0)
-
-
 class AdapterClient:
-    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, context: zmq.Context | None = None,
+                 trusted_uids: set[int] | None = None):
         self.endpoint = endpoint or daemon_endpoint()
         self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._conn = Connection(self.endpoint, timeout_s, context)
+        self._conn = Connection(self.endpoint, timeout_s, context, trusted_uids)
         self._lock = threading.Lock()
         self._slabs: OrderedDict[str, ImportedSlab] = OrderedDict()
         self._layouts: OrderedDict[bytes, SlabLayout] = OrderedDict()
@@ -94,7 +55,7 @@ class AdapterClient:
 
     def list(self) -> list[p.AdapterSummary]:
         with self._lock:
-            return self._conn.request(p.ListRequest(), p.ListReply).adapters  # type: ignore[attr-defined]
+            return self._conn.request(p.ListRequest(), p.ListReply).adapters
 
     def versions(self, name: str) -> list[int]:
         for summary in self.list():
@@ -104,16 +65,28 @@ class AdapterClient:
 
     def status(self) -> dict:
         with self._lock:
-            return self._conn.request(p.StatusRequest(), p.StatusReply).report  # type: ignore[attr-defined]
+            return self._conn.request(p.StatusRequest(), p.StatusReply).report
 
     def fetch(self, name: str, version: int | None = None, device: torch.device | str | None = None) -> Adapter:
         """Lease ``version`` (newest if None), copy it into owned memory on ``device``, release the lease.
 
+        Returns exactly the bytes of one version or raises: if the slab was reused while it was being
+        copied (the lease expired or was revoked), the copy is discarded and the newest version is
+        fetched again; a pinned ``version`` raises ``SlabRecycled`` instead.
         On CUDA, ``device`` defaults to the local GPU that is the exporter's (matched by UUID).
         """
+        for attempt in range(FETCH_ATTEMPTS):
+            try:
+                return self._fetch_once(name, version, device)
+            except SlabRecycled:
+                if version is not None or attempt == FETCH_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _fetch_once(self, name: str, version: int | None, device: torch.device | str | None) -> Adapter:
         with self._lock:
             started = time.perf_counter()
-            reply: p.FetchReply = self._conn.request(  # type: ignore[assignment]
+            reply = self._conn.request(
                 p.FetchRequest(name, version, self.client_id, list(self._slabs), list(self._layouts)),
                 p.FetchReply)
             fetch_ms = 0.0
@@ -121,9 +94,16 @@ class AdapterClient:
                 slab = self._slab_for(reply)
                 layout = self._layout_for(reply, slab)
                 owned = slab.copy_out(layout.used_bytes, device)
+                now = slab.generation_now()
+                if now is not None and now != reply.generation:
+                    raise SlabRecycled(f"{name!r} v{reply.version}: slab {reply.slab_id} was reused during the copy "
+                                       f"(generation {reply.generation} -> {now}); copy discarded")
                 fetch_ms = (time.perf_counter() - started) * 1e3
             finally:
-                self._conn.send(p.ReleaseRequest(reply.lease_id, fetch_ms))
+                try:
+                    self._conn.send(p.ReleaseRequest(reply.lease_id, fetch_ms))
+                except LoraIpcError:
+                    pass  # the lease expires on its own
             self._forget_dead_slabs(reply.live_slabs)
         return Adapter(reply.name, reply.version, layout.unpack(owned), reply.peft_config)
 
@@ -177,14 +157,22 @@ class AdapterClient:
             self._slabs.pop(slab_id).close()
 
 
-_shared: dict[str, AdapterClient] = {}
+_shared: OrderedDict[str, AdapterClient] = OrderedDict()
 _shared_lock = threading.Lock()
 
 
 def shared_client(endpoint: str) -> AdapterClient:
-    """One client per endpoint per process, so slab mappings and validated layouts are reused."""
+    """One client per endpoint per process, so slab mappings and validated layouts are reused.
+
+    At most ``MAX_SHARED_CLIENTS`` stay open (least recently used closed first): endpoints come from
+    ``lora_path`` strings, which API users may choose.
+    """
     with _shared_lock:
         client = _shared.get(endpoint)
-        if client is None:
-            client = _shared[endpoint] = AdapterClient(endpoint, timeout_s=float(os.environ.get("LORA_IPC_TIMEOUT_S", 10)))
+        if client is not None:
+            _shared.move_to_end(endpoint)
+            return client
+        client = _shared[endpoint] = AdapterClient(endpoint, timeout_s=float(os.environ.get("LORA_IPC_TIMEOUT_S", 10)))
+        while len(_shared) > MAX_SHARED_CLIENTS:
+            _shared.popitem(last=False)[1].close()
         return client

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
+import time
 
 from .metrics import serve_metrics
 from .server import AdapterServer
@@ -32,15 +32,16 @@ def serve(endpoint: str, *, keep: int = 2, lease_timeout_s: float = 30.0, drain_
     ready(f"lora-ipc serving on {endpoint}", flush=True)
     while not stop.wait(0.2):
         pass
-    # drain: let in-flight fetches finish their copy and release, up to drain_s
-    deadline = drain_s
-    while store.status()["leases"] and deadline > 0:
-        stop.wait(0.1)
-        deadline -= 0.1
-    leases = store.status()["leases"]
-    if leases:
-        print(f"lora-ipc: {len(leases)} lease(s) still held at shutdown: "
-              + ", ".join(f"{lease['holder']}:{lease['name']}@v{lease['version']}" for lease in leases), file=sys.stderr)
+    # drain: let in-flight fetches finish their copy and release, up to drain_s (stop is set: sleep, don't wait on it)
+    deadline = time.monotonic() + drain_s
+    while store.lease_count() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    held = store.lease_count()
+    if held:
+        leases = store.status()["leases"]
+        log.warning("%d lease(s) still held at shutdown: %s%s", held,
+                    ", ".join(f"{lease['holder']}:{lease['name']}@v{lease['version']}" for lease in leases[:10]),
+                    " …" if held > 10 else "")
     server.stop()
     store.close()
     print("lora-ipc: stopped; shared memory released", flush=True)

@@ -8,7 +8,15 @@ class LoraIpcError(Exception):
 
 
 class ProtocolError(LoraIpcError):
-    """A message could not be decoded or failed validation (bad msgpack, wrong version, bad field)."""
+    """A message could not be decoded or failed validation (bad msgpack, wrong version, bad field).
+
+    ``request_id`` is the id of the offending request where it could be read (0 otherwise), so the
+    server's error reply reaches the request that caused it.
+    """
+
+    def __init__(self, message: str = "", request_id: int = 0):
+        super().__init__(message)
+        self.request_id = request_id
 
 
 class LayoutError(ProtocolError):
@@ -35,6 +43,27 @@ class BackendError(LoraIpcError):
     """The memory backend cannot export or import a slab (e.g. CUDA IPC not permitted here)."""
 
 
+class LimitExceeded(LoraIpcError):
+    """A documented cap was reached (leases per holder, adapter names, slab bytes, ...); nothing was changed."""
+
+
+class SlabRecycled(LoraIpcError):
+    """The slab of the fetched version was reused while it was being copied (its lease expired or was
+    revoked), so the copy may mix two versions; it was discarded. Fetching again is safe."""
+
+
+class EndpointNotTrusted(LoraIpcError):
+    """The endpoint's directory or the process serving it is not owned by a trusted uid."""
+
+
+class EndpointInUse(LoraIpcError):
+    """Another live server already listens on this endpoint."""
+
+
+class BadAdapterURI(LoraIpcError, ValueError):
+    """A ``lora-ipc://`` URI that cannot be parsed."""
+
+
 class AdapterRejected(LoraIpcError):
     """The adapter was refused at publish time or by the engine (NaN/Inf, unknown module names, rank too large)."""
 
@@ -51,5 +80,7 @@ WIRE_ERRORS: dict[str, type[LoraIpcError]] = {
         LeaseError,
         BackendError,
         AdapterRejected,
+        LimitExceeded,
+        SlabRecycled,
     )
 }

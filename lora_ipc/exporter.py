@@ -8,13 +8,13 @@ from typing import Any
 import torch
 
 from .backends import ExportedSlab, backend_for, slab_device
-from .client import Connection
+from .connection import Connection
 from .endpoint import daemon_endpoint, default_endpoint
 from .layout import SlabLayout, align_up, signature_of
 from .peft import adapter_from
 from .protocol import PublishReply, PublishRequest
 from .server import AdapterServer
-from .store import SLAB_GRANULE, AdapterStore
+from .store import SLAB_GRANULE, AdapterStore, Limits
 
 class AdapterExporter:
     """Publish adapter versions from this process; engines fetch them with :class:`AdapterClient`.
@@ -25,10 +25,10 @@ class AdapterExporter:
     """
 
     def __init__(self, endpoint: str | None = None, *, keep: int = 2, device: torch.device | str | None = None,
-                 lease_timeout_s: float = 30.0, check_finite: bool = False):
+                 lease_timeout_s: float = 30.0, check_finite: bool = False, limits: Limits | None = None):
         self.endpoint = endpoint or default_endpoint()
         self.device = device
-        self.store = AdapterStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite)
+        self.store = AdapterStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite, limits=limits)
         self._server = AdapterServer(self.store, self.endpoint).start()
         self._closed = False
 
@@ -55,14 +55,15 @@ class RemoteExporter:
 
     Each publish packs into a staging slab this process exports (reused across publishes), and the
     daemon copies it into a slab of its own (device to device on GPU) before answering, so the version
-    outlives this process.
+    outlives this process. The CPU staging slab is a sealed memfd: it vanishes with this process,
+    however it exits.
     """
 
     def __init__(self, endpoint: str | None = None, *, device: torch.device | str | None = None,
-                 timeout_s: float = 30.0):
+                 timeout_s: float = 30.0, trusted_uids: set[int] | None = None):
         self.endpoint = endpoint or daemon_endpoint()
         self.device = device
-        self._conn = Connection(self.endpoint, timeout_s)
+        self._conn = Connection(self.endpoint, timeout_s, trusted_uids=trusted_uids)
         self._staging: ExportedSlab | None = None
         self._layout: tuple[tuple, SlabLayout] | None = None
 
@@ -82,7 +83,7 @@ class RemoteExporter:
         slab.mark_ready()
         reply = self._conn.request(
             PublishRequest(name, config, slab.handle, layout.to_wire(), layout.used_bytes), PublishReply)
-        return reply.version  # type: ignore[attr-defined]
+        return reply.version
 
     def close(self) -> None:
         self._conn.close()

@@ -17,8 +17,9 @@ import zmq
 
 from . import protocol as p
 from .backends import ImportedSlab, open_slab
+from .connection import make_socket
 from .endpoint import prepare_ipc_path
-from .errors import LoraIpcError
+from .errors import LoraIpcError, ProtocolError
 from .layout import SlabLayout
 from .store import AdapterStore
 
@@ -49,10 +50,7 @@ class AdapterServer:
         self.store = store
         self.endpoint = endpoint
         self._path = prepare_ipc_path(endpoint)
-        self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
+        self._sock = make_socket(context, zmq.ROUTER)
         self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.peer_check = _filter_peers(self._sock, {os.getuid()} if allowed_uids is None else allowed_uids)
         self._sock.bind(endpoint)
@@ -60,7 +58,7 @@ class AdapterServer:
         self._publish_sources: OrderedDict[str, ImportedSlab] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._handlers: dict[type, Callable[[p.Message], p.Message]] = {
+        self._handlers: dict[type, Callable[[p.Message, bytes], p.Message]] = {
             p.ListRequest: self._on_list,
             p.FetchRequest: self._on_fetch,
             p.ReleaseRequest: self._on_release,
@@ -102,11 +100,15 @@ class AdapterServer:
         try:
             frame = p.decode(payload, p.REQUEST_TYPES)
             request_id = frame.request_id
-            reply = self._handlers[type(frame.message)](frame.message)
-        except LoraIpcError as exc:
-            request_id = getattr(exc, "request_id", request_id)
+            reply = self._handlers[type(frame.message)](frame.message, identity)
+        except ProtocolError as exc:
+            request_id = exc.request_id or request_id
             self.store.count_error(exc)
-            log.warning("request %d rejected: %s: %s", request_id, type(exc).__name__, exc)
+            log.warning("request %d rejected: %s: %.500s", request_id, type(exc).__name__, exc)
+            reply = p.ErrorReply.from_error(exc)
+        except LoraIpcError as exc:
+            self.store.count_error(exc)
+            log.warning("request %d rejected: %s: %.500s", request_id, type(exc).__name__, exc)
             reply = p.ErrorReply.from_error(exc)
         except Exception as exc:  # a bug of ours: the peer still gets a typed reply
             self.store.count_error(exc)
@@ -119,26 +121,26 @@ class AdapterServer:
 
     # ---- handlers --------------------------------------------------------------------------
 
-    def _on_list(self, msg: p.ListRequest) -> p.ListReply:
-        return p.ListReply(self.store.summaries())
+    def _on_list(self, msg: p.ListRequest, peer: bytes) -> p.ListReply:
+        return p.ListReply(self.store.summaries()[:p.MAX_ADAPTERS_LISTED])
 
-    def _on_fetch(self, msg: p.FetchRequest) -> p.FetchReply:
-        lease, pv = self.store.lease(msg.name, msg.version, msg.client_id)
+    def _on_fetch(self, msg: p.FetchRequest, peer: bytes) -> p.FetchReply:
+        lease, pv = self.store.lease(msg.name, msg.version, peer, msg.client_id)
         layout = pv.layout
         return p.FetchReply(
             name=pv.name, version=pv.version, lease_id=lease.lease_id, peft_config=pv.peft_config,
             slab_id=pv.slab.slab_id,
             slab=None if pv.slab.slab_id in msg.known_slabs else pv.slab.handle,
-            layout_digest=layout.digest,
+            generation=pv.generation, layout_digest=layout.digest,
             entries=None if layout.digest in msg.known_layouts else layout.to_wire(),
             used_bytes=layout.used_bytes, live_slabs=self.store.live_slab_ids(),
         )
 
-    def _on_release(self, msg: p.ReleaseRequest) -> p.ReleaseReply:
-        self.store.release(msg.lease_id, msg.fetch_ms)
+    def _on_release(self, msg: p.ReleaseRequest, peer: bytes) -> p.ReleaseReply:
+        self.store.release(msg.lease_id, peer, msg.fetch_ms)
         return p.ReleaseReply(msg.lease_id)
 
-    def _on_publish(self, msg: p.PublishRequest) -> p.PublishReply:
+    def _on_publish(self, msg: p.PublishRequest, peer: bytes) -> p.PublishReply:
         layout = SlabLayout.from_wire(msg.entries, msg.used_bytes, msg.slab.nbytes)
         source = self._publish_sources.get(msg.slab.slab_id)
         if source is None:  # a publisher's staging slab: opened once, kept while it is in use
@@ -148,7 +150,7 @@ class AdapterServer:
         version = self.store.publish_copy(msg.name, layout, msg.peft_config, source.copy_into, source.device)
         return p.PublishReply(msg.name, version)
 
-    def _on_status(self, msg: p.StatusRequest) -> p.StatusReply:
+    def _on_status(self, msg: p.StatusRequest, peer: bytes) -> p.StatusReply:
         report = self.store.status()
         report["endpoint"] = self.endpoint
         report["pid"] = os.getpid()

@@ -4,11 +4,25 @@ Life of a version: ``publish`` packs it into a slab (a recycled one when a free 
 it the newest. Once more than ``keep`` newer versions exist it stops being fetchable; its slab goes
 back to the free pool as soon as no lease holds it. A lease is taken by every fetch and dropped by
 the client when its copy is complete, or reclaimed after ``lease_timeout_s`` if the client vanished.
+
+Note [leases bound nothing on their own]
+    A client that leases every new version and never releases would pin one slab per version, so
+    every kind of state has a cap (:class:`Limits`), each enforced with ``LimitExceeded``. Past
+    ``max_retiring_per_adapter`` pinned old versions, the oldest one's leases are *revoked* and its
+    slab reused. That is safe because every slab has a reuse counter (``shm.GenerationTable``)
+    bumped before each write: a client whose lease was revoked or expired sees the counter moved
+    after its copy and discards the copy (``SlabRecycled``) instead of returning a torn adapter.
+    Leases are bound to the connection that took them and their ids are random, so nobody else can
+    release them. Expiry pops a heap: its cost does not grow with the number of leases.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import itertools
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -17,11 +31,25 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import Backend, ExportedSlab, backend_for, slab_device
-from .errors import AdapterNotFound, AdapterRejected, LeaseError, VersionNotFound
+from .errors import AdapterNotFound, AdapterRejected, LeaseError, LimitExceeded, VersionNotFound
 from .layout import SlabLayout, align_up, signature_of
-from .protocol import AdapterSummary
+from .protocol import AdapterSummary, GenerationSlot
+from .shm import GenerationTable
 
 SLAB_GRANULE = 64 << 10
+MAX_STATUS_LEASES = 100  # leases listed one by one in a status report (all are counted)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on what peers can make a store hold. Each is enforced with ``LimitExceeded``."""
+
+    max_adapters: int = 1024  # distinct adapter names
+    max_slab_bytes: int = 64 << 30  # all slabs together (kept, retiring, free)
+    max_slabs: int = 4096  # slabs in all (one generation counter each)
+    max_leases: int = 1 << 16  # live leases in all
+    max_leases_per_holder: int = 64  # live leases per connection
+    max_retiring_per_adapter: int = 2  # old versions pinned by leases; past it the oldest is revoked
 
 
 @dataclass
@@ -32,7 +60,8 @@ class PublishedVersion:
     layout: SlabLayout
     peft_config: dict
     published_at: float
-    leases: int = 0
+    generation: int
+    leases: set[int] = field(default_factory=set)  # lease ids
 
 
 @dataclass(frozen=True)
@@ -40,7 +69,8 @@ class Lease:
     lease_id: int
     name: str
     version: int
-    holder: str
+    holder: bytes  # the connection that took it; only it may release it
+    client: str  # the client's self-reported id, for operators
     expires_at: float
 
 
@@ -73,6 +103,7 @@ class StoreMetrics:
     bytes_published: int = 0
     bytes_served: int = 0
     leases_expired: int = 0
+    leases_revoked: int = 0
     errors: int = 0
     slabs_allocated: int = 0
     errors_by_type: dict[str, int] = field(default_factory=dict)
@@ -82,10 +113,12 @@ class StoreMetrics:
 
 class AdapterStore:
     def __init__(self, *, keep: int = 2, lease_timeout_s: float = 30.0, max_free_slabs: int = 2,
-                 check_finite: bool = False, clock: Callable[[], float] = time.monotonic):
+                 check_finite: bool = False, clock: Callable[[], float] = time.monotonic,
+                 limits: Limits | None = None):
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.keep = keep
+        self.limits = limits or Limits()
         self.lease_timeout_s = lease_timeout_s
         self.max_free_slabs = max_free_slabs
         self.check_finite = check_finite
@@ -98,9 +131,13 @@ class AdapterStore:
         self._last_version: dict[str, int] = {}
         self._retiring: dict[tuple[str, int], PublishedVersion] = {}  # past `keep`, still leased
         self._leases: dict[int, Lease] = {}
+        self._lease_heap: list[tuple[float, int]] = []  # (expires_at, lease_id); stale entries skipped
+        self._leases_by_holder: dict[bytes, int] = {}
         self._free: list[ExportedSlab] = []
-        self._lease_ids = itertools.count(1)
         self._layouts: dict[tuple, SlabLayout] = {}
+        self._generations: GenerationTable | None = None
+        self._slab_slots: dict[str, int] = {}  # slab_id -> generation slot
+        self._slab_bytes = 0
 
     # ---- publishing ------------------------------------------------------------------------
 
@@ -120,7 +157,11 @@ class AdapterStore:
     def _publish_into(self, name: str, layout: SlabLayout, peft_config: dict, device: torch.device,
                       write: Callable[[ExportedSlab], None]) -> int:
         started = time.perf_counter()
+        with self._lock:
+            if name not in self._versions and len(self._versions) >= self.limits.max_adapters:
+                raise LimitExceeded(f"already {len(self._versions)} adapters (max_adapters); {name!r} refused")
         slab = self._take_slab(device, layout.used_bytes)
+        generation = self._generations.bump(self._slab_slots[slab.slab_id])  # before any byte is written
         try:
             write(slab)
             if self.check_finite:
@@ -129,7 +170,7 @@ class AdapterStore:
         except BaseException:
             self._give_back(slab)
             raise
-        version = self._add(name, slab, layout, peft_config)
+        version = self._add(name, slab, layout, peft_config, generation)
         self.metrics.publish_latency.observe((time.perf_counter() - started) * 1e3)
         return version
 
@@ -146,12 +187,12 @@ class AdapterStore:
                     self._layouts.pop(next(iter(self._layouts)))
         return layout
 
-    def _add(self, name: str, slab: ExportedSlab, layout: SlabLayout, peft_config: dict) -> int:
+    def _add(self, name: str, slab: ExportedSlab, layout: SlabLayout, peft_config: dict, generation: int) -> int:
         with self._lock:
             version = self._last_version.get(name, 0) + 1
             self._last_version[name] = version
             versions = self._versions.setdefault(name, {})
-            versions[version] = PublishedVersion(name, version, slab, layout, peft_config, time.time())
+            versions[version] = PublishedVersion(name, version, slab, layout, peft_config, time.time(), generation)
             self.metrics.publishes += 1
             self.metrics.bytes_published += layout.used_bytes
             while len(versions) > self.keep:
@@ -160,7 +201,19 @@ class AdapterStore:
                     self._retiring[(old.name, old.version)] = old
                 else:
                     self._give_back(old.slab)
+            retiring = [pv for pv in self._retiring.values() if pv.name == name]
+            for pv in retiring[:max(0, len(retiring) - self.limits.max_retiring_per_adapter)]:
+                self._revoke(pv)
             return version
+
+    def _revoke(self, pv: PublishedVersion) -> None:
+        """Take a retiring version's slab back from its lease holders (their copies will not validate)."""
+        for lease_id in list(pv.leases):
+            self._forget_lease(self._leases[lease_id])
+        self.metrics.leases_revoked += len(pv.leases)
+        pv.leases.clear()
+        del self._retiring[(pv.name, pv.version)]
+        self._give_back(pv.slab)
 
     def _take_slab(self, device: torch.device, nbytes: int) -> ExportedSlab:
         with self._lock:
@@ -170,21 +223,48 @@ class AdapterStore:
                 best = min(fits, key=lambda s: s.nbytes)
                 self._free.remove(best)
                 return best
+            size = align_up(nbytes, SLAB_GRANULE)
+            while self._free and self._slab_bytes + size > self.limits.max_slab_bytes:
+                self._close_slab(self._free.pop(0))  # room made from unused slabs first
+            if self._slab_bytes + size > self.limits.max_slab_bytes:
+                raise LimitExceeded(f"a {size}-byte slab would exceed max_slab_bytes ({self.limits.max_slab_bytes})")
+            if len(self._slab_slots) >= self.limits.max_slabs:
+                raise LimitExceeded(f"already {len(self._slab_slots)} slabs (max_slabs)")
+            if self._generations is None:
+                self._generations = GenerationTable(self.limits.max_slabs)
             backend = self._backends.get(device)
             if backend is None:
                 backend = self._backends[device] = backend_for(device)
+            slot = self._generations.take_slot()
+            self._slab_bytes += size
+        try:
+            slab = backend.allocate(size)
+        except BaseException:
+            with self._lock:
+                self._generations.free_slot(slot)
+                self._slab_bytes -= size
+            raise
+        slab.handle = dataclasses.replace(slab.handle, generation=GenerationSlot(
+            os.getpid(), self._generations.fd, slot))
+        with self._lock:
+            self._slab_slots[slab.slab_id] = slot
             self.metrics.slabs_allocated += 1
-        return backend.allocate(align_up(nbytes, SLAB_GRANULE))
+        return slab
 
     def _give_back(self, slab: ExportedSlab) -> None:
         with self._lock:
             self._free.append(slab)
             while len(self._free) > self.max_free_slabs:
-                self._free.pop(0).close()
+                self._close_slab(self._free.pop(0))
+
+    def _close_slab(self, slab: ExportedSlab) -> None:
+        self._slab_bytes -= slab.nbytes
+        self._generations.free_slot(self._slab_slots.pop(slab.slab_id))
+        slab.close()
 
     # ---- leases ----------------------------------------------------------------------------
 
-    def lease(self, name: str, version: int | None, holder: str) -> tuple[Lease, PublishedVersion]:
+    def lease(self, name: str, version: int | None, holder: bytes, client: str = "") -> tuple[Lease, PublishedVersion]:
         with self._lock:
             self.expire_leases()
             versions = self._versions.get(name)
@@ -195,41 +275,80 @@ class AdapterStore:
             pv = versions.get(version)
             if pv is None:
                 raise VersionNotFound(f"{name!r} version {version} is not kept (kept: {list(versions)})")
-            lease = Lease(next(self._lease_ids), name, version, holder, self.clock() + self.lease_timeout_s)
+            held = self._leases_by_holder.get(holder, 0)
+            if held >= self.limits.max_leases_per_holder:
+                raise LimitExceeded(f"this connection already holds {held} leases (max_leases_per_holder); "
+                                    "release them before fetching again")
+            if len(self._leases) >= self.limits.max_leases:
+                raise LimitExceeded(f"{len(self._leases)} leases are live (max_leases)")
+            lease = Lease(secrets.randbits(62) + 1, name, version, holder, client, self.clock() + self.lease_timeout_s)
             self._leases[lease.lease_id] = lease
-            pv.leases += 1
+            self._leases_by_holder[holder] = held + 1
+            heapq.heappush(self._lease_heap, (lease.expires_at, lease.lease_id))
+            pv.leases.add(lease.lease_id)
             self.metrics.fetches += 1
             self.metrics.bytes_served += pv.layout.used_bytes
             return lease, pv
 
-    def release(self, lease_id: int, fetch_ms: float = 0.0) -> None:
+    def release(self, lease_id: int, holder: bytes, fetch_ms: float = 0.0) -> None:
         with self._lock:
-            lease = self._leases.pop(lease_id, None)
-            if lease is None:
-                raise LeaseError(f"lease {lease_id} is unknown or expired")
+            lease = self._leases.get(lease_id)
+            if lease is None or lease.holder != holder:  # someone else's lease reads as unknown
+                raise LeaseError(f"lease {lease_id} is unknown, expired, revoked or not yours")
+            self._forget_lease(lease)
             self._drop(lease)
             if fetch_ms > 0:
                 self.metrics.fetch_latency.observe(fetch_ms)
 
+    def release_holder(self, holder: bytes) -> int:
+        """Drop every lease of a connection that went away (returns how many)."""
+        with self._lock:
+            mine = [lease for lease in self._leases.values() if lease.holder == holder]
+            for lease in mine:
+                self._forget_lease(lease)
+                self._drop(lease)
+            return len(mine)
+
+    def _forget_lease(self, lease: Lease) -> None:
+        del self._leases[lease.lease_id]
+        left = self._leases_by_holder[lease.holder] - 1
+        if left:
+            self._leases_by_holder[lease.holder] = left
+        else:
+            del self._leases_by_holder[lease.holder]
+        if len(self._lease_heap) > 2 * len(self._leases) + 64:  # drop stale heap entries, amortized O(1)
+            self._lease_heap = [(lz.expires_at, lz.lease_id) for lz in self._leases.values()]
+            heapq.heapify(self._lease_heap)
+
     def _drop(self, lease: Lease) -> None:
         key = (lease.name, lease.version)
         pv = self._versions.get(lease.name, {}).get(lease.version) or self._retiring.get(key)
-        if pv is None:
+        if pv is None or lease.lease_id not in pv.leases:
             return
-        pv.leases -= 1
-        if pv.leases == 0 and key in self._retiring:
+        pv.leases.discard(lease.lease_id)
+        if not pv.leases and key in self._retiring:
             del self._retiring[key]
             self._give_back(pv.slab)
 
     def expire_leases(self) -> int:
+        """Reclaim leases past their deadline: pops the heap, so it costs O(expired · log n)."""
         with self._lock:
             now = self.clock()
-            expired = [lease for lease in self._leases.values() if lease.expires_at <= now]
-            for lease in expired:
-                del self._leases[lease.lease_id]
+            expired = 0
+            while self._lease_heap and self._lease_heap[0][0] <= now:
+                _, lease_id = heapq.heappop(self._lease_heap)
+                lease = self._leases.get(lease_id)
+                if lease is None or lease.expires_at > now:
+                    continue  # released earlier: a stale entry
+                self._forget_lease(lease)
                 self._drop(lease)
-            self.metrics.leases_expired += len(expired)
-            return len(expired)
+                expired += 1
+            self.metrics.leases_expired += expired
+            return expired
+
+    def lease_count(self) -> int:
+        with self._lock:
+            return len(self._leases)
 
     # ---- views -----------------------------------------------------------------------------
 
@@ -253,17 +372,20 @@ class AdapterStore:
                 "keep": self.keep,
                 "adapters": [
                     {"name": pv.name, "version": pv.version, "bytes": pv.layout.used_bytes,
-                     "tensors": len(pv.layout.entries), "leases": pv.leases,
+                     "tensors": len(pv.layout.entries), "leases": len(pv.leases),
                      "retiring": (pv.name, pv.version) in self._retiring, "published_at": pv.published_at}
                     for pv in [*(p for vs in self._versions.values() for p in vs.values()), *self._retiring.values()]
                 ],
+                "lease_count": len(self._leases),
                 "leases": [{"lease_id": lease.lease_id, "name": lease.name, "version": lease.version,
-                            "holder": lease.holder, "expires_in_s": round(lease.expires_at - now, 3)}
-                           for lease in self._leases.values()],
+                            "holder": lease.client or lease.holder.hex(), "expires_in_s": round(lease.expires_at - now, 3)}
+                           for lease in itertools.islice(self._leases.values(), MAX_STATUS_LEASES)],
+                "limits": dataclasses.asdict(self.limits),
                 "slabs": {"live": len(self.live_slab_ids()), "free": len(self._free),
                           "bytes": sum(s.nbytes for s in self._all_slabs())},
                 "metrics": {"publishes": m.publishes, "fetches": m.fetches, "bytes_published": m.bytes_published,
                             "bytes_served": m.bytes_served, "leases_expired": m.leases_expired,
+                            "leases_revoked": m.leases_revoked,
                             "errors": m.errors, "errors_by_type": dict(m.errors_by_type),
                             "slabs_allocated": m.slabs_allocated,
                             "fetch_latency": m.fetch_latency.report(),
@@ -283,11 +405,16 @@ class AdapterStore:
     def close(self) -> None:
         with self._lock:
             for slab in self._all_slabs():
-                slab.close()
+                self._close_slab(slab)
             self._versions.clear()
             self._retiring.clear()
             self._free.clear()
             self._leases.clear()
+            self._leases_by_holder.clear()
+            self._lease_heap.clear()
+            if self._generations is not None:
+                self._generations.close()
+                self._generations = None
 
 
 def _reject_non_finite(layout: SlabLayout, slab: torch.Tensor) -> None:

@@ -59,10 +59,14 @@ def still_serving(exporter_proc):
 
 
 @pytest.mark.parametrize("payload, needle", [
-    (b"\xc1\xc1\xc1", "undecodable"),  # 0xc1 is never valid msgpack
-    (b"", "undecodable"),
+    (b"\xc1\xc1\xc1", "expected an array"),  # 0xc1 is never valid msgpack
+    (b"", "ends early"),
     (fetch_frame()[:-7], "undecodable"),  # truncated
-    (msgpack.packb({"not": "a frame"}), "frame must be"),
+    (msgpack.packb({"not": "a frame"}), "expected an array"),
+    (msgpack.packb([p.PROTOCOL_VERSION, "fetch", 1, {"name": "good", "version": None, "client_id": "c",
+                                                      "sneaky": 1}]), "unknown key"),
+    (fetch_frame(name=msgpack.ExtType(5, b"x")), "expected a scalar"),
+    (msgpack.packb([p.PROTOCOL_VERSION, "list", 1, {"x": [[]] * 300}]), "exceeds its limit"),
     (msgpack.packb([p.PROTOCOL_VERSION + 1, "fetch", 1, {}]), "protocol version"),
     (msgpack.packb([p.PROTOCOL_VERSION, "exec", 1, {}]), "unknown message type"),
     (msgpack.packb([p.PROTOCOL_VERSION, "fetch", -1, {}]), "request_id"),
@@ -71,7 +75,7 @@ def still_serving(exporter_proc):
     (fetch_frame(known_layouts=[b"short"]), "known_layouts"),
     (msgpack.packb([p.PROTOCOL_VERSION, "fetch", 1, {"name": "good"}]), "missing"),
     (msgpack.packb([p.PROTOCOL_VERSION, "fetch_reply", 1, {}]), "not accepted"),
-    (b"\xd4\x05\x00", "extension"),  # msgpack ext type
+    (b"\xd4\x05\x00", "expected an array"),  # msgpack ext type
 ])
 def test_malformed_frames_get_protocol_errors(served, payload, needle):
     exporter_proc, peer = served
@@ -114,7 +118,6 @@ def corrupt(layout, index, field, value):
     (lambda L, s: (corrupt(L, 0, 1, "complex128"), L.used_bytes), "allow-list"),
     (lambda L, s: (corrupt(L, 0, 1, "torch.storage"), L.used_bytes), "allow-list"),
     (lambda L, s: (corrupt(L, 0, 4, 12), L.used_bytes), "do not match"),  # shape/bytes mismatch
-    (lambda L, s: (corrupt(L, 0, 2, [8, -1]), L.used_bytes), "shape"),
     (lambda L, s: (corrupt(L, 1, 3, 0), L.used_bytes), "overlaps"),
     (lambda L, s: (corrupt(L, 1, 0, L.to_wire()[0][0]), L.used_bytes), "unique"),
     (lambda L, s: (L.to_wire(), s.nbytes * 2), "within the slab"),
@@ -128,6 +131,14 @@ def test_bad_layouts_are_rejected_by_the_server(served, staged, mutate, needle):
     still_serving(exporter_proc)
 
 
+def test_layout_field_of_the_wrong_type_is_refused_by_the_schema(served, staged):
+    exporter_proc, peer = served
+    tensors, layout, slab = staged
+    peer.expect_error(publish_frame(slab, corrupt(layout, 0, 2, [8, -1]), layout.used_bytes), "ProtocolError",
+                      "entries[0][2][1]")
+    still_serving(exporter_proc)
+
+
 def test_good_publish_request_is_copied_into_the_exporter(served, staged):
     exporter_proc, peer = served
     tensors, layout, slab = staged
@@ -138,12 +149,20 @@ def test_good_publish_request_is_copied_into_the_exporter(served, staged):
         assert_same_adapter(client.fetch("pushed").tensors, tensors)
 
 
-def test_bad_slab_path_is_rejected(served, staged):
+def test_a_handle_naming_something_else_than_a_slab_is_rejected(served, staged):
+    """A handle pointing at an open regular file (not a sealed lora-ipc memfd) is refused on the opened fd."""
+    import dataclasses
+    import os
+
     exporter_proc, peer = served
     tensors, layout, slab = staged
-    body = p.PublishRequest("x", {}, slab.handle, layout.to_wire(), layout.used_bytes).to_body()
-    body["slab"]["path"] = "/etc/passwd"
-    peer.expect_error(msgpack.packb([p.PROTOCOL_VERSION, "publish", 4, body]), "ProtocolError", "path")
+    with open("/etc/hostname", "rb") as f:
+        handle = dataclasses.replace(slab.handle, fd=f.fileno())
+        frame = p.encode(p.PublishRequest("x", {}, handle, layout.to_wire(), layout.used_bytes), 4)
+        peer.expect_error(frame, "BackendError", "not lora-ipc shared memory")
+        gone = dataclasses.replace(slab.handle, pid=os.getpid(), fd=999_999)
+        frame = p.encode(p.PublishRequest("x", {}, gone, layout.to_wire(), layout.used_bytes), 5)
+        peer.expect_error(frame, "BackendError", "gone")
     still_serving(exporter_proc)
 
 
@@ -161,7 +180,7 @@ class FakeExporter:
         identity, _, payload = self.sock.recv_multipart()
         frame = p.decode(payload)
         body = dict(name="x", version=1, lease_id=1, peft_config={}, slab_id=self.slab.slab_id, slab=self.slab.handle,
-                    layout_digest=self.layout.digest, entries=self.layout.to_wire(), used_bytes=self.layout.used_bytes,
+                    generation=0, layout_digest=self.layout.digest, entries=self.layout.to_wire(), used_bytes=self.layout.used_bytes,
                     live_slabs=[self.slab.slab_id])
         body.update(overrides)
         self.sock.send_multipart([identity, b"", p.encode(p.FetchReply(**body), frame.request_id)])

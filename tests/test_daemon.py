@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from lora_ipc import AdapterClient
 from lora_ipc import protocol as p
-from lora_ipc.backends.cpu import shm_files_of
 
-from .conftest import assert_same_adapter
+from .conftest import assert_same_adapter, shm_fds, shm_files
 from .procs import publish_from_short_lived_trainer
 
 
@@ -50,8 +49,7 @@ def test_adapter_outlives_the_trainer_that_published_it(daemon, tmp_path):
         adapter = client.fetch("policy")
     assert adapter.version == 1
     assert_same_adapter(adapter.tensors, reference)
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith("lora-ipc.") and not f.startswith(f"lora-ipc.{proc.pid}.")
-                and not os.path.exists(f"/proc/{f.split('.')[1]}")], "the trainer left its staging slab behind"
+    assert shm_files() == [], "the trainer left its staging slab behind"
 
 
 def test_status_json_reports_adapters_versions_and_leases(daemon, tmp_path):
@@ -90,12 +88,12 @@ def test_sigterm_releases_shared_memory_and_socket(daemon, tmp_path):
     publish_from_short_lived_trainer(endpoint, str(tmp_path / "ref"))
     with AdapterClient(endpoint) as client:
         client.fetch("policy")
-    assert shm_files_of(proc.pid)
+    assert shm_fds(proc.pid)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     print(f"daemon stopped {time.monotonic() - started:.2f}s after SIGTERM")
-    assert shm_files_of(proc.pid) == []
+    assert shm_fds(proc.pid) == [] and shm_files() == []
     assert not os.path.exists(endpoint[len("ipc://"):])
     assert "shared memory released" in proc.stdout.read()
 
@@ -111,7 +109,7 @@ def test_held_leases_are_reported_at_shutdown(daemon, tmp_path):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(20) == 0
     assert "stuck-engine" in proc.stderr.read()
-    assert shm_files_of(proc.pid) == []
+    assert shm_fds(proc.pid) == [] and shm_files() == []
     sock.close(0)
 
 

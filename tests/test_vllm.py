@@ -247,8 +247,15 @@ def test_openai_server_loads_lora_ipc_adapter(server, trainer, versions, referen
     # the resolver: a bare "<name>@v<N>" model name, no explicit load
     assert [complete(server, f"policy@v{max(versions)}", p) for p in engine.PROMPTS] == reference[max(versions)]
 
-    # a bad adapter is refused with an error, and the server keeps serving
+    # an unknown version or adapter is the client's mistake: 404 with the reason, checked in the API
+    # process before any worker sees it; a malformed URI (here: a tcp:// endpoint) is a 400
     status, body = _post(server + "/v1/load_lora_adapter",
                          {"lora_name": "nope", "lora_path": str(AdapterURI("policy", 99, trainer.endpoint))})
-    assert status >= 400 and "99" in str(body)
+    assert status == 404 and "VersionNotFound" in str(body) and "99" in str(body), (status, body)
+    status, body = _post(server + "/v1/load_lora_adapter",
+                         {"lora_name": "nope", "lora_path": str(AdapterURI("no-such-adapter", 1, trainer.endpoint))})
+    assert status == 404 and "AdapterNotFound" in str(body), (status, body)
+    status, body = _post(server + "/v1/load_lora_adapter",
+                         {"lora_name": "nope", "lora_path": "lora-ipc://policy/v1?endpoint=tcp%3A%2F%2F127.0.0.1%3A1"})
+    assert status == 400 and "ipc://" in str(body), (status, body)
     assert [complete(server, "policy-ipc", p) for p in engine.PROMPTS] == reference[v1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import BackendError
 from ..protocol import CpuSlabHandle, CudaSlabHandle, SlabHandle
 from .base import Backend, ExportedSlab, ImportedSlab
 from .cpu import CpuBackend
@@ -33,10 +34,11 @@ def open_slab(handle: SlabHandle) -> ImportedSlab:
         from .cuda import CudaImportedSlab
 
         return CudaImportedSlab(handle)
-    assert isinstance(handle, CpuSlabHandle)
-    from .cpu import CpuImportedSlab
+    if isinstance(handle, CpuSlabHandle):
+        from .cpu import CpuImportedSlab
 
-    return CpuImportedSlab(handle)
+        return CpuImportedSlab(handle)
+    raise BackendError(f"no backend imports {type(handle).__name__}")
 
 
 __all__ = ["Backend", "ExportedSlab", "ImportedSlab", "backend_for", "open_slab", "slab_device"]

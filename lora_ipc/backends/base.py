@@ -43,6 +43,16 @@ class ImportedSlab(ABC):
     slab_id: str
     nbytes: int
     device: torch.device  # where the mapping lives in this process
+    handle: SlabHandle
+
+    def generation_now(self) -> int | None:
+        """The slab's reuse counter as the exporter sees it now (None if the exporter keeps none)."""
+        slot = self.handle.generation
+        if slot is None:
+            return None
+        from ..shm import generation_reader
+
+        return generation_reader(slot.pid, slot.fd).read(slot.slot)
 
     @abstractmethod
     def copy_into(self, dst: torch.Tensor) -> None:
@@ -60,7 +70,6 @@ class ImportedSlab(ABC):
 
 
 class Backend(ABC):
-    name: str
 
     @abstractmethod
     def allocate(self, nbytes: int) -> ExportedSlab:

@@ -92,6 +92,7 @@ class CudaExportedSlab(ExportedSlab):
 
 class CudaImportedSlab(ImportedSlab):
     def __init__(self, handle: CudaSlabHandle):
+        self.handle = handle
         self.slab_id = handle.slab_id
         self.nbytes = handle.nbytes
         index = local_device_for_uuid(handle.device_uuid)
@@ -122,8 +123,6 @@ class CudaImportedSlab(ImportedSlab):
 
 
 class CudaBackend(Backend):
-    name = "cuda"
-
     def __init__(self, device: torch.device | str | int | None = None):
         if not torch.cuda.is_available():
             raise BackendError("CUDA backend requested but torch.cuda is not available")

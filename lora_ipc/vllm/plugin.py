@@ -66,6 +66,18 @@ def _add_adapter_wrapper(original):
     return add_adapter
 
 
+def _install_openai_check() -> None:
+    """404 for unknown lora-ipc adapters in the API process (see :mod:`.openai`), where vLLM has the hook."""
+    try:
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    except ImportError:
+        return
+    if hasattr(OpenAIServingModels, "_check_load_lora_adapter_request"):
+        from .openai import check_wrapper
+
+        _install(OpenAIServingModels, "_check_load_lora_adapter_request", check_wrapper)
+
+
 def register() -> None:
     try:
         from vllm.lora import worker_manager
@@ -75,6 +87,7 @@ def register() -> None:
     for cls in (worker_manager.WorkerLoRAManager, getattr(worker_manager, "LRUCacheWorkerLoRAManager", None)):
         if cls is not None and "add_adapter" in cls.__dict__:
             _install(cls, "add_adapter", _add_adapter_wrapper)
+    _install_openai_check()
     if os.environ.get(ENV_ENDPOINT):
         from .resolver import register_resolver
 

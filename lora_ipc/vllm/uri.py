@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from ..endpoint import ENV_ENDPOINT
-from ..errors import LoraIpcError
+from ..endpoint import ENV_ENDPOINT, ipc_path
+from ..errors import BadAdapterURI
 
 SCHEME = "lora-ipc"
 
@@ -31,22 +31,33 @@ class AdapterURI:
 
     @staticmethod
     def matches(path: object) -> bool:
-        return isinstance(path, str) and path.startswith(f"{SCHEME}://")
+        """One rule with :meth:`parse`: the scheme is case-insensitive (RFC 3986 §3.1)."""
+        return isinstance(path, str) and path[:len(SCHEME) + 3].lower() == f"{SCHEME}://"
 
     @classmethod
     def parse(cls, uri: str) -> AdapterURI:
-        parts = urlsplit(uri)
-        if parts.scheme != SCHEME or not parts.netloc:
-            raise LoraIpcError(f"not a {SCHEME}:// adapter URI: {uri!r}")
-        name = unquote(parts.netloc)
-        version = None
-        if parts.path not in ("", "/"):
-            m = re.fullmatch(r"/v([1-9][0-9]*)/?", parts.path)
-            if not m:
-                raise LoraIpcError(f"{uri!r}: the path must be /v<version>, got {parts.path!r}")
-            version = int(m.group(1))
-        query = parse_qs(parts.query)
+        """Parse a URI; anything malformed (including a tcp:// endpoint) raises ``BadAdapterURI``."""
+        if not cls.matches(uri) or len(uri) > 4096:
+            raise BadAdapterURI(f"not a {SCHEME}:// adapter URI: {uri!r:.200}")
+        try:
+            parts = urlsplit(uri)
+            name = unquote(parts.netloc, errors="strict")
+            m = re.fullmatch(r"(?:/v([1-9][0-9]{0,17}))?/?", parts.path)
+            query = parse_qs(parts.query, strict_parsing=bool(parts.query), max_num_fields=8)
+        except ValueError as exc:
+            raise BadAdapterURI(f"{uri!r:.200}: {exc}") from None
+        if not name:
+            raise BadAdapterURI(f"{uri!r:.200} names no adapter")
+        if not m:
+            raise BadAdapterURI(f"{uri!r:.200}: the path must be /v<version>, got {parts.path!r:.60}")
+        version = int(m.group(1)) if m.group(1) else None
+        if set(query) - {"endpoint"} or len(query.get("endpoint", [])) > 1:
+            raise BadAdapterURI(f"{uri!r:.200}: the only query parameter is one endpoint=")
         endpoint = query.get("endpoint", [os.environ.get(ENV_ENDPOINT, "")])[0]
         if not endpoint:
-            raise LoraIpcError(f"{uri!r} names no endpoint and ${ENV_ENDPOINT} is not set in the engine")
+            raise BadAdapterURI(f"{uri!r:.200} names no endpoint and ${ENV_ENDPOINT} is not set in the engine")
+        try:
+            ipc_path(endpoint)
+        except Exception as exc:
+            raise BadAdapterURI(str(exc)) from None
         return cls(name, version, endpoint)

@@ -1,0 +1,190 @@
+"""Sealed shared memory: memfds that cannot shrink, reserved up front, opened by peers through /proc.
+
+Note [why memfds, not files in /dev/shm]
+    A mapping of a file that another process truncates faults with SIGBUS on the next access, and a
+    sparse file on a full tmpfs faults the same way on first write. Both killed processes when slabs
+    were files in /dev/shm. A memfd created here is sized, reserved with ``posix_fallocate`` (a full
+    machine shows up as an error at allocation, never as a fault later) and sealed with
+    ``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``: nobody, not even its creator, can change its size
+    again, so every mapping of it stays valid for its whole life. An importer checks the seals, the
+    owner, the size and the memfd's name on the descriptor it opened, then maps it read-only.
+    A memfd has no path another user could pre-create, replace by a symlink or leave behind: it goes
+    away with the last process that holds it, however that process exits.
+
+    Peers open it as ``/proc/<pid>/fd/<fd>`` (same user, same pid namespace — one host or one pod).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import stat
+import threading
+import warnings
+from collections import OrderedDict
+
+import torch
+
+from .errors import BackendError
+
+MEMFD_PREFIX = "lora-ipc."
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def create_sealed(name: str, nbytes: int) -> int:
+    """A new memfd named ``lora-ipc.<name>`` of exactly ``nbytes``, reserved and sealed; returns its fd."""
+    try:
+        fd = os.memfd_create(MEMFD_PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:
+        raise BackendError(f"cannot create shared memory {name!r}: {exc}") from None
+    try:
+        os.ftruncate(fd, nbytes)
+        os.posix_fallocate(fd, 0, nbytes)  # reserve every page now: ENOSPC/ENOMEM here, never SIGBUS later
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except OSError as exc:
+        os.close(fd)
+        raise BackendError(f"cannot reserve {nbytes} bytes of shared memory for {name!r}: {exc}") from None
+    return fd
+
+
+def map_fd(fd: int, nbytes: int, *, writable: bool) -> torch.Tensor:
+    """A uint8 tensor over ``nbytes`` of ``fd`` (shared mapping; read-only unless ``writable``)."""
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    try:
+        mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=prot)
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"cannot map {nbytes} bytes of shared memory: {exc}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-writable buffer": we never write through a read-only map
+        return torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def open_sealed(pid: int, fd: int, name: str, min_bytes: int) -> int:
+    """Open another process's sealed memfd ``lora-ipc.<name>`` read-only; every check is on the opened fd."""
+    path = f"/proc/{pid}/fd/{fd}"
+    expected = f"/memfd:{MEMFD_PREFIX}{name} (deleted)"
+    try:
+        opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BackendError(f"shared memory {name!r} of process {pid} is gone or not ours: {exc}") from None
+    try:
+        # what we opened, read back from our own descriptor (a recycled pid cannot fool this)
+        if os.readlink(f"/proc/self/fd/{opened}") != expected:
+            raise BackendError(f"{path} is not lora-ipc shared memory {name!r}")
+        st = os.fstat(opened)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise BackendError(f"shared memory {name!r} is not owned by this user (uid {st.st_uid})")
+        seals = fcntl.fcntl(opened, fcntl.F_GET_SEALS)
+        if seals & SEALS != SEALS:
+            raise BackendError(f"shared memory {name!r} is not sealed against resizing")
+        if st.st_size < min_bytes:
+            raise BackendError(f"shared memory {name!r} has {st.st_size} bytes, the handle says {min_bytes}")
+    except BaseException:
+        os.close(opened)
+        raise
+    return opened
+
+
+def memfds_of(pid: int) -> list[str]:
+    """Names of the lora-ipc memfds process ``pid`` holds (for status and leak checks)."""
+    names = []
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(f"/memfd:{MEMFD_PREFIX}"):
+                    names.append(target)
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# generation counters: how an importer learns that a slab was reused under its copy
+# --------------------------------------------------------------------------------------------
+
+
+class GenerationTable:
+    """Exporter side: one 8-byte reuse counter per slab in a sealed memfd (``slots`` counters).
+
+    The store bumps a slab's counter *before* it writes a new version into the slab, and a fetch
+    reply carries the counter's value for the version it leases. The importer reads the counter
+    again after its copy is complete: unchanged means no new write had started when the copy ended.
+    """
+
+    def __init__(self, slots: int = 4096):
+        self.slots = slots
+        self.name = f"gen.{os.getpid()}.{os.urandom(4).hex()}"
+        self.fd = create_sealed(self.name, slots * 8)
+        self._counters = memoryview(mmap.mmap(self.fd, slots * 8)).cast("q")
+        self._free = list(range(slots - 1, -1, -1))
+        self._lock = threading.Lock()
+
+    def take_slot(self) -> int:
+        with self._lock:
+            if not self._free:
+                raise BackendError(f"all {self.slots} slab generation counters are in use")
+            return self._free.pop()
+
+    def free_slot(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def bump(self, slot: int) -> int:
+        self._counters[slot] += 1
+        return self._counters[slot]
+
+    def read(self, slot: int) -> int:
+        return self._counters[slot]
+
+    def close(self) -> None:
+        os.close(self.fd)  # the mapping stays valid until the memoryview is collected
+
+
+class GenerationReader:
+    """Importer side: reads counters of one exporter's table with ``pread`` (no mapping at all)."""
+
+    def __init__(self, pid: int, fd: int, table_name: str):
+        self.fd = open_sealed(pid, fd, table_name, 8)
+        self.nbytes = os.fstat(self.fd).st_size
+
+    def read(self, slot: int) -> int:
+        if slot * 8 + 8 > self.nbytes:
+            raise BackendError(f"generation slot {slot} lies outside the exporter's table")
+        return int.from_bytes(os.pread(self.fd, 8, slot * 8), "little", signed=True)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+_readers: OrderedDict[tuple[int, int], GenerationReader] = OrderedDict()
+_readers_lock = threading.Lock()
+MAX_GENERATION_READERS = 16
+
+
+def generation_reader(pid: int, fd: int) -> GenerationReader:
+    """One reader per exporter table per process (bounded; the least recently used is closed)."""
+    key = (pid, fd)
+    with _readers_lock:
+        reader = _readers.get(key)
+        if reader is not None:
+            _readers.move_to_end(key)
+            return reader
+    target = _table_name(pid, fd)
+    reader = GenerationReader(pid, fd, target)
+    with _readers_lock:
+        _readers[key] = reader
+        while len(_readers) > MAX_GENERATION_READERS:
+            _readers.popitem(last=False)[1].close()
+    return reader
+
+
+def _table_name(pid: int, fd: int) -> str:
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError as exc:
+        raise BackendError(f"generation table of process {pid} is gone: {exc}") from None
+    prefix, suffix = f"/memfd:{MEMFD_PREFIX}", " (deleted)"
+    if not (target.startswith(prefix + "gen.") and target.endswith(suffix)):
+        raise BackendError(f"/proc/{pid}/fd/{fd} is not a lora-ipc generation table")
+    return target[len(prefix):-len(suffix)]
