@@ -47,30 +47,27 @@ def test_peers_of_another_uid_are_refused(tmp_path):
         store.close()
 
 
-def test_slab_files_are_owner_only():
+def test_slabs_are_sealed_memfds_with_no_path():
+    """No file under /dev/shm to pre-create, link or leave behind; no one can resize the memory."""
+    import fcntl
+
+    from lora_ipc.shm import SEALS
+
     slab = CpuBackend().allocate(4096)
     try:
-        assert stat.S_IMODE(os.stat(slab.path).st_mode) == 0o600
+        assert os.readlink(f"/proc/self/fd/{slab.fd}") == f"/memfd:lora-ipc.{slab.slab_id} (deleted)"
+        assert fcntl.fcntl(slab.fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+        with pytest.raises(PermissionError):
+            os.ftruncate(slab.fd, 1)
     finally:
         slab.close()
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to create a file owned by someone else")
-def test_slab_file_of_another_user_is_refused():
+def test_a_handle_larger_than_the_slab_is_refused_not_a_sigbus():
     slab = CpuBackend().allocate(4096)
     try:
-        os.chown(slab.path, 12345, 12345)
-        with pytest.raises(BackendError, match="owned by this user"):
-            open_slab(CpuSlabHandle(slab.slab_id, 4096, slab.path))
-    finally:
-        slab.close()
-
-
-def test_truncated_slab_file_is_refused_not_a_sigbus():
-    slab = CpuBackend().allocate(4096)
-    try:
-        with pytest.raises(BackendError, match="handle says"):
-            open_slab(CpuSlabHandle(slab.slab_id, 1 << 20, slab.path))
+        with pytest.raises(BackendError, match="the handle says"):
+            open_slab(CpuSlabHandle(slab.slab_id, 1 << 20, os.getpid(), slab.fd))
     finally:
         slab.close()
 
