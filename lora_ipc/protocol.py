@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 import msgpack
 
 from .errors import WIRE_ERRORS, LoraIpcError, ProtocolError
-from .schema import (Bool, Bytes, Float, Int, ListOf, Optional, Reader, Str, Struct, Tagged, Tree, Tuple,
-                     wire)
+from .schema import (SMALL_FRAME, Bool, Bytes, Float, Int, ListOf, Optional, Reader, Str, Struct, Tagged, Tree,
+                     Tuple, unpack_small, wire)
 
 PROTOCOL_VERSION = 2
 MAX_FRAME_BYTES = 32 << 20  # the largest frame any message type may have (a 32k-tensor layout)
@@ -277,6 +277,8 @@ def decode(data: bytes, accept: frozenset[str] | None = None) -> Frame:
     """Decode and validate one frame whose type is in ``accept``. Raises ProtocolError for anything else."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame too large or not bytes ({len(data) if hasattr(data, '__len__') else '?'} bytes)")
+    if len(data) <= SMALL_FRAME:
+        return _decode_small(data, accept)
     r = Reader(data)
     if r.array("frame", 4) != 4:
         raise ProtocolError("frame must be [protocol_version, type, request_id, body]")
@@ -304,3 +306,29 @@ def decode(data: bytes, accept: frozenset[str] | None = None) -> Frame:
     except Exception as exc:  # a bug in a check must still come out typed
         raise ProtocolError(f"invalid {type_name} message: {type(exc).__name__}: {exc}", request_id) from None
     return Frame(request_id, message)
+
+
+def _decode_small(data: bytes, accept: frozenset[str] | None) -> Frame:
+    """The same rules as the streaming path, applied to what C msgpack built from a small frame."""
+    raw = unpack_small(data)
+    if type(raw) is not list or len(raw) != 4:
+        raise ProtocolError("frame must be an array [protocol_version, type, request_id, body]")
+    version, type_name, request_id, body = raw
+    if type(request_id) is not int or not 0 <= request_id < (1 << 63):
+        raise ProtocolError("request_id must be a non-negative integer")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r:.20} not supported (this side speaks {PROTOCOL_VERSION})",
+                            request_id)
+    cls = MESSAGE_TYPES.get(type_name) if type(type_name) is str else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {type_name!r:.40}", request_id)
+    if accept is not None and type_name not in accept:
+        raise ProtocolError(f"{type_name} is not accepted here", request_id)
+    if len(data) > cls.MAX_FRAME:
+        raise ProtocolError(f"{type_name} frame of {len(data)} bytes exceeds its limit of {cls.MAX_FRAME}", request_id)
+    try:
+        return Frame(request_id, Struct(cls).check(body, "body"))
+    except ProtocolError as exc:
+        raise ProtocolError(f"invalid {type_name} message: {exc}", request_id) from None
+    except Exception as exc:  # a bug in a check must still come out typed
+        raise ProtocolError(f"invalid {type_name} message: {type(exc).__name__}: {exc}", request_id) from None

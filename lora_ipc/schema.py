@@ -13,6 +13,10 @@ Specs:  ``Int(lo, hi)``  ``Float(lo, hi)``  ``Bool()``  ``Str(max_chars)``  ``By
         ``Struct(cls)`` (a dataclass whose fields carry specs)  ``Tagged(key, {tag: cls})``.
 
 A dataclass field declares its spec with :func:`wire`: ``name: str = wire(Str())``.
+
+Two ways to apply a spec, one set of rules: ``read(reader)`` walks a large frame as a stream, and
+``check(value)`` validates what C ``msgpack.unpackb`` built from a small frame (at most
+``SMALL_FRAME`` bytes, which can hold at most that many objects), the fast path of steady state.
 """
 
 from __future__ import annotations
@@ -88,12 +92,29 @@ class Reader:
             raise ProtocolError(f"field {where!r}: undecodable msgpack ({type(exc).__name__}: {exc})") from None
 
 
+SMALL_FRAME = 64 << 10
+
+
 class Spec:
-    def read(self, r: Reader, where: str) -> Any:
+    def check(self, value: Any, where: str) -> Any:
+        """Validate an already-decoded value; return it (converted where the spec says)."""
         raise NotImplementedError
+
+    def read(self, r: Reader, where: str) -> Any:
+        """Read and validate the next value of a stream (scalars: one unpack, then ``check``)."""
+        return self.check(r.scalar(where), where)
 
     def encode(self, value: Any) -> Any:
         return value
+
+
+def unpack_small(data: bytes) -> Any:
+    """C msgpack for a frame of at most SMALL_FRAME bytes (so at most that many objects); ext refused."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0, max_str_len=SMALL_FRAME,
+                               max_bin_len=SMALL_FRAME, max_array_len=SMALL_FRAME, max_map_len=SMALL_FRAME)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(f"undecodable msgpack frame ({type(exc).__name__}: {exc})") from None
 
 
 def _fail(where: str, what: str) -> ProtocolError:
@@ -105,8 +126,7 @@ class Int(Spec):
     lo: int = 0
     hi: int = (1 << 63) - 1
 
-    def read(self, r, where):
-        v = r.scalar(where)
+    def check(self, v, where):
         if type(v) is not int or not self.lo <= v <= self.hi:
             raise _fail(where, f"expected an integer in [{self.lo}, {self.hi}], got {v!r:.40}")
         return v
@@ -117,8 +137,7 @@ class Float(Spec):
     lo: float = 0.0
     hi: float = 1e18
 
-    def read(self, r, where):
-        v = r.scalar(where)
+    def check(self, v, where):
         if type(v) not in (int, float) or not self.lo <= v <= self.hi:  # NaN fails both comparisons
             raise _fail(where, f"expected a number in [{self.lo}, {self.hi}]")
         return float(v)
@@ -126,8 +145,7 @@ class Float(Spec):
 
 @dataclasses.dataclass(frozen=True)
 class Bool(Spec):
-    def read(self, r, where):
-        v = r.scalar(where)
+    def check(self, v, where):
         if type(v) is not bool:
             raise _fail(where, "expected a boolean")
         return v
@@ -138,8 +156,7 @@ class Str(Spec):
     max_chars: int = 512
     allow_empty: bool = False
 
-    def read(self, r, where):
-        v = r.scalar(where)
+    def check(self, v, where):
         if type(v) is not str or len(v) > self.max_chars or (not v and not self.allow_empty):
             raise _fail(where, f"expected a {'' if self.allow_empty else 'non-empty '}string of at most "
                                f"{self.max_chars} chars")
@@ -151,8 +168,7 @@ class Bytes(Spec):
     max_len: int = 1024
     exact: int | None = None
 
-    def read(self, r, where):
-        v = r.scalar(where)
+    def check(self, v, where):
         if type(v) is not bytes or len(v) > self.max_len or (self.exact is not None and len(v) != self.exact):
             size = f"exactly {self.exact}" if self.exact is not None else f"at most {self.max_len}"
             raise _fail(where, f"expected {size} bytes")
@@ -169,6 +185,9 @@ class Optional(Spec):
             return None
         return self.inner.read(r, where)
 
+    def check(self, v, where):
+        return None if v is None else self.inner.check(v, where)
+
     def encode(self, value):
         return None if value is None else self.inner.encode(value)
 
@@ -181,6 +200,11 @@ class ListOf(Spec):
     def read(self, r, where):
         n = r.array(where, self.max_items)
         return [self.item.read(r, f"{where}[{i}]") for i in range(n)]
+
+    def check(self, v, where):
+        if type(v) is not list or len(v) > self.max_items:
+            raise _fail(where, f"expected an array of at most {self.max_items} items")
+        return [self.item.check(x, f"{where}[{i}]") for i, x in enumerate(v)]
 
     def encode(self, value):
         return [self.item.encode(v) for v in value]
@@ -197,6 +221,11 @@ class Tuple(Spec):
         if n != len(self.items):
             raise _fail(where, f"expected {len(self.items)} items, got {n}")
         return [spec.read(r, f"{where}[{i}]") for i, spec in enumerate(self.items)]
+
+    def check(self, v, where):
+        if type(v) is not list or len(v) != len(self.items):
+            raise _fail(where, f"expected an array of {len(self.items)} items")
+        return [spec.check(x, f"{where}[{i}]") for i, (spec, x) in enumerate(zip(self.items, v))]
 
     def encode(self, value):
         return [spec.encode(v) for spec, v in zip(self.items, value)]
@@ -215,6 +244,43 @@ class Tree(Spec):
             raise _fail(where, "expected a map")
         budget = [self.max_nodes]
         return self._node(r, where, 0, budget)
+
+    def check(self, v, where):
+        if type(v) is not dict:
+            raise _fail(where, "expected a map")
+        budget = [self.max_nodes]
+        self._check_node(v, where, 0, budget)
+        return v
+
+    def _check_node(self, v, where, depth, budget):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _fail(where, f"more than {self.max_nodes} values")
+        if depth > self.max_depth:
+            raise _fail(where, "nested too deeply")
+        if type(v) is list:
+            for x in v:
+                self._check_node(x, where, depth + 1, budget)
+        elif type(v) is dict:
+            for k, x in v.items():
+                if type(k) is not str or len(k) > self.max_chars:
+                    raise _fail(where, "keys must be short strings")
+                self._check_node(x, f"{where}.{k}", depth + 1, budget)
+        else:
+            self._scalar(v, where)
+
+    def _scalar(self, v, where):
+        if v is None or type(v) in (bool, int):
+            return v
+        if type(v) is str:
+            if len(v) > self.max_chars:
+                raise _fail(where, f"string longer than {self.max_chars} chars")
+            return v
+        if type(v) is float:
+            if math.isnan(v):
+                raise _fail(where, "NaN in a config value")
+            return v
+        raise _fail(where, f"unsupported value of type {type(v).__name__}")
 
     def _node(self, r, where, depth, budget):
         budget[0] -= 1
@@ -235,18 +301,22 @@ class Tree(Spec):
                     raise _fail(where, f"duplicate key {key!r:.40}")
                 out[key] = self._node(r, f"{where}.{key}", depth + 1, budget)
             return out
-        v = r.scalar(where)
-        if v is None or type(v) in (bool, int):
-            return v
-        if type(v) is str:
-            if len(v) > self.max_chars:
-                raise _fail(where, f"string longer than {self.max_chars} chars")
-            return v
-        if type(v) is float:
-            if math.isnan(v):
-                raise _fail(where, "NaN in a config value")
-            return v
-        raise _fail(where, f"unsupported value of type {type(v).__name__}")
+        return self._scalar(r.scalar(where), where)
+
+
+def _field_map(cls) -> dict[str, tuple[Spec, bool]]:
+    cached = cls.__dict__.get("_wire_field_map")
+    if cached is None:
+        cached = {name: (spec, required) for name, spec, required in wire_fields(cls)}
+        cls._wire_field_map = cached
+    return cached
+
+
+def _build(cls, fields, values):
+    for name, (_, required) in fields.items():
+        if required and name not in values:
+            raise _fail(name, "missing")
+    return cls(**values)
 
 
 def wire_fields(cls) -> list[tuple[str, Spec, bool]]:
@@ -269,25 +339,28 @@ class Struct(Spec):
     """A map whose keys are the wire fields of ``cls``; unknown, duplicate or missing keys are refused."""
 
     cls: type
-    extra: tuple[str, ...] = ()  # keys accepted and ignored (e.g. a Tagged union's tag)
 
     def read(self, r, where):
-        fields = {name: (spec, required) for name, spec, required in wire_fields(self.cls)}
-        n = r.map(where, len(fields) + len(self.extra))
+        fields = _field_map(self.cls)
+        n = r.map(where, len(fields))
         values: dict[str, Any] = {}
         for _ in range(n):
             key = r.scalar(f"{where} key")
-            if type(key) is not str or (key not in fields and key not in self.extra):
+            if type(key) is not str or key not in fields:
                 raise _fail(where, f"unknown key {key!r:.40}")
             if key in values:
                 raise _fail(where, f"duplicate key {key!r:.40}")
-            values[key] = None if key in self.extra else fields[key][0].read(r, key)
-        for key in self.extra:
-            values.pop(key, None)
-        missing = [name for name, (_, required) in fields.items() if required and name not in values]
-        if missing:
-            raise _fail(missing[0], "missing")
-        return self.cls(**values)
+            values[key] = fields[key][0].read(r, key)
+        return _build(self.cls, fields, values)
+
+    def check(self, v, where):
+        if type(v) is not dict:
+            raise _fail(where, "expected a map")
+        fields = _field_map(self.cls)
+        for key in v:
+            if key not in fields:
+                raise _fail(where, f"unknown key {key!r:.40}")
+        return _build(self.cls, fields, {k: fields[k][0].check(x, k) for k, x in v.items()})
 
     def encode(self, value):
         return {name: spec.encode(getattr(value, name)) for name, spec, _ in wire_fields(self.cls)}
@@ -311,7 +384,7 @@ class Tagged(Spec):
         cls = self.choices.get(tag)
         if cls is None:
             raise _fail(where, f"unknown {self.key} {tag!r:.40}")
-        fields = {name: (spec, required) for name, spec, required in wire_fields(cls)}
+        fields = _field_map(cls)
         if n - 1 > len(fields):
             raise _fail(where, "too many keys")
         values: dict[str, Any] = {}
@@ -320,10 +393,15 @@ class Tagged(Spec):
             if type(k) is not str or k not in fields or k in values:
                 raise _fail(where, f"unknown or duplicate key {k!r:.40}")
             values[k] = fields[k][0].read(r, k)
-        missing = [name for name, (_, required) in fields.items() if required and name not in values]
-        if missing:
-            raise _fail(missing[0], "missing")
-        return cls(**values)
+        return _build(cls, fields, values)
+
+    def check(self, v, where):
+        if type(v) is not dict:
+            raise _fail(where, "expected a map")
+        cls = self.choices.get(v.get(self.key)) if type(v.get(self.key)) is str else None
+        if cls is None:
+            raise _fail(where, f"unknown {self.key} {v.get(self.key)!r:.40}")
+        return Struct(cls).check({k: x for k, x in v.items() if k != self.key}, where)
 
     def encode(self, value):
         return {self.key: type(value).TAG, **Struct(type(value)).encode(value)}
