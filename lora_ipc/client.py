@@ -8,6 +8,7 @@ lease is released (sent, not waited for) and the owned buffer is cut into per-te
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -19,16 +20,37 @@ import torch
 import zmq
 
 from . import protocol as p
-from .backends import ImportedSlab, open_slab
+from .backends import ImportedSlab
+from .imports import REGISTRY
 from .connection import Connection
 from .endpoint import daemon_endpoint
-from .errors import LoraIpcError, ProtocolError, SlabRecycled
+from .errors import BackendError, LoraIpcError, ProtocolError, SlabRecycled
 from .layout import SlabLayout
 
 MAX_CACHED_LAYOUTS = 32
 MAX_CACHED_SLABS = 32
 MAX_SHARED_CLIENTS = 8
+ENV_TRANSPORT = "LORA_IPC_TRANSPORT"
+TRANSPORTS = ("auto", "cuda", "host")
+log = logging.getLogger("lora_ipc.client")
+
+
+def transport_mode(value: str | None = None) -> str:
+    """``auto`` (CUDA IPC, falling back to a host-staged copy where it cannot be imported), ``cuda``
+    (never fall back) or ``host`` (always the host copy); default ``$LORA_IPC_TRANSPORT`` or auto."""
+    mode = (value or os.environ.get(ENV_TRANSPORT) or "auto").lower()
+    if mode not in TRANSPORTS:
+        raise LoraIpcError(f"transport {mode!r}: expected one of {TRANSPORTS} (${ENV_TRANSPORT})")
+    return mode
 FETCH_ATTEMPTS = 3  # a copy invalidated by a slab reuse is retried (newest version only) this many times
+
+
+class _DeviceImportFailed(Exception):
+    """Internal: a device (CUDA IPC) slab could not be imported; carries the BackendError."""
+
+    def __init__(self, error: BackendError):
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass
@@ -43,8 +65,11 @@ class Adapter:
 
 class AdapterClient:
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, context: zmq.Context | None = None,
-                 trusted_uids: set[int] | None = None):
+                 trusted_uids: set[int] | None = None, transport: str | None = None):
         self.endpoint = endpoint or daemon_endpoint()
+        self.transport = transport_mode(transport)
+        self.host_fallbacks = 0  # fetches served by the host-staged copy because CUDA IPC import failed
+        self._fell_back = False
         self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._conn = Connection(self.endpoint, timeout_s, context, trusted_uids)
         self._lock = threading.Lock()
@@ -78,20 +103,46 @@ class AdapterClient:
         for attempt in range(FETCH_ATTEMPTS):
             try:
                 return self._fetch_once(name, version, device)
+            except _DeviceImportFailed as failed:
+                if self.transport != "auto":
+                    raise failed.error from None
+                if not self._host_only:
+                    log.warning("lora-ipc: CUDA IPC import from %s failed (%s); falling back to host-staged copies "
+                                "for this client (set %s=host to skip the attempt)", self.endpoint, failed.error,
+                                ENV_TRANSPORT)
+                self._host_only = True
+                return self._fetch_once(name, version, device)
             except SlabRecycled:
                 if version is not None or attempt == FETCH_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
 
+    @property
+    def _host_only(self) -> bool:
+        return self.transport == "host" or self._fell_back
+
+    @_host_only.setter
+    def _host_only(self, value: bool) -> None:
+        self._fell_back = value
+
     def _fetch_once(self, name: str, version: int | None, device: torch.device | str | None) -> Adapter:
         with self._lock:
             started = time.perf_counter()
+            host = self._host_only
             reply = self._conn.request(
-                p.FetchRequest(name, version, self.client_id, list(self._slabs), list(self._layouts)),
+                p.FetchRequest(name, version, self.client_id, REGISTRY.known(list(reversed(self._slabs))),
+                               list(self._layouts), "host" if host else "device"),
                 p.FetchReply)
             fetch_ms = 0.0
             try:
-                slab = self._slab_for(reply)
+                try:
+                    slab = self._slab_for(reply)
+                except BackendError as exc:
+                    if host or reply.slab is None:
+                        raise
+                    raise _DeviceImportFailed(exc) from None
+                if host and self.transport == "auto":
+                    self.host_fallbacks += 1
                 layout = self._layout_for(reply, slab)
                 owned = slab.copy_out(layout.used_bytes, device)
                 now = slab.generation_now()
@@ -109,8 +160,8 @@ class AdapterClient:
 
     def close(self) -> None:
         with self._lock:
-            for slab in self._slabs.values():
-                slab.close()
+            for slab_id in self._slabs:
+                REGISTRY.release(slab_id)
             self._slabs.clear()
             self._conn.close()
 
@@ -126,12 +177,12 @@ class AdapterClient:
         slab = self._slabs.get(reply.slab_id)
         if slab is not None:
             self._slabs.move_to_end(reply.slab_id)
+            if reply.slab is not None:
+                slab.consume(reply.slab)  # a surplus export must still be accounted for
             return slab
-        if reply.slab is None or reply.slab.slab_id != reply.slab_id:
-            raise ProtocolError(f"reply names slab {reply.slab_id!r} but carries no handle for it")
-        slab = self._slabs[reply.slab_id] = open_slab(reply.slab)
+        slab = self._slabs[reply.slab_id] = REGISTRY.acquire(reply.slab_id, reply.slab)
         while len(self._slabs) > MAX_CACHED_SLABS:
-            self._slabs.popitem(last=False)[1].close()
+            REGISTRY.release(self._slabs.popitem(last=False)[0])
         return slab
 
     def _layout_for(self, reply: p.FetchReply, slab: ImportedSlab) -> SlabLayout:
@@ -154,7 +205,8 @@ class AdapterClient:
     def _forget_dead_slabs(self, live: list[str]) -> None:
         live_set = set(live)
         for slab_id in [s for s in self._slabs if s not in live_set]:
-            self._slabs.pop(slab_id).close()
+            self._slabs.pop(slab_id)
+            REGISTRY.release(slab_id)
 
 
 _shared: OrderedDict[str, AdapterClient] = OrderedDict()

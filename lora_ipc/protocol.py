@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from .errors import WIRE_ERRORS, LoraIpcError, ProtocolError
-from .schema import (SMALL_FRAME, Bool, Bytes, Float, Int, ListOf, Optional, Reader, Str, Struct, Tagged, Tree,
+from .schema import (SMALL_FRAME, Bool, Choice, Bytes, Float, Int, ListOf, Optional, Reader, Str, Struct, Tagged, Tree,
                      Tuple, unpack_small, wire)
 
 PROTOCOL_VERSION = 2
@@ -150,6 +150,8 @@ class FetchRequest(Message):
 
     ``known_slabs`` / ``known_layouts`` list what the client has cached, so the reply can leave out
     the slab handle and the per-tensor layout (names, dtypes, shapes) when the client already has them.
+    ``transport="host"`` asks for the version staged in host shared memory (the fallback where CUDA
+    IPC cannot be imported); the exporter stages each version at most once.
     """
 
     name: str = wire(NAME)
@@ -157,6 +159,7 @@ class FetchRequest(Message):
     client_id: str = wire(Str(128))
     known_slabs: list[str] = wire(ListOf(SLAB_ID, 64), default_factory=list)
     known_layouts: list[bytes] = wire(ListOf(DIGEST, 64), default_factory=list)
+    transport: str = wire(Choice("device", "host"), default="device")  # host: a host-staged copy of a GPU slab
     TYPE: ClassVar[str] = "fetch"
     MAX_FRAME: ClassVar[int] = 24 << 10
 

@@ -163,6 +163,18 @@ class Str(Spec):
         return v
 
 
+class Choice(Spec):
+    """One of a few strings."""
+
+    def __init__(self, *values: str):
+        self.values = frozenset(values)
+
+    def check(self, v, where):
+        if v not in self.values or type(v) is not str:
+            raise _fail(where, f"expected one of {sorted(self.values)}")
+        return v
+
+
 @dataclasses.dataclass(frozen=True)
 class Bytes(Spec):
     max_len: int = 1024

@@ -126,12 +126,19 @@ class AdapterServer:
 
     def _on_fetch(self, msg: p.FetchRequest, peer: bytes) -> p.FetchReply:
         lease, pv = self.store.lease(msg.name, msg.version, peer, msg.client_id)
+        if msg.transport == "host":
+            try:
+                self.store.stage_to_host(pv)
+            except BaseException:
+                self.store.release(lease.lease_id, peer)
+                raise
+        slab, generation = pv.slab_for(msg.transport)
         layout = pv.layout
         return p.FetchReply(
             name=pv.name, version=pv.version, lease_id=lease.lease_id, peft_config=pv.peft_config,
-            slab_id=pv.slab.slab_id,
-            slab=None if pv.slab.slab_id in msg.known_slabs else pv.slab.handle,
-            generation=pv.generation, layout_digest=layout.digest,
+            slab_id=slab.slab_id,
+            slab=None if slab.slab_id in msg.known_slabs else slab.handle_for_import(),
+            generation=generation, layout_digest=layout.digest,
             entries=None if layout.digest in msg.known_layouts else layout.to_wire(),
             used_bytes=layout.used_bytes, live_slabs=self.store.live_slab_ids(),
         )

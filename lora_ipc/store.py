@@ -62,6 +62,13 @@ class PublishedVersion:
     published_at: float
     generation: int
     leases: set[int] = field(default_factory=set)  # lease ids
+    host: ExportedSlab | None = None  # host-staged copy of a GPU version (transport fallback), made on demand
+    host_generation: int = 0
+
+    def slab_for(self, transport: str) -> tuple[ExportedSlab, int]:
+        if transport == "host" and self.host is not None:
+            return self.host, self.host_generation
+        return self.slab, self.generation
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,7 @@ class StoreMetrics:
     bytes_served: int = 0
     leases_expired: int = 0
     leases_revoked: int = 0
+    host_stagings: int = 0
     errors: int = 0
     slabs_allocated: int = 0
     errors_by_type: dict[str, int] = field(default_factory=dict)
@@ -200,7 +208,7 @@ class AdapterStore:
                 if old.leases:
                     self._retiring[(old.name, old.version)] = old
                 else:
-                    self._give_back(old.slab)
+                    self._free_version(old)
             retiring = [pv for pv in self._retiring.values() if pv.name == name]
             for pv in retiring[:max(0, len(retiring) - self.limits.max_retiring_per_adapter)]:
                 self._revoke(pv)
@@ -213,7 +221,7 @@ class AdapterStore:
         self.metrics.leases_revoked += len(pv.leases)
         pv.leases.clear()
         del self._retiring[(pv.name, pv.version)]
-        self._give_back(pv.slab)
+        self._free_version(pv)
 
     def _take_slab(self, device: torch.device, nbytes: int) -> ExportedSlab:
         with self._lock:
@@ -250,6 +258,27 @@ class AdapterStore:
             self._slab_slots[slab.slab_id] = slot
             self.metrics.slabs_allocated += 1
         return slab
+
+    def _free_version(self, pv: PublishedVersion) -> None:
+        self._give_back(pv.slab)
+        if pv.host is not None:
+            self._give_back(pv.host)
+            pv.host = None
+
+    def stage_to_host(self, pv: PublishedVersion) -> None:
+        """Give a GPU version a host copy (once per version): the fallback where CUDA IPC import fails."""
+        if pv.host is not None or pv.slab.device.type == "cpu":
+            return
+        host = self._take_slab(torch.device("cpu"), pv.layout.used_bytes)
+        generation = self._generations.bump(self._slab_slots[host.slab_id])
+        try:
+            host.tensor[:pv.layout.used_bytes].copy_(pv.slab.tensor[:pv.layout.used_bytes])
+        except BaseException:
+            self._give_back(host)
+            raise
+        with self._lock:
+            pv.host, pv.host_generation = host, generation
+            self.metrics.host_stagings += 1
 
     def _give_back(self, slab: ExportedSlab) -> None:
         with self._lock:
@@ -328,7 +357,7 @@ class AdapterStore:
         pv.leases.discard(lease.lease_id)
         if not pv.leases and key in self._retiring:
             del self._retiring[key]
-            self._give_back(pv.slab)
+            self._free_version(pv)
 
     def expire_leases(self) -> int:
         """Reclaim leases past their deadline: pops the heap, so it costs O(expired · log n)."""
@@ -359,9 +388,7 @@ class AdapterStore:
 
     def live_slab_ids(self) -> list[str]:
         with self._lock:
-            slabs = [pv.slab for vs in self._versions.values() for pv in vs.values()]
-            slabs += [pv.slab for pv in self._retiring.values()] + self._free
-            return [s.slab_id for s in slabs]
+            return [s.slab_id for s in self._all_slabs()]
 
     def status(self) -> dict:
         with self._lock:
@@ -385,7 +412,7 @@ class AdapterStore:
                           "bytes": sum(s.nbytes for s in self._all_slabs())},
                 "metrics": {"publishes": m.publishes, "fetches": m.fetches, "bytes_published": m.bytes_published,
                             "bytes_served": m.bytes_served, "leases_expired": m.leases_expired,
-                            "leases_revoked": m.leases_revoked,
+                            "leases_revoked": m.leases_revoked, "host_stagings": m.host_stagings,
                             "errors": m.errors, "errors_by_type": dict(m.errors_by_type),
                             "slabs_allocated": m.slabs_allocated,
                             "fetch_latency": m.fetch_latency.report(),
@@ -393,8 +420,8 @@ class AdapterStore:
             }
 
     def _all_slabs(self) -> list[ExportedSlab]:
-        slabs = [pv.slab for vs in self._versions.values() for pv in vs.values()]
-        return slabs + [pv.slab for pv in self._retiring.values()] + self._free
+        pvs = [pv for vs in self._versions.values() for pv in vs.values()] + list(self._retiring.values())
+        return [pv.slab for pv in pvs] + [pv.host for pv in pvs if pv.host is not None] + self._free
 
     def count_error(self, exc: BaseException) -> None:
         with self._lock:

@@ -24,6 +24,10 @@ class ExportedSlab(ABC):
     handle: SlabHandle
     _views: tuple[bytes, list[torch.Tensor]] | None = None
 
+    def handle_for_import(self) -> SlabHandle:
+        """The handle to give one importing process (CUDA: a fresh export each time, see cuda.py)."""
+        return self.handle
+
     def destination_views(self, layout: SlabLayout) -> list[torch.Tensor]:
         """Per-entry views of this slab for ``layout``, cached: a recycled slab re-packs with no new views."""
         if self._views is None or self._views[0] != layout.digest:
@@ -44,6 +48,9 @@ class ImportedSlab(ABC):
     nbytes: int
     device: torch.device  # where the mapping lives in this process
     handle: SlabHandle
+
+    def consume(self, handle: SlabHandle) -> None:
+        """Account for a surplus handle of this already-open slab (CUDA: release its ref counter)."""
 
     def generation_now(self) -> int | None:
         """The slab's reuse counter as the exporter sees it now (None if the exporter keeps none)."""

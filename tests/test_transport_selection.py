@@ -1,0 +1,90 @@
+"""Issue #9, the parts that are not CUDA-specific: one import per slab per process, transport choice
+(``LORA_IPC_TRANSPORT``), and the automatic host fallback when a slab cannot be imported."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from lora_ipc import AdapterClient, BackendError, LoraIpcError
+from lora_ipc import imports
+from lora_ipc.backends.cuda import expandable_segments_on, parse_settings
+from lora_ipc.client import transport_mode
+
+from . import models
+from .conftest import assert_same_adapter, shm_mappings
+
+
+def test_two_clients_in_one_process_share_one_import(exporter_proc):
+    import os
+
+    exporter_proc.call("publish_random", "shared", 2)
+    before = shm_mappings(os.getpid())
+    a = AdapterClient(exporter_proc.endpoint)
+    b = AdapterClient(exporter_proc.endpoint)
+    try:
+        assert_same_adapter(a.fetch("shared").tensors, models.random_adapter(2))
+        assert_same_adapter(b.fetch("shared").tensors, models.random_adapter(2))
+        (slab_id,) = [s for s in a._slabs]
+        assert imports.REGISTRY.users(slab_id) == 2
+        assert shm_mappings(os.getpid()) - before == 1  # one mapping for the two clients
+        a.close()
+        assert imports.REGISTRY.users(slab_id) == 1
+        assert_same_adapter(b.fetch("shared").tensors, models.random_adapter(2))
+    finally:
+        a.close()
+        b.close()
+    assert imports.REGISTRY.users(slab_id) == 0 and shm_mappings(os.getpid()) == before
+
+
+def test_transport_mode_comes_from_the_environment(monkeypatch):
+    assert transport_mode() == "auto"
+    monkeypatch.setenv("LORA_IPC_TRANSPORT", "HOST")
+    assert transport_mode() == "host"
+    monkeypatch.setenv("LORA_IPC_TRANSPORT", "nvlink")
+    with pytest.raises(LoraIpcError, match="LORA_IPC_TRANSPORT"):
+        transport_mode()
+
+
+def _failing_first_import(monkeypatch):
+    real = imports.open_slab
+    calls = {"n": 0}
+
+    def open_slab(handle):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise BackendError("CUDA IPC import failed: operation not permitted (simulated)")
+        return real(handle)
+
+    monkeypatch.setattr(imports, "open_slab", open_slab)
+    return calls
+
+
+def test_auto_falls_back_to_the_host_copy_once_with_one_warning(exporter_proc, monkeypatch, caplog):
+    exporter_proc.call("publish_random", "fallback", 3)
+    calls = _failing_first_import(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="lora_ipc.client"), AdapterClient(exporter_proc.endpoint) as client:
+        assert_same_adapter(client.fetch("fallback").tensors, models.random_adapter(3))
+        assert_same_adapter(client.fetch("fallback").tensors, models.random_adapter(3))
+        assert client.host_fallbacks == 2 and client._host_only
+    warnings = [r for r in caplog.records if "falling back to host-staged" in r.getMessage()]
+    assert len(warnings) == 1 and "simulated" in warnings[0].getMessage()
+    assert calls["n"] == 2
+
+
+def test_forced_cuda_transport_does_not_fall_back(exporter_proc, monkeypatch):
+    exporter_proc.call("publish_random", "nofallback", 4)
+    _failing_first_import(monkeypatch)
+    with AdapterClient(exporter_proc.endpoint, transport="cuda") as client:
+        with pytest.raises(BackendError, match="simulated"):
+            client.fetch("nofallback")
+        assert_same_adapter(client.fetch("nofallback").tensors, models.random_adapter(4))
+
+
+def test_allocator_settings_parsing():
+    s = "max_split_size_mb:128, expandable_segments:True,garbage_collection_threshold:0.6"
+    assert parse_settings(s) == [("max_split_size_mb", "128"), ("expandable_segments", "True"),
+                                 ("garbage_collection_threshold", "0.6")]
+    assert expandable_segments_on(s) and not expandable_segments_on("expandable_segments:False")
+    assert not expandable_segments_on("")
