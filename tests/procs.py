@@ -85,6 +85,21 @@ def _exporter_main(conn, endpoint, keep, lease_timeout_s, device):
 
                 exporter.store.lease = slow_lease
                 conn.send("armed")
+            elif cmd == "publish_constant_behind_work":  # name, value, sleep_cycles: the pack queues behind GPU work
+                name, value, cycles = args
+                tensors = {k: v.to(device) for k, v in models.constant_adapter(value).items()}
+                torch.cuda.synchronize()
+                torch.cuda._sleep(cycles)
+                conn.send(exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG))
+            elif cmd == "allocator_settings":
+                from lora_ipc.backends.cuda import allocator_settings
+
+                conn.send(allocator_settings())
+            elif cmd == "handle_kinds":
+                from lora_ipc.backends.cuda import HANDLE_KIND_OFFSET
+
+                conn.send(sorted({bytes(s.handle.storage_handle[HANDLE_KIND_OFFSET:HANDLE_KIND_OFFSET + 1]).decode()
+                                  for s in exporter.store._all_slabs()}))
             elif cmd == "status":
                 conn.send(exporter.store.status())
             elif cmd == "cuda_memory":
