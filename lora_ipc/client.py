@@ -13,7 +13,6 @@ import os
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +25,7 @@ from .connection import Connection
 from .endpoint import daemon_endpoint
 from .errors import BackendError, LoraIpcError, ProtocolError, SlabRecycled
 from .layout import SlabLayout
+from .lru import BoundedLRU
 
 MAX_CACHED_LAYOUTS = 32
 MAX_CACHED_SLABS = 32
@@ -73,8 +73,8 @@ class AdapterClient:
         self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._conn = Connection(self.endpoint, timeout_s, context, trusted_uids)
         self._lock = threading.Lock()
-        self._slabs: OrderedDict[str, ImportedSlab] = OrderedDict()
-        self._layouts: OrderedDict[bytes, SlabLayout] = OrderedDict()
+        self._slabs: BoundedLRU[str, ImportedSlab] = BoundedLRU(MAX_CACHED_SLABS, lambda slab_id, _: REGISTRY.release(slab_id))
+        self._layouts: BoundedLRU[bytes, SlabLayout] = BoundedLRU(MAX_CACHED_LAYOUTS)
 
     # ---- API -------------------------------------------------------------------------------
 
@@ -130,8 +130,8 @@ class AdapterClient:
             started = time.perf_counter()
             host = self._host_only
             reply = self._conn.request(
-                p.FetchRequest(name, version, self.client_id, REGISTRY.known(list(reversed(self._slabs))),
-                               list(self._layouts), "host" if host else "device"),
+                p.FetchRequest(name, version, self.client_id, REGISTRY.known(list(reversed(self._slabs.keys()))),
+                               self._layouts.keys(), "host" if host else "device"),
                 p.FetchReply)
             fetch_ms = 0.0
             try:
@@ -160,9 +160,7 @@ class AdapterClient:
 
     def close(self) -> None:
         with self._lock:
-            for slab_id in self._slabs:
-                REGISTRY.release(slab_id)
-            self._slabs.clear()
+            self._slabs.clear()  # releases this client's hold on each import
             self._conn.close()
 
     def __enter__(self) -> AdapterClient:
@@ -176,14 +174,10 @@ class AdapterClient:
     def _slab_for(self, reply: p.FetchReply) -> ImportedSlab:
         slab = self._slabs.get(reply.slab_id)
         if slab is not None:
-            self._slabs.move_to_end(reply.slab_id)
             if reply.slab is not None:
                 slab.consume(reply.slab)  # a surplus export must still be accounted for
             return slab
-        slab = self._slabs[reply.slab_id] = REGISTRY.acquire(reply.slab_id, reply.slab)
-        while len(self._slabs) > MAX_CACHED_SLABS:
-            REGISTRY.release(self._slabs.popitem(last=False)[0])
-        return slab
+        return self._slabs.put(reply.slab_id, REGISTRY.acquire(reply.slab_id, reply.slab))
 
     def _layout_for(self, reply: p.FetchReply, slab: ImportedSlab) -> SlabLayout:
         layout = self._layouts.get(reply.layout_digest)
@@ -193,11 +187,7 @@ class AdapterClient:
             layout = SlabLayout.from_wire(reply.entries, reply.used_bytes, slab.nbytes)
             if layout.digest != reply.layout_digest:
                 raise ProtocolError("layout digest does not match its entries")
-            self._layouts[layout.digest] = layout
-            while len(self._layouts) > MAX_CACHED_LAYOUTS:
-                self._layouts.popitem(last=False)
-        else:
-            self._layouts.move_to_end(reply.layout_digest)
+            self._layouts.put(layout.digest, layout)
         if layout.used_bytes != reply.used_bytes or layout.used_bytes > slab.nbytes:
             raise ProtocolError(f"layout of {layout.used_bytes} bytes does not fit slab {slab.slab_id} ({slab.nbytes})")
         return layout
@@ -209,7 +199,7 @@ class AdapterClient:
             REGISTRY.release(slab_id)
 
 
-_shared: OrderedDict[str, AdapterClient] = OrderedDict()
+_shared: BoundedLRU[str, AdapterClient] = BoundedLRU(MAX_SHARED_CLIENTS, lambda _, client: client.close())
 _shared_lock = threading.Lock()
 
 
@@ -221,10 +211,6 @@ def shared_client(endpoint: str) -> AdapterClient:
     """
     with _shared_lock:
         client = _shared.get(endpoint)
-        if client is not None:
-            _shared.move_to_end(endpoint)
-            return client
-        client = _shared[endpoint] = AdapterClient(endpoint, timeout_s=float(os.environ.get("LORA_IPC_TIMEOUT_S", 10)))
-        while len(_shared) > MAX_SHARED_CLIENTS:
-            _shared.popitem(last=False)[1].close()
+        if client is None:
+            client = _shared.put(endpoint, AdapterClient(endpoint, timeout_s=float(os.environ.get("LORA_IPC_TIMEOUT_S", 10))))
         return client

@@ -10,11 +10,11 @@ import torch
 from .backends import ExportedSlab, backend_for, slab_device
 from .connection import Connection
 from .endpoint import daemon_endpoint, default_endpoint
-from .layout import SlabLayout, align_up, signature_of
+from .layout import SlabLayout, signature_of
 from .peft import adapter_from
 from .protocol import PublishReply, PublishRequest
 from .server import AdapterServer
-from .store import SLAB_GRANULE, AdapterStore, Limits
+from .store import AdapterStore, Limits
 
 class AdapterExporter:
     """Publish adapter versions from this process; engines fetch them with :class:`AdapterClient`.
@@ -78,7 +78,7 @@ class RemoteExporter:
         if slab is None or slab.nbytes < layout.used_bytes or slab.device != device:
             if slab is not None:
                 slab.close()
-            slab = self._staging = backend_for(device).allocate(align_up(layout.used_bytes, SLAB_GRANULE))
+            slab = self._staging = backend_for(device).allocate(layout.used_bytes)
         layout.pack(slab.destination_views(layout), tensors)
         slab.mark_ready()
         reply = self._conn.request(

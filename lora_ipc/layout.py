@@ -2,8 +2,8 @@
 
 Entries are 256-byte aligned. Tensors of the same dtype and shape are placed next to each other,
 so the receiver can turn a whole group into tensor objects with one ``view(...).unbind(0)`` instead
-of one ``split``/``view`` per tensor (DESIGN.md §5: per-tensor Python work dominates once the bytes
-are cheap). The wire form lists entries in publish order as ``[name, dtype, shape, offset, nbytes]``.
+of one ``split``/``view`` per tensor (measured on an H200: per-tensor Python work dominates once the
+bytes are cheap). The wire form lists entries in publish order as ``[name, dtype, shape, offset, nbytes]``.
 """
 
 from __future__ import annotations

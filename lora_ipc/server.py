@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 
 import zmq
@@ -21,6 +20,7 @@ from .connection import make_socket
 from .endpoint import prepare_ipc_path
 from .errors import LoraIpcError, ProtocolError
 from .layout import SlabLayout
+from .lru import BoundedLRU
 from .store import AdapterStore
 
 log = logging.getLogger("lora_ipc.server")
@@ -55,7 +55,7 @@ class AdapterServer:
         self.peer_check = _filter_peers(self._sock, {os.getuid()} if allowed_uids is None else allowed_uids)
         self._sock.bind(endpoint)
         os.chmod(self._path, 0o600)
-        self._publish_sources: OrderedDict[str, ImportedSlab] = OrderedDict()
+        self._publish_sources: BoundedLRU[str, ImportedSlab] = BoundedLRU(MAX_PUBLISH_SOURCES, lambda _, s: s.close())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._handlers: dict[type, Callable[[p.Message, bytes], p.Message]] = {
@@ -83,8 +83,7 @@ class AdapterServer:
                         break
                     self._serve_one(frames)
         finally:
-            for source in self._publish_sources.values():
-                source.close()
+            self._publish_sources.clear()
             self._sock.close(0)
             try:
                 os.unlink(self._path)
@@ -151,9 +150,7 @@ class AdapterServer:
         layout = SlabLayout.from_wire(msg.entries, msg.used_bytes, msg.slab.nbytes)
         source = self._publish_sources.get(msg.slab.slab_id)
         if source is None:  # a publisher's staging slab: opened once, kept while it is in use
-            source = self._publish_sources[msg.slab.slab_id] = open_slab(msg.slab)
-            while len(self._publish_sources) > MAX_PUBLISH_SOURCES:
-                self._publish_sources.popitem(last=False)[1].close()
+            source = self._publish_sources.put(msg.slab.slab_id, open_slab(msg.slab))
         version = self.store.publish_copy(msg.name, layout, msg.peft_config, source.copy_into, source.device)
         return p.PublishReply(msg.name, version)
 

@@ -23,11 +23,11 @@ import os
 import stat
 import threading
 import warnings
-from collections import OrderedDict
 
 import torch
 
 from .errors import BackendError
+from .lru import BoundedLRU
 
 MEMFD_PREFIX = "lora-ipc."
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -157,9 +157,9 @@ class GenerationReader:
         os.close(self.fd)
 
 
-_readers: OrderedDict[tuple[int, int], GenerationReader] = OrderedDict()
-_readers_lock = threading.Lock()
 MAX_GENERATION_READERS = 16
+_readers: BoundedLRU[tuple[int, int], GenerationReader] = BoundedLRU(MAX_GENERATION_READERS, lambda _, r: r.close())
+_readers_lock = threading.Lock()
 
 
 def generation_reader(pid: int, fd: int) -> GenerationReader:
@@ -168,15 +168,11 @@ def generation_reader(pid: int, fd: int) -> GenerationReader:
     with _readers_lock:
         reader = _readers.get(key)
         if reader is not None:
-            _readers.move_to_end(key)
             return reader
     target = _table_name(pid, fd)
     reader = GenerationReader(pid, fd, target)
     with _readers_lock:
-        _readers[key] = reader
-        while len(_readers) > MAX_GENERATION_READERS:
-            _readers.popitem(last=False)[1].close()
-    return reader
+        return _readers.put(key, reader)
 
 
 def _table_name(pid: int, fd: int) -> str:

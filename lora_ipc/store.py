@@ -32,11 +32,11 @@ import torch
 
 from .backends import Backend, ExportedSlab, backend_for, slab_device
 from .errors import AdapterNotFound, AdapterRejected, LeaseError, LimitExceeded, VersionNotFound
-from .layout import SlabLayout, align_up, signature_of
+from .layout import SlabLayout, signature_of
+from .lru import BoundedLRU
 from .protocol import AdapterSummary, GenerationSlot
 from .shm import GenerationTable
 
-SLAB_GRANULE = 64 << 10
 MAX_STATUS_LEASES = 100  # leases listed one by one in a status report (all are counted)
 
 
@@ -142,7 +142,7 @@ class AdapterStore:
         self._lease_heap: list[tuple[float, int]] = []  # (expires_at, lease_id); stale entries skipped
         self._leases_by_holder: dict[bytes, int] = {}
         self._free: list[ExportedSlab] = []
-        self._layouts: dict[tuple, SlabLayout] = {}
+        self._layouts: BoundedLRU[tuple, SlabLayout] = BoundedLRU(16)
         self._generations: GenerationTable | None = None
         self._slab_slots: dict[str, int] = {}  # slab_id -> generation slot
         self._slab_bytes = 0
@@ -190,9 +190,7 @@ class AdapterStore:
         if layout is None:
             layout = SlabLayout.plan(tensors)
             with self._lock:
-                self._layouts[key] = layout
-                while len(self._layouts) > 16:
-                    self._layouts.pop(next(iter(self._layouts)))
+                self._layouts.put(key, layout)
         return layout
 
     def _add(self, name: str, slab: ExportedSlab, layout: SlabLayout, peft_config: dict, generation: int) -> int:
@@ -225,13 +223,13 @@ class AdapterStore:
 
     def _take_slab(self, device: torch.device, nbytes: int) -> ExportedSlab:
         with self._lock:
-            fits = [s for s in self._free if nbytes <= s.nbytes <= 2 * nbytes + SLAB_GRANULE
+            fits = [s for s in self._free if nbytes <= s.nbytes <= 2 * nbytes + Backend.GRANULE
                     and s.device == device]
             if fits:
                 best = min(fits, key=lambda s: s.nbytes)
                 self._free.remove(best)
                 return best
-            size = align_up(nbytes, SLAB_GRANULE)
+            size = -(-nbytes // Backend.GRANULE) * Backend.GRANULE
             while self._free and self._slab_bytes + size > self.limits.max_slab_bytes:
                 self._close_slab(self._free.pop(0))  # room made from unused slabs first
             if self._slab_bytes + size > self.limits.max_slab_bytes:
@@ -246,7 +244,7 @@ class AdapterStore:
             slot = self._generations.take_slot()
             self._slab_bytes += size
         try:
-            slab = backend.allocate(size)
+            slab = backend.allocate(nbytes)
         except BaseException:
             with self._lock:
                 self._generations.free_slot(slot)

@@ -60,15 +60,19 @@ def shm_fds(pid: int) -> list[str]:
     return out
 
 
-def shm_files() -> list[str]:
+def shm_files(*pids: int) -> list[str]:
     """lora-ipc files in /dev/shm: there must never be any (slabs are memfds, see lora_ipc/shm.py).
 
-    Files of live processes this test run did not start (an older lora_ipc elsewhere on the machine)
-    are not ours to judge and are skipped."""
+    With ``pids``: files named after those processes. Without: files of processes this test run
+    started, or of no live process (files of another live lora_ipc on the machine are not ours)."""
     out = []
     for name in os.listdir("/dev/shm"):
         if name.startswith("lora-ipc"):
             pid = name.split(".")[1] if name.count(".") >= 2 else ""
+            if pids:
+                if pid.isdigit() and int(pid) in pids:
+                    out.append(name)
+                continue
             alive = pid.isdigit() and os.path.exists(f"/proc/{pid}")
             if not alive or _started_by_us(int(pid)):
                 out.append(name)

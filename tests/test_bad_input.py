@@ -1,5 +1,7 @@
 """Hostile and broken peers: every bad message gets a typed error and both sides keep serving."""
 
+import re
+
 import msgpack
 import pytest
 import torch
@@ -59,13 +61,13 @@ def still_serving(exporter_proc):
 
 
 @pytest.mark.parametrize("payload, needle", [
-    (b"\xc1\xc1\xc1", "expected an array"),  # 0xc1 is never valid msgpack
-    (b"", "ends early"),
+    (b"\xc1\xc1\xc1", "undecodable"),  # 0xc1 is never valid msgpack
+    (b"", "undecodable"),
     (fetch_frame()[:-7], "undecodable"),  # truncated
-    (msgpack.packb({"not": "a frame"}), "expected an array"),
+    (msgpack.packb({"not": "a frame"}), "frame must be"),
     (msgpack.packb([p.PROTOCOL_VERSION, "fetch", 1, {"name": "good", "version": None, "client_id": "c",
                                                       "sneaky": 1}]), "unknown key"),
-    (fetch_frame(name=msgpack.ExtType(5, b"x")), "expected a scalar"),
+    (fetch_frame(name=msgpack.ExtType(5, b"x")), "undecodable"),
     (msgpack.packb([p.PROTOCOL_VERSION, "list", 1, {"x": [[]] * 300}]), "exceeds its limit"),
     (msgpack.packb([p.PROTOCOL_VERSION + 1, "fetch", 1, {}]), "protocol version"),
     (msgpack.packb([p.PROTOCOL_VERSION, "exec", 1, {}]), "unknown message type"),
@@ -75,7 +77,7 @@ def still_serving(exporter_proc):
     (fetch_frame(known_layouts=[b"short"]), "known_layouts"),
     (msgpack.packb([p.PROTOCOL_VERSION, "fetch", 1, {"name": "good"}]), "missing"),
     (msgpack.packb([p.PROTOCOL_VERSION, "fetch_reply", 1, {}]), "not accepted"),
-    (b"\xd4\x05\x00", "expected an array"),  # msgpack ext type
+    (b"\xd4\x05\x00", "undecodable"),  # msgpack ext type
 ])
 def test_malformed_frames_get_protocol_errors(served, payload, needle):
     exporter_proc, peer = served
@@ -224,3 +226,22 @@ def test_layout_validator_unit():
     assert len(again.groups) == 2  # a and b are one group
     with pytest.raises(LayoutError):
         SlabLayout.from_wire(layout.to_wire(), layout.used_bytes, layout.used_bytes - 256)
+
+
+def test_large_frames_take_the_streaming_path_with_the_same_rules():
+    """Frames over 64 KiB are walked as a stream: the same refusals, without building the frame first."""
+    from lora_ipc.schema import SMALL_FRAME
+
+    big_name = "x" * 500
+    entries = [[f"{big_name}{i}", "float32", [4], i * 256, 16] for i in range(200)]
+    body = {"name": "p", "peft_config": {}, "entries": entries, "used_bytes": 200 * 256,
+            "slab": {"backend": "cpu", "slab_id": "s", "nbytes": 1 << 20, "pid": 1, "fd": 3}}
+    frame = msgpack.packb([p.PROTOCOL_VERSION, "publish", 3, body], use_bin_type=True)
+    assert len(frame) > SMALL_FRAME
+    assert isinstance(p.decode(frame).message, p.PublishRequest)
+    for bad, needle in [({**body, "sneaky": 1}, "6 keys, at most 5"), ({**body, "used_bytes": -1}, "used_bytes"),
+                        ({**body, "entries": entries + [[1, 2]]}, "entries[200]"),
+                        ({**body, "slab": {**body["slab"], "backend": "tpu"}}, "unknown backend")]:
+        with pytest.raises(ProtocolError, match=re.escape(needle)) as info:
+            p.decode(msgpack.packb([p.PROTOCOL_VERSION, "publish", 3, bad], use_bin_type=True))
+        assert info.value.request_id == 3

@@ -93,7 +93,7 @@ def test_sigterm_releases_shared_memory_and_socket(daemon, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
     print(f"daemon stopped {time.monotonic() - started:.2f}s after SIGTERM")
-    assert shm_fds(proc.pid) == [] and shm_files() == []
+    assert shm_fds(proc.pid) == [] and shm_files(proc.pid) == []
     assert not os.path.exists(endpoint[len("ipc://"):])
     assert "shared memory released" in proc.stdout.read()
 
@@ -109,7 +109,7 @@ def test_held_leases_are_reported_at_shutdown(daemon, tmp_path):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(20) == 0
     assert "stuck-engine" in proc.stderr.read()
-    assert shm_fds(proc.pid) == [] and shm_files() == []
+    assert shm_fds(proc.pid) == [] and shm_files(proc.pid) == []
     sock.close(0)
 
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pwd
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 
 import msgpack
@@ -24,8 +22,7 @@ import pytest
 import torch
 import zmq
 
-from lora_ipc import (AdapterClient, AdapterExporter, BackendError, BadAdapterURI, EndpointNotTrusted, LeaseError,
-                      LimitExceeded, Limits, LoraIpcError, RemoteExporter, SlabRecycled, VersionNotFound)
+from lora_ipc import (AdapterClient, BackendError, BadAdapterURI, EndpointNotTrusted, LimitExceeded, Limits, LoraIpcError, RemoteExporter, SlabRecycled, VersionNotFound)
 from lora_ipc import protocol as p
 from lora_ipc.backends import open_slab
 from lora_ipc.shm import create_sealed
@@ -281,7 +278,6 @@ def test_a_copy_overtaken_by_slab_reuse_is_never_returned(monkeypatch):
     exporter = ExporterProcess(keep=1, lease_timeout_s=0.05)
     exporter.call("stream_constant", "c")
     slow = {"n": 0}
-    original = CpuImportedSlab.copy_into
 
     def slow_copy(self, dst):  # the first half, a long stall (the lease expires), then the rest
         half = dst.numel() // 2
@@ -450,12 +446,13 @@ def test_nothing_outlives_a_sigkilled_daemon_or_an_unclosed_remote_exporter(tmp_
     assert "serving" in daemon.stdout.readline()
     script = ("from lora_ipc import RemoteExporter; import torch, os;"
               f"r = RemoteExporter({endpoint!r}); r.publish('a', {{'w': torch.ones(64, 64)}},"
-              " {'r': 8, 'lora_alpha': 8, 'target_modules': ['q_proj']}); os._exit(0)")  # never closed
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
-    assert shm_files() == [] and shm_fds(daemon.pid)
+              " {'r': 8, 'lora_alpha': 8, 'target_modules': ['q_proj']}); print(os.getpid(), flush=True); os._exit(0)")
+    trainer = int(subprocess.run([sys.executable, "-c", script], check=True, timeout=60, capture_output=True,
+                                 text=True).stdout)  # exited without closing its RemoteExporter
+    assert shm_files(trainer, daemon.pid) == [] and shm_fds(daemon.pid)
     daemon.send_signal(signal.SIGKILL)
     daemon.wait(10)
-    assert shm_files() == [] and shm_fds(daemon.pid) == []
+    assert shm_files(daemon.pid) == [] and shm_fds(daemon.pid) == []
     again = subprocess.Popen([sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint],
                              stdout=subprocess.PIPE, text=True)
     assert "serving" in again.stdout.readline()  # the stale socket is taken over

@@ -90,7 +90,7 @@ def test_thousand_cycles_leave_memory_and_fds_flat():
     finally:
         client.close()
         exporter.close()
-    assert shm_fds(exporter.pid) == [] and shm_files() == []  # close releases everything
+    assert shm_fds(exporter.pid) == [] and shm_files(exporter.pid) == []  # close releases everything
 
 
 def test_exporter_sigkill_mid_stream_raises_documented_error_within_timeout():
@@ -111,7 +111,7 @@ def test_exporter_sigkill_mid_stream_raises_documented_error_within_timeout():
     assert_same_adapter(kept.tensors, snapshot)  # what the client owns is untouched
     client.close()
     # the dead exporter's shared memory went with it: memfds, no file left anywhere to sweep
-    assert shm_fds(exporter.pid) == [] and shm_files() == []
+    assert shm_fds(exporter.pid) == [] and shm_files(exporter.pid) == []
 
 
 def test_exporter_closed_mid_fetch_loop_raises_and_keeps_owned_tensors():

@@ -77,7 +77,14 @@ class ImportedSlab(ABC):
 
 
 class Backend(ABC):
+    #: slab sizes are rounded up to this, so slabs of similar sizes can be recycled for each other
+    GRANULE = 64 << 10
+
+    def allocate(self, nbytes: int) -> ExportedSlab:
+        """A new exported slab of at least ``nbytes`` (rounded up to ``GRANULE``), holding nothing but
+        what will be packed into it."""
+        return self._allocate(-(-nbytes // self.GRANULE) * self.GRANULE)
 
     @abstractmethod
-    def allocate(self, nbytes: int) -> ExportedSlab:
-        """A new exported slab of at least ``nbytes`` holding nothing but what will be packed into it."""
+    def _allocate(self, nbytes: int) -> ExportedSlab:
+        """Allocate exactly ``nbytes``."""

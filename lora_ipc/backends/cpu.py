@@ -68,5 +68,5 @@ class CpuBackend(Backend):
         self._token = f"{os.getpid()}.{secrets.token_hex(4)}"
         self._counter = itertools.count(1)
 
-    def allocate(self, nbytes: int) -> CpuExportedSlab:
+    def _allocate(self, nbytes: int) -> CpuExportedSlab:
         return CpuExportedSlab(f"{self._token}.{next(self._counter)}", nbytes)

@@ -243,7 +243,7 @@ class CudaBackend(Backend):
         self._token = f"{os.getpid()}.{secrets.token_hex(4)}"
         self._counter = itertools.count(1)
 
-    def allocate(self, nbytes: int) -> CudaExportedSlab:
+    def _allocate(self, nbytes: int) -> CudaExportedSlab:
         try:
             return CudaExportedSlab(f"cuda.{self._token}.{next(self._counter)}", nbytes, self.device)
         except torch.cuda.OutOfMemoryError as exc:
