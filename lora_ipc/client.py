@@ -75,6 +75,7 @@ class AdapterClient:
         self._lock = threading.Lock()
         self._slabs: BoundedLRU[str, ImportedSlab] = BoundedLRU(MAX_CACHED_SLABS, lambda slab_id, _: REGISTRY.release(slab_id))
         self._layouts: BoundedLRU[bytes, SlabLayout] = BoundedLRU(MAX_CACHED_LAYOUTS)
+        self._configs: BoundedLRU[bytes, dict] = BoundedLRU(16)
 
     # ---- API -------------------------------------------------------------------------------
 
@@ -131,10 +132,11 @@ class AdapterClient:
             host = self._host_only
             reply = self._conn.request(
                 p.FetchRequest(name, version, self.client_id, REGISTRY.known(list(reversed(self._slabs.keys()))),
-                               self._layouts.keys(), "host" if host else "device"),
+                               self._layouts.keys(), self._configs.keys(), "host" if host else "device"),
                 p.FetchReply)
             fetch_ms = 0.0
             try:
+                config = self._config_for(reply)
                 try:
                     slab = self._slab_for(reply)
                 except BackendError as exc:
@@ -156,7 +158,7 @@ class AdapterClient:
                 except LoraIpcError:
                     pass  # the lease expires on its own
             self._forget_dead_slabs(reply.live_slabs)
-        return Adapter(reply.name, reply.version, layout.unpack(owned), reply.peft_config)
+        return Adapter(reply.name, reply.version, layout.unpack(owned), dict(config))
 
     def close(self) -> None:
         with self._lock:
@@ -178,6 +180,16 @@ class AdapterClient:
                 slab.consume(reply.slab)  # a surplus export must still be accounted for
             return slab
         return self._slabs.put(reply.slab_id, REGISTRY.acquire(reply.slab_id, reply.slab))
+
+    def _config_for(self, reply: p.FetchReply) -> dict:
+        config = self._configs.get(reply.config_digest)
+        if config is None:
+            if reply.peft_config is None:
+                raise ProtocolError("reply omits a LoRA config this client does not have")
+            if p.digest_of(reply.peft_config) != reply.config_digest:
+                raise ProtocolError("config digest does not match the config")
+            config = self._configs.put(reply.config_digest, reply.peft_config)
+        return config
 
     def _layout_for(self, reply: p.FetchReply, slab: ImportedSlab) -> SlabLayout:
         layout = self._layouts.get(reply.layout_digest)

@@ -22,6 +22,7 @@ any                    ``ErrorReply``       typed error, named by class
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,6 +33,11 @@ from .schema import (SMALL_FRAME, Bool, Choice, Bytes, Float, Int, ListOf, Optio
                      Tuple, unpack_small, wire)
 
 PROTOCOL_VERSION = 2
+
+
+def digest_of(obj: Any) -> bytes:
+    """16-byte digest of a msgpack-able value (layouts and configs are cached by it)."""
+    return hashlib.blake2b(msgpack.packb(obj, use_bin_type=True), digest_size=16).digest()
 MAX_FRAME_BYTES = 32 << 20  # the largest frame any message type may have (a 32k-tensor layout)
 MAX_NAME_CHARS = 512
 MAX_ENTRIES = 1 << 15  # tensors in one slab layout
@@ -148,8 +154,9 @@ class ListReply(Message):
 class FetchRequest(Message):
     """Lease ``version`` (newest when None) of ``name``.
 
-    ``known_slabs`` / ``known_layouts`` list what the client has cached, so the reply can leave out
-    the slab handle and the per-tensor layout (names, dtypes, shapes) when the client already has them.
+    ``known_slabs`` / ``known_layouts`` / ``known_configs`` list what the client has cached, so the
+    reply can leave out the slab handle, the per-tensor layout (names, dtypes, shapes) and the LoRA
+    config when the client already has them: a steady-state reply is a few scalars.
     ``transport="host"`` asks for the version staged in host shared memory (the fallback where CUDA
     IPC cannot be imported); the exporter stages each version at most once.
     """
@@ -159,6 +166,7 @@ class FetchRequest(Message):
     client_id: str = wire(Str(128))
     known_slabs: list[str] = wire(ListOf(SLAB_ID, 64), default_factory=list)
     known_layouts: list[bytes] = wire(ListOf(DIGEST, 64), default_factory=list)
+    known_configs: list[bytes] = wire(ListOf(DIGEST, 16), default_factory=list)
     transport: str = wire(Choice("device", "host"), default="device")  # host: a host-staged copy of a GPU slab
     TYPE: ClassVar[str] = "fetch"
     MAX_FRAME: ClassVar[int] = 24 << 10
@@ -166,7 +174,8 @@ class FetchRequest(Message):
 
 @dataclass(frozen=True)
 class FetchReply(Message):
-    """A leased version. ``slab`` / ``entries`` are None when the request said the client knows them.
+    """A leased version. ``slab`` / ``entries`` / ``peft_config`` are None when the request said the
+    client knows them (by slab id, layout digest, config digest).
 
     ``generation`` is the slab's reuse count when this version was packed into it; the client checks
     it again after its copy (see ``GenerationSlot``): a changed count means the copy may be torn.
@@ -175,7 +184,8 @@ class FetchReply(Message):
     name: str = wire(NAME)
     version: int = wire(Int(1))
     lease_id: int = wire(Int(1))
-    peft_config: dict = wire(CONFIG)
+    config_digest: bytes = wire(DIGEST)
+    peft_config: dict | None = wire(Optional(CONFIG))
     slab_id: str = wire(SLAB_ID)
     slab: SlabHandle | None = wire(Optional(SLAB_HANDLE))
     generation: int = wire(Int(0))

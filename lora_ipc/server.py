@@ -134,7 +134,8 @@ class AdapterServer:
         slab, generation = pv.slab_for(msg.transport)
         layout = pv.layout
         return p.FetchReply(
-            name=pv.name, version=pv.version, lease_id=lease.lease_id, peft_config=pv.peft_config,
+            name=pv.name, version=pv.version, lease_id=lease.lease_id, config_digest=pv.config_digest,
+            peft_config=None if pv.config_digest in msg.known_configs else pv.peft_config,
             slab_id=slab.slab_id,
             slab=None if slab.slab_id in msg.known_slabs else slab.handle_for_import(),
             generation=generation, layout_digest=layout.digest,

@@ -34,7 +34,7 @@ from .backends import Backend, ExportedSlab, backend_for, slab_device
 from .errors import AdapterNotFound, AdapterRejected, LeaseError, LimitExceeded, VersionNotFound
 from .layout import SlabLayout, signature_of
 from .lru import BoundedLRU
-from .protocol import AdapterSummary, GenerationSlot
+from .protocol import AdapterSummary, GenerationSlot, digest_of
 from .shm import GenerationTable
 
 MAX_STATUS_LEASES = 100  # leases listed one by one in a status report (all are counted)
@@ -62,6 +62,7 @@ class PublishedVersion:
     published_at: float
     generation: int
     leases: set[int] = field(default_factory=set)  # lease ids
+    config_digest: bytes = b""
     host: ExportedSlab | None = None  # host-staged copy of a GPU version (transport fallback), made on demand
     host_generation: int = 0
 
@@ -198,7 +199,8 @@ class AdapterStore:
             version = self._last_version.get(name, 0) + 1
             self._last_version[name] = version
             versions = self._versions.setdefault(name, {})
-            versions[version] = PublishedVersion(name, version, slab, layout, peft_config, time.time(), generation)
+            versions[version] = PublishedVersion(name, version, slab, layout, peft_config, time.time(), generation,
+                                                 config_digest=self._config_digest(peft_config))
             self.metrics.publishes += 1
             self.metrics.bytes_published += layout.used_bytes
             while len(versions) > self.keep:
@@ -211,6 +213,15 @@ class AdapterStore:
             for pv in retiring[:max(0, len(retiring) - self.limits.max_retiring_per_adapter)]:
                 self._revoke(pv)
             return version
+
+    def _config_digest(self, peft_config: dict) -> bytes:
+        """Digest of a config, remembered for the last config object seen (a training loop republishes one)."""
+        last = getattr(self, "_last_config", None)
+        if last is not None and last[0] is peft_config:
+            return last[1]
+        digest = digest_of(peft_config)
+        self._last_config = (peft_config, digest)
+        return digest
 
     def _revoke(self, pv: PublishedVersion) -> None:
         """Take a retiring version's slab back from its lease holders (their copies will not validate)."""

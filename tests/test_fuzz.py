@@ -83,7 +83,7 @@ def _valid_frames():
     slab = p.CpuSlabHandle("1.ab.1", 4096, pid=77, fd=12, generation=p.GenerationSlot(77, 11, 3))
     return [
         p.encode(p.FetchRequest("policy", 3, "c", ["s1"], [b"\0" * 16]), 7),
-        p.encode(p.FetchReply("policy", 3, 9, {"r": 8, "target_modules": ["q_proj"]}, slab.slab_id, slab, 4,
+        p.encode(p.FetchReply("policy", 3, 9, b"c" * 16, {"r": 8, "target_modules": ["q_proj"]}, slab.slab_id, slab, 4,
                               layout.digest, layout.to_wire(), layout.used_bytes, [slab.slab_id]), 7),
         p.encode(p.PublishRequest("policy", {"r": 8}, slab, layout.to_wire(), layout.used_bytes), 2),
         p.encode(p.ReleaseRequest(5, 0.25), 3),
