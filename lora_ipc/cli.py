@@ -12,7 +12,12 @@ from .errors import EndpointInUse, EndpointNotTrusted
 
 
 def _cmd_serve(args) -> int:
+    import logging
+
     from .daemon import serve
+
+    # the daemon's one output channel: logging, to stdout, one line per event
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="lora-ipc: %(message)s", force=True)
 
     try:
         return serve(args.endpoint, keep=args.keep, lease_timeout_s=args.lease_timeout, drain_s=args.drain,
@@ -43,7 +48,7 @@ def format_status(report: dict) -> str:
                      f"{a['leases']:>6}  {when}{'  (retiring)' if a['retiring'] else ''}")
     if not report["adapters"]:
         lines.append("(no adapters published)")
-    lines += ["", f"live leases: {len(report['leases'])}"]
+    lines += ["", f"live leases: {report.get('lease_count', len(report['leases']))}"]
     for lease in report["leases"]:
         lines.append(f"  #{lease['lease_id']} {lease['name']}@v{lease['version']} held by {lease['holder']}, "
                      f"expires in {lease['expires_in_s']:.1f} s")

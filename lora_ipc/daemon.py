@@ -15,7 +15,8 @@ log = logging.getLogger("lora_ipc.daemon")
 
 
 def serve(endpoint: str, *, keep: int = 2, lease_timeout_s: float = 30.0, drain_s: float = 5.0,
-          metrics_port: int | None = None, check_finite: bool = False, ready=print) -> int:
+          metrics_port: int | None = None, check_finite: bool = False) -> int:
+    """Serve until SIGTERM/SIGINT, then drain. Everything it says goes through the ``lora_ipc.daemon`` logger."""
     store = AdapterStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite)
     server = AdapterServer(store, endpoint)  # raises EndpointInUse if another server holds it
     stop = threading.Event()
@@ -29,7 +30,7 @@ def serve(endpoint: str, *, keep: int = 2, lease_timeout_s: float = 30.0, drain_
     if metrics_port is not None and not serve_metrics(store, metrics_port):
         log.warning("prometheus_client is not installed: no metrics endpoint")
     server.start()
-    ready(f"lora-ipc serving on {endpoint}", flush=True)
+    log.info("serving on %s", endpoint)
     while not stop.wait(0.2):
         pass
     # drain: let in-flight fetches finish their copy and release, up to drain_s (stop is set: sleep, don't wait on it)
@@ -44,5 +45,5 @@ def serve(endpoint: str, *, keep: int = 2, lease_timeout_s: float = 30.0, drain_
                     " …" if held > 10 else "")
     server.stop()
     store.close()
-    print("lora-ipc: stopped; shared memory released", flush=True)
+    log.info("stopped; shared memory released")
     return 0

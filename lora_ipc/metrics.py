@@ -19,7 +19,7 @@ class StoreCollector:
                          ("bytes_published", "bytes packed into slabs"), ("bytes_served", "bytes leased to clients"),
                          ("leases_expired", "leases reclaimed after their timeout"), ("errors", "requests rejected")):
             yield CounterMetricFamily(f"{pfx}_{key}", doc, value=m[key])
-        yield GaugeMetricFamily(f"{pfx}_live_leases", "leases currently held", value=len(s["leases"]))
+        yield GaugeMetricFamily(f"{pfx}_live_leases", "leases currently held", value=s["lease_count"])
         yield GaugeMetricFamily(f"{pfx}_slab_bytes", "bytes of slab memory held", value=s["slabs"]["bytes"])
         versions = GaugeMetricFamily(f"{pfx}_adapter_version", "newest kept version per adapter", labels=["adapter"])
         newest: dict[str, int] = {}

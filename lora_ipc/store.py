@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
 
@@ -50,6 +51,46 @@ class Limits:
     max_leases: int = 1 << 16  # live leases in all
     max_leases_per_holder: int = 64  # live leases per connection
     max_retiring_per_adapter: int = 2  # old versions pinned by leases; past it the oldest is revoked
+
+
+class AdapterStatus(TypedDict):
+    name: str
+    version: int
+    bytes: int
+    tensors: int
+    leases: int
+    retiring: bool
+    published_at: float
+
+
+class LeaseStatus(TypedDict):
+    lease_id: int
+    name: str
+    version: int
+    holder: str
+    expires_in_s: float
+
+
+class SlabStatus(TypedDict):
+    live: int
+    free: int
+    bytes: int
+
+
+class StatusReport(TypedDict, total=False):
+    """What ``AdapterStore.status`` returns (and the server adds ``endpoint``/``pid`` to); read by the
+    CLI, the Prometheus exporter and the daemon."""
+
+    uptime_s: float
+    keep: int
+    adapters: list[AdapterStatus]
+    lease_count: int
+    leases: list[LeaseStatus]  # at most MAX_STATUS_LEASES of them
+    limits: dict
+    slabs: SlabStatus
+    metrics: dict
+    endpoint: str
+    pid: int
 
 
 @dataclass
@@ -399,7 +440,7 @@ class AdapterStore:
         with self._lock:
             return [s.slab_id for s in self._all_slabs()]
 
-    def status(self) -> dict:
+    def status(self) -> StatusReport:
         with self._lock:
             now = self.clock()
             m = self.metrics

@@ -108,7 +108,7 @@ def test_held_leases_are_reported_at_shutdown(daemon, tmp_path):
     sock.recv_multipart()
     proc.send_signal(signal.SIGINT)
     assert proc.wait(20) == 0
-    assert "stuck-engine" in proc.stderr.read()
+    assert "stuck-engine" in proc.stdout.read()
     assert shm_fds(proc.pid) == [] and shm_files(proc.pid) == []
     sock.close(0)
 

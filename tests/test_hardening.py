@@ -477,7 +477,7 @@ def test_drain_waits_while_a_lease_is_held(tmp_path):
     assert daemon.wait(20) == 0
     waited = time.monotonic() - started
     assert waited >= 1.8, f"exited after {waited:.2f}s with a lease held and --drain 2"
-    assert "stuck" in daemon.stderr.read()
+    assert "stuck" in daemon.stdout.read()
     sock.close(0)
 
 
