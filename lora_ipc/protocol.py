@@ -287,46 +287,37 @@ def encode(message: Message, request_id: int = 0) -> bytes:
 
 
 def decode(data: bytes, accept: frozenset[str] | None = None) -> Frame:
-    """Decode and validate one frame whose type is in ``accept``. Raises ProtocolError for anything else."""
+    """Decode and validate one frame whose type is in ``accept``. Raises ProtocolError for anything else.
+
+    Frames up to ``SMALL_FRAME`` bytes are built by C msgpack and then checked (``Spec.check``);
+    larger ones are walked as a stream (``Spec.read``). Both apply the same specs.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame too large or not bytes ({len(data) if hasattr(data, '__len__') else '?'} bytes)")
     if len(data) <= SMALL_FRAME:
-        return _decode_small(data, accept)
+        raw = unpack_small(data)
+        if type(raw) is not list or len(raw) != 4:
+            raise ProtocolError("frame must be an array [protocol_version, type, request_id, body]")
+        cls, request_id = _header(raw[0], raw[1], raw[2], accept, len(data))
+        return _body(cls, request_id, lambda: Struct(cls).check(raw[3], "body"))
     r = Reader(data)
     if r.array("frame", 4) != 4:
-        raise ProtocolError("frame must be [protocol_version, type, request_id, body]")
-    version: Any = r.scalar("protocol_version")
-    type_name: Any = r.scalar("type")
-    request_id: Any = r.scalar("request_id")
-    if type(request_id) is not int or not 0 <= request_id < (1 << 63):
-        raise ProtocolError("request_id must be a non-negative integer")
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r:.20} not supported (this side speaks {PROTOCOL_VERSION})",
-                            request_id)
-    cls = MESSAGE_TYPES.get(type_name) if type(type_name) is str else None
-    if cls is None:
-        raise ProtocolError(f"unknown message type {type_name!r:.40}", request_id)
-    if accept is not None and type_name not in accept:
-        raise ProtocolError(f"{type_name} is not accepted here", request_id)
-    if len(data) > cls.MAX_FRAME:
-        raise ProtocolError(f"{type_name} frame of {len(data)} bytes exceeds its limit of {cls.MAX_FRAME}", request_id)
-    try:
+        raise ProtocolError("frame must be an array [protocol_version, type, request_id, body]")
+    cls, request_id = _header(r.scalar("protocol_version"), r.scalar("type"), r.scalar("request_id"), accept,
+                              len(data))
+
+    def read_all():
         message = Struct(cls).read(r, "body")
         if not r.at_end():
             raise ProtocolError("trailing bytes after the frame")
-    except ProtocolError as exc:
-        raise ProtocolError(f"invalid {type_name} message: {exc}", request_id) from None
-    except Exception as exc:  # a bug in a check must still come out typed
-        raise ProtocolError(f"invalid {type_name} message: {type(exc).__name__}: {exc}", request_id) from None
-    return Frame(request_id, message)
+        return message
+
+    return _body(cls, request_id, read_all)
 
 
-def _decode_small(data: bytes, accept: frozenset[str] | None) -> Frame:
-    """The same rules as the streaming path, applied to what C msgpack built from a small frame."""
-    raw = unpack_small(data)
-    if type(raw) is not list or len(raw) != 4:
-        raise ProtocolError("frame must be an array [protocol_version, type, request_id, body]")
-    version, type_name, request_id, body = raw
+def _header(version: Any, type_name: Any, request_id: Any, accept: frozenset[str] | None,
+            nbytes: int) -> tuple[type[Message], int]:
+    """Check a frame's header; errors carry the request id as soon as it could be read."""
     if type(request_id) is not int or not 0 <= request_id < (1 << 63):
         raise ProtocolError("request_id must be a non-negative integer")
     if type(version) is not int or version != PROTOCOL_VERSION:
@@ -337,11 +328,15 @@ def _decode_small(data: bytes, accept: frozenset[str] | None) -> Frame:
         raise ProtocolError(f"unknown message type {type_name!r:.40}", request_id)
     if accept is not None and type_name not in accept:
         raise ProtocolError(f"{type_name} is not accepted here", request_id)
-    if len(data) > cls.MAX_FRAME:
-        raise ProtocolError(f"{type_name} frame of {len(data)} bytes exceeds its limit of {cls.MAX_FRAME}", request_id)
+    if nbytes > cls.MAX_FRAME:
+        raise ProtocolError(f"{type_name} frame of {nbytes} bytes exceeds its limit of {cls.MAX_FRAME}", request_id)
+    return cls, request_id
+
+
+def _body(cls: type[Message], request_id: int, decode_body) -> Frame:
     try:
-        return Frame(request_id, Struct(cls).check(body, "body"))
+        return Frame(request_id, decode_body())
     except ProtocolError as exc:
-        raise ProtocolError(f"invalid {type_name} message: {exc}", request_id) from None
+        raise ProtocolError(f"invalid {cls.TYPE} message: {exc}", request_id) from None
     except Exception as exc:  # a bug in a check must still come out typed
-        raise ProtocolError(f"invalid {type_name} message: {type(exc).__name__}: {exc}", request_id) from None
+        raise ProtocolError(f"invalid {cls.TYPE} message: {type(exc).__name__}: {exc}", request_id) from None

@@ -112,35 +112,33 @@ def test_serve_refuses_a_default_directory_another_user_precreated(attacker, tmp
     shutil.rmtree(shared_tmp)
 
 
-def test_clients_refuse_a_server_of_another_uid(attacker):
+@pytest.fixture
+def impostor(attacker):
+    """A server of another uid, in a directory of its own: (endpoint, control pipe)."""
     directory = attacker_dir(attacker)
     endpoint = f"ipc://{directory}/daemon.sock"
     proc, conn = run_as(attacker, _impostor, endpoint)
     assert conn.poll(20) and conn.recv() == "ready"
-    try:
-        with AdapterClient(endpoint, timeout_s=2) as client, pytest.raises(EndpointNotTrusted, match="uid"):
-            client.list()
-        with RemoteExporter(endpoint, timeout_s=2) as remote, pytest.raises(EndpointNotTrusted):
-            remote.publish("secret-name", models.random_adapter(1), models.RANDOM_ADAPTER_CONFIG)
-        conn.send("count")
-        assert conn.poll(10)
-        assert conn.recv() == 0  # the impostor saw no request at all: no name, config or handle leaked
-    finally:
-        proc.kill()
-        shutil.rmtree(directory, ignore_errors=True)
+    yield endpoint, conn
+    proc.kill()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_an_explicitly_trusted_uid_is_allowed(attacker):
-    directory = attacker_dir(attacker)
-    endpoint = f"ipc://{directory}/daemon.sock"
-    proc, conn = run_as(attacker, _impostor, endpoint)
-    assert conn.poll(20) and conn.recv() == "ready"
-    try:
-        with AdapterClient(endpoint, timeout_s=2, trusted_uids={attacker[0]}) as client:
-            assert client.versions("policy") == [41, 42]
-    finally:
-        proc.kill()
-        shutil.rmtree(directory, ignore_errors=True)
+def test_clients_refuse_a_server_of_another_uid(impostor):
+    endpoint, conn = impostor
+    with AdapterClient(endpoint, timeout_s=2) as client, pytest.raises(EndpointNotTrusted, match="uid"):
+        client.list()
+    with RemoteExporter(endpoint, timeout_s=2) as remote, pytest.raises(EndpointNotTrusted):
+        remote.publish("secret-name", models.random_adapter(1), models.RANDOM_ADAPTER_CONFIG)
+    conn.send("count")
+    assert conn.poll(10)
+    assert conn.recv() == 0  # the impostor saw no request at all: no name, config or handle leaked
+
+
+def test_an_explicitly_trusted_uid_is_allowed(impostor, attacker):
+    endpoint, _ = impostor
+    with AdapterClient(endpoint, timeout_s=2, trusted_uids={attacker[0]}) as client:
+        assert client.versions("policy") == [41, 42]
 
 
 # ---- 2. links: handles name no paths; what is opened is checked on the opened descriptor -----------
@@ -156,15 +154,19 @@ def _hold_memfd(conn, name, sealed):
     conn.recv()
 
 
-def test_importer_refuses_memory_of_another_user(attacker):
-    proc, conn = run_as(attacker, _hold_memfd, "x.1", True)
+def assert_import_refused(proc, conn, name, needle):
+    """The memfd ``proc`` holds, named like a slab, must not import."""
     pid, fd = conn.recv()
     try:
-        with pytest.raises(BackendError, match="not owned by this user"):
-            open_slab(p.CpuSlabHandle("x.1", 1 << 16, pid, fd))
+        with pytest.raises(BackendError, match=needle):
+            open_slab(p.CpuSlabHandle(name, 1 << 16, pid, fd))
     finally:
         conn.send("done")
         proc.join(5)
+
+
+def test_importer_refuses_memory_of_another_user(attacker):
+    assert_import_refused(*run_as(attacker, _hold_memfd, "x.1", True), "x.1", "not owned by this user")
 
 
 def test_importer_refuses_a_handle_pointing_at_a_private_file_or_unsealed_memory(tmp_path):
@@ -177,13 +179,7 @@ def test_importer_refuses_a_handle_pointing_at_a_private_file_or_unsealed_memory
     parent, child = FORK.Pipe()
     holder = FORK.Process(target=_hold_memfd, args=(child, "x.3", False), daemon=True)
     holder.start()
-    pid, fd = parent.recv()
-    try:
-        with pytest.raises(BackendError, match="not sealed"):
-            open_slab(p.CpuSlabHandle("x.3", 1 << 16, pid, fd))
-    finally:
-        parent.send("done")
-        holder.join(5)
+    assert_import_refused(holder, parent, "x.3", "not sealed")
 
 
 # ---- 3. no SIGBUS: sealed, reserved memory -----------------------------------------------------
