@@ -16,7 +16,6 @@ from .errors import (
 from .exporter import AdapterExporter, RemoteExporter
 
 
-
 def _version() -> str:
     """The installed distribution's version: pyproject.toml's ``[project] version`` is the only copy."""
     from importlib.metadata import PackageNotFoundError, version
@@ -31,6 +30,6 @@ __version__ = _version()
 
 __all__ = [
     "Adapter", "AdapterClient", "AdapterExporter", "AdapterNotFound", "AdapterRejected", "BackendError",
-    "EndpointInUse", "ExporterUnavailable", "LayoutError", "LeaseError", "LoraIpcError", "ProtocolError", "RemoteExporter",
-    "VersionNotFound",
+    "EndpointInUse", "ExporterUnavailable", "LayoutError", "LeaseError", "LoraIpcError", "ProtocolError",
+    "RemoteExporter", "VersionNotFound",
 ]

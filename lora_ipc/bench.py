@@ -63,7 +63,8 @@ def run_bench(args) -> int:
     json_path, png_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.png")
     # a fresh interpreter, so OpenMP settings the benchmark needs apply before torch loads
     subprocess.run([sys.executable, "-m", "lora_ipc.benchmarks.transport", "--device", device, "--ranks", ranks,
-                    "--layers", str(layers), "--iters", str(args.iters), "--warmup", str(args.warmup), "--json", json_path, "--quiet"],
+                    "--layers", str(layers), "--iters", str(args.iters), "--warmup", str(args.warmup),
+                    "--json", json_path, "--quiet"],
                    check=True, env={**os.environ, **OMP_ENV})
     with open(json_path) as f:
         results = json.load(f)

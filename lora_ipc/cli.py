@@ -33,7 +33,8 @@ def format_status(report: dict) -> str:
     m = report["metrics"]
     lines = [f"lora-ipc server pid {report.get('pid')} on {report.get('endpoint')}, up {report['uptime_s']:.0f} s, "
              f"keep={report['keep']}",
-             f"slabs: {report['slabs']['live']} ({_human_bytes(report['slabs']['bytes'])}), free {report['slabs']['free']}",
+             f"slabs: {report['slabs']['live']} ({_human_bytes(report['slabs']['bytes'])}), "
+             f"free {report['slabs']['free']}",
              "",
              f"{'adapter':<24} {'version':>7} {'size':>10} {'tensors':>7} {'leases':>6}  published"]
     for a in report["adapters"]:
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="run the transport benchmark; write JSON, a PNG plot and a table")
     s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    s.add_argument("--ranks", default=None, help="comma-separated LoRA ranks (default: 4,8,16,32,64 on GPU, 4,16,64 on CPU)")
+    s.add_argument("--ranks", default=None,
+                   help="comma-separated LoRA ranks (default: 4,8,16,32,64 on GPU, 4,16,64 on CPU)")
     s.add_argument("--layers", type=int, default=None, help="Llama layers (default: 32 on GPU, 8 on CPU)")
     s.add_argument("--iters", type=int, default=20)
     s.add_argument("--warmup", type=int, default=3)

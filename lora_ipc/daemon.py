@@ -40,7 +40,8 @@ def serve(endpoint: str, *, keep: int = 2, lease_timeout_s: float = 30.0, drain_
     leases = store.status()["leases"]
     if leases:
         print(f"lora-ipc: {len(leases)} lease(s) still held at shutdown: "
-              + ", ".join(f"{lease['holder']}:{lease['name']}@v{lease['version']}" for lease in leases), file=sys.stderr)
+              + ", ".join(f"{lease['holder']}:{lease['name']}@v{lease['version']}" for lease in leases),
+              file=sys.stderr)
     server.stop()
     store.close()
     print("lora-ipc: stopped; shared memory released", flush=True)

@@ -50,7 +50,8 @@ def test_adapter_outlives_the_trainer_that_published_it(daemon, tmp_path):
         adapter = client.fetch("policy")
     assert adapter.version == 1
     assert_same_adapter(adapter.tensors, reference)
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith("lora-ipc.") and not f.startswith(f"lora-ipc.{proc.pid}.")
+    assert not [f for f in os.listdir("/dev/shm")
+                if f.startswith("lora-ipc.") and not f.startswith(f"lora-ipc.{proc.pid}.")
                 and not os.path.exists(f"/proc/{f.split('.')[1]}")], "the trainer left its staging slab behind"
 
 

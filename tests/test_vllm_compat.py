@@ -15,6 +15,7 @@ vllm = pytest.importorskip("vllm")
 from lora_ipc.vllm import compat  # noqa: E402
 
 VLLM_DIR = Path(vllm.__file__).parent
+FROM_TENSORS_TAIL = '        {}: list[str] | None = None,\n    ) -> "LoRAModel":\n        """Create a LoRAModel from'
 
 
 def test_installed_vllm_is_hookable_and_both_readings_agree():
@@ -55,8 +56,7 @@ def _edit(root: Path, module: str, old: str, new: str) -> None:
      "['revision'] to from_local_checkpoint"),
     ("worker_manager", "model_vocab_size=self.vocab_size", "model_vocab_size=self.vocab_size_padded",
      "no longer reads self.['vocab_size']"),
-    ("lora_model", "        skip_prefixes: list[str] | None = None,\n    ) -> \"LoRAModel\":\n        \"\"\"Create a LoRAModel from",
-     "        prefixes: list[str] | None = None,\n    ) -> \"LoRAModel\":\n        \"\"\"Create a LoRAModel from",
+    ("lora_model", FROM_TENSORS_TAIL.format("skip_prefixes"), FROM_TENSORS_TAIL.format("prefixes"),
      "does not accept ['skip_prefixes']"),
     ("peft_helper", "def validate_legal(", "def check_legal(", "PEFTHelper lacks ['validate_legal']"),
     ("utils", "def parse_fine_tuned_lora_name(\n    name: str,", "def parse_fine_tuned_lora_name(\n    key: str,",

@@ -50,9 +50,9 @@ def _sync(device: str) -> None:
 def consumer(conn, device: str) -> None:
     import torch.multiprocessing  # noqa: F401  (registers torch's reductions for the per-tensor path)
     from safetensors.torch import load_file
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
     from lora_ipc import AdapterClient
-    from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
     clients: dict[str, AdapterClient] = {}
     while True:

@@ -309,7 +309,8 @@ def surface_from_runtime() -> VLLMSurface:
     try:
         from vllm.lora import utils
 
-        s.utils = {n: params_of(getattr(utils, n), drop_first=False) for n in UTILS if callable(getattr(utils, n, None))}
+        s.utils = {n: params_of(getattr(utils, n), drop_first=False)
+                   for n in UTILS if callable(getattr(utils, n, None))}
     except ImportError:
         pass
     try:
