@@ -147,10 +147,13 @@ def main(argv=None) -> int:
         reference = None
     diff = differences(reference.summary(), source.summary()) if reference is not None else []
     if reference is not None:
-        print(f"  compared with the vllm installed here ({reference.version}): "
-              + ("no differences in what lora_ipc uses" if not diff else ""))
+        if not diff:
+            print(f"  what lora_ipc uses is the same as in the vllm installed here ({reference.version})")
+        else:
+            print(f"  differences from the vllm installed here ({reference.version}), each one checked above:")
         for d in diff:
-            print(f"    {d}")
+            note = "  (the loader makes the same calls)" if d.startswith("validations:") else ""
+            print(f"    {d}{note}")
     if args.json:
         Path(args.json).write_text(json.dumps({"version": version, "ok": ok, "source_problems": source_problems,
                                                "runtime": runtime, "differences_from_installed": diff}, indent=2))
