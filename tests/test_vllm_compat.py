@@ -93,6 +93,6 @@ def test_registration_refuses_an_incompatible_vllm_through_vllms_plugin_loader()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent),
                                                        os.environ.get("PYTHONPATH", "")]))
     env.pop("VLLM_PLUGINS", None)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0
     assert "UnsupportedVLLM" in proc.stderr and "_load_adapter(lora_request, extra)" in proc.stderr, proc.stderr[-2000:]
