@@ -68,13 +68,24 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _require(command: str, modules: tuple[str, ...], extra: str) -> None:
+    """A subcommand's optional dependencies, or one line saying which extra installs them."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"lora-ipc {command} needs {', '.join(missing)}: pip install 'lora-ipc[{extra}]'")
+
+
 def _cmd_demo(args) -> int:
+    _require("demo", ("peft", "transformers", "vllm"), "peft,vllm")
     from .demo import run_demo
 
     return run_demo(steps=args.steps, device=args.device, rank=args.rank)
 
 
 def _cmd_bench(args) -> int:
+    _require("bench", ("safetensors", "matplotlib"), "bench")
     from .bench import run_bench
 
     return run_bench(args)
