@@ -20,7 +20,18 @@ from .errors import (
 from .exporter import AdapterExporter, RemoteExporter
 from .store import Limits
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml's ``[project] version`` is the only copy."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lora-ipc")
+    except PackageNotFoundError:  # imported from a checkout that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 __all__ = [
     "Adapter", "AdapterClient", "AdapterExporter", "AdapterNotFound", "AdapterRejected", "BackendError",

@@ -1,4 +1,4 @@
-"""``lora-ipc bench``: run ``benches/bench_transport.py`` over several adapter sizes, write JSON + PNG."""
+"""``lora-ipc bench``: run :mod:`lora_ipc.benchmarks.transport` over several adapter sizes, write JSON + PNG."""
 
 from __future__ import annotations
 
@@ -6,21 +6,9 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 LABELS = {"lora_ipc": "lora_ipc (one slab, kept mapping)", "disk_shm": "safetensors via /dev/shm",
-          "ipc_per_tensor": "torch IPC, one handle per tensor"}
-
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benches" / "bench_transport.py"
-
-
-def _table(results: dict) -> str:
-    sys.path.insert(0, str(ROOT))
-    from benches.bench_transport import table
-
-    return table(results)
+          "ipc_per_tensor": "torch IPC, one handle per tensor", "d2d_floor": "one device-to-device copy (floor)"}
 
 
 def plot(results: dict, path: str) -> None:
@@ -31,7 +19,7 @@ def plot(results: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
     ranks = sorted(results["ranks"], key=lambda r: results["ranks"][r]["bytes"])
-    for key in LABELS:
+    for key in [k for k in LABELS if k in results["ranks"][ranks[0]]["paths"]]:
         xs = [results["ranks"][r]["bytes"] / 1e6 for r in ranks]
         p50 = [results["ranks"][r]["paths"][key]["p50_ms"] for r in ranks]
         p90 = [results["ranks"][r]["paths"][key]["p90_ms"] for r in ranks]
@@ -65,8 +53,8 @@ def run_bench(args) -> int:
 
     import torch
 
-    if not SCRIPT.exists():
-        raise SystemExit("lora-ipc bench runs from a source checkout (benches/ not found next to lora_ipc/)")
+    from .benchmarks.transport import OMP_ENV, table
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
     ranks = args.ranks or ("4,8,16,32,64" if on_gpu else "4,16,64")
@@ -74,15 +62,16 @@ def run_bench(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     json_path, png_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.png")
     # a fresh interpreter, so OpenMP settings the benchmark needs apply before torch loads
-    subprocess.run([sys.executable, str(SCRIPT), "--device", device, "--ranks", ranks, "--layers", str(layers),
-                    "--iters", str(args.iters), "--warmup", str(args.warmup), "--json", json_path, "--quiet"],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "lora_ipc.benchmarks.transport", "--device", device, "--ranks", ranks,
+                    "--layers", str(layers), "--iters", str(args.iters), "--warmup", str(args.warmup),
+                    "--json", json_path, "--quiet"],
+                   check=True, env={**os.environ, **OMP_ENV})
     with open(json_path) as f:
         results = json.load(f)
     results["date"] = time.strftime("%Y-%m-%d")
     with open(json_path, "w") as f:
         json.dump(results, f, indent=2)
     plot(results, png_path)
-    print(_table(results))
+    print(table(results))
     print(f"wrote {json_path} and {png_path}")
     return 0

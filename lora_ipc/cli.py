@@ -39,7 +39,8 @@ def format_status(report: dict) -> str:
     m = report["metrics"]
     lines = [f"lora-ipc server pid {report.get('pid')} on {report.get('endpoint')}, up {report['uptime_s']:.0f} s, "
              f"keep={report['keep']}",
-             f"slabs: {report['slabs']['live']} ({_human_bytes(report['slabs']['bytes'])}), free {report['slabs']['free']}",
+             f"slabs: {report['slabs']['live']} ({_human_bytes(report['slabs']['bytes'])}), "
+             f"free {report['slabs']['free']}",
              "",
              f"{'adapter':<24} {'version':>7} {'size':>10} {'tensors':>7} {'leases':>6}  published"]
     for a in report["adapters"]:
@@ -73,13 +74,24 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _require(command: str, modules: tuple[str, ...], extra: str) -> None:
+    """A subcommand's optional dependencies, or one line saying which extra installs them."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"lora-ipc {command} needs {', '.join(missing)}: pip install 'lora-ipc[{extra}]'")
+
+
 def _cmd_demo(args) -> int:
+    _require("demo", ("peft", "transformers", "vllm"), "peft,vllm")
     from .demo import run_demo
 
     return run_demo(steps=args.steps, device=args.device, rank=args.rank)
 
 
 def _cmd_bench(args) -> int:
+    _require("bench", ("safetensors", "matplotlib"), "bench")
     from .bench import run_bench
 
     return run_bench(args)
@@ -113,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="run the transport benchmark; write JSON, a PNG plot and a table")
     s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    s.add_argument("--ranks", default=None, help="comma-separated LoRA ranks (default: 4,8,16,32,64 on GPU, 4,16,64 on CPU)")
+    s.add_argument("--ranks", default=None,
+                   help="comma-separated LoRA ranks (default: 4,8,16,32,64 on GPU, 4,16,64 on CPU)")
     s.add_argument("--layers", type=int, default=None, help="Llama layers (default: 32 on GPU, 8 on CPU)")
     s.add_argument("--iters", type=int, default=20)
     s.add_argument("--warmup", type=int, default=3)

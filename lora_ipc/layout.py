@@ -73,7 +73,8 @@ def _groups(entries: list[TensorEntry]) -> tuple[ShapeGroup, ...]:
             run.clear()
 
     for e in sorted(entries, key=lambda e: e.offset):
-        if run and (e.dtype, e.shape) == (run[0].dtype, run[0].shape) and e.offset == run[-1].offset + align_up(e.nbytes):
+        if (run and (e.dtype, e.shape) == (run[0].dtype, run[0].shape)
+                and e.offset == run[-1].offset + align_up(e.nbytes)):
             run.append(e)
         else:
             flush()
@@ -146,7 +147,8 @@ class SlabLayout:
     def from_wire(cls, wire: object, used_bytes: int, slab_nbytes: int) -> SlabLayout:
         """Validate a layout received from a peer against the slab it describes."""
         if type(used_bytes) is not int or used_bytes % ALIGN or not 0 < used_bytes <= slab_nbytes:
-            raise LayoutError(f"used_bytes {used_bytes!r:.20} must be a multiple of {ALIGN} within the slab ({slab_nbytes} bytes)")
+            raise LayoutError(f"used_bytes {used_bytes!r:.20} must be a multiple of {ALIGN} within the slab "
+                              f"({slab_nbytes} bytes)")
         if type(wire) is not list or not 0 < len(wire) <= MAX_ENTRIES:
             raise LayoutError(f"layout must be a list of 1..{MAX_ENTRIES} entries")
         entries: list[TensorEntry] = []
@@ -171,7 +173,8 @@ class SlabLayout:
             if offset % ALIGN:
                 raise LayoutError(f"{name}: offset {offset} is not {ALIGN}-byte aligned")
             if offset + nbytes > used_bytes:
-                raise LayoutError(f"{name}: bytes [{offset}, {offset + nbytes}) lie outside the slab's {used_bytes} used bytes")
+                raise LayoutError(f"{name}: bytes [{offset}, {offset + nbytes}) lie outside the slab's "
+                                  f"{used_bytes} used bytes")
             entries.append(TensorEntry(name, dtype, tuple(shape), offset, nbytes))
         end = 0
         for e in sorted(entries, key=lambda e: e.offset):
@@ -202,7 +205,8 @@ class SlabLayout:
 
         One min/max pass per shape group (NaN propagates through both) and one device-to-host sync.
         """
-        floating = [(g, v) for g, v in zip(self.groups, self.group_views(buf)) if g.dtype.is_floating_point and v.numel()]
+        floating = [(g, v) for g, v in zip(self.groups, self.group_views(buf))
+                    if g.dtype.is_floating_point and v.numel()]
         if not floating:
             return []
         extremes = torch.stack([torch.stack([v.amax(), v.amin()]).float() for _, v in floating])

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec python3 -m lora_ipc demo "$@"
+source scripts/python.sh
+exec "$PY" -m lora_ipc demo "$@"

@@ -52,7 +52,7 @@ def _exporter_main(conn, endpoint, keep, lease_timeout_s, device):
                 name, = args
                 streaming.set()
 
-                def loop():
+                def loop(name=name):  # bound now: the command loop rebinds `name`
                     i = 0
                     while True:
                         exporter.publish(name, models.random_adapter(i % 7), models.RANDOM_ADAPTER_CONFIG)
@@ -65,7 +65,7 @@ def _exporter_main(conn, endpoint, keep, lease_timeout_s, device):
             elif cmd == "stream_constant":  # version v is an adapter whose every value is v (a torn read shows)
                 name, = args
 
-                def constant_loop():
+                def constant_loop(name=name):
                     v = 0
                     while True:
                         v += 1
@@ -78,7 +78,7 @@ def _exporter_main(conn, endpoint, keep, lease_timeout_s, device):
                 seconds, = args
                 original = exporter.store.lease
 
-                def slow_lease(*a, **kw):
+                def slow_lease(*a, original=original, seconds=seconds, **kw):
                     exporter.store.lease = original
                     time.sleep(seconds)
                     return original(*a, **kw)

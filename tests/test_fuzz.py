@@ -116,7 +116,8 @@ def test_mutated_valid_frames(which, flips, cut):
     must_decode_or_reject(bytes(data[: cut % (len(data) + 1)]))
 
 
-entry = st.tuples(st.one_of(st.text(min_size=0, max_size=8), st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)),
+int64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
+entry = st.tuples(st.one_of(st.text(min_size=0, max_size=8), int64),
                   st.one_of(st.sampled_from(sorted(DTYPES)), st.text(max_size=10)),
                   st.one_of(st.lists(st.integers(min_value=-2, max_value=70), max_size=4), scalars),
                   st.one_of(st.integers(min_value=-256, max_value=1 << 20).map(lambda x: x - x % 64), scalars),

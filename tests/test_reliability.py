@@ -49,7 +49,8 @@ def test_soak_publish_fetch_memory_flat():
         rss_growth = (after_rss[0] - warm_rss[0], after_rss[1] - warm_rss[1])
         status = exporter.call("status")
         print(f"\nsoak: {SOAK_CYCLES} publish->fetch cycles in {elapsed:.1f}s after {warmup} warm-up; "
-              f"growth {growth}; RSS growth exporter {rss_growth[0] / 1024:.0f} KiB, client {rss_growth[1] / 1024:.0f} KiB; "
+              f"growth {growth}; RSS growth exporter {rss_growth[0] / 1024:.0f} KiB, "
+              f"client {rss_growth[1] / 1024:.0f} KiB; "
               f"slabs allocated {status['metrics']['slabs_allocated']}")
         assert growth == {k: 0 for k in warm}
         assert status["metrics"]["slabs_allocated"] <= 3  # steady state recycles, never allocates
@@ -82,7 +83,8 @@ def test_exporter_sigkill_during_a_fetch():
     time.sleep(0.5)  # the request is now inside the exporter
     exporter.kill()
     t.join(10)
-    print(f"\nfetch in flight when the exporter was killed: ExporterUnavailable after {outcome['elapsed']:.2f}s (timeout 2s)")
+    print(f"\nfetch in flight when the exporter was killed: ExporterUnavailable after {outcome['elapsed']:.2f}s "
+          "(timeout 2s)")
     assert isinstance(outcome.get("error"), ExporterUnavailable)
     assert outcome["elapsed"] < 2.0 + 0.5
     assert_same_adapter(kept.tensors, models.random_adapter(1))

@@ -94,7 +94,8 @@ def test_fixed_id_swaps_in_place_both_ways(llm, trainer, versions, reference):
     v1, v2 = sorted(versions)
     for v in (v1, v2, v1, v2):
         before = llm.collective_rpc("lora_ipc_load_count")[0]
-        assert engine.generate(llm, lora_request("policy", trainer.endpoint, version=v, lora_int_id=4242)) == reference[v]
+        request = lora_request("policy", trainer.endpoint, version=v, lora_int_id=4242)
+        assert engine.generate(llm, request) == reference[v]
         # vLLM re-sends load_inplace requests every step (12 tokens here): one load per version change
         assert llm.collective_rpc("lora_ipc_load_count")[0] == before + 1
 
@@ -117,8 +118,9 @@ def test_bad_adapters_get_clear_errors_and_engine_keeps_serving(llm, trainer, ve
     v1 = min(versions)
     with AdapterExporter() as exporter:
         unknown = dict(models.random_adapter(1))
-        unknown["base_model.model.model.layers.0.self_attn.foo_proj.lora_A.weight"] = torch.zeros(8, 128, dtype=torch.bfloat16)
-        unknown["base_model.model.model.layers.0.self_attn.foo_proj.lora_B.weight"] = torch.zeros(64, 8, dtype=torch.bfloat16)
+        foo = "base_model.model.model.layers.0.self_attn.foo_proj"
+        unknown[f"{foo}.lora_A.weight"] = torch.zeros(8, 128, dtype=torch.bfloat16)
+        unknown[f"{foo}.lora_B.weight"] = torch.zeros(64, 8, dtype=torch.bfloat16)
         exporter.publish("unknown-names", unknown, models.RANDOM_ADAPTER_CONFIG)
         with pytest.raises(AdapterRejected, match="foo_proj"):
             add_lora(llm, "unknown-names", exporter.endpoint)
@@ -150,7 +152,8 @@ def test_failed_load_never_replaces_the_last_good_adapter(llm, trainer, versions
     assert engine.generate(llm, good) == reference[v1]
     with AdapterExporter() as exporter:  # a broken next version, swapped into the same slot
         broken = dict(models.random_adapter(1))
-        broken["base_model.model.model.layers.0.self_attn.foo_proj.lora_A.weight"] = torch.zeros(8, 128, dtype=torch.bfloat16)
+        foo = "base_model.model.model.layers.0.self_attn.foo_proj"
+        broken[f"{foo}.lora_A.weight"] = torch.zeros(8, 128, dtype=torch.bfloat16)
         exporter.publish("policy", broken, models.RANDOM_ADAPTER_CONFIG)
         with pytest.raises(AdapterRejected):
             add_lora(llm, "policy", exporter.endpoint, lora_int_id=777)

@@ -4,18 +4,19 @@ Mirrors ``WorkerLoRAManager._load_adapter`` step for step (expected modules, ``P
 ``validate_legal``, weights mapper, skip prefixes, post-load validations), with the disk read replaced
 by ``AdapterClient.fetch`` and ``from_local_checkpoint`` by ``from_lora_tensors``. Unlike
 ``from_lora_tensors``, unknown module names are an error here, as they are for vLLM's disk loader.
-Signatures are introspected, so keyword arguments a vLLM version does not know are left out.
+What this vLLM's ``_load_adapter`` looks like was checked when the plugin registered
+(:mod:`.compat`); the ``_validate_*`` calls it makes after loading are read from it and made here too.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from typing import Any
 
 from ..client import shared_client
 from ..errors import AdapterRejected
+from .compat import checked_surface, lora_model_class
 from .uri import AdapterURI
 
 log = logging.getLogger("lora_ipc.vllm")
@@ -55,20 +56,17 @@ def unexpected_modules(tensor_names, expected: set[str], peft_helper, weights_ma
     return bad
 
 
-def _call_with_known_kwargs(fn, **kwargs):
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params})
-
-
 def load_adapter(worker_manager: Any, lora_request: Any):
     """The ``lora-ipc://`` branch of ``WorkerLoRAManager._load_adapter``."""
     from vllm.lora.peft_helper import PEFTHelper
 
     started = time.perf_counter()
+    surface = checked_surface()
     uri = AdapterURI.parse(lora_request.lora_path)
     adapter_manager = worker_manager._adapter_manager
+    if getattr(adapter_manager, "moe_ep_load_spec", None) is not None:
+        # vLLM's disk loader slices experts per rank (moe_ep_spec); from_lora_tensors cannot
+        raise AdapterRejected(f"{uri.name}: lora_ipc does not load LoRA adapters into expert-parallel MoE models")
     device = worker_manager.device
     adapter = shared_client(uri.endpoint).fetch(uri.name, uri.version, device=device)
 
@@ -93,20 +91,15 @@ def load_adapter(worker_manager: Any, lora_request: Any):
             f"{uri.name} v{adapter.version}: modules {sorted(set(bad))[:8]} are not LoRA targets of this "
             f"model (expected modules: {sorted(expected)})")
 
-    lora_cls = getattr(worker_manager, "_lora_model_cls", None)
-    if lora_cls is None:
-        from vllm.lora.lora_model import LoRAModel as lora_cls
-    lora = _call_with_known_kwargs(
-        lora_cls.from_lora_tensors,
+    lora_cls = getattr(worker_manager, "_lora_model_cls", None) or lora_model_class()
+    lora = lora_cls.from_lora_tensors(
         lora_model_id=lora_request.lora_int_id, tensors=adapter.tensors, peft_helper=peft_helper,
         device=str(device), dtype=worker_manager.lora_config.lora_dtype, model_vocab_size=worker_manager.vocab_size,
         weights_mapper=mapper, skip_prefixes=skip_prefixes,
     )
     lora.is_3d_lora_weight = getattr(lora_request, "is_3d_lora_weight", False)
-    for check in ("_validate_moe_lora_format", "_validate_modules_to_save", "_validate_token_classification_lora"):
-        fn = getattr(adapter_manager, check, None)
-        if fn is not None:
-            fn(lora)
+    for check in surface.validations:  # the same post-load checks vLLM's _load_adapter runs
+        getattr(adapter_manager, check)(lora)
     log.info("loaded %s v%d as LoRA id %d in %.2f ms", uri.name, adapter.version, lora_request.lora_int_id,
              (time.perf_counter() - started) * 1e3)
     return lora

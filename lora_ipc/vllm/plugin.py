@@ -4,6 +4,11 @@ vLLM calls ``register()`` in every process it starts, workers included. It wraps
 ``WorkerLoRAManager._load_adapter`` so ``lora-ipc://`` paths are served by :mod:`.loader`; every
 other path goes to vLLM's own loader untouched. With ``$LORA_IPC_ENDPOINT`` set it also registers
 the LoRA resolver, so the OpenAI server resolves bare adapter names.
+
+Before wrapping anything it checks this vLLM offers what the wrappers and the loader use
+(:func:`.compat.checked_surface`); if not, registration raises :class:`.compat.UnsupportedVLLM`,
+which vLLM does not catch: the engine stops with the list of differences instead of sending
+``lora-ipc://`` paths to its disk loader.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ def register() -> None:
         from vllm.lora import worker_manager
     except ImportError:  # vLLM without LoRA support: nothing to do
         return
+    from .compat import checked_surface
+
+    checked_surface()
     _install(worker_manager.WorkerLoRAManager, "_load_adapter", _load_adapter_wrapper)
     for cls in (worker_manager.WorkerLoRAManager, getattr(worker_manager, "LRUCacheWorkerLoRAManager", None)):
         if cls is not None and "add_adapter" in cls.__dict__:

@@ -13,7 +13,8 @@ PROJECTIONS = {  # name: (in_features, out_features)
 }
 
 
-def llama7b_lora(rank: int, layers: int = 32, dtype=torch.bfloat16, device="cpu", seed: int = 0) -> dict[str, torch.Tensor]:
+def llama7b_lora(rank: int, layers: int = 32, dtype=torch.bfloat16, device="cpu",
+                 seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = {}
     for i in range(layers):

@@ -1,0 +1,194 @@
+"""Publish -> consumer owns the tensors, three ways, same run, two processes.
+
+    python -m lora_ipc.benchmarks.transport                # CUDA if available, 7B shapes, r16 and r64
+    python -m lora_ipc.benchmarks.transport --device cpu --layers 8
+    lora-ipc bench                                         # several sizes, plus a JSON file and a PNG plot
+
+Paths:
+  lora_ipc      AdapterExporter.publish in the trainer, AdapterClient.fetch in the consumer
+  disk_shm      safetensors save_file to /dev/shm + config json, load_file in the consumer (the usual workaround)
+  ipc_per_tensor  torch IPC, one handle per tensor, pickled over a pipe (what several peers do)
+
+Latency is measured from the trainer starting to publish to the consumer holding its own copy (CUDA:
+after the copy has completed), on CLOCK_MONOTONIC, which both processes share. Reports p50/p90 and
+each path's speed-up over disk_shm measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+from .shapes import llama7b_lora, lora_config
+
+# OpenMP threads that spin after a parallel copy steal the other process's cores on small CPU
+# machines and make every cross-process hand-off look milliseconds slower, whatever the path. It
+# must be in the environment before torch loads: callers start this module in a fresh interpreter
+# with it set (``lora-ipc bench``, ``benches/bench_transport.py``); the consumer inherits it.
+OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+PATHS = ("lora_ipc", "disk_shm", "ipc_per_tensor")
+
+
+def now() -> float:
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def consumer(conn, device: str) -> None:
+    import torch.multiprocessing  # noqa: F401  (registers torch's reductions for the per-tensor path)
+    from safetensors.torch import load_file
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    from lora_ipc import AdapterClient
+
+    clients: dict[str, AdapterClient] = {}
+    while True:
+        msg = conn.recv()
+        kind = msg[0]
+        if kind == "stop":
+            return
+        if kind == "lora_ipc":
+            _, endpoint, name = msg
+            client = clients.get(endpoint) or clients.setdefault(endpoint, AdapterClient(endpoint))
+            tensors = client.fetch(name, device=device).tensors
+        elif kind == "disk_shm":
+            _, path = msg
+            with open(os.path.join(path, "adapter_config.json")) as f:
+                json.load(f)
+            tensors = load_file(os.path.join(path, "adapter_model.safetensors"), device=device)
+            _sync(device)
+        elif kind == "ipc_per_tensor":
+            _, payload = msg
+            if device.startswith("cuda"):
+                tensors = {k: rebuild_cuda_tensor(*args).clone() for k, args in payload.items()}
+                _sync(device)
+            else:
+                tensors = {k: v.clone() for k, v in payload.items()}
+        else:
+            raise ValueError(kind)
+        conn.send((now(), len(tensors)))
+
+
+def percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def run(device: str, ranks: list[int], layers: int, iters: int, warmup: int, dtype=torch.bfloat16) -> dict:
+    from safetensors.torch import save_file
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    from lora_ipc import AdapterExporter
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=consumer, args=(child, device), daemon=True)
+    proc.start()
+    results = {"device": device, "layers": layers, "iters": iters, "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None, "ranks": {}}
+    shm_dir = tempfile.mkdtemp(prefix="lora-bench-", dir="/dev/shm")
+    exporter = AdapterExporter(keep=2)
+    try:
+        for rank in ranks:
+            tensors = llama7b_lora(rank, layers, dtype, device)
+            config = lora_config(rank)
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            paths = PATHS + (("d2d_floor",) if device.startswith("cuda") else ())
+            per_path: dict[str, list[float]] = {p: [] for p in paths}
+            floor_src = torch.empty(nbytes, dtype=torch.uint8, device=device) if "d2d_floor" in paths else None
+            floor_dst = torch.empty_like(floor_src) if floor_src is not None else None
+            for i in range(warmup + iters):
+                for path in paths:
+                    # one export per import: every per-tensor round exports fresh storages (re-exporting the
+                    # same ones nests torch's ref-counted wrappers and slows the baseline down over the run)
+                    fresh = {k: v.clone() for k, v in tensors.items()} if path == "ipc_per_tensor" else None
+                    _sync(device)
+                    t0 = now()
+                    if path == "d2d_floor":  # one device-to-device copy of the bytes: the floor
+                        floor_dst.copy_(floor_src)
+                        _sync(device)
+                        if i >= warmup:
+                            per_path[path].append((now() - t0) * 1e3)
+                        continue
+                    if path == "lora_ipc":
+                        exporter.publish(f"r{rank}", tensors, config)
+                        parent.send(("lora_ipc", exporter.endpoint, f"r{rank}"))
+                    elif path == "disk_shm":
+                        out = os.path.join(shm_dir, f"v{i}")
+                        os.makedirs(out, exist_ok=True)
+                        save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
+                        with open(os.path.join(out, "adapter_config.json"), "w") as f:
+                            json.dump(config, f)
+                        parent.send(("disk_shm", out))
+                    else:
+                        if device.startswith("cuda"):
+                            payload = {k: reduce_tensor(v)[1] for k, v in fresh.items()}
+                        else:
+                            payload = fresh
+                        parent.send(("ipc_per_tensor", payload))
+                    t1, count = parent.recv()
+                    assert count == len(tensors), (path, count)
+                    if path == "disk_shm":
+                        shutil.rmtree(out)
+                    if i >= warmup:
+                        per_path[path].append((t1 - t0) * 1e3)
+            disk_p50 = statistics.median(per_path["disk_shm"])
+            results["ranks"][rank] = {
+                "tensors": len(tensors), "bytes": nbytes,
+                "paths": {p: {"p50_ms": statistics.median(v), "p90_ms": percentile(v, 90),
+                              "speedup_vs_disk": disk_p50 / statistics.median(v)} for p, v in per_path.items()},
+            }
+            del tensors
+    finally:
+        exporter.close()
+        parent.send(("stop",))
+        proc.join(30)
+        shutil.rmtree(shm_dir, ignore_errors=True)
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [f"device={results['device']} gpu={results['gpu']} torch={results['torch']} layers={results['layers']} "
+             f"iters={results['iters']}",
+             f"{'rank':>4} {'tensors':>7} {'MB':>7}  {'path':<15} {'p50 ms':>9} {'p90 ms':>9} {'x disk':>8}"]
+    for rank, r in results["ranks"].items():
+        for path, s in r["paths"].items():
+            lines.append(f"{rank:>4} {r['tensors']:>7} {r['bytes'] / 1e6:>7.1f}  {path:<15} {s['p50_ms']:>9.3f} "
+                         f"{s['p90_ms']:>9.3f} {s['speedup_vs_disk']:>8.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ranks", default="16,64")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--quiet", action="store_true", help="no table on stdout")
+    args = ap.parse_args(argv)
+    results = run(args.device, [int(r) for r in args.ranks.split(",")], args.layers, args.iters, args.warmup)
+    if not args.quiet:
+        print(table(results), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

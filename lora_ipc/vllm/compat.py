@@ -1,0 +1,419 @@
+"""What lora_ipc needs from vLLM, checked by feature, never by version number.
+
+The plugin wraps ``WorkerLoRAManager._load_adapter`` (and ``add_adapter``) and the loader mirrors
+``_load_adapter`` step for step with ``from_lora_tensors`` in place of ``from_local_checkpoint``.
+Peers that do this broke silently when vLLM moved (AReaL on a ``_load_adapter`` signature change;
+vLLM 0.33 renamed the classification-head validations ``_load_adapter`` runs). So before wrapping
+anything, :func:`problems` compares what this vLLM offers with what the loader assumes, and
+:func:`require_compatible` turns any difference into :class:`UnsupportedVLLM` at plugin
+registration — never a silent fallback to the disk loader.
+
+The facts are gathered into a :class:`VLLMSurface` in one of two ways that feed the same checks:
+
+- :func:`surface_from_runtime`: the imported classes (``inspect``), plus the source of
+  ``_load_adapter`` for what it does (``ast``). Used by the plugin in every vLLM process.
+- :func:`surface_from_source`: ``ast`` over the ``.py`` files of an unpacked or installed vLLM that
+  need not import (a GPU wheel beside a CPU torch). Used by ``scripts/check_vllm_api.py``.
+
+Part of the surface is followed rather than required: the ``_validate_*`` calls ``_load_adapter``
+makes on its adapter manager after loading are read from its source and the loader makes the same
+calls (:attr:`VLLMSurface.validations`).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LoraIpcError
+
+
+class UnsupportedVLLM(LoraIpcError):
+    """The installed vLLM lacks, or changed, something lora_ipc hooks; the plugin refuses to register."""
+
+
+# What the loader passes to ``from_lora_tensors`` (by keyword) and where its value comes from in
+# ``_load_adapter``'s own call to ``from_local_checkpoint``.
+FROM_LORA_TENSORS_KWARGS = ("lora_model_id", "tensors", "peft_helper", "device", "dtype", "model_vocab_size",
+                            "weights_mapper", "skip_prefixes")
+# ``from_local_checkpoint`` keywords that only concern reading files (nothing to mirror) ...
+DISK_ONLY_KWARGS = frozenset({"lora_dir", "expected_lora_modules", "tensorizer_config_dict"})
+# ... and those the loader handles itself (``moe_ep_spec``: it refuses expert-parallel MoE adapters).
+HANDLED_KWARGS = frozenset({"moe_ep_spec"})
+# Attributes of the worker manager and of its adapter manager the loader reads; ``_load_adapter``
+# must read them too, or they may have been renamed.
+WORKER_ATTRS = frozenset({"_adapter_manager", "lora_config", "vocab_size", "max_position_embeddings"})
+MANAGER_ATTRS = frozenset({"supported_lora_modules", "packed_modules_mapping", "model"})
+PEFT_HELPER_METHODS = frozenset({"from_dict", "validate_legal"})
+PEFT_HELPER_FIELDS = frozenset({"r", "lora_alpha", "target_modules", "vllm_max_position_embeddings"})
+LORA_REQUEST_FIELDS = frozenset({"lora_name", "lora_int_id", "lora_path", "load_inplace"})
+RESOLVER_NAMES = frozenset({"LoRAResolver", "LoRAResolverRegistry"})
+UTILS = {"parse_fine_tuned_lora_name": ("name", "weights_mapper"), "is_base_embedding_weights": ("name",)}
+
+
+@dataclass(frozen=True)
+class Params:
+    """A function's parameters, as the checks need them (``self``/``cls`` left out)."""
+
+    names: tuple[str, ...]
+    positional: tuple[str, ...]
+    required: frozenset[str]
+    var_keyword: bool = False
+
+    def accepts(self, name: str) -> bool:
+        return self.var_keyword or name in self.names
+
+    def __str__(self) -> str:
+        return "(" + ", ".join(n if n in self.required else f"{n}=…" for n in self.names) + \
+            (", **kwargs" if self.var_keyword else "") + ")"
+
+
+@dataclass
+class LoadAdapterBody:
+    """What ``_load_adapter`` does, read from its source."""
+
+    checkpoint_kwargs: frozenset[str] = frozenset()   # keywords of its from_local_checkpoint call
+    checkpoint_call_found: bool = False
+    worker_attrs: frozenset[str] = frozenset()        # self.<attr> it reads
+    manager_attrs: frozenset[str] = frozenset()       # self._adapter_manager.<attr> it reads
+    validations: tuple[str, ...] = ()                 # self._adapter_manager._validate_*(lora) it calls
+
+
+@dataclass
+class VLLMSurface:
+    """The parts of vLLM lora_ipc uses. ``None`` means not found."""
+
+    where: str
+    version: str | None = None
+    load_adapter: Params | None = None
+    load_adapter_body: LoadAdapterBody | None = None
+    add_adapter: dict[str, Params] = field(default_factory=dict)   # class name -> add_adapter params
+    list_adapters: bool = False
+    worker_init_attrs: frozenset[str] = frozenset()   # self.<attr> set in WorkerLoRAManager.__init__
+    from_lora_tensors: Params | None = None
+    lora_model_module: str | None = None
+    peft_helper_methods: frozenset[str] = frozenset()
+    peft_helper_fields: frozenset[str] = frozenset()
+    utils: dict[str, Params] = field(default_factory=dict)
+    lora_request_fields: frozenset[str] = frozenset()
+    lora_request_is_struct: bool = False
+    resolver_names: frozenset[str] = frozenset()
+
+    @property
+    def validations(self) -> tuple[str, ...]:
+        return self.load_adapter_body.validations if self.load_adapter_body else ()
+
+    def summary(self) -> dict:
+        """A plain description, for diffs between versions and for reports."""
+        body = self.load_adapter_body or LoadAdapterBody()
+        return {
+            "_load_adapter": str(self.load_adapter), "add_adapter": {k: str(v) for k, v in self.add_adapter.items()},
+            "from_lora_tensors": f"{self.lora_model_module}.LoRAModel.from_lora_tensors{self.from_lora_tensors}",
+            "from_local_checkpoint kwargs": sorted(body.checkpoint_kwargs),
+            "_load_adapter reads": sorted(body.worker_attrs), "_adapter_manager reads": sorted(body.manager_attrs),
+            "validations": list(body.validations), "PEFTHelper": sorted(self.peft_helper_methods),
+            "utils": {k: str(v) for k, v in self.utils.items()}, "LoRARequest": sorted(self.lora_request_fields),
+        }
+
+
+def problems(s: VLLMSurface) -> list[str]:
+    """Every way ``s`` differs from what lora_ipc's plugin and loader assume; empty when it is safe to hook."""
+    out: list[str] = []
+    if s.load_adapter is None:
+        return ["vllm.lora.worker_manager.WorkerLoRAManager._load_adapter not found"]
+    la = s.load_adapter
+    if not la.positional or la.required - {la.positional[0]}:
+        out.append(f"WorkerLoRAManager._load_adapter{la}: expected (lora_request) (the wrapper calls it with one "
+                   "positional request)")
+    body = s.load_adapter_body
+    if body is None:
+        out.append("the source of WorkerLoRAManager._load_adapter could not be read (nothing to check the loader's "
+                   "mirror of it against)")
+    else:
+        if not body.checkpoint_call_found:
+            out.append("WorkerLoRAManager._load_adapter no longer calls from_local_checkpoint(...)")
+        unknown = body.checkpoint_kwargs - set(FROM_LORA_TENSORS_KWARGS) - DISK_ONLY_KWARGS - HANDLED_KWARGS
+        if unknown:
+            out.append(f"_load_adapter passes {sorted(unknown)} to from_local_checkpoint; lora_ipc's loader does not "
+                       "mirror them")
+        if missing := WORKER_ATTRS - body.worker_attrs:
+            out.append(f"_load_adapter no longer reads self.{sorted(missing)} (renamed?); the loader does")
+        if missing := MANAGER_ATTRS - body.manager_attrs:
+            out.append(f"_load_adapter no longer reads self._adapter_manager.{sorted(missing)}; the loader does")
+    if "device" not in s.worker_init_attrs:
+        out.append("WorkerLoRAManager.__init__ no longer sets self.device")
+    if not s.list_adapters:
+        out.append("WorkerLoRAManager.list_adapters not found")
+    if not s.add_adapter:
+        out.append("no add_adapter on WorkerLoRAManager or LRUCacheWorkerLoRAManager")
+    for cls, params in s.add_adapter.items():
+        if len(params.positional) != 1 or params.required - set(params.positional):
+            out.append(f"{cls}.add_adapter{params}: expected one request argument")
+    ft = s.from_lora_tensors
+    if ft is None:
+        out.append("LoRAModel.from_lora_tensors not found")
+    else:
+        if not_accepted := [k for k in FROM_LORA_TENSORS_KWARGS if not ft.accepts(k)]:
+            out.append(f"LoRAModel.from_lora_tensors{ft} does not accept {not_accepted}")
+        if unknown_required := sorted(ft.required - set(FROM_LORA_TENSORS_KWARGS)):
+            out.append(f"LoRAModel.from_lora_tensors{ft} requires {unknown_required}, which the loader does not pass")
+    if missing := PEFT_HELPER_METHODS - s.peft_helper_methods:
+        out.append(f"PEFTHelper lacks {sorted(missing)}")
+    if missing := PEFT_HELPER_FIELDS - s.peft_helper_fields:
+        out.append(f"PEFTHelper has no field(s) {sorted(missing)}")
+    for name, expected in UTILS.items():
+        params = s.utils.get(name)
+        if params is None:
+            out.append(f"vllm.lora.utils.{name} not found")
+        elif params.positional[:len(expected)] != expected or params.required - set(expected):
+            out.append(f"vllm.lora.utils.{name}{params}: expected ({', '.join(expected)})")
+    if missing := LORA_REQUEST_FIELDS - s.lora_request_fields:
+        out.append(f"LoRARequest has no field(s) {sorted(missing)}")
+    if not s.lora_request_is_struct:
+        out.append("LoRARequest is not a msgspec.Struct (the in-place wrapper copies it with msgspec.structs.replace)")
+    if missing := RESOLVER_NAMES - s.resolver_names:
+        out.append(f"vllm.lora.resolver lacks {sorted(missing)} (the OpenAI server's resolver)")
+    return out
+
+
+def require_compatible(surface: VLLMSurface | None = None) -> VLLMSurface:
+    """The runtime surface, or :class:`UnsupportedVLLM` naming every difference."""
+    surface = surface or surface_from_runtime()
+    found = problems(surface)
+    if found:
+        raise UnsupportedVLLM(
+            f"lora_ipc cannot hook vLLM {surface.version or '?'} ({surface.where}) safely:\n  - "
+            + "\n  - ".join(found)
+            + "\nUpgrade or downgrade lora_ipc or vLLM (README: vLLM versions tested), or run vLLM without lora_ipc's "
+            "plugin (VLLM_PLUGINS=<the other plugins>, or uninstall lora-ipc).")
+    return surface
+
+
+@functools.cache
+def checked_surface() -> VLLMSurface:
+    """This process's vLLM, checked once (the plugin calls it at registration, the loader reuses it)."""
+    return require_compatible()
+
+
+# ---- reading the body of _load_adapter (shared by both ways) ------------------------------------
+
+
+def _is_self_attr(node: ast.AST, attr: str | None = None) -> bool:
+    return (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+            and (attr is None or node.attr == attr))
+
+
+def read_load_adapter(fn: ast.FunctionDef) -> LoadAdapterBody:
+    kwargs: set[str] = set()
+    found = False
+    worker_attrs: set[str] = set()
+    manager_attrs: set[str] = set()
+    validations: list[str] = []
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr == "from_local_checkpoint":
+                found = True
+                kwargs.update(k.arg for k in node.keywords if k.arg)
+            elif (_is_self_attr(node.func.value, "_adapter_manager") and node.func.attr.startswith("_validate")):
+                validations.append(node.func.attr)
+        if isinstance(node, ast.Attribute):
+            if _is_self_attr(node):
+                worker_attrs.add(node.attr)
+            elif _is_self_attr(node.value, "_adapter_manager"):
+                manager_attrs.add(node.attr)
+    manager_attrs -= set(validations)
+    return LoadAdapterBody(frozenset(kwargs), found, frozenset(worker_attrs), frozenset(manager_attrs),
+                           tuple(dict.fromkeys(validations)))
+
+
+def _self_assignments(fn: ast.FunctionDef) -> frozenset[str]:
+    names = set()
+    for node in ast.walk(fn):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, ast.AnnAssign) else []
+        names.update(t.attr for t in targets if _is_self_attr(t))
+    return frozenset(names)
+
+
+def _parse_function(fn) -> ast.FunctionDef | None:
+    try:
+        source = textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))
+    except (OSError, TypeError):
+        return None
+    node = ast.parse(source).body[0]
+    return node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+
+
+# ---- the runtime way ------------------------------------------------------------------------------
+
+
+def params_of(fn, drop_first: bool) -> Params:
+    sig = inspect.signature(inspect.unwrap(fn))
+    ps = list(sig.parameters.values())[1 if drop_first else 0:]
+    kinds = inspect.Parameter
+    names = tuple(p.name for p in ps if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD))
+    positional = tuple(p.name for p in ps if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD))
+    required = frozenset(p.name for p in ps if p.default is p.empty
+                         and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD))
+    return Params(names, positional, required, any(p.kind is kinds.VAR_KEYWORD for p in ps))
+
+
+def lora_model_class():
+    """``LoRAModel`` wherever this vLLM defines it (``vllm.lora.lora_model``; ``vllm.lora.models`` before)."""
+    import importlib
+
+    for module in ("vllm.lora.lora_model", "vllm.lora.models"):
+        try:
+            return importlib.import_module(module).LoRAModel
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def surface_from_runtime() -> VLLMSurface:
+    import dataclasses
+
+    import vllm
+    from vllm.lora import worker_manager as wm
+
+    s = VLLMSurface(where=str(Path(vllm.__file__).parent), version=getattr(vllm, "__version__", None))
+    worker = getattr(wm, "WorkerLoRAManager", None)
+    if worker is None:
+        return s
+    if callable(getattr(worker, "_load_adapter", None)):
+        s.load_adapter = params_of(worker._load_adapter, drop_first=True)
+        node = _parse_function(worker._load_adapter)
+        s.load_adapter_body = read_load_adapter(node) if node is not None else None
+    init = _parse_function(worker.__init__)
+    s.worker_init_attrs = _self_assignments(init) if init is not None else frozenset()
+    s.list_adapters = callable(getattr(worker, "list_adapters", None))
+    for cls in (worker, getattr(wm, "LRUCacheWorkerLoRAManager", None)):
+        if cls is not None and "add_adapter" in cls.__dict__:
+            s.add_adapter[cls.__name__] = params_of(cls.__dict__["add_adapter"], drop_first=True)
+    lora_model = lora_model_class()
+    if lora_model is not None and callable(getattr(lora_model, "from_lora_tensors", None)):
+        s.from_lora_tensors = params_of(lora_model.from_lora_tensors, drop_first=False)  # bound classmethod
+        s.lora_model_module = lora_model.__module__
+    try:
+        from vllm.lora.peft_helper import PEFTHelper
+
+        s.peft_helper_methods = frozenset(m for m in PEFT_HELPER_METHODS if callable(getattr(PEFTHelper, m, None)))
+        s.peft_helper_fields = frozenset(f.name for f in dataclasses.fields(PEFTHelper)) \
+            if dataclasses.is_dataclass(PEFTHelper) else frozenset()
+    except ImportError:
+        pass
+    try:
+        from vllm.lora import utils
+
+        s.utils = {n: params_of(getattr(utils, n), drop_first=False)
+                   for n in UTILS if callable(getattr(utils, n, None))}
+    except ImportError:
+        pass
+    try:
+        import msgspec
+        from vllm.lora.request import LoRARequest
+
+        s.lora_request_is_struct = issubclass(LoRARequest, msgspec.Struct)
+        s.lora_request_fields = frozenset(getattr(LoRARequest, "__struct_fields__", ()))
+    except ImportError:
+        pass
+    try:
+        from vllm.lora import resolver
+
+        s.resolver_names = frozenset(n for n in RESOLVER_NAMES if hasattr(resolver, n))
+    except ImportError:
+        pass
+    return s
+
+
+# ---- the source way (a vLLM that need not import) --------------------------------------------------
+
+
+def _params_from_ast(fn: ast.FunctionDef, drop_first: bool) -> Params:
+    a = fn.args
+    positional_nodes = a.posonlyargs + a.args
+    defaults_start = len(positional_nodes) - len(a.defaults)
+    required = {p.arg for i, p in enumerate(positional_nodes) if i < defaults_start}
+    required |= {p.arg for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is None}
+    skip = positional_nodes[0].arg if drop_first and positional_nodes else None
+    positional = tuple(p.arg for p in positional_nodes if p.arg != skip)
+    names = positional + tuple(p.arg for p in a.kwonlyargs)
+    return Params(names, positional, frozenset(required - {skip}), a.kwarg is not None)
+
+
+def _decorators(fn: ast.FunctionDef) -> set[str]:
+    return {d.id if isinstance(d, ast.Name) else getattr(d, "attr", "") for d in fn.decorator_list}
+
+
+def _method(cls: ast.ClassDef, name: str) -> ast.FunctionDef | None:
+    return next((n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name),
+                None)
+
+
+def _method_params(cls: ast.ClassDef, name: str) -> Params | None:
+    fn = _method(cls, name)
+    if fn is None:
+        return None
+    return _params_from_ast(fn, drop_first="staticmethod" not in _decorators(fn))
+
+
+def _top_level(tree: ast.Module) -> dict[str, ast.AST]:
+    out: dict[str, ast.AST] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            out[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                if isinstance(t, ast.Name):
+                    out[t.id] = node
+    return out
+
+
+def surface_from_source(root: str | Path, version: str | None = None) -> VLLMSurface:
+    """The surface of the vLLM whose package directory (the one holding ``lora/``) is ``root``."""
+    root = Path(root)
+    s = VLLMSurface(where=str(root), version=version)
+    modules: dict[str, dict[str, ast.AST]] = {}
+    for path in sorted((root / "lora").glob("*.py")):
+        try:
+            modules[path.stem] = _top_level(ast.parse(path.read_text(encoding="utf-8")))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+    wm = modules.get("worker_manager", {})
+    worker = wm.get("WorkerLoRAManager")
+    if isinstance(worker, ast.ClassDef):
+        s.load_adapter = _method_params(worker, "_load_adapter")
+        fn = _method(worker, "_load_adapter")
+        s.load_adapter_body = read_load_adapter(fn) if fn is not None else None
+        init = _method(worker, "__init__")
+        s.worker_init_attrs = _self_assignments(init) if init is not None else frozenset()
+        s.list_adapters = _method(worker, "list_adapters") is not None
+        for cls in (worker, wm.get("LRUCacheWorkerLoRAManager")):
+            if isinstance(cls, ast.ClassDef) and (params := _method_params(cls, "add_adapter")) is not None:
+                s.add_adapter[cls.name] = params
+    for module in ("lora_model", "models"):
+        cls = modules.get(module, {}).get("LoRAModel")
+        if isinstance(cls, ast.ClassDef) and (params := _method_params(cls, "from_lora_tensors")) is not None:
+            s.from_lora_tensors, s.lora_model_module = params, f"vllm.lora.{module}"
+            break
+    helper = modules.get("peft_helper", {}).get("PEFTHelper")
+    if isinstance(helper, ast.ClassDef):
+        s.peft_helper_methods = frozenset(m for m in PEFT_HELPER_METHODS if _method(helper, m) is not None)
+        s.peft_helper_fields = frozenset(n.target.id for n in helper.body
+                                         if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
+    for name in UTILS:
+        fn = modules.get("utils", {}).get(name)
+        if isinstance(fn, ast.FunctionDef):
+            s.utils[name] = _params_from_ast(fn, drop_first=False)
+    request = modules.get("request", {}).get("LoRARequest")
+    if isinstance(request, ast.ClassDef):
+        s.lora_request_is_struct = any((getattr(b, "attr", None) or getattr(b, "id", None)) == "Struct"
+                                       for b in request.bases)
+        s.lora_request_fields = frozenset(n.target.id for n in request.body
+                                          if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
+    s.resolver_names = frozenset(modules.get("resolver", {}))
+    return s

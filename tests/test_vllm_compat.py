@@ -1,0 +1,98 @@
+"""Feature detection of vLLM (``lora_ipc.vllm.compat``): the installed vLLM passes; a vLLM that moved
+what we hook is named precisely and refused at plugin registration, through vLLM's own plugin loader."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+
+from lora_ipc.vllm import compat  # noqa: E402
+
+VLLM_DIR = Path(vllm.__file__).parent
+FROM_TENSORS_TAIL = '        {}: list[str] | None = None,\n    ) -> "LoRAModel":\n        """Create a LoRAModel from'
+
+
+def test_installed_vllm_is_hookable_and_both_readings_agree():
+    runtime = compat.surface_from_runtime()
+    assert compat.problems(runtime) == []
+    source = compat.surface_from_source(VLLM_DIR, runtime.version)
+    assert compat.problems(source) == []
+    assert source.summary() == runtime.summary()
+    from vllm.lora.model_manager import LoRAModelManager
+
+    assert runtime.validations  # 0.31+ validate after loading; the loader makes the same calls
+    assert all(callable(getattr(LoRAModelManager, v, None)) for v in runtime.validations)
+
+
+@pytest.fixture
+def vllm_copy(tmp_path):
+    """The installed vllm/lora/*.py, copied to edit (the source reading needs nothing else)."""
+    root = tmp_path / "vllm"
+    (root / "lora").mkdir(parents=True)
+    for path in (VLLM_DIR / "lora").glob("*.py"):
+        shutil.copy(path, root / "lora" / path.name)
+    return root
+
+
+def _edit(root: Path, module: str, old: str, new: str) -> None:
+    path = root / "lora" / f"{module}.py"
+    text = path.read_text()
+    assert old in text, (module, old)
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize("module, old, new, expected", [
+    ("worker_manager", "def _load_adapter(self, lora_request: LoRARequest)",
+     "def _load_adapter(self, lora_request: LoRARequest, model_config)", "_load_adapter(lora_request, model_config)"),
+    ("worker_manager", "def _load_adapter(self, lora_request: LoRARequest)",
+     "def _load_lora(self, lora_request: LoRARequest)", "_load_adapter not found"),
+    ("worker_manager", "skip_prefixes=lora_skip_prefixes,", "skip_prefixes=lora_skip_prefixes, revision=None,",
+     "['revision'] to from_local_checkpoint"),
+    ("worker_manager", "model_vocab_size=self.vocab_size", "model_vocab_size=self.vocab_size_padded",
+     "no longer reads self.['vocab_size']"),
+    ("lora_model", FROM_TENSORS_TAIL.format("skip_prefixes"), FROM_TENSORS_TAIL.format("prefixes"),
+     "does not accept ['skip_prefixes']"),
+    ("peft_helper", "def validate_legal(", "def check_legal(", "PEFTHelper lacks ['validate_legal']"),
+    ("utils", "def parse_fine_tuned_lora_name(\n    name: str,", "def parse_fine_tuned_lora_name(\n    key: str,",
+     "parse_fine_tuned_lora_name"),
+    ("request", "load_inplace: bool = False", "reload: bool = False", "no field(s) ['load_inplace']"),
+])
+def test_a_moved_vllm_is_named_exactly(vllm_copy, module, old, new, expected):
+    assert compat.problems(compat.surface_from_source(vllm_copy)) == []
+    _edit(vllm_copy, module, old, new)
+    found = compat.problems(compat.surface_from_source(vllm_copy))
+    assert len(found) == 1 and expected in found[0], found
+
+
+def test_renamed_validations_are_followed_not_refused(vllm_copy):
+    _edit(vllm_copy, "worker_manager", "self._adapter_manager._validate_modules_to_save(lora)",
+          "self._adapter_manager._validate_classification_head_lora(lora)")
+    surface = compat.surface_from_source(vllm_copy)
+    assert compat.problems(surface) == []
+    assert "_validate_classification_head_lora" in surface.validations
+    assert "_validate_modules_to_save" not in surface.validations
+
+
+def test_registration_refuses_an_incompatible_vllm_through_vllms_plugin_loader():
+    """The plugin runs inside vLLM's load_general_plugins; its error must stop vLLM, not be logged and
+    skipped (a lora-ipc:// path would then reach the disk loader)."""
+    code = textwrap.dedent("""
+        from vllm.lora import worker_manager
+        def _load_adapter(self, lora_request, extra):
+            raise AssertionError("never called")
+        worker_manager.WorkerLoRAManager._load_adapter = _load_adapter
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    env.pop("VLLM_PLUGINS", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0
+    assert "UnsupportedVLLM" in proc.stderr and "_load_adapter(lora_request, extra)" in proc.stderr, proc.stderr[-2000:]

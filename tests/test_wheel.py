@@ -1,0 +1,139 @@
+"""The package as a user gets it: a wheel built from this checkout, installed without ``-e`` into a
+throwaway venv that reuses the installed dependencies but not the editable lora_ipc. Every console
+subcommand starts, ``lora-ipc bench`` runs, a daemon and a client in two processes round-trip an
+adapter, and vLLM can see the plugin entry point in the wheel's metadata."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import overlay_venv  # noqa: E402
+
+SOURCES = ("pyproject.toml", "README.md", "lora_ipc")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """Built from a copy of the sources, so the checkout gets no build/ or egg-info."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp / "dist"), str(src)], check=True, timeout=300)
+    [whl] = (tmp / "dist").glob("lora_ipc-*.whl")
+    return whl
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory):
+    """(python, bin dir, env): the wheel installed into a venv layered over this interpreter's packages."""
+    python = overlay_venv.create(tmp_path_factory.mktemp("venv") / "v")
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
+                   timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return python, python.parent, env
+
+
+def run(venv, *cmd, timeout=120, **kw):
+    python, bindir, env = venv
+    cwd = kw.pop("cwd", bindir)  # never the checkout: its lora_ipc must not be importable
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
+                          **kw)
+
+
+def test_wheel_holds_the_package_and_its_metadata_only(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "lora_ipc/benchmarks/transport.py" in names and "lora_ipc/vllm/plugin.py" in names
+    assert not [n for n in names if n.startswith(("tests/", "benches/", "scripts/"))]
+    [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "lora-ipc = lora_ipc.cli:main" in text and "lora_ipc = lora_ipc.vllm.plugin:register" in text
+
+
+def test_the_wheel_not_the_checkout_is_imported_and_the_vllm_plugin_is_visible(venv):
+    python, bindir, _ = venv
+    probe = textwrap.dedent("""
+        import json, importlib.metadata as md
+        import lora_ipc
+        dist = md.distribution("lora-ipc")
+        [ep] = [e for e in md.entry_points(group="vllm.general_plugins") if e.name == "lora_ipc"]
+        print(json.dumps({"file": lora_ipc.__file__, "version": lora_ipc.__version__, "dist_version": dist.version,
+                          "dist_files": str(dist.locate_file("lora_ipc/__init__.py")), "ep": ep.value,
+                          "ep_dist": str(ep.dist.locate_file("")), "register": ep.load().__module__}))
+    """)
+    out = run(venv, python, "-c", probe)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    venv_root = str(python.parent.parent)
+    assert got["file"].startswith(venv_root), got  # not the editable checkout
+    assert got["dist_files"].startswith(venv_root) and got["ep_dist"].startswith(venv_root), got
+    assert got["ep"] == "lora_ipc.vllm.plugin:register" and got["register"] == "lora_ipc.vllm.plugin"
+    assert got["version"] == got["dist_version"] != "0+unknown"
+
+
+@pytest.mark.parametrize("command", ["serve", "status", "bench", "demo"])
+def test_every_console_subcommand_starts(venv, command):
+    out = run(venv, venv[1] / "lora-ipc", command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: lora-ipc {command}")
+
+
+def test_bench_runs_from_the_wheel(venv, tmp_path):
+    out = run(venv, venv[1] / "lora-ipc", "bench", "--device", "cpu", "--layers", "1", "--ranks", "4", "--iters", "2",
+              "--warmup", "1", "--out", tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert set(results["ranks"]["4"]["paths"]) == {"lora_ipc", "disk_shm", "ipc_per_tensor"}
+    assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_publish_fetch_round_trip_between_two_processes(venv, tmp_path):
+    python, bindir, env = venv
+    endpoint = f"ipc://{tmp_path}/daemon.sock"
+    daemon = subprocess.Popen([str(bindir / "lora-ipc"), "serve", "--endpoint", endpoint], env=env, cwd=bindir,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "daemon.sock").exists():
+            assert daemon.poll() is None and time.monotonic() < deadline, daemon.stdout.read() if daemon.poll() else ""
+            time.sleep(0.1)
+        client = textwrap.dedent(f"""
+            import torch, lora_ipc
+            from lora_ipc import AdapterClient, RemoteExporter
+            assert lora_ipc.__file__.startswith({str(python.parent.parent)!r}), lora_ipc.__file__
+            g = torch.Generator().manual_seed(0)
+            tensors = {{f"base_model.model.layers.{{i}}.q_proj.lora_{{ab}}.weight": torch.randn(8, 64, generator=g)
+                       for i in range(3) for ab in "AB"}}
+            config = {{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}}
+            with RemoteExporter({endpoint!r}) as exporter:
+                version = exporter.publish("policy", tensors, config)
+            with AdapterClient({endpoint!r}) as client:
+                got = client.fetch("policy")
+            assert got.version == version == 1 and got.peft_config["r"] == 8
+            assert set(got.tensors) == set(tensors)
+            assert all(torch.equal(got.tensors[k], tensors[k]) for k in tensors)
+            print("ok")
+        """)
+        out = run(venv, python, "-c", client, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+        status = run(venv, bindir / "lora-ipc", "status", "--endpoint", endpoint, "--json")
+        assert status.returncode == 0, status.stderr
+        assert [(a["name"], a["version"]) for a in json.loads(status.stdout)["adapters"]] == [("policy", 1)]
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
