@@ -20,10 +20,10 @@ import zmq
 
 from . import protocol as p
 from .backends import ImportedSlab
-from .imports import REGISTRY
 from .connection import Connection
 from .endpoint import daemon_endpoint
 from .errors import BackendError, LoraIpcError, ProtocolError, SlabRecycled
+from .imports import REGISTRY
 from .layout import SlabLayout
 from .lru import BoundedLRU
 
@@ -73,7 +73,8 @@ class AdapterClient:
         self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._conn = Connection(self.endpoint, timeout_s, context, trusted_uids)
         self._lock = threading.Lock()
-        self._slabs: BoundedLRU[str, ImportedSlab] = BoundedLRU(MAX_CACHED_SLABS, lambda slab_id, _: REGISTRY.release(slab_id))
+        self._slabs: BoundedLRU[str, ImportedSlab] = BoundedLRU(
+            MAX_CACHED_SLABS, lambda slab_id, _: REGISTRY.release(slab_id))  # this client's holds on imports
         self._layouts: BoundedLRU[bytes, SlabLayout] = BoundedLRU(MAX_CACHED_LAYOUTS)
         self._configs: BoundedLRU[bytes, dict] = BoundedLRU(16)
 
@@ -224,5 +225,6 @@ def shared_client(endpoint: str) -> AdapterClient:
     with _shared_lock:
         client = _shared.get(endpoint)
         if client is None:
-            client = _shared.put(endpoint, AdapterClient(endpoint, timeout_s=float(os.environ.get("LORA_IPC_TIMEOUT_S", 10))))
+            timeout_s = float(os.environ.get("LORA_IPC_TIMEOUT_S", 10))
+            client = _shared.put(endpoint, AdapterClient(endpoint, timeout_s=timeout_s))
         return client

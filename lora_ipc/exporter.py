@@ -16,6 +16,7 @@ from .protocol import PublishReply, PublishRequest
 from .server import AdapterServer
 from .store import AdapterStore, Limits
 
+
 class AdapterExporter:
     """Publish adapter versions from this process; engines fetch them with :class:`AdapterClient`.
 

@@ -29,8 +29,24 @@ from typing import Any, ClassVar
 import msgpack
 
 from .errors import WIRE_ERRORS, LoraIpcError, ProtocolError
-from .schema import (SMALL_FRAME, Bool, Choice, Bytes, Float, Int, ListOf, Optional, Reader, Str, Struct, Tagged, Tree,
-                     Tuple, unpack_small, wire)
+from .schema import (
+    SMALL_FRAME,
+    Bool,
+    Bytes,
+    Choice,
+    Float,
+    Int,
+    ListOf,
+    Optional,
+    Reader,
+    Str,
+    Struct,
+    Tagged,
+    Tree,
+    Tuple,
+    unpack_small,
+    wire,
+)
 
 PROTOCOL_VERSION = 2
 

@@ -455,7 +455,8 @@ class AdapterStore:
                 ],
                 "lease_count": len(self._leases),
                 "leases": [{"lease_id": lease.lease_id, "name": lease.name, "version": lease.version,
-                            "holder": lease.client or lease.holder.hex(), "expires_in_s": round(lease.expires_at - now, 3)}
+                            "holder": lease.client or lease.holder.hex(),
+                            "expires_in_s": round(lease.expires_at - now, 3)}
                            for lease in itertools.islice(self._leases.values(), MAX_STATUS_LEASES)],
                 "limits": dataclasses.asdict(self.limits),
                 "slabs": {"live": len(self.live_slab_ids()), "free": len(self._free),

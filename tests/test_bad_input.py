@@ -181,8 +181,9 @@ class FakeExporter:
     def answer(self, **overrides):
         identity, _, payload = self.sock.recv_multipart()
         frame = p.decode(payload)
-        body = dict(name="x", version=1, lease_id=1, config_digest=p.digest_of({}), peft_config={}, slab_id=self.slab.slab_id, slab=self.slab.handle,
-                    generation=0, layout_digest=self.layout.digest, entries=self.layout.to_wire(), used_bytes=self.layout.used_bytes,
+        body = dict(name="x", version=1, lease_id=1, config_digest=p.digest_of({}), peft_config={},
+                    slab_id=self.slab.slab_id, slab=self.slab.handle, generation=0, layout_digest=self.layout.digest,
+                    entries=self.layout.to_wire(), used_bytes=self.layout.used_bytes,
                     live_slabs=[self.slab.slab_id])
         body.update(overrides)
         self.sock.send_multipart([identity, b"", p.encode(p.FetchReply(**body), frame.request_id)])

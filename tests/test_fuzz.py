@@ -58,7 +58,8 @@ values = st.recursive(scalars, lambda inner: st.one_of(
                     max_size=6)),
     max_leaves=30)
 FIELD_NAMES = sorted({f for cls in p.MESSAGE_TYPES.values() for f in getattr(cls, "__dataclass_fields__", {})}
-                     | {"backend", "pid", "fd", "slot", "generation", "slab_id", "nbytes", "device_uuid", "storage_handle",
+                     | {"backend", "pid", "fd", "slot", "generation", "slab_id", "nbytes", "device_uuid",
+                        "storage_handle",
                         "ready_event"})
 
 

@@ -60,7 +60,8 @@ def test_cuda_memory_flat_over_cycles(gpu_exporter):
         after = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved(), gpu_exporter.call("cuda_memory"))
         print("client allocated/reserved, exporter allocated/reserved: warm", warm, "after", after)
         assert after == warm
-        assert_same_adapter(client.fetch("soak").tensors, {k: v.cuda() for k, v in models.random_adapter(299 % 3).items()})
+        expected = {k: v.cuda() for k, v in models.random_adapter(299 % 3).items()}
+        assert_same_adapter(client.fetch("soak").tensors, expected)
 
 
 # ---- issue #9: each hypothesis of the source review, as a test --------------------------------------

@@ -22,7 +22,18 @@ import pytest
 import torch
 import zmq
 
-from lora_ipc import (AdapterClient, BackendError, BadAdapterURI, EndpointNotTrusted, LimitExceeded, Limits, LoraIpcError, RemoteExporter, SlabRecycled, VersionNotFound)
+from lora_ipc import (
+    AdapterClient,
+    BackendError,
+    BadAdapterURI,
+    EndpointNotTrusted,
+    LimitExceeded,
+    Limits,
+    LoraIpcError,
+    RemoteExporter,
+    SlabRecycled,
+    VersionNotFound,
+)
 from lora_ipc import protocol as p
 from lora_ipc.backends import open_slab
 from lora_ipc.shm import create_sealed

@@ -7,8 +7,7 @@ import logging
 
 import pytest
 
-from lora_ipc import AdapterClient, BackendError, LoraIpcError
-from lora_ipc import imports
+from lora_ipc import AdapterClient, BackendError, LoraIpcError, imports
 from lora_ipc.backends.cuda import expandable_segments_on, parse_settings
 from lora_ipc.client import transport_mode
 

@@ -49,7 +49,7 @@ class ImportedSlab(ABC):
     device: torch.device  # where the mapping lives in this process
     handle: SlabHandle
 
-    def consume(self, handle: SlabHandle) -> None:
+    def consume(self, handle: SlabHandle) -> None:  # noqa: B027 - a no-op by default, on purpose
         """Account for a surplus handle of this already-open slab (CUDA: release its ref counter)."""
 
     def generation_now(self) -> int | None:
