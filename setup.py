@@ -11,6 +11,7 @@ setup(
     install_requires=["torch>=2.5", "pyzmq>=25", "msgpack>=1.0"],
     extras_require={
         "peft": ["peft>=0.13"],
+        "ray": ["ray>=2.40", "numpy"],
         "test": ["pytest>=8", "peft>=0.13", "transformers", "safetensors", "hypothesis", "psutil"],
     },
     entry_points={

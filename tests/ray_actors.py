@@ -141,6 +141,7 @@ class AsyncEngine:
     async def start_stream(self, in_flight: int = 4) -> None:
         async def one(i: int) -> None:
             name, version, lora = self._current
+            self._started[version] = self._started.get(version, 0) + 1
             record = {"version": version, "prompt": i % len(self.prompts), "started": time.monotonic()}
             try:
                 record["tokens"] = await self._one(self.prompts[record["prompt"]], lora)
@@ -155,8 +156,13 @@ class AsyncEngine:
                 self._running.add(asyncio.create_task(one(i)))
 
         self._records = []
+        self._started: dict[int, int] = {}
         self._running: set[asyncio.Task] = set()
         self._stream = asyncio.create_task(loop())
+
+    def stream_state(self) -> dict:
+        """Requests started per version, and how many are running now."""
+        return {"started": dict(self._started), "in_flight": sum(not t.done() for t in self._running)}
 
     async def stop_stream(self) -> list[dict]:
         self._stream.cancel()

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import ray
 
+from .. import errors
 from ..errors import AdapterNotFound
 from .errors import EngineLoadError
 from .relay import alive_node_ids, relay_handle
@@ -59,7 +60,23 @@ def load(engines: Sequence, name: str, version: int | None = None, lora_int_id: 
     if failures:
         i = min(failures)
         actor = engines[i]._actor_id.hex()
-        raise EngineLoadError(f"engine {i} (actor {actor}) failed to load {name} v{version}: "
-                              f"{type(failures[i]).__name__}: {failures[i]}", i, actor,
-                              [r for r in results if r is not None])
+        error_type, why = _why(failures[i])
+        raise EngineLoadError(f"engine {i} (actor {actor}) failed to load {name} v{version}: {why}", i, actor,
+                              [r for r in results if r is not None], error_type) from failures[i]
     return results  # type: ignore[return-value]
+
+
+_ERROR_NAMES = [n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, errors.LoraIpcError)]
+
+
+def _why(exc: BaseException) -> tuple[str, str]:
+    """(the lora_ipc error type named in a worker's failure, else the exception's type; its last line).
+
+    vLLM hands a worker's exception back as a plain ``Exception`` carrying only its text, and Ray
+    wraps that with a traceback; the WorkerExtension puts the lora_ipc type's name into the text.
+    """
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    named = [n for n in _ERROR_NAMES if f"{n}: " in text]
+    return (max(named, key=text.rfind) if named else type(exc).__name__), last
