@@ -91,6 +91,7 @@ class AsyncEngine:
         self.llm = AsyncLLM.from_engine_args(args)
         self.prompts = engine.PROMPTS
         self._ids = itertools.count()
+        self._requests: dict[tuple, object] = {}
         self._stream: asyncio.Task | None = None
         self._current = None
         self._records: list[dict] = []
@@ -112,9 +113,11 @@ class AsyncEngine:
         if spec is None:
             return None
         kind, *rest = spec
-        if kind == "ipc":  # ("ipc", name, version): pinned in lora_path
-            name, version = rest
-            return lora_request(name, self.endpoint, version)
+        if kind == "ipc":  # ("ipc", name, version): pinned in lora_path; made once, as a serving actor would
+            if spec not in self._requests:
+                name, version = rest
+                self._requests[spec] = lora_request(name, self.endpoint, version)
+            return self._requests[spec]
         path, lora_id = rest  # ("disk", path, id): vLLM's own loader
         return LoRARequest(f"disk-{lora_id}", lora_id, path)
 
