@@ -46,7 +46,9 @@ def reexec_in_private_netns() -> None:
 
 def engine_environment() -> None:
     for key, value in {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
+                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       # the engine core runs inside the actor's process: one process per engine, not two
+                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
         os.environ.setdefault(key, value)
 
 
@@ -74,13 +76,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(out.loss)
 
-    def publish(self) -> int:
+    def publish(self) -> tuple[int, float]:
         import lora_ipc.ray
 
-        return lora_ipc.ray.publish(NAME, self.model)  # returns once every node's relay serves it
+        t0 = time.perf_counter()
+        version = lora_ipc.ray.publish(NAME, self.model)  # returns once every node's relay serves it
+        return version, (time.perf_counter() - t0) * 1e3
 
-    def save(self, path: str) -> None:
+    def save(self, path: str) -> float:
+        t0 = time.perf_counter()
         self.model.save_pretrained(path)
+        return (time.perf_counter() - t0) * 1e3
 
 
 class Engine:
@@ -172,29 +178,34 @@ def main() -> int:
           f"(ready after {time.perf_counter() - started:.0f} s)")
 
     rows = []
-    header = f"{'step':>4} {'loss':>7} {'ver':>4} | {'lora_ipc: publish→all loaded':>28} | " \
-             f"{'disk: save_pretrained + load':>28} | {'ratio':>6} | tokens"
+    header = (f"{'step':>4} {'loss':>7} {'ver':>4} | {'lora_ipc: publish→all loaded':>28} {'(publish, load)':>16} | "
+              f"{'disk: save_pretrained + load':>28} {'(save, load)':>16} | {'ratio':>6} | tokens")
     print(header + "\n" + "-" * len(header))
     for step in range(1, args.steps + 1):
         loss = ray.get(trainer.step.remote())
 
         t0 = time.perf_counter()
-        version = ray.get(trainer.publish.remote())
+        version, publish_ms = ray.get(trainer.publish.remote())
+        t1 = time.perf_counter()
         loaded = lora_ipc.ray.load(engines, NAME, version)
-        ipc_ms = (time.perf_counter() - t0) * 1e3
+        t2 = time.perf_counter()
+        ipc_ms, ipc_load_ms = (t2 - t0) * 1e3, (t2 - t1) * 1e3
 
         path = os.path.join(shared, f"step{step}")
         t0 = time.perf_counter()
-        ray.get(trainer.save.remote(path))
+        save_ms = ray.get(trainer.save.remote(path))
+        t1 = time.perf_counter()
         ray.get([e.load_from_disk.remote(path, 10_000 + step) for e in engines])
-        disk_ms = (time.perf_counter() - t0) * 1e3
+        t2 = time.perf_counter()
+        disk_ms, disk_load_ms = (t2 - t0) * 1e3, (t2 - t1) * 1e3
 
         same = all(
             ray.get(e.generate.remote(got["name"], got["lora_int_id"], got["lora_path"]))
             == ray.get(e.generate.remote(f"disk-{10_000 + step}", 10_000 + step, path))
             for e, got in zip(engines, loaded))
         rows.append((ipc_ms, disk_ms))
-        print(f"{step:>4} {loss:>7.3f} {version:>4} | {ipc_ms:>25.1f} ms | {disk_ms:>25.1f} ms | "
+        print(f"{step:>4} {loss:>7.3f} {version:>4} | {ipc_ms:>25.1f} ms {f'({publish_ms:.1f}, {ipc_load_ms:.1f})':>16} | "
+              f"{disk_ms:>25.1f} ms {f'({save_ms:.1f}, {disk_load_ms:.1f})':>16} | "
               f"{disk_ms / ipc_ms:>5.1f}x | {'same' if same else 'DIFFERENT'}", flush=True)
         if not same:
             print("engines generated different tokens from lora_ipc and from disk", file=sys.stderr)

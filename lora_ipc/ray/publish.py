@@ -10,7 +10,7 @@ import ray
 from ..errors import ExporterUnavailable
 from ..exporter import RemoteExporter
 from .errors import ReplicationError
-from .relays import local_relay
+from .relays import forget_local_relay, local_relay
 
 _exporters: dict[str, RemoteExporter] = {}
 _lock = threading.Lock()
@@ -37,11 +37,16 @@ def publish(name: str, adapter: Any, peft_config: Any = None, *, wait: bool = Tr
         except ExporterUnavailable:
             # the relay is gone or restarting: drop this socket so the unanswered request is never replayed
             _exporters.pop(endpoint).close()
+            forget_local_relay()
             raise
     report_ref = relay.replicate.remote(name, version, timeout_s)
     if not wait:
         return version
-    report = ray.get(report_ref, timeout=timeout_s + 10)
+    try:
+        report = ray.get(report_ref, timeout=timeout_s + 10)
+    except ray.exceptions.RayActorError:
+        forget_local_relay()
+        raise
     if report.failed:
         raise ReplicationError(f"{name} v{version} is not served on {len(report.failed)} node(s): {report.failed}",
                                report.failed)

@@ -32,6 +32,8 @@ from .replica import ReplicaMeta, ReplicationReport
 
 log = logging.getLogger("lora_ipc.ray")
 HOLDER = "ray-relay"
+PEERS_TTL_S = 5.0  # how long a relay trusts its list of peers before asking Ray again
+NO_RELAY = "no relay on this node"
 
 
 def alive_node_ids() -> list[str]:
@@ -64,6 +66,7 @@ class Relay:
         self._ready = threading.Event()
         self._caught_up: dict[str, int] = {}
         self._catch_up_timeout_s = catch_up_timeout_s
+        self._peer_cache: tuple[float, dict] = (0.0, {})
         threading.Thread(target=self._catch_up_then_serve, name="lora-ipc-relay-start", daemon=True).start()
 
     # ---- start -----------------------------------------------------------------------------
@@ -75,12 +78,14 @@ class Relay:
             log.exception("relay %s: catching up from peers failed", self.node_id[:8])
         self._server = AdapterServer(self.store, self.endpoint).start()
         self._ready.set()
+        for handle in self._peers(cached=False).values():  # so they replicate to this relay from now on
+            handle.forget_peers.remote()
         log.info("relay %s serving on %s (restarted=%s, caught up %s)", self.node_id[:8], self.endpoint,
                  self.restarted, self._caught_up)
 
     def _catch_up(self) -> None:
         """Copy, from the other relays, the newest version of each adapter they serve."""
-        peers = [h for node, h in self._peers().items()]
+        peers = list(self._peers(cached=False).values())
         if not peers:
             return
         refs = [h.newest_replicas.remote() for h in peers]
@@ -155,11 +160,15 @@ class Relay:
             pending = {h.accept.remote(meta, data_ref): node for node, h in peers.items()}
             ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
             for ref in ready:
+                node = pending[ref]
                 try:
                     newest = ray.get(ref)
-                    nodes[pending[ref]] = "served" if newest == version else f"serves newer version {newest}"
+                    nodes[node] = "served" if newest == version else f"serves newer version {newest}"
+                except ray.exceptions.RayActorError as exc:  # that relay is gone for good, or restarting
+                    self._peer_cache = (0.0, {})
+                    nodes[node] = NO_RELAY if relay_handle(node) is None else f"{type(exc).__name__}: {exc}"
                 except Exception as exc:
-                    nodes[pending[ref]] = f"{type(exc).__name__}: {exc}"
+                    nodes[node] = f"{type(exc).__name__}: {exc}"
             for ref in late:
                 nodes[pending[ref]] = f"no answer within {timeout_s:g}s"
         return ReplicationReport(name, version, nodes, (time.perf_counter() - started) * 1e3)
@@ -173,11 +182,21 @@ class Relay:
 
     # ---- peers -----------------------------------------------------------------------------
 
-    def _peers(self) -> dict:
+    def forget_peers(self) -> None:
+        """A relay started (or restarted) elsewhere: look the peers up again at the next replicate."""
+        self._peer_cache = (0.0, {})
+
+    def _peers(self, cached: bool = True) -> dict:
+        """Relays of the other alive nodes, looked up in Ray's GCS at most every ``PEERS_TTL_S``
+        (sooner when a new relay announces itself through ``forget_peers``)."""
+        fetched_at, peers = self._peer_cache
+        if cached and time.monotonic() - fetched_at < PEERS_TTL_S:
+            return peers
         peers = {}
         for node in alive_node_ids():
             if node != self.node_id:
                 handle = relay_handle(node)
                 if handle is not None:
                     peers[node] = handle
+        self._peer_cache = (time.monotonic(), peers)
         return peers

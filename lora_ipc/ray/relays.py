@@ -12,7 +12,7 @@ from .relay import Relay, alive_node_ids, relay_handle
 
 RELAY_CONCURRENCY = 8  # Ray calls a relay runs at once: replicate to peers while peers replicate to it
 _RelayActor = ray.remote(Relay)
-_local: dict[str, dict] = {}  # node id -> relay info, per process (endpoints never change)
+_local: dict[str, tuple] = {}  # node id -> (relay handle, relay info), per process
 _lock = threading.Lock()
 
 
@@ -53,19 +53,27 @@ def relay_endpoints() -> dict[str, str]:
 
 
 def local_relay() -> tuple:
-    """``(handle, info)`` of the relay on the calling process's node, started if there is none."""
+    """``(handle, info)`` of the relay on the calling process's node (started if there is none),
+    remembered per process: a relay Ray restarts keeps its handle and endpoint."""
     node = ray.get_runtime_context().get_node_id()
+    with _lock:
+        known = _local.get(node)
+    if known is not None:
+        return known
     handle = relay_handle(node)
     if handle is None:
         start_relays()
         handle = relay_handle(node)
+    known = (handle, ray.get(handle.info.remote()))
     with _lock:
-        info = _local.get(node)
-    if info is None:
-        info = ray.get(handle.info.remote())
-        with _lock:
-            _local[node] = info
-    return handle, info
+        _local[node] = known
+    return known
+
+
+def forget_local_relay() -> None:
+    """Look the local relay up again next time (after it was stopped and started anew)."""
+    with _lock:
+        _local.clear()
 
 
 def local_endpoint() -> str:

@@ -44,4 +44,5 @@ class ReplicationReport:
 
     @property
     def failed(self) -> dict[str, str]:
-        return {node: why for node, why in self.nodes.items() if why != "served"}
+        """Nodes whose relay exists but does not serve the version (a node without a relay is not counted)."""
+        return {node: why for node, why in self.nodes.items() if why not in ("served", "no relay on this node")}
