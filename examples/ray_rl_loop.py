@@ -55,18 +55,21 @@ def engine_environment() -> None:
 class Trainer:
     """The policy trainer: a tiny Llama with LoRA, AdamW, and lora_ipc.ray.publish after each step."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, hidden: int, layers: int, rank: int, seed: int = 0):
         import torch
         from peft import get_peft_model
 
-        from lora_ipc.tiny import lora_config, tiny_llama
+        from lora_ipc.tiny import VOCAB, lora_config, tiny_llama
 
         torch.manual_seed(seed)
-        self.torch = torch
-        self.model = get_peft_model(tiny_llama(0, torch.float32), lora_config(r=8, random_init=False))
+        self.model = get_peft_model(tiny_llama(0, torch.float32, VOCAB, hidden, layers),
+                                    lora_config(r=rank, random_init=False))
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=2e-3)
         g = torch.Generator().manual_seed(seed)
         self.batch = torch.randint(4, 256, (8, 24), generator=g)  # the "rollouts" it learns from
+
+    def adapter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters() if "lora_" in n)
 
     def step(self) -> float:
         self.model.train()
@@ -92,14 +95,14 @@ class Trainer:
 class Engine:
     """A vLLM engine actor as RL frameworks build them: ``LLM`` inside, ``collective_rpc`` forwarded."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, rank: int):
         import lora_ipc.ray
 
         os.environ["LORA_IPC_ENDPOINT"] = lora_ipc.ray.local_endpoint()  # this node's relay
         engine_environment()
         from vllm import LLM
 
-        self.llm = LLM(model=model_dir, tokenizer=model_dir, dtype="bfloat16", enable_lora=True, max_lora_rank=8,
+        self.llm = LLM(model=model_dir, tokenizer=model_dir, dtype="bfloat16", enable_lora=True, max_lora_rank=rank,
                        max_loras=2, max_cpu_loras=4, max_model_len=128, max_num_seqs=4, enforce_eager=True, seed=0,
                        worker_extension_cls="lora_ipc.vllm.WorkerExtension")
 
@@ -130,7 +133,7 @@ class Engine:
 def start_simulated_cluster(nodes: int):
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, object_store_memory=128 << 20,
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=3 if nodes == 1 else 2, object_store_memory=128 << 20,
                                                                 include_dashboard=False))
     for _ in range(nodes - 1):
         cluster.add_node(num_cpus=2, object_store_memory=128 << 20)
@@ -140,7 +143,11 @@ def start_simulated_cluster(nodes: int):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--address", help="connect to this Ray cluster instead of simulating two nodes")
+    parser.add_argument("--hidden", type=int, default=128, help="tiny Llama width (a multiple of 64)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (all 7 projections)")
+    parser.add_argument("--nodes", type=int, default=2, help="simulated nodes (1: both engines beside the trainer)")
+    parser.add_argument("--address", help="connect to this Ray cluster instead of simulating nodes")
     parser.add_argument("--no-netns", action="store_true", help="do not move into a private network namespace")
     args = parser.parse_args()
     if args.address is None and not args.no_netns and not loopback_only():
@@ -158,7 +165,7 @@ def main() -> int:
     if args.address:
         ray.init(address=args.address)
     else:
-        cluster = start_simulated_cluster(2)
+        cluster = start_simulated_cluster(args.nodes)
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
         cluster.wait_for_nodes()
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
@@ -166,16 +173,20 @@ def main() -> int:
     print(f"{len(nodes)} node(s), relays: " + ", ".join(f"{n[:8]}→{e}" for n, e in relays.items()))
 
     shared = tempfile.mkdtemp(prefix="ray-rl-loop-")  # the "shared filesystem" of the disk path
-    model_dir = write_model_dir(os.path.join(shared, "base"))
+    model_dir = write_model_dir(os.path.join(shared, "base"), args.hidden, args.layers)
 
     def on(i):
         return NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=False)
 
-    trainer = ray.remote(Trainer).options(num_cpus=1, scheduling_strategy=on(0)).remote()
-    engines = [ray.remote(Engine).options(num_cpus=1, scheduling_strategy=on(i)).remote(model_dir) for i in range(2)]
+    trainer = ray.remote(Trainer).options(num_cpus=1, scheduling_strategy=on(0)).remote(args.hidden, args.layers,
+                                                                                        args.rank)
+    engines = [ray.remote(Engine).options(num_cpus=1, scheduling_strategy=on(i)).remote(model_dir, args.rank)
+               for i in range(2)]
+    adapter_mb = ray.get(trainer.adapter_bytes.remote()) / 2**20
     engine_nodes = ray.get([e.node_id.remote() for e in engines])
     print(f"trainer on {nodes[0][:8]}, engines on {[n[:8] for n in engine_nodes]} "
-          f"(ready after {time.perf_counter() - started:.0f} s)")
+          f"(ready after {time.perf_counter() - started:.0f} s); adapter {adapter_mb:.2f} MB "
+          f"(hidden {args.hidden}, {args.layers} layers, r{args.rank}, float32)")
 
     rows = []
     header = (f"{'step':>4} {'loss':>7} {'ver':>4} | {'lora_ipc: publish→all loaded':>28} {'(publish, load)':>16} | "
