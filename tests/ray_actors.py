@@ -175,3 +175,11 @@ class AsyncEngine:
             pass
         await asyncio.gather(*self._running)  # the requests already started finish
         return list(self._records)
+
+
+class BrokenEngine:
+    """An engine actor whose every worker RPC fails the way a worker's lora_ipc error comes back from vLLM."""
+
+    def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
+        raise Exception("Call to collective_rpc method failed: Worker failed with error "
+                        "'ExporterUnavailable: no reply from ipc:///nowhere within 3s'")

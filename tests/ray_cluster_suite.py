@@ -81,9 +81,9 @@ def published(cluster, trainer, tmp_path_factory):
     return {}
 
 
-def publish(trainer, published, root, step=None):
+def publish(trainer, published, root, step=None, wait=True):
     save_dir = str(root / f"step{step}")
-    version = ray.get(trainer.publish.remote(NAME, step, save_dir), timeout=120)
+    version = ray.get(trainer.publish.remote(NAME, step, save_dir, wait), timeout=120)
     published[version] = {"dir": save_dir, "tensors": ray.get(trainer.adapter.remote())}
     return version
 
@@ -147,6 +147,28 @@ def test_load_failure_names_the_engine_and_it_keeps_serving(cluster, engine, pub
         lora_ipc.ray.load([engine], NAME, version=newest + 100)
     assert (info.value.engine, info.value.error_type) == (0, "VersionNotFound")
     assert ray.get(engine.generate.remote(("ipc", NAME, newest))) == disk_tokens(engine, published, newest)
+
+
+def test_one_broken_engine_is_named_and_the_others_keep_the_new_version(cluster, trainer, engine, published,
+                                                                       tmp_path_factory):
+    broken = ray.remote(ray_actors.BrokenEngine).options(num_cpus=0, scheduling_strategy=on(cluster["A"])).remote()
+    version = publish(trainer, published, tmp_path_factory.mktemp("broken"), step=5)
+    with pytest.raises(EngineLoadError) as info:
+        lora_ipc.ray.load([engine, broken], NAME, version)
+    assert (info.value.engine, info.value.error_type) == (1, "ExporterUnavailable")
+    assert [(r["engine"], r["version"]) for r in info.value.loaded] == [(0, version)]
+    assert ray.get(engine.generate.remote(("ipc", NAME, version))) == disk_tokens(engine, published, version)
+    ray.kill(broken)
+
+
+def test_publish_without_waiting_reaches_every_relay(cluster, trainer, published, tmp_path_factory):
+    version = publish(trainer, published, tmp_path_factory.mktemp("nowait"), step=6, wait=False)
+    deadline = time.monotonic() + 60
+    while lora_ipc.ray.served_version(NAME) != version:
+        assert time.monotonic() < deadline, "the other relay never served the version"
+        time.sleep(0.05)
+    _, served = served_on(cluster["B"], cluster["relays"][cluster["B"]], version)
+    assert_same_adapter(served, published[version]["tensors"])
 
 
 # ---- acceptance 2: AsyncLLM serving a stream while 5 versions are published and loaded ------------
@@ -216,7 +238,7 @@ def test_killed_relays_are_restarted_and_the_next_publish_repopulates_them(clust
         handle = relay_of(node)
         old = ray.get(handle.info.remote())
         ray.kill(handle, no_restart=False)
-        DETECTED[label] = wait_restarted(handle, old["pid"])
+        DETECTED[label] = wait_restarted(handle, old["pid"], timeout_s=120)  # fails past 120 s
         info = ray.get(handle.info.remote())
         assert info["restarted"] and info["endpoint"] == old["endpoint"]
         assert info["caught_up"] == {NAME: last}  # copied the newest version from the other relay
