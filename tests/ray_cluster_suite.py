@@ -206,6 +206,8 @@ def test_async_stream_while_five_versions_load(cluster, trainer, engine, publish
     assert all(by_version.values()), {v: len(r) for v, r in by_version.items()}
     references = {v: disk_tokens(engine, published, v) for v in by_version}
     assert len({str(r) for r in references.values()}) == len(references)  # versions are distinguishable
+    base = ray.get(engine.generate.remote())  # a request served without its adapter would give these
+    assert all(ref[i] != base[i] for ref in references.values() for i in range(len(base)))
     wrong = [(r["version"], r["prompt"]) for r in records if r["tokens"] != references[r["version"]][r["prompt"]]]
     assert wrong == [], f"{len(wrong)} of {len(records)} requests did not match their pinned version"
     print(f"stream: {len(records)} requests over {len(by_version)} versions, 0 failed; "
