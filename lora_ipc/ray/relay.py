@@ -67,6 +67,7 @@ class Relay:
         self._caught_up: dict[str, int] = {}
         self._catch_up_timeout_s = catch_up_timeout_s
         self._peer_cache: tuple[float, dict] = (0.0, {})
+        self._start_error: str | None = None
         threading.Thread(target=self._catch_up_then_serve, name="lora-ipc-relay-start", daemon=True).start()
 
     # ---- start -----------------------------------------------------------------------------
@@ -76,7 +77,13 @@ class Relay:
             self._catch_up()
         except Exception:  # a relay with nothing is still a relay: the next publish fills it
             log.exception("relay %s: catching up from peers failed", self.node_id[:8])
-        self._server = AdapterServer(self.store, self.endpoint).start()
+        try:
+            self._server = AdapterServer(self.store, self.endpoint).start()
+        except Exception as exc:  # e.g. EndpointInUse: say so to whoever waits, instead of never being ready
+            self._start_error = f"{type(exc).__name__}: {exc}"
+            log.error("relay %s cannot serve on %s: %s", self.node_id[:8], self.endpoint, self._start_error)
+            self._ready.set()
+            return
         self._ready.set()
         for handle in self._peers(cached=False).values():  # so they replicate to this relay from now on
             handle.forget_peers.remote()
@@ -108,10 +115,14 @@ class Relay:
 
     def info(self) -> dict:
         return {"node_id": self.node_id, "endpoint": self.endpoint, "pid": os.getpid(), "device": str(self.device),
-                "restarted": self.restarted, "ready": self._ready.is_set(), "caught_up": dict(self._caught_up)}
+                "restarted": self.restarted, "ready": self._ready.is_set() and not self._start_error,
+                "error": self._start_error, "caught_up": dict(self._caught_up)}
 
     def wait_ready(self, timeout_s: float = 60.0) -> bool:
-        return self._ready.wait(timeout_s)
+        ready = self._ready.wait(timeout_s)
+        if self._start_error:
+            raise RuntimeError(f"relay on node {self.node_id} cannot serve on {self.endpoint}: {self._start_error}")
+        return ready
 
     def versions(self) -> dict[str, list[int]]:
         return {s.name: list(s.versions) for s in self.store.summaries()}
