@@ -143,7 +143,7 @@ class AsyncEngine:
 
     async def start_stream(self, in_flight: int = 4) -> None:
         async def one(i: int) -> None:
-            name, version, lora = self._current
+            _, version, lora = self._current
             self._started[version] = self._started.get(version, 0) + 1
             record = {"version": version, "prompt": i % len(self.prompts), "started": time.monotonic()}
             try:

@@ -10,7 +10,6 @@ import socket
 import time
 
 import pytest
-import torch
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("vllm")

@@ -16,24 +16,29 @@ _local: dict[str, tuple] = {}  # node id -> (relay handle, relay info), per proc
 _lock = threading.Lock()
 
 
-def start_relays(keep: int = 2, *, timeout_s: float = 120.0, **server_options) -> dict[str, str]:
+def start_relays(keep: int = 2, *, timeout_s: float = 120.0, actor_options: dict | None = None,
+                 **server_options) -> dict[str, str]:
     """Start (idempotently) one relay per alive Ray node; return ``node_id -> ipc:// endpoint``.
 
     Each relay is a detached, restartable (``max_restarts=-1``) actor pinned to its node with hard
     node affinity and no CPU reservation, so it outlives whichever trainer or driver started it.
     ``server_options`` go to :class:`~lora_ipc.ray.relay.Relay` (``device``, ``lease_timeout_s``,
     ``check_finite``, ``endpoint_dir``); relays already running keep the options they started with.
-    Returns once every relay answers on its socket.
+    ``actor_options`` are added to the actor's Ray options: for GPU slabs (``device="cuda"``) give the
+    relay its node's GPU, e.g. ``{"num_gpus": 0.01}`` or a ``runtime_env`` setting
+    ``CUDA_VISIBLE_DEVICES``. Returns once every relay answers on its socket.
     """
     handles = {}
     for node in alive_node_ids():
         handle = relay_handle(node)
         if handle is None:
-            handle = _RelayActor.options(
+            options = dict(
                 name=relay_actor_name(node), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
                 max_restarts=-1, max_task_retries=0, max_concurrency=RELAY_CONCURRENCY, num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-            ).remote(node, keep=keep, **server_options)
+            )
+            options.update(actor_options or {})
+            handle = _RelayActor.options(**options).remote(node, keep=keep, **server_options)
         handles[node] = handle
     ready = ray.get([h.wait_ready.remote(timeout_s) for h in handles.values()], timeout=timeout_s + 10)
     if not all(ready):
