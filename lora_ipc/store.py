@@ -199,13 +199,30 @@ class AdapterStore:
                                   lambda slab: layout.pack(slab.destination_views(layout), tensors))
 
     def publish_copy(self, name: str, layout: SlabLayout, peft_config: dict,
-                     copy_into: Callable[[torch.Tensor], None], device: torch.device) -> int:
-        """Add a version whose bytes ``copy_into(slab_tensor)`` writes (the daemon's copy of a remote slab)."""
+                     copy_into: Callable[[torch.Tensor], None], device: torch.device,
+                     version: int | None = None) -> int:
+        """Add a version whose bytes ``copy_into(slab_tensor)`` writes (the daemon's copy of a remote slab).
+
+        ``version``: keep another store's version number (a Ray relay serving a replica of what the
+        publishing node's relay numbered). It must be newer than every version of ``name`` here, so
+        numbers stay increasing and one number never names two different adapters in one store.
+        """
+        if version is not None:
+            self._check_newer(name, version)
         return self._publish_into(name, layout, peft_config, device,
-                                  lambda slab: copy_into(slab.tensor[:layout.used_bytes]))
+                                  lambda slab: copy_into(slab.tensor[:layout.used_bytes]), version)
+
+    def newest_version(self, name: str) -> int:
+        """The last version number given to ``name`` in this store (0 if none)."""
+        with self._lock:
+            return self._last_version.get(name, 0)
+
+    def _check_newer(self, name: str, version: int) -> None:
+        if type(version) is not int or version <= self.newest_version(name):
+            raise ValueError(f"{name!r} version {version!r} is not newer than version {self.newest_version(name)} here")
 
     def _publish_into(self, name: str, layout: SlabLayout, peft_config: dict, device: torch.device,
-                      write: Callable[[ExportedSlab], None]) -> int:
+                      write: Callable[[ExportedSlab], None], version: int | None = None) -> int:
         started = time.perf_counter()
         with self._lock:
             if name not in self._versions and len(self._versions) >= self.limits.max_adapters:
@@ -217,10 +234,11 @@ class AdapterStore:
             if self.check_finite:
                 _reject_non_finite(layout, slab.tensor)
             slab.mark_ready()
+            version = self._add(name, slab, layout, peft_config, version)
         except BaseException:
             self._give_back(slab)
             raise
-        version = self._add(name, slab, layout, peft_config, generation)
+        version = self._add(name, slab, layout, peft_config, generation, version)
         self.metrics.publish_latency.observe((time.perf_counter() - started) * 1e3)
         return version
 
@@ -235,9 +253,13 @@ class AdapterStore:
                 self._layouts.put(key, layout)
         return layout
 
-    def _add(self, name: str, slab: ExportedSlab, layout: SlabLayout, peft_config: dict, generation: int) -> int:
+    def _add(self, name: str, slab: ExportedSlab, layout: SlabLayout, peft_config: dict, generation: int,
+             version: int | None = None) -> int:
         with self._lock:
-            version = self._last_version.get(name, 0) + 1
+            if version is None:
+                version = self._last_version.get(name, 0) + 1
+            else:
+                self._check_newer(name, version)
             self._last_version[name] = version
             versions = self._versions.setdefault(name, {})
             versions[version] = PublishedVersion(name, version, slab, layout, peft_config, time.time(), generation,
@@ -424,6 +446,12 @@ class AdapterStore:
                 expired += 1
             self.metrics.leases_expired += expired
             return expired
+
+    def intact(self, pv: PublishedVersion) -> bool:
+        """Whether ``pv``'s slab still holds ``pv`` (its reuse counter has not moved), for in-process readers."""
+        with self._lock:
+            slot = self._slab_slots.get(pv.slab.slab_id)
+            return slot is not None and self._generations.read(slot) == pv.generation
 
     def lease_count(self) -> int:
         with self._lock:

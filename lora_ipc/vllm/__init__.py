@@ -2,7 +2,8 @@
 
 - ``lora_request(name, endpoint=None, version=None, lora_int_id=None)`` -> ``LoRARequest``
 - ``add_lora(llm, name, ...)`` -> ``LoRARequest``, loaded now, errors raised here
-- ``WorkerExtension``: ``worker_extension_cls="lora_ipc.vllm.WorkerExtension"``
+- ``WorkerExtension``: ``worker_extension_cls="lora_ipc.vllm.WorkerExtension"``, or combined with another
+  extension class: ``class Ext(WorkerExtension, TheirWrap): pass`` (clashing names raise ``TypeError``)
 - ``plugin.register``: the ``vllm.general_plugins`` entry point (installed with the package)
 """
 

@@ -1,0 +1,47 @@
+"""Runs the Ray tests (tests/ray_cluster_suite.py) inside a private network namespace.
+
+Left alone, Ray binds the machine's network address. Here it must only ever bind loopback, so the
+suite runs in a fresh network namespace that has nothing but ``lo`` (``unshare -n``, root as in CI),
+as its own pytest process; this test passes when that run passes, and shows its report. Where the
+namespace cannot be made (not root, no ``unshare``), it skips and says so. One two-node cluster is
+shared by the whole suite.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("vllm")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SUITE = os.path.join(HERE, "ray_cluster_suite.py")
+
+
+def _unshare_works() -> str | None:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs unshare and ip (util-linux, iproute2) to run Ray in a private network namespace"
+    probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True,
+                           check=False)
+    if probe.returncode != 0:
+        return f"cannot make a private network namespace here (unshare -n: {probe.stderr.strip()[:200]})"
+    return None
+
+
+def test_ray_suite_in_private_network_namespace():
+    why_not = _unshare_works()
+    if why_not:
+        pytest.skip(f"Ray tests not run: {why_not}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    cmd = (f"ip link set lo up && exec {sys.executable} -m pytest -q -rA -p no:cacheprovider "
+           f"{SUITE}")
+    proc = subprocess.run(["unshare", "-n", "sh", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1500, check=False)
+    report = proc.stdout[-20000:]
+    print(report)
+    assert proc.returncode == 0, f"Ray suite failed (rc {proc.returncode}):\n{report}\n{proc.stderr[-5000:]}"
+    assert " passed" in report and " skipped" not in report.splitlines()[-1], report[-2000:]

@@ -1,0 +1,57 @@
+"""The pieces of lora_ipc.ray that need no cluster: a store keeping a given version number, and the
+validation of a replica received from another node."""
+
+import numpy as np
+import pytest
+import torch
+
+from lora_ipc.layout import SlabLayout
+from lora_ipc.store import AdapterStore
+
+from . import models
+from .conftest import assert_same_adapter
+
+
+def _replica_bytes(tensors):
+    layout = SlabLayout.plan(tensors)
+    buf = torch.zeros(layout.used_bytes, dtype=torch.uint8)
+    layout.pack(layout.destination_views(buf), tensors)
+    return layout, buf
+
+
+def test_store_keeps_a_given_version_number_and_refuses_an_older_one():
+    tensors = models.random_adapter(3)
+    layout, buf = _replica_bytes(tensors)
+    store = AdapterStore(keep=2)
+    try:
+        assert store.publish_copy("p", layout, models.RANDOM_ADAPTER_CONFIG, lambda dst: dst.copy_(buf),
+                                  torch.device("cpu"), version=7) == 7
+        assert store.newest_version("p") == 7
+        for stale in (7, 3):
+            with pytest.raises(ValueError, match="not newer"):
+                store.publish_copy("p", layout, models.RANDOM_ADAPTER_CONFIG, lambda dst: dst.copy_(buf),
+                                   torch.device("cpu"), version=stale)
+        assert store.status()["slabs"]["live"] == 1  # the refused copies took no slab with them
+        assert store.publish("p", tensors, models.RANDOM_ADAPTER_CONFIG) == 8  # numbering continues
+        lease, pv = store.lease("p", 7, "t")
+        assert_same_adapter(pv.layout.unpack(pv.slab.tensor[:pv.layout.used_bytes].clone()), tensors)
+        store.release(lease.lease_id)
+    finally:
+        store.close()
+
+
+def test_a_replica_is_validated_like_any_publish():
+    pytest.importorskip("ray")
+    from lora_ipc.errors import LayoutError
+    from lora_ipc.ray.replica import ReplicaMeta
+
+    layout, buf = _replica_bytes(models.random_adapter(1))
+    meta = ReplicaMeta("p", 1, layout.to_wire(), layout.used_bytes, models.RANDOM_ADAPTER_CONFIG)
+    assert meta.layout_for(buf.numpy()).to_wire() == layout.to_wire()
+    with pytest.raises(LayoutError):
+        meta.layout_for(buf.numpy()[:-64])  # short
+    with pytest.raises(LayoutError):
+        meta.layout_for(buf.numpy().view(np.int8))  # not bytes
+    bad = ReplicaMeta("p", 1, [[*layout.to_wire()[0][:3], layout.used_bytes, 64]], layout.used_bytes, {})
+    with pytest.raises(LayoutError):
+        bad.layout_for(buf.numpy())  # an entry outside the buffer
