@@ -45,7 +45,8 @@ def reexec_in_private_netns() -> None:
 
 
 def engine_environment() -> None:
-    for key, value in {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    for key, value in {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
+                       "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                        # the engine core runs inside the actor's process: one process per engine, not two
                        "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
@@ -133,7 +134,8 @@ class Engine:
 def start_simulated_cluster(nodes: int):
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=3 if nodes == 1 else 2, object_store_memory=128 << 20,
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=3 if nodes == 1 else 2,
+                                                                object_store_memory=128 << 20,
                                                                 include_dashboard=False))
     for _ in range(nodes - 1):
         cluster.add_node(num_cpus=2, object_store_memory=128 << 20)
@@ -215,7 +217,8 @@ def main() -> int:
             == ray.get(e.generate.remote(f"disk-{10_000 + step}", 10_000 + step, path))
             for e, got in zip(engines, loaded))
         rows.append((ipc_ms, disk_ms))
-        print(f"{step:>4} {loss:>7.3f} {version:>4} | {ipc_ms:>25.1f} ms {f'({publish_ms:.1f}, {ipc_load_ms:.1f})':>16} | "
+        split = f"({publish_ms:.1f}, {ipc_load_ms:.1f})"
+        print(f"{step:>4} {loss:>7.3f} {version:>4} | {ipc_ms:>25.1f} ms {split:>16} | "
               f"{disk_ms:>25.1f} ms {f'({save_ms:.1f}, {disk_load_ms:.1f})':>16} | "
               f"{disk_ms / ipc_ms:>5.1f}x | {'same' if same else 'DIFFERENT'}", flush=True)
         if not same:
