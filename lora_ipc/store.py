@@ -234,11 +234,10 @@ class AdapterStore:
             if self.check_finite:
                 _reject_non_finite(layout, slab.tensor)
             slab.mark_ready()
-            version = self._add(name, slab, layout, peft_config, version)
+            version = self._add(name, slab, layout, peft_config, generation, version)
         except BaseException:
             self._give_back(slab)
             raise
-        version = self._add(name, slab, layout, peft_config, generation, version)
         self.metrics.publish_latency.observe((time.perf_counter() - started) * 1e3)
         return version
 
