@@ -3,7 +3,8 @@
 vLLM calls ``register()`` in every process it starts, workers included. It wraps
 ``WorkerLoRAManager._load_adapter`` so ``lora-ipc://`` paths are served by :mod:`.loader`; every
 other path goes to vLLM's own loader untouched. With ``$LORA_IPC_ENDPOINT`` set it also registers
-the LoRA resolver, so the OpenAI server resolves bare adapter names.
+the LoRA resolver, so the OpenAI server resolves bare adapter names. It also registers the ``lora_ipc``
+backend of vLLM's weight-transfer framework (worker and trainer sides, see :mod:`.weight_transfer`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .uri import AdapterURI
 
 log = logging.getLogger("lora_ipc.vllm")
 _MARK = "__lora_ipc_wrapped__"
+BACKEND = "lora_ipc"
 
 
 def loaded_paths(worker_manager) -> dict[int, str]:
@@ -66,7 +68,23 @@ def _add_adapter_wrapper(original):
     return add_adapter
 
 
+def register_weight_transfer() -> None:
+    """Register ``lora_ipc`` in vLLM's weight-transfer factories, by module path (imported when used)."""
+    try:
+        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+    except ImportError:  # a vLLM without the weight-transfer framework
+        return
+    module = "lora_ipc.vllm.weight_transfer"
+    for factory, cls_name in ((WeightTransferEngineFactory, "LoraIpcWeightTransferEngine"),
+                              (WeightTransferTrainerFactory, "LoraIpcTrainerWeightTransferEngine")):
+        try:
+            factory.register_engine(BACKEND, module, cls_name)
+        except ValueError:  # registered already (register() runs more than once per process)
+            pass
+
+
 def register() -> None:
+    register_weight_transfer()
     try:
         from vllm.lora import worker_manager
     except ImportError:  # vLLM without LoRA support: nothing to do
