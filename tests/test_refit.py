@@ -12,6 +12,7 @@ from lora_ipc import ExporterUnavailable, ProtocolError
 from lora_ipc.refit import BucketRef, RefitError, WeightReceiver, WeightSender, plan_buckets
 from lora_ipc.tiny import tiny_llama
 
+from . import models
 from .conftest import bitwise_equal
 
 BUCKET = 48 << 10  # below the 64 KiB embedding and lm_head of the tiny Llama (bfloat16)
@@ -40,20 +41,13 @@ def test_plan_covers_every_element_once_within_the_bucket_size():
         plan_buckets(params, 100)
 
 
-def perturb(model, step):
-    g = torch.Generator().manual_seed(step)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
-
-
 def test_round_trip_is_bitwise_split_parameters_reassembled_and_slabs_bounded():
     model = tiny_llama(0, torch.bfloat16)
     sender = WeightSender(bucket_bytes=BUCKET)
     receiver = WeightReceiver(sender.endpoint, sender.stream, timeout_s=10)
     try:
         for step in range(1, 4):
-            perturb(model, step)
+            models.perturb_weights(model, step)
             received: dict[str, torch.Tensor] = {}
             refs = []
 
