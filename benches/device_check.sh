@@ -13,3 +13,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_transport.py -s 2>&1 | tee "$OUT/gpu-tests.log"
 timeout 300 python3 benches/bench_transport.py --device cuda --iters ${ITERS:-30} --json "$OUT/transport-cuda.json" 2>&1 | tee "$OUT/bench.log"
+# Full-weight refit transport: bucket throughput (GB/s) against the same-device copy floor (README-refit.md).
+timeout 240 python3 benches/bench_bucket_transport.py --device cuda --layers 8 --bucket-mib 256 1024 --iters 5 \
+  --json "$OUT/bucket-transport-cuda.json" 2>&1 | tee "$OUT/bucket-transport.log"

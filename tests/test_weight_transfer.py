@@ -46,9 +46,15 @@ def client(llm):
     return OfflineLLMClient(llm)
 
 
-def serve(client):
-    """Run the trainer's four-method calls on the engine in this process."""
-    return lambda method, *args: getattr(client, method)(*args)
+def serve(client, seen=None):
+    """Run the trainer's four-method calls on the engine in this process (recording them in ``seen``)."""
+
+    def handle(method, *args):
+        if seen is not None:
+            seen.append((method, args))
+        getattr(client, method)(*args)
+
+    return handle
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +74,16 @@ def refits(llm, trainer, client, progress, tmp_path_factory):
     """Steps 1-3 sent to the engine: per step, the directory the trainer saved and the engine's tokens."""
     root = tmp_path_factory.mktemp("refit")
     out = {0: (None, engine.generate(llm))}
-    trainer.call("init", "pipe", None, INIT, handler=serve(client))
+    seen = []
+    trainer.call("init", "pipe", None, INIT, handler=serve(client, seen))
     for step in STEPS:
         path = str(root / f"step{step}")
-        trainer.call("step", step, True, path, f"step-{step}", handler=serve(client))
+        seen.clear()
+        trainer.call("step", step, True, path, f"step-{step}", handler=serve(client, seen))
+        methods = [m for m, _ in seen]
+        updates = [args[0] for m, args in seen if m == "update_weights"]
+        assert methods == ["start_weight_update", *["update_weights"] * len(updates), "finish_weight_update"]
+        assert len(updates) == updates[0]["buckets"] > 1 and any(u["pieces"] for u in updates)  # split tensors
         progress["step"] = step
         assert llm.get_weight_version() == f"step-{step}"  # finish_weight_update(weight_version=...) round trip
         out[step] = (path, engine.generate(llm))
