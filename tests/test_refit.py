@@ -131,3 +131,71 @@ def test_receiver_refuses_out_of_order_and_incomplete_updates_and_a_gone_trainer
         receiver.receive(BucketRef(sender.stream, refs[-1].version + 1, 2, 0, 1))
     assert time.monotonic() - started < 30
     receiver.close()
+
+
+class RecordingClient:
+    """A four-method VLLMWeightSyncClient that checks every payload survives JSON, then hands buckets to
+    ``receiver`` as an inference worker would."""
+
+    def __init__(self):
+        self.calls = []
+        self.receiver = None
+        self.received = {}
+
+    def init_weight_transfer_engine(self, init_info):
+        from lora_ipc.vllm.weight_transfer import LoraIpcInitInfo
+
+        info = LoraIpcInitInfo(**json.loads(json.dumps(init_info)))
+        self.calls.append("init")
+        self.receiver = WeightReceiver(info.endpoint, info.stream, timeout_s=info.timeout_s)
+
+    def start_weight_update(self):
+        self.calls.append("start")
+        self.receiver.begin()
+
+    def update_weights(self, update_info):
+        from lora_ipc.vllm.weight_transfer import LoraIpcUpdateInfo
+
+        self.calls.append("update")
+        for name, tensor in self.receiver.receive(LoraIpcUpdateInfo(**json.loads(json.dumps(update_info)))):
+            self.received[name] = tensor.clone()
+
+    def finish_weight_update(self, weight_version=None):
+        self.calls.append(("finish", weight_version))
+        self.receiver.end()
+
+
+def test_trainer_engine_through_vllms_factory_json_payloads_and_non_sender_ranks():
+    pytest.importorskip("vllm")
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from lora_ipc.vllm.weight_transfer import LoraIpcTrainerInitInfo
+
+    model = tiny_llama(0, torch.bfloat16)
+    client = RecordingClient()
+    sender = WeightTransferTrainerFactory.trainer_init(LoraIpcTrainerInitInfo(rank=0, bucket_bytes=BUCKET),
+                                                       client=client, source=ModuleSource(model))
+    try:
+        models.perturb_weights(model, 1)
+        sender.send_weights(weight_version="v1")
+        assert client.calls[:2] == ["init", "start"] and client.calls[-1] == ("finish", "v1")
+        assert client.calls.count("update") > 3
+        for name, param in model.named_parameters():
+            assert bitwise_equal(client.received[name], param), name
+    finally:
+        sender.shutdown()
+        client.receiver.close()
+
+    class CountingSource(ModuleSource):
+        iterations = 0
+
+        def __iter__(self):
+            CountingSource.iterations += 1
+            return super().__iter__()
+
+    other = RecordingClient()
+    rank1 = WeightTransferTrainerFactory.trainer_init(LoraIpcTrainerInitInfo(rank=1), client=other,
+                                                      source=CountingSource(model))
+    rank1.send_weights()  # joins the source's iteration (collectives), never the control plane
+    assert other.calls == [] and CountingSource.iterations == 1
