@@ -40,6 +40,14 @@ from .exporter import AdapterExporter
 from .layout import ALIGN, DTYPE_NAMES, DTYPES, MAX_DIMS, align_up
 
 DEFAULT_BUCKET_BYTES = 256 << 20
+CPU_DEFAULT_BUCKET_BYTES = 32 << 20
+
+
+def default_bucket_bytes() -> int:
+    """256 MiB where CUDA is available; 32 MiB on CPU-only machines, where each fetched bucket is a fresh
+    malloc'd buffer and glibc serves blocks up to 32 MiB from its heap instead of new, page-faulting maps."""
+    return DEFAULT_BUCKET_BYTES if torch.cuda.is_available() else CPU_DEFAULT_BUCKET_BYTES
+
 MIN_BUCKET_BYTES = 4 << 10
 MAX_PIECES_PER_BUCKET = 1 << 16
 
@@ -94,9 +102,27 @@ def plan_buckets(params: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], buc
     """Group parameters, in order, into buckets whose slab layouts need at most ``bucket_bytes``.
 
     Parameters that fit are never split; one larger than a bucket is cut into pieces that each fill a
-    bucket (the last piece shares its bucket with what follows).
+    bucket (the last piece shares its bucket with what follows). Buckets are then balanced: as many as
+    greedy filling needs, but of similar sizes, so the store's slabs fit every bucket and are reused
+    instead of a short last bucket allocating a slab of its own each update.
     """
+    params = [(name, dtype, tuple(int(d) for d in shape)) for name, dtype, shape in params]
     bucket_bytes = check_bucket_bytes(bucket_bytes)
+    plans = _fill_greedily(params, bucket_bytes)
+    if len(plans) < 2:
+        return plans
+    sizes = [align_up(math.prod(shape) * dtype.itemsize) for _, dtype, shape in params]
+    capacity = max(align_up(-(-sum(b.nbytes for b in plans) // len(plans))),
+                   max((n for n in sizes if n <= bucket_bytes), default=0))
+    while capacity < bucket_bytes:
+        balanced = _fill_greedily(params, capacity)
+        if len(balanced) <= len(plans):
+            return balanced
+        capacity = min(bucket_bytes, align_up(capacity * 21 // 20))
+    return plans
+
+
+def _fill_greedily(params: list[tuple[str, torch.dtype, tuple[int, ...]]], bucket_bytes: int) -> list[BucketPlan]:
     buckets: list[BucketPlan] = []
     current: list[Piece] = []
     used = 0
@@ -115,7 +141,6 @@ def plan_buckets(params: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], buc
         seen.add(name)
         if dtype not in DTYPE_NAMES:
             raise RefitError(f"{name}: dtype {dtype} cannot be sent (supported: {sorted(DTYPES)})")
-        shape = tuple(int(d) for d in shape)
         numel = math.prod(shape)
         nbytes = align_up(numel * dtype.itemsize)
         if used + nbytes <= bucket_bytes and len(current) < MAX_PIECES_PER_BUCKET:
@@ -189,9 +214,9 @@ class WeightSender:
     the engine loading bucket k; the two never touch the same slab.
     """
 
-    def __init__(self, endpoint: str | None = None, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    def __init__(self, endpoint: str | None = None, *, bucket_bytes: int | None = None,
                  device: torch.device | str | None = None, lease_timeout_s: float = 60.0, stream: str | None = None):
-        self.bucket_bytes = check_bucket_bytes(bucket_bytes)
+        self.bucket_bytes = check_bucket_bytes(bucket_bytes or default_bucket_bytes())
         self.exporter = AdapterExporter(endpoint, keep=2, device=device, lease_timeout_s=lease_timeout_s)
         self.stream = stream or f"weights-{uuid.uuid4().hex[:12]}"
         self.updates = 0
