@@ -44,16 +44,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def checksum(t: torch.Tensor) -> int:
+    """An exact integer digest of a bf16 tensor's bits (same on both sides iff the bytes match, modulo collisions)."""
+    bits = t.contiguous().view(-1).view(torch.int16).to(torch.int64)
+    return int((bits * (torch.arange(bits.numel(), device=bits.device) % 251 + 1)).sum())
+
+
 def consumer(conn, device: str) -> None:
     from lora_ipc.refit import BucketRef, WeightReceiver
 
     endpoint, stream = conn.recv()
     receiver = WeightReceiver(endpoint, stream, timeout_s=120)
     conn.send("ready")
+    verify = False
     while True:
         msg = conn.recv()
-        if msg == "begin":
+        if msg in ("begin", "begin-verify"):
             receiver.begin()
+            verify = msg == "begin-verify"
             conn.send("ok")
         elif msg == "end":
             conn.send(receiver.end())
@@ -63,7 +71,10 @@ def consumer(conn, device: str) -> None:
         else:
             got = receiver.receive(BucketRef(**msg), device)
             _sync(device)  # owned copies complete, as load_weights would need
-            conn.send(sum(t.numel() * t.element_size() for _, t in got))
+            if verify:
+                conn.send({name: checksum(t) for name, t in got})
+            else:
+                conn.send(sum(t.numel() * t.element_size() for _, t in got))
 
 
 def copy_floor(weights: dict[str, torch.Tensor], device: str, iters: int) -> float:
@@ -129,6 +140,14 @@ def main() -> None:
             conn.send("end")
             buckets = conn.recv()
             assert sum(received) == total, (sum(received), total)
+        received.clear()  # one more update, checked tensor by tensor against the trainer's bytes
+        conn.send("begin-verify")
+        conn.recv()
+        sender.send(params, iter(weights.items()), deliver)
+        conn.send("end")
+        conn.recv()
+        got = {k: v for part in received for k, v in part.items()}
+        assert got == {n: checksum(t) for n, t in weights.items()}, "received weights differ from the trainer's"
         status = sender.exporter.store.status()
         conn.send(None)
         proc.join(30)

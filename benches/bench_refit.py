@@ -95,7 +95,8 @@ def main() -> None:
               f"{len(list(model.parameters()))} tensors")
         started = time.perf_counter()
         llm = LLM(model=base_dir, tokenizer=base_dir, dtype="bfloat16", max_model_len=128, max_num_seqs=4,
-                  enforce_eager=True, seed=0, weight_transfer_config={"backend": "lora_ipc"})
+                  enforce_eager=True, seed=0, weight_transfer_config={"backend": "lora_ipc"},
+                  worker_extension_cls="lora_ipc.vllm.WorkerExtension")
         print(f"engine started in {time.perf_counter() - started:.1f} s")
         client = OfflineLLMClient(llm)
         step = 0
@@ -104,13 +105,14 @@ def main() -> None:
         for mib in args.bucket_mib:
             transfer = WeightTransferTrainerFactory.trainer_init(
                 LoraIpcTrainerInitInfo(rank=0, bucket_bytes=mib << 20), client=client, source=ModuleSource(model))
-            times_ipc = []
+            times_ipc, worker = [], []
             for _ in range(args.iters + 1):  # the first update maps slabs and plans: dropped from the median
                 step += 1
                 perturb(model, step)
                 t0 = time.perf_counter()
                 transfer.send_weights(weight_version=f"step-{step}")
                 times_ipc.append(time.perf_counter() - t0)
+                worker.append(llm.collective_rpc("lora_ipc_refit_stats")[0])
                 via_ipc = generate(llm)
 
                 step += 1  # the disk path, same engine, on the next weights
@@ -130,6 +132,8 @@ def main() -> None:
             status = transfer.sender.exporter.store.status()
             results["lora_ipc"][mib] = {"buckets": len(buckets), "first_s": times_ipc[0],
                                         "median_s": statistics.median(times_ipc[1:]),
+                                        "worker": {k: statistics.median(w[k] for w in worker[1:])
+                                                   for k in ("fetch_ms", "load_weights_ms", "finalize_ms")},
                                         "slabs_live": status["slabs"]["live"], "slab_bytes": status["slabs"]["bytes"]}
             transfer.shutdown()
         disk = statistics.median(r["total_s"] for r in results["disk_shm"][1:] or results["disk_shm"])
@@ -141,7 +145,8 @@ def main() -> None:
             r["speedup_vs_disk_shm"] = disk / r["median_s"]
             print(f"lora_ipc bucket {mib:4d} MiB: {r['buckets']:3d} buckets, median {r['median_s'] * 1e3:.0f} ms "
                   f"(first {r['first_s'] * 1e3:.0f} ms), {r['speedup_vs_disk_shm']:.2f}x faster than disk_shm, "
-                  f"trainer slabs {r['slabs_live']} ({r['slab_bytes'] / 2**20:.0f} MiB)")
+                  f"trainer slabs {r['slabs_live']} ({r['slab_bytes'] / 2**20:.0f} MiB); in the worker: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in r["worker"].items()))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)

@@ -32,6 +32,7 @@ version); adapters added with ``add_lora`` must be re-added after each refit.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -110,6 +111,8 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
     def __init__(self, config, vllm_config, device: torch.device, model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
         self._receiver: WeightReceiver | None = None
+        self._timing = {"fetch_s": 0.0, "load_s": 0.0, "bytes": 0}
+        self.last_update: dict = {}  # the last complete update: buckets, bytes, fetch/load/finalize ms
 
     def parse_init_info(self, init_dict: dict[str, Any]) -> LoraIpcInitInfo:
         try:
@@ -132,16 +135,22 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         self._require_receiver().begin()
+        self._timing = {"fetch_s": 0.0, "load_s": 0.0, "bytes": 0}
         initialize_layerwise_reload(self.model)
 
     def receive_weights(self, update_info: LoraIpcUpdateInfo) -> None:
         receiver = self._require_receiver()
         try:
+            started = time.perf_counter()
             weights = receiver.receive(update_info, self.device)
+            fetched = time.perf_counter()
             from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
 
             with disable_mtp_completeness_check():
                 self.model.load_weights(weights)
+            self._timing["fetch_s"] += fetched - started
+            self._timing["load_s"] += time.perf_counter() - fetched
+            self._timing["bytes"] += sum(t.numel() * t.element_size() for _, t in weights)
         except BaseException as exc:
             self._finalize()
             receiver.begin()
@@ -151,11 +160,15 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
                 "run a complete update before trusting its outputs") from exc
 
     def finish_weight_update(self) -> None:
+        started = time.perf_counter()
         try:
             buckets = self._require_receiver().end()
         finally:
             self._finalize()
-        log.info("lora_ipc weight update complete (%d buckets)", buckets)
+        t = self._timing
+        self.last_update = {"buckets": buckets, "bytes": t["bytes"], "fetch_ms": t["fetch_s"] * 1e3,
+                            "load_weights_ms": t["load_s"] * 1e3, "finalize_ms": (time.perf_counter() - started) * 1e3}
+        log.info("lora_ipc weight update complete: %s", self.last_update)
 
     def _finalize(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
