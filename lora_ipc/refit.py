@@ -50,6 +50,7 @@ def default_bucket_bytes() -> int:
 
 MIN_BUCKET_BYTES = 4 << 10
 MAX_PIECES_PER_BUCKET = 1 << 16
+MAX_PARAM_ELEMENTS = 1 << 40  # a split parameter's full size, checked before the receiver allocates it
 
 
 class RefitError(LoraIpcError):
@@ -196,6 +197,8 @@ class BucketRef:
                     or type(item[2]) is not int or item[2] < 0 or type(item[3]) is not list
                     or len(item[3]) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in item[3])):
                 raise ProtocolError(f"update info piece {item!r:.120} is not [entry, param, start, full_shape]")
+            if math.prod(item[3]) > MAX_PARAM_ELEMENTS:
+                raise ProtocolError(f"update info piece {item[0]!r:.80}: full shape {item[3]} is too large")
 
     @classmethod
     def for_bucket(cls, stream: str, version: int, update: int, bucket: int, plans: list[BucketPlan]) -> BucketRef:

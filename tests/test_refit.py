@@ -92,7 +92,7 @@ def test_source_not_matching_its_metadata_is_a_clear_error():
 
 @pytest.mark.parametrize("bad", [
     {"version": 0}, {"version": "1"}, {"bucket": 5}, {"stream": ""}, {"pieces": [["a", "b", -1, [2]]]},
-    {"pieces": [["a", "b", 0, "2x2"]]}, {"pieces": "x"},
+    {"pieces": [["a", "b", 0, "2x2"]]}, {"pieces": "x"}, {"pieces": [["a", "b", 0, [1 << 30, 1 << 30]]]},
 ])
 def test_bucket_ref_rejects_bad_fields(bad):
     fields = {"stream": "s", "version": 1, "update": 1, "bucket": 0, "buckets": 2, "pieces": []}
