@@ -40,14 +40,6 @@ from .exporter import AdapterExporter
 from .layout import ALIGN, DTYPE_NAMES, DTYPES, MAX_DIMS, align_up
 
 DEFAULT_BUCKET_BYTES = 256 << 20
-CPU_DEFAULT_BUCKET_BYTES = 32 << 20
-
-
-def default_bucket_bytes() -> int:
-    """256 MiB where CUDA is available; 32 MiB on CPU-only machines, where each fetched bucket is a fresh
-    malloc'd buffer and glibc serves blocks up to 32 MiB from its heap instead of new, page-faulting maps."""
-    return DEFAULT_BUCKET_BYTES if torch.cuda.is_available() else CPU_DEFAULT_BUCKET_BYTES
-
 MIN_BUCKET_BYTES = 4 << 10
 MAX_PIECES_PER_BUCKET = 1 << 16
 MAX_PARAM_ELEMENTS = 1 << 40  # a split parameter's full size, checked before the receiver allocates it
@@ -217,9 +209,9 @@ class WeightSender:
     the engine loading bucket k; the two never touch the same slab.
     """
 
-    def __init__(self, endpoint: str | None = None, *, bucket_bytes: int | None = None,
+    def __init__(self, endpoint: str | None = None, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  device: torch.device | str | None = None, lease_timeout_s: float = 60.0, stream: str | None = None):
-        self.bucket_bytes = check_bucket_bytes(bucket_bytes or default_bucket_bytes())
+        self.bucket_bytes = check_bucket_bytes(bucket_bytes)
         self.exporter = AdapterExporter(endpoint, keep=2, device=device, lease_timeout_s=lease_timeout_s)
         self.stream = stream or f"weights-{uuid.uuid4().hex[:12]}"
         self.updates = 0

@@ -49,7 +49,7 @@ from vllm.distributed.weight_transfer.base import (
 
 from ..endpoint import ipc_path
 from ..errors import ProtocolError
-from ..refit import BucketRef, RefitError, WeightReceiver, WeightSender
+from ..refit import DEFAULT_BUCKET_BYTES, BucketRef, RefitError, WeightReceiver, WeightSender
 from .plugin import BACKEND, register_weight_transfer
 
 log = logging.getLogger("lora_ipc.vllm")
@@ -86,15 +86,15 @@ class LoraIpcTrainerInitInfo(TrainerInitInfo):
     """Trainer side. Every field has a default: ``LoraIpcTrainerInitInfo(rank=0)`` works.
 
     ``endpoint``: where the trainer's exporter listens (default ``$LORA_IPC_ENDPOINT`` or a fresh
-    private socket). ``bucket_bytes``: slab size per bucket (default 256 MiB with CUDA, 32 MiB on
-    CPU-only machines); a parameter larger than this is split.
+    private socket). ``bucket_bytes``: slab size per bucket (default 256 MiB; fewer, larger buckets mean
+    fewer ``load_weights`` calls, each with a fixed cost in vLLM); a parameter larger than this is split.
     ``device``: where slabs live (default where the parameters are: CUDA IPC for GPU parameters).
     ``timeout_s``: how long a worker waits for the trainer before it fails the update.
     """
 
     backend: ClassVar[str] = BACKEND
     endpoint: str | None = None
-    bucket_bytes: int | None = None
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
     device: str | None = None
     timeout_s: float = 60.0
 
