@@ -15,6 +15,7 @@ vllm = pytest.importorskip("vllm")
 from vllm.lora.request import LoRARequest  # noqa: E402
 
 from lora_ipc import AdapterExporter  # noqa: E402
+from lora_ipc.tiny import tiny_llama  # noqa: E402
 from lora_ipc.vllm import lora_request  # noqa: E402
 from lora_ipc.vllm.weight_transfer import OfflineLLMClient  # noqa: E402
 
@@ -74,6 +75,7 @@ def refits(llm, trainer, client, progress, tmp_path_factory):
     """Steps 1-3 sent to the engine: per step, the directory the trainer saved and the engine's tokens."""
     root = tmp_path_factory.mktemp("refit")
     out = {0: (None, engine.generate(llm))}
+    model_bytes = sum(p.numel() * p.element_size() for p in tiny_llama(0, torch.bfloat16).parameters())
     seen = []
     trainer.call("init", "pipe", None, INIT, handler=serve(client, seen))
     for step in STEPS:
@@ -84,6 +86,8 @@ def refits(llm, trainer, client, progress, tmp_path_factory):
         updates = [args[0] for m, args in seen if m == "update_weights"]
         assert methods == ["start_weight_update", *["update_weights"] * len(updates), "finish_weight_update"]
         assert len(updates) == updates[0]["buckets"] > 1 and any(u["pieces"] for u in updates)  # split tensors
+        stats = llm.collective_rpc("lora_ipc_refit_stats")[0]
+        assert stats["buckets"] == len(updates) and stats["bytes"] == model_bytes  # every weight, once
         progress["step"] = step
         assert llm.get_weight_version() == f"step-{step}"  # finish_weight_update(weight_version=...) round trip
         out[step] = (path, engine.generate(llm))
