@@ -27,5 +27,6 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/tes
 # 3. the benchmark: lora_ipc, /dev/shm safetensors, torch IPC per tensor, device-to-device floor
 timeout 180 python3 benches/bench_transport.py --device cuda --ranks 16,64 --layers 32 --iters ${ITERS:-30} \
   --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench.log"
-# 4. weight-transfer bucket throughput (issue #11), when present
-if [ -f benches/bench_refit_gpu.py ]; then timeout 60 python3 benches/bench_refit_gpu.py --json "$OUT/refit-gpu.json" 2>&1 | tee "$OUT/refit.log"; fi
+# 4. full-weight refit transport (issue #11): bucket throughput (GB/s) against the same-device copy floor
+timeout 120 python3 benches/bench_bucket_transport.py --device cuda --layers 8 --bucket-mib 256 1024 --iters 5 \
+  --json "$OUT/bucket-transport-cuda.json" 2>&1 | tee "$OUT/bucket-transport.log"

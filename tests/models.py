@@ -47,3 +47,11 @@ RANDOM_ADAPTER_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", 
 def constant_adapter(value: int) -> dict[str, torch.Tensor]:
     """random_adapter's names and shapes, every element equal to ``value`` (float32: exact below 2**24)."""
     return {k: torch.full(v.shape, float(value)) for k, v in random_adapter(0).items()}
+
+
+def perturb_weights(model, step: int, scale: float = 0.02) -> None:
+    """Change every weight of ``model`` in place, deterministically per ``step`` (a full-weight training step)."""
+    g = torch.Generator().manual_seed(20_000 + step)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_((torch.randn(param.shape, generator=g) * scale).to(param.dtype))

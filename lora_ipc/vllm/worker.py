@@ -3,6 +3,7 @@
     llm.collective_rpc("lora_ipc_load", args=("policy", endpoint))      # newest version
     llm.collective_rpc("lora_ipc_loaded")
     llm.collective_rpc("lora_ipc_unload", args=(lora_int_id,))
+    llm.collective_rpc("lora_ipc_refit_stats")                           # last full-weight update's timings
 
 The methods are mixed into vLLM's Worker, so their names are prefixed to never clash with it.
 
@@ -85,3 +86,7 @@ class WorkerExtension:
         manager = self._lora_ipc_manager()
         paths = loaded_paths(manager)
         return [{"lora_int_id": i, "lora_path": paths.get(i)} for i in sorted(manager.list_adapters())]
+
+    def lora_ipc_refit_stats(self) -> dict:
+        """The last complete ``lora_ipc`` weight update on this worker: buckets, bytes, fetch/load/finalize ms."""
+        return dict(getattr(getattr(self, "weight_transfer_engine", None), "last_update", {}) or {})

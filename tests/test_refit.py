@@ -1,0 +1,201 @@
+"""Full-weight refit transport without an engine: bucket plans, split parameters, bounded slabs,
+the JSON-safe bucket reference, and clear errors (see test_weight_transfer.py for the vLLM engine)."""
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from lora_ipc import ExporterUnavailable, ProtocolError
+from lora_ipc.refit import BucketRef, RefitError, WeightReceiver, WeightSender, plan_buckets
+from lora_ipc.tiny import tiny_llama
+
+from . import models
+from .conftest import bitwise_equal
+
+BUCKET = 48 << 10  # below the 64 KiB embedding and lm_head of the tiny Llama (bfloat16)
+
+
+def params_of(model):
+    return [(n, p.dtype, tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def test_plan_covers_every_element_once_within_the_bucket_size():
+    model = tiny_llama(0, torch.bfloat16)
+    params = params_of(model)
+    plans = plan_buckets(params, BUCKET)
+    assert all(0 < b.nbytes <= BUCKET for b in plans)
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for b in plans:
+        for p in b.pieces:
+            covered.setdefault(p.param, []).append((p.start, p.numel))
+    assert list(covered) == [n for n, _, _ in params]  # order kept
+    for name, _dtype, shape in params:
+        ranges = covered[name]
+        assert ranges[0][0] == 0 and sum(n for _, n in ranges) == math.prod(shape)
+        assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))
+    assert any(len(r) > 1 for r in covered.values())  # something was split
+    with pytest.raises(ValueError):
+        plan_buckets(params, 100)
+
+
+def test_round_trip_is_bitwise_split_parameters_reassembled_and_slabs_bounded():
+    model = tiny_llama(0, torch.bfloat16)
+    sender = WeightSender(bucket_bytes=BUCKET)
+    receiver = WeightReceiver(sender.endpoint, sender.stream, timeout_s=10)
+    try:
+        for step in range(1, 4):
+            models.perturb_weights(model, step)
+            received: dict[str, torch.Tensor] = {}
+            refs = []
+
+            def deliver(ref, refs=refs, received=received):
+                wire = json.loads(json.dumps(ref.__dict__))  # what an HTTP control plane carries
+                refs.append(BucketRef(**wire))
+                for name, tensor in receiver.receive(refs[-1]):
+                    assert name not in received
+                    received[name] = tensor.clone()
+
+            receiver.begin()
+            sender.send(params_of(model), model.named_parameters(), deliver)
+            assert receiver.end() == len(refs) > 3
+            want = dict(model.named_parameters())
+            assert set(received) == set(want)
+            for name, tensor in want.items():
+                assert bitwise_equal(received[name], tensor), name
+            assert any(ref.pieces for ref in refs)
+            status = sender.exporter.store.status()
+            assert status["slabs"]["live"] <= 4, status["slabs"]
+            assert status["slabs"]["bytes"] <= 4 * (BUCKET + (64 << 10))
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_source_not_matching_its_metadata_is_a_clear_error():
+    model = tiny_llama(0, torch.bfloat16)
+    sender = WeightSender(bucket_bytes=BUCKET)
+    try:
+        named = list(model.named_parameters())
+        with pytest.raises(RefitError, match="metadata"):
+            sender.send(params_of(model), iter(named[1:]), lambda ref: None)
+        with pytest.raises(RefitError, match="ended before"):
+            sender.send(params_of(model), iter(named[:3]), lambda ref: None)
+        wrong = [(n, t.float()) for n, t in named]
+        with pytest.raises(RefitError, match="float32"):
+            sender.send(params_of(model), iter(wrong), lambda ref: None)
+    finally:
+        sender.close()
+
+
+@pytest.mark.parametrize("bad", [
+    {"version": 0}, {"version": "1"}, {"bucket": 5}, {"stream": ""}, {"pieces": [["a", "b", -1, [2]]]},
+    {"pieces": [["a", "b", 0, "2x2"]]}, {"pieces": "x"}, {"pieces": [["a", "b", 0, [1 << 30, 1 << 30]]]},
+])
+def test_bucket_ref_rejects_bad_fields(bad):
+    fields = {"stream": "s", "version": 1, "update": 1, "bucket": 0, "buckets": 2, "pieces": []}
+    with pytest.raises(ProtocolError):
+        BucketRef(**{**fields, **bad})
+
+
+def test_receiver_refuses_out_of_order_and_incomplete_updates_and_a_gone_trainer():
+    tensors = {f"w{i}": torch.full((20 << 10,), float(i), dtype=torch.bfloat16) for i in range(3)}  # 40 KiB each
+    params = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    sender = WeightSender(bucket_bytes=BUCKET)
+    receiver = WeightReceiver(sender.endpoint, sender.stream, timeout_s=2)
+    try:
+        refs = []
+
+        def deliver_two(ref):  # the engine loads buckets 0 and 1; bucket 2 never reaches it
+            refs.append(ref)
+            if ref.bucket < 2:
+                receiver.receive(ref)
+
+        receiver.begin()
+        sender.send(params, iter(tensors.items()), deliver_two)
+        assert [r.buckets for r in refs] == [3, 3, 3]
+        with pytest.raises(RefitError, match="ended after 2 of 3 buckets"):
+            receiver.end()
+        receiver.begin()
+        with pytest.raises(RefitError, match="in order"):
+            receiver.receive(refs[2])
+        with pytest.raises(RefitError, match="stream"):
+            receiver.receive(BucketRef("other", 1, 1, 0, 1))
+    finally:
+        sender.close()
+    receiver.begin()
+    started = time.monotonic()
+    with pytest.raises(ExporterUnavailable, match="no reply"):  # the trainer is gone: an error, not a hang
+        receiver.receive(BucketRef(sender.stream, refs[-1].version + 1, 2, 0, 1))
+    assert time.monotonic() - started < 30
+    receiver.close()
+
+
+class RecordingClient:
+    """A four-method VLLMWeightSyncClient that checks every payload survives JSON, then hands buckets to
+    ``receiver`` as an inference worker would."""
+
+    def __init__(self):
+        self.calls = []
+        self.receiver = None
+        self.received = {}
+
+    def init_weight_transfer_engine(self, init_info):
+        from lora_ipc.vllm.weight_transfer import LoraIpcInitInfo
+
+        info = LoraIpcInitInfo(**json.loads(json.dumps(init_info)))
+        self.calls.append("init")
+        self.receiver = WeightReceiver(info.endpoint, info.stream, timeout_s=info.timeout_s)
+
+    def start_weight_update(self):
+        self.calls.append("start")
+        self.receiver.begin()
+
+    def update_weights(self, update_info):
+        from lora_ipc.vllm.weight_transfer import LoraIpcUpdateInfo
+
+        self.calls.append("update")
+        for name, tensor in self.receiver.receive(LoraIpcUpdateInfo(**json.loads(json.dumps(update_info)))):
+            self.received[name] = tensor.clone()
+
+    def finish_weight_update(self, weight_version=None):
+        self.calls.append(("finish", weight_version))
+        self.receiver.end()
+
+
+def test_trainer_engine_through_vllms_factory_json_payloads_and_non_sender_ranks():
+    pytest.importorskip("vllm")
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from lora_ipc.vllm.weight_transfer import LoraIpcTrainerInitInfo
+
+    model = tiny_llama(0, torch.bfloat16)
+    client = RecordingClient()
+    sender = WeightTransferTrainerFactory.trainer_init(LoraIpcTrainerInitInfo(rank=0, bucket_bytes=BUCKET),
+                                                       client=client, source=ModuleSource(model))
+    try:
+        models.perturb_weights(model, 1)
+        sender.send_weights(weight_version="v1")
+        assert client.calls[:2] == ["init", "start"] and client.calls[-1] == ("finish", "v1")
+        assert client.calls.count("update") > 3
+        for name, param in model.named_parameters():
+            assert bitwise_equal(client.received[name], param), name
+    finally:
+        sender.shutdown()
+        client.receiver.close()
+
+    class CountingSource(ModuleSource):
+        iterations = 0
+
+        def __iter__(self):
+            CountingSource.iterations += 1
+            return super().__iter__()
+
+    other = RecordingClient()
+    rank1 = WeightTransferTrainerFactory.trainer_init(LoraIpcTrainerInitInfo(rank=1), client=other,
+                                                      source=CountingSource(model))
+    rank1.send_weights()  # joins the source's iteration (collectives), never the control plane
+    assert other.calls == [] and CountingSource.iterations == 1

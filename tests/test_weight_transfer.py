@@ -1,0 +1,214 @@
+"""Full-weight refit through vLLM's weight-transfer framework with the ``lora_ipc`` backend, on the real
+CPU engine. A trainer in its own process perturbs every weight of the tiny Llama and sends them with
+``WeightTransferTrainerFactory.trainer_init(LoraIpcTrainerInitInfo(...), client=..., source=ModuleSource(model))``
+then ``send_weights()``; the engine's greedy tokens are compared with an engine loaded from disk with the
+same weights (``save_pretrained``). Engines: the one under test, one reference, one OpenAI server."""
+
+import os
+import time
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+
+from vllm.lora.request import LoRARequest  # noqa: E402
+
+from lora_ipc import AdapterExporter  # noqa: E402
+from lora_ipc.tiny import tiny_llama  # noqa: E402
+from lora_ipc.vllm import lora_request  # noqa: E402
+from lora_ipc.vllm.weight_transfer import OfflineLLMClient  # noqa: E402
+
+from . import engine, models  # noqa: E402
+from .procs import RefitTrainerProcess  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+BUCKET = 48 << 10  # smaller than the 64 KiB embedding, lm_head and MLP weights: those are split
+STEPS = (1, 2, 3)
+INIT = {"bucket_bytes": BUCKET, "timeout_s": 5.0}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return engine.write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    llm = engine.make_llm(model_dir, worker_extension_cls="lora_ipc.vllm.WorkerExtension",
+                          weight_transfer_config={"backend": "lora_ipc"})
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(llm):
+    return OfflineLLMClient(llm)
+
+
+def serve(client, seen=None):
+    """Run the trainer's four-method calls on the engine in this process (recording them in ``seen``)."""
+
+    def handle(method, *args):
+        if seen is not None:
+            seen.append((method, args))
+        getattr(client, method)(*args)
+
+    return handle
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    proc = RefitTrainerProcess()
+    yield proc
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def progress():
+    return {"step": 0}
+
+
+@pytest.fixture(scope="module")
+def refits(llm, trainer, client, progress, tmp_path_factory):
+    """Steps 1-3 sent to the engine: per step, the directory the trainer saved and the engine's tokens."""
+    root = tmp_path_factory.mktemp("refit")
+    out = {0: (None, engine.generate(llm))}
+    model_bytes = sum(p.numel() * p.element_size() for p in tiny_llama(0, torch.bfloat16).parameters())
+    seen = []
+    trainer.call("init", "pipe", None, INIT, handler=serve(client, seen))
+    for step in STEPS:
+        path = str(root / f"step{step}")
+        seen.clear()
+        trainer.call("step", step, True, path, f"step-{step}", handler=serve(client, seen))
+        methods = [m for m, _ in seen]
+        updates = [args[0] for m, args in seen if m == "update_weights"]
+        assert methods == ["start_weight_update", *["update_weights"] * len(updates), "finish_weight_update"]
+        assert len(updates) == updates[0]["buckets"] > 1 and any(u["pieces"] for u in updates)  # split tensors
+        stats = llm.collective_rpc("lora_ipc_refit_stats")[0]
+        assert stats["buckets"] == len(updates) and stats["bytes"] == model_bytes  # every weight, once
+        progress["step"] = step
+        assert llm.get_weight_version() == f"step-{step}"  # finish_weight_update(weight_version=...) round trip
+        out[step] = (path, engine.generate(llm))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(refits):
+    """An engine started fresh from step 1's directory; ``reference(path)`` moves it to another saved step
+    through vLLM's own disk loader (``reload_weights``) and returns its greedy tokens."""
+    first = refits[1][0]
+    ref = engine.make_llm(first)
+    current = {"path": first}
+
+    def tokens(path, lora=None):
+        if path != current["path"]:
+            ref.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            ref.reset_prefix_cache()
+            current["path"] = path
+        return engine.generate(ref, lora)
+
+    yield tokens
+    ref.llm_engine.engine_core.shutdown()
+
+
+def test_three_refits_match_an_engine_loaded_from_disk(refits, reference):
+    for step in STEPS:
+        path, got = refits[step]
+        assert got != refits[step - 1][1], f"step {step} did not change the engine's outputs"
+        assert got == reference(path), f"step {step}"
+
+
+def loaded_ids(llm) -> set[int]:
+    return {d["lora_int_id"] for d in llm.collective_rpc("lora_ipc_loaded")[0]}
+
+
+def test_lora_ipc_adapter_across_a_refit(llm, trainer, client, refits, reference, progress, tmp_path):
+    """vLLM's finish_weight_update drops every adapter; a request naming a lora-ipc:// adapter loads it again."""
+    path = refits[STEPS[-1]][0]
+    peft = models.peft_model(7, torch.bfloat16)
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    disk = LoRARequest("disk-adapter", 4242, str(tmp_path / "adapter"))
+    with AdapterExporter() as exporter:
+        exporter.publish("policy", peft)
+        request = lora_request("policy", exporter.endpoint)
+        before = engine.generate(llm, request)
+        assert before == reference(path, disk)
+        assert before != refits[STEPS[-1]][1]
+        assert request.lora_int_id in loaded_ids(llm)
+        loads = llm.collective_rpc("lora_ipc_load_count")[0]
+
+        step = progress["step"] + 1
+        new_path = str(tmp_path / f"step{step}")
+        trainer.call("step", step, True, new_path, f"step-{step}", handler=serve(client))
+        progress["step"] = step
+        assert request.lora_int_id not in loaded_ids(llm)  # removed by the refit
+
+        after = engine.generate(llm, request)  # re-loaded through lora-ipc:// on first use
+        assert llm.collective_rpc("lora_ipc_load_count")[0] == loads + 1
+        assert after == reference(new_path, disk)
+        assert after != before
+        assert engine.generate(llm) == reference(new_path)
+
+
+def test_trainer_gone_mid_stream_fails_within_the_timeout_then_a_new_trainer_recovers(
+        llm, trainer, client, reference, refits, progress, tmp_path):
+    step = progress["step"] + 1
+    version_before = llm.get_weight_version()
+    failure = {}
+
+    def kill_before_second_bucket(method, *args):
+        if method == "update_weights" and args[0]["bucket"] == 1:
+            trainer.kill()  # bucket 0 is loaded, bucket 1 published but not fetched yet
+            started = time.monotonic()
+            try:
+                client.update_weights(args[0])
+            except Exception as exc:  # vLLM re-raises the worker's error
+                failure.update(error=str(exc), seconds=time.monotonic() - started)
+            return
+        getattr(client, method)(*args)
+
+    with pytest.raises(ProcessLookupError):
+        trainer.call("step", step, True, None, f"step-{step}", handler=kill_before_second_bucket)
+    assert "no reply" in failure["error"] and "bucket 2 of" in failure["error"], failure
+    assert failure["seconds"] < 60  # INIT's timeout_s is 5 s: an error, not a hang
+    assert llm.get_weight_version() == version_before  # finish never ran
+    assert len(engine.generate(llm)[0]) == 12  # the engine keeps serving (weights mixed until the next update)
+
+    fresh = RefitTrainerProcess()
+    try:
+        for s in range(1, step):  # the new trainer resumes from the same training state
+            fresh.call("step", s, False, None, None)
+        fresh.call("init", "pipe", None, INIT, handler=serve(client))
+        path = str(tmp_path / f"step{step}")
+        fresh.call("step", step, True, path, f"step-{step}", handler=serve(client))
+        assert llm.get_weight_version() == f"step-{step}"
+        assert engine.generate(llm) == reference(path)
+    finally:
+        fresh.close()
+
+
+def test_openai_server_refit_through_the_rl_routes(model_dir, refits, tmp_path_factory):
+    """The same three updates through ``python -m vllm.entrypoints.openai.api_server`` and vLLM's HTTP client,
+    with pickle-free update info (no VLLM_ALLOW_INSECURE_SERIALIZATION)."""
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ
+    try:
+        server = engine.Server(model_dir, tmp_path_factory.mktemp("server"),
+                               extra_args=["--weight-transfer-config", '{"backend": "lora_ipc"}'],
+                               env={"VLLM_SERVER_DEV_MODE": "1"})  # the RL routes are dev-mode routes
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    trainer = RefitTrainerProcess()
+    try:
+        assert [server.complete(model_dir, p) for p in engine.PROMPTS] == refits[0][1]
+        trainer.call("init", "http", server.base, {"bucket_bytes": BUCKET})
+        for step in STEPS:
+            assert engine.post(server.base + "/pause", {})[0] == 200  # drains and clears the prefix cache
+            trainer.call("step", step, True, None, f"step-{step}")
+            assert engine.post(server.base + "/resume", {})[0] == 200
+            assert engine.get_json(server.base + "/weight_info")["weight_version"] == f"step-{step}"
+            assert [server.complete(model_dir, p) for p in engine.PROMPTS] == refits[step][1], f"step {step}"
+    finally:
+        trainer.close()
+        server.stop()
