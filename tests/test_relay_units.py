@@ -33,9 +33,9 @@ def test_store_keeps_a_given_version_number_and_refuses_an_older_one():
                                    torch.device("cpu"), version=stale)
         assert store.status()["slabs"]["live"] == 1  # the refused copies took no slab with them
         assert store.publish("p", tensors, models.RANDOM_ADAPTER_CONFIG) == 8  # numbering continues
-        lease, pv = store.lease("p", 7, "t")
+        lease, pv = store.lease("p", 7, b"t")
         assert_same_adapter(pv.layout.unpack(pv.slab.tensor[:pv.layout.used_bytes].clone()), tensors)
-        store.release(lease.lease_id)
+        store.release(lease.lease_id, b"t")
     finally:
         store.close()
 
