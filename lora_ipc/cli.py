@@ -28,11 +28,12 @@ def _cmd_serve(args) -> int:
 
 
 def _human_bytes(n: float) -> str:
+    unit = "B"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+            break
         n /= 1024
-    return str(n)
+    return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def format_status(report: dict) -> str:

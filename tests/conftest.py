@@ -1,22 +1,9 @@
-import os
+"""Fixtures and collection rules; shared helper functions live in helpers.py."""
 
 import pytest
 import torch
 
 from .procs import ExporterProcess
-
-
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(a.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
-                       b.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
-
-
-def assert_same_adapter(got: dict, want: dict) -> None:
-    assert list(got) == list(want) or set(got) == set(want), (sorted(set(got) ^ set(want)))[:5]
-    for k in want:
-        assert bitwise_equal(got[k], want[k]), k
 
 
 @pytest.fixture(scope="module")
@@ -31,72 +18,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def shm_mappings(pid: int) -> int:
-    with open(f"/proc/{pid}/maps") as f:
-        return sum(1 for line in f if "/memfd:lora-ipc." in line)
-
-
-def shm_fds(pid: int) -> list[str]:
-    """/proc paths of the lora-ipc memfds (slabs and generation tables) process ``pid`` holds, one per memfd."""
-    out, seen = [], set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except FileNotFoundError:  # the process is gone, and its memfds with it
-        return out
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("/memfd:lora-ipc.") and target not in seen:  # Python's mmap holds a dup
-                seen.add(target)
-                out.append(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            pass
-    return out
-
-
-def shm_files(*pids: int) -> list[str]:
-    """lora-ipc files in /dev/shm: there must never be any (slabs are memfds, see lora_ipc/shm.py).
-
-    With ``pids``: files named after those processes. Without: files of processes this test run
-    started, or of no live process (files of another live lora_ipc on the machine are not ours)."""
-    out = []
-    for name in os.listdir("/dev/shm"):
-        if name.startswith("lora-ipc"):
-            pid = name.split(".")[1] if name.count(".") >= 2 else ""
-            if pids:
-                if pid.isdigit() and int(pid) in pids:
-                    out.append(name)
-                continue
-            alive = pid.isdigit() and os.path.exists(f"/proc/{pid}")
-            if not alive or _started_by_us(int(pid)):
-                out.append(name)
-    return out
-
-
-def _started_by_us(pid: int) -> bool:
-    """Whether ``pid`` descends from this test process."""
-    me = os.getpid()
-    while pid > 1:
-        if pid == me:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-    return False
-
-
-def footprint(exporter_pid: int) -> dict:
-    """What must stay flat in a steady publish/fetch loop: the exporter's shared memory and fds,
-    and this (client) process's fds and shared-memory mappings."""
-    files = shm_fds(exporter_pid)
-    me = os.getpid()
-    return {"exporter_shm_files": len(files), "exporter_shm_bytes": sum(os.stat(path).st_size for path in files),
-            "exporter_fds": open_fds(exporter_pid), "client_fds": open_fds(me), "client_shm_mappings": shm_mappings(me)}

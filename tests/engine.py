@@ -11,8 +11,6 @@ import time
 import urllib.error
 import urllib.request
 
-from lora_ipc.tiny import VOCAB, write_model_dir, write_tokenizer  # noqa: F401
-
 PROMPTS = [[1, 17, 42, 99, 7, 8], [1, 200, 3, 150, 23], [1, 5, 6, 7, 8, 9, 10, 11]]
 
 

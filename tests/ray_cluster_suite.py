@@ -27,7 +27,7 @@ from lora_ipc.ray.naming import NAMESPACE, relay_actor_name  # noqa: E402
 
 from . import engine as engine_helpers  # noqa: E402
 from . import ray_actors  # noqa: E402
-from .conftest import assert_same_adapter  # noqa: E402
+from .helpers import assert_same_adapter  # noqa: E402
 
 NAME = "policy"
 ENGINE_TIMEOUT_S = 3.0  # the engine workers' lora_ipc client timeout (LORA_IPC_TIMEOUT_S)

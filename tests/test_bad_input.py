@@ -13,7 +13,7 @@ from lora_ipc.backends.cpu import CpuBackend
 from lora_ipc.layout import SlabLayout
 
 from . import models
-from .conftest import assert_same_adapter
+from .helpers import assert_same_adapter
 
 
 class RawPeer:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from lora_ipc import AdapterClient
 from lora_ipc import protocol as p
 
-from .conftest import assert_same_adapter, shm_fds, shm_files
+from .helpers import assert_same_adapter, cli, shm_fds, shm_files
 from .procs import publish_from_short_lived_trainer
 
 
@@ -25,10 +25,6 @@ def start_daemon(endpoint, *extra):
     line = proc.stdout.readline()
     assert "serving on" in line, line + proc.stderr.read()
     return proc
-
-
-def cli(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "lora_ipc", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -145,28 +141,6 @@ def test_prometheus_metrics(tmp_path):
         proc.wait(20)
 
 
-def test_bench_writes_png_and_json(tmp_path):
-    out = cli("bench", "--device", "cpu", "--layers", "2", "--ranks", "4,8", "--iters", "3", "--warmup", "1",
-              "--out", str(tmp_path), timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    results = json.loads((tmp_path / "bench.json").read_text())
-    assert set(results["ranks"]) == {"4", "8"}
-    for r in results["ranks"].values():
-        assert set(r["paths"]) == {"lora_ipc", "disk_shm", "ipc_per_tensor"}
-    png = (tmp_path / "bench.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-    assert "lora_ipc" in out.stdout
-
-
-@pytest.mark.vllm
-def test_demo_runs_end_to_end():
-    pytest.importorskip("vllm")
-    out = cli("demo", "--steps", "2", timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    rows = [line for line in out.stdout.splitlines() if "|" in line and line.strip()[:1].isdigit()]
-    assert len(rows) == 2 and all(" True " in row for row in rows), out.stdout
-    assert "median swap: lora-ipc" in out.stdout
-
 
 def test_daemon_check_finite_rejects_remote_nan_and_keeps_the_good_version(tmp_path):
     import torch
@@ -192,3 +166,13 @@ def test_daemon_check_finite_rejects_remote_nan_and_keeps_the_good_version(tmp_p
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@pytest.mark.vllm
+def test_demo_runs_end_to_end():
+    pytest.importorskip("vllm")
+    out = cli("demo", "--steps", "2", timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if "|" in line and line.strip()[:1].isdigit()]
+    assert len(rows) == 2 and all(" True " in row for row in rows), out.stdout
+    assert "median swap: lora-ipc" in out.stdout

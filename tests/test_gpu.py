@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from lora_ipc import AdapterClient
 
 from . import models
-from .conftest import assert_same_adapter
+from .helpers import assert_same_adapter
 from .procs import ExporterProcess
 
 pytestmark = pytest.mark.gpu

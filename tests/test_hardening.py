@@ -41,7 +41,7 @@ from lora_ipc.store import AdapterStore
 from lora_ipc.vllm.uri import AdapterURI
 
 from . import models
-from .conftest import open_fds, shm_fds, shm_files
+from .helpers import open_fds, shm_fds, shm_files
 from .procs import ExporterProcess
 
 FORK = mp.get_context("fork")

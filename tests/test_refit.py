@@ -13,7 +13,7 @@ from lora_ipc.refit import BucketRef, RefitError, WeightReceiver, WeightSender, 
 from lora_ipc.tiny import tiny_llama
 
 from . import models
-from .conftest import bitwise_equal
+from .helpers import bitwise_equal
 
 BUCKET = 48 << 10  # below the 64 KiB embedding and lm_head of the tiny Llama (bfloat16)
 

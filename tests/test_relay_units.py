@@ -9,7 +9,7 @@ from lora_ipc.layout import SlabLayout
 from lora_ipc.store import AdapterStore
 
 from . import models
-from .conftest import assert_same_adapter
+from .helpers import assert_same_adapter
 
 
 def _replica_bytes(tensors):

@@ -14,7 +14,7 @@ from lora_ipc import AdapterClient, AdapterExporter, AdapterRejected, ExporterUn
 from lora_ipc import protocol as p
 
 from . import models
-from .conftest import assert_same_adapter, footprint
+from .helpers import assert_same_adapter, footprint
 from .procs import ClientProcess, ExporterProcess
 
 LONG = os.environ.get("LORA_IPC_LONG") == "1"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from lora_ipc import AdapterClient, AdapterNotFound, ExporterUnavailable, VersionNotFound
 
 from . import models
-from .conftest import assert_same_adapter, bitwise_equal, footprint, shm_fds, shm_files
+from .helpers import assert_same_adapter, bitwise_equal, footprint, shm_fds, shm_files
 from .procs import ExporterProcess
 
 

@@ -12,7 +12,7 @@ from lora_ipc.backends.cuda import expandable_segments_on, parse_settings
 from lora_ipc.client import transport_mode
 
 from . import models
-from .conftest import assert_same_adapter, shm_mappings
+from .helpers import assert_same_adapter, shm_mappings
 
 
 def test_two_clients_in_one_process_share_one_import(exporter_proc):

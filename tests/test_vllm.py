@@ -11,6 +11,7 @@ vllm = pytest.importorskip("vllm")
 from vllm.lora.request import LoRARequest  # noqa: E402
 
 from lora_ipc import AdapterExporter, AdapterNotFound, AdapterRejected, ExporterUnavailable, VersionNotFound  # noqa: E402
+from lora_ipc.tiny import write_model_dir  # noqa: E402
 from lora_ipc.vllm import AdapterURI, add_lora, lora_request  # noqa: E402
 
 from . import engine, models  # noqa: E402
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return engine.write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
+    return write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="module")

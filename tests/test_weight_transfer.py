@@ -15,7 +15,7 @@ vllm = pytest.importorskip("vllm")
 from vllm.lora.request import LoRARequest  # noqa: E402
 
 from lora_ipc import AdapterExporter  # noqa: E402
-from lora_ipc.tiny import tiny_llama  # noqa: E402
+from lora_ipc.tiny import tiny_llama, write_model_dir  # noqa: E402
 from lora_ipc.vllm import lora_request  # noqa: E402
 from lora_ipc.vllm.weight_transfer import OfflineLLMClient  # noqa: E402
 
@@ -31,7 +31,7 @@ INIT = {"bucket_bytes": BUCKET, "timeout_s": 5.0}
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return engine.write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
+    return write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="module")
