@@ -64,19 +64,19 @@ class Reader:
         return self._call(self._u.unpack, where)
 
     def array(self, where: str, max_items: int) -> int:
-        if self.next_byte(where) not in _ARRAY:
-            raise ProtocolError(f"field {where!r}: expected an array")
-        n = self._call(self._u.read_array_header, where)
-        if n > max_items:
-            raise ProtocolError(f"field {where!r}: {n} items, at most {max_items} allowed")
-        return n
+        """The next array's length (its items follow), checked before any item is read."""
+        return self._header(where, max_items, _ARRAY, self._u.read_array_header, "an array", "items")
 
     def map(self, where: str, max_items: int) -> int:
-        if self.next_byte(where) not in _MAP:
-            raise ProtocolError(f"field {where!r}: expected a map")
-        n = self._call(self._u.read_map_header, where)
+        """The next map's number of keys (key, value pairs follow), checked before any is read."""
+        return self._header(where, max_items, _MAP, self._u.read_map_header, "a map", "keys")
+
+    def _header(self, where, max_items, first_bytes, read, kind, unit) -> int:
+        if self.next_byte(where) not in first_bytes:
+            raise ProtocolError(f"field {where!r}: expected {kind}")
+        n = self._call(read, where)
         if n > max_items:
-            raise ProtocolError(f"field {where!r}: {n} keys, at most {max_items} allowed")
+            raise ProtocolError(f"field {where!r}: {n} {unit}, at most {max_items} allowed")
         return n
 
     def at_end(self) -> bool:
