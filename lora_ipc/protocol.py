@@ -79,6 +79,7 @@ class GenerationSlot:
     pid: int = wire(Int(1, 1 << 31))
     fd: int = wire(Int(0, 1 << 20))
     slot: int = wire(Int(0, 1 << 20))
+    table: str = wire(Str(64))  # the memfd's name: an fd number is reused when a store closes and another opens
 
 
 @dataclass(frozen=True)

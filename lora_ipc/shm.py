@@ -158,29 +158,20 @@ class GenerationReader:
 
 
 MAX_GENERATION_READERS = 16
-_readers: BoundedLRU[tuple[int, int], GenerationReader] = BoundedLRU(MAX_GENERATION_READERS, lambda _, r: r.close())
+_readers: BoundedLRU[tuple[int, int, str], GenerationReader] = BoundedLRU(MAX_GENERATION_READERS, lambda _, r: r.close())
 _readers_lock = threading.Lock()
 
 
-def generation_reader(pid: int, fd: int) -> GenerationReader:
-    """One reader per exporter table per process (bounded; the least recently used is closed)."""
-    key = (pid, fd)
+def generation_reader(pid: int, fd: int, table: str) -> GenerationReader:
+    """One reader per exporter table per process (bounded; the least recently used is closed). Keyed by
+    the table's name too: a closed store's fd number comes back for the next store's table."""
+    if not table.startswith("gen."):
+        raise BackendError(f"{table!r} is not a lora-ipc generation table")
+    key = (pid, fd, table)
     with _readers_lock:
         reader = _readers.get(key)
         if reader is not None:
             return reader
-    target = _table_name(pid, fd)
-    reader = GenerationReader(pid, fd, target)
+    reader = GenerationReader(pid, fd, table)  # checks the opened memfd's name is this table's
     with _readers_lock:
         return _readers.put(key, reader)
-
-
-def _table_name(pid: int, fd: int) -> str:
-    try:
-        target = os.readlink(f"/proc/{pid}/fd/{fd}")
-    except OSError as exc:
-        raise BackendError(f"generation table of process {pid} is gone: {exc}") from None
-    prefix, suffix = f"/memfd:{MEMFD_PREFIX}", " (deleted)"
-    if not (target.startswith(prefix + "gen.") and target.endswith(suffix)):
-        raise BackendError(f"/proc/{pid}/fd/{fd} is not a lora-ipc generation table")
-    return target[len(prefix):-len(suffix)]

@@ -324,7 +324,7 @@ class AdapterStore:
                 self._slab_bytes -= size
             raise
         slab.handle = dataclasses.replace(slab.handle, generation=GenerationSlot(
-            os.getpid(), self._generations.fd, slot))
+            os.getpid(), self._generations.fd, slot, self._generations.name))
         with self._lock:
             self._slab_slots[slab.slab_id] = slot
             self.metrics.slabs_allocated += 1

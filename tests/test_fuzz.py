@@ -58,7 +58,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(
                     max_size=6)),
     max_leaves=30)
 FIELD_NAMES = sorted({f for cls in p.MESSAGE_TYPES.values() for f in getattr(cls, "__dataclass_fields__", {})}
-                     | {"backend", "pid", "fd", "slot", "generation", "slab_id", "nbytes", "device_uuid",
+                     | {"backend", "pid", "fd", "slot", "table", "generation", "slab_id", "nbytes", "device_uuid",
                         "storage_handle",
                         "ready_event"})
 
@@ -81,7 +81,7 @@ def test_structured_frames(version, type_name, request_id, body):
 
 def _valid_frames():
     layout = SlabLayout.plan({"a": torch.zeros(4, 8, dtype=torch.bfloat16), "b": torch.zeros(8, 4)})
-    slab = p.CpuSlabHandle("1.ab.1", 4096, pid=77, fd=12, generation=p.GenerationSlot(77, 11, 3))
+    slab = p.CpuSlabHandle("1.ab.1", 4096, pid=77, fd=12, generation=p.GenerationSlot(77, 11, 3, "gen.77.ab"))
     return [
         p.encode(p.FetchRequest("policy", 3, "c", ["s1"], [b"\0" * 16]), 7),
         p.encode(p.FetchReply("policy", 3, 9, b"c" * 16, {"r": 8, "target_modules": ["q_proj"]}, slab.slab_id, slab, 4,

@@ -310,8 +310,17 @@ def test_a_copy_overtaken_by_slab_reuse_is_never_returned(monkeypatch):
                     continue
                 values = {float(t.float().unique().item()) for t in adapter.tensors.values() if t.numel()}
                 assert values == {float(adapter.version)}, f"torn: v{adapter.version} holds {sorted(values)[:5]}"
-            adapter = client.fetch("c")  # newest: retried by the client, never torn
-            assert {float(t.float().unique().item()) for t in adapter.tensors.values()} == {float(adapter.version)}
+            slow["n"] = 99  # copies at full speed again: the newest version is retried by the client, never torn
+            newest = 0
+            for _ in range(20):  # a fast publisher with keep=1 may still overtake a copy: never a torn one
+                try:
+                    adapter = client.fetch("c")
+                except SlabRecycled:
+                    continue
+                values = {float(t.float().unique().item()) for t in adapter.tensors.values()}
+                assert values == {float(adapter.version)}
+                newest += 1
+            assert newest >= 1
     finally:
         exporter.close()
     assert recycled >= 1  # the attack really happened (and was caught)
@@ -436,11 +445,16 @@ def test_adapter_names_and_slab_bytes_are_capped_and_failures_leave_nothing():
 def test_shared_clients_are_bounded(tmp_path):
     from lora_ipc.client import MAX_SHARED_CLIENTS, _shared, shared_client
 
+    for i in range(MAX_SHARED_CLIENTS):  # the context's own descriptors exist before we count
+        shared_client(f"ipc://{tmp_path}/warm-{i}.sock")
     before = open_fds(os.getpid())
     for i in range(100):
         shared_client(f"ipc://{tmp_path}/nobody-{i}.sock")
     assert len(_shared) == MAX_SHARED_CLIENTS
-    assert open_fds(os.getpid()) - before <= 4 * MAX_SHARED_CLIENTS
+    deadline = time.monotonic() + 10  # closed sockets give their descriptors back on libzmq's reaper thread
+    while open_fds(os.getpid()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds(os.getpid()) <= before
 
 
 # ---- 7. crash consistency -------------------------------------------------------------------------

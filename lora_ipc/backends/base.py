@@ -59,7 +59,7 @@ class ImportedSlab(ABC):
             return None
         from ..shm import generation_reader
 
-        return generation_reader(slot.pid, slot.fd).read(slot.slot)
+        return generation_reader(slot.pid, slot.fd, slot.table).read(slot.slot)
 
     @abstractmethod
     def copy_into(self, dst: torch.Tensor) -> None:
