@@ -158,7 +158,8 @@ class GenerationReader:
 
 
 MAX_GENERATION_READERS = 16
-_readers: BoundedLRU[tuple[int, int, str], GenerationReader] = BoundedLRU(MAX_GENERATION_READERS, lambda _, r: r.close())
+_readers: BoundedLRU[tuple[int, int, str], GenerationReader] = BoundedLRU(
+    MAX_GENERATION_READERS, lambda _, reader: reader.close())
 _readers_lock = threading.Lock()
 
 
