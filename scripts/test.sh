@@ -9,7 +9,7 @@ source scripts/python.sh || exit 1
 export PY
 failed=0
 "$PY" -m ruff check . || failed=1
-"$PY" -m pytest -q tests "$@"
+"$PY" -m pytest -q --durations=15 tests "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; rc=1; fi
 [ "$rc" -eq 0 ] || failed=1
