@@ -24,8 +24,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 import lora_ipc.ray  # noqa: E402
 from lora_ipc.ray import EngineLoadError  # noqa: E402
 from lora_ipc.ray.naming import NAMESPACE, relay_actor_name  # noqa: E402
+from lora_ipc.tiny import write_model_dir  # noqa: E402
 
-from . import engine as engine_helpers  # noqa: E402
 from . import ray_actors  # noqa: E402
 from .helpers import assert_same_adapter  # noqa: E402
 
@@ -55,7 +55,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return engine_helpers.write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
+    return write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="module")
