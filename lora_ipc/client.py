@@ -42,6 +42,8 @@ def transport_mode(value: str | None = None) -> str:
     if mode not in TRANSPORTS:
         raise LoraIpcError(f"transport {mode!r}: expected one of {TRANSPORTS} (${ENV_TRANSPORT})")
     return mode
+
+
 FETCH_ATTEMPTS = 3  # a copy invalidated by a slab reuse is retried (newest version only) this many times
 
 
@@ -112,7 +114,7 @@ class AdapterClient:
                     log.warning("lora-ipc: CUDA IPC import from %s failed (%s); falling back to host-staged copies "
                                 "for this client (set %s=host to skip the attempt)", self.endpoint, failed.error,
                                 ENV_TRANSPORT)
-                self._host_only = True
+                self._fell_back = True
                 return self._fetch_once(name, version, device)
             except SlabRecycled:
                 if version is not None or attempt == FETCH_ATTEMPTS - 1:
@@ -122,10 +124,6 @@ class AdapterClient:
     @property
     def _host_only(self) -> bool:
         return self.transport == "host" or self._fell_back
-
-    @_host_only.setter
-    def _host_only(self, value: bool) -> None:
-        self._fell_back = value
 
     def _fetch_once(self, name: str, version: int | None, device: torch.device | str | None) -> Adapter:
         with self._lock:

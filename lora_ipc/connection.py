@@ -50,9 +50,8 @@ class Connection:
             if time.monotonic() >= deadline:
                 raise ExporterUnavailable(f"nothing serves {self.endpoint} (waited {self.timeout_s:g}s)")
             time.sleep(TRUST_POLL_S)
-        if not self._connected:
-            self._sock.connect(self.endpoint)
-            self._connected = True
+        self._sock.connect(self.endpoint)
+        self._connected = True
 
     def send(self, message: p.Message) -> int:
         request_id = next(self._request_ids)

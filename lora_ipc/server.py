@@ -100,12 +100,9 @@ class AdapterServer:
             frame = p.decode(payload, p.REQUEST_TYPES)
             request_id = frame.request_id
             reply = self._handlers[type(frame.message)](frame.message, identity)
-        except ProtocolError as exc:
-            request_id = exc.request_id or request_id
-            self.store.count_error(exc)
-            log.warning("request %d rejected: %s: %.500s", request_id, type(exc).__name__, exc)
-            reply = p.ErrorReply.from_error(exc)
         except LoraIpcError as exc:
+            if isinstance(exc, ProtocolError):  # the id of a request that could not be decoded
+                request_id = exc.request_id or request_id
             self.store.count_error(exc)
             log.warning("request %d rejected: %s: %.500s", request_id, type(exc).__name__, exc)
             reply = p.ErrorReply.from_error(exc)

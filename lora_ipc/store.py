@@ -188,6 +188,7 @@ class AdapterStore:
         self._generations: GenerationTable | None = None
         self._slab_slots: dict[str, int] = {}  # slab_id -> generation slot
         self._slab_bytes = 0
+        self._last_config: tuple[dict, bytes] | None = None  # (config object, its digest)
 
     # ---- publishing ------------------------------------------------------------------------
 
@@ -278,7 +279,7 @@ class AdapterStore:
 
     def _config_digest(self, peft_config: dict) -> bytes:
         """Digest of a config, remembered for the last config object seen (a training loop republishes one)."""
-        last = getattr(self, "_last_config", None)
+        last = self._last_config
         if last is not None and last[0] is peft_config:
             return last[1]
         digest = digest_of(peft_config)
@@ -302,7 +303,7 @@ class AdapterStore:
                 best = min(fits, key=lambda s: s.nbytes)
                 self._free.remove(best)
                 return best
-            size = -(-nbytes // Backend.GRANULE) * Backend.GRANULE
+            size = Backend.size_for(nbytes)
             while self._free and self._slab_bytes + size > self.limits.max_slab_bytes:
                 self._close_slab(self._free.pop(0))  # room made from unused slabs first
             if self._slab_bytes + size > self.limits.max_slab_bytes:
@@ -400,15 +401,6 @@ class AdapterStore:
             if fetch_ms > 0:
                 self.metrics.fetch_latency.observe(fetch_ms)
 
-    def release_holder(self, holder: bytes) -> int:
-        """Drop every lease of a connection that went away (returns how many)."""
-        with self._lock:
-            mine = [lease for lease in self._leases.values() if lease.holder == holder]
-            for lease in mine:
-                self._forget_lease(lease)
-                self._drop(lease)
-            return len(mine)
-
     def _forget_lease(self, lease: Lease) -> None:
         del self._leases[lease.lease_id]
         left = self._leases_by_holder[lease.holder] - 1
@@ -471,6 +463,7 @@ class AdapterStore:
         with self._lock:
             now = self.clock()
             m = self.metrics
+            slabs = self._all_slabs()
             return {
                 "uptime_s": round(time.time() - self.started_at, 3),
                 "keep": self.keep,
@@ -486,8 +479,7 @@ class AdapterStore:
                             "expires_in_s": round(lease.expires_at - now, 3)}
                            for lease in itertools.islice(self._leases.values(), MAX_STATUS_LEASES)],
                 "limits": dataclasses.asdict(self.limits),
-                "slabs": {"live": len(self.live_slab_ids()), "free": len(self._free),
-                          "bytes": sum(s.nbytes for s in self._all_slabs())},
+                "slabs": {"live": len(slabs), "free": len(self._free), "bytes": sum(s.nbytes for s in slabs)},
                 "metrics": {"publishes": m.publishes, "fetches": m.fetches, "bytes_published": m.bytes_published,
                             "bytes_served": m.bytes_served, "leases_expired": m.leases_expired,
                             "leases_revoked": m.leases_revoked, "host_stagings": m.host_stagings,

@@ -80,10 +80,14 @@ class Backend(ABC):
     #: slab sizes are rounded up to this, so slabs of similar sizes can be recycled for each other
     GRANULE = 64 << 10
 
+    @classmethod
+    def size_for(cls, nbytes: int) -> int:
+        """The size a slab for ``nbytes`` gets: rounded up to ``GRANULE``."""
+        return -(-nbytes // cls.GRANULE) * cls.GRANULE
+
     def allocate(self, nbytes: int) -> ExportedSlab:
-        """A new exported slab of at least ``nbytes`` (rounded up to ``GRANULE``), holding nothing but
-        what will be packed into it."""
-        return self._allocate(-(-nbytes // self.GRANULE) * self.GRANULE)
+        """A new exported slab of ``size_for(nbytes)`` bytes, holding nothing but what will be packed into it."""
+        return self._allocate(self.size_for(nbytes))
 
     @abstractmethod
     def _allocate(self, nbytes: int) -> ExportedSlab:

@@ -124,6 +124,7 @@ class CudaExportedSlab(ExportedSlab):
             self._ready.record(torch.cuda.current_stream(device))
         self._exports = 0
         self.handle = self._export()
+        self._first_export_given = False  # the export made here serves the first importer
 
     def _export(self) -> CudaSlabHandle:
         self._exports += 1
@@ -144,8 +145,8 @@ class CudaExportedSlab(ExportedSlab):
         """A fresh export for one import (Note [one export per import])."""
         if self._exports >= MAX_EXPORTS_PER_SLAB:
             raise LimitExceeded(f"slab {self.slab_id} was exported {self._exports} times (MAX_EXPORTS_PER_SLAB)")
-        if self._exports == 1 and not getattr(self, "_first_used", False):
-            self._first_used = True  # the export made at allocation serves the first importer
+        if not self._first_export_given:
+            self._first_export_given = True
             return self.handle
         return dataclasses.replace(self._export(), generation=self.handle.generation)
 
