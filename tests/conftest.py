@@ -13,6 +13,24 @@ def exporter_proc():
     proc.close()
 
 
+@pytest.fixture
+def daemons():
+    """``daemons(endpoint, *args)`` starts ``lora-ipc serve``; whatever is still running at the end is killed."""
+    from .helpers import start_daemon
+
+    started = []
+
+    def start(endpoint, *extra):
+        started.append(start_daemon(endpoint, *extra))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -92,3 +92,12 @@ def footprint(exporter_pid: int) -> dict:
 def cli(*args, timeout=60):
     """``python -m lora_ipc ARGS`` in a subprocess."""
     return subprocess.run([sys.executable, "-m", "lora_ipc", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def start_daemon(endpoint, *extra):
+    """``lora-ipc serve --endpoint ENDPOINT EXTRA...`` in a subprocess, once it says it serves."""
+    proc = subprocess.Popen([sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "serving on" in line, line + proc.stderr.read()
+    return proc

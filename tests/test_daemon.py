@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -15,16 +13,8 @@ from safetensors.torch import load_file
 from lora_ipc import AdapterClient
 from lora_ipc import protocol as p
 
-from .helpers import assert_same_adapter, cli, shm_fds, shm_files
+from .helpers import assert_same_adapter, cli, shm_fds, shm_files, start_daemon
 from .procs import publish_from_short_lived_trainer
-
-
-def start_daemon(endpoint, *extra):
-    proc = subprocess.Popen([sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert "serving on" in line, line + proc.stderr.read()
-    return proc
 
 
 @pytest.fixture

@@ -460,11 +460,9 @@ def test_shared_clients_are_bounded(tmp_path):
 # ---- 7. crash consistency -------------------------------------------------------------------------
 
 
-def test_nothing_outlives_a_sigkilled_daemon_or_an_unclosed_remote_exporter(tmp_path):
+def test_nothing_outlives_a_sigkilled_daemon_or_an_unclosed_remote_exporter(tmp_path, daemons):
     endpoint = f"ipc://{tmp_path}/d.sock"
-    daemon = subprocess.Popen([sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint],
-                              stdout=subprocess.PIPE, text=True)
-    assert "serving" in daemon.stdout.readline()
+    daemon = daemons(endpoint)
     script = ("from lora_ipc import RemoteExporter; import torch, os;"
               f"r = RemoteExporter({endpoint!r}); r.publish('a', {{'w': torch.ones(64, 64)}},"
               " {'r': 8, 'lora_alpha': 8, 'target_modules': ['q_proj']}); print(os.getpid(), flush=True); os._exit(0)")
@@ -474,18 +472,14 @@ def test_nothing_outlives_a_sigkilled_daemon_or_an_unclosed_remote_exporter(tmp_
     daemon.send_signal(signal.SIGKILL)
     daemon.wait(10)
     assert shm_files(daemon.pid) == [] and shm_fds(daemon.pid) == []
-    again = subprocess.Popen([sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint],
-                             stdout=subprocess.PIPE, text=True)
-    assert "serving" in again.stdout.readline()  # the stale socket is taken over
+    again = daemons(endpoint)  # the stale socket is taken over
     again.terminate()
     assert again.wait(20) == 0
 
 
-def test_drain_waits_while_a_lease_is_held(tmp_path):
+def test_drain_waits_while_a_lease_is_held(tmp_path, daemons):
     endpoint = f"ipc://{tmp_path}/d.sock"
-    daemon = subprocess.Popen([sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint, "--drain", "2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert "serving" in daemon.stdout.readline()
+    daemon = daemons(endpoint, "--drain", "2")
     with RemoteExporter(endpoint) as remote:
         remote.publish("a", {"w": torch.ones(64, 64)}, models.RANDOM_ADAPTER_CONFIG)
     sock = zmq.Context.instance().socket(zmq.DEALER)
