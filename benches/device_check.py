@@ -46,7 +46,7 @@ def steps(cpu: bool, out: str) -> list[tuple[str, list[str], int]]:
         bucket = [py, "benches/bench_bucket_transport.py", "--device", "cuda", "--layers", "8",
                   "--bucket-mib", "256", "1024", "--iters", "5", "--json", os.path.join(out, "bucket.json")]
     tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_gpu.py"]
-    return [("probe", probe, 120), ("gpu_tests", tests, 130), ("bench", bench, 60), ("bucket", bucket, 40)]
+    return [("probe", probe, 120), ("gpu_tests", tests, 135), ("bench", bench, 55), ("bucket", bucket, 40)]
 
 
 def check_deps(modules, log) -> list[str]:

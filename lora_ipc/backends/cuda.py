@@ -381,7 +381,8 @@ class CudaImportedSlab(ImportedSlab):
     def consume(self, handle: CudaSlabHandle) -> None:
         """A surplus export of a slab this process already has open: rebuild it so torch releases its
         ref counter (the storage is cached, so nothing new is mapped), then drop it."""
-        if _local_slabs.get(handle.slab_id) is not None and self.tensor is _local_slabs[handle.slab_id].tensor:
+        local = _local_slabs.get(handle.slab_id)
+        if local is not None and self.tensor is local.tensor:  # the exporter's own tensor: nothing to import
             _release(handle, UNCONFIRMED)
             return
         try:
