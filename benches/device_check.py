@@ -25,7 +25,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED = ("torch", "zmq", "msgpack", "safetensors", "matplotlib", "peft", "pytest", "lora_ipc")
+REQUIRED = ("torch", "zmq", "msgpack", "safetensors", "matplotlib", "peft", "pytest", "lora_ipc",
+            "lora_ipc.backends.cuda", "lora_ipc.refit", "lora_ipc.benchmarks.transport", "tests.models")
 BUDGET_S = 350  # every step's timeout together (the run's limit: 6 device-minutes with the wheel install)
 MISSING_EXIT = 3
 
