@@ -62,9 +62,6 @@ class AdapterURI:
         epoch = query.get("epoch", [None])[0]
         if epoch is not None and not EPOCH_RE.fullmatch(epoch):
             raise BadAdapterURI(f"{uri!r:.200}: epoch must be 1-16 hex digits")
-        if m.group(1) and epoch is None:
-            raise BadAdapterURI(f"{uri!r:.200}: a pinned version needs the exporter's epoch (&epoch=..., see "
-                                "lora_ipc.vllm.lora_request): version numbers start again when an exporter restarts")
         endpoint = query.get("endpoint", [os.environ.get(ENV_ENDPOINT, "")])[0]
         if not endpoint:
             raise BadAdapterURI(f"{uri!r:.200} names no endpoint and ${ENV_ENDPOINT} is not set in the engine")
@@ -72,4 +69,7 @@ class AdapterURI:
             ipc_path(endpoint)
         except Exception as exc:
             raise BadAdapterURI(str(exc)) from None
+        if m.group(1) and epoch is None:
+            raise BadAdapterURI(f"{uri!r:.200}: a pinned version needs the exporter's epoch (&epoch=..., see "
+                                "lora_ipc.vllm.lora_request): version numbers start again when an exporter restarts")
         return cls(name, version, endpoint, epoch)
