@@ -43,7 +43,10 @@ class Connection:
         self.connect_wait_s = timeout_s if connect_wait_s is None else min(connect_wait_s, timeout_s)
         self.closed = False
         self.trusted_uids = {os.getuid()} if trusted_uids is None else set(trusted_uids)
-        self._sock = make_socket(context, zmq.DEALER)
+        try:
+            self._sock = make_socket(context, zmq.DEALER)
+        except zmq.ZMQError as exc:  # e.g. EMFILE: out of descriptors
+            raise ExporterUnavailable(f"cannot open a socket for {endpoint}: {exc}") from None
         self._request_ids = itertools.count(1)
         self._connected = False
 

@@ -3,7 +3,8 @@
 Endpoints come from request bodies (``lora_path``), so one may be dead, stuck or hostile. Its calls
 must cost only its own requests:
 
-- at most ``MAX_PENDING_PER_ENDPOINT`` calls per endpoint wait or run at once; one more fails at once
+- at most ``MAX_PENDING_PER_ENDPOINT`` calls per endpoint wait or run at once (``MAX_PENDING_OWN``
+  for the resolver's endpoint, which every request naming an adapter uses); one more fails at once
   with ``ExporterUnavailable`` (HTTP 503) instead of queueing behind a stuck exporter;
 - the resolver's endpoint (``$LORA_IPC_ENDPOINT``) has its own threads: requests naming other
   endpoints can never take them (they share ``SHARED_THREADS`` threads among themselves);
@@ -24,6 +25,7 @@ from ..endpoint import ENV_ENDPOINT
 from ..errors import ExporterUnavailable
 
 MAX_PENDING_PER_ENDPOINT = 4
+MAX_PENDING_OWN = 256
 SHARED_THREADS = 16
 OWN_THREADS = 4
 
@@ -46,7 +48,8 @@ def _executor_for(endpoint: str) -> ThreadPoolExecutor:
 def _take(endpoint: str) -> None:
     with _lock:
         pending = _pending.get(endpoint, 0)
-        if pending >= MAX_PENDING_PER_ENDPOINT:
+        cap = MAX_PENDING_OWN if endpoint == os.environ.get(ENV_ENDPOINT) else MAX_PENDING_PER_ENDPOINT
+        if pending >= cap:
             raise ExporterUnavailable(f"{endpoint}: {pending} requests to it are still pending; try again later")
         _pending[endpoint] = pending + 1
 

@@ -11,8 +11,9 @@ both bounds:
   holds, plus as many it evicted and may be asked for again;
 - bytes: ``$LORA_IPC_WORKER_KEEP_BYTES``, default 4 GiB (an entry larger than that is not kept).
 
-A reload of a kept version copies the kept tensors (vLLM scales ``lora_b`` in place) instead of
-fetching. Touching an adapter in vLLM (a request for it) marks it used here too.
+Kept tensors live in host memory (a GPU worker keeps a host copy, outside the GPU memory vLLM
+budgets). A reload of a kept version copies the kept tensors onto the worker's device (vLLM scales
+``lora_b`` in place) instead of fetching. Touching an adapter in vLLM (a request for it) marks it used here too.
 """
 
 from __future__ import annotations

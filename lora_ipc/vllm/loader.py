@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from ..client import with_shared_client
+from ..client import Adapter, with_shared_client
 from ..errors import AdapterRejected
 from .compat import checked_surface, lora_model_class
 from .kept import kept_adapters, key_of
@@ -77,7 +77,8 @@ def load_adapter(worker_manager: Any, lora_request: Any):
         adapter = with_shared_client(
             uri.endpoint, lambda client: client.fetch(uri.name, uri.version, device=device, epoch=uri.epoch))
     # vLLM scales lora_b in place when it activates an adapter: it gets copies of what is kept
-    tensors = {k: t.clone() for k, t in adapter.tensors.items()} if key is not None else adapter.tensors
+    tensors = {k: t.to(device, copy=True) for k, t in adapter.tensors.items()} if key is not None \
+        else adapter.tensors
 
     config = dict(adapter.peft_config)
     config["vllm_max_position_embeddings"] = getattr(worker_manager, "max_position_embeddings", None)
@@ -109,7 +110,10 @@ def load_adapter(worker_manager: Any, lora_request: Any):
     lora.is_3d_lora_weight = getattr(lora_request, "is_3d_lora_weight", False)
     for check in surface.validations:  # the same post-load checks vLLM's _load_adapter runs
         getattr(adapter_manager, check)(lora)
-    kept.put(key, adapter)
+    if key is not None and source == "exporter":  # kept in host memory, outside what vLLM budgets on a GPU
+        kept.put(key, adapter if all(t.device.type == "cpu" for t in adapter.tensors.values()) else
+                 Adapter(adapter.name, adapter.version, {k: t.cpu() for k, t in adapter.tensors.items()},
+                         adapter.peft_config))
     log.info("loaded %s v%d as LoRA id %d from the %s in %.2f ms", uri.name, adapter.version,
              lora_request.lora_int_id, source, (time.perf_counter() - started) * 1e3)
     return lora

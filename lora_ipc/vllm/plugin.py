@@ -58,13 +58,13 @@ def _load_adapter_wrapper(original):
     return _load_adapter
 
 
-def _touch_kept(lora_path: str) -> None:
+def _touch_kept(worker_manager, lora_path: str) -> None:
     """A request for an adapter marks its kept copy as used (see :mod:`.kept`)."""
     from ..errors import LoraIpcError
     from .kept import kept_adapters, key_of
 
     try:
-        kept_adapters().get(key_of(AdapterURI.parse(lora_path)))
+        kept_adapters(getattr(worker_manager, "lora_config", None)).get(key_of(AdapterURI.parse(lora_path)))
     except LoraIpcError:
         pass
 
@@ -74,7 +74,7 @@ def _add_adapter_wrapper(original):
 
     def add_adapter(self, lora_request):
         if AdapterURI.matches(getattr(lora_request, "lora_path", None)):
-            _touch_kept(lora_request.lora_path)
+            _touch_kept(self, lora_request.lora_path)
         if (getattr(lora_request, "load_inplace", False) and AdapterURI.matches(lora_request.lora_path)
                 and lora_request.lora_int_id in self.list_adapters()
                 and loaded_paths(self).get(lora_request.lora_int_id) == lora_request.lora_path):
