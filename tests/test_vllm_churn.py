@@ -39,7 +39,9 @@ def daemon(endpoint):
 def server(endpoint, daemon, tmp_path_factory):
     model_dir = write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
     try:
-        server = engine.Server(model_dir, tmp_path_factory.mktemp("server"), env={"LORA_IPC_ENDPOINT": endpoint},
+        # the worker keeps 3 versions (default: 4 x max_cpu_loras, at least 8), so a test can outgrow it
+        server = engine.Server(model_dir, tmp_path_factory.mktemp("server"),
+                               env={"LORA_IPC_ENDPOINT": endpoint, "LORA_IPC_WORKER_KEEP": "3"},
                                extra_args=["--max-loras", "1", "--max-cpu-loras", "1"], start_timeout_s=600)
     except RuntimeError as exc:
         pytest.fail(str(exc))
@@ -109,3 +111,19 @@ def test_daemon_restart_old_epoch_uri_is_refused_fresh_one_works(server, endpoin
     # what was loaded before the restart keeps serving its own bytes (the worker keeps them), never the new ones
     assert complete(server, "e-old") == (200, before)
     assert server.proc.poll() is None
+
+
+def test_a_version_neither_kept_nor_exported_fails_alone(server, endpoint):
+    publish(endpoint, "P", 7)
+    status, p1 = complete(server, "P@v1")  # vLLM caches the pinned name
+    assert status == 200, p1
+    publish(endpoint, "P", 8)
+    publish(endpoint, "P", 9)  # keep=2: v1 is gone from the exporter
+    for seed in (10, 11, 12):  # three other versions loaded: v1 is no longer kept by the worker either
+        publish(endpoint, f"Q{seed}", seed)
+        assert complete(server, f"Q{seed}")[0] == 200
+    status, body = complete(server, "P@v1")
+    assert status == 404, (status, body)
+    assert server.proc.poll() is None
+    assert complete(server, "P")[0] == 200 and complete(server, "Q10")[0] == 200
+    assert complete(server, "P@v1")[0] == 404

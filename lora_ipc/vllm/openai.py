@@ -99,8 +99,8 @@ async def refresh(models, model_name: str):
                 models.lora_requests[model_name] = newer
             return None
         # the newest could not be loaded: keep serving the entry the name has, checked below
-    if at_exporter and uri.version is not None:
-        return None  # a reload in the step can fetch it, and a loaded version is kept by the worker
+    if at_exporter and (not follows or (version, epoch or None) == (uri.version, uri.epoch)):
+        return None  # the entry's version is at the exporter: a reload in a step can fetch it (or use the kept copy)
     reason = await _add_to_engine(models, entry)  # the worker still has it (kept), or this request fails here
     if reason is None:
         return None
