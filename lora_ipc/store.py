@@ -82,6 +82,7 @@ class StatusReport(TypedDict, total=False):
     CLI, the Prometheus exporter and the daemon."""
 
     uptime_s: float
+    epoch: str
     keep: int
     adapters: list[AdapterStatus]
     lease_count: int
@@ -480,6 +481,7 @@ class AdapterStore:
             slabs = self._all_slabs()
             return {
                 "uptime_s": round(time.time() - self.started_at, 3),
+                "epoch": self.epoch,
                 "keep": self.keep,
                 "adapters": [
                     {"name": pv.name, "version": pv.version, "bytes": pv.layout.used_bytes,
