@@ -76,7 +76,7 @@ def test_stuck_endpoints_cost_only_their_own_requests(exporter, short_dir, monke
         stuck = [asyncio.ensure_future(check_lora_ipc_path(str(AdapterURI("policy", 1, ep, "ab"))))
                  for ep, _ in listeners]
         gone = [asyncio.ensure_future(check_lora_ipc_path(str(AdapterURI("policy", 1, ep, "ab")))) for ep in dead]
-        await asyncio.sleep(0.2)  # every stuck request is waiting for its exporter now
+        await asyncio.sleep(0)  # every stuck request has started
         resolved = await LoraIpcResolver(exporter.endpoint).resolve_lora("base", "policy")
         stuck_done_first = sum(t.done() for t in stuck)
         dead_results = await asyncio.gather(*gone)
@@ -92,6 +92,33 @@ def test_stuck_endpoints_cost_only_their_own_requests(exporter, short_dir, monke
     assert stuck_done_first == 0  # the legitimate resolution did not wait for any stuck endpoint
     assert all(r is not None and r[0] == 503 for r in dead_results + stuck_results)
     assert all("nothing serves" in r[1] for r in dead_results)  # nothing listening: refused without waiting
+
+
+def test_one_stuck_endpoint_holds_at_most_its_pending_cap(short_dir, monkeypatch):
+    pytest.importorskip("vllm")
+    monkeypatch.setenv("LORA_IPC_TIMEOUT_S", "3")
+    from lora_ipc.vllm import api_io
+    from lora_ipc.vllm.openai import check_lora_ipc_path
+
+    ep, sock = hung_endpoint(short_dir, "one")
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(check_lora_ipc_path(str(AdapterURI("policy", 1, ep, "ab")))) for _ in range(10)]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        early = [t.result() for t in tasks if t.done()]
+        waiting = api_io.pending(ep)
+        await asyncio.gather(*tasks)
+        return early, waiting
+
+    try:
+        early, waiting = asyncio.run(scenario())
+    finally:
+        sock.close()
+    assert waiting == api_io.MAX_PENDING_PER_ENDPOINT
+    assert len(early) == 10 - api_io.MAX_PENDING_PER_ENDPOINT
+    assert all(status == 503 and "pending" in reason for status, reason in early)
+    assert api_io.pending(ep) == 0
 
 
 def test_evicting_a_shared_client_never_waits_for_its_request_in_flight(short_dir, monkeypatch):
