@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from http import HTTPStatus
 
 from ..errors import AdapterNotFound, BadAdapterURI, ExporterUnavailable, LoraIpcError, VersionNotFound
@@ -69,8 +70,22 @@ async def _add_to_engine(models, lora_request) -> str | None:
     return None
 
 
+_refreshing: dict[tuple[int, str], asyncio.Future] = {}
+
+
 async def refresh(models, model_name: str):
-    """Make ``models.lora_requests[model_name]`` (a lora-ipc entry) servable now; an error response if it is not."""
+    """Make ``models.lora_requests[model_name]`` (a lora-ipc entry) servable now; an error response if it is not.
+
+    Concurrent requests for one name share one refresh (one exporter round trip, at most one load)."""
+    key = (id(models), model_name)
+    task = _refreshing.get(key)
+    if task is None:
+        task = _refreshing[key] = asyncio.ensure_future(_refresh(models, model_name))
+        task.add_done_callback(lambda _: _refreshing.pop(key, None))
+    return await asyncio.shield(task)  # a cancelled request does not cancel the others' refresh
+
+
+async def _refresh(models, model_name: str):
     entry = models.lora_requests.get(model_name)
     if entry is None or not AdapterURI.matches(entry.lora_path):
         return None
