@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,15 @@ from . import protocol as p
 from .backends import ImportedSlab
 from .connection import Connection
 from .endpoint import daemon_endpoint
-from .errors import BackendError, LoraIpcError, ProtocolError, SlabRecycled
+from .errors import (
+    BackendError,
+    ClientClosed,
+    ExporterUnavailable,
+    LoraIpcError,
+    ProtocolError,
+    SlabRecycled,
+    StaleEpoch,
+)
 from .imports import REGISTRY
 from .layout import SlabLayout
 from .lru import BoundedLRU
@@ -66,15 +75,21 @@ class Adapter:
 
 
 class AdapterClient:
+    """``connect_wait_s``: how long a request waits for a server to appear on an endpoint where nothing
+    listens (default ``timeout_s``: a trainer may start after its engine); 0 fails at once."""
+
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, context: zmq.Context | None = None,
-                 trusted_uids: set[int] | None = None, transport: str | None = None):
+                 trusted_uids: set[int] | None = None, transport: str | None = None,
+                 connect_wait_s: float | None = None):
         self.endpoint = endpoint or daemon_endpoint()
         self.transport = transport_mode(transport)
         self.host_fallbacks = 0  # fetches served by the host-staged copy because CUDA IPC import failed
         self._fell_back = False
         self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._conn = Connection(self.endpoint, timeout_s, context, trusted_uids)
+        self.timeout_s = timeout_s
+        self._conn = Connection(self.endpoint, timeout_s, context, trusted_uids, connect_wait_s)
         self._lock = threading.Lock()
+        self._closed = False
         self._slabs: BoundedLRU[str, ImportedSlab] = BoundedLRU(
             MAX_CACHED_SLABS, lambda slab_id, _: REGISTRY.release(slab_id))  # this client's holds on imports
         self._layouts: BoundedLRU[bytes, SlabLayout] = BoundedLRU(MAX_CACHED_LAYOUTS)
@@ -82,9 +97,29 @@ class AdapterClient:
 
     # ---- API -------------------------------------------------------------------------------
 
+    @contextmanager
+    def _locked(self):
+        """The client's lock, waited for at most ``timeout_s`` (one request at a time on the socket: a
+        stuck exporter makes the next caller of this client fail, never wait without end)."""
+        if not self._lock.acquire(timeout=self.timeout_s):
+            raise ExporterUnavailable(f"{self.endpoint}: another request on this client did not finish within "
+                                      f"{self.timeout_s:g}s")
+        try:
+            if self._closed:
+                raise ClientClosed(f"the client of {self.endpoint} was closed (evicted from the shared clients?)")
+            yield
+        finally:
+            if self._closed:  # closed while this request was in flight
+                self._shutdown()
+            self._lock.release()
+
     def list(self) -> list[p.AdapterSummary]:
-        with self._lock:
-            return self._conn.request(p.ListRequest(), p.ListReply).adapters
+        return self.catalog().adapters
+
+    def catalog(self) -> p.ListReply:
+        """The adapters, their kept versions, and the store's ``epoch`` (what the version numbers are of)."""
+        with self._locked():
+            return self._conn.request(p.ListRequest(), p.ListReply)
 
     def versions(self, name: str) -> list[int]:
         for summary in self.list():
@@ -93,11 +128,15 @@ class AdapterClient:
         return []
 
     def status(self) -> dict:
-        with self._lock:
+        with self._locked():
             return self._conn.request(p.StatusRequest(), p.StatusReply).report
 
-    def fetch(self, name: str, version: int | None = None, device: torch.device | str | None = None) -> Adapter:
+    def fetch(self, name: str, version: int | None = None, device: torch.device | str | None = None,
+              epoch: str | None = None) -> Adapter:
         """Lease ``version`` (newest if None), copy it into owned memory on ``device``, release the lease.
+
+        ``epoch`` (from :meth:`catalog` or a ``lora-ipc://`` URI): the version must be of that store
+        epoch, else ``StaleEpoch`` (the exporter restarted; the number now names other bytes).
 
         Returns exactly the bytes of one version or raises: if the slab was reused while it was being
         copied (the lease expired or was revoked), the copy is discarded and the newest version is
@@ -106,7 +145,7 @@ class AdapterClient:
         """
         for attempt in range(FETCH_ATTEMPTS):
             try:
-                return self._fetch_once(name, version, device)
+                return self._fetch_once(name, version, device, epoch)
             except _DeviceImportFailed as failed:
                 if self.transport != "auto":
                     raise failed.error from None
@@ -115,7 +154,7 @@ class AdapterClient:
                                 "for this client (set %s=host to skip the attempt)", self.endpoint, failed.error,
                                 ENV_TRANSPORT)
                 self._fell_back = True
-                return self._fetch_once(name, version, device)
+                return self._fetch_once(name, version, device, epoch)
             except SlabRecycled:
                 if version is not None or attempt == FETCH_ATTEMPTS - 1:
                     raise
@@ -125,16 +164,19 @@ class AdapterClient:
     def _host_only(self) -> bool:
         return self.transport == "host" or self._fell_back
 
-    def _fetch_once(self, name: str, version: int | None, device: torch.device | str | None) -> Adapter:
-        with self._lock:
+    def _fetch_once(self, name: str, version: int | None, device: torch.device | str | None,
+                    epoch: str | None = None) -> Adapter:
+        with self._locked():
             started = time.perf_counter()
             host = self._host_only
             reply = self._conn.request(
                 p.FetchRequest(name, version, self.client_id, REGISTRY.known(list(reversed(self._slabs.keys()))),
-                               self._layouts.keys(), self._configs.keys(), "host" if host else "device"),
+                               self._layouts.keys(), self._configs.keys(), "host" if host else "device", epoch),
                 p.FetchReply)
             fetch_ms = 0.0
             try:
+                if epoch is not None and reply.epoch != epoch:  # a server that ignored the request's epoch
+                    raise StaleEpoch(f"{name!r} v{reply.version}: asked for epoch {epoch!r}, got {reply.epoch!r}")
                 config = self._config_for(reply)
                 try:
                     slab = self._slab_for(reply)
@@ -160,7 +202,17 @@ class AdapterClient:
         return Adapter(reply.name, reply.version, layout.unpack(owned), dict(config))
 
     def close(self) -> None:
-        with self._lock:
+        """Close the client; never waits: a request in flight finishes and then closes the socket.
+        Later calls raise ``ClientClosed``."""
+        self._closed = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._shutdown()
+            finally:
+                self._lock.release()
+
+    def _shutdown(self) -> None:  # under the lock
+        if not self._conn.closed:
             self._slabs.clear()  # releases this client's hold on each import
             self._conn.close()
 
@@ -210,19 +262,40 @@ class AdapterClient:
             REGISTRY.release(slab_id)
 
 
-_shared: BoundedLRU[str, AdapterClient] = BoundedLRU(MAX_SHARED_CLIENTS, lambda _, client: client.close())
-_shared_lock = threading.Lock()
+_shared: BoundedLRU[str, AdapterClient] = BoundedLRU(MAX_SHARED_CLIENTS)
+_shared_lock = threading.Lock()  # guards the dict only: never held across I/O or a close()
 
 
 def shared_client(endpoint: str) -> AdapterClient:
     """One client per endpoint per process, so slab mappings and validated layouts are reused.
 
-    At most ``MAX_SHARED_CLIENTS`` stay open (least recently used closed first): endpoints come from
-    ``lora_path`` strings, which API users may choose.
+    At most ``MAX_SHARED_CLIENTS`` stay open (least recently used closed first, after the cache's lock
+    is released): endpoints come from ``lora_path`` strings, which API users may choose. A client
+    closed by eviction while a caller still holds it raises ``ClientClosed`` (an ``ExporterUnavailable``);
+    :func:`with_shared_client` retries such a call once with a fresh client. Nothing listening on an
+    endpoint fails at once (``$LORA_IPC_CONNECT_WAIT_S``, default 0): these clients serve requests
+    that users name, and a dead endpoint must cost only its own requests.
     """
+    evicted: list[AdapterClient] = []
     with _shared_lock:
         client = _shared.get(endpoint)
-        if client is None:
+        if client is None or client._closed:
             timeout_s = float(os.environ.get("LORA_IPC_TIMEOUT_S", 10))
-            client = _shared.put(endpoint, AdapterClient(endpoint, timeout_s=timeout_s))
-        return client
+            wait_s = float(os.environ.get("LORA_IPC_CONNECT_WAIT_S", 0))
+            client = AdapterClient(endpoint, timeout_s=timeout_s, connect_wait_s=wait_s)
+            _shared.on_evict = lambda _, old: evicted.append(old)
+            try:
+                _shared.put(endpoint, client)
+            finally:
+                _shared.on_evict = None
+    for old in evicted:
+        old.close()
+    return client
+
+
+def with_shared_client(endpoint: str, call):
+    """``call(shared_client(endpoint))``, once more with a fresh client if that one was closed under it."""
+    try:
+        return call(shared_client(endpoint))
+    except ClientClosed:
+        return call(shared_client(endpoint))

@@ -118,10 +118,10 @@ class AdapterServer:
     # ---- handlers --------------------------------------------------------------------------
 
     def _on_list(self, msg: p.ListRequest, peer: bytes) -> p.ListReply:
-        return p.ListReply(self.store.summaries()[:p.MAX_ADAPTERS_LISTED])
+        return p.ListReply(self.store.summaries()[:p.MAX_ADAPTERS_LISTED], self.store.epoch)
 
     def _on_fetch(self, msg: p.FetchRequest, peer: bytes) -> p.FetchReply:
-        lease, pv = self.store.lease(msg.name, msg.version, peer, msg.client_id)
+        lease, pv = self.store.lease(msg.name, msg.version, peer, msg.client_id, msg.epoch)
         if msg.transport == "host":
             try:
                 self.store.stage_to_host(pv)
@@ -142,7 +142,7 @@ class AdapterServer:
             slab=handle,
             generation=generation, layout_digest=layout.digest,
             entries=None if layout.digest in msg.known_layouts else layout.to_wire(),
-            used_bytes=layout.used_bytes, live_slabs=self.store.live_slab_ids(),
+            used_bytes=layout.used_bytes, live_slabs=self.store.live_slab_ids(), epoch=self.store.epoch,
         )
 
     def _on_release(self, msg: p.ReleaseRequest, peer: bytes) -> p.ReleaseReply:

@@ -506,7 +506,7 @@ def test_clients_refuse_non_ipc_endpoints(endpoint):
     with pytest.raises(LoraIpcError, match="only local ipc://"):
         RemoteExporter(endpoint)
     with pytest.raises(BadAdapterURI):
-        AdapterURI.parse(str(AdapterURI("a", 1, "ipc:///x")).replace("ipc%3A%2F%2F%2Fx", endpoint))
+        AdapterURI.parse(str(AdapterURI("a", 1, "ipc:///x", "ab12")).replace("ipc%3A%2F%2F%2Fx", endpoint))
 
 
 @pytest.mark.parametrize("uri", ["lora-ipc://[::1/v1?endpoint=ipc:///x", "lora-ipc://a/v99999999999999999999999",
@@ -518,9 +518,9 @@ def test_malformed_uris_raise_a_lora_ipc_error(uri):
 
 
 def test_uri_scheme_has_one_rule():
-    uri = "LORA-IPC://policy/v3?endpoint=ipc%3A%2F%2F%2Ftmp%2Fx.sock"
+    uri = "LORA-IPC://policy/v3?endpoint=ipc%3A%2F%2F%2Ftmp%2Fx.sock&epoch=ab12"
     assert AdapterURI.matches(uri)
-    assert AdapterURI.parse(uri) == AdapterURI("policy", 3, "ipc:///tmp/x.sock")
+    assert AdapterURI.parse(uri) == AdapterURI("policy", 3, "ipc:///tmp/x.sock", "ab12")
 
 
 def test_importers_map_slabs_read_only(exporter_proc):
