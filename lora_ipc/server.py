@@ -55,7 +55,9 @@ class AdapterServer:
         self.peer_check = _filter_peers(self._sock, {os.getuid()} if allowed_uids is None else allowed_uids)
         self._sock.bind(endpoint)
         os.chmod(self._path, 0o600)
-        self._publish_sources: BoundedLRU[str, ImportedSlab] = BoundedLRU(MAX_PUBLISH_SOURCES, lambda _, s: s.close())
+        # (publishing connection, its handle) -> import: see _on_publish
+        self._publish_sources: BoundedLRU[tuple[bytes, p.SlabHandle], ImportedSlab] = BoundedLRU(
+            MAX_PUBLISH_SOURCES, lambda _, s: s.close())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._handlers: dict[type, Callable[[p.Message, bytes], p.Message]] = {
@@ -145,10 +147,15 @@ class AdapterServer:
         return p.ReleaseReply(msg.lease_id)
 
     def _on_publish(self, msg: p.PublishRequest, peer: bytes) -> p.PublishReply:
+        """Copy a publisher's staging slab in. The slab is opened once and kept (CUDA IPC handles must not
+        be re-opened), keyed by the connection that sent it (its ROUTER identity) and the whole handle
+        (pid, fd, name, size; the CUDA memory handle): an import made for one connection is never used
+        for another, whatever slab id either of them names."""
         layout = SlabLayout.from_wire(msg.entries, msg.used_bytes, msg.slab.nbytes)
-        source = self._publish_sources.get(msg.slab.slab_id)
-        if source is None:  # a publisher's staging slab: opened once, kept while it is in use
-            source = self._publish_sources.put(msg.slab.slab_id, open_slab(msg.slab))
+        key = (peer, msg.slab)
+        source = self._publish_sources.get(key)
+        if source is None:
+            source = self._publish_sources.put(key, open_slab(msg.slab))
         version = self.store.publish_copy(msg.name, layout, msg.peft_config, source.copy_into, source.device)
         return p.PublishReply(msg.name, version)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..client import shared_client
 from ..errors import AdapterRejected
+from .bounds import fetch_bound
 from .compat import checked_surface, lora_model_class
 from .uri import AdapterURI
 
@@ -68,7 +69,8 @@ def load_adapter(worker_manager: Any, lora_request: Any):
         # vLLM's disk loader slices experts per rank (moe_ep_spec); from_lora_tensors cannot
         raise AdapterRejected(f"{uri.name}: lora_ipc does not load LoRA adapters into expert-parallel MoE models")
     device = worker_manager.device
-    adapter = shared_client(uri.endpoint).fetch(uri.name, uri.version, device=device)
+    bound = fetch_bound(worker_manager)  # what this worker's LoRA slots can hold (bounds.py)
+    adapter = shared_client(uri.endpoint).fetch(uri.name, uri.version, device=device, max_bytes=bound)
 
     config = dict(adapter.peft_config)
     config["vllm_max_position_embeddings"] = getattr(worker_manager, "max_position_embeddings", None)
