@@ -171,7 +171,7 @@ def staging_ids(pid: int) -> list[str]:
     from lora_ipc.shm import MEMFD_PREFIX, memfds_of
 
     prefix = f"/memfd:{MEMFD_PREFIX}"
-    return [m[len(prefix):].removesuffix(" (deleted)") for m in memfds_of(pid)]
+    return sorted({m[len(prefix):].removesuffix(" (deleted)") for m in memfds_of(pid)})
 
 
 def attacker_publish_main(conn, endpoint: str, victim_id: str, evictions: int) -> None:
