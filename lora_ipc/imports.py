@@ -114,11 +114,13 @@ class ImportRegistry:
             ids += [s for s in mine if s not in seen]
             return ids[:MAX_KNOWN_SENT]
 
-    def users(self, slab_id: str, server: ServerIdentity | None = None) -> int:
-        """Holders of ``slab_id`` (served by ``server``, or by any server when None)."""
+    def users(self, slab: str | ImportKey) -> int:
+        """Holders of one import (an ``ImportKey``), or of every import of that slab id (a ``str``)."""
         with self._lock:
-            return sum(entry[1] for key, entry in self._open.items()
-                       if key.slab_id == slab_id and (server is None or key == key_for(server, slab_id)))
+            if isinstance(slab, ImportKey):
+                entry = self._open.get(slab)
+                return 0 if entry is None else entry[1]
+            return sum(entry[1] for key, entry in self._open.items() if key.slab_id == slab)
 
 
 REGISTRY = ImportRegistry()
