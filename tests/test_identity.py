@@ -276,3 +276,28 @@ def test_fuzzed_overflowing_layouts_raise_layout_error_or_unpack():
         assert set(tensors) == {e[0] for e in entries}
         accepted += 1
     assert accepted > 0
+
+
+def test_the_vllm_bound_is_one_lora_slot_of_the_workers_buffers(monkeypatch):
+    """``fetch_bound`` reads vLLM's preallocated stacked LoRA buffers (shapes as vLLM 0.32 makes them)."""
+    from types import SimpleNamespace
+
+    from lora_ipc.vllm.bounds import ALIGN_SLACK, MIN_BOUND, fetch_bound
+
+    monkeypatch.delenv("LORA_IPC_MAX_FETCH_BYTES", raising=False)
+    max_loras, rank = 4, 16
+
+    def layer(inp, outs, tp=1):
+        return SimpleNamespace(tp_size=tp, lora_a_stacked=tuple(torch.empty(max_loras, 1, rank, inp, device="meta")
+                                                                for _ in outs),
+                               lora_b_stacked=tuple(torch.empty(max_loras, 1, o, rank, device="meta") for o in outs))
+
+    big = SimpleNamespace(_adapter_manager=SimpleNamespace(modules={
+        f"layers.{i}.qkv_proj": layer(4096, [4096, 1024, 1024]) for i in range(32)}))
+    per_slot = 32 * (3 * rank * 4096 + rank * (4096 + 1024 + 1024))
+    assert fetch_bound(big) == per_slot * 8 + 32 * 6 * ALIGN_SLACK
+    tiny = SimpleNamespace(_adapter_manager=SimpleNamespace(modules={"q": layer(128, [128])}))
+    assert fetch_bound(tiny) == MIN_BOUND
+    assert fetch_bound(SimpleNamespace()) is None  # not a vLLM we know: the client's default
+    monkeypatch.setenv("LORA_IPC_MAX_FETCH_BYTES", "1000")
+    assert fetch_bound(big) is None  # the operator's setting wins
