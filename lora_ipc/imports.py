@@ -39,11 +39,13 @@ def key_for(server: ServerIdentity, slab_id: str) -> ImportKey:
 
 
 def memory_of(handle: SlabHandle) -> tuple:
-    """What a handle points at (a fresh CUDA export of the same slab points at the same memory)."""
+    """What a handle points at. A fresh CUDA export of the same slab (Note [one export per import]) has
+    new ref-counter and event fields; its generation slot (one per slab in the server's store), device
+    and extent are the slab's own."""
     if isinstance(handle, CpuSlabHandle):
         return ("cpu", handle.pid, handle.fd, handle.nbytes, handle.generation)
     if isinstance(handle, CudaSlabHandle):
-        return ("cuda", handle.device_uuid, handle.storage_handle, handle.storage_offset_bytes, handle.nbytes,
+        return ("cuda", handle.device_uuid, handle.storage_size_bytes, handle.storage_offset_bytes, handle.nbytes,
                 handle.generation)
     raise ProtocolError(f"unknown slab handle {type(handle).__name__}")
 
