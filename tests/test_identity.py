@@ -301,3 +301,29 @@ def test_the_vllm_bound_is_one_lora_slot_of_the_workers_buffers(monkeypatch):
     assert fetch_bound(SimpleNamespace()) is None  # not a vLLM we know: the client's default
     monkeypatch.setenv("LORA_IPC_MAX_FETCH_BYTES", "1000")
     assert fetch_bound(big) is None  # the operator's setting wins
+
+
+def test_a_client_follows_a_restarted_daemon_by_its_kernel_pid(daemons):
+    """libzmq reconnects to a new daemon on the same path by itself: the client sees the new process in
+    the reply's kernel credentials, keeps nothing of the old one and serves the new bytes."""
+    from lora_ipc import RemoteExporter
+    from lora_ipc.imports import REGISTRY
+
+    endpoint = private_endpoint("restart")
+    first = daemons(endpoint)
+    with RemoteExporter(endpoint) as remote:
+        remote.publish("policy", models.constant_adapter(1), models.RANDOM_ADAPTER_CONFIG)
+    with AdapterClient(endpoint, timeout_s=30) as client:
+        assert client.fetch("policy").version == 1
+        assert client._conn.server.pid == first.pid
+        assert {k.server_pid for k in client._slabs} == {first.pid}
+        first.kill()
+        first.wait(10)
+        second = daemons(endpoint)
+        with RemoteExporter(endpoint) as remote:
+            remote.publish("policy", models.constant_adapter(5), models.RANDOM_ADAPTER_CONFIG)
+        got = client.fetch("policy")
+        assert got.version == 1 and all(bool((t == 5).all()) for t in got.tensors.values())
+        assert client._conn.server.pid == second.pid
+        assert {k.server_pid for k in client._slabs} == {second.pid}
+        assert not [k for k in REGISTRY._open if k.server_pid == first.pid]
