@@ -27,12 +27,14 @@ from .errors import (
     BackendError,
     ClientClosed,
     ExporterUnavailable,
+    LayoutError,
+    LimitExceeded,
     LoraIpcError,
     ProtocolError,
     SlabRecycled,
     StaleEpoch,
 )
-from .imports import REGISTRY
+from .imports import REGISTRY, ImportKey
 from .layout import SlabLayout
 from .lru import BoundedLRU
 
@@ -41,7 +43,26 @@ MAX_CACHED_SLABS = 32
 MAX_SHARED_CLIENTS = 8
 ENV_TRANSPORT = "LORA_IPC_TRANSPORT"
 TRANSPORTS = ("auto", "cuda", "host")
+ENV_MAX_FETCH_BYTES = "LORA_IPC_MAX_FETCH_BYTES"
+DEFAULT_MAX_FETCH_BYTES = 4 << 30
 log = logging.getLogger("lora_ipc.client")
+
+
+def fetch_bytes_limit(value: int | None = None) -> int:
+    """The most bytes one fetch may copy: ``value``, else ``$LORA_IPC_MAX_FETCH_BYTES``, else 4 GiB.
+
+    A reply whose layout uses more is refused (``LimitExceeded``) before anything is imported or
+    allocated: the exporter sizes a fetch, the client decides what it can afford.
+    """
+    if value is None:
+        env = os.environ.get(ENV_MAX_FETCH_BYTES)
+        try:
+            value = int(env) if env else DEFAULT_MAX_FETCH_BYTES
+        except ValueError:
+            raise LoraIpcError(f"${ENV_MAX_FETCH_BYTES}={env!r:.40}: expected a number of bytes") from None
+    if type(value) is not int or value <= 0:
+        raise LoraIpcError(f"max_fetch_bytes {value!r:.40}: expected a positive number of bytes")
+    return value
 
 
 def transport_mode(value: str | None = None) -> str:
@@ -80,9 +101,10 @@ class AdapterClient:
 
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, context: zmq.Context | None = None,
                  trusted_uids: set[int] | None = None, transport: str | None = None,
-                 connect_wait_s: float | None = None):
+                 connect_wait_s: float | None = None, max_fetch_bytes: int | None = None):
         self.endpoint = endpoint or daemon_endpoint()
         self.transport = transport_mode(transport)
+        self.max_fetch_bytes = fetch_bytes_limit(max_fetch_bytes)
         self.host_fallbacks = 0  # fetches served by the host-staged copy because CUDA IPC import failed
         self._fell_back = False
         self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -90,8 +112,8 @@ class AdapterClient:
         self._conn = Connection(self.endpoint, timeout_s, context, trusted_uids, connect_wait_s)
         self._lock = threading.Lock()
         self._closed = False
-        self._slabs: BoundedLRU[str, ImportedSlab] = BoundedLRU(
-            MAX_CACHED_SLABS, lambda slab_id, _: REGISTRY.release(slab_id))  # this client's holds on imports
+        self._slabs: BoundedLRU[ImportKey, ImportedSlab] = BoundedLRU(
+            MAX_CACHED_SLABS, lambda key, _: REGISTRY.release(key))  # this client's holds on imports
         self._layouts: BoundedLRU[bytes, SlabLayout] = BoundedLRU(MAX_CACHED_LAYOUTS)
         self._configs: BoundedLRU[bytes, dict] = BoundedLRU(16)
 
@@ -132,7 +154,7 @@ class AdapterClient:
             return self._conn.request(p.StatusRequest(), p.StatusReply).report
 
     def fetch(self, name: str, version: int | None = None, device: torch.device | str | None = None,
-              epoch: str | None = None) -> Adapter:
+              epoch: str | None = None, *, max_bytes: int | None = None) -> Adapter:
         """Lease ``version`` (newest if None), copy it into owned memory on ``device``, release the lease.
 
         ``epoch`` (from :meth:`catalog` or a ``lora-ipc://`` URI): the version must be of that store
@@ -142,10 +164,13 @@ class AdapterClient:
         copied (the lease expired or was revoked), the copy is discarded and the newest version is
         fetched again; a pinned ``version`` raises ``SlabRecycled`` instead.
         On CUDA, ``device`` defaults to the local GPU that is the exporter's (matched by UUID).
+        A reply for another adapter or version is refused, and so is one larger than ``max_bytes``
+        (default: this client's ``max_fetch_bytes``), before anything is allocated (``LimitExceeded``).
         """
+        limit = self.max_fetch_bytes if max_bytes is None else fetch_bytes_limit(max_bytes)
         for attempt in range(FETCH_ATTEMPTS):
             try:
-                return self._fetch_once(name, version, device, epoch)
+                return self._fetch_once(name, version, device, epoch, limit)
             except _DeviceImportFailed as failed:
                 if self.transport != "auto":
                     raise failed.error from None
@@ -154,7 +179,7 @@ class AdapterClient:
                                 "for this client (set %s=host to skip the attempt)", self.endpoint, failed.error,
                                 ENV_TRANSPORT)
                 self._fell_back = True
-                return self._fetch_once(name, version, device, epoch)
+                return self._fetch_once(name, version, device, epoch, limit)
             except SlabRecycled:
                 if version is not None or attempt == FETCH_ATTEMPTS - 1:
                     raise
@@ -165,21 +190,24 @@ class AdapterClient:
         return self.transport == "host" or self._fell_back
 
     def _fetch_once(self, name: str, version: int | None, device: torch.device | str | None,
-                    epoch: str | None = None) -> Adapter:
+                    epoch: str | None, limit: int) -> Adapter:
         with self._locked():
             started = time.perf_counter()
             host = self._host_only
+            known = REGISTRY.known(self._conn.server, [k.slab_id for k in reversed(self._slabs.keys())])
             reply = self._conn.request(
-                p.FetchRequest(name, version, self.client_id, REGISTRY.known(list(reversed(self._slabs.keys()))),
-                               self._layouts.keys(), self._configs.keys(), "host" if host else "device", epoch),
+                p.FetchRequest(name, version, self.client_id, known, self._layouts.keys(), self._configs.keys(),
+                               "host" if host else "device", epoch),
                 p.FetchReply)
+            server = self._conn.server
             fetch_ms = 0.0
             try:
                 if epoch is not None and reply.epoch != epoch:  # a server that ignored the request's epoch
                     raise StaleEpoch(f"{name!r} v{reply.version}: asked for epoch {epoch!r}, got {reply.epoch!r}")
+                _check_reply(reply, name, version, limit)
                 config = self._config_for(reply)
                 try:
-                    slab = self._slab_for(reply)
+                    slab = self._slab_for(server, reply)
                 except BackendError as exc:
                     if host or reply.slab is None:
                         raise
@@ -198,7 +226,7 @@ class AdapterClient:
                     self._conn.send(p.ReleaseRequest(reply.lease_id, fetch_ms))
                 except LoraIpcError:
                     pass  # the lease expires on its own
-            self._forget_dead_slabs(reply.live_slabs)
+            self._forget_dead_slabs(server, reply.live_slabs)
         return Adapter(reply.name, reply.version, layout.unpack(owned), dict(config))
 
     def close(self) -> None:
@@ -224,13 +252,19 @@ class AdapterClient:
 
     # ---- caches ----------------------------------------------------------------------------
 
-    def _slab_for(self, reply: p.FetchReply) -> ImportedSlab:
-        slab = self._slabs.get(reply.slab_id)
+    def _slab_for(self, server, reply: p.FetchReply) -> ImportedSlab:
+        """The import of the reply's slab, as served by ``server`` (Note [imports are keyed by who served them])."""
+        if server is None:
+            raise ProtocolError(f"cannot tell which process serves {self.endpoint}; reply refused")
+        key = ImportKey(server.endpoint, server.pid, reply.slab_id)
+        slab = self._slabs.get(key)
         if slab is not None:
             if reply.slab is not None:
-                slab.consume(reply.slab)  # a surplus export must still be accounted for
+                REGISTRY.acquire(server, reply.slab_id, reply.slab)  # checked like a new one, surplus consumed
+                REGISTRY.release(key)
             return slab
-        return self._slabs.put(reply.slab_id, REGISTRY.acquire(reply.slab_id, reply.slab))
+        key, slab = REGISTRY.acquire(server, reply.slab_id, reply.slab)
+        return self._slabs.put(key, slab)
 
     def _config_for(self, reply: p.FetchReply) -> dict:
         config = self._configs.get(reply.config_digest)
@@ -252,14 +286,26 @@ class AdapterClient:
                 raise ProtocolError("layout digest does not match its entries")
             self._layouts.put(layout.digest, layout)
         if layout.used_bytes != reply.used_bytes or layout.used_bytes > slab.nbytes:
-            raise ProtocolError(f"layout of {layout.used_bytes} bytes does not fit slab {slab.slab_id} ({slab.nbytes})")
+            raise LayoutError(f"layout of {layout.used_bytes} bytes does not fit slab {slab.slab_id} ({slab.nbytes})")
         return layout
 
-    def _forget_dead_slabs(self, live: list[str]) -> None:
+    def _forget_dead_slabs(self, server, live: list[str]) -> None:
+        """Let go of slabs the server no longer lists, and of every slab of a server that was replaced."""
         live_set = set(live)
-        for slab_id in [s for s in self._slabs if s not in live_set]:
-            self._slabs.pop(slab_id)
-            REGISTRY.release(slab_id)
+        for key in [k for k in self._slabs if (k.endpoint, k.server_pid) != (server.endpoint, server.pid)
+                    or k.slab_id not in live_set]:
+            self._slabs.pop(key)
+            REGISTRY.release(key)
+
+
+def _check_reply(reply: p.FetchReply, name: str, version: int | None, limit: int) -> None:
+    """Before anything is imported or allocated: the reply is for what was asked, and affordable."""
+    if reply.name != name or (version is not None and reply.version != version):
+        asked = f"{name!r} v{version}" if version is not None else f"the newest {name!r}"
+        raise ProtocolError(f"asked for {asked}, the reply is for {reply.name!r:.80} v{reply.version}; refused")
+    if reply.used_bytes > limit:
+        raise LimitExceeded(f"{name!r} v{reply.version} needs {reply.used_bytes} bytes, more than this client "
+                            f"copies in one fetch ({limit}; max_fetch_bytes / ${ENV_MAX_FETCH_BYTES})")
 
 
 _shared: BoundedLRU[str, AdapterClient] = BoundedLRU(MAX_SHARED_CLIENTS)

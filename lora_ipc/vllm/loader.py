@@ -16,6 +16,7 @@ from typing import Any
 
 from ..client import Adapter, with_shared_client
 from ..errors import AdapterRejected
+from .bounds import fetch_bound
 from .compat import checked_surface, lora_model_class
 from .kept import kept_adapters, key_of
 from .uri import AdapterURI
@@ -75,7 +76,8 @@ def load_adapter(worker_manager: Any, lora_request: Any):
     source = "kept copy" if adapter is not None else "exporter"
     if adapter is None:  # only a version this worker never loaded (or no longer keeps) is fetched
         adapter = with_shared_client(
-            uri.endpoint, lambda client: client.fetch(uri.name, uri.version, device=device, epoch=uri.epoch))
+            uri.endpoint, lambda client: client.fetch(uri.name, uri.version, device=device, epoch=uri.epoch,
+                                        max_bytes=fetch_bound(worker_manager)))
     # vLLM scales lora_b in place when it activates an adapter: it gets copies of what is kept
     tensors = {k: t.to(device, copy=True) for k, t in adapter.tensors.items()} if key is not None \
         else adapter.tensors
