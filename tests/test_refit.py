@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from lora_ipc import ExporterUnavailable, ProtocolError
-from lora_ipc.refit import BucketRef, RefitError, WeightReceiver, WeightSender, plan_buckets
+from lora_ipc import AdapterExporter, ExporterUnavailable, ProtocolError
+from lora_ipc.refit import BucketRef, RefitError, RefitPieceError, WeightReceiver, WeightSender, plan_buckets
 from lora_ipc.tiny import tiny_llama
 
 from . import models
@@ -131,6 +131,87 @@ def test_receiver_refuses_out_of_order_and_incomplete_updates_and_a_gone_trainer
         receiver.receive(BucketRef(sender.stream, refs[-1].version + 1, 2, 0, 1))
     assert time.monotonic() - started < 30
     receiver.close()
+
+
+# ---- pieces must tile their parameter exactly -------------------------------------------------
+
+FULL = torch.arange(8192, dtype=torch.float32)  # one 8,192-element parameter "w", shape (64, 128)
+SHAPE = [64, 128]
+
+
+def piece(start, numel, shape=SHAPE, dtype=torch.float32, entry=None):
+    """A bucket item: (slab entry, tensor, pieces row or None for a whole parameter)."""
+    entry = entry or f"w#{start}"
+    return entry, torch.arange(start, start + numel, dtype=torch.float32).to(dtype), [entry, "w", start, list(shape)]
+
+
+WHOLE = ("w", FULL.view(64, 128).clone(), None)
+FIX = [piece(4096, 4096)]  # completes "w" after a first bucket holding [0, 4096)
+
+
+class Buckets:
+    """Publishes hand-made buckets of one update and hands their refs to a receiver, in order."""
+
+    def __init__(self, exporter, receiver):
+        self.exporter, self.receiver, self.index = exporter, receiver, 0
+
+    def send(self, items, buckets=3, extra_rows=()):
+        tensors = {entry: tensor for entry, tensor, _ in items}
+        version = self.exporter.publish("weights", tensors, {})
+        rows = [row for _, _, row in items if row is not None] + list(extra_rows)
+        out = self.receiver.receive(BucketRef("weights", version, 1, self.index, buckets, rows))
+        self.index += 1
+        return out
+
+
+OTHER = ("other", torch.ones(16), None)
+
+
+@pytest.mark.parametrize("first, bad, extra_rows", [
+    pytest.param([], [piece(0, 4096, entry="w#a"), piece(0, 4096, entry="w#b")], (), id="two-pieces-at-offset-0"),
+    pytest.param([piece(0, 4096)], [piece(2048, 4096)], (), id="overlaps-an-earlier-bucket"),
+    pytest.param([piece(0, 4096)], [piece(0, 4096)], (), id="same-piece-again"),
+    pytest.param([piece(0, 4096)], [piece(4096, 8192)], (), id="runs-past-the-end"),
+    pytest.param([piece(0, 4096)], [piece(4096, 4096, shape=[8192])], (), id="another-full-shape"),
+    pytest.param([piece(0, 4096)], [piece(4096, 4096, dtype=torch.bfloat16)], (), id="another-dtype"),
+    pytest.param([piece(0, 4096)], [WHOLE], (), id="whole-after-pieces"),
+    pytest.param([piece(0, 4096)], [OTHER, *FIX], (), id="a-whole-parameter-twice"),
+    pytest.param([piece(0, 4096)], FIX, (["w#9", "w", 0, SHAPE],), id="listed-but-not-in-the-slab"),
+    pytest.param([piece(0, 4096)], FIX, (["w#4096", "w", 4096, SHAPE],), id="listed-twice"),
+])
+def test_pieces_that_do_not_tile_are_refused_and_nothing_received_changes(first, bad, extra_rows):
+    with AdapterExporter(keep=4) as exporter:
+        receiver = WeightReceiver(exporter.endpoint, "weights", timeout_s=10)
+        try:
+            buckets = Buckets(exporter, receiver)
+            assert [n for n, _ in buckets.send([OTHER, *first], buckets=2)] == ["other"]
+            with pytest.raises(RefitPieceError):
+                buckets.send(bad, buckets=2, extra_rows=extra_rows)
+            buckets.index = 1  # the same bucket again, right this time: the refused one left no trace
+            ((name, got),) = buckets.send(FIX if first else [piece(0, 4096), piece(4096, 4096)], buckets=2)
+            assert name == "w" and bitwise_equal(got, FULL.view(64, 128))
+            assert receiver.end() == 2
+        finally:
+            receiver.close()
+
+
+def test_an_update_is_complete_only_when_every_element_arrived_exactly_once():
+    with AdapterExporter(keep=4) as exporter:
+        receiver = WeightReceiver(exporter.endpoint, "weights", timeout_s=10)
+        try:
+            buckets = Buckets(exporter, receiver)  # a gap: [2048, 4096) never arrives
+            assert buckets.send([piece(0, 2048)], buckets=2) == []
+            assert buckets.send([piece(4096, 4096)], buckets=2) == []
+            with pytest.raises(RefitError, match="missing pieces"):
+                receiver.end()
+            receiver.begin()
+            buckets.index = 0  # pieces in any order that tile the parameter complete it, bitwise
+            assert [n for n, _ in buckets.send([piece(6000, 2192), OTHER, piece(0, 1000)], buckets=2)] == ["other"]
+            ((name, got),) = buckets.send([piece(1000, 5000)], buckets=2)
+            assert name == "w" and bitwise_equal(got, FULL.view(64, 128))
+            assert receiver.end() == 2
+        finally:
+            receiver.close()
 
 
 class RecordingClient:
