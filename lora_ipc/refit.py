@@ -438,8 +438,8 @@ class WeightReceiver:
         """Check the update was complete; returns how many buckets it had."""
         received, total, partial = self._buckets, self._total, sorted(self._partial)
         self.begin()
-        if received != total:
-            raise RefitError(f"the update ended after {received} of {total} buckets")
+        if received == 0 or received != total:
+            raise RefitError(f"the update ended after {received} of {total or 'its'} buckets")
         if partial:
             raise RefitError(f"the update ended with parameters missing pieces: {partial[:5]}")
         return received
