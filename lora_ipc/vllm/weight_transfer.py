@@ -212,7 +212,7 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
     def init_transfer_engine(self, init_info: LoraIpcInitInfo) -> None:
         with self._cond:
             if self._open is not None:  # the previous trainer's update will never finish: a new trainer took over
-                self._roll_back(self._open, "a trainer called init_weight_transfer_engine during it")
+                self._discard_open("a trainer called init_weight_transfer_engine during it")
                 self._end_session()
             if self._receiver is not None:
                 self._receiver.close()
@@ -229,7 +229,7 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
         with self._cond:
             receiver = self._require_receiver()
             if self._open is not None:  # vLLM let a start through: its own session ended (e.g. Ctrl-C mid-bucket)
-                self._roll_back(self._open, "a new update started")
+                self._discard_open("a new update started")
             receiver.begin()
             self._open = _Update(deadline=time.monotonic() + self._info.idle_timeout_s)
             if self._reaper is None:
@@ -326,6 +326,12 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
         log.warning("lora_ipc weight update %s rolled back after %d of %d buckets: %s",
                     update.update, update.buckets, update.total, reason)
 
+    def _discard_open(self, reason: str) -> None:
+        """Roll back the open update unless the reaper already did. Caller holds ``_cond``."""
+        if self._open is not None and self._open.expired is None:
+            self._roll_back(self._open, reason)
+        self._open = None
+
     def _end_session(self) -> None:
         """End vLLM's update session on this worker, so the next ``start_weight_update`` is accepted."""
         worker = self._worker() if self._worker is not None else None
@@ -357,8 +363,7 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
     def shutdown(self) -> None:
         with self._cond:
             if self._open is not None:
-                self._roll_back(self._open, "the weight transfer engine was shut down")
-                self._open = None
+                self._discard_open("the weight transfer engine was shut down")
             self._reaper = None
             self._cond.notify_all()
             if self._receiver is not None:
@@ -414,8 +419,12 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
         params = [(m.name, m.dtype, tuple(m.shape)) for m in self.source.metadata()]
         try:
             self.client.start_weight_update()
-        except Exception as exc:
-            raise refit_error(exc) from exc
+        except Exception as exc:  # vLLM refuses a start while an update is open: one this trainer left
+            self._abandon()       # unfinished (e.g. Ctrl-C inside send_weights). End it, then start once more.
+            try:
+                self.client.start_weight_update()
+            except Exception:
+                raise refit_error(exc) from exc
         try:
             self.sender.send(params, iter(self.source), lambda ref: self.client.update_weights(asdict(ref)))
             self.client.finish_weight_update(weight_version)
