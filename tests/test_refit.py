@@ -280,3 +280,63 @@ def test_trainer_engine_through_vllms_factory_json_payloads_and_non_sender_ranks
                                                       source=CountingSource(model))
     rank1.send_weights()  # joins the source's iteration (collectives), never the control plane
     assert other.calls == [] and CountingSource.iterations == 1
+
+
+def test_controller_errors_are_typed_a_failed_update_is_ended_and_ctrl_c_stays_ctrl_c():
+    pytest.importorskip("vllm")
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from lora_ipc.refit import RefitTimeout
+    from lora_ipc.vllm.weight_transfer import LoraIpcTrainerInitInfo, refit_error
+
+    # vLLM hands the worker's error over as text: the name the worker put first gives the type back
+    assert type(refit_error(RuntimeError("Worker failed with error 'RefitTimeout: update 3 ...'"))) is RefitTimeout
+    assert type(refit_error(RuntimeError("RefitPieceError: bucket 2 ..."))) is RefitPieceError
+    assert type(refit_error(ValueError("boom"))) is RefitError
+
+    class Failing(RecordingClient):
+        def __init__(self, exc):
+            super().__init__()
+            self.exc = exc
+
+        def update_weights(self, update_info):
+            self.calls.append("update")
+            raise self.exc
+
+    class LeftOpen(RecordingClient):  # an update this trainer left open: vLLM refuses the next start
+        stale = True
+
+        def start_weight_update(self):
+            if self.stale:
+                raise RuntimeError("start_weight_update called while a weight update is already active")
+            super().start_weight_update()
+
+        def finish_weight_update(self, weight_version=None):
+            if self.stale:
+                self.stale = False
+                self.calls.append("ended")
+                raise RuntimeError("RefitError: the update ended after 1 of 7 buckets")
+            super().finish_weight_update(weight_version)
+
+    model = tiny_llama(0, torch.bfloat16)
+    timeout = Failing(RuntimeError("Worker failed with error 'RefitTimeout: ... rolled back'"))
+    for client, expected in ((timeout, RefitTimeout), (Failing(KeyboardInterrupt()), KeyboardInterrupt),
+                             (LeftOpen(), None)):
+        sender = WeightTransferTrainerFactory.trainer_init(LoraIpcTrainerInitInfo(rank=0, bucket_bytes=BUCKET),
+                                                           client=client, source=ModuleSource(model))
+        try:
+            if expected is None:
+                sender.send_weights(weight_version="v1")
+            else:
+                with pytest.raises(expected):
+                    sender.send_weights()
+        finally:
+            sender.shutdown()
+            client.receiver.close()
+        if expected is RefitTimeout:  # the failed update is ended at once (finish), not left to the idle timeout
+            assert client.calls == ["init", "start", "update", ("finish", None)]
+        elif expected is KeyboardInterrupt:  # not caught, not turned into a RefitError
+            assert client.calls == ["init", "start", "update"]
+        else:
+            assert client.calls[:3] == ["init", "ended", "start"] and client.calls[-1] == ("finish", "v1")
