@@ -345,8 +345,9 @@ class WeightReceiver:
     itself or what arrived before, no parameter twice): a refused bucket changes nothing here.
     """
 
-    def __init__(self, endpoint: str, stream: str, *, timeout_s: float = 60.0):
+    def __init__(self, endpoint: str, stream: str, *, timeout_s: float = 60.0, max_update_bytes: int | None = None):
         self.stream = stream
+        self.max_update_bytes = max_update_bytes  # whole parameters returned + split ones allocated, per update
         self.client = AdapterClient(endpoint, timeout_s=timeout_s)
         self._partial: dict[str, _Partial] = {}
         self._complete: set[str] = set()
@@ -358,6 +359,7 @@ class WeightReceiver:
         self._next: tuple[int, int] | None = None  # (update, bucket) expected next
         self._buckets = 0
         self._total = 0
+        self._bytes = 0
 
     def receive(self, ref: BucketRef, device: torch.device | str | None = None) -> list[tuple[str, torch.Tensor]]:
         """The complete parameters in bucket ``ref`` (split ones once their last piece arrived)."""
@@ -374,6 +376,7 @@ class WeightReceiver:
         if adapter.version != ref.version:
             raise RefitError(f"asked for version {ref.version}, got {adapter.version}")
         placed = self._place(ref, adapter.tensors)
+        self._bytes += self._new_bytes(placed, adapter.tensors)
         out: list[tuple[str, torch.Tensor]] = []
         for item in placed:  # checked: nothing below can refuse the bucket half-way
             tensor = adapter.tensors[item.entry]
@@ -394,6 +397,22 @@ class WeightReceiver:
         self._next = (ref.update, ref.bucket + 1)
         self._total = ref.buckets
         return out
+
+    def _new_bytes(self, placed: list[_Placed], tensors: dict[str, torch.Tensor]) -> int:
+        """Bytes this bucket adds to the update (a split parameter counts in full at its first piece);
+        refuses the bucket if that passes ``max_update_bytes``."""
+        new, allocated = 0, set()
+        for item in placed:
+            itemsize = tensors[item.entry].element_size()
+            if not item.piece:
+                new += tensors[item.entry].numel() * itemsize
+            elif item.param not in self._partial and item.param not in allocated:
+                allocated.add(item.param)
+                new += math.prod(item.shape) * itemsize
+        if self.max_update_bytes is not None and self._bytes + new > self.max_update_bytes:
+            raise RefitError(f"the update would hold {self._bytes + new} bytes, over its limit of "
+                             f"{self.max_update_bytes} (max_update_bytes)")
+        return new
 
     def _place(self, ref: BucketRef, tensors: dict[str, torch.Tensor]) -> list[_Placed]:
         """Check every tensor of the bucket against ``ref.pieces`` and what arrived before; change nothing."""

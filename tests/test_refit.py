@@ -214,6 +214,22 @@ def test_an_update_is_complete_only_when_every_element_arrived_exactly_once():
             receiver.close()
 
 
+def test_an_update_past_max_update_bytes_is_refused_before_anything_is_allocated():
+    with AdapterExporter(keep=4) as exporter:
+        receiver = WeightReceiver(exporter.endpoint, "weights", timeout_s=10, max_update_bytes=FULL.numel() * 4 + 64)
+        try:
+            buckets = Buckets(exporter, receiver)  # "other" (64 bytes) + all of "w" (split, counted in full)
+            assert [n for n, _ in buckets.send([OTHER, piece(0, 4096)], buckets=2)] == ["other"]
+            with pytest.raises(RefitError, match="over its limit"):  # one more parameter would pass the limit
+                buckets.send([("more", torch.ones(1), None), *FIX], buckets=2)
+            with pytest.raises(RefitError, match="over its limit"):  # a split parameter claiming 4 GiB
+                buckets.send([("huge#0", torch.ones(16), ["huge#0", "huge", 0, [1 << 30]]), *FIX], buckets=2)
+            ((name, _),) = buckets.send(FIX, buckets=2)
+            assert name == "w" and receiver.end() == 2
+        finally:
+            receiver.close()
+
+
 class RecordingClient:
     """A four-method VLLMWeightSyncClient that checks every payload survives JSON, then hands buckets to
     ``receiver`` as an inference worker would."""

@@ -71,6 +71,7 @@ from .plugin import BACKEND, register_weight_transfer
 log = logging.getLogger("lora_ipc.vllm")
 
 DEFAULT_IDLE_TIMEOUT_S = 300.0
+STAGE_LIMIT_FACTOR = 4  # default cap on what one update stages: this many times the served model's bytes
 _ERROR_NAME = re.compile(r"\b(" + "|".join(REFIT_ERRORS) + r")\b")
 
 
@@ -100,6 +101,7 @@ class LoraIpcInitInfo(WeightTransferInitInfo):
     timeout_s: float = 60.0
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     stage_on_host: bool = False
+    max_update_bytes: int = 0  # 0: STAGE_LIMIT_FACTOR x the served model's parameter and buffer bytes
 
     def __post_init__(self):
         if type(self.endpoint) is not str:
@@ -113,6 +115,8 @@ class LoraIpcInitInfo(WeightTransferInitInfo):
             raise ProtocolError("init info 'idle_timeout_s' must be a number of seconds in (0, 86400]")
         if type(self.stage_on_host) is not bool:
             raise ProtocolError("init info 'stage_on_host' must be a boolean")
+        if type(self.max_update_bytes) is not int or self.max_update_bytes < 0:
+            raise ProtocolError("init info 'max_update_bytes' must be a non-negative integer")
 
 
 @dataclass
@@ -133,6 +137,8 @@ class LoraIpcTrainerInitInfo(TrainerInitInfo):
     before the worker rolls it back on its own (default 300 s).
     ``stage_on_host``: stage received buckets in host memory instead of on the model's device (saves
     up to one model's worth of GPU memory during an update, costs a host round trip).
+    ``max_update_bytes``: the most one update may stage on a worker (default 0: four times the served
+    model's parameter and buffer bytes); an update past it is refused and rolled back.
     """
 
     backend: ClassVar[str] = BACKEND
@@ -142,6 +148,7 @@ class LoraIpcTrainerInitInfo(TrainerInitInfo):
     timeout_s: float = 60.0
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     stage_on_host: bool = False
+    max_update_bytes: int = 0
 
 
 # ---- worker side -----------------------------------------------------------------------------
@@ -159,6 +166,24 @@ class _Update:
     bytes: int = 0
     fetch_s: float = 0.0
     expired: str | None = None  # set when the worker rolled it back on its own (idle timeout)
+
+
+def _load_format_bytes(model: torch.nn.Module) -> int:
+    """The model's bytes in the format ``load_weights`` takes: the shapes vLLM recorded at load time for
+    layerwise reload (kernels may repack weights afterwards, e.g. the CPU backend's oneDNN weights are
+    smaller), or the live tensors, whichever is larger."""
+    live = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    try:
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+    except ImportError:
+        return live
+    recorded = 0
+    for module in model.modules():
+        info = LAYERWISE_INFO.get(module)
+        if info is not None:
+            for tensors in info.restore_metadata:
+                recorded += sum(t.numel() * t.element_size() for t in tensors.values())
+    return max(live, recorded)
 
 
 def _owning_worker() -> weakref.ref | None:
@@ -216,7 +241,9 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
                 self._end_session()
             if self._receiver is not None:
                 self._receiver.close()
-            self._receiver = WeightReceiver(init_info.endpoint, init_info.stream, timeout_s=init_info.timeout_s)
+            limit = init_info.max_update_bytes or STAGE_LIMIT_FACTOR * _load_format_bytes(self.model)
+            self._receiver = WeightReceiver(init_info.endpoint, init_info.stream, timeout_s=init_info.timeout_s,
+                                            max_update_bytes=limit)
             self._info = init_info
         log.info("lora_ipc weight transfer: stream %s at %s", init_info.stream, init_info.endpoint)
 
@@ -397,7 +424,7 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
         try:
             client.init_weight_transfer_engine(asdict(LoraIpcInitInfo(
                 sender.endpoint, sender.stream, float(init_info.timeout_s), float(init_info.idle_timeout_s),
-                bool(init_info.stage_on_host))))
+                bool(init_info.stage_on_host), int(init_info.max_update_bytes))))
         except BaseException:
             sender.close()
             raise
