@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from lora_ipc import ExporterUnavailable, ProtocolError
-from lora_ipc.refit import BucketRef, RefitError, WeightReceiver, WeightSender, plan_buckets
+from lora_ipc import AdapterExporter, ExporterUnavailable, ProtocolError
+from lora_ipc.refit import BucketRef, RefitError, RefitPieceError, WeightReceiver, WeightSender, plan_buckets
 from lora_ipc.tiny import tiny_llama
 
 from . import models
@@ -133,6 +133,103 @@ def test_receiver_refuses_out_of_order_and_incomplete_updates_and_a_gone_trainer
     receiver.close()
 
 
+# ---- pieces must tile their parameter exactly -------------------------------------------------
+
+FULL = torch.arange(8192, dtype=torch.float32)  # one 8,192-element parameter "w", shape (64, 128)
+SHAPE = [64, 128]
+
+
+def piece(start, numel, shape=SHAPE, dtype=torch.float32, entry=None):
+    """A bucket item: (slab entry, tensor, pieces row or None for a whole parameter)."""
+    entry = entry or f"w#{start}"
+    return entry, torch.arange(start, start + numel, dtype=torch.float32).to(dtype), [entry, "w", start, list(shape)]
+
+
+WHOLE = ("w", FULL.view(64, 128).clone(), None)
+FIX = [piece(4096, 4096)]  # completes "w" after a first bucket holding [0, 4096)
+
+
+class Buckets:
+    """Publishes hand-made buckets of one update and hands their refs to a receiver, in order."""
+
+    def __init__(self, exporter, receiver):
+        self.exporter, self.receiver, self.index = exporter, receiver, 0
+
+    def send(self, items, buckets=3, extra_rows=()):
+        tensors = {entry: tensor for entry, tensor, _ in items}
+        version = self.exporter.publish("weights", tensors, {})
+        rows = [row for _, _, row in items if row is not None] + list(extra_rows)
+        out = self.receiver.receive(BucketRef("weights", version, 1, self.index, buckets, rows))
+        self.index += 1
+        return out
+
+
+OTHER = ("other", torch.ones(16), None)
+
+
+@pytest.mark.parametrize("first, bad, extra_rows", [
+    pytest.param([], [piece(0, 4096, entry="w#a"), piece(0, 4096, entry="w#b")], (), id="two-pieces-at-offset-0"),
+    pytest.param([piece(0, 4096)], [piece(2048, 4096)], (), id="overlaps-an-earlier-bucket"),
+    pytest.param([piece(0, 4096)], [piece(0, 4096)], (), id="same-piece-again"),
+    pytest.param([piece(0, 4096)], [piece(4096, 8192)], (), id="runs-past-the-end"),
+    pytest.param([piece(0, 4096)], [piece(4096, 4096, shape=[8192])], (), id="another-full-shape"),
+    pytest.param([piece(0, 4096)], [piece(4096, 4096, dtype=torch.bfloat16)], (), id="another-dtype"),
+    pytest.param([piece(0, 4096)], [WHOLE], (), id="whole-after-pieces"),
+    pytest.param([piece(0, 4096)], [OTHER, *FIX], (), id="a-whole-parameter-twice"),
+    pytest.param([piece(0, 4096)], FIX, (["w#9", "w", 0, SHAPE],), id="listed-but-not-in-the-slab"),
+    pytest.param([piece(0, 4096)], FIX, (["w#4096", "w", 4096, SHAPE],), id="listed-twice"),
+])
+def test_pieces_that_do_not_tile_are_refused_and_nothing_received_changes(first, bad, extra_rows):
+    with AdapterExporter(keep=4) as exporter:
+        receiver = WeightReceiver(exporter.endpoint, "weights", timeout_s=10)
+        try:
+            buckets = Buckets(exporter, receiver)
+            assert [n for n, _ in buckets.send([OTHER, *first], buckets=2)] == ["other"]
+            with pytest.raises(RefitPieceError):
+                buckets.send(bad, buckets=2, extra_rows=extra_rows)
+            buckets.index = 1  # the same bucket again, right this time: the refused one left no trace
+            ((name, got),) = buckets.send(FIX if first else [piece(0, 4096), piece(4096, 4096)], buckets=2)
+            assert name == "w" and bitwise_equal(got, FULL.view(64, 128))
+            assert receiver.end() == 2
+        finally:
+            receiver.close()
+
+
+def test_an_update_is_complete_only_when_every_element_arrived_exactly_once():
+    with AdapterExporter(keep=4) as exporter:
+        receiver = WeightReceiver(exporter.endpoint, "weights", timeout_s=10)
+        try:
+            buckets = Buckets(exporter, receiver)  # a gap: [2048, 4096) never arrives
+            assert buckets.send([piece(0, 2048)], buckets=2) == []
+            assert buckets.send([piece(4096, 4096)], buckets=2) == []
+            with pytest.raises(RefitError, match="missing pieces"):
+                receiver.end()
+            receiver.begin()
+            buckets.index = 0  # pieces in any order that tile the parameter complete it, bitwise
+            assert [n for n, _ in buckets.send([piece(6000, 2192), OTHER, piece(0, 1000)], buckets=2)] == ["other"]
+            ((name, got),) = buckets.send([piece(1000, 5000)], buckets=2)
+            assert name == "w" and bitwise_equal(got, FULL.view(64, 128))
+            assert receiver.end() == 2
+        finally:
+            receiver.close()
+
+
+def test_an_update_past_max_update_bytes_is_refused_before_anything_is_allocated():
+    with AdapterExporter(keep=4) as exporter:
+        receiver = WeightReceiver(exporter.endpoint, "weights", timeout_s=10, max_update_bytes=FULL.numel() * 4 + 64)
+        try:
+            buckets = Buckets(exporter, receiver)  # "other" (64 bytes) + all of "w" (split, counted in full)
+            assert [n for n, _ in buckets.send([OTHER, piece(0, 4096)], buckets=2)] == ["other"]
+            with pytest.raises(RefitError, match="over its limit"):  # one more parameter would pass the limit
+                buckets.send([("more", torch.ones(1), None), *FIX], buckets=2)
+            with pytest.raises(RefitError, match="over its limit"):  # a split parameter claiming 4 GiB
+                buckets.send([("huge#0", torch.ones(16), ["huge#0", "huge", 0, [1 << 30]]), *FIX], buckets=2)
+            ((name, _),) = buckets.send(FIX, buckets=2)
+            assert name == "w" and receiver.end() == 2
+        finally:
+            receiver.close()
+
+
 class RecordingClient:
     """A four-method VLLMWeightSyncClient that checks every payload survives JSON, then hands buckets to
     ``receiver`` as an inference worker would."""
@@ -199,3 +296,63 @@ def test_trainer_engine_through_vllms_factory_json_payloads_and_non_sender_ranks
                                                       source=CountingSource(model))
     rank1.send_weights()  # joins the source's iteration (collectives), never the control plane
     assert other.calls == [] and CountingSource.iterations == 1
+
+
+def test_controller_errors_are_typed_a_failed_update_is_ended_and_ctrl_c_stays_ctrl_c():
+    pytest.importorskip("vllm")
+    from vllm.distributed.weight_transfer.base import ModuleSource
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from lora_ipc.refit import RefitTimeout
+    from lora_ipc.vllm.weight_transfer import LoraIpcTrainerInitInfo, refit_error
+
+    # vLLM hands the worker's error over as text: the name the worker put first gives the type back
+    assert type(refit_error(RuntimeError("Worker failed with error 'RefitTimeout: update 3 ...'"))) is RefitTimeout
+    assert type(refit_error(RuntimeError("RefitPieceError: bucket 2 ..."))) is RefitPieceError
+    assert type(refit_error(ValueError("boom"))) is RefitError
+
+    class Failing(RecordingClient):
+        def __init__(self, exc):
+            super().__init__()
+            self.exc = exc
+
+        def update_weights(self, update_info):
+            self.calls.append("update")
+            raise self.exc
+
+    class LeftOpen(RecordingClient):  # an update this trainer left open: vLLM refuses the next start
+        stale = True
+
+        def start_weight_update(self):
+            if self.stale:
+                raise RuntimeError("start_weight_update called while a weight update is already active")
+            super().start_weight_update()
+
+        def finish_weight_update(self, weight_version=None):
+            if self.stale:
+                self.stale = False
+                self.calls.append("ended")
+                raise RuntimeError("RefitError: the update ended after 1 of 7 buckets")
+            super().finish_weight_update(weight_version)
+
+    model = tiny_llama(0, torch.bfloat16)
+    timeout = Failing(RuntimeError("Worker failed with error 'RefitTimeout: ... rolled back'"))
+    for client, expected in ((timeout, RefitTimeout), (Failing(KeyboardInterrupt()), KeyboardInterrupt),
+                             (LeftOpen(), None)):
+        sender = WeightTransferTrainerFactory.trainer_init(LoraIpcTrainerInitInfo(rank=0, bucket_bytes=BUCKET),
+                                                           client=client, source=ModuleSource(model))
+        try:
+            if expected is None:
+                sender.send_weights(weight_version="v1")
+            else:
+                with pytest.raises(expected):
+                    sender.send_weights()
+        finally:
+            sender.shutdown()
+            client.receiver.close()
+        if expected is RefitTimeout:  # the failed update is ended at once (finish), not left to the idle timeout
+            assert client.calls == ["init", "start", "update", ("finish", None)]
+        elif expected is KeyboardInterrupt:  # not caught, not turned into a RefitError
+            assert client.calls == ["init", "start", "update"]
+        else:
+            assert client.calls[:3] == ["init", "ended", "start"] and client.calls[-1] == ("finish", "v1")

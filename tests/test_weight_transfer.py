@@ -156,6 +156,7 @@ def test_trainer_gone_mid_stream_fails_within_the_timeout_then_a_new_trainer_rec
         llm, trainer, client, reference, refits, progress, tmp_path):
     step = progress["step"] + 1
     version_before = llm.get_weight_version()
+    before = engine.generate(llm)
     failure = {}
 
     def kill_before_second_bucket(method, *args):
@@ -174,7 +175,7 @@ def test_trainer_gone_mid_stream_fails_within_the_timeout_then_a_new_trainer_rec
     assert "no reply" in failure["error"] and "bucket 2 of" in failure["error"], failure
     assert failure["seconds"] < 60  # INIT's timeout_s is 5 s: an error, not a hang
     assert llm.get_weight_version() == version_before  # finish never ran
-    assert len(engine.generate(llm)[0]) == 12  # the engine keeps serving (weights mixed until the next update)
+    assert engine.generate(llm) == before  # rolled back: the complete old weights, not a mix
 
     fresh = RefitTrainerProcess()
     try:
@@ -187,6 +188,122 @@ def test_trainer_gone_mid_stream_fails_within_the_timeout_then_a_new_trainer_rec
         assert engine.generate(llm) == reference(path)
     finally:
         fresh.close()
+    progress["step"] = step
+
+
+IDLE = 3.0  # idle_timeout_s of the updates cut short below
+
+
+def rollbacks(llm) -> int:
+    return llm.collective_rpc("lora_ipc_refit_stats")[0].get("rollbacks", 0)
+
+
+def wait_for_rollback(llm, count: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while rollbacks(llm) <= count:
+        assert time.monotonic() < deadline, "the worker did not roll the idle update back"
+        time.sleep(0.2)
+
+
+def resumed_trainer(step: int) -> RefitTrainerProcess:
+    """A trainer whose model went through steps 1..step-1 (nothing sent), as after a restart from a checkpoint."""
+    proc = RefitTrainerProcess()
+    for s in range(1, step):
+        proc.call("step", s, False, None, None)
+    return proc
+
+
+def test_a_dead_trainers_update_is_rolled_back_to_the_exact_old_weights_and_the_next_refit_works(
+        llm, client, reference, progress, tmp_path):
+    """Issue 15: bucket 1 of n delivered, then the trainer dies and nobody calls again."""
+    step = progress["step"] + 1
+    before, version, count = engine.generate(llm), llm.get_weight_version(), rollbacks(llm)
+    dying = resumed_trainer(step)
+    try:
+        dying.call("init", "pipe", None, {**INIT, "idle_timeout_s": IDLE}, handler=serve(client))
+
+        def die_after_first_bucket(method, *args):
+            if method == "update_weights" and args[0]["bucket"] == 1:
+                dying.kill()
+                return
+            getattr(client, method)(*args)
+
+        with pytest.raises(ProcessLookupError):
+            dying.call("step", step, True, None, "never", handler=die_after_first_bucket)
+    finally:
+        dying.close()
+    assert engine.generate(llm) == before  # the update is still open: the model was not touched
+    wait_for_rollback(llm, count)
+    assert engine.generate(llm) == before and llm.get_weight_version() == version
+    stats = llm.collective_rpc("lora_ipc_refit_stats")[0]
+    assert stats["last_rollback"]["buckets"] == 1 and stats["last_rollback"]["of"] > 1, stats
+
+    fresh = resumed_trainer(step)  # the documented recovery: trainer_init, then send_weights
+    try:
+        fresh.call("init", "pipe", None, INIT, handler=serve(client))
+        path = str(tmp_path / f"step{step}")
+        fresh.call("step", step, True, path, f"step-{step}", handler=serve(client))
+        assert llm.get_weight_version() == f"step-{step}"
+        assert engine.generate(llm) == reference(path) != before
+    finally:
+        fresh.close()
+    progress["step"] = step
+
+
+def test_a_late_trainer_gets_refit_timeout_and_its_next_refit_works(llm, client, reference, progress, tmp_path):
+    """The trainer stalls past idle_timeout_s between two buckets: its next call is a RefitTimeout, the engine
+    kept the complete old weights, and the same trainer's next send_weights (no new trainer_init) works."""
+    from lora_ipc.refit import RefitTimeout
+
+    step = progress["step"] + 1
+    before, count = engine.generate(llm), rollbacks(llm)
+    slow = resumed_trainer(step)
+    try:
+        slow.call("init", "pipe", None, {**INIT, "idle_timeout_s": IDLE}, handler=serve(client))
+
+        def stall_before_second_bucket(method, *args):
+            if method == "update_weights" and args[0]["bucket"] == 1:
+                wait_for_rollback(llm, count)
+            getattr(client, method)(*args)
+
+        with pytest.raises(RefitTimeout, match="rolled back"):
+            slow.call("step", step, True, None, "never", handler=stall_before_second_bucket)
+        assert engine.generate(llm) == before
+        progress["step"] = step
+        step += 1
+        path = str(tmp_path / f"step{step}")
+        slow.call("step", step, True, path, f"step-{step}", handler=serve(client))
+        assert llm.get_weight_version() == f"step-{step}"
+        assert engine.generate(llm) == reference(path) != before
+        progress["step"] = step
+    finally:
+        slow.close()
+
+
+def test_an_engine_refuses_overlapping_pieces_and_keeps_its_weights(llm, client):
+    """Issue 15: two pieces at offset 0 of one parameter used to count as complete (half of it never written)."""
+    from dataclasses import asdict
+
+    from lora_ipc.refit import BucketRef, RefitError, RefitPieceError
+    from lora_ipc.vllm.weight_transfer import LoraIpcInitInfo
+
+    name, param = next((n, p) for n, p in tiny_llama(0, torch.bfloat16).named_parameters() if p.dim() == 2)
+    half = param.numel() // 2
+    flat = param.detach().reshape(-1)
+    before = engine.generate(llm)
+    with AdapterExporter() as exporter:
+        version = exporter.publish("bad", {f"{name}#a": flat[:half].clone(), f"{name}#b": flat[half:].clone()}, {})
+        client.init_weight_transfer_engine(asdict(LoraIpcInitInfo(exporter.endpoint, "bad", 5.0)))
+        client.start_weight_update()
+        shape = list(param.shape)
+        ref = BucketRef("bad", version, 1, 0, 1, [[f"{name}#a", name, 0, shape], [f"{name}#b", name, 0, shape]])
+        with pytest.raises(RefitPieceError, match="overlap"):
+            client.update_weights(asdict(ref))
+        assert engine.generate(llm) == before
+        client.start_weight_update()  # the refused bucket ended the update; a new one starts
+        with pytest.raises(RefitError, match="0 of"):
+            client.finish_weight_update()
+        assert engine.generate(llm) == before
 
 
 def test_openai_server_refit_through_the_rl_routes(model_dir, refits, tmp_path_factory):

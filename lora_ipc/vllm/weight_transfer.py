@@ -18,11 +18,14 @@ backend in every vLLM process). Trainer::
 routes without ``VLLM_ALLOW_INSECURE_SERIALIZATION``. The bytes go through lora_ipc slabs (shared
 memory on CPU, CUDA IPC on GPU), see :mod:`lora_ipc.refit`.
 
-Failure: if a bucket cannot be fetched (trainer gone: no reply within ``timeout_s``), the worker
-finalizes vLLM's layerwise reload so every layer is materialized again and raises. The model then
-holds the new weights for the layers that were complete, the old ones for layers no bucket reached,
-and unspecified values for a layer cut mid-way: do not trust its outputs until a complete update has
-finished (re-run ``trainer_init`` from a live trainer, then ``send_weights``).
+Atomic updates: a worker stages the buckets of an update in memory it owns and touches the model
+only in ``finish_weight_update``, which applies the whole update through vLLM's layerwise reload.
+Until then the engine serves the previous weights, unchanged. An update that fails (a bucket that
+cannot be fetched or is refused) or goes ``idle_timeout_s`` without a call (the trainer died) is
+rolled back by the worker: the staged tensors are dropped, the model is never touched, the late
+caller gets :class:`~lora_ipc.refit.RefitTimeout`, and the next ``trainer_init`` + ``send_weights``
+works. Cost: up to one checkpoint-format copy of the model, held from the first bucket to ``finish``
+(on the model's device, or in host memory with ``stage_on_host``). See docs/refit-recovery.md.
 
 LoRA: vLLM's ``finish_weight_update`` removes every loaded adapter (``reset_lora_state``). Requests
 that name a ``lora-ipc://`` adapter load it again on first use (the exporter must still serve that
@@ -31,9 +34,14 @@ version); adapters added with ``add_lora`` must be re-added after each refit.
 
 from __future__ import annotations
 
+import collections
 import logging
+import re
+import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+import weakref
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -49,10 +57,36 @@ from vllm.distributed.weight_transfer.base import (
 
 from ..endpoint import ipc_path
 from ..errors import ProtocolError
-from ..refit import DEFAULT_BUCKET_BYTES, BucketRef, RefitError, WeightReceiver, WeightSender
+from ..refit import (
+    DEFAULT_BUCKET_BYTES,
+    REFIT_ERRORS,
+    BucketRef,
+    RefitError,
+    RefitTimeout,
+    WeightReceiver,
+    WeightSender,
+)
 from .plugin import BACKEND, register_weight_transfer
 
 log = logging.getLogger("lora_ipc.vllm")
+
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+STAGE_LIMIT_FACTOR = 4  # default cap on what one update stages: this many times the served model's bytes
+_ERROR_NAME = re.compile(r"\b(" + "|".join(REFIT_ERRORS) + r")\b")
+
+
+def refit_error(exc: Exception) -> RefitError:
+    """``exc`` as a :class:`RefitError`. vLLM hands a worker's error to the controller as text; the
+    lora_ipc error named first in that text (the worker starts every message with its type) gives the type."""
+    if isinstance(exc, RefitError):
+        return exc
+    text = f"{type(exc).__name__}: {exc}"
+    match = _ERROR_NAME.search(text)
+    return (REFIT_ERRORS[match.group(1)] if match else RefitError)(text)
+
+
+def _named(cls: type[RefitError], message: str) -> RefitError:
+    return cls(f"{cls.__name__}: {message}")
 
 
 # ---- init / update info ----------------------------------------------------------------------
@@ -65,6 +99,9 @@ class LoraIpcInitInfo(WeightTransferInitInfo):
     endpoint: str
     stream: str
     timeout_s: float = 60.0
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    stage_on_host: bool = False
+    max_update_bytes: int = 0  # 0: STAGE_LIMIT_FACTOR x the served model's parameter and buffer bytes
 
     def __post_init__(self):
         if type(self.endpoint) is not str:
@@ -74,6 +111,12 @@ class LoraIpcInitInfo(WeightTransferInitInfo):
             raise ProtocolError("init info 'stream' must be a non-empty string")
         if type(self.timeout_s) not in (int, float) or not 0 < self.timeout_s <= 3600:
             raise ProtocolError("init info 'timeout_s' must be a number of seconds in (0, 3600]")
+        if type(self.idle_timeout_s) not in (int, float) or not 0 < self.idle_timeout_s <= 86400:
+            raise ProtocolError("init info 'idle_timeout_s' must be a number of seconds in (0, 86400]")
+        if type(self.stage_on_host) is not bool:
+            raise ProtocolError("init info 'stage_on_host' must be a boolean")
+        if type(self.max_update_bytes) is not int or self.max_update_bytes < 0:
+            raise ProtocolError("init info 'max_update_bytes' must be a non-negative integer")
 
 
 @dataclass
@@ -89,7 +132,13 @@ class LoraIpcTrainerInitInfo(TrainerInitInfo):
     private socket). ``bucket_bytes``: slab size per bucket (default 256 MiB; fewer, larger buckets mean
     fewer ``load_weights`` calls, each with a fixed cost in vLLM); a parameter larger than this is split.
     ``device``: where slabs live (default where the parameters are: CUDA IPC for GPU parameters).
-    ``timeout_s``: how long a worker waits for the trainer before it fails the update.
+    ``timeout_s``: how long a worker waits for one bucket's fetch before it fails the update.
+    ``idle_timeout_s``: how long a started update may go without a call (start, a bucket, finish)
+    before the worker rolls it back on its own (default 300 s).
+    ``stage_on_host``: stage received buckets in host memory instead of on the model's device (saves
+    up to one model's worth of GPU memory during an update, costs a host round trip).
+    ``max_update_bytes``: the most one update may stage on a worker (default 0: four times the served
+    model's parameter and buffer bytes); an update past it is refused and rolled back.
     """
 
     backend: ClassVar[str] = BACKEND
@@ -97,22 +146,87 @@ class LoraIpcTrainerInitInfo(TrainerInitInfo):
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     device: str | None = None
     timeout_s: float = 60.0
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    stage_on_host: bool = False
+    max_update_bytes: int = 0
 
 
 # ---- worker side -----------------------------------------------------------------------------
 
 
+@dataclass
+class _Update:
+    """One open update on this worker: what arrived so far, staged until ``finish`` applies it."""
+
+    deadline: float
+    staged: list = field(default_factory=list)  # (name, owned tensor) in arrival order
+    update: int = 0
+    buckets: int = 0
+    total: int = 0
+    bytes: int = 0
+    fetch_s: float = 0.0
+    expired: str | None = None  # set when the worker rolled it back on its own (idle timeout)
+
+
+def _load_format_bytes(model: torch.nn.Module) -> int:
+    """The model's bytes in the format ``load_weights`` takes: the shapes vLLM recorded at load time for
+    layerwise reload (kernels may repack weights afterwards, e.g. the CPU backend's oneDNN weights are
+    smaller), or the live tensors, whichever is larger."""
+    live = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    try:
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+    except ImportError:
+        return live
+    recorded = 0
+    for module in model.modules():
+        info = LAYERWISE_INFO.get(module)
+        if info is not None:
+            for tensors in info.restore_metadata:
+                recorded += sum(t.numel() * t.element_size() for t in tensors.values())
+    return max(live, recorded)
+
+
+def _owning_worker() -> weakref.ref | None:
+    """The vLLM worker constructing this engine (``Worker.load_model`` calls the factory), found on the stack.
+
+    Needed for one field: vLLM ends its update session only when ``update_weights`` raises or
+    ``finish_weight_update`` returns, so an update abandoned by a dead trainer, or one whose ``finish``
+    failed, would keep refusing ``start_weight_update`` forever. The engine ends it (see ``_end_session``).
+    """
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            break
+        owner = frame.f_locals.get("self")
+        if owner is not None and hasattr(owner, "_weight_update_active") and hasattr(owner, "model_runner"):
+            try:
+                return weakref.ref(owner)
+            except TypeError:
+                return None
+        frame = frame.f_back
+    return None
+
+
 class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcUpdateInfo]):
-    """Worker side: each ``update_weights`` call fetches one bucket into owned memory and loads it."""
+    """Worker side: ``update_weights`` fetches one bucket into owned memory and stages it; ``finish``
+    applies the whole update to the model at once. An update that fails, or goes ``idle_timeout_s``
+    without a call, is rolled back: staged tensors dropped, the model untouched."""
 
     init_info_cls = LoraIpcInitInfo
     update_info_cls = LoraIpcUpdateInfo
 
     def __init__(self, config, vllm_config, device: torch.device, model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
+        self._worker = _owning_worker()
+        if self._worker is None:
+            log.warning("lora_ipc weight transfer: vLLM's worker was not found; an abandoned update will keep "
+                        "vLLM refusing start_weight_update until update_weights or finish_weight_update is called")
+        self._cond = threading.Condition()  # guards everything below; the reaper waits on it
         self._receiver: WeightReceiver | None = None
-        self._timing = {"fetch_s": 0.0, "load_s": 0.0, "bytes": 0}
-        self.last_update: dict = {}  # the last complete update: buckets, bytes, fetch/load/finalize ms
+        self._info: LoraIpcInitInfo | None = None
+        self._open: _Update | None = None
+        self._reaper: threading.Thread | None = None
+        self.last_update: dict = {"rollbacks": 0}  # the last complete update, plus rollbacks so far
 
     def parse_init_info(self, init_dict: dict[str, Any]) -> LoraIpcInitInfo:
         try:
@@ -121,64 +235,167 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
             raise ValueError(f"invalid lora_ipc init_info: {exc}") from None
 
     def init_transfer_engine(self, init_info: LoraIpcInitInfo) -> None:
-        if self._receiver is not None:
-            self._receiver.close()
-        self._receiver = WeightReceiver(init_info.endpoint, init_info.stream, timeout_s=init_info.timeout_s)
+        with self._cond:
+            if self._open is not None:  # the previous trainer's update will never finish: a new trainer took over
+                self._discard_open("a trainer called init_weight_transfer_engine during it")
+                self._end_session()
+            if self._receiver is not None:
+                self._receiver.close()
+            limit = init_info.max_update_bytes or STAGE_LIMIT_FACTOR * _load_format_bytes(self.model)
+            self._receiver = WeightReceiver(init_info.endpoint, init_info.stream, timeout_s=init_info.timeout_s,
+                                            max_update_bytes=limit)
+            self._info = init_info
         log.info("lora_ipc weight transfer: stream %s at %s", init_info.stream, init_info.endpoint)
 
     def _require_receiver(self) -> WeightReceiver:
-        if self._receiver is None:
-            raise RefitError("init_weight_transfer_engine was not called (the trainer's trainer_init does it)")
+        if self._receiver is None or self._info is None:
+            raise _named(RefitError, "init_weight_transfer_engine was not called (the trainer's trainer_init does it)")
         return self._receiver
 
     def start_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-
-        self._require_receiver().begin()
-        self._timing = {"fetch_s": 0.0, "load_s": 0.0, "bytes": 0}
-        initialize_layerwise_reload(self.model)
+        with self._cond:
+            receiver = self._require_receiver()
+            if self._open is not None:  # vLLM let a start through: its own session ended (e.g. Ctrl-C mid-bucket)
+                self._discard_open("a new update started")
+            receiver.begin()
+            self._open = _Update(deadline=time.monotonic() + self._info.idle_timeout_s)
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="lora-ipc-refit-reaper", daemon=True)
+                self._reaper.start()
+            self._cond.notify_all()
 
     def receive_weights(self, update_info: LoraIpcUpdateInfo) -> None:
-        receiver = self._require_receiver()
-        try:
-            started = time.perf_counter()
-            weights = receiver.receive(update_info, self.device)
-            fetched = time.perf_counter()
-            from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
-
-            with disable_mtp_completeness_check():
-                self.model.load_weights(weights)
-            self._timing["fetch_s"] += fetched - started
-            self._timing["load_s"] += time.perf_counter() - fetched
-            self._timing["bytes"] += sum(t.numel() * t.element_size() for _, t in weights)
-        except BaseException as exc:
-            self._finalize()
-            receiver.begin()
-            raise RefitError(
-                f"lora_ipc weight update {update_info.update} failed at bucket {update_info.bucket + 1} of "
-                f"{update_info.buckets}: {type(exc).__name__}: {exc}. The model now mixes new and old weights; "
-                "run a complete update before trusting its outputs") from exc
+        with self._cond:
+            update = self._open
+            if update is None:
+                raise _named(RefitError, "no lora_ipc update is open on this worker (call start_weight_update)")
+            if update.expired is not None:  # vLLM ends its session when this raises
+                self._open = None
+                raise _named(RefitTimeout, update.expired)
+            receiver = self._require_receiver()
+            try:
+                started = time.perf_counter()
+                weights = receiver.receive(update_info, "cpu" if self._info.stage_on_host else self.device)
+                update.fetch_s += time.perf_counter() - started
+            except Exception as exc:
+                self._roll_back(update, f"bucket {update_info.bucket + 1} of {update_info.buckets} failed")
+                self._open = None
+                cls = type(exc) if isinstance(exc, RefitError) else RefitError
+                raise _named(cls, f"lora_ipc weight update {update_info.update} failed at bucket "
+                                  f"{update_info.bucket + 1} of {update_info.buckets}: {type(exc).__name__}: {exc}. "
+                                  "Rolled back: the engine serves the weights of the last complete update") from exc
+            update.staged.extend(weights)
+            update.bytes += sum(t.numel() * t.element_size() for _, t in weights)
+            update.update, update.buckets, update.total = update_info.update, update.buckets + 1, update_info.buckets
+            update.deadline = time.monotonic() + self._info.idle_timeout_s
+            self._cond.notify_all()
 
     def finish_weight_update(self) -> None:
+        with self._cond:
+            update, self._open = self._open, None
+            try:
+                if update is None:
+                    raise _named(RefitError, "no lora_ipc update is open on this worker")
+                if update.expired is not None:
+                    raise _named(RefitTimeout, update.expired)
+                try:
+                    self._require_receiver().end()
+                except RefitError as exc:
+                    self._roll_back(update, str(exc))
+                    raise _named(type(exc), f"{exc}. Rolled back: the engine serves the weights of the last "
+                                            "complete update") from exc
+                self._apply(update)
+            except Exception:
+                self._end_session()  # vLLM ends its session only when finish returns
+                raise
+
+    def _apply(self, update: _Update) -> None:
+        """Load every staged tensor inside one layerwise reload; finalize always runs (nothing stays on meta)."""
+        from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+        staged = collections.deque(update.staged)
+        update.staged = []
+
+        def drain():  # hands each tensor over once: vLLM drops it after its layer is processed
+            while staged:
+                yield staged.popleft()
+
         started = time.perf_counter()
+        failure: Exception | None = None
+        initialize_layerwise_reload(self.model)
         try:
-            buckets = self._require_receiver().end()
+            with disable_mtp_completeness_check():
+                self.model.load_weights(drain())
+        except Exception as exc:
+            failure = exc
         finally:
-            self._finalize()
-        t = self._timing
-        self.last_update = {"buckets": buckets, "bytes": t["bytes"], "fetch_ms": t["fetch_s"] * 1e3,
-                            "load_weights_ms": t["load_s"] * 1e3, "finalize_ms": (time.perf_counter() - started) * 1e3}
+            loaded = time.perf_counter()
+            staged.clear()
+            finalize_layerwise_reload(self.model, self.model_config)
+        if failure is not None:
+            raise _named(RefitError, f"the model refused lora_ipc weight update {update.update} "
+                                     f"({type(failure).__name__}: {failure}); layers loaded before the refused "
+                                     "tensor hold the new weights: send a complete, matching update") from failure
+        self.last_update.update(
+            buckets=update.buckets, bytes=update.bytes, fetch_ms=update.fetch_s * 1e3,
+            load_weights_ms=(loaded - started) * 1e3, finalize_ms=(time.perf_counter() - loaded) * 1e3)
         log.info("lora_ipc weight update complete: %s", self.last_update)
 
-    def _finalize(self) -> None:
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+    def _roll_back(self, update: _Update, reason: str) -> None:
+        """Drop what ``update`` staged (the model was never touched). Caller holds ``_cond``."""
+        update.staged = []
+        if self._receiver is not None:
+            self._receiver.begin()
+        self.last_update["rollbacks"] = self.last_update.get("rollbacks", 0) + 1
+        self.last_update["last_rollback"] = {"update": update.update, "buckets": update.buckets,
+                                             "of": update.total, "reason": reason}
+        log.warning("lora_ipc weight update %s rolled back after %d of %d buckets: %s",
+                    update.update, update.buckets, update.total, reason)
 
-        finalize_layerwise_reload(self.model, self.model_config)
+    def _discard_open(self, reason: str) -> None:
+        """Roll back the open update unless the reaper already did. Caller holds ``_cond``."""
+        if self._open is not None and self._open.expired is None:
+            self._roll_back(self._open, reason)
+        self._open = None
+
+    def _end_session(self) -> None:
+        """End vLLM's update session on this worker, so the next ``start_weight_update`` is accepted."""
+        worker = self._worker() if self._worker is not None else None
+        if worker is not None:
+            worker._weight_update_active = False
+        self.reset_weight_update_target()
+
+    def _reap(self) -> None:
+        """Rolls back an open update once it has gone ``idle_timeout_s`` without a call. It keeps vLLM's
+        session open, so the late trainer's next call gets ``RefitTimeout`` (and ends it), and a new
+        trainer's ``init_weight_transfer_engine`` ends it too."""
+        me = threading.current_thread()
+        with self._cond:
+            while self._reaper is me:
+                update = self._open
+                if update is None or update.expired is not None:
+                    self._cond.wait()
+                    continue
+                left = update.deadline - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                idle = self._info.idle_timeout_s if self._info is not None else 0.0
+                update.expired = (f"lora_ipc weight update {update.update} got no call for {idle:g} s after "
+                                  f"{update.buckets} of {update.total or '?'} buckets and was rolled back: the "
+                                  "engine serves the weights of the last complete update")
+                self._roll_back(update, f"idle for {idle:g} s")
 
     def shutdown(self) -> None:
-        if self._receiver is not None:
-            self._receiver.close()
-            self._receiver = None
+        with self._cond:
+            if self._open is not None:
+                self._discard_open("the weight transfer engine was shut down")
+            self._reaper = None
+            self._cond.notify_all()
+            if self._receiver is not None:
+                self._receiver.close()
+                self._receiver = None
 
 
 # ---- trainer side ----------------------------------------------------------------------------
@@ -205,15 +422,21 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
         sender = WeightSender(init_info.endpoint, bucket_bytes=init_info.bucket_bytes, device=init_info.device,
                               lease_timeout_s=max(60.0, 2 * init_info.timeout_s))
         try:
-            client.init_weight_transfer_engine(
-                asdict(LoraIpcInitInfo(sender.endpoint, sender.stream, float(init_info.timeout_s))))
+            client.init_weight_transfer_engine(asdict(LoraIpcInitInfo(
+                sender.endpoint, sender.stream, float(init_info.timeout_s), float(init_info.idle_timeout_s),
+                bool(init_info.stage_on_host), int(init_info.max_update_bytes))))
         except BaseException:
             sender.close()
             raise
         return cls(client=client, source=source, sender=sender)
 
     def send_weights(self, weight_version: str | None = None) -> None:
-        """One full update: start, one ``update_weights`` per bucket, finish (with ``weight_version``)."""
+        """One full update: start, one ``update_weights`` per bucket, finish (with ``weight_version``).
+
+        Raises :class:`RefitError` (or a subclass, e.g. :class:`RefitTimeout` when the workers had already
+        rolled the update back) if the update did not complete; the engine then still serves the weights of
+        the last complete update, and the next ``send_weights`` starts afresh.
+        """
         assert self.source is not None
         if not self.is_sender:
             for _ in self.source:
@@ -221,9 +444,28 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
             return
         assert self.sender is not None
         params = [(m.name, m.dtype, tuple(m.shape)) for m in self.source.metadata()]
-        self.client.start_weight_update()
-        self.sender.send(params, iter(self.source), lambda ref: self.client.update_weights(asdict(ref)))
-        self.client.finish_weight_update(weight_version)
+        try:
+            self.client.start_weight_update()
+        except Exception as exc:  # vLLM refuses a start while an update is open: one this trainer left
+            self._abandon()       # unfinished (e.g. Ctrl-C inside send_weights). End it, then start once more.
+            try:
+                self.client.start_weight_update()
+            except Exception:
+                raise refit_error(exc) from exc
+        try:
+            self.sender.send(params, iter(self.source), lambda ref: self.client.update_weights(asdict(ref)))
+            self.client.finish_weight_update(weight_version)
+        except Exception as exc:
+            self._abandon()
+            raise refit_error(exc) from exc
+
+    def _abandon(self) -> None:
+        """End a failed update on the engine now rather than at its idle timeout: ``finish`` on an
+        incomplete update rolls it back (and fails, as expected); if the engine already ended it, it fails too."""
+        try:
+            self.client.finish_weight_update(None)
+        except Exception as exc:
+            log.debug("finishing the failed update: %s", exc)
 
     def shutdown(self) -> None:
         if self.sender is not None:
@@ -239,6 +481,7 @@ class OfflineLLMClient:
 
     After each finished update it resets the prefix cache: vLLM keys cached KV blocks by tokens (and
     adapter), not by weights, so blocks computed with the old weights would otherwise be reused.
+    Every failure is raised as a :class:`RefitError` (the subclass the worker named, if any).
     """
 
     def __init__(self, llm: Any, reset_prefix_cache: bool = True) -> None:
@@ -246,16 +489,28 @@ class OfflineLLMClient:
         self.reset_prefix_cache = reset_prefix_cache
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self.llm.init_weight_transfer_engine({"init_info": init_info})
+        try:
+            self.llm.init_weight_transfer_engine({"init_info": init_info})
+        except Exception as exc:
+            raise refit_error(exc) from exc
 
     def start_weight_update(self) -> None:
-        self.llm.start_weight_update()
+        try:
+            self.llm.start_weight_update()
+        except Exception as exc:
+            raise refit_error(exc) from exc
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
-        self.llm.update_weights({"update_info": update_info})
+        try:
+            self.llm.update_weights({"update_info": update_info})
+        except Exception as exc:
+            raise refit_error(exc) from exc
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self.llm.finish_weight_update(weight_version)
+        try:
+            self.llm.finish_weight_update(weight_version)
+        except Exception as exc:
+            raise refit_error(exc) from exc
         if self.reset_prefix_cache:
             self.llm.reset_prefix_cache()
 
