@@ -23,6 +23,7 @@ from .backends import ImportedSlab
 from .connection import Connection
 from .endpoint import daemon_endpoint
 from .errors import BackendError, LoraIpcError, ProtocolError, SlabRecycled
+from .fdchannel import FdReceiver
 from .imports import REGISTRY
 from .layout import SlabLayout
 from .lru import BoundedLRU
@@ -74,6 +75,7 @@ class AdapterClient:
         self._fell_back = False
         self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._conn = Connection(self.endpoint, timeout_s, context, trusted_uids)
+        self._receive_fds = FdReceiver(self.endpoint, trusted_uids, timeout_s)  # slabs' descriptors (fdchannel.py)
         self._lock = threading.Lock()
         self._slabs: BoundedLRU[str, ImportedSlab] = BoundedLRU(
             MAX_CACHED_SLABS, lambda slab_id, _: REGISTRY.release(slab_id))  # this client's holds on imports
@@ -178,7 +180,7 @@ class AdapterClient:
             if reply.slab is not None:
                 slab.consume(reply.slab)  # a surplus export must still be accounted for
             return slab
-        return self._slabs.put(reply.slab_id, REGISTRY.acquire(reply.slab_id, reply.slab))
+        return self._slabs.put(reply.slab_id, REGISTRY.acquire(reply.slab_id, reply.slab, self._receive_fds))
 
     def _config_for(self, reply: p.FetchReply) -> dict:
         config = self._configs.get(reply.config_digest)

@@ -21,7 +21,7 @@ class ImportRegistry:
         self._lock = threading.Lock()
         self._open: dict[str, list] = {}  # slab_id -> [ImportedSlab, users]
 
-    def acquire(self, slab_id: str, handle: SlabHandle | None) -> ImportedSlab:
+    def acquire(self, slab_id: str, handle: SlabHandle | None, receive=None) -> ImportedSlab:
         """The process's import of ``slab_id`` (opened from ``handle`` if this process has none yet);
         a handle for a slab already open is consumed, not opened twice."""
         with self._lock:
@@ -33,7 +33,7 @@ class ImportRegistry:
                 return entry[0]
             if handle is None or handle.slab_id != slab_id:
                 raise ProtocolError(f"reply names slab {slab_id!r} but carries no handle for it")
-            slab = open_slab(handle)
+            slab = open_slab(handle, receive)  # receive: the endpoint's descriptor channel (fdchannel.py)
             self._open[slab_id] = [slab, 1]
             return slab
 

@@ -95,6 +95,9 @@ class CpuSlabHandle:
     pid: int = wire(Int(1, 1 << 31))
     fd: int = wire(Int(0, 1 << 20))
     generation: GenerationSlot | None = wire(Optional(Struct(GenerationSlot)), default=None)
+    #: one-time token for the descriptor channel (fdchannel.py): the memfd (and the generation table)
+    #: by SCM_RIGHTS, across pid namespaces; without one, importers open ``path``
+    token: bytes | None = wire(Optional(Bytes(exact=16)), default=None)
     TAG: ClassVar[str] = "cpu"
 
     @property

@@ -19,6 +19,7 @@ from .backends import ImportedSlab, open_slab
 from .connection import make_socket
 from .endpoint import prepare_ipc_path
 from .errors import LoraIpcError, ProtocolError
+from .fdchannel import FdServer
 from .layout import SlabLayout
 from .lru import BoundedLRU
 from .store import AdapterStore
@@ -55,6 +56,13 @@ class AdapterServer:
         self.peer_check = _filter_peers(self._sock, {os.getuid()} if allowed_uids is None else allowed_uids)
         self._sock.bind(endpoint)
         os.chmod(self._path, 0o600)
+        # slabs' descriptors by SCM_RIGHTS beside the ZeroMQ socket (fdchannel.py)
+        try:
+            self._fds = FdServer(endpoint, {os.getuid()} if allowed_uids is None else allowed_uids)
+        except BaseException:
+            self._sock.close(0)
+            os.unlink(self._path)
+            raise
         self._publish_sources: BoundedLRU[str, ImportedSlab] = BoundedLRU(MAX_PUBLISH_SOURCES, lambda _, s: s.close())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,6 +77,7 @@ class AdapterServer:
     # ---- loop ------------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
+        self._fds.start()
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         try:
@@ -83,6 +92,7 @@ class AdapterServer:
                         break
                     self._serve_one(frames)
         finally:
+            self._fds.stop()
             self._publish_sources.clear()
             self._sock.close(0)
             try:
@@ -134,7 +144,7 @@ class AdapterServer:
             name=pv.name, version=pv.version, lease_id=lease.lease_id, config_digest=pv.config_digest,
             peft_config=None if pv.config_digest in msg.known_configs else pv.peft_config,
             slab_id=slab.slab_id,
-            slab=None if slab.slab_id in msg.known_slabs else slab.handle_for_import(),
+            slab=None if slab.slab_id in msg.known_slabs else self._fds.attach(slab, slab.handle_for_import()),
             generation=generation, layout_digest=layout.digest,
             entries=None if layout.digest in msg.known_layouts else layout.to_wire(),
             used_bytes=layout.used_bytes, live_slabs=self.store.live_slab_ids(),

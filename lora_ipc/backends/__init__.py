@@ -28,8 +28,9 @@ def slab_device(device: torch.device | str | None, tensors) -> torch.device:
     return target
 
 
-def open_slab(handle: SlabHandle) -> ImportedSlab:
-    """Import a slab described by a validated handle."""
+def open_slab(handle: SlabHandle, receive=None) -> ImportedSlab:
+    """Import a slab described by a validated handle. ``receive(token) -> [fd, ...]`` redeems a
+    descriptor-channel token (fdchannel.FdReceiver of the endpoint the handle came from)."""
     if isinstance(handle, CudaSlabHandle):
         from .cuda import CudaImportedSlab
 
@@ -37,7 +38,7 @@ def open_slab(handle: SlabHandle) -> ImportedSlab:
     if isinstance(handle, CpuSlabHandle):
         from .cpu import CpuImportedSlab
 
-        return CpuImportedSlab(handle)
+        return CpuImportedSlab(handle, receive)
     raise BackendError(f"no backend imports {type(handle).__name__}")
 
 

@@ -13,8 +13,9 @@ import secrets
 
 import torch
 
+from ..errors import BackendError
 from ..protocol import CpuSlabHandle
-from ..shm import create_sealed, map_fd, open_sealed
+from ..shm import adopt_generation_reader, check_sealed, create_sealed, map_fd, open_sealed
 from .base import Backend, ExportedSlab, ImportedSlab
 
 
@@ -32,6 +33,12 @@ class CpuExportedSlab(ExportedSlab):
         self.slab_id = slab_id
         self.handle = CpuSlabHandle(slab_id, nbytes, os.getpid(), self.fd)
 
+    def descriptor(self) -> int:
+        """A duplicate of the memfd, for the descriptor channel (fdchannel.py); BackendError once closed."""
+        from ..fdchannel import memfd_descriptor
+
+        return memfd_descriptor(self.fd, self.slab_id)
+
     def mark_ready(self) -> None:
         pass  # CPU copies are complete when pack returns
 
@@ -46,8 +53,10 @@ class CpuExportedSlab(ExportedSlab):
 class CpuImportedSlab(ImportedSlab):
     device = torch.device("cpu")
 
-    def __init__(self, handle: CpuSlabHandle):
-        fd = open_sealed(handle.pid, handle.fd, handle.slab_id, handle.nbytes)
+    def __init__(self, handle: CpuSlabHandle, receive=None):
+        fd = _receive_memfd(handle, receive) if handle.token is not None and receive is not None else None
+        if fd is None:
+            fd = open_sealed(handle.pid, handle.fd, handle.slab_id, handle.nbytes)
         try:
             self.tensor = map_fd(fd, handle.nbytes, writable=False)
         finally:
@@ -61,6 +70,30 @@ class CpuImportedSlab(ImportedSlab):
 
     def close(self) -> None:
         self.tensor = torch.empty(0, dtype=torch.uint8)
+
+
+def _receive_memfd(handle: CpuSlabHandle, receive) -> int | None:
+    """The slab's memfd by the descriptor channel, checked as one opened through /proc is; None when the
+    channel is unreachable (an exporter without one: /proc is tried); BackendError when what came is wrong."""
+    from ..fdchannel import FdChannelUnavailable
+
+    try:
+        fds = receive(handle.token)
+    except FdChannelUnavailable:
+        return None
+    fd, extra = fds[0], fds[1:]
+    try:
+        check_sealed(fd, handle.slab_id, handle.nbytes)
+        if extra:
+            slot = handle.generation
+            if slot is None or len(extra) != 1:
+                raise BackendError(f"exporter sent {len(extra)} descriptors beside slab {handle.slab_id!r} unasked")
+            adopt_generation_reader(slot.pid, slot.fd, slot.table, extra.pop())  # checked there; owned there
+    except BaseException:
+        for other in [fd, *extra]:
+            os.close(other)
+        raise
+    return fd
 
 
 class CpuBackend(Backend):
