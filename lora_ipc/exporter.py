@@ -79,7 +79,8 @@ class RemoteExporter:
         if slab is None or slab.nbytes < layout.used_bytes or slab.device != device:
             if slab is not None:
                 slab.close()
-            slab = self._staging = backend_for(device).allocate(layout.used_bytes)
+            # torch's CUDA IPC: the daemon opens a publisher's staging slab without the descriptor channel
+            slab = self._staging = backend_for(device, cuda_export="torch").allocate(layout.used_bytes)
         layout.pack(slab.destination_views(layout), tensors)
         slab.mark_ready()
         reply = self._conn.request(
