@@ -146,6 +146,7 @@ class FdServer:
         self._sel.register(self._listener, selectors.EVENT_READ, None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._starved = False
 
     def offer(self, provider: Provider) -> bytes:
         return self.tokens.issue(provider)
@@ -197,9 +198,14 @@ class FdServer:
             return True
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log.warning("descriptor channel: cannot accept (%s); retrying", exc)
+                if not self._starved:  # once per episode, not every retry
+                    log.warning("descriptor channel: cannot accept (%s); retrying", exc)
+                self._starved = True
                 return False
             raise
+        if self._starved:
+            self._starved = False
+            log.warning("descriptor channel: accepting again")
         try:
             uid = _peer_uid(conn)
         except OSError:

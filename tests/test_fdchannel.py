@@ -264,6 +264,62 @@ def test_a_receiver_out_of_descriptors_gets_a_typed_error(tmp_path):
     assert got["after"] == 1 and got["leaks"] == [[], []], got
 
 
+SQUEEZED_SERVER = textwrap.dedent("""
+    import json, os, resource, sys, threading, time
+    from lora_ipc.fdchannel import FdReceiver, FdServer
+    endpoint = f"ipc://{sys.argv[1]}/e.sock"
+    ask_r, ask_w = os.pipe()
+    tok_r, tok_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # the server: out of descriptors while a client waits, then given room again
+        os.close(ask_w)
+        server = FdServer(endpoint, {os.getuid()}).start()
+        token = server.offer(lambda: [os.open("/dev/null", os.O_RDONLY)])
+        top = max(int(f) for f in os.listdir("/proc/self/fd"))
+        fillers = []
+        while True:
+            fd = os.open("/dev/null", os.O_RDONLY)
+            if fd > top:
+                os.close(fd)
+                break
+            fillers.append(fd)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+        os.write(tok_w, token)
+        os.read(ask_r, 1)  # the client has been waiting a while
+        time.sleep(0.5)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        os.read(ask_r, 1)
+        os.write(tok_w, json.dumps({"refused": server.refused, "alive": server._thread.is_alive()}).encode())
+        os._exit(0)
+    token = os.read(tok_r, 16)
+    got = {}
+    def fetch():
+        try:
+            got["fds"] = len(FdReceiver(endpoint, timeout_s=30)(token))
+        except Exception as exc:
+            got["error"] = repr(exc)
+    t = threading.Thread(target=fetch)
+    t.start()
+    time.sleep(1.0)  # the server's accept fails with EMFILE meanwhile
+    os.write(ask_w, b"1")
+    t.join(60)
+    os.write(ask_w, b"2")
+    server = json.loads(os.read(tok_r, 4096))
+    os.waitpid(child, 0)
+    print(json.dumps({**got, **server}))
+""")
+
+
+def test_a_server_out_of_descriptors_recovers(tmp_path):
+    out = subprocess.run([sys.executable, "-c", SQUEEZED_SERVER, str(tmp_path)], capture_output=True, text=True,
+                         timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"fds": 1, "refused": 0, "alive": True}, (got, out.stderr[-2000:])
+    assert out.stderr.count("cannot accept ([Errno 24]") == 1 and "accepting again" in out.stderr, out.stderr[-2000:]
+
+
 # ---- acceptance: exporter and client in two pid namespaces -------------------------------------
 
 EXPORTER = textwrap.dedent("""
