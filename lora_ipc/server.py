@@ -179,4 +179,6 @@ class AdapterServer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        else:
+            self._fds.stop()  # never served: its descriptor socket goes too
 
