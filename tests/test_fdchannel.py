@@ -143,7 +143,9 @@ def test_a_peer_of_another_uid_is_refused(tmp_path):
         _, status = os.waitpid(child, 0)
         assert os.WEXITSTATUS(status) == 0
         assert server.refused >= 1
-        assert len(FdReceiver(endpoint)(token)) == 1  # the token was not spent by the refused peer
+        got = FdReceiver(endpoint)(token)  # the token was not spent by the refused peer
+        assert len(got) == 1
+        os.close(got[0])
         server.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -406,3 +408,53 @@ def test_cpu_slabs_cross_pid_namespaces(tmp_path):
     assert got["pid"] <= 2 and exporter_pid == got["exporter_pid_in_its_ns"] <= 2  # both near pid 1, apart
     assert got["exporters_visible"] == [], got  # the exporter is invisible from the client's namespace
     assert got["proc_path"] != "opened", got  # /proc/<pid>/fd/<fd> leads to no exporter from there
+
+
+# ---- fuzz: random requests, with and without descriptors, never get one out or kill the server ----
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(tmp_path_factory):
+    endpoint = f"ipc://{tmp_path_factory.mktemp('fdfuzz')}/e.sock"
+    server = FdServer(endpoint, {os.getuid()}).start()
+    yield endpoint, server
+    server.stop()
+
+
+def test_random_requests_never_redeem_anything(fuzzed_server):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    endpoint, server = fuzzed_server
+    sent_token = server.offer(lambda: [os.open("/dev/null", os.O_RDONLY)])
+    before = own_fds()
+
+    @settings(max_examples=300 if os.environ.get("LORA_IPC_LONG") != "1" else 5000, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.binary(max_size=64), st.integers(0, 3))
+    def one(request, with_fds):
+        pipes = [os.pipe() for _ in range(with_fds)]
+        try:
+            with _raw(endpoint) as sock:
+                if pipes:
+                    socket.send_fds(sock, [request or b"x"], [r for r, _ in pipes])
+                else:
+                    sock.send(request)
+                data, fds, _, _ = socket.recv_fds(sock, 512, 4)
+            for fd in fds:
+                os.close(fd)
+            assert not fds and (data == b"" or data.startswith(b"E")), (request, data, fds)
+        finally:
+            for r, w in pipes:
+                os.close(r)
+                os.close(w)
+
+    one()
+    deadline = time.monotonic() + 10
+    while own_fds() - before and time.monotonic() < deadline:  # the server closes what it got, in its thread
+        time.sleep(0.01)
+    assert not own_fds() - before
+    assert server._thread.is_alive()
+    got = FdReceiver(endpoint)(sent_token)  # still serving, the real token untouched
+    assert len(got) == 1
+    os.close(got[0])
