@@ -13,6 +13,11 @@ Note [why descriptors travel by a side socket]
     descriptor, plus the descriptor of the exporter's generation table when the slab has one.
     The server checks the connecting peer's uid the same way.
 
+    The other direction: a ``RemoteExporter`` pushes its staging slab's memfd to a daemon
+    (``b"P" + token`` with exactly one descriptor, the token of its own choosing), then names that
+    token in its ``PublishRequest``; the daemon takes the descriptor once (bounded, expiring) and
+    checks it like any other. A push is the only request that may carry a descriptor.
+
     The wire: request = ``b"F" + token`` (17 bytes, exactly). Reply = ``b"K" + <count byte>`` with
     ``count`` descriptors attached, or ``b"E" + <utf-8 reason>`` with none. Anything else, and any
     descriptor a peer sends unasked, is refused and closed: the receiving side always takes the
@@ -52,7 +57,10 @@ MAX_FDS = 2  # a slab and its generation table
 MAX_CONNECTIONS = 64  # open connections on the server at once; more are closed at accept
 CONNECTION_TIMEOUT_S = 5.0  # a peer must send its request within this (a same-uid peer; bounded by MAX_CONNECTIONS)
 REQUEST = b"F"
+PUSH = b"P"  # a publisher hands its staging slab's descriptor to a daemon (RemoteExporter)
 OK, ERR = b"K", b"E"
+MAX_PUSHED = 16  # pushed descriptors a server holds until their PublishRequest arrives; the oldest is closed
+PUSHED_TTL_S = 30.0
 MAX_REPLY = 512
 
 
@@ -147,6 +155,31 @@ class FdServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._starved = False
+        self._pushed: OrderedDict[bytes, tuple[float, int]] = OrderedDict()
+        self._pushed_lock = threading.Lock()
+
+    def take_pushed(self, token: bytes) -> list[int]:
+        """The descriptor a publisher pushed with ``token`` (once); the caller owns it."""
+        with self._pushed_lock:
+            entry = self._pushed.pop(bytes(token), None)
+        if entry is None:
+            raise BackendError("no descriptor was pushed with this token (or it expired)")
+        if entry[0] < time.monotonic():
+            os.close(entry[1])
+            raise BackendError("the pushed descriptor expired before its publish request arrived")
+        return [entry[1]]
+
+    def _keep_pushed(self, token: bytes, fd: int) -> None:
+        now = time.monotonic()
+        with self._pushed_lock:
+            if token in self._pushed:
+                raise BackendError("a descriptor was already pushed with this token")
+            stale = [t for t, (deadline, _) in self._pushed.items() if deadline < now]
+            dropped = [self._pushed.pop(t)[1] for t in stale]
+            self._pushed[token] = (now + PUSHED_TTL_S, fd)
+            while len(self._pushed) > MAX_PUSHED:
+                dropped.append(self._pushed.popitem(last=False)[1][1])
+        _close_all(dropped)
 
     def offer(self, provider: Provider) -> bytes:
         return self.tokens.issue(provider)
@@ -166,6 +199,9 @@ class FdServer:
             self._listener.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+        with self._pushed_lock:
+            _close_all(fd for _, fd in self._pushed.values())
+            self._pushed.clear()
 
     # ---- loop ------------------------------------------------------------------------------
 
@@ -234,6 +270,10 @@ class FdServer:
             log.info("descriptor channel: request dropped: %s", exc)
             return
         try:
+            if data[:1] == PUSH and len(data) == 1 + TOKEN_BYTES and len(unasked) == 1:
+                self._keep_pushed(data[1:], unasked.pop())  # owned by the table now
+                conn.send(OK + b"\x00")
+                return
             if unasked:
                 raise BackendError(f"{len(unasked)} descriptors sent unasked (closed)")
             if len(data) != 1 + TOKEN_BYTES or data[:1] != REQUEST:
@@ -343,3 +383,33 @@ class FdReceiver:
         if data[:1] == ERR:
             raise BackendError(f"descriptor refused by the exporter: {data[1:].decode(errors='replace')[:300]}")
         raise BackendError(f"malformed descriptor reply ({len(data)} bytes, {len(fds)} descriptors)")
+
+
+def push_fd(endpoint: str, fd: int, trusted_uids: set[int] | None = None, timeout_s: float = 10.0) -> bytes:
+    """Hand ``fd`` to the server at ``endpoint`` (a publisher's staging slab); returns the token to name it by.
+    ``FdChannelUnavailable`` if the server has no descriptor channel."""
+    trusted = {os.getuid()} if trusted_uids is None else set(trusted_uids)
+    path = fd_socket_path(endpoint)
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise FdChannelUnavailable(f"no descriptor channel at {path}: {exc}") from None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid not in trusted:
+        raise EndpointNotTrusted(f"{path} is not a socket of a trusted uid (uid {st.st_uid})")
+    _check_dir_chain(os.path.dirname(os.path.abspath(path)), trusted)
+    token = secrets.token_bytes(TOKEN_BYTES)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(path)
+            uid = _peer_uid(sock)
+            if uid not in trusted:
+                raise EndpointNotTrusted(f"{path} is served by uid {uid}, not {sorted(trusted)}")
+            socket.send_fds(sock, [PUSH + token], [fd])
+            data, fds = _recv(sock, 1)
+    except OSError as exc:
+        raise BackendError(f"descriptor channel {path}: {exc}") from None
+    _close_all(fds)
+    if data != OK + b"\x00" or fds:
+        raise BackendError(f"descriptor push refused: {data[1:].decode(errors='replace')[:300]}")
+    return token

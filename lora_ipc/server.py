@@ -157,8 +157,14 @@ class AdapterServer:
     def _on_publish(self, msg: p.PublishRequest, peer: bytes) -> p.PublishReply:
         layout = SlabLayout.from_wire(msg.entries, msg.used_bytes, msg.slab.nbytes)
         source = self._publish_sources.get(msg.slab.slab_id)
-        if source is None:  # a publisher's staging slab: opened once, kept while it is in use
-            source = self._publish_sources.put(msg.slab.slab_id, open_slab(msg.slab))
+        pushed = self._fds.take_pushed(msg.slab.token) if getattr(msg.slab, "token", None) else []  # fdchannel.py
+        try:
+            if source is None:  # a publisher's staging slab: opened once, kept while it is in use
+                source = self._publish_sources.put(msg.slab.slab_id, open_slab(
+                    msg.slab, (lambda _token: [pushed.pop()]) if pushed else None))
+        finally:
+            for fd in pushed:  # not taken (the slab was open already, or the import failed first)
+                os.close(fd)
         version = self.store.publish_copy(msg.name, layout, msg.peft_config, source.copy_into, source.device)
         return p.PublishReply(msg.name, version)
 

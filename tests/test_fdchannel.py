@@ -458,3 +458,103 @@ def test_random_requests_never_redeem_anything(fuzzed_server):
     got = FdReceiver(endpoint)(sent_token)  # still serving, the real token untouched
     assert len(got) == 1
     os.close(got[0])
+
+
+# ---- the publish direction: a RemoteExporter pushes its staging slab to a daemon ----------------
+
+
+def test_a_publisher_pushes_its_staging_slab_and_the_daemon_never_uses_proc(tmp_path, monkeypatch):
+    from lora_ipc import RemoteExporter
+    from lora_ipc.server import AdapterServer
+    from lora_ipc.store import AdapterStore
+
+    endpoint = f"ipc://{tmp_path}/d.sock"
+    server = AdapterServer(AdapterStore(), endpoint).start()
+    try:
+        def no_proc(*a, **kw):
+            raise AssertionError("opened through /proc")
+
+        monkeypatch.setattr(shm, "open_sealed", no_proc)
+        with RemoteExporter(endpoint) as publisher:
+            for seed in (1, 2):  # the second publish reuses the staging slab: its pushed fd is closed unused
+                publisher.publish("p", models.random_adapter(seed), models.RANDOM_ADAPTER_CONFIG)
+        with AdapterClient(endpoint) as client:
+            assert_same_adapter(client.fetch("p").tensors, models.random_adapter(2))
+        assert not server._fds._pushed  # every pushed descriptor taken or closed
+    finally:
+        server.stop()
+
+
+def test_pushes_are_bounded_single_use_and_one_descriptor_each(tmp_path):
+    from lora_ipc.fdchannel import MAX_PUSHED, PUSH, push_fd
+
+    endpoint = f"ipc://{tmp_path}/e.sock"
+    server = FdServer(endpoint, {os.getuid()}).start()
+    try:
+        r, w = os.pipe()
+        tokens = [push_fd(endpoint, r) for _ in range(MAX_PUSHED + 5)]
+        deadline = time.monotonic() + 10
+        while len(server._pushed) != MAX_PUSHED and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(server._pushed) == MAX_PUSHED  # the oldest were closed
+        with pytest.raises(BackendError, match="no descriptor was pushed"):
+            server.take_pushed(tokens[0])
+        [fd] = server.take_pushed(tokens[-1])
+        os.close(fd)
+        with pytest.raises(BackendError, match="no descriptor was pushed"):
+            server.take_pushed(tokens[-1])  # once
+        with _raw(endpoint) as sock:  # a push with two descriptors is descriptors sent unasked
+            socket.send_fds(sock, [PUSH + os.urandom(16)], [r, w])
+            assert sock.recv(512).startswith(b"E")
+        os.close(r)
+        os.close(w)
+    finally:
+        server.stop()
+    assert not server._pushed
+
+
+PUBLISH_AND_FETCH = textwrap.dedent("""
+    import json, sys
+    from lora_ipc import AdapterClient, RemoteExporter, shm
+    from tests import models
+    endpoint = sys.argv[1]
+    def no_proc(*a, **kw):
+        raise AssertionError("opened through /proc")
+    shm.open_sealed = no_proc
+    tensors = models.random_adapter(11)
+    with RemoteExporter(endpoint) as publisher:
+        version = publisher.publish("a", tensors, models.RANDOM_ADAPTER_CONFIG)
+    with AdapterClient(endpoint) as client:
+        got = client.fetch("a")
+    equal = set(got.tensors) == set(tensors) and all(got.tensors[k].equal(tensors[k]) for k in tensors)
+    print(json.dumps({"version": version, "equal": equal}))
+""")
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare")
+def test_a_daemon_in_another_pid_namespace_takes_publishes_and_serves_fetches(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ns = ["unshare", "-p", "--fork", "--mount-proc"]
+    probe = subprocess.run([*ns, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create pid namespaces here: {probe.stderr.strip()[:200]}")
+    endpoint = f"ipc://{tmp_path}/d.sock"
+    daemon = subprocess.Popen([*ns, sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint], env=env,
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(fd_socket_path(endpoint)):
+            assert daemon.poll() is None, daemon.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "daemon did not start"
+            time.sleep(0.1)
+        out = subprocess.run([*ns, sys.executable, "-c", PUBLISH_AND_FETCH, endpoint], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == {"version": 1, "equal": True}
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait(10)
