@@ -34,6 +34,7 @@ from .errors import (
     SlabRecycled,
     StaleEpoch,
 )
+from .fdchannel import FdReceiver
 from .imports import REGISTRY, ImportKey
 from .layout import SlabLayout
 from .lru import BoundedLRU
@@ -110,6 +111,7 @@ class AdapterClient:
         self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.timeout_s = timeout_s
         self._conn = Connection(self.endpoint, timeout_s, context, trusted_uids, connect_wait_s)
+        self._receive_fds = FdReceiver(self.endpoint, trusted_uids, timeout_s)  # slabs' descriptors (fdchannel.py)
         self._lock = threading.Lock()
         self._closed = False
         self._slabs: BoundedLRU[ImportKey, ImportedSlab] = BoundedLRU(
@@ -263,7 +265,7 @@ class AdapterClient:
                 REGISTRY.acquire(server, reply.slab_id, reply.slab)  # checked like a new one, surplus consumed
                 REGISTRY.release(key)
             return slab
-        key, slab = REGISTRY.acquire(server, reply.slab_id, reply.slab)
+        key, slab = REGISTRY.acquire(server, reply.slab_id, reply.slab, self._receive_fds)
         return self._slabs.put(key, slab)
 
     def _config_for(self, reply: p.FetchReply) -> dict:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -65,6 +67,7 @@ class RemoteExporter:
         self.endpoint = endpoint or daemon_endpoint()
         self.device = device
         self._conn = Connection(self.endpoint, timeout_s, trusted_uids=trusted_uids)
+        self._trusted_uids, self._timeout_s = trusted_uids, timeout_s
         self._staging: ExportedSlab | None = None
         self._layout: tuple[tuple, SlabLayout] | None = None
 
@@ -79,12 +82,29 @@ class RemoteExporter:
         if slab is None or slab.nbytes < layout.used_bytes or slab.device != device or slab.worn_out:
             if slab is not None:
                 slab.close()
-            slab = self._staging = backend_for(device).allocate(layout.used_bytes)
+            # torch's CUDA IPC: the daemon opens a publisher's staging slab without the descriptor channel
+            slab = self._staging = backend_for(device, cuda_export="torch").allocate(layout.used_bytes)
         layout.pack(slab.destination_views(layout), tensors)
         slab.mark_ready()
         reply = self._conn.request(
-            PublishRequest(name, config, slab.handle_for_import(), layout.to_wire(), layout.used_bytes), PublishReply)
+            PublishRequest(name, config, self._pushed_handle(slab), layout.to_wire(), layout.used_bytes), PublishReply)
         return reply.version
+
+    def _pushed_handle(self, slab: ExportedSlab):
+        """The staging slab's handle, its memfd pushed to the daemon first (fdchannel.py: the daemon may live in
+        another pid namespace); the plain handle (daemon opens /proc) where the daemon has no channel."""
+        from .fdchannel import FdChannelUnavailable, push_fd
+
+        if not hasattr(slab, "descriptor") or not hasattr(slab.handle, "token"):
+            return slab.handle
+        fd = slab.descriptor()
+        try:
+            token = push_fd(self.endpoint, fd, self._trusted_uids, self._timeout_s)
+        except FdChannelUnavailable:
+            return slab.handle
+        finally:
+            os.close(fd)
+        return dataclasses.replace(slab.handle, token=token)
 
     def close(self) -> None:
         self._conn.close()

@@ -64,20 +64,44 @@ def check_owned_by(handle: SlabHandle, server: ServerIdentity) -> None:
                             f"{server.endpoint} is served by process {server.pid}")
 
 
+def _bound_channel(receive, handle: SlabHandle, server: ServerIdentity):
+    """``receive`` held to the answering server: the descriptor channel must be served by the process the
+    kernel reports for the ZeroMQ reply (pids as this process sees them, so this holds across pid
+    namespaces, where the handle's own pids are the exporter's). Where the channel is unavailable and the
+    backend falls back to ``/proc``, the handle's pids must be the server's as without a channel."""
+    from .fdchannel import FdChannelUnavailable
+
+    if handle.generation is None:
+        check_owned_by(handle, server)  # refuses it, with the reason
+
+    def receive_from_server(token: bytes) -> list[int]:
+        try:
+            return receive(token, expected_pid=server.pid)
+        except FdChannelUnavailable:
+            check_owned_by(handle, server)
+            raise
+
+    return receive_from_server
+
+
 class ImportRegistry:
     def __init__(self):
         self._lock = threading.Lock()
         self._open: dict[ImportKey, list] = {}  # key -> [ImportedSlab, users]
 
-    def acquire(self, server: ServerIdentity, slab_id: str,
-                handle: SlabHandle | None) -> tuple[ImportKey, ImportedSlab]:
+    def acquire(self, server: ServerIdentity, slab_id: str, handle: SlabHandle | None,
+                receive=None) -> tuple[ImportKey, ImportedSlab]:
         """The process's import of ``slab_id`` as served by ``server`` (opened from ``handle`` if this
-        process has none yet); a handle for a slab already open is consumed, not opened twice."""
+        process has none yet); a handle for a slab already open is consumed, not opened twice.
+        ``receive``: the endpoint's descriptor channel (fdchannel.FdReceiver)."""
         key = key_for(server, slab_id)
         if handle is not None:
             if handle.slab_id != slab_id:
                 raise ProtocolError(f"reply names slab {slab_id!r} but its handle is for {handle.slab_id!r}")
-            check_owned_by(handle, server)
+            if getattr(handle, "token", None) is not None and receive is not None:
+                receive = _bound_channel(receive, handle, server)
+            else:
+                check_owned_by(handle, server)
         with self._lock:
             entry = self._open.get(key)
             if entry is not None:
@@ -90,7 +114,7 @@ class ImportRegistry:
                 return key, entry[0]
             if handle is None:
                 raise ProtocolError(f"reply names slab {slab_id!r} but carries no handle for it")
-            slab = open_slab(handle)
+            slab = open_slab(handle, receive)
             self._open[key] = [slab, 1]
             return key, slab
 

@@ -97,6 +97,9 @@ class CpuSlabHandle:
     pid: int = wire(Int(1, 1 << 31))
     fd: int = wire(Int(0, 1 << 20))
     generation: GenerationSlot | None = wire(Optional(Struct(GenerationSlot)), default=None)
+    #: one-time token for the descriptor channel (fdchannel.py): the memfd (and the generation table)
+    #: by SCM_RIGHTS, across pid namespaces; without one, importers open ``path``
+    token: bytes | None = wire(Optional(Bytes(exact=16)), default=None)
     TAG: ClassVar[str] = "cpu"
 
     @property
@@ -127,8 +130,22 @@ class CudaSlabHandle:
     TAG: ClassVar[str] = "cuda"
 
 
-SlabHandle = CpuSlabHandle | CudaSlabHandle
-SLAB_HANDLE = Tagged("backend", {c.TAG: c for c in (CpuSlabHandle, CudaSlabHandle)})
+@dataclass(frozen=True)
+class VmmSlabHandle:
+    """A CUDA VMM slab (backends/vmm.py): one ``cuMemCreate`` allocation exported as a POSIX descriptor,
+    which travels by the descriptor channel only (``token``, fdchannel.py). ``ready_event`` as for CUDA IPC."""
+
+    slab_id: str = wire(SLAB_ID)
+    nbytes: int = wire(Int(1))
+    device_uuid: str = wire(Str(64))
+    ready_event: bytes = wire(Bytes(256))
+    generation: GenerationSlot | None = wire(Optional(Struct(GenerationSlot)), default=None)
+    token: bytes | None = wire(Optional(Bytes(exact=16)), default=None)
+    TAG: ClassVar[str] = "vmm"
+
+
+SlabHandle = CpuSlabHandle | CudaSlabHandle | VmmSlabHandle
+SLAB_HANDLE = Tagged("backend", {c.TAG: c for c in (CpuSlabHandle, CudaSlabHandle, VmmSlabHandle)})
 
 # --------------------------------------------------------------------------------------------
 # messages

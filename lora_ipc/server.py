@@ -20,6 +20,7 @@ from .backends import ImportedSlab, open_slab
 from .connection import make_socket
 from .endpoint import prepare_ipc_path
 from .errors import LoraIpcError, ProtocolError
+from .fdchannel import FdServer
 from .layout import SlabLayout
 from .lru import BoundedLRU
 from .store import AdapterStore
@@ -52,6 +53,8 @@ def publish_source_key(peer: bytes, handle: p.SlabHandle) -> tuple:
     if isinstance(handle, p.CudaSlabHandle):
         handle = dataclasses.replace(handle, ref_counter_handle=b"", ref_counter_offset=0, event_handle=b"",
                                      event_sync_required=False)
+    elif getattr(handle, "token", None) is not None:  # a CPU staging memfd pushed again with each publish
+        handle = dataclasses.replace(handle, token=None)
     return (peer, handle)
 
 
@@ -66,6 +69,13 @@ class AdapterServer:
         self.peer_check = _filter_peers(self._sock, {os.getuid()} if allowed_uids is None else allowed_uids)
         self._sock.bind(endpoint)
         os.chmod(self._path, 0o600)
+        # slabs' descriptors by SCM_RIGHTS beside the ZeroMQ socket (fdchannel.py)
+        try:
+            self._fds = FdServer(endpoint, {os.getuid()} if allowed_uids is None else allowed_uids)
+        except BaseException:
+            self._sock.close(0)
+            os.unlink(self._path)
+            raise
         # (publishing connection, its handle) -> import: see _on_publish
         self._publish_sources: BoundedLRU[tuple[bytes, p.SlabHandle], ImportedSlab] = BoundedLRU(
             MAX_PUBLISH_SOURCES, lambda _, s: s.close())
@@ -82,6 +92,7 @@ class AdapterServer:
     # ---- loop ------------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
+        self._fds.start()
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         try:
@@ -96,6 +107,7 @@ class AdapterServer:
                         break
                     self._serve_one(frames)
         finally:
+            self._fds.stop()
             self._publish_sources.clear()
             self._sock.close(0)
             try:
@@ -152,7 +164,7 @@ class AdapterServer:
             name=pv.name, version=pv.version, lease_id=lease.lease_id, config_digest=pv.config_digest,
             peft_config=None if pv.config_digest in msg.known_configs else pv.peft_config,
             slab_id=slab.slab_id,
-            slab=handle,
+            slab=None if handle is None else self._fds.attach(slab, handle),
             generation=generation, layout_digest=layout.digest,
             entries=None if layout.digest in msg.known_layouts else layout.to_wire(),
             used_bytes=layout.used_bytes, live_slabs=self.store.live_slab_ids(), epoch=self.store.epoch,
@@ -170,10 +182,16 @@ class AdapterServer:
         layout = SlabLayout.from_wire(msg.entries, msg.used_bytes, msg.slab.nbytes)
         key = publish_source_key(peer, msg.slab)
         source = self._publish_sources.get(key)
-        if source is None:  # a publisher's staging slab: opened once, kept while it is in use
-            source = self._publish_sources.put(key, open_slab(msg.slab))
-        else:
-            source.consume(msg.slab)  # every publish carries a fresh export (Note [one export per import])
+        pushed = self._fds.take_pushed(msg.slab.token) if getattr(msg.slab, "token", None) else []  # fdchannel.py
+        try:
+            if source is None:  # a publisher's staging slab: opened once, kept while it is in use
+                source = self._publish_sources.put(key, open_slab(
+                    msg.slab, (lambda _token: [pushed.pop()]) if pushed else None))
+            else:
+                source.consume(msg.slab)  # every publish carries a fresh export (Note [one export per import])
+        finally:
+            for fd in pushed:  # not taken (the slab was open already, or the import failed first)
+                os.close(fd)
         version = self.store.publish_copy(msg.name, layout, msg.peft_config, source.copy_into, source.device)
         return p.PublishReply(msg.name, version)
 
@@ -194,4 +212,6 @@ class AdapterServer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        else:
+            self._fds.stop()  # never served: its descriptor socket goes too
 

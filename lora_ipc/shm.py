@@ -73,15 +73,30 @@ def map_fd(fd: int, nbytes: int, *, writable: bool) -> torch.Tensor:
 def open_sealed(pid: int, fd: int, name: str, min_bytes: int) -> int:
     """Open another process's sealed memfd ``lora-ipc.<name>`` read-only; every check is on the opened fd."""
     path = f"/proc/{pid}/fd/{fd}"
-    expected = f"/memfd:{MEMFD_PREFIX}{name} (deleted)"
     try:
         opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise BackendError(f"shared memory {name!r} of process {pid} is gone or not ours: {exc}") from None
     try:
-        # what we opened, read back from our own descriptor (a recycled pid cannot fool this)
-        if os.readlink(f"/proc/self/fd/{opened}") != expected:
-            raise BackendError(f"{path} is not lora-ipc shared memory {name!r}")
+        check_sealed(opened, name, min_bytes)
+    except BaseException:
+        os.close(opened)
+        raise
+    return opened
+
+
+def check_sealed(opened: int, name: str, min_bytes: int) -> None:
+    """The checks an importer makes on a descriptor it holds (opened through /proc or received by
+    SCM_RIGHTS, fdchannel.py): our memfd ``lora-ipc.<name>``, owned by this user, sealed, large enough."""
+    expected = f"/memfd:{MEMFD_PREFIX}{name} (deleted)"
+    try:
+        target = os.readlink(f"/proc/self/fd/{opened}")
+    except OSError as exc:
+        raise BackendError(f"cannot inspect the descriptor of shared memory {name!r}: {exc}") from None
+    # what we hold, read back from our own descriptor (a recycled pid cannot fool this)
+    if target != expected:
+        raise BackendError(f"descriptor {target[:200]!r} is not lora-ipc shared memory {name!r}")
+    try:
         st = os.fstat(opened)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
             raise BackendError(f"shared memory {name!r} is not owned by this user (uid {st.st_uid})")
@@ -91,12 +106,10 @@ def open_sealed(pid: int, fd: int, name: str, min_bytes: int) -> int:
         if st.st_size < min_bytes:
             raise BackendError(f"shared memory {name!r} has {st.st_size} bytes, the handle says {min_bytes}")
         if st.st_blocks * 512 < st.st_size:
-            raise BackendError(f"shared memory {name!r} of process {pid} is not reserved ({st.st_blocks * 512} of "
-                               f"{st.st_size} bytes allocated): its reader would pay for the exporter's pages")
-    except BaseException:
-        os.close(opened)
-        raise
-    return opened
+            raise BackendError(f"shared memory {name!r} is not reserved ({st.st_blocks * 512} of {st.st_size} "
+                               "bytes allocated): its reader would pay for the exporter's pages")
+    except OSError as exc:
+        raise BackendError(f"cannot check shared memory {name!r}: {exc}") from None
 
 
 READ_CHUNK = 1 << 30  # a single read(2) returns at most ~2 GiB
@@ -172,8 +185,16 @@ class GenerationTable:
 class GenerationReader:
     """Importer side: reads counters of one exporter's table with ``pread`` (no mapping at all)."""
 
-    def __init__(self, pid: int, fd: int, table_name: str):
-        self.fd = open_sealed(pid, fd, table_name, 8)
+    def __init__(self, pid: int, fd: int, table_name: str, received: int | None = None):
+        if received is None:
+            self.fd = open_sealed(pid, fd, table_name, 8)
+        else:  # a descriptor that came by SCM_RIGHTS (fdchannel.py); this reader owns it once checked
+            try:
+                check_sealed(received, table_name, 8)
+            except BaseException:
+                os.close(received)
+                raise
+            self.fd = received
         self.nbytes = os.fstat(self.fd).st_size
 
     def read(self, slot: int) -> int:
@@ -189,6 +210,24 @@ MAX_GENERATION_READERS = 16
 _readers: BoundedLRU[tuple[int, int, str], GenerationReader] = BoundedLRU(
     MAX_GENERATION_READERS, lambda _, reader: reader.close())
 _readers_lock = threading.Lock()
+
+
+def adopt_generation_reader(pid: int, fd: int, table: str, received: int) -> None:
+    """Cache a reader over ``received``, the table's descriptor sent by the exporter (closed if one is cached)."""
+    if not table.startswith("gen."):
+        os.close(received)
+        raise BackendError(f"{table!r} is not a lora-ipc generation table")
+    key = (pid, fd, table)
+    with _readers_lock:
+        if _readers.get(key) is not None:
+            os.close(received)
+            return
+    reader = GenerationReader(pid, fd, table, received)
+    with _readers_lock:
+        if _readers.get(key) is None:
+            _readers.put(key, reader)
+            return
+    reader.close()
 
 
 def generation_reader(pid: int, fd: int, table: str) -> GenerationReader:

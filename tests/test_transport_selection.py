@@ -64,11 +64,11 @@ def _failing_first_import(monkeypatch):
     real = imports.open_slab
     calls = {"n": 0}
 
-    def open_slab(handle):
+    def open_slab(handle, *receive):  # receive: the descriptor channel (fdchannel.py)
         calls["n"] += 1
         if calls["n"] == 1:
             raise BackendError("CUDA IPC import failed: operation not permitted (simulated)")
-        return real(handle)
+        return real(handle, *receive)
 
     monkeypatch.setattr(imports, "open_slab", open_slab)
     return calls

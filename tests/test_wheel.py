@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import overlay_venv  # noqa: E402
 
-SOURCES = ("pyproject.toml", "README.md", "lora_ipc")
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "lora_ipc", "csrc")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def wheel(tmp_path_factory) -> Path:
     src.mkdir()
     for name in SOURCES:
         if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         else:
             shutil.copy(ROOT / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
@@ -52,12 +52,15 @@ def venv(wheel, tmp_path_factory):
 def run(venv, *cmd, timeout=120, **kw):
     python, bindir, env = venv
     cwd = kw.pop("cwd", bindir)  # never the checkout: its lora_ipc must not be importable
+    env = kw.pop("env", env)
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
                           **kw)
 
 
 def test_wheel_holds_the_package_and_its_metadata_only(wheel):
     names = zipfile.ZipFile(wheel).namelist()
+    assert "lora_ipc/_native.abi3.so" in names and wheel.name.endswith("-cp310-abi3-linux_x86_64.whl"), names
+    assert not [n for n in names if n.startswith("csrc/") or n.endswith(".c")]
     assert "lora_ipc/benchmarks/transport.py" in names and "lora_ipc/vllm/plugin.py" in names
     assert not [n for n in names if n.startswith(("tests/", "benches/", "scripts/"))]
     [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
@@ -84,6 +87,65 @@ def test_the_wheel_not_the_checkout_is_imported_and_the_vllm_plugin_is_visible(v
     assert got["dist_files"].startswith(venv_root) and got["ep_dist"].startswith(venv_root), got
     assert got["ep"] == "lora_ipc.vllm.plugin:register" and got["register"] == "lora_ipc.vllm.plugin"
     assert got["version"] == got["dist_version"] != "0+unknown"
+
+
+def test_the_wheels_native_extension_loads_and_reports_the_missing_driver(venv):
+    python, bindir, env = venv
+    probe = ("import json; from lora_ipc import native; "
+             "print(json.dumps([native.extension().__file__, native.status()]))")
+    out = run(venv, python, "-c", probe, env={**env, "LORA_IPC_LIBCUDA": "/nonexistent/libcuda.so.1"})
+    assert out.returncode == 0, out.stderr
+    where, (ok, why) = json.loads(out.stdout)
+    assert where.startswith(str(python.parent.parent)) and where.endswith("_native.abi3.so")
+    assert not ok and why.startswith("no CUDA driver: cannot load /nonexistent/libcuda.so.1")
+
+
+def test_a_failed_native_build_does_not_fail_the_install(tmp_path):
+    """No working compiler: the wheel still builds (pure Python) and lora_ipc says why VMM is unavailable."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in SOURCES:
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__", "*.so")}
+                                         if (ROOT / name).is_dir() else {}))
+    env = {**os.environ, "CC": "false", "LDSHARED": "false"}
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [whl] = (tmp_path / "dist").glob("lora_ipc-*.whl")
+    assert not [n for n in zipfile.ZipFile(whl).namelist() if n.endswith(".so")]
+    python = overlay_venv.create(tmp_path / "v")
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(whl)], check=True,
+                   timeout=300)
+    probe = "from lora_ipc import native; print(native.status()[1])"
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    got = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, env=clean, cwd=tmp_path,
+                         timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == "lora_ipc native extension not built (reinstall with a C compiler present)"
+
+
+def test_an_editable_install_of_a_fresh_clone_builds_the_extension(tmp_path):
+    """``pip install -e .`` from a clone of the committed tree (what scripts/setup.sh does)."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    for name in ("setup.py", "csrc", "lora_ipc"):  # this checkout's sources, committed or not
+        if (ROOT / name).is_dir():
+            shutil.rmtree(clone / name)
+            shutil.copytree(ROOT / name, clone / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        else:
+            shutil.copy(ROOT / name, clone / name)
+    python = overlay_venv.create(tmp_path / "v")
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "-e", str(clone)],
+                   check=True, timeout=300)
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "LORA_IPC_LIBCUDA")}
+    probe = "import json, lora_ipc; from lora_ipc import native; print(json.dumps([lora_ipc.__file__, " \
+            "native.extension().__file__, native.status()]))"
+    out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, env=clean, cwd=tmp_path,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    package, extension, (ok, _why) = json.loads(out.stdout)
+    assert package.startswith(str(clone)) and extension.startswith(str(clone)), (package, extension)
 
 
 @pytest.mark.parametrize("command", ["serve", "status", "bench", "demo"])

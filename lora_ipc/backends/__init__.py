@@ -1,22 +1,24 @@
-"""Memory backends behind one interface (see ``base``): ``cpu`` (POSIX shm) and ``cuda`` (CUDA IPC)."""
+"""Memory backends behind one interface (see ``base``): ``cpu`` (sealed memfds), ``cuda`` (torch CUDA IPC), ``vmm``
+(CUDA VMM, native)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..errors import BackendError
-from ..protocol import CpuSlabHandle, CudaSlabHandle, SlabHandle
+from ..protocol import CpuSlabHandle, CudaSlabHandle, SlabHandle, VmmSlabHandle
 from .base import Backend, ExportedSlab, ImportedSlab
 from .cpu import CpuBackend
 
 
-def backend_for(device: torch.device | str) -> Backend:
-    """The backend that exports slabs living on ``device``."""
+def backend_for(device: torch.device | str, cuda_export: str | None = None) -> Backend:
+    """The backend that exports slabs living on ``device``; on CUDA, torch's IPC or VMM per ``cuda_export``
+    (default ``$LORA_IPC_CUDA_EXPORT``, see vmm.py)."""
     device = torch.device(device)
     if device.type == "cuda":
-        from .cuda import CudaBackend
+        from .vmm import cuda_backend
 
-        return CudaBackend(device)
+        return cuda_backend(device, cuda_export)
     return CpuBackend()
 
 
@@ -28,16 +30,21 @@ def slab_device(device: torch.device | str | None, tensors) -> torch.device:
     return target
 
 
-def open_slab(handle: SlabHandle) -> ImportedSlab:
-    """Import a slab described by a validated handle."""
+def open_slab(handle: SlabHandle, receive=None) -> ImportedSlab:
+    """Import a slab described by a validated handle. ``receive(token) -> [fd, ...]`` redeems a
+    descriptor-channel token (fdchannel.FdReceiver of the endpoint the handle came from)."""
     if isinstance(handle, CudaSlabHandle):
         from .cuda import CudaImportedSlab
 
         return CudaImportedSlab(handle)
+    if isinstance(handle, VmmSlabHandle):
+        from .vmm import VmmImportedSlab
+
+        return VmmImportedSlab(handle, receive)
     if isinstance(handle, CpuSlabHandle):
         from .cpu import CpuImportedSlab
 
-        return CpuImportedSlab(handle)
+        return CpuImportedSlab(handle, receive)
     raise BackendError(f"no backend imports {type(handle).__name__}")
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import BackendError
 from ..protocol import CpuSlabHandle
-from ..shm import create_sealed, map_fd, open_sealed, read_exact
+from ..shm import adopt_generation_reader, check_sealed, create_sealed, map_fd, open_sealed, read_exact
 from .base import Backend, ExportedSlab, ImportedSlab
 
 
@@ -33,6 +33,12 @@ class CpuExportedSlab(ExportedSlab):
         self.nbytes = nbytes
         self.slab_id = slab_id
         self.handle = CpuSlabHandle(slab_id, nbytes, os.getpid(), self.fd)
+
+    def descriptor(self) -> int:
+        """A duplicate of the memfd, for the descriptor channel (fdchannel.py); BackendError once closed."""
+        from ..fdchannel import memfd_descriptor
+
+        return memfd_descriptor(self.fd, self.slab_id)
 
     def mark_ready(self) -> None:
         pass  # CPU copies are complete when pack returns
@@ -51,8 +57,11 @@ BOUNCE_BYTES = 64 << 20  # host buffer for copies into device memory
 class CpuImportedSlab(ImportedSlab):
     device = torch.device("cpu")
 
-    def __init__(self, handle: CpuSlabHandle):
-        self.fd = open_sealed(handle.pid, handle.fd, handle.slab_id, handle.nbytes)  # read-only, checked
+    def __init__(self, handle: CpuSlabHandle, receive=None):
+        fd = _receive_memfd(handle, receive) if handle.token is not None and receive is not None else None
+        if fd is None:
+            fd = open_sealed(handle.pid, handle.fd, handle.slab_id, handle.nbytes)  # read-only, checked
+        self.fd = fd  # read with pread (read_into): a hole punched later costs this process nothing
         self.slab_id = handle.slab_id
         self.nbytes = handle.nbytes
         self.handle = handle
@@ -78,6 +87,30 @@ class CpuImportedSlab(ImportedSlab):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _receive_memfd(handle: CpuSlabHandle, receive) -> int | None:
+    """The slab's memfd by the descriptor channel, checked as one opened through /proc is; None when the
+    channel is unreachable (an exporter without one: /proc is tried); BackendError when what came is wrong."""
+    from ..fdchannel import FdChannelUnavailable
+
+    try:
+        fds = receive(handle.token)
+    except FdChannelUnavailable:
+        return None
+    fd, extra = fds[0], fds[1:]
+    try:
+        check_sealed(fd, handle.slab_id, handle.nbytes)
+        if extra:
+            slot = handle.generation
+            if slot is None or len(extra) != 1:
+                raise BackendError(f"exporter sent {len(extra)} descriptors beside slab {handle.slab_id!r} unasked")
+            adopt_generation_reader(slot.pid, slot.fd, slot.table, extra.pop())  # checked there; owned there
+    except BaseException:
+        for other in [fd, *extra]:
+            os.close(other)
+        raise
+    return fd
 
 
 class CpuBackend(Backend):

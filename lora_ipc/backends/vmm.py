@@ -1,0 +1,184 @@
+"""CUDA VMM backend: slabs that torch's caching allocator never sees (csrc/vmm.c through lora_ipc.native).
+
+Note [why VMM slabs]
+    The torch CUDA IPC path (cuda.py) borrows the caching allocator's sharing: a ref counter per
+    export, parked blocks, allocator settings switched around each allocation, a cap on exports.
+    A VMM slab is one ``cuMemCreate`` allocation of the device's granularity, exported once as a
+    POSIX descriptor; the exporter maps it read-write, every importer maps it read-only
+    (``cuMemSetAccess``), and the physical memory lives until the last descriptor and mapping are
+    gone: an exporter that dies cannot take memory from under an importer that still copies.
+    The descriptor travels only by the descriptor channel (fdchannel.py), so exporter and importer
+    may live in different pid namespaces. Neither side's ``torch.cuda.memory_allocated`` changes:
+    the tensors over the mappings come from ``__cuda_array_interface__`` (no copy), and the mapping
+    is unmapped when the last tensor over it dies (the extension's Mapping destructor).
+
+    Ordering is the torch path's: one interprocess event per slab, recorded after every pack, waited
+    for on lora_ipc's copy stream before the importer's copy (``CudaImportedSlab.copy_out``).
+
+Selection: ``$LORA_IPC_CUDA_EXPORT`` = ``torch`` (default, until device measurements decide),
+``vmm`` (error if unavailable) or ``auto`` (VMM where the driver and device support it, else torch).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+
+import torch
+
+from .. import native
+from ..errors import BackendError
+from ..protocol import VmmSlabHandle
+from .base import Backend, ExportedSlab
+from .cuda import CudaImportedSlab, device_uuid, local_device_for_uuid
+
+log = logging.getLogger("lora_ipc.vmm")
+ENV_CUDA_EXPORT = "LORA_IPC_CUDA_EXPORT"
+CUDA_EXPORTS = ("torch", "vmm", "auto")
+_said: set[str] = set()
+
+
+def cuda_export_mode(value: str | None = None) -> str:
+    mode = (value or os.environ.get(ENV_CUDA_EXPORT) or "torch").lower()
+    if mode not in CUDA_EXPORTS:
+        raise BackendError(f"CUDA export {mode!r}: expected one of {CUDA_EXPORTS} (${ENV_CUDA_EXPORT})")
+    return mode
+
+
+def cuda_backend(device: torch.device, mode: str | None = None) -> Backend:
+    """The exporting backend for a CUDA device: torch's CUDA IPC or VMM, per ``mode``."""
+    mode = cuda_export_mode(mode)
+    if mode != "torch":
+        try:
+            return VmmBackend(device)
+        except BackendError as exc:
+            if mode == "vmm":
+                raise
+            if str(exc) not in _said:
+                _said.add(str(exc))
+                log.info("%s=auto: %s; exporting with torch's CUDA IPC", ENV_CUDA_EXPORT, exc)
+    from .cuda import CudaBackend
+
+    return CudaBackend(device)
+
+
+class _CudaArray:
+    """``__cuda_array_interface__`` over a mapping; torch's tensor keeps this (and so the mapping) alive."""
+
+    def __init__(self, mapping, nbytes: int):
+        self.mapping = mapping
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "strides": None, "version": 2,
+                                         "data": (mapping.ptr, False)}  # torch refuses the read-only flag;
+        # the importer's mapping is read-only in the page tables (cuMemSetAccess), which is what counts
+
+
+def tensor_over(mapping, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 tensor over a mapping, no copy; the mapping is unmapped when the last tensor over it dies."""
+    with torch.cuda.device(device):
+        tensor = torch.as_tensor(_CudaArray(mapping, nbytes), device=device)
+    if tensor.data_ptr() != mapping.ptr or tensor.numel() != nbytes:  # torch copied: never run on a copy
+        raise BackendError("torch did not wrap the VMM mapping in place")
+    return tensor
+
+
+def _device_info(index: int) -> dict:
+    ext = native.vmm()
+    info = native.call(ext.device_info, index)
+    if not info["vmm"] or not info["posix_fd"]:
+        raise BackendError(f"GPU {index} does not support VMM allocations exported as POSIX descriptors")
+    return info
+
+
+class VmmExportedSlab(ExportedSlab):
+    def __init__(self, slab_id: str, nbytes: int, device: torch.device, uuid: str):
+        ext = native.vmm()
+        self.slab_id, self.nbytes, self.device = slab_id, nbytes, device
+        mapping, self._fd = native.call(ext.create, device.index, nbytes)
+        try:
+            self.tensor = tensor_over(mapping, nbytes, device)
+            with torch.cuda.device(device):
+                self._ready = torch.cuda.Event(interprocess=True)
+                self._ready.record(torch.cuda.current_stream(device))
+            self.handle = VmmSlabHandle(slab_id, nbytes, uuid, bytes(self._ready.ipc_handle()))
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def descriptor(self) -> int:
+        """A duplicate of the allocation's descriptor (fdchannel.py sends it and closes it)."""
+        if self._fd < 0:
+            raise BackendError(f"slab {self.slab_id} is closed")
+        return os.dup(self._fd)
+
+    def mark_ready(self) -> None:
+        self._ready.record(torch.cuda.current_stream(self.device))
+
+    def close(self) -> None:
+        if self.tensor is not None and self.tensor.numel():
+            torch.cuda.synchronize(self.device)  # no queued pack still writes into the range we let go of
+        self._views = None
+        self.tensor = None  # type: ignore[assignment]  # the last view gone unmaps it (Mapping's destructor)
+        if self._fd >= 0:
+            os.close(self._fd)  # importers' mappings keep the memory until they let go
+            self._fd = -1
+
+
+class VmmImportedSlab(CudaImportedSlab):
+    """Mapped read-only from the descriptor the exporter sent; copies as the CUDA IPC import does."""
+
+    def __init__(self, handle: VmmSlabHandle, receive=None):
+        if handle.token is None or receive is None:
+            raise BackendError(f"VMM slab {handle.slab_id} can only be imported through the descriptor channel")
+        ext = native.vmm()
+        index = local_device_for_uuid(handle.device_uuid)
+        fds = receive(handle.token)
+        try:
+            if len(fds) > 1:
+                slot = handle.generation
+                if slot is None or len(fds) != 2:
+                    raise BackendError(f"exporter sent {len(fds) - 1} descriptors beside slab {handle.slab_id!r}")
+                from ..shm import adopt_generation_reader
+
+                adopt_generation_reader(slot.pid, slot.fd, slot.table, fds.pop())  # checked and owned there
+            mapping = native.call(ext.import_fd, fds[0], handle.nbytes, index, False)
+        finally:
+            for fd in fds:
+                os.close(fd)  # the mapping holds the memory
+        self.handle = handle
+        self.slab_id = handle.slab_id
+        self.nbytes = handle.nbytes
+        self.device = torch.device("cuda", index)
+        self.tensor = tensor_over(mapping, handle.nbytes, self.device)
+        try:
+            self._ready = torch.cuda.Event.from_ipc_handle(self.device, handle.ready_event)
+        except RuntimeError as exc:
+            raise BackendError(f"slab {handle.slab_id}: cannot open its ready event: {exc}") from None
+
+    def consume(self, handle) -> None:
+        pass  # no ref counters: a surplus handle holds nothing (its token simply expires)
+
+
+class VmmBackend(Backend):
+    def __init__(self, device: torch.device | str | int | None = None):
+        native.vmm()  # BackendError naming why (no extension, no driver) before anything else
+        if not torch.cuda.is_available():
+            raise BackendError("CUDA VMM backend requested but torch.cuda is not available")
+        dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.init()  # the primary context torch uses is the one the extension makes current
+        _device_info(dev.index)
+        self.device = dev
+        self.uuid = device_uuid(dev.index)
+        self.granularity = native.call(native.vmm().granularity, dev.index)
+        self._token = f"{os.getpid()}.{secrets.token_hex(4)}"
+        self._counter = itertools.count(1)
+
+    def allocate(self, nbytes: int) -> ExportedSlab:
+        size = -(-self.size_for(nbytes) // self.granularity) * self.granularity
+        return self._allocate(size)
+
+    def _allocate(self, nbytes: int) -> VmmExportedSlab:
+        return VmmExportedSlab(f"vmm.{self._token}.{next(self._counter)}", nbytes, self.device, self.uuid)

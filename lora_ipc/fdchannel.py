@@ -1,0 +1,425 @@
+"""The descriptor channel: slabs travel as file descriptors (``SCM_RIGHTS``) beside the ZeroMQ socket.
+
+Note [why descriptors travel by a side socket]
+    ZeroMQ cannot carry descriptors, and opening ``/proc/<pid>/fd/<n>`` needs the exporter's pid to
+    mean the same process on both sides (one pid namespace) plus ptrace-read permission. A descriptor
+    received over a Unix socket needs neither: a trainer and an engine in two containers of one pod,
+    or two pods on one node sharing a socket directory, can exchange slabs.
+
+    Each server listens on ``<its ipc path>.fd`` (SOCK_SEQPACKET, 0600, in the same directory, so the
+    endpoint's trusted-directory rules cover it). A fetch reply that carries a slab handle carries a
+    one-time ``token`` (16 random bytes, single use, expiring after ``TOKEN_TTL_S``); the client
+    connects, checks the listener's uid with ``SO_PEERCRED``, sends the token and receives the slab's
+    descriptor, plus the descriptor of the exporter's generation table when the slab has one.
+    The server checks the connecting peer's uid the same way.
+
+    The other direction: a ``RemoteExporter`` pushes its staging slab's memfd to a daemon
+    (``b"P" + token`` with exactly one descriptor, the token of its own choosing), then names that
+    token in its ``PublishRequest``; the daemon takes the descriptor once (bounded, expiring) and
+    checks it like any other. A push is the only request that may carry a descriptor.
+
+    The wire: request = ``b"F" + token`` (17 bytes, exactly). Reply = ``b"K" + <count byte>`` with
+    ``count`` descriptors attached, or ``b"E" + <utf-8 reason>`` with none. Anything else, and any
+    descriptor a peer sends unasked, is refused and closed: the receiving side always takes the
+    ancillary data (``MSG_CMSG_CLOEXEC``), closes what it did not ask for, and treats a truncated
+    control message (``MSG_CTRUNC``: the receiver ran out of descriptors) as an error.
+    The importer still checks every descriptor it gets exactly as it checks one it opened itself
+    (shm.check_sealed: sealed, our name, owner, size; mapped read-only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import secrets
+import selectors
+import socket
+import stat
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from .endpoint import _check_dir_chain, ipc_path
+from .errors import BackendError, EndpointNotTrusted
+
+log = logging.getLogger("lora_ipc.fdchannel")
+
+SUFFIX = ".fd"
+TOKEN_BYTES = 16
+TOKEN_TTL_S = 60.0
+MAX_TOKENS = 1024  # outstanding tokens per server; the oldest is dropped first
+MAX_FDS = 2  # a slab and its generation table
+MAX_CONNECTIONS = 64  # open connections on the server at once; more are closed at accept
+CONNECTION_TIMEOUT_S = 5.0  # a peer must send its request within this (a same-uid peer; bounded by MAX_CONNECTIONS)
+REQUEST = b"F"
+PUSH = b"P"  # a publisher hands its staging slab's descriptor to a daemon (RemoteExporter)
+OK, ERR = b"K", b"E"
+MAX_PUSHED = 16  # pushed descriptors a server holds until their PublishRequest arrives; the oldest is closed
+PUSHED_TTL_S = 30.0
+MAX_REPLY = 512
+
+
+def fd_socket_path(endpoint: str) -> str:
+    """The descriptor socket beside ``endpoint``'s ipc socket (never chosen by a peer)."""
+    return ipc_path(endpoint) + SUFFIX
+
+
+def _peer_cred(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the peer as the kernel reports them (pid 0: a process in a pid namespace we cannot see)."""
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                         struct.calcsize("3i")))
+    return pid, uid
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    return _peer_cred(sock)[1]
+
+
+def _recv(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
+    """One message and the descriptors attached to it (at most ``maxfds``; extra ones are closed by the
+    kernel). Raises BackendError when the control message was truncated (the fds did not arrive)."""
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_REPLY, max(maxfds, 1), socket.MSG_CMSG_CLOEXEC)
+    if flags & socket.MSG_CTRUNC:
+        _close_all(fds)
+        raise BackendError("descriptor not delivered (control message truncated: out of file descriptors, or more "
+                           "descriptors than asked for)")
+    return data, fds
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# server side
+# --------------------------------------------------------------------------------------------
+
+#: what a token redeems: a callable returning duplicates of the descriptors to send (BackendError if gone)
+Provider = Callable[[], list[int]]
+
+
+class TokenTable:
+    """One-time tokens: issued with a fetch reply, redeemed once, expiring; bounded in number."""
+
+    def __init__(self, ttl_s: float = TOKEN_TTL_S, limit: int = MAX_TOKENS):
+        self.ttl_s = ttl_s
+        self.limit = limit
+        self._tokens: OrderedDict[bytes, tuple[float, Provider]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def issue(self, provider: Provider) -> bytes:
+        token = secrets.token_bytes(TOKEN_BYTES)
+        with self._lock:
+            self._tokens[token] = (time.monotonic() + self.ttl_s, provider)
+            while len(self._tokens) > self.limit:
+                self._tokens.popitem(last=False)
+        return token
+
+    def redeem(self, token: bytes) -> Provider:
+        with self._lock:
+            entry = self._tokens.pop(token, None)
+        if entry is None or entry[0] < time.monotonic():
+            raise BackendError("unknown, expired or already used descriptor token")
+        return entry[1]
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+
+class FdServer:
+    """Listens on ``<endpoint path>.fd`` and hands out descriptors for tokens (a thread of its own)."""
+
+    def __init__(self, endpoint: str, allowed_uids: set[int]):
+        self.path = fd_socket_path(endpoint)
+        self.allowed_uids = set(allowed_uids)
+        self.tokens = TokenTable()
+        self.refused = 0  # requests refused (bad token, wrong uid, malformed, descriptors sent unasked)
+        if os.path.lexists(self.path):  # ours and stale: prepare_ipc_path has vetted the directory and endpoint
+            st = os.lstat(self.path)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+                raise EndpointNotTrusted(f"{self.path} exists and is not a socket of ours")
+            os.unlink(self.path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self._listener.bind(self.path)
+            os.chmod(self.path, 0o600)
+            self._listener.listen(64)
+            self._listener.setblocking(False)
+        except OSError as exc:
+            self._listener.close()
+            raise BackendError(f"cannot listen on {self.path}: {exc}") from None
+        self._sel = selectors.DefaultSelector()  # made here: the process's descriptors are all open after init
+        self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._starved = False
+        self._pushed: OrderedDict[bytes, tuple[float, int]] = OrderedDict()
+        self._pushed_lock = threading.Lock()
+
+    def take_pushed(self, token: bytes) -> list[int]:
+        """The descriptor a publisher pushed with ``token`` (once); the caller owns it."""
+        with self._pushed_lock:
+            entry = self._pushed.pop(bytes(token), None)
+        if entry is None:
+            raise BackendError("no descriptor was pushed with this token (or it expired)")
+        if entry[0] < time.monotonic():
+            os.close(entry[1])
+            raise BackendError("the pushed descriptor expired before its publish request arrived")
+        return [entry[1]]
+
+    def _keep_pushed(self, token: bytes, fd: int) -> None:
+        now = time.monotonic()
+        with self._pushed_lock:
+            if token in self._pushed:
+                raise BackendError("a descriptor was already pushed with this token")
+            stale = [t for t, (deadline, _) in self._pushed.items() if deadline < now]
+            dropped = [self._pushed.pop(t)[1] for t in stale]
+            self._pushed[token] = (now + PUSHED_TTL_S, fd)
+            while len(self._pushed) > MAX_PUSHED:
+                dropped.append(self._pushed.popitem(last=False)[1][1])
+        _close_all(dropped)
+
+    def offer(self, provider: Provider) -> bytes:
+        return self.tokens.issue(provider)
+
+    def start(self) -> FdServer:
+        self._thread = threading.Thread(target=self._serve, name="lora-ipc-fds", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        if self._thread is None:
+            self._sel.close()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with self._pushed_lock:
+            _close_all(fd for _, fd in self._pushed.values())
+            self._pushed.clear()
+
+    # ---- loop ------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        sel = self._sel
+        deadlines: dict[socket.socket, float] = {}
+        paused_until = 0.0
+        try:
+            while not self._stop.is_set():
+                for key, _ in sel.select(0.05):
+                    if key.data is None:
+                        if time.monotonic() >= paused_until and not self._accept(sel, deadlines):
+                            paused_until = time.monotonic() + 0.05  # out of descriptors: let it pass
+                    else:
+                        self._answer(key.fileobj)
+                        self._drop(sel, deadlines, key.fileobj)
+                now = time.monotonic()
+                for conn in [c for c, d in deadlines.items() if d < now]:
+                    self.refused += 1
+                    self._drop(sel, deadlines, conn)
+        finally:
+            for conn in list(deadlines):
+                self._drop(sel, deadlines, conn)
+            sel.close()
+
+    def _accept(self, sel, deadlines) -> bool:
+        try:
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if not self._starved:  # once per episode, not every retry
+                    log.warning("descriptor channel: cannot accept (%s); retrying", exc)
+                self._starved = True
+                return False
+            raise
+        if self._starved:
+            self._starved = False
+            log.warning("descriptor channel: accepting again")
+        try:
+            uid = _peer_uid(conn)
+        except OSError:
+            uid = -1
+        if uid not in self.allowed_uids or len(deadlines) >= MAX_CONNECTIONS:
+            self.refused += 1
+            conn.close()
+            return True
+        conn.setblocking(False)
+        sel.register(conn, selectors.EVENT_READ, True)
+        deadlines[conn] = time.monotonic() + CONNECTION_TIMEOUT_S
+        return True
+
+    @staticmethod
+    def _drop(sel, deadlines, conn) -> None:
+        deadlines.pop(conn, None)
+        with contextlib.suppress(KeyError, ValueError):
+            sel.unregister(conn)
+        conn.close()
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            data, unasked = _recv(conn, 4)
+        except (OSError, BackendError) as exc:
+            self.refused += 1
+            log.info("descriptor channel: request dropped: %s", exc)
+            return
+        try:
+            if data[:1] == PUSH and len(data) == 1 + TOKEN_BYTES and len(unasked) == 1:
+                self._keep_pushed(data[1:], unasked.pop())  # owned by the table now
+                conn.send(OK + b"\x00")
+                return
+            if unasked:
+                raise BackendError(f"{len(unasked)} descriptors sent unasked (closed)")
+            if len(data) != 1 + TOKEN_BYTES or data[:1] != REQUEST:
+                raise BackendError("malformed descriptor request")
+            fds = self.tokens.redeem(data[1:])()  # duplicates: closed once sent
+            try:
+                if not 1 <= len(fds) <= MAX_FDS:
+                    raise BackendError(f"internal: {len(fds)} descriptors for one token")
+                socket.send_fds(conn, [OK + bytes([len(fds)])], fds)
+            finally:
+                _close_all(fds)
+        except BackendError as exc:
+            self.refused += 1
+            log.info("descriptor channel: request refused: %s", exc)
+            with contextlib.suppress(OSError):
+                conn.send(ERR + str(exc).encode()[:MAX_REPLY - 1])
+        except OSError as exc:
+            self.refused += 1
+            log.info("descriptor channel: reply dropped: %s", exc)
+        finally:
+            _close_all(unasked)
+
+
+    def attach(self, slab, handle):
+        """``handle`` with a fresh token that redeems ``slab``'s descriptor (and its generation table's);
+        unchanged for a slab or handle that cannot travel this way."""
+        if not hasattr(slab, "descriptor") or not hasattr(handle, "token"):
+            return handle
+        slot = handle.generation
+
+        def provider() -> list[int]:
+            fds = [slab.descriptor()]
+            try:
+                if slot is not None:
+                    fds.append(memfd_descriptor(slot.fd, slot.table))
+            except BaseException:
+                _close_all(fds)
+                raise
+            return fds
+
+        return dataclasses.replace(handle, token=self.offer(provider))
+
+
+def memfd_descriptor(fd: int, name: str) -> int:
+    """A duplicate of ``fd`` if it is this process's memfd ``name`` (a closed store's fd number is reused);
+    the caller closes it. Checked on the duplicate, so a close racing with this cannot send another file."""
+    from .shm import MEMFD_PREFIX
+
+    try:
+        copy = os.dup(fd) if fd >= 0 else -1
+    except OSError:
+        copy = -1
+    try:
+        target = os.readlink(f"/proc/self/fd/{copy}") if copy >= 0 else ""
+    except OSError:
+        target = ""
+    if target != f"/memfd:{MEMFD_PREFIX}{name} (deleted)":
+        if copy >= 0:
+            os.close(copy)
+        raise BackendError(f"shared memory {name!r} is gone")
+    return copy
+
+
+# --------------------------------------------------------------------------------------------
+# client side
+# --------------------------------------------------------------------------------------------
+
+class FdChannelUnavailable(BackendError):
+    """The exporter has no descriptor channel (an older exporter): importers fall back to /proc."""
+
+
+class FdReceiver:
+    """Redeems tokens at the descriptor socket beside ``endpoint``; the caller owns the fds returned."""
+
+    def __init__(self, endpoint: str, trusted_uids: set[int] | None = None, timeout_s: float = 10.0):
+        self.endpoint = endpoint
+        self.trusted_uids = {os.getuid()} if trusted_uids is None else set(trusted_uids)
+        self.timeout_s = timeout_s
+
+    def __call__(self, token: bytes, expected_pid: int | None = None) -> list[int]:
+        """The descriptors ``token`` names. ``expected_pid``: the pid the kernel reports for the ZeroMQ
+        server the token came from; the channel must be served by that same process (imports.py)."""
+        path = fd_socket_path(self.endpoint)
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            raise FdChannelUnavailable(f"no descriptor channel at {path}: {exc}") from None
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid not in self.trusted_uids:
+            raise EndpointNotTrusted(f"{path} is not a socket of a trusted uid (uid {st.st_uid})")
+        _check_dir_chain(os.path.dirname(os.path.abspath(path)), self.trusted_uids)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            raise BackendError(f"cannot open the descriptor channel: {exc}") from None
+        with sock:
+            sock.settimeout(self.timeout_s)
+            try:
+                sock.connect(path)
+                pid, uid = _peer_cred(sock)
+                if uid not in self.trusted_uids:
+                    raise EndpointNotTrusted(f"{path} is served by uid {uid}, not {sorted(self.trusted_uids)}")
+                if expected_pid is not None and pid != expected_pid:
+                    raise EndpointNotTrusted(f"{path} is served by process {pid}, but {self.endpoint} by process "
+                                             f"{expected_pid}: descriptor refused")
+                sock.send(REQUEST + bytes(token))
+                data, fds = _recv(sock, MAX_FDS)
+            except OSError as exc:
+                raise BackendError(f"descriptor channel {path}: {exc}") from None
+        if data[:1] == OK and len(data) == 2 and data[1] == len(fds) and 1 <= len(fds) <= MAX_FDS:
+            return fds
+        _close_all(fds)
+        if data[:1] == ERR:
+            raise BackendError(f"descriptor refused by the exporter: {data[1:].decode(errors='replace')[:300]}")
+        raise BackendError(f"malformed descriptor reply ({len(data)} bytes, {len(fds)} descriptors)")
+
+
+def push_fd(endpoint: str, fd: int, trusted_uids: set[int] | None = None, timeout_s: float = 10.0) -> bytes:
+    """Hand ``fd`` to the server at ``endpoint`` (a publisher's staging slab); returns the token to name it by.
+    ``FdChannelUnavailable`` if the server has no descriptor channel."""
+    trusted = {os.getuid()} if trusted_uids is None else set(trusted_uids)
+    path = fd_socket_path(endpoint)
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise FdChannelUnavailable(f"no descriptor channel at {path}: {exc}") from None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid not in trusted:
+        raise EndpointNotTrusted(f"{path} is not a socket of a trusted uid (uid {st.st_uid})")
+    _check_dir_chain(os.path.dirname(os.path.abspath(path)), trusted)
+    token = secrets.token_bytes(TOKEN_BYTES)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(path)
+            uid = _peer_uid(sock)
+            if uid not in trusted:
+                raise EndpointNotTrusted(f"{path} is served by uid {uid}, not {sorted(trusted)}")
+            socket.send_fds(sock, [PUSH + token], [fd])
+            data, fds = _recv(sock, 1)
+    except OSError as exc:
+        raise BackendError(f"descriptor channel {path}: {exc}") from None
+    _close_all(fds)
+    if data != OK + b"\x00" or fds:
+        raise BackendError(f"descriptor push refused: {data[1:].decode(errors='replace')[:300]}")
+    return token
