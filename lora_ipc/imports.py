@@ -23,7 +23,7 @@ from typing import NamedTuple
 from .backends import ImportedSlab, open_slab
 from .endpoint import ServerIdentity
 from .errors import ProtocolError
-from .protocol import CpuSlabHandle, CudaSlabHandle, SlabHandle
+from .protocol import CpuSlabHandle, CudaSlabHandle, SlabHandle, VmmSlabHandle
 
 MAX_KNOWN_SENT = 64  # slab ids a fetch request may list (protocol limit)
 
@@ -47,6 +47,8 @@ def memory_of(handle: SlabHandle) -> tuple:
     if isinstance(handle, CudaSlabHandle):
         return ("cuda", handle.device_uuid, handle.storage_size_bytes, handle.storage_offset_bytes, handle.nbytes,
                 handle.generation)
+    if isinstance(handle, VmmSlabHandle):  # its descriptor travels by the channel, a fresh token each time
+        return ("vmm", handle.device_uuid, handle.nbytes, handle.generation)
     raise ProtocolError(f"unknown slab handle {type(handle).__name__}")
 
 

@@ -8,6 +8,7 @@ trip bitwise, read-only imports, an exporter SIGKILLed under an importer, torch'
 import dataclasses
 import gc
 import multiprocessing as mp
+import os
 import time
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from lora_ipc import AdapterClient, AdapterExporter, native
 from lora_ipc import protocol as p
 from lora_ipc.backends import backend_for, open_slab
+from lora_ipc.endpoint import ServerIdentity
 from lora_ipc.errors import BackendError
 from lora_ipc.imports import REGISTRY
 
@@ -204,10 +206,14 @@ def test_release_frees_a_vmm_import_once(monkeypatch):
     fake.close = lambda: closed.append(True)
     fake.consume(vmm_handle())  # a no-op: no ref counter to give back
     monkeypatch.setattr("lora_ipc.imports.open_slab", lambda handle, receive=None: fake)
+    monkeypatch.setattr("lora_ipc.imports.check_owned_by", lambda handle, server: None)  # ownership: test_identity
     handle = vmm_handle(slab_id="vmm.reg.1")
-    assert REGISTRY.acquire("vmm.reg.1", handle) is fake
-    assert REGISTRY.acquire("vmm.reg.1", dataclasses.replace(handle, token=b"u" * 16)) is fake
-    REGISTRY.release("vmm.reg.1")
+    fake.handle = handle
+    server = ServerIdentity("ipc:///nowhere/vmm.sock", os.getpid(), os.getuid())
+    key, slab = REGISTRY.acquire(server, "vmm.reg.1", handle)
+    assert slab is fake
+    assert REGISTRY.acquire(server, "vmm.reg.1", dataclasses.replace(handle, token=b"u" * 16))[1] is fake
+    REGISTRY.release(key)
     assert not closed
-    REGISTRY.release("vmm.reg.1")
+    REGISTRY.release(key)
     assert closed == [True]

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import BackendError
 from ..protocol import CpuSlabHandle
-from ..shm import adopt_generation_reader, check_sealed, create_sealed, map_fd, open_sealed, read_exact
+from ..shm import GenerationReader, check_sealed, create_sealed, map_fd, open_sealed, read_exact
 from .base import Backend, ExportedSlab, ImportedSlab
 
 
@@ -58,13 +58,23 @@ class CpuImportedSlab(ImportedSlab):
     device = torch.device("cpu")
 
     def __init__(self, handle: CpuSlabHandle, receive=None):
-        fd = _receive_memfd(handle, receive) if handle.token is not None and receive is not None else None
-        if fd is None:
+        received = _receive_memfd(handle, receive) if handle.token is not None and receive is not None else None
+        # the table's reader that came with the slab is this slab's own: a process-wide cache keyed by the
+        # pid/fd/name a handle states could be filled by another server's descriptor (imports.py)
+        self._generations: GenerationReader | None = None
+        if received is None:
             fd = open_sealed(handle.pid, handle.fd, handle.slab_id, handle.nbytes)  # read-only, checked
+        else:
+            fd, self._generations = received
         self.fd = fd  # read with pread (read_into): a hole punched later costs this process nothing
         self.slab_id = handle.slab_id
         self.nbytes = handle.nbytes
         self.handle = handle
+
+    def generation_now(self) -> int | None:
+        if self._generations is None:
+            return super().generation_now()
+        return self._generations.read(self.handle.generation.slot)
 
     def read_into(self, dst: torch.Tensor, offset: int = 0) -> None:
         """Fill ``dst`` (uint8, 1-D, contiguous, in host memory) with the slab's bytes from ``offset``."""
@@ -87,11 +97,15 @@ class CpuImportedSlab(ImportedSlab):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._generations is not None:
+            self._generations.close()
+            self._generations = None
 
 
-def _receive_memfd(handle: CpuSlabHandle, receive) -> int | None:
-    """The slab's memfd by the descriptor channel, checked as one opened through /proc is; None when the
-    channel is unreachable (an exporter without one: /proc is tried); BackendError when what came is wrong."""
+def _receive_memfd(handle: CpuSlabHandle, receive) -> tuple[int, GenerationReader | None] | None:
+    """The slab's memfd (read-only) and a reader of its generation table, both by the descriptor channel and
+    checked as ones opened through /proc are; None when the channel is unreachable (an exporter without
+    one: /proc is tried); BackendError when what came is wrong."""
     from ..fdchannel import FdChannelUnavailable
 
     try:
@@ -101,16 +115,31 @@ def _receive_memfd(handle: CpuSlabHandle, receive) -> int | None:
     fd, extra = fds[0], fds[1:]
     try:
         check_sealed(fd, handle.slab_id, handle.nbytes)
+        fd = _read_only(fd)  # what arrived may be writable; this process only ever reads
+        reader = None
         if extra:
             slot = handle.generation
             if slot is None or len(extra) != 1:
                 raise BackendError(f"exporter sent {len(extra)} descriptors beside slab {handle.slab_id!r} unasked")
-            adopt_generation_reader(slot.pid, slot.fd, slot.table, extra.pop())  # checked there; owned there
+            table_fd = _read_only(extra[0])
+            extra = []
+            reader = GenerationReader(slot.pid, slot.fd, slot.table, table_fd)  # checks it, owns it
     except BaseException:
         for other in [fd, *extra]:
             os.close(other)
         raise
-    return fd
+    return fd, reader
+
+
+def _read_only(fd: int) -> int:
+    """A read-only descriptor of the same memfd (through our own /proc entry, visible in every pid
+    namespace); ``fd`` is closed once that worked (left to the caller otherwise)."""
+    try:
+        read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BackendError(f"cannot reopen a received slab read-only: {exc}") from None
+    os.close(fd)
+    return read_only
 
 
 class CpuBackend(Backend):
