@@ -14,10 +14,13 @@ The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALLS: dict[str, list[str]] = {"before": [], "after": []}
 
 
@@ -29,15 +32,23 @@ def _patcher(tag: str, disk_loader):
     return _load_adapter
 
 
-def _attempt(fn):
+class _Stop(Exception):
+    pass
+
+
+def _attempt(out: dict, key: str, fn) -> None:
+    """``out[key] = fn()``; on an error, ``out[key] = {"error": ...}`` and the run stops (a failed step
+    can leave the in-process engine unable to go on)."""
     try:
-        return fn()
-    except Exception as exc:  # reported, compared by the test
-        return {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        out[key] = fn()
+    except Exception as exc:
+        out[key] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        raise _Stop from exc
 
 
 def main(mode: str, endpoint: str, model_dir: str, v1: str, dir1: str, v2: str, dir2: str) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    v1, v2 = int(v1), int(v2)
     from vllm.lora import worker_manager as wm
     from vllm.lora.request import LoRARequest
 
@@ -54,7 +65,7 @@ def main(mode: str, endpoint: str, model_dir: str, v1: str, dir1: str, v2: str, 
         extension = "lora_ipc.integrations.verl.ColocateExtension"
     llm = engine.make_llm(model_dir, max_loras=2, max_cpu_loras=4, worker_extension_cls=extension)
     out: dict = {"base": engine.generate(llm)}
-    versions = {int(v1): dir1, int(v2): dir2}
+    versions = {v1: dir1, v2: dir2}
 
     def ipc(version):
         return engine.generate(llm, lora_request("policy", endpoint, version))
@@ -62,29 +73,64 @@ def main(mode: str, endpoint: str, model_dir: str, v1: str, dir1: str, v2: str, 
     def disk(version, lora_id):
         return engine.generate(llm, LoRARequest(f"disk-{lora_id}", lora_id, versions[version]))
 
+    try:
+        steps(mode, out, ipc, disk, disk_loader, llm, endpoint, v1, v2)
+    except _Stop:
+        pass
+    out["calls"] = CALLS
+    return out
+
+
+def steps(mode, out, ipc, disk, disk_loader, llm, endpoint, v1, v2) -> None:
+    from vllm.lora import worker_manager as wm
+
     if mode == "patchers":
-        out["ipc_v1"] = _attempt(lambda: ipc(int(v1)))
-        out["disk_v1"] = _attempt(lambda: disk(int(v1), 900_001))
+        _attempt(out, "ipc_v1", lambda: ipc(v1))
+        _attempt(out, "disk_v1", lambda: disk(v1, 900_001))
         after = _patcher("after", disk_loader)
         wm.WorkerLoRAManager._load_adapter = after
         wm.LRUCacheWorkerLoRAManager._load_adapter = after
-        out["ipc_v2"] = _attempt(lambda: ipc(int(v2)))
-        out["disk_v2"] = _attempt(lambda: disk(int(v2), 900_002))
-        out["ipc_v1_again"] = _attempt(lambda: ipc(int(v1)))
+        _attempt(out, "ipc_v2", lambda: ipc(v2))
+        _attempt(out, "disk_v2", lambda: disk(v2, 900_002))
+        _attempt(out, "ipc_v1_again", lambda: ipc(v1))
     else:
         from verl.utils.vllm.utils import LRUCacheWorkerLoRAManager
 
         hijacked = LRUCacheWorkerLoRAManager._load_adapter
         out["verl_hijack_in_place"] = hijacked.__qualname__.startswith("VLLMHijack")
         # the RPC a verl user calls (no workaround): lora_ipc_load, then generate with the same request
-        out["rpc_v1"] = _attempt(lambda: llm.collective_rpc("lora_ipc_load", args=("policy", endpoint, int(v1))))
-        out["ipc_v1"] = _attempt(lambda: ipc(int(v1)))
-        out["ipc_v2"] = _attempt(lambda: ipc(int(v2)))
-        out["ipc_v1_again"] = _attempt(lambda: ipc(int(v1)))
-        out["disk_v1"] = _attempt(lambda: disk(int(v1), 900_001))  # through verl's hijacked loader
-        out["disk_v2"] = _attempt(lambda: disk(int(v2), 900_002))
-    out["calls"] = CALLS
-    return out
+        _attempt(out, "rpc_v1", lambda: llm.collective_rpc("lora_ipc_load", args=("policy", endpoint, v1)))
+        _attempt(out, "ipc_v1", lambda: ipc(v1))
+        _attempt(out, "ipc_v2", lambda: ipc(v2))
+        _attempt(out, "ipc_v1_again", lambda: ipc(v1))
+        _attempt(out, "disk_v1", lambda: disk(v1, 900_001))  # through verl's hijacked loader
+        _attempt(out, "disk_v2", lambda: disk(v2, 900_002))
+
+
+def run_engine(python: str, mode: str, endpoint: str, model_dir: str, versions: dict, timeout: float = 900) -> dict:
+    """Run ``main`` in a new process of ``python``; its result."""
+    (v1, d1), (v2, d2) = sorted(versions.items())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([python, "-m", "tests.patched_loader_engine", mode, endpoint, model_dir, str(v1), d1,
+                           str(v2), d2], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"engine script failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@contextlib.contextmanager
+def published_versions(root):
+    """Two versions of a real PEFT adapter published by a trainer process, and saved beside: (endpoint, {v: dir})."""
+    from .procs import ExporterProcess
+
+    proc = ExporterProcess(keep=3)
+    try:
+        v1 = proc.call("publish_peft", "policy", "bfloat16", 0, str(root / "v1"))
+        v2 = proc.call("train_and_publish", "policy", "bfloat16", 1, str(root / "v2"))
+        yield proc.endpoint, {v1: str(root / "v1"), v2: str(root / "v2")}
+    finally:
+        proc.close()
 
 
 if __name__ == "__main__":
