@@ -54,3 +54,18 @@ def test_verl_colocate_extension_loads_lora_ipc_despite_verls_hijack(published, 
     assert out["ipc_v1"] == out["disk_v1"] != out["base"]
     assert out["ipc_v2"] == out["disk_v2"] != out["disk_v1"]
     assert out["ipc_v1_again"] == out["disk_v1"]
+
+
+def test_verl_install_makes_its_http_server_start_engines_with_the_composed_extension():
+    pytest.importorskip("verl")
+    from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer
+
+    import lora_ipc.integrations.verl as lora_verl
+
+    before = vLLMHttpServer._get_worker_extension_cls
+    try:
+        lora_verl.install()
+        assert vLLMHttpServer._get_worker_extension_cls(object.__new__(vLLMHttpServer)) == lora_verl.EXTENSION
+        assert issubclass(lora_verl.ColocateExtension, lora_verl.vLLMColocateWorkerExtension)
+    finally:
+        vLLMHttpServer._get_worker_extension_cls = before
