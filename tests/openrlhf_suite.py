@@ -54,7 +54,7 @@ def engines(cluster, model_dir):
     lora_openrlhf.install(adapter="policy", max_lora_rank=16, max_loras=2)
     engines = create_vllm_engines(num_engines=1, tensor_parallel_size=1, pretrain=model_dir, seed=0,
                                   full_determinism=False, enable_prefix_caching=True, enforce_eager=True,
-                                  max_model_len=128)
+                                  max_model_len=128, gpu_memory_utilization=0.9)
     # ----
     ray.get(engines[0].get_num_unfinished_requests.remote(), timeout=900)  # the engine is up
     yield engines
@@ -121,7 +121,9 @@ def test_openrlhf_worker_wrap_rpcs_are_still_there(engines):
     import lora_ipc.ray
 
     [engine] = engines
+    [result] = lora_ipc.ray.load(engines, "policy")  # newest: loaded again if the disk loads evicted it
     [loaded] = ray.get(engine.collective_rpc.remote("lora_ipc_loaded"))
+    assert result["lora_path"] in [d["lora_path"] for d in loaded]
     assert any((d["lora_path"] or "").startswith("lora-ipc://") for d in loaded)
     # OpenRLHF's WorkerWrap is in the worker: its RPC runs (and fails on its own precondition, no process group)
     with pytest.raises(Exception, match="default torch process group must be initialized"):

@@ -37,6 +37,7 @@ def test_openrlhf_create_vllm_engines_with_lora_ipc_installed():
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
+    pytest.importorskip("verl")
     with published_versions(tmp_path_factory.mktemp("adapters")) as got:
         yield got
 
