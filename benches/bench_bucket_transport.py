@@ -2,6 +2,7 @@
 
     python benches/bench_bucket_transport.py --device cuda --layers 8 --bucket-mib 256 1024
     python benches/bench_bucket_transport.py --device cpu --layers 2 --bucket-mib 64
+    python benches/bench_bucket_transport.py --device cpu --layers 1 --scale 16 --bucket-mib 1 --iters 1  # CI
 
 The trainer (this process) streams Llama-7B-shaped full weights (bf16, 7 matrices per layer) with
 ``lora_ipc.refit.WeightSender``; a consumer process receives each bucket with ``WeightReceiver`` into
@@ -27,15 +28,18 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benches.shapes import HIDDEN, PROJECTIONS  # noqa: E402
+from lora_ipc.benchmarks.shapes import HIDDEN, PROJECTIONS  # noqa: E402
 
 
-def full_weights(layers: int, device: str) -> dict[str, torch.Tensor]:
+def full_weights(layers: int, device: str, scale: int = 1) -> dict[str, torch.Tensor]:
+    """Llama-7B-shaped weights, every dimension divided by ``scale`` (1: the real shapes)."""
     out = {}
     for i in range(layers):
         for proj, (fan_in, fan_out) in PROJECTIONS.items():
-            out[f"model.layers.{i}.{proj}.weight"] = torch.randn(fan_out, fan_in, device=device).to(torch.bfloat16)
-        out[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(HIDDEN, device=device, dtype=torch.bfloat16)
+            out[f"model.layers.{i}.{proj}.weight"] = torch.randn(
+                fan_out // scale, fan_in // scale, device=device).to(torch.bfloat16)
+        out[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(
+            HIDDEN // scale, device=device, dtype=torch.bfloat16)
     return out
 
 
@@ -98,13 +102,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--bucket-mib", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--scale", type=int, default=1, help="divide every dimension by this (CPU rehearsal)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
     from lora_ipc.refit import WeightSender
 
     device = args.device if args.device != "cuda" else f"cuda:{torch.cuda.current_device()}"
-    weights = full_weights(args.layers, device)
+    weights = full_weights(args.layers, device, args.scale)
     params = [(n, t.dtype, tuple(t.shape)) for n, t in weights.items()]
     total = sum(t.numel() * t.element_size() for t in weights.values())
     floor_s = copy_floor(weights, device, args.iters)

@@ -76,14 +76,14 @@ class RemoteExporter:
         layout = self._layout[1]
         device = slab_device(self.device, tensors)
         slab = self._staging
-        if slab is None or slab.nbytes < layout.used_bytes or slab.device != device:
+        if slab is None or slab.nbytes < layout.used_bytes or slab.device != device or slab.worn_out:
             if slab is not None:
                 slab.close()
             slab = self._staging = backend_for(device).allocate(layout.used_bytes)
         layout.pack(slab.destination_views(layout), tensors)
         slab.mark_ready()
         reply = self._conn.request(
-            PublishRequest(name, config, slab.handle, layout.to_wire(), layout.used_bytes), PublishReply)
+            PublishRequest(name, config, slab.handle_for_import(), layout.to_wire(), layout.used_bytes), PublishReply)
         return reply.version
 
     def close(self) -> None:

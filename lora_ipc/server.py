@@ -130,11 +130,16 @@ class AdapterServer:
                 raise
         slab, generation = pv.slab_for(msg.transport)
         layout = pv.layout
+        try:
+            handle = None if slab.slab_id in msg.known_slabs else slab.handle_for_import()
+        except BaseException:  # e.g. LimitExceeded: the lease taken above must not leak
+            self.store.release(lease.lease_id, peer)
+            raise
         return p.FetchReply(
             name=pv.name, version=pv.version, lease_id=lease.lease_id, config_digest=pv.config_digest,
             peft_config=None if pv.config_digest in msg.known_configs else pv.peft_config,
             slab_id=slab.slab_id,
-            slab=None if slab.slab_id in msg.known_slabs else slab.handle_for_import(),
+            slab=handle,
             generation=generation, layout_digest=layout.digest,
             entries=None if layout.digest in msg.known_layouts else layout.to_wire(),
             used_bytes=layout.used_bytes, live_slabs=self.store.live_slab_ids(),
@@ -149,6 +154,8 @@ class AdapterServer:
         source = self._publish_sources.get(msg.slab.slab_id)
         if source is None:  # a publisher's staging slab: opened once, kept while it is in use
             source = self._publish_sources.put(msg.slab.slab_id, open_slab(msg.slab))
+        else:
+            source.consume(msg.slab)  # every publish carries a fresh export (Note [one export per import])
         version = self.store.publish_copy(msg.name, layout, msg.peft_config, source.copy_into, source.device)
         return p.PublishReply(msg.name, version)
 

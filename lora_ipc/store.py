@@ -344,7 +344,7 @@ class AdapterStore:
         host = self._take_slab(torch.device("cpu"), pv.layout.used_bytes)
         generation = self._generations.bump(self._slab_slots[host.slab_id])
         try:
-            host.tensor[:pv.layout.used_bytes].copy_(pv.slab.tensor[:pv.layout.used_bytes])
+            pv.slab.read_into(host.tensor[:pv.layout.used_bytes])  # after the pack's ready event (CUDA)
         except BaseException:
             self._give_back(host)
             raise
@@ -354,6 +354,9 @@ class AdapterStore:
 
     def _give_back(self, slab: ExportedSlab) -> None:
         with self._lock:
+            if slab.worn_out:  # CUDA: too many exports on it to keep recycling it
+                self._close_slab(slab)
+                return
             self._free.append(slab)
             while len(self._free) > self.max_free_slabs:
                 self._close_slab(self._free.pop(0))

@@ -91,6 +91,34 @@ def _exporter_main(conn, endpoint, keep, lease_timeout_s, device):
                 torch.cuda.synchronize()
                 torch.cuda._sleep(cycles)
                 conn.send(exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG))
+            elif cmd == "publish_constant_on_side_stream":  # name, value, sleep_cycles: packed on a side stream
+                name, value, cycles = args
+                tensors = {k: v.to(device) for k, v in models.constant_adapter(value).items()}
+                torch.cuda.synchronize()
+                side = torch.cuda.Stream()
+                with torch.cuda.stream(side):
+                    torch.cuda._sleep(cycles)
+                    version = exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG)
+                conn.send(version)
+            elif cmd == "queue_work":  # sleep_cycles queued on this process's current stream, not waited for
+                cycles, = args
+                torch.cuda._sleep(cycles)
+                conn.send("queued")
+            elif cmd == "set_allocator_settings":
+                from lora_ipc.backends.cuda import _set_allocator_settings
+
+                for settings in args:
+                    _set_allocator_settings(settings)
+                conn.send("set")
+            elif cmd == "effective_settings":
+                from lora_ipc.backends.cuda import allocator_settings, effective_allocator_settings
+
+                conn.send((allocator_settings(), effective_allocator_settings()))
+            elif cmd == "close_exporter":  # close the store, keep the process: what stays allocated?
+                exporter.close()
+                torch.cuda.synchronize()
+                torch.cuda.ipc_collect()
+                conn.send((torch.cuda.memory_allocated(), torch.cuda.memory_reserved()))
             elif cmd == "allocator_settings":
                 from lora_ipc.backends.cuda import allocator_settings
 

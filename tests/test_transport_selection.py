@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from lora_ipc import AdapterClient, BackendError, LoraIpcError, imports
-from lora_ipc.backends.cuda import expandable_segments_on, parse_settings
+from lora_ipc.backends import cuda as cuda_backend
 from lora_ipc.client import transport_mode
 
 from . import models
@@ -81,9 +81,35 @@ def test_forced_cuda_transport_does_not_fall_back(exporter_proc, monkeypatch):
         assert_same_adapter(client.fetch("nofallback").tensors, models.random_adapter(4))
 
 
-def test_allocator_settings_parsing():
-    s = "max_split_size_mb:128, expandable_segments:True,garbage_collection_threshold:0.6"
-    assert parse_settings(s) == [("max_split_size_mb", "128"), ("expandable_segments", "True"),
-                                 ("garbage_collection_threshold", "0.6")]
-    assert expandable_segments_on(s) and not expandable_segments_on("expandable_segments:False")
-    assert not expandable_segments_on("")
+class _TorchAllocatorSettings:
+    """torch's allocator-settings parser as c10/core/AllocatorConfig.cpp ``parseArgs`` behaves: every string
+    resets max_split_size_mb / garbage_collection_threshold / roundup_power2_divisions to their defaults and
+    keeps expandable_segments unless it names it; the getter returns the last string."""
+
+    def __init__(self):
+        self.last = ""
+        self.effective = {"expandable_segments": False, "max_split_size_mb": None,
+                          "garbage_collection_threshold": None}
+
+    def set(self, settings: str) -> None:
+        self.last = settings
+        self.effective["max_split_size_mb"] = self.effective["garbage_collection_threshold"] = None
+        for part in filter(None, settings.replace(" ", "").split(",")):
+            key, _, value = part.partition(":")
+            self.effective[key] = value == "True" if key == "expandable_segments" else value
+
+
+def test_plain_segments_forces_expandable_off_then_restores_effective_settings(monkeypatch):
+    """P2: expandable_segments switched on by an earlier call, then a string that omits it: the slab's
+    allocation still runs with it off, and afterwards both the effective settings and the string are as before
+    (issue 18; the earlier test read the string, which is the fault)."""
+    fake = _TorchAllocatorSettings()
+    monkeypatch.setattr(cuda_backend, "_set_allocator_settings", fake.set)
+    monkeypatch.setattr(cuda_backend, "allocator_settings", lambda: fake.last)
+    fake.set("expandable_segments:True")
+    fake.set("max_split_size_mb:256,garbage_collection_threshold:0.7")
+    before = (fake.last, dict(fake.effective))
+    assert before[1]["expandable_segments"] is True and "expandable" not in before[0]
+    with cuda_backend.plain_segments():
+        assert fake.effective == {**before[1], "expandable_segments": False}
+    assert (fake.last, fake.effective) == before

@@ -28,6 +28,18 @@ class ExportedSlab(ABC):
         """The handle to give one importing process (CUDA: a fresh export each time, see cuda.py)."""
         return self.handle
 
+    def discard(self, handle: SlabHandle) -> None:  # noqa: B027 - a no-op by default, on purpose
+        """A handle from :meth:`handle_for_import` that never reached its importer (CUDA: release its export)."""
+
+    @property
+    def worn_out(self) -> bool:
+        """True when the slab should be closed rather than recycled (CUDA: too many exports on it)."""
+        return False
+
+    def read_into(self, dst: torch.Tensor) -> None:
+        """Copy the first ``dst.numel()`` bytes into ``dst`` after the last pack; complete on return."""
+        dst.copy_(self.tensor[:dst.numel()])
+
     def destination_views(self, layout: SlabLayout) -> list[torch.Tensor]:
         """Per-entry views of this slab for ``layout``, cached: a recycled slab re-packs with no new views."""
         if self._views is None or self._views[0] != layout.digest:
