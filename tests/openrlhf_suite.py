@@ -125,7 +125,9 @@ def test_openrlhf_worker_wrap_rpcs_are_still_there(engines):
     [loaded] = ray.get(engine.collective_rpc.remote("lora_ipc_loaded"))
     assert result["lora_path"] in [d["lora_path"] for d in loaded]
     assert any((d["lora_path"] or "").startswith("lora-ipc://") for d in loaded)
-    # OpenRLHF's WorkerWrap is in the worker: its RPC runs (and fails on its own precondition, no process group)
-    with pytest.raises(Exception, match="default torch process group must be initialized"):
-        ray.get(engine.init_process_group.remote("127.0.0.1", 1, 0, 2, "g", "gloo", False))
+    # OpenRLHF's WorkerWrap is in the worker: its full-weight RPC runs, up to its own dtype check
+    import torch
+
+    with pytest.raises(Exception, match="mismatch dtype: src torch.float32, dst torch.bfloat16"):
+        ray.get(engine.update_weight.remote("lm_head.weight", torch.float32, (256, 128)))
     assert lora_ipc.ray.relay_endpoints()  # install() started the node relay

@@ -83,6 +83,9 @@ def main(mode: str, endpoint: str, model_dir: str, v1: str, dir1: str, v2: str, 
 
 def steps(mode, out, ipc, disk, disk_loader, llm, endpoint, v1, v2) -> None:
     from vllm.lora import worker_manager as wm
+    from vllm.lora.request import LoRARequest
+
+    from . import engine
 
     if mode == "patchers":
         _attempt(out, "ipc_v1", lambda: ipc(v1))
@@ -103,6 +106,16 @@ def steps(mode, out, ipc, disk, disk_loader, llm, endpoint, v1, v2) -> None:
         _attempt(out, "ipc_v1", lambda: ipc(v1))
         _attempt(out, "ipc_v2", lambda: ipc(v2))
         _attempt(out, "ipc_v1_again", lambda: ipc(v1))
+        # verl's async server generates with its fixed LoRARequest("123", 123, "simon_lora_path") once id 123
+        # is loaded: lora_ipc loads each version into that slot (lora_ipc.ray.load(..., lora_int_id=123))
+        from verl.workers.rollout.vllm_rollout.utils import VLLM_LORA_INT_ID, VLLM_LORA_NAME, VLLM_LORA_PATH
+
+        fixed = LoRARequest(lora_name=VLLM_LORA_NAME, lora_int_id=VLLM_LORA_INT_ID, lora_path=VLLM_LORA_PATH)
+        for key, version in (("fixed_v2", v2), ("fixed_v1", v1)):
+            _attempt(out, f"rpc_{key}", lambda version=version: llm.collective_rpc(
+                "lora_ipc_load", args=("policy", endpoint, version, VLLM_LORA_INT_ID)))
+            llm.reset_prefix_cache()
+            _attempt(out, key, lambda: engine.generate(llm, fixed))
         # the reference: vLLM's own disk loader (verl 0.9.1's hijacked one needs vLLM 0.24: under 0.32 it
         # fails on WeightsMapper.get_unstacked_mapper), put back for these two loads only
         LRUCacheWorkerLoRAManager._load_adapter = disk_loader
