@@ -33,7 +33,7 @@ FLOOR_ENDPOINT = "ipc://lora-ipc-bench-floor"  # never bound: the worker serves 
 
 class FloorExtension:
     """``worker_extension_cls`` for the floor: tensors handed to the worker before timing, served to
-    lora_ipc's own loader in place of a fetch (a bench-only substitute for ``shared_client``)."""
+    lora_ipc's own loader in place of a fetch (a bench-only substitute for ``with_shared_client``)."""
 
     def floor_hold(self, version: int, safetensors_bytes: bytes, peft_config: dict) -> int:
         from safetensors.torch import load
@@ -44,13 +44,14 @@ class FloorExtension:
         held = self.__dict__.setdefault("_floor_held", {})
         held[version] = Adapter("floor", version, load(safetensors_bytes), peft_config)
         if not getattr(loader, "_floor_installed", False):
-            real = loader.shared_client
+            real = loader.with_shared_client
 
             class HeldClient:
-                def fetch(self, name, version=None, device=None):
+                def fetch(self, name, version=None, device=None, epoch=None):
                     return held.pop(version)
 
-            loader.shared_client = lambda endpoint: HeldClient() if endpoint == FLOOR_ENDPOINT else real(endpoint)
+            loader.with_shared_client = lambda endpoint, call: call(HeldClient()) if endpoint == FLOOR_ENDPOINT \
+                else real(endpoint, call)
             loader._floor_installed = True
         return len(held)
 
@@ -102,7 +103,7 @@ def main(argv=None) -> dict:
                 add_lora(llm, "policy", exporter.endpoint)
                 t1 = time.perf_counter()
                 llm.llm_engine.add_lora(LoRARequest(f"floor-v{i}", 700_000 + i,
-                                                    str(AdapterURI("floor", i + 1, FLOOR_ENDPOINT))))
+                                                    str(AdapterURI("floor", i + 1, FLOOR_ENDPOINT, "f1002"))))
                 t2 = time.perf_counter()
                 out = os.path.join(shm, f"v{i}")
                 peft.save_pretrained(out)

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,18 @@ from . import protocol as p
 from .backends import ImportedSlab
 from .connection import Connection
 from .endpoint import daemon_endpoint
-from .errors import BackendError, LoraIpcError, ProtocolError, SlabRecycled
-from .imports import REGISTRY
+from .errors import (
+    BackendError,
+    ClientClosed,
+    ExporterUnavailable,
+    LayoutError,
+    LimitExceeded,
+    LoraIpcError,
+    ProtocolError,
+    SlabRecycled,
+    StaleEpoch,
+)
+from .imports import REGISTRY, ImportKey
 from .layout import SlabLayout
 from .lru import BoundedLRU
 
@@ -32,7 +43,26 @@ MAX_CACHED_SLABS = 32
 MAX_SHARED_CLIENTS = 8
 ENV_TRANSPORT = "LORA_IPC_TRANSPORT"
 TRANSPORTS = ("auto", "cuda", "host")
+ENV_MAX_FETCH_BYTES = "LORA_IPC_MAX_FETCH_BYTES"
+DEFAULT_MAX_FETCH_BYTES = 4 << 30
 log = logging.getLogger("lora_ipc.client")
+
+
+def fetch_bytes_limit(value: int | None = None) -> int:
+    """The most bytes one fetch may copy: ``value``, else ``$LORA_IPC_MAX_FETCH_BYTES``, else 4 GiB.
+
+    A reply whose layout uses more is refused (``LimitExceeded``) before anything is imported or
+    allocated: the exporter sizes a fetch, the client decides what it can afford.
+    """
+    if value is None:
+        env = os.environ.get(ENV_MAX_FETCH_BYTES)
+        try:
+            value = int(env) if env else DEFAULT_MAX_FETCH_BYTES
+        except ValueError:
+            raise LoraIpcError(f"${ENV_MAX_FETCH_BYTES}={env!r:.40}: expected a number of bytes") from None
+    if type(value) is not int or value <= 0:
+        raise LoraIpcError(f"max_fetch_bytes {value!r:.40}: expected a positive number of bytes")
+    return value
 
 
 def transport_mode(value: str | None = None) -> str:
@@ -66,25 +96,52 @@ class Adapter:
 
 
 class AdapterClient:
+    """``connect_wait_s``: how long a request waits for a server to appear on an endpoint where nothing
+    listens (default ``timeout_s``: a trainer may start after its engine); 0 fails at once."""
+
     def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, context: zmq.Context | None = None,
-                 trusted_uids: set[int] | None = None, transport: str | None = None):
+                 trusted_uids: set[int] | None = None, transport: str | None = None,
+                 connect_wait_s: float | None = None, max_fetch_bytes: int | None = None):
         self.endpoint = endpoint or daemon_endpoint()
         self.transport = transport_mode(transport)
+        self.max_fetch_bytes = fetch_bytes_limit(max_fetch_bytes)
         self.host_fallbacks = 0  # fetches served by the host-staged copy because CUDA IPC import failed
         self._fell_back = False
         self.client_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._conn = Connection(self.endpoint, timeout_s, context, trusted_uids)
+        self.timeout_s = timeout_s
+        self._conn = Connection(self.endpoint, timeout_s, context, trusted_uids, connect_wait_s)
         self._lock = threading.Lock()
-        self._slabs: BoundedLRU[str, ImportedSlab] = BoundedLRU(
-            MAX_CACHED_SLABS, lambda slab_id, _: REGISTRY.release(slab_id))  # this client's holds on imports
+        self._closed = False
+        self._slabs: BoundedLRU[ImportKey, ImportedSlab] = BoundedLRU(
+            MAX_CACHED_SLABS, lambda key, _: REGISTRY.release(key))  # this client's holds on imports
         self._layouts: BoundedLRU[bytes, SlabLayout] = BoundedLRU(MAX_CACHED_LAYOUTS)
         self._configs: BoundedLRU[bytes, dict] = BoundedLRU(16)
 
     # ---- API -------------------------------------------------------------------------------
 
+    @contextmanager
+    def _locked(self):
+        """The client's lock, waited for at most ``timeout_s`` (one request at a time on the socket: a
+        stuck exporter makes the next caller of this client fail, never wait without end)."""
+        if not self._lock.acquire(timeout=self.timeout_s):
+            raise ExporterUnavailable(f"{self.endpoint}: another request on this client did not finish within "
+                                      f"{self.timeout_s:g}s")
+        try:
+            if self._closed:
+                raise ClientClosed(f"the client of {self.endpoint} was closed (evicted from the shared clients?)")
+            yield
+        finally:
+            if self._closed:  # closed while this request was in flight
+                self._shutdown()
+            self._lock.release()
+
     def list(self) -> list[p.AdapterSummary]:
-        with self._lock:
-            return self._conn.request(p.ListRequest(), p.ListReply).adapters
+        return self.catalog().adapters
+
+    def catalog(self) -> p.ListReply:
+        """The adapters, their kept versions, and the store's ``epoch`` (what the version numbers are of)."""
+        with self._locked():
+            return self._conn.request(p.ListRequest(), p.ListReply)
 
     def versions(self, name: str) -> list[int]:
         for summary in self.list():
@@ -93,20 +150,27 @@ class AdapterClient:
         return []
 
     def status(self) -> dict:
-        with self._lock:
+        with self._locked():
             return self._conn.request(p.StatusRequest(), p.StatusReply).report
 
-    def fetch(self, name: str, version: int | None = None, device: torch.device | str | None = None) -> Adapter:
+    def fetch(self, name: str, version: int | None = None, device: torch.device | str | None = None,
+              epoch: str | None = None, *, max_bytes: int | None = None) -> Adapter:
         """Lease ``version`` (newest if None), copy it into owned memory on ``device``, release the lease.
+
+        ``epoch`` (from :meth:`catalog` or a ``lora-ipc://`` URI): the version must be of that store
+        epoch, else ``StaleEpoch`` (the exporter restarted; the number now names other bytes).
 
         Returns exactly the bytes of one version or raises: if the slab was reused while it was being
         copied (the lease expired or was revoked), the copy is discarded and the newest version is
         fetched again; a pinned ``version`` raises ``SlabRecycled`` instead.
         On CUDA, ``device`` defaults to the local GPU that is the exporter's (matched by UUID).
+        A reply for another adapter or version is refused, and so is one larger than ``max_bytes``
+        (default: this client's ``max_fetch_bytes``), before anything is allocated (``LimitExceeded``).
         """
+        limit = self.max_fetch_bytes if max_bytes is None else fetch_bytes_limit(max_bytes)
         for attempt in range(FETCH_ATTEMPTS):
             try:
-                return self._fetch_once(name, version, device)
+                return self._fetch_once(name, version, device, epoch, limit)
             except _DeviceImportFailed as failed:
                 if self.transport != "auto":
                     raise failed.error from None
@@ -115,7 +179,7 @@ class AdapterClient:
                                 "for this client (set %s=host to skip the attempt)", self.endpoint, failed.error,
                                 ENV_TRANSPORT)
                 self._fell_back = True
-                return self._fetch_once(name, version, device)
+                return self._fetch_once(name, version, device, epoch, limit)
             except SlabRecycled:
                 if version is not None or attempt == FETCH_ATTEMPTS - 1:
                     raise
@@ -125,19 +189,25 @@ class AdapterClient:
     def _host_only(self) -> bool:
         return self.transport == "host" or self._fell_back
 
-    def _fetch_once(self, name: str, version: int | None, device: torch.device | str | None) -> Adapter:
-        with self._lock:
+    def _fetch_once(self, name: str, version: int | None, device: torch.device | str | None,
+                    epoch: str | None, limit: int) -> Adapter:
+        with self._locked():
             started = time.perf_counter()
             host = self._host_only
+            known = REGISTRY.known(self._conn.server, [k.slab_id for k in reversed(self._slabs.keys())])
             reply = self._conn.request(
-                p.FetchRequest(name, version, self.client_id, REGISTRY.known(list(reversed(self._slabs.keys()))),
-                               self._layouts.keys(), self._configs.keys(), "host" if host else "device"),
+                p.FetchRequest(name, version, self.client_id, known, self._layouts.keys(), self._configs.keys(),
+                               "host" if host else "device", epoch),
                 p.FetchReply)
+            server = self._conn.server
             fetch_ms = 0.0
             try:
+                if epoch is not None and reply.epoch != epoch:  # a server that ignored the request's epoch
+                    raise StaleEpoch(f"{name!r} v{reply.version}: asked for epoch {epoch!r}, got {reply.epoch!r}")
+                _check_reply(reply, name, version, limit)
                 config = self._config_for(reply)
                 try:
-                    slab = self._slab_for(reply)
+                    slab = self._slab_for(server, reply)
                 except BackendError as exc:
                     if host or reply.slab is None:
                         raise
@@ -156,11 +226,21 @@ class AdapterClient:
                     self._conn.send(p.ReleaseRequest(reply.lease_id, fetch_ms))
                 except LoraIpcError:
                     pass  # the lease expires on its own
-            self._forget_dead_slabs(reply.live_slabs)
+            self._forget_dead_slabs(server, reply.live_slabs)
         return Adapter(reply.name, reply.version, layout.unpack(owned), dict(config))
 
     def close(self) -> None:
-        with self._lock:
+        """Close the client; never waits: a request in flight finishes and then closes the socket.
+        Later calls raise ``ClientClosed``."""
+        self._closed = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._shutdown()
+            finally:
+                self._lock.release()
+
+    def _shutdown(self) -> None:  # under the lock
+        if not self._conn.closed:
             self._slabs.clear()  # releases this client's hold on each import
             self._conn.close()
 
@@ -172,13 +252,19 @@ class AdapterClient:
 
     # ---- caches ----------------------------------------------------------------------------
 
-    def _slab_for(self, reply: p.FetchReply) -> ImportedSlab:
-        slab = self._slabs.get(reply.slab_id)
+    def _slab_for(self, server, reply: p.FetchReply) -> ImportedSlab:
+        """The import of the reply's slab, as served by ``server`` (Note [imports are keyed by who served them])."""
+        if server is None:
+            raise ProtocolError(f"cannot tell which process serves {self.endpoint}; reply refused")
+        key = ImportKey(server.endpoint, server.pid, reply.slab_id)
+        slab = self._slabs.get(key)
         if slab is not None:
             if reply.slab is not None:
-                slab.consume(reply.slab)  # a surplus export must still be accounted for
+                REGISTRY.acquire(server, reply.slab_id, reply.slab)  # checked like a new one, surplus consumed
+                REGISTRY.release(key)
             return slab
-        return self._slabs.put(reply.slab_id, REGISTRY.acquire(reply.slab_id, reply.slab))
+        key, slab = REGISTRY.acquire(server, reply.slab_id, reply.slab)
+        return self._slabs.put(key, slab)
 
     def _config_for(self, reply: p.FetchReply) -> dict:
         config = self._configs.get(reply.config_digest)
@@ -200,29 +286,62 @@ class AdapterClient:
                 raise ProtocolError("layout digest does not match its entries")
             self._layouts.put(layout.digest, layout)
         if layout.used_bytes != reply.used_bytes or layout.used_bytes > slab.nbytes:
-            raise ProtocolError(f"layout of {layout.used_bytes} bytes does not fit slab {slab.slab_id} ({slab.nbytes})")
+            raise LayoutError(f"layout of {layout.used_bytes} bytes does not fit slab {slab.slab_id} ({slab.nbytes})")
         return layout
 
-    def _forget_dead_slabs(self, live: list[str]) -> None:
+    def _forget_dead_slabs(self, server, live: list[str]) -> None:
+        """Let go of slabs the server no longer lists, and of every slab of a server that was replaced."""
         live_set = set(live)
-        for slab_id in [s for s in self._slabs if s not in live_set]:
-            self._slabs.pop(slab_id)
-            REGISTRY.release(slab_id)
+        for key in [k for k in self._slabs if (k.endpoint, k.server_pid) != (server.endpoint, server.pid)
+                    or k.slab_id not in live_set]:
+            self._slabs.pop(key)
+            REGISTRY.release(key)
 
 
-_shared: BoundedLRU[str, AdapterClient] = BoundedLRU(MAX_SHARED_CLIENTS, lambda _, client: client.close())
-_shared_lock = threading.Lock()
+def _check_reply(reply: p.FetchReply, name: str, version: int | None, limit: int) -> None:
+    """Before anything is imported or allocated: the reply is for what was asked, and affordable."""
+    if reply.name != name or (version is not None and reply.version != version):
+        asked = f"{name!r} v{version}" if version is not None else f"the newest {name!r}"
+        raise ProtocolError(f"asked for {asked}, the reply is for {reply.name!r:.80} v{reply.version}; refused")
+    if reply.used_bytes > limit:
+        raise LimitExceeded(f"{name!r} v{reply.version} needs {reply.used_bytes} bytes, more than this client "
+                            f"copies in one fetch ({limit}; max_fetch_bytes / ${ENV_MAX_FETCH_BYTES})")
+
+
+_shared: BoundedLRU[str, AdapterClient] = BoundedLRU(MAX_SHARED_CLIENTS)
+_shared_lock = threading.Lock()  # guards the dict only: never held across I/O or a close()
 
 
 def shared_client(endpoint: str) -> AdapterClient:
     """One client per endpoint per process, so slab mappings and validated layouts are reused.
 
-    At most ``MAX_SHARED_CLIENTS`` stay open (least recently used closed first): endpoints come from
-    ``lora_path`` strings, which API users may choose.
+    At most ``MAX_SHARED_CLIENTS`` stay open (least recently used closed first, after the cache's lock
+    is released): endpoints come from ``lora_path`` strings, which API users may choose. A client
+    closed by eviction while a caller still holds it raises ``ClientClosed`` (an ``ExporterUnavailable``);
+    :func:`with_shared_client` retries such a call once with a fresh client. Nothing listening on an
+    endpoint fails at once (``$LORA_IPC_CONNECT_WAIT_S``, default 0): these clients serve requests
+    that users name, and a dead endpoint must cost only its own requests.
     """
+    evicted: list[AdapterClient] = []
     with _shared_lock:
         client = _shared.get(endpoint)
-        if client is None:
+        if client is None or client._closed:
             timeout_s = float(os.environ.get("LORA_IPC_TIMEOUT_S", 10))
-            client = _shared.put(endpoint, AdapterClient(endpoint, timeout_s=timeout_s))
-        return client
+            wait_s = float(os.environ.get("LORA_IPC_CONNECT_WAIT_S", 0))
+            client = AdapterClient(endpoint, timeout_s=timeout_s, connect_wait_s=wait_s)
+            _shared.on_evict = lambda _, old: evicted.append(old)
+            try:
+                _shared.put(endpoint, client)
+            finally:
+                _shared.on_evict = None
+    for old in evicted:
+        old.close()
+    return client
+
+
+def with_shared_client(endpoint: str, call):
+    """``call(shared_client(endpoint))``, once more with a fresh client if that one was closed under it."""
+    try:
+        return call(shared_client(endpoint))
+    except ClientClosed:
+        return call(shared_client(endpoint))

@@ -10,8 +10,8 @@ from typing import TypeVar
 import zmq
 
 from . import protocol as p
-from .endpoint import ipc_path, server_uid
-from .errors import ExporterUnavailable, ProtocolError
+from .endpoint import ServerIdentity, ipc_path, server_identity
+from .errors import ClientClosed, EndpointNotTrusted, ExporterUnavailable, ProtocolError
 
 T = TypeVar("T", bound=p.Message)
 TRUST_POLL_S = 0.01
@@ -29,52 +29,93 @@ class Connection:
     """A DEALER socket speaking the protocol.
 
     Before the first request (and again after a timeout, when the server may have been replaced) it
-    checks who serves the endpoint (:func:`.endpoint.server_uid`): only a server of this uid, or of
-    ``trusted_uids``, ever sees a request. Replies are matched by request id, so a late reply (to a
+    checks who serves the endpoint (:func:`.endpoint.server_identity`): only a server of this uid, or
+    of ``trusted_uids``, ever sees a request. Replies are matched by request id, so a late reply (to a
     fire-and-forget release, or to a request that timed out) is dropped instead of being mistaken
     for the current one.
+
+    ``server`` is who sent the last accepted reply: the pid and uid the kernel reports for the very
+    connection it came on (libzmq's ``Peer-Address`` metadata of an ipc peer is ``…:uid:gid:pid`` from
+    ``SO_PEERCRED``), so a server that libzmq reconnected to behind our back is seen as what it is. A
+    reply from an untrusted uid is refused. Where that metadata is missing, the listener's pid from the
+    probe before connecting stands in.
     """
 
     def __init__(self, endpoint: str, timeout_s: float, context: zmq.Context | None = None,
-                 trusted_uids: set[int] | None = None):
+                 trusted_uids: set[int] | None = None, connect_wait_s: float | None = None):
         ipc_path(endpoint)  # tcp:// and friends are refused here too, not only by servers
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.connect_wait_s = timeout_s if connect_wait_s is None else min(connect_wait_s, timeout_s)
+        self.closed = False
         self.trusted_uids = {os.getuid()} if trusted_uids is None else set(trusted_uids)
-        self._sock = make_socket(context, zmq.DEALER)
+        try:
+            self._sock = make_socket(context, zmq.DEALER)
+        except zmq.ZMQError as exc:  # e.g. EMFILE: out of descriptors
+            raise ExporterUnavailable(f"cannot open a socket for {endpoint}: {exc}") from None
         self._request_ids = itertools.count(1)
         self._connected = False
+        self._probed: ServerIdentity | None = None
+        self.server: ServerIdentity | None = None
 
-    def _ensure_trusted(self, deadline: float) -> None:
-        while server_uid(self.endpoint, self.trusted_uids) is None:  # raises EndpointNotTrusted
-            if time.monotonic() >= deadline:
-                raise ExporterUnavailable(f"nothing serves {self.endpoint} (waited {self.timeout_s:g}s)")
+    def _ensure_trusted(self) -> None:
+        wait_until = time.monotonic() + self.connect_wait_s
+        while (probed := server_identity(self.endpoint, self.trusted_uids)) is None:  # raises EndpointNotTrusted
+            if time.monotonic() >= wait_until:
+                raise ExporterUnavailable(f"nothing serves {self.endpoint} (waited {self.connect_wait_s:g}s)")
             time.sleep(TRUST_POLL_S)
-        self._sock.connect(self.endpoint)
+        self._probed = probed
+        self._zmq(self._sock.connect, self.endpoint)
         self._connected = True
+
+    def _zmq(self, call, *args):
+        """``call(*args)`` with ZeroMQ's errors as typed ones."""
+        if self.closed:
+            raise ClientClosed(f"the connection to {self.endpoint} is closed")
+        try:
+            return call(*args)
+        except zmq.Again:
+            raise ExporterUnavailable(f"cannot send to {self.endpoint}: not connected or its queue is full") from None
+        except zmq.ZMQError as exc:
+            if self.closed or exc.errno == zmq.ENOTSOCK:
+                raise ClientClosed(f"the connection to {self.endpoint} was closed while in use") from None
+            raise ExporterUnavailable(f"{self.endpoint}: {exc}") from None
+
+    def _sender_of(self, frame: zmq.Frame) -> ServerIdentity | None:
+        """The kernel's pid/uid of the process that sent ``frame`` (see the class docstring)."""
+        try:
+            address = frame.get("Peer-Address")
+            _, uid, _gid, pid = address.rsplit(":", 3)
+            server = ServerIdentity(self.endpoint, int(pid), int(uid))
+        except (zmq.ZMQError, AttributeError, TypeError, ValueError):
+            return self._probed
+        if server.uid not in self.trusted_uids:
+            self._reconnect_later()
+            raise EndpointNotTrusted(f"{self.endpoint} is now served by uid {server.uid}, not "
+                                     f"{sorted(self.trusted_uids)}; reply refused")
+        return server
 
     def send(self, message: p.Message) -> int:
         request_id = next(self._request_ids)
-        try:
-            self._sock.send_multipart([b"", p.encode(message, request_id)], zmq.NOBLOCK)
-        except zmq.Again:
-            raise ExporterUnavailable(f"cannot send to {self.endpoint}: not connected or its queue is full") from None
+        self._zmq(self._sock.send_multipart, [b"", p.encode(message, request_id)], zmq.NOBLOCK)
         return request_id
 
     def request(self, message: p.Message, reply_type: type[T]) -> T:
         deadline = time.monotonic() + self.timeout_s
         if not self._connected:
-            self._ensure_trusted(deadline)
+            self._ensure_trusted()
         request_id = self.send(message)
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._sock.poll(remaining_ms):
+            if remaining_ms <= 0 or not self._zmq(self._sock.poll, remaining_ms):
                 self._reconnect_later()
                 raise ExporterUnavailable(
                     f"no reply from {self.endpoint} within {self.timeout_s:g}s (exporter gone, closed or stuck)")
-            frame = p.decode(self._sock.recv_multipart()[-1], p.REPLY_TYPES)
+            last = self._zmq(lambda: self._sock.recv_multipart(copy=False))[-1]
+            frame = p.decode(last.bytes, p.REPLY_TYPES)
             if frame.request_id != request_id:
                 continue
+            self.server = self._sender_of(last)
             if isinstance(frame.message, p.ErrorReply):
                 raise frame.message.to_exception()
             if not isinstance(frame.message, reply_type):
@@ -91,4 +132,5 @@ class Connection:
             self._connected = False
 
     def close(self) -> None:
+        self.closed = True
         self._sock.close(0)

@@ -18,13 +18,24 @@ import socket
 import stat
 import struct
 import tempfile
+from dataclasses import dataclass
 
 from .errors import EndpointInUse, EndpointNotTrusted, LoraIpcError
 
 ENV_ENDPOINT = "LORA_IPC_ENDPOINT"
 
-__all__ = ["ENV_ENDPOINT", "EndpointInUse", "daemon_endpoint", "default_endpoint", "ipc_path",
-           "prepare_ipc_path", "server_uid"]
+__all__ = ["ENV_ENDPOINT", "EndpointInUse", "ServerIdentity", "daemon_endpoint", "default_endpoint", "ipc_path",
+           "prepare_ipc_path", "server_identity", "server_uid"]
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    """Who serves an endpoint, as the kernel reports it (``SO_PEERCRED``): the listening process's pid
+    and uid. Caches of what a server handed out are keyed by this, never by ids the server chose."""
+
+    endpoint: str
+    pid: int
+    uid: int
 
 
 def default_endpoint() -> str:
@@ -141,6 +152,13 @@ def server_uid(endpoint: str, trusted_uids: set[int]) -> int | None:
 
     Raises ``EndpointNotTrusted`` for an untrusted directory chain, socket file or listener.
     """
+    server = server_identity(endpoint, trusted_uids)
+    return None if server is None else server.uid
+
+
+def server_identity(endpoint: str, trusted_uids: set[int]) -> ServerIdentity | None:
+    """Pid and uid of the process listening on ``endpoint`` (kernel-reported) if it is trusted; None
+    if nothing listens yet. Raises ``EndpointNotTrusted`` as :func:`server_uid` does."""
     path = ipc_path(endpoint)
     try:
         st = os.lstat(path)
@@ -155,8 +173,8 @@ def server_uid(endpoint: str, trusted_uids: set[int]) -> int | None:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
-        _pid, uid, _gid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                               struct.calcsize("3i")))
+        pid, uid, _gid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
     except OSError as exc:
         if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
             return None  # a stale file: nothing listens yet
@@ -166,4 +184,4 @@ def server_uid(endpoint: str, trusted_uids: set[int]) -> int | None:
     if uid not in trusted_uids:
         raise EndpointNotTrusted(f"{path} is served by uid {uid}, not {sorted(trusted_uids)}; refusing to talk to "
                                  "it (pass trusted_uids to allow another user's server)")
-    return uid
+    return ServerIdentity(endpoint, pid, uid)

@@ -31,12 +31,22 @@ class VersionNotFound(LoraIpcError):
     """The adapter exists but that version is not (or no longer) kept."""
 
 
+class StaleEpoch(VersionNotFound):
+    """The version was named with another epoch of the store (a daemon or exporter restarted since, and
+    its version numbers started again): the same (name, version) now names other bytes, so it is refused."""
+
+
 class LeaseError(LoraIpcError):
     """A lease id is unknown or already expired."""
 
 
 class ExporterUnavailable(LoraIpcError):
     """The exporter did not answer within the timeout: it is gone, closed, or overloaded."""
+
+
+class ClientClosed(ExporterUnavailable):
+    """The client was closed (or evicted from the shared-client cache) before or while it was used.
+    Asking :func:`lora_ipc.client.shared_client` again gives a fresh one."""
 
 
 class BackendError(LoraIpcError):
@@ -81,6 +91,7 @@ WIRE_ERRORS: dict[str, type[LoraIpcError]] = {
         LayoutError,
         AdapterNotFound,
         VersionNotFound,
+        StaleEpoch,
         LeaseError,
         BackendError,
         AdapterRejected,

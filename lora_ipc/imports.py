@@ -1,63 +1,128 @@
-"""One import per slab per process, shared by every client in it (Note [one export per import], cuda.py).
+"""One import per slab per server per process, shared by every client in it (Note [one export per import], cuda.py).
 
 Two ``AdapterClient``s in one process (or a client and the daemon's publish path) must not open the
 same slab twice: each CUDA import consumes one export's ref counter. The registry counts the users
 of each open slab and closes it when the last one lets go.
+
+Note [imports are keyed by who served them]
+    A slab id is chosen by the server, so it names nothing by itself: a hostile server could answer
+    with another exporter's slab id and its own memory. An import is therefore keyed by the server's
+    identity — the endpoint and the pid the kernel reports for the connection the reply came on
+    (``Connection.server``) — plus the slab id, and it is only ever reused for replies of that same
+    server. Before anything is opened, a handle must belong to that server: its generation slot (which
+    every store-made handle carries; without it a torn copy could not be detected) and, for a CPU
+    slab, the memfd itself must be held by the server's own pid. A handle sent again for an open slab
+    must name the same memory as the one it was opened from.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
 from .backends import ImportedSlab, open_slab
+from .endpoint import ServerIdentity
 from .errors import ProtocolError
-from .protocol import SlabHandle
+from .protocol import CpuSlabHandle, CudaSlabHandle, SlabHandle
 
 MAX_KNOWN_SENT = 64  # slab ids a fetch request may list (protocol limit)
+
+
+class ImportKey(NamedTuple):
+    endpoint: str
+    server_pid: int
+    slab_id: str
+
+
+def key_for(server: ServerIdentity, slab_id: str) -> ImportKey:
+    return ImportKey(server.endpoint, server.pid, slab_id)
+
+
+def memory_of(handle: SlabHandle) -> tuple:
+    """What a handle points at. A fresh CUDA export of the same slab (Note [one export per import]) has
+    new ref-counter and event fields; its generation slot (one per slab in the server's store), device
+    and extent are the slab's own."""
+    if isinstance(handle, CpuSlabHandle):
+        return ("cpu", handle.pid, handle.fd, handle.nbytes, handle.generation)
+    if isinstance(handle, CudaSlabHandle):
+        return ("cuda", handle.device_uuid, handle.storage_size_bytes, handle.storage_offset_bytes, handle.nbytes,
+                handle.generation)
+    raise ProtocolError(f"unknown slab handle {type(handle).__name__}")
+
+
+def check_owned_by(handle: SlabHandle, server: ServerIdentity) -> None:
+    """Refuse a handle whose memory or generation counter is not the answering server's own."""
+    slot = handle.generation
+    if slot is None:
+        raise ProtocolError(f"slab {handle.slab_id!r} of {server.endpoint} comes without a generation slot: "
+                            "a copy torn by a reuse could not be detected, so it is refused")
+    if slot.pid != server.pid:
+        raise ProtocolError(f"slab {handle.slab_id!r}: its generation counter lives in process {slot.pid}, but "
+                            f"{server.endpoint} is served by process {server.pid}")
+    if isinstance(handle, CpuSlabHandle) and handle.pid != server.pid:
+        raise ProtocolError(f"slab {handle.slab_id!r}: its memory is held by process {handle.pid}, but "
+                            f"{server.endpoint} is served by process {server.pid}")
 
 
 class ImportRegistry:
     def __init__(self):
         self._lock = threading.Lock()
-        self._open: dict[str, list] = {}  # slab_id -> [ImportedSlab, users]
+        self._open: dict[ImportKey, list] = {}  # key -> [ImportedSlab, users]
 
-    def acquire(self, slab_id: str, handle: SlabHandle | None) -> ImportedSlab:
-        """The process's import of ``slab_id`` (opened from ``handle`` if this process has none yet);
-        a handle for a slab already open is consumed, not opened twice."""
+    def acquire(self, server: ServerIdentity, slab_id: str,
+                handle: SlabHandle | None) -> tuple[ImportKey, ImportedSlab]:
+        """The process's import of ``slab_id`` as served by ``server`` (opened from ``handle`` if this
+        process has none yet); a handle for a slab already open is consumed, not opened twice."""
+        key = key_for(server, slab_id)
+        if handle is not None:
+            if handle.slab_id != slab_id:
+                raise ProtocolError(f"reply names slab {slab_id!r} but its handle is for {handle.slab_id!r}")
+            check_owned_by(handle, server)
         with self._lock:
-            entry = self._open.get(slab_id)
+            entry = self._open.get(key)
             if entry is not None:
-                entry[1] += 1
                 if handle is not None:
+                    if memory_of(handle) != memory_of(entry[0].handle):
+                        raise ProtocolError(f"{server.endpoint} sent a handle for slab {slab_id!r} that names "
+                                            "other memory than the one already open")
                     entry[0].consume(handle)
-                return entry[0]
-            if handle is None or handle.slab_id != slab_id:
+                entry[1] += 1
+                return key, entry[0]
+            if handle is None:
                 raise ProtocolError(f"reply names slab {slab_id!r} but carries no handle for it")
             slab = open_slab(handle)
-            self._open[slab_id] = [slab, 1]
-            return slab
+            self._open[key] = [slab, 1]
+            return key, slab
 
-    def release(self, slab_id: str) -> None:
+    def release(self, key: ImportKey) -> None:
         with self._lock:
-            entry = self._open.get(slab_id)
+            entry = self._open.get(key)
             if entry is None:
                 return
             entry[1] -= 1
             if entry[1] <= 0:
-                del self._open[slab_id]
+                del self._open[key]
                 entry[0].close()
 
-    def known(self, preferred: list[str]) -> list[str]:
-        """Slab ids to announce in a fetch: this client's first, then the process's, at most MAX_KNOWN_SENT."""
+    def known(self, server: ServerIdentity | None, preferred: list[str]) -> list[str]:
+        """Slab ids of ``server`` to announce in a fetch: this client's first, then the process's, at most
+        MAX_KNOWN_SENT. None (not yet known who serves) announces nothing."""
+        if server is None:
+            return []
         with self._lock:
-            ids = [s for s in preferred if s in self._open]
-            ids += [s for s in self._open if s not in set(ids)]
+            mine = [k.slab_id for k in self._open if k.endpoint == server.endpoint and k.server_pid == server.pid]
+            ids = [s for s in preferred if s in set(mine)]
+            seen = set(ids)
+            ids += [s for s in mine if s not in seen]
             return ids[:MAX_KNOWN_SENT]
 
-    def users(self, slab_id: str) -> int:
+    def users(self, slab: str | ImportKey) -> int:
+        """Holders of one import (an ``ImportKey``), or of every import of that slab id (a ``str``)."""
         with self._lock:
-            entry = self._open.get(slab_id)
-            return 0 if entry is None else entry[1]
+            if isinstance(slab, ImportKey):
+                entry = self._open.get(slab)
+                return 0 if entry is None else entry[1]
+            return sum(entry[1] for key, entry in self._open.items() if key.slab_id == slab)
 
 
 REGISTRY = ImportRegistry()

@@ -168,6 +168,8 @@ class SlabLayout:
             if type(offset) is not int or type(nbytes) is not int or offset < 0 or nbytes < 0:
                 raise LayoutError(f"{name}: offset and nbytes must be non-negative ints")
             expected = math.prod(shape) * DTYPES[dtype].itemsize
+            if math.prod(max(d, 1) for d in shape) * DTYPES[dtype].itemsize > slab_nbytes:
+                raise LayoutError(f"{name}: shape {shape} does not fit a slab of {slab_nbytes} bytes, even empty")
             if nbytes != expected:
                 raise LayoutError(f"{name}: {nbytes} bytes do not match shape {shape} of {dtype} ({expected} bytes)")
             if offset % ALIGN:
@@ -181,7 +183,12 @@ class SlabLayout:
             if e.offset < end:
                 raise LayoutError(f"{e.name}: overlaps the previous entry")
             end = e.offset + e.nbytes
-        return cls(entries, used_bytes)
+        layout = cls(entries, used_bytes)
+        try:  # every view the receiver will make, made once on a meta tensor (no memory): any failure is ours
+            layout.group_views(torch.empty(used_bytes, dtype=torch.uint8, device="meta"))
+        except (RuntimeError, ValueError, OverflowError, IndexError) as exc:
+            raise LayoutError(f"layout cannot be laid over {used_bytes} bytes: {exc}") from None
+        return layout
 
     def group_views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """One ``(n, *shape)`` view of ``buf`` (uint8, 1-D) per shape group, in ``self.groups`` order."""

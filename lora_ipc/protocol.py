@@ -61,6 +61,8 @@ MAX_ADAPTERS_LISTED = 4096
 NAME = Str(MAX_NAME_CHARS)
 SLAB_ID = Str(128)
 DIGEST = Bytes(exact=16)
+#: A store's epoch (``store.new_epoch``); "" from a server that names none (a client pinned to an epoch refuses it).
+EPOCH = Str(16, allow_empty=True)
 CONFIG = Tree(max_depth=8, max_nodes=4096)
 #: One layout entry: [name, dtype, shape, offset, nbytes]; semantic checks are in ``layout.SlabLayout.from_wire``.
 ENTRY = Tuple(NAME, Str(32), ListOf(Int(0, 1 << 62), 8), Int(0, 1 << 62), Int(0, 1 << 62))
@@ -163,13 +165,14 @@ class AdapterSummary:
 @dataclass(frozen=True)
 class ListReply(Message):
     adapters: list[AdapterSummary] = wire(ListOf(Struct(AdapterSummary), MAX_ADAPTERS_LISTED))
+    epoch: str = wire(EPOCH, default="")  # the store's epoch: its version numbers mean these bytes only in it
     TYPE: ClassVar[str] = "list_reply"
     MAX_FRAME: ClassVar[int] = 8 << 20
 
 
 @dataclass(frozen=True)
 class FetchRequest(Message):
-    """Lease ``version`` (newest when None) of ``name``.
+    """Lease ``version`` (newest when None) of ``name`` (of store epoch ``epoch`` when not None).
 
     ``known_slabs`` / ``known_layouts`` / ``known_configs`` list what the client has cached, so the
     reply can leave out the slab handle, the per-tensor layout (names, dtypes, shapes) and the LoRA
@@ -185,6 +188,7 @@ class FetchRequest(Message):
     known_layouts: list[bytes] = wire(ListOf(DIGEST, 64), default_factory=list)
     known_configs: list[bytes] = wire(ListOf(DIGEST, 16), default_factory=list)
     transport: str = wire(Choice("device", "host"), default="device")  # host: a host-staged copy of a GPU slab
+    epoch: str | None = wire(Optional(EPOCH), default=None)  # refuse (StaleEpoch) unless the store's epoch is this
     TYPE: ClassVar[str] = "fetch"
     MAX_FRAME: ClassVar[int] = 24 << 10
 
@@ -210,6 +214,7 @@ class FetchReply(Message):
     entries: list | None = wire(Optional(ENTRIES))
     used_bytes: int = wire(Int(0))
     live_slabs: list[str] = wire(ListOf(SLAB_ID, 4096))
+    epoch: str = wire(EPOCH, default="")
     TYPE: ClassVar[str] = "fetch_reply"
     MAX_FRAME: ClassVar[int] = MAX_FRAME_BYTES
 

@@ -7,6 +7,7 @@ to the sender and a log line; the loop itself never dies on a peer's input.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -44,6 +45,16 @@ def _filter_peers(sock: zmq.Socket, uids: set[int]) -> bool:
         return False
 
 
+def publish_source_key(peer: bytes, handle: p.SlabHandle) -> tuple:
+    """What a daemon keys a publisher's opened staging slab by: the connection that sent it and the memory the
+    handle names. A CUDA handle's ref-counter fields change with every publish (each carries a fresh export,
+    Note [one export per import]); the memory they export does not."""
+    if isinstance(handle, p.CudaSlabHandle):
+        handle = dataclasses.replace(handle, ref_counter_handle=b"", ref_counter_offset=0, event_handle=b"",
+                                     event_sync_required=False)
+    return (peer, handle)
+
+
 class AdapterServer:
     def __init__(self, store: AdapterStore, endpoint: str, *, context: zmq.Context | None = None,
                  allowed_uids: set[int] | None = None):
@@ -55,7 +66,9 @@ class AdapterServer:
         self.peer_check = _filter_peers(self._sock, {os.getuid()} if allowed_uids is None else allowed_uids)
         self._sock.bind(endpoint)
         os.chmod(self._path, 0o600)
-        self._publish_sources: BoundedLRU[str, ImportedSlab] = BoundedLRU(MAX_PUBLISH_SOURCES, lambda _, s: s.close())
+        # (publishing connection, its handle) -> import: see _on_publish
+        self._publish_sources: BoundedLRU[tuple[bytes, p.SlabHandle], ImportedSlab] = BoundedLRU(
+            MAX_PUBLISH_SOURCES, lambda _, s: s.close())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._handlers: dict[type, Callable[[p.Message, bytes], p.Message]] = {
@@ -118,10 +131,10 @@ class AdapterServer:
     # ---- handlers --------------------------------------------------------------------------
 
     def _on_list(self, msg: p.ListRequest, peer: bytes) -> p.ListReply:
-        return p.ListReply(self.store.summaries()[:p.MAX_ADAPTERS_LISTED])
+        return p.ListReply(self.store.summaries()[:p.MAX_ADAPTERS_LISTED], self.store.epoch)
 
     def _on_fetch(self, msg: p.FetchRequest, peer: bytes) -> p.FetchReply:
-        lease, pv = self.store.lease(msg.name, msg.version, peer, msg.client_id)
+        lease, pv = self.store.lease(msg.name, msg.version, peer, msg.client_id, msg.epoch)
         if msg.transport == "host":
             try:
                 self.store.stage_to_host(pv)
@@ -142,7 +155,7 @@ class AdapterServer:
             slab=handle,
             generation=generation, layout_digest=layout.digest,
             entries=None if layout.digest in msg.known_layouts else layout.to_wire(),
-            used_bytes=layout.used_bytes, live_slabs=self.store.live_slab_ids(),
+            used_bytes=layout.used_bytes, live_slabs=self.store.live_slab_ids(), epoch=self.store.epoch,
         )
 
     def _on_release(self, msg: p.ReleaseRequest, peer: bytes) -> p.ReleaseReply:
@@ -150,10 +163,15 @@ class AdapterServer:
         return p.ReleaseReply(msg.lease_id)
 
     def _on_publish(self, msg: p.PublishRequest, peer: bytes) -> p.PublishReply:
+        """Copy a publisher's staging slab in. The slab is opened once and kept (CUDA IPC handles must not
+        be re-opened), keyed by the connection that sent it (its ROUTER identity) and the whole handle
+        (pid, fd, name, size; the CUDA memory handle): an import made for one connection is never used
+        for another, whatever slab id either of them names."""
         layout = SlabLayout.from_wire(msg.entries, msg.used_bytes, msg.slab.nbytes)
-        source = self._publish_sources.get(msg.slab.slab_id)
+        key = publish_source_key(peer, msg.slab)
+        source = self._publish_sources.get(key)
         if source is None:  # a publisher's staging slab: opened once, kept while it is in use
-            source = self._publish_sources.put(msg.slab.slab_id, open_slab(msg.slab))
+            source = self._publish_sources.put(key, open_slab(msg.slab))
         else:
             source.consume(msg.slab)  # every publish carries a fresh export (Note [one export per import])
         version = self.store.publish_copy(msg.name, layout, msg.peft_config, source.copy_into, source.device)

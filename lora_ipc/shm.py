@@ -7,11 +7,20 @@ Note [why memfds, not files in /dev/shm]
     machine shows up as an error at allocation, never as a fault later) and sealed with
     ``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``: nobody, not even its creator, can change its size
     again, so every mapping of it stays valid for its whole life. An importer checks the seals, the
-    owner, the size and the memfd's name on the descriptor it opened, then maps it read-only.
+    owner, the size, the memfd's name and that every byte of it is reserved (``st_blocks``) on the
+    descriptor it opened, and reads it with ``pread`` (never through a mapping).
     A memfd has no path another user could pre-create, replace by a symlink or leave behind: it goes
     away with the last process that holds it, however that process exits.
 
     Peers open it as ``/proc/<pid>/fd/<fd>`` (same user, same pid namespace — one host or one pod).
+
+Note [the reader never pays for the exporter's memory]
+    A read fault through a mapping of a hole in a memfd allocates the page, charged to the reader:
+    a hostile exporter's sparse 1 GiB slab cost its importer 1 GiB of shared memory on top of its own
+    copy. Our exporters reserve every page (``posix_fallocate``), so an importer refuses a memfd whose
+    allocated blocks do not cover its size, and it copies with ``pread``, which reads a hole (one
+    punched after that check, say) as zeros without allocating anything. A fetch costs the reader
+    its own copy and nothing else.
 """
 
 from __future__ import annotations
@@ -81,10 +90,29 @@ def open_sealed(pid: int, fd: int, name: str, min_bytes: int) -> int:
             raise BackendError(f"shared memory {name!r} is not sealed against resizing")
         if st.st_size < min_bytes:
             raise BackendError(f"shared memory {name!r} has {st.st_size} bytes, the handle says {min_bytes}")
+        if st.st_blocks * 512 < st.st_size:
+            raise BackendError(f"shared memory {name!r} of process {pid} is not reserved ({st.st_blocks * 512} of "
+                               f"{st.st_size} bytes allocated): its reader would pay for the exporter's pages")
     except BaseException:
         os.close(opened)
         raise
     return opened
+
+
+READ_CHUNK = 1 << 30  # a single read(2) returns at most ~2 GiB
+
+
+def read_exact(fd: int, dst: memoryview, offset: int) -> None:
+    """Fill ``dst`` (a writable byte view) from ``fd`` at ``offset`` with ``pread``; a short file is a BackendError."""
+    done = 0
+    while done < len(dst):
+        try:
+            n = os.preadv(fd, [dst[done:done + READ_CHUNK]], offset + done)
+        except OSError as exc:
+            raise BackendError(f"cannot read shared memory: {exc}") from None
+        if n <= 0:
+            raise BackendError(f"shared memory ended after {offset + done} bytes; {len(dst) - done} more expected")
+        done += n
 
 
 def memfds_of(pid: int) -> list[str]:

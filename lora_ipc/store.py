@@ -32,7 +32,7 @@ from typing import TypedDict
 import torch
 
 from .backends import Backend, ExportedSlab, backend_for, slab_device
-from .errors import AdapterNotFound, AdapterRejected, LeaseError, LimitExceeded, VersionNotFound
+from .errors import AdapterNotFound, AdapterRejected, LeaseError, LimitExceeded, StaleEpoch, VersionNotFound
 from .layout import SlabLayout, signature_of
 from .lru import BoundedLRU
 from .protocol import AdapterSummary, GenerationSlot, digest_of
@@ -82,6 +82,7 @@ class StatusReport(TypedDict, total=False):
     CLI, the Prometheus exporter and the daemon."""
 
     uptime_s: float
+    epoch: str
     keep: int
     adapters: list[AdapterStatus]
     lease_count: int
@@ -161,6 +162,11 @@ class StoreMetrics:
     publish_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
+def new_epoch() -> str:
+    """8 random hex digits: two stores share one with probability 2**-32."""
+    return secrets.token_hex(4)
+
+
 class AdapterStore:
     def __init__(self, *, keep: int = 2, lease_timeout_s: float = 30.0, max_free_slabs: int = 2,
                  check_finite: bool = False, clock: Callable[[], float] = time.monotonic,
@@ -174,6 +180,9 @@ class AdapterStore:
         self.check_finite = check_finite
         self.clock = clock
         self.started_at = time.time()
+        # Version numbers start again at 1 in every store: the epoch, random per store, tells a
+        # (name, version) of this store from the same pair of an earlier one (see new_epoch).
+        self.epoch = new_epoch()
         self.metrics = StoreMetrics()
         self._lock = threading.RLock()
         self._backends: dict[torch.device, Backend] = {}
@@ -368,7 +377,13 @@ class AdapterStore:
 
     # ---- leases ----------------------------------------------------------------------------
 
-    def lease(self, name: str, version: int | None, holder: bytes, client: str = "") -> tuple[Lease, PublishedVersion]:
+    def lease(self, name: str, version: int | None, holder: bytes, client: str = "",
+              epoch: str | None = None) -> tuple[Lease, PublishedVersion]:
+        """Lease ``version`` (newest if None). ``epoch``, when given, must be this store's: a version
+        number of another epoch names other bytes (``StaleEpoch``)."""
+        if epoch is not None and epoch != self.epoch:
+            raise StaleEpoch(f"{name!r} v{version}: epoch {epoch!r:.40} is not this store's ({self.epoch}); the "
+                             "exporter restarted and its version numbers started again")
         with self._lock:
             self.expire_leases()
             versions = self._versions.get(name)
@@ -469,6 +484,7 @@ class AdapterStore:
             slabs = self._all_slabs()
             return {
                 "uptime_s": round(time.time() - self.started_at, 3),
+                "epoch": self.epoch,
                 "keep": self.keep,
                 "adapters": [
                     {"name": pv.name, "version": pv.version, "bytes": pv.layout.used_bytes,

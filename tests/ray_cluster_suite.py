@@ -109,9 +109,12 @@ def test_one_relay_per_node_on_loopback(cluster):
     assert len(set(relays.values())) == 2
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     assert lora_ipc.ray.start_relays() == relays  # idempotent
+    epochs = set()
     for node, endpoint in relays.items():
         info = ray.get(relay_of(node).info.remote())
         assert (info["node_id"], info["endpoint"], info["ready"]) == (node, endpoint, True)
+        epochs.add(info["epoch"])
+    assert len(epochs) == 1  # one epoch for the set: a pinned URI names the same bytes on every node
 
 
 def test_three_versions_from_node_a_generate_like_disk_on_node_b(cluster, trainer, engine, published,
@@ -243,6 +246,7 @@ def test_killed_relays_are_restarted_and_the_next_publish_repopulates_them(clust
         info = ray.get(handle.info.remote())
         assert info["restarted"] and info["endpoint"] == old["endpoint"]
         assert info["caught_up"] == {NAME: last}  # copied the newest version from the other relay
+        assert info["epoch"] == old["epoch"]  # it continues the set's numbering, so it keeps the set's epoch
         version = publish(trainer, published, root, step=20 + len(DETECTED))
         assert version == last + 1  # numbering continues across the restart of the publishing relay
         got_version, served = served_on(b, endpoint_b)

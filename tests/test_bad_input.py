@@ -177,12 +177,21 @@ class FakeExporter:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(self.endpoint)
         self.tensors, self.layout, self.slab = staged
+        # like a store's: a handle carries the exporter's generation counter (clients refuse one without)
+        import dataclasses
+        import os
+
+        from lora_ipc.shm import GenerationTable
+
+        self.table = GenerationTable(4)
+        slot = p.GenerationSlot(os.getpid(), self.table.fd, self.table.take_slot(), self.table.name)
+        self.handle = dataclasses.replace(self.slab.handle, generation=slot)
 
     def answer(self, **overrides):
         identity, _, payload = self.sock.recv_multipart()
         frame = p.decode(payload)
         body = dict(name="x", version=1, lease_id=1, config_digest=p.digest_of({}), peft_config={},
-                    slab_id=self.slab.slab_id, slab=self.slab.handle, generation=0, layout_digest=self.layout.digest,
+                    slab_id=self.slab.slab_id, slab=self.handle, generation=0, layout_digest=self.layout.digest,
                     entries=self.layout.to_wire(), used_bytes=self.layout.used_bytes,
                     live_slabs=[self.slab.slab_id])
         body.update(overrides)
@@ -216,6 +225,7 @@ def test_client_validates_replies_and_keeps_working(tmp_path, staged, overrides,
     finally:
         client.close()
         fake.sock.close(0)
+        fake.table.close()
 
 
 def test_layout_validator_unit():

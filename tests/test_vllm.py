@@ -10,7 +10,14 @@ vllm = pytest.importorskip("vllm")
 
 from vllm.lora.request import LoRARequest  # noqa: E402
 
-from lora_ipc import AdapterExporter, AdapterNotFound, AdapterRejected, ExporterUnavailable, VersionNotFound  # noqa: E402
+from lora_ipc import (  # noqa: E402
+    AdapterClient,
+    AdapterExporter,
+    AdapterNotFound,
+    AdapterRejected,
+    ExporterUnavailable,
+    VersionNotFound,
+)
 from lora_ipc.tiny import write_model_dir  # noqa: E402
 from lora_ipc.vllm import AdapterURI, add_lora, lora_request  # noqa: E402
 
@@ -188,9 +195,11 @@ def server(model_dir, trainer, tmp_path_factory):
 
 def test_openai_server_loads_lora_ipc_adapter(server, trainer, versions, reference):
     v1 = min(versions)
+    with AdapterClient(trainer.endpoint) as client:
+        epoch = client.catalog().epoch  # a pinned version names its exporter's epoch
     status, body = engine.post(server.base + "/v1/load_lora_adapter",
                                {"lora_name": "policy-ipc",
-                                "lora_path": str(AdapterURI("policy", v1, trainer.endpoint))})
+                                "lora_path": str(AdapterURI("policy", v1, trainer.endpoint, epoch))})
     assert status == 200, body
     got = [server.complete("policy-ipc", p) for p in engine.PROMPTS]
     assert got == reference[v1]  # same tokens as the offline engine with the disk-loaded adapter
@@ -202,10 +211,10 @@ def test_openai_server_loads_lora_ipc_adapter(server, trainer, versions, referen
     # process before any worker sees it; a malformed URI (here: a tcp:// endpoint) is a 400
     load = server.base + "/v1/load_lora_adapter"
     status, body = engine.post(load, {"lora_name": "nope",
-                                      "lora_path": str(AdapterURI("policy", 99, trainer.endpoint))})
+                                      "lora_path": str(AdapterURI("policy", 99, trainer.endpoint, epoch))})
     assert status == 404 and "VersionNotFound" in str(body) and "99" in str(body), (status, body)
     status, body = engine.post(load, {"lora_name": "nope",
-                                      "lora_path": str(AdapterURI("no-such-adapter", 1, trainer.endpoint))})
+                                      "lora_path": str(AdapterURI("no-such-adapter", 1, trainer.endpoint, epoch))})
     assert status == 404 and "AdapterNotFound" in str(body), (status, body)
     status, body = engine.post(load, {"lora_name": "nope",
                                       "lora_path": "lora-ipc://policy/v1?endpoint=tcp%3A%2F%2F127.0.0.1%3A1"})

@@ -1,8 +1,9 @@
-"""CPU backend: one sealed memfd per slab (see :mod:`..shm`), mapped by importers read-only.
+"""CPU backend: one sealed memfd per slab (see :mod:`..shm`), read by importers with ``pread``.
 
 The exporter maps its slab read-write and packs into it; an importer opens it through
-``/proc/<pid>/fd/<fd>``, checks it on the opened descriptor and maps it read-only, once, and keeps
-the mapping. The seals make a truncation impossible, so no peer can turn a kept mapping into a SIGBUS.
+``/proc/<pid>/fd/<fd>`` read-only, checks it on the opened descriptor (sealed, ours, reserved), keeps
+that descriptor and copies out of it with ``pread`` (Note [the reader never pays for the exporter's
+memory]). The seals make a truncation impossible, so the descriptor stays valid for its whole life.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import secrets
 
 import torch
 
+from ..errors import BackendError
 from ..protocol import CpuSlabHandle
-from ..shm import create_sealed, map_fd, open_sealed
+from ..shm import create_sealed, map_fd, open_sealed, read_exact
 from .base import Backend, ExportedSlab, ImportedSlab
 
 
@@ -43,24 +45,39 @@ class CpuExportedSlab(ExportedSlab):
             self.fd = -1
 
 
+BOUNCE_BYTES = 64 << 20  # host buffer for copies into device memory
+
+
 class CpuImportedSlab(ImportedSlab):
     device = torch.device("cpu")
 
     def __init__(self, handle: CpuSlabHandle):
-        fd = open_sealed(handle.pid, handle.fd, handle.slab_id, handle.nbytes)
-        try:
-            self.tensor = map_fd(fd, handle.nbytes, writable=False)
-        finally:
-            os.close(fd)  # the mapping keeps the memory; no descriptor per slab stays open
+        self.fd = open_sealed(handle.pid, handle.fd, handle.slab_id, handle.nbytes)  # read-only, checked
         self.slab_id = handle.slab_id
         self.nbytes = handle.nbytes
         self.handle = handle
 
+    def read_into(self, dst: torch.Tensor, offset: int = 0) -> None:
+        """Fill ``dst`` (uint8, 1-D, contiguous, in host memory) with the slab's bytes from ``offset``."""
+        if offset < 0 or offset + dst.numel() > self.nbytes:
+            raise BackendError(f"bytes [{offset}, {offset + dst.numel()}) lie outside slab {self.slab_id}")
+        if dst.numel():
+            read_exact(self.fd, memoryview(dst.numpy()), offset)
+
     def copy_into(self, dst: torch.Tensor) -> None:
-        dst.copy_(self.tensor[:dst.numel()])
+        if dst.device.type == "cpu" and dst.is_contiguous():
+            self.read_into(dst)
+            return
+        bounce = torch.empty(min(dst.numel(), BOUNCE_BYTES), dtype=torch.uint8)
+        for start in range(0, dst.numel(), BOUNCE_BYTES):
+            part = bounce[:min(BOUNCE_BYTES, dst.numel() - start)]
+            self.read_into(part, start)
+            dst[start:start + part.numel()].copy_(part)  # from pageable memory: done with `part` on return
 
     def close(self) -> None:
-        self.tensor = torch.empty(0, dtype=torch.uint8)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class CpuBackend(Backend):

@@ -51,7 +51,8 @@ def relay_handle(node_id: str):
 
 class Relay:
     def __init__(self, node_id: str, *, keep: int = 2, device: str = "cpu", lease_timeout_s: float = 30.0,
-                 check_finite: bool = False, endpoint_dir: str | None = None, catch_up_timeout_s: float = 20.0):
+                 check_finite: bool = False, endpoint_dir: str | None = None, catch_up_timeout_s: float = 20.0,
+                 epoch: str | None = None):
         here = ray.get_runtime_context().get_node_id()
         if here != node_id:  # node affinity is hard; this would mean two relays claim one node
             raise RuntimeError(f"relay for node {node_id} was placed on node {here}")
@@ -65,6 +66,12 @@ class Relay:
             warnings.simplefilter("ignore", DeprecationWarning)
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.store = AdapterStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite)
+        # Note [one epoch per relay set]: every relay of a set serves under the epoch start_relays drew, so a
+        # pinned URI made against one node's relay names the same bytes on every node. A relay Ray restarts
+        # takes its peers' epoch only if it can continue their numbering (_catch_up); with no peer to copy
+        # from, it starts numbering at 1 again and so keeps the fresh epoch its new store drew.
+        if epoch is not None and not self.restarted:
+            self.store.epoch = epoch
         self._accept_lock = threading.Lock()
         self._server: AdapterServer | None = None
         self._ready = threading.Event()
@@ -99,6 +106,18 @@ class Relay:
         peers = list(self._peers(cached=False).values())
         if not peers:
             return
+        epochs = set()
+        for ref in ray.wait([h.epoch.remote() for h in peers], num_returns=len(peers),
+                            timeout=self._catch_up_timeout_s)[0]:
+            try:
+                epochs.add(ray.get(ref))
+            except ray.exceptions.RayError as exc:
+                log.warning("relay %s: a peer did not say its epoch: %s", self.node_id[:8], exc)
+        if len(epochs) == 1:
+            self.store.epoch = epochs.pop()
+        elif epochs:
+            log.warning("relay %s: peers serve under different epochs %s; keeping %s", self.node_id[:8],
+                        sorted(epochs), self.store.epoch)
         refs = [h.newest_replicas.remote() for h in peers]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._catch_up_timeout_s)
         best: dict[str, tuple[ReplicaMeta, ray.ObjectRef]] = {}
@@ -120,7 +139,10 @@ class Relay:
     def info(self) -> dict:
         return {"node_id": self.node_id, "endpoint": self.endpoint, "pid": os.getpid(), "device": str(self.device),
                 "restarted": self.restarted, "ready": self._ready.is_set() and not self._start_error,
-                "error": self._start_error, "caught_up": dict(self._caught_up)}
+                "error": self._start_error, "caught_up": dict(self._caught_up), "epoch": self.store.epoch}
+
+    def epoch(self) -> str:
+        return self.store.epoch
 
     def wait_ready(self, timeout_s: float = 60.0) -> bool:
         ready = self._ready.wait(timeout_s)

@@ -7,6 +7,7 @@ import threading
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ..store import new_epoch
 from .naming import NAMESPACE, relay_actor_name
 from .relay import Relay, alive_node_ids, relay_handle
 
@@ -28,9 +29,11 @@ def start_relays(keep: int = 2, *, timeout_s: float = 120.0, actor_options: dict
     relay its node's GPU, e.g. ``{"num_gpus": 0.01}`` or a ``runtime_env`` setting
     ``CUDA_VISIBLE_DEVICES``. Returns once every relay answers on its socket.
     """
-    handles = {}
-    for node in alive_node_ids():
-        handle = relay_handle(node)
+    handles = {node: relay_handle(node) for node in alive_node_ids()}
+    running = [h for h in handles.values() if h is not None]
+    # one epoch for the whole set (Note [one epoch per relay set], relay.py): a running relay's, else a new one
+    epoch = ray.get(running[0].epoch.remote(), timeout=timeout_s) if running else new_epoch()
+    for node, handle in handles.items():
         if handle is None:
             options = dict(
                 name=relay_actor_name(node), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
@@ -38,8 +41,7 @@ def start_relays(keep: int = 2, *, timeout_s: float = 120.0, actor_options: dict
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
             )
             options.update(actor_options or {})
-            handle = _RelayActor.options(**options).remote(node, keep=keep, **server_options)
-        handles[node] = handle
+            handles[node] = _RelayActor.options(**options).remote(node, keep=keep, epoch=epoch, **server_options)
     ready = ray.get([h.wait_ready.remote(timeout_s) for h in handles.values()], timeout=timeout_s + 10)
     if not all(ready):
         raise TimeoutError(f"relays not serving within {timeout_s:g}s")

@@ -188,8 +188,8 @@ def require_compatible(surface: VLLMSurface | None = None) -> VLLMSurface:
         raise UnsupportedVLLM(
             f"lora_ipc cannot hook vLLM {surface.version or '?'} ({surface.where}) safely:\n  - "
             + "\n  - ".join(found)
-            + "\nUpgrade or downgrade lora_ipc or vLLM (docs/vllm-versions.md: versions tested), or run vLLM without lora_ipc's "
-            "plugin (VLLM_PLUGINS=<the other plugins>, or uninstall lora-ipc).")
+            + "\nUpgrade or downgrade lora_ipc or vLLM (docs/vllm-versions.md: versions tested), "
+            "or run vLLM without lora_ipc's plugin (VLLM_PLUGINS=<the other plugins>, or uninstall lora-ipc).")
     return surface
 
 

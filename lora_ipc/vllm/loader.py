@@ -14,9 +14,11 @@ import logging
 import time
 from typing import Any
 
-from ..client import shared_client
+from ..client import Adapter, with_shared_client
 from ..errors import AdapterRejected
+from .bounds import fetch_bound
 from .compat import checked_surface, lora_model_class
+from .kept import kept_adapters, key_of
 from .uri import AdapterURI
 
 log = logging.getLogger("lora_ipc.vllm")
@@ -68,7 +70,17 @@ def load_adapter(worker_manager: Any, lora_request: Any):
         # vLLM's disk loader slices experts per rank (moe_ep_spec); from_lora_tensors cannot
         raise AdapterRejected(f"{uri.name}: lora_ipc does not load LoRA adapters into expert-parallel MoE models")
     device = worker_manager.device
-    adapter = shared_client(uri.endpoint).fetch(uri.name, uri.version, device=device)
+    kept = kept_adapters(worker_manager.lora_config)
+    key = key_of(uri)
+    adapter = kept.get(key)
+    source = "kept copy" if adapter is not None else "exporter"
+    if adapter is None:  # only a version this worker never loaded (or no longer keeps) is fetched
+        adapter = with_shared_client(
+            uri.endpoint, lambda client: client.fetch(uri.name, uri.version, device=device, epoch=uri.epoch,
+                                        max_bytes=fetch_bound(worker_manager)))
+    # vLLM scales lora_b in place when it activates an adapter: it gets copies of what is kept
+    tensors = {k: t.to(device, copy=True) for k, t in adapter.tensors.items()} if key is not None \
+        else adapter.tensors
 
     config = dict(adapter.peft_config)
     config["vllm_max_position_embeddings"] = getattr(worker_manager, "max_position_embeddings", None)
@@ -85,7 +97,7 @@ def load_adapter(worker_manager: Any, lora_request: Any):
     skip_prefixes = getattr(model, "lora_skip_prefixes", None)
 
     expected = expected_lora_modules(adapter_manager)
-    bad = unexpected_modules(adapter.tensors, expected, peft_helper, mapper, skip_prefixes)
+    bad = unexpected_modules(tensors, expected, peft_helper, mapper, skip_prefixes)
     if bad:
         raise AdapterRejected(
             f"{uri.name} v{adapter.version}: modules {sorted(set(bad))[:8]} are not LoRA targets of this "
@@ -93,13 +105,17 @@ def load_adapter(worker_manager: Any, lora_request: Any):
 
     lora_cls = getattr(worker_manager, "_lora_model_cls", None) or lora_model_class()
     lora = lora_cls.from_lora_tensors(
-        lora_model_id=lora_request.lora_int_id, tensors=adapter.tensors, peft_helper=peft_helper,
+        lora_model_id=lora_request.lora_int_id, tensors=tensors, peft_helper=peft_helper,
         device=str(device), dtype=worker_manager.lora_config.lora_dtype, model_vocab_size=worker_manager.vocab_size,
         weights_mapper=mapper, skip_prefixes=skip_prefixes,
     )
     lora.is_3d_lora_weight = getattr(lora_request, "is_3d_lora_weight", False)
     for check in surface.validations:  # the same post-load checks vLLM's _load_adapter runs
         getattr(adapter_manager, check)(lora)
-    log.info("loaded %s v%d as LoRA id %d in %.2f ms", uri.name, adapter.version, lora_request.lora_int_id,
-             (time.perf_counter() - started) * 1e3)
+    if key is not None and source == "exporter":  # kept in host memory, outside what vLLM budgets on a GPU
+        kept.put(key, adapter if all(t.device.type == "cpu" for t in adapter.tensors.values()) else
+                 Adapter(adapter.name, adapter.version, {k: t.cpu() for k, t in adapter.tensors.items()},
+                         adapter.peft_config))
+    log.info("loaded %s v%d as LoRA id %d from the %s in %.2f ms", uri.name, adapter.version,
+             lora_request.lora_int_id, source, (time.perf_counter() - started) * 1e3)
     return lora

@@ -111,11 +111,24 @@ def _init_wrapper(original):
     return __init__
 
 
+def _touch_kept(worker_manager, lora_path: str) -> None:
+    """A request for an adapter marks its kept copy as used (see :mod:`.kept`)."""
+    from ..errors import LoraIpcError
+    from .kept import kept_adapters, key_of
+
+    try:
+        kept_adapters(getattr(worker_manager, "lora_config", None)).get(key_of(AdapterURI.parse(lora_path)))
+    except LoraIpcError:
+        pass
+
+
 def _add_adapter_wrapper(original):
     """``load_inplace`` requests are re-sent by vLLM on every step; reload only when the path changed."""
 
     def add_adapter(self, lora_request):
         guard(self)  # a manager whose class's __init__ did not run ours (a subclass's own __init__)
+        if AdapterURI.matches(getattr(lora_request, "lora_path", None)):
+            _touch_kept(self, lora_request.lora_path)
         if (getattr(lora_request, "load_inplace", False) and AdapterURI.matches(lora_request.lora_path)
                 and lora_request.lora_int_id in self.list_adapters()
                 and loaded_paths(self).get(lora_request.lora_int_id) == lora_request.lora_path):
@@ -128,15 +141,22 @@ def _add_adapter_wrapper(original):
 
 
 def _install_openai_check() -> None:
-    """404 for unknown lora-ipc adapters in the API process (see :mod:`.openai`), where vLLM has the hook."""
-    try:
-        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-    except ImportError:
-        return
-    if hasattr(OpenAIServingModels, "_check_load_lora_adapter_request"):
-        from .openai import check_wrapper
+    """The API process's checks (see :mod:`.openai`), where vLLM has the hooks."""
+    import importlib
 
-        _install(OpenAIServingModels, "_check_load_lora_adapter_request", check_wrapper)
+    from .openai import check_model_wrapper, check_wrapper
+
+    for module, cls_name, attr, wrapper in (
+            ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels", "_check_load_lora_adapter_request",
+             check_wrapper),
+            ("vllm.entrypoints.serve.engine.serving", "BaseServing", "_check_model", check_model_wrapper),
+            ("vllm.entrypoints.pooling.base.serving", "PoolingBaseServing", "_check_model", check_model_wrapper)):
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError):
+            continue
+        if attr in cls.__dict__:
+            _install(cls, attr, wrapper)
 
 
 def register_weight_transfer() -> None:

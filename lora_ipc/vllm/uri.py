@@ -1,9 +1,12 @@
 """``lora-ipc://`` URIs: what a vLLM ``LoRARequest.lora_path`` carries to the worker.
 
-``lora-ipc://<name>/v<version>?endpoint=<endpoint>`` (name and endpoint percent-encoded). The version
-is part of the path so vLLM's prefix cache, keyed by (lora_name, lora_path), never mixes versions.
-Without ``/v<version>`` the worker loads the newest version at load time; without ``endpoint`` it uses
-``$LORA_IPC_ENDPOINT``. No vLLM import here.
+``lora-ipc://<name>/v<version>?endpoint=<endpoint>&epoch=<epoch>`` (name and endpoint percent-encoded).
+The version is part of the path so vLLM's prefix cache, keyed by (lora_name, lora_path), never mixes
+versions. ``epoch`` is the exporter's store epoch (random per start): version numbers start again when
+a daemon restarts, so a pinned version is only meaningful with its epoch, and a URI of an earlier
+epoch is refused (``StaleEpoch``) instead of being served other bytes. A pinned version without an
+epoch is refused here (``BadAdapterURI``). Without ``/v<version>`` the worker loads the newest version
+at load time (of whatever epoch); without ``endpoint`` it uses ``$LORA_IPC_ENDPOINT``. No vLLM import here.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ..endpoint import ENV_ENDPOINT, ipc_path
 from ..errors import BadAdapterURI
 
 SCHEME = "lora-ipc"
+EPOCH_RE = re.compile(r"[0-9a-f]{1,16}")
 
 
 @dataclass(frozen=True)
@@ -24,10 +28,12 @@ class AdapterURI:
     name: str
     version: int | None
     endpoint: str
+    epoch: str | None = None
 
     def __str__(self) -> str:
         version = "" if self.version is None else f"/v{self.version}"
-        return f"{SCHEME}://{quote(self.name, safe='')}{version}?endpoint={quote(self.endpoint, safe='')}"
+        epoch = "" if self.epoch is None else f"&epoch={self.epoch}"
+        return f"{SCHEME}://{quote(self.name, safe='')}{version}?endpoint={quote(self.endpoint, safe='')}{epoch}"
 
     @staticmethod
     def matches(path: object) -> bool:
@@ -51,8 +57,11 @@ class AdapterURI:
         if not m:
             raise BadAdapterURI(f"{uri!r:.200}: the path must be /v<version>, got {parts.path!r:.60}")
         version = int(m.group(1)) if m.group(1) else None
-        if set(query) - {"endpoint"} or len(query.get("endpoint", [])) > 1:
-            raise BadAdapterURI(f"{uri!r:.200}: the only query parameter is one endpoint=")
+        if set(query) - {"endpoint", "epoch"} or any(len(v) > 1 for v in query.values()):
+            raise BadAdapterURI(f"{uri!r:.200}: the query parameters are one endpoint= and one epoch=")
+        epoch = query.get("epoch", [None])[0]
+        if epoch is not None and not EPOCH_RE.fullmatch(epoch):
+            raise BadAdapterURI(f"{uri!r:.200}: epoch must be 1-16 hex digits")
         endpoint = query.get("endpoint", [os.environ.get(ENV_ENDPOINT, "")])[0]
         if not endpoint:
             raise BadAdapterURI(f"{uri!r:.200} names no endpoint and ${ENV_ENDPOINT} is not set in the engine")
@@ -60,4 +69,7 @@ class AdapterURI:
             ipc_path(endpoint)
         except Exception as exc:
             raise BadAdapterURI(str(exc)) from None
-        return cls(name, version, endpoint)
+        if m.group(1) and epoch is None:
+            raise BadAdapterURI(f"{uri!r:.200}: a pinned version needs the exporter's epoch (&epoch=..., see "
+                                "lora_ipc.vllm.lora_request): version numbers start again when an exporter restarts")
+        return cls(name, version, endpoint, epoch)

@@ -1,0 +1,205 @@
+"""A hostile exporter: a real server process of the same uid that answers fetches with what an attacker
+chooses (issue 15, items 4 and 9). Started with the spawn method; driven over a control pipe.
+
+Modes:
+- ``impersonate``: fetch from ``legit`` once, then answer every fetch with the legit reply's slab id,
+  layout and config but the attacker's own sealed memfd, named like the legit slab, full of 0x41;
+  ``generation`` says whether the handle carries a generation slot of the attacker's own.
+- ``sparse``: a sealed but unreserved (sparse) memfd of ``nbytes``, one uint8 entry covering it.
+- ``reserved``: the same, reserved (``posix_fallocate``), as our exporters do.
+- ``wrong_name``: a small reserved slab, but the reply names ``someone-else`` v99.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+
+import zmq
+
+ATTACKER_BYTE = 0x41
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _fill(fd: int, nbytes: int) -> None:
+    mm = mmap.mmap(fd, nbytes)
+    mm[:] = bytes([ATTACKER_BYTE]) * nbytes
+    mm.close()
+
+
+def _sealed(name: str, nbytes: int, reserve: bool) -> int:
+    from lora_ipc.shm import MEMFD_PREFIX, SEALS, create_sealed
+
+    if reserve:
+        return create_sealed(name, nbytes)
+    fd = os.memfd_create(MEMFD_PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, nbytes)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    return fd
+
+
+def punch_holes(fd: int, nbytes: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, nbytes) != 0:
+        raise OSError(ctypes.get_errno(), "fallocate(PUNCH_HOLE)")
+
+
+def _legit_reply(legit: str):
+    from lora_ipc import protocol as p
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(legit)
+    sock.send_multipart([b"", p.encode(p.FetchRequest("policy", None, "attacker"), 1)])
+    assert sock.poll(20_000), "legit exporter did not answer"
+    reply = p.decode(sock.recv_multipart()[-1]).message
+    sock.send_multipart([b"", p.encode(p.ReleaseRequest(reply.lease_id), 2)])
+    sock.close(1000)
+    return reply
+
+
+def hostile_main(conn, endpoint: str, mode: str, nbytes: int = 0, legit: str | None = None,
+                 generation: bool = True) -> None:
+    from lora_ipc import protocol as p
+    from lora_ipc.layout import SlabLayout
+    from lora_ipc.shm import GenerationTable
+
+    table = GenerationTable(16)
+    slot = table.take_slot()
+    table.bump(slot)
+    gen = p.GenerationSlot(os.getpid(), table.fd, slot, table.name)
+    if mode == "impersonate":
+        base = _legit_reply(legit)
+        slab_id, nbytes = base.slab_id, base.slab.nbytes
+        fd = _sealed(slab_id, nbytes, True)
+        _fill(fd, nbytes)
+        entries, used, config = base.entries, base.used_bytes, base.peft_config
+        name, version = base.name, base.version
+    else:
+        slab_id = f"{os.getpid()}.hostile.1"
+        fd = _sealed(slab_id, nbytes, mode != "sparse")
+        if mode != "sparse":
+            _fill(fd, nbytes)
+        entries, used, config = [["w", "uint8", [nbytes], 0, nbytes]], nbytes, CONFIG
+        name, version = ("someone-else", 99) if mode == "wrong_name" else (None, None)
+    layout = SlabLayout.from_wire(entries, used, nbytes)
+    handle = p.CpuSlabHandle(slab_id, nbytes, os.getpid(), fd, gen if generation else None)
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    conn.send(("ready", os.getpid(), slab_id))
+    while True:
+        if conn.poll(0):
+            cmd = conn.recv()
+            if cmd == "punch":  # give back every page of the slab (its size and seals stay)
+                punch_holes(fd, nbytes)
+                conn.send(os.fstat(fd).st_blocks * 512)
+            elif cmd == "blocks":
+                conn.send(os.fstat(fd).st_blocks * 512)
+            elif cmd == "stop":
+                sock.close(0)
+                conn.send("stopped")
+                return
+        if not sock.poll(20):
+            continue
+        identity, *_, payload = sock.recv_multipart()
+        frame = p.decode(payload, p.REQUEST_TYPES)
+        msg = frame.message
+        if isinstance(msg, p.FetchRequest):
+            reply = p.FetchReply(
+                name=name or msg.name, version=version or msg.version or 1, lease_id=7,
+                config_digest=p.digest_of(config), peft_config=config, slab_id=slab_id,
+                slab=None if slab_id in msg.known_slabs else handle, generation=table.read(slot) if generation else 0,
+                layout_digest=layout.digest, entries=entries, used_bytes=used, live_slabs=[slab_id])
+        elif isinstance(msg, p.ReleaseRequest):
+            reply = p.ReleaseReply(msg.lease_id)
+        else:
+            reply = p.ErrorReply("LoraIpcError", "no")
+        sock.send_multipart([identity, b"", p.encode(reply, frame.request_id)])
+
+
+class HostileServer:
+    def __init__(self, endpoint: str, mode: str, **kw):
+        from .procs import SPAWN
+
+        self.endpoint = endpoint
+        self._conn, child = SPAWN.Pipe()
+        self.proc = SPAWN.Process(target=hostile_main, args=(child, endpoint, mode), kwargs=kw, daemon=True)
+        self.proc.start()
+        if not self._conn.poll(120):
+            raise RuntimeError("hostile server did not start")
+        _, self.pid, self.slab_id = self._conn.recv()
+
+    def call(self, cmd: str):
+        self._conn.send(cmd)
+        assert self._conn.poll(60), f"hostile server did not answer {cmd}"
+        return self._conn.recv()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(10)
+
+
+# ---- the daemon's publish path (item 5) --------------------------------------------------------
+
+
+def trainer_main(conn, endpoint: str) -> None:
+    """A trainer publishing through ``RemoteExporter``: ``("publish", v)`` publishes an adapter whose every
+    value is ``v`` and answers the daemon's version number."""
+    from lora_ipc import RemoteExporter
+
+    from . import models
+
+    with RemoteExporter(endpoint, timeout_s=30) as remote:
+        conn.send(os.getpid())
+        while True:
+            cmd, *args = conn.recv()
+            if cmd == "stop":
+                conn.send("stopped")
+                return
+            value, = args
+            conn.send(remote.publish("policy", models.constant_adapter(value), models.RANDOM_ADAPTER_CONFIG))
+
+
+def staging_ids(pid: int) -> list[str]:
+    """Slab ids of the lora-ipc memfds process ``pid`` holds, read from /proc as an attacker would."""
+    from lora_ipc.shm import MEMFD_PREFIX, memfds_of
+
+    prefix = f"/memfd:{MEMFD_PREFIX}"
+    return sorted({m[len(prefix):].removesuffix(" (deleted)") for m in memfds_of(pid)})
+
+
+def attacker_publish_main(conn, endpoint: str, victim_id: str, evictions: int) -> None:
+    """Publish ``evictions`` adapters from slabs of our own, then one from a memfd of ours named like the
+    victim's staging slab; every value 0x41 as float32 (65.0). Reports the daemon's answers."""
+    import torch
+
+    from lora_ipc import protocol as p
+    from lora_ipc.layout import SlabLayout
+    from lora_ipc.shm import create_sealed, map_fd
+
+    from . import models
+
+    tensors = {k: torch.full_like(v, float(ATTACKER_BYTE)) for k, v in models.constant_adapter(0).items()}
+    layout = SlabLayout.plan(tensors)
+    size = -(-layout.used_bytes // (64 << 10)) * (64 << 10)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    answers, keep = [], []
+    for i, slab_id in enumerate([f"{os.getpid()}.evict.{i}" for i in range(evictions)] + [victim_id]):
+        fd = create_sealed(slab_id, size)
+        keep.append(fd)
+        layout.pack(layout.destination_views(map_fd(fd, size, writable=True)), tensors)
+        handle = p.CpuSlabHandle(slab_id, size, os.getpid(), fd)
+        request = p.PublishRequest("evil", models.RANDOM_ADAPTER_CONFIG, handle, layout.to_wire(), layout.used_bytes)
+        sock.send_multipart([b"", p.encode(request, i + 1)])
+        assert sock.poll(30_000), "daemon did not answer"
+        answers.append(type(p.decode(sock.recv_multipart()[-1]).message).__name__)
+    conn.send(answers)
+    conn.recv()  # hold the memfds until told
+    sock.close(0)
