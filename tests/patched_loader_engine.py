@@ -4,9 +4,9 @@ lora_ipc's plugin (run as a script by tests/test_patched_loader.py; prints one J
     python -m tests.patched_loader_engine patchers ENDPOINT MODEL_DIR V1 DIR1 V2 DIR2
     python -m tests.patched_loader_engine verl     ENDPOINT MODEL_DIR V1 DIR1 V2 DIR2   (verl's venv)
 
-``patchers``: before the engine (so before the plugin registers) ``LRUCacheWorkerLoRAManager._load_adapter``
-is replaced by a function that calls vLLM's own disk loader and never what was there (as verl's hijack
-does); after the engine is up, ``WorkerLoRAManager`` and ``LRUCacheWorkerLoRAManager`` get another one.
+``patchers``: before the engine (so before the plugin registers) ``WorkerLoRAManager._load_adapter`` and
+``LRUCacheWorkerLoRAManager._load_adapter`` are replaced by a function that calls vLLM's own disk loader
+and never what was there (as verl's hijack does); after the engine is up, ``WorkerLoRAManager`` and ``LRUCacheWorkerLoRAManager`` get another one.
 ``verl``: the engine runs verl's real ``vLLMColocateWorkerExtension`` (its ``__new__`` runs verl's real
 ``VLLMHijack.hijack()``) composed with lora_ipc's, as ``lora_ipc.integrations.verl.ColocateExtension``.
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the patches reach its worker.
@@ -59,6 +59,7 @@ def main(mode: str, endpoint: str, model_dir: str, v1: str, dir1: str, v2: str, 
     disk_loader = wm.WorkerLoRAManager._load_adapter  # vLLM's own: the plugin has not registered yet
     if mode == "patchers":
         assert not getattr(disk_loader, "__lora_ipc_wrapped__", False)
+        wm.WorkerLoRAManager._load_adapter = _patcher("before", disk_loader)
         wm.LRUCacheWorkerLoRAManager._load_adapter = _patcher("before", disk_loader)
         extension = "lora_ipc.vllm.WorkerExtension"
     else:
