@@ -6,7 +6,7 @@ lora_ipc's plugin (run as a script by tests/test_patched_loader.py; prints one J
 
 ``patchers``: before the engine (so before the plugin registers) ``WorkerLoRAManager._load_adapter`` and
 ``LRUCacheWorkerLoRAManager._load_adapter`` are replaced by a function that calls vLLM's own disk loader
-and never what was there (as verl's hijack does); after the engine is up, ``WorkerLoRAManager`` and ``LRUCacheWorkerLoRAManager`` get another one.
+and never what was there (as verl's hijack does); after the engine is up, both get another one.
 ``verl``: the engine runs verl's real ``vLLMColocateWorkerExtension`` (its ``__new__`` runs verl's real
 ``VLLMHijack.hijack()``) composed with lora_ipc's, as ``lora_ipc.integrations.verl.ColocateExtension``.
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the patches reach its worker.
