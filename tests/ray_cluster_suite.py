@@ -295,3 +295,30 @@ def test_trainer_killed_relays_keep_serving_the_last_version(cluster, trainer, e
     [loaded] = lora_ipc.ray.load([engine], NAME, lora_int_id=77)  # a fresh load after the trainer is gone
     assert loaded["version"] == last
     assert ray.get(engine.generate.remote(("ipc", NAME, last))) == disk_tokens(engine, published, last)
+
+
+# ---- engine actors shaped otherwise (verl's collective_rpc answers None; other method names) -------
+
+
+def test_load_reads_engines_whose_rpc_answers_none_or_has_another_name(cluster):
+    quiet = ray.remote(ray_actors.QuietEngine).options(num_cpus=0).remote()
+    got = lora_ipc.ray.load([quiet], NAME, 3)
+    assert got[0]["workers"] is None and (got[0]["name"], got[0]["version"], got[0]["engine"]) == (NAME, 3, 0)
+    renamed = lora_ipc.ray.load([quiet], NAME, 4, rpc="rpc_all")
+    assert (renamed[0]["workers"], renamed[0]["version"], renamed[0]["lora_int_id"]) == (1, 4, 7)
+    by_callable = lora_ipc.ray.load([quiet], NAME, 5, rpc=lambda e, method, args: e.rpc_all.remote(method, args))
+    assert by_callable[0]["version"] == 5
+    assert ray.get(quiet.seen.remote()) == [("lora_ipc_load", (NAME, None, v, None)) for v in (3, 4, 5)]
+
+
+def test_load_names_engines_it_cannot_read_or_reach(cluster):
+    quiet = ray.remote(ray_actors.QuietEngine).options(num_cpus=0).remote()
+    odd = ray.remote(ray_actors.OddEngine).options(num_cpus=0).remote()
+    with pytest.raises(EngineLoadError) as info:
+        lora_ipc.ray.load([quiet, odd], NAME, 3)
+    assert (info.value.engine, info.value.error_type) == (1, "UnreadableResult")
+    assert "'ok'" in str(info.value) and [r["engine"] for r in info.value.loaded] == [0]
+    with pytest.raises(EngineLoadError) as info:
+        lora_ipc.ray.load([quiet], NAME, 3, rpc="no_such_rpc")
+    assert (info.value.engine, info.value.error_type) == (0, "NoSuchMethod")
+    assert "no_such_rpc" in str(info.value)

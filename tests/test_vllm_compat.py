@@ -86,6 +86,7 @@ def test_registration_refuses_an_incompatible_vllm_through_vllms_plugin_loader()
         from vllm.lora import worker_manager
         def _load_adapter(self, lora_request, extra):
             raise AssertionError("never called")
+        _load_adapter.__module__ = worker_manager.__name__  # stands for vLLM's own (another module's is a framework's)
         worker_manager.WorkerLoRAManager._load_adapter = _load_adapter
         from vllm.plugins import load_general_plugins
         load_general_plugins()

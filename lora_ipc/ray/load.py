@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import ray
 
@@ -24,24 +24,33 @@ def served_version(name: str) -> int:
 
 
 def load(engines: Sequence, name: str, version: int | None = None, lora_int_id: int | None = None,
-         *, timeout_s: float | None = None) -> list[dict]:
+         *, timeout_s: float | None = None, rpc: str | Callable = "collective_rpc") -> list[dict]:
     """Load ``name`` (``version``, default the newest every relay serves) into every engine actor.
 
     Each engine actor must forward ``collective_rpc(method, args=...)`` to its ``LLM``/``AsyncLLM``
     started with ``worker_extension_cls`` containing :class:`lora_ipc.vllm.WorkerExtension`, and have
-    ``LORA_IPC_ENDPOINT`` set to its node's relay (:func:`lora_ipc.ray.local_endpoint`). All engines
-    load at once; the result has one entry per engine, in order: what its first worker loaded, plus
-    ``engine`` (index), ``workers`` and ``wall_ms`` (call to answer, seen from here). If an engine
-    fails, :class:`EngineLoadError` names the first failing one after the others have finished; those
-    keep what they loaded.
+    ``LORA_IPC_ENDPOINT`` set to its node's relay (:func:`lora_ipc.ray.local_endpoint`). An actor whose
+    method has another name: ``rpc="its_name"`` (same arguments), or ``rpc=lambda engine, method, args:
+    engine.whatever.remote(...)`` returning an ``ObjectRef``. All engines load at once; the result has
+    one entry per engine, in order: what its first worker loaded, plus ``engine`` (index), ``workers``
+    and ``wall_ms`` (call to answer, seen from here). An engine whose RPC answers ``None`` (verl's
+    ``collective_rpc`` does) loaded without saying what: its entry has ``name``, ``version``,
+    ``lora_int_id`` (None when the id was derived), ``workers=None``. If an engine fails, or answers
+    something that is neither None nor one dict per worker (``error_type="UnreadableResult"``),
+    :class:`EngineLoadError` names the first such one after the others have finished; those keep
+    what they loaded.
     """
     if version is None:
         version = served_version(name)
     started = time.perf_counter()
-    pending = {e.collective_rpc.remote("lora_ipc_load", args=(name, None, version, lora_int_id)): i
-               for i, e in enumerate(engines)}
     results: list[dict | None] = [None] * len(engines)
     failures: dict[int, BaseException] = {}
+    pending = {}
+    for i, e in enumerate(engines):
+        try:
+            pending[_call(e, rpc, ("lora_ipc_load", (name, None, version, lora_int_id)))] = i
+        except NoSuchMethod as exc:
+            failures[i] = exc
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
         if not ready:
@@ -51,19 +60,52 @@ def load(engines: Sequence, name: str, version: int | None = None, lora_int_id: 
         for ref in ready:
             i = pending.pop(ref)
             try:
-                workers = ray.get(ref)
+                results[i] = _entry(ray.get(ref), name, version, lora_int_id)
             except Exception as exc:
                 failures[i] = exc
                 continue
-            results[i] = {**workers[0], "engine": i, "workers": len(workers),
-                          "wall_ms": round((time.perf_counter() - started) * 1e3, 3)}
+            results[i].update(engine=i, wall_ms=round((time.perf_counter() - started) * 1e3, 3))
     if failures:
         i = min(failures)
-        actor = engines[i]._actor_id.hex()
+        actor = _actor_id(engines[i])
         error_type, why = _why(failures[i])
         raise EngineLoadError(f"engine {i} (actor {actor}) failed to load {name} v{version}: {why}", i, actor,
                               [r for r in results if r is not None], error_type) from failures[i]
     return results  # type: ignore[return-value]
+
+
+class NoSuchMethod(AttributeError):
+    pass
+
+
+class UnreadableResult(Exception):
+    """An engine's RPC answered something that is neither None nor one dict per worker."""
+
+
+def _call(engine, rpc, call):
+    method, args = call
+    if callable(rpc):
+        return rpc(engine, method, args)
+    remote = getattr(engine, rpc, None)
+    if remote is None or not hasattr(remote, "remote"):
+        raise NoSuchMethod(f"the engine actor has no method {rpc!r} to reach its workers "
+                            "(pass rpc='its name' or rpc=callable to lora_ipc.ray.load)")
+    return remote.remote(method, args=args)
+
+
+def _entry(answer, name: str, version: int, lora_int_id: int | None) -> dict:
+    if answer is None:  # the RPC ran on every worker (no exception) but hands nothing back
+        return {"name": name, "version": version, "lora_int_id": lora_int_id, "workers": None}
+    if (isinstance(answer, (list, tuple)) and answer and all(isinstance(w, dict) for w in answer)
+            and {"name", "version", "lora_int_id"} <= set(answer[0])):
+        return {**answer[0], "workers": len(answer)}
+    raise UnreadableResult(f"UnreadableResult: the engine's RPC answered {type(answer).__name__} "
+                           f"{str(answer)[:120]!r}, not None nor one lora_ipc_load result per worker")
+
+
+def _actor_id(engine) -> str:
+    actor_id = getattr(engine, "_actor_id", None)
+    return actor_id.hex() if actor_id is not None else repr(engine)[:80]
 
 
 _ERROR_NAMES = [n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, errors.LoraIpcError)]
@@ -78,5 +120,7 @@ def _why(exc: BaseException) -> tuple[str, str]:
     text = str(exc)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     last = lines[-1] if lines else type(exc).__name__
+    if isinstance(exc, (UnreadableResult, NoSuchMethod)):
+        return type(exc).__name__, last
     named = [n for n in _ERROR_NAMES if f"{n}: " in text]
     return (max(named, key=text.rfind) if named else type(exc).__name__), last

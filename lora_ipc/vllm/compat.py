@@ -274,6 +274,19 @@ def lora_model_class():
     return None
 
 
+def _own_load_adapter(wm, worker) -> ast.FunctionDef | None:
+    """vLLM's own ``WorkerLoRAManager._load_adapter``, even where a framework replaced it before the plugin ran."""
+    fn = inspect.unwrap(worker._load_adapter)
+    if getattr(fn, "__module__", None) == wm.__name__:
+        return _parse_function(fn)
+    try:  # replaced (verl, SkyRL, ...): read vLLM's definition from its module instead
+        tree = ast.parse(inspect.getsource(wm))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    cls = _top_level(tree).get("WorkerLoRAManager")
+    return _method(cls, "_load_adapter") if isinstance(cls, ast.ClassDef) else None
+
+
 def surface_from_runtime() -> VLLMSurface:
     import dataclasses
 
@@ -285,8 +298,10 @@ def surface_from_runtime() -> VLLMSurface:
     if worker is None:
         return s
     if callable(getattr(worker, "_load_adapter", None)):
-        s.load_adapter = params_of(worker._load_adapter, drop_first=True)
-        node = _parse_function(worker._load_adapter)
+        node = _own_load_adapter(wm, worker)
+        replaced = getattr(inspect.unwrap(worker._load_adapter), "__module__", None) != wm.__name__
+        s.load_adapter = _params_from_ast(node, drop_first=True) if replaced and node is not None \
+            else params_of(worker._load_adapter, drop_first=True)
         s.load_adapter_body = read_load_adapter(node) if node is not None else None
     init = _parse_function(worker.__init__)
     s.worker_init_attrs = _self_assignments(init) if init is not None else frozenset()

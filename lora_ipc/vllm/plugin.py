@@ -2,7 +2,9 @@
 
 vLLM calls ``register()`` in every process it starts, workers included. It wraps
 ``WorkerLoRAManager._load_adapter`` so ``lora-ipc://`` paths are served by :mod:`.loader`; every
-other path goes to vLLM's own loader untouched. With ``$LORA_IPC_ENDPOINT`` set it also registers
+other path goes to vLLM's own loader untouched. Every worker LoRA manager also gets an instance-level
+``_load_adapter`` (:func:`guard`), so a framework that replaces the class's method, before or after
+this plugin, never receives ``lora-ipc://`` paths. With ``$LORA_IPC_ENDPOINT`` set it also registers
 the LoRA resolver, so the OpenAI server resolves bare adapter names.
 
 Before wrapping anything it checks this vLLM offers what the wrappers and the loader use
@@ -19,6 +21,7 @@ import logging
 import os
 
 from ..endpoint import ENV_ENDPOINT
+from ..errors import LoaderBypassed
 from .uri import AdapterURI
 
 log = logging.getLogger("lora_ipc.vllm")
@@ -44,18 +47,68 @@ def _install(cls, attr: str, make_wrapper) -> None:
     setattr(cls, attr, wrapper)
 
 
+def _serve(manager, lora_request):
+    from .loader import load_adapter
+
+    lora = load_adapter(manager, lora_request)
+    loaded_paths(manager)[lora_request.lora_int_id] = lora_request.lora_path
+    manager._lora_ipc_loads = getattr(manager, "_lora_ipc_loads", 0) + 1
+    return lora
+
+
 def _load_adapter_wrapper(original):
     def _load_adapter(self, lora_request):
         if not AdapterURI.matches(getattr(lora_request, "lora_path", None)):
             return original(self, lora_request)
-        from .loader import load_adapter
-
-        lora = load_adapter(self, lora_request)
-        loaded_paths(self)[lora_request.lora_int_id] = lora_request.lora_path
-        self._lora_ipc_loads = getattr(self, "_lora_ipc_loads", 0) + 1
-        return lora
+        return _serve(self, lora_request)
 
     return _load_adapter
+
+
+# ---- robust against frameworks that replace _load_adapter (verl, SkyRL, ROLL, NeMo-RL, ...) -------
+#
+# They assign their own function to ``WorkerLoRAManager._load_adapter``, ``LRUCacheWorkerLoRAManager.
+# _load_adapter`` or a subclass's, before or after this plugin runs, and often do not call what was
+# there. A class-level wrapper loses to any of those. So every manager instance gets its own
+# ``_load_adapter`` (an instance attribute wins over any class's function at ``self._load_adapter``,
+# which is how vLLM's ``add_adapter`` calls it): ``lora-ipc://`` paths are served by lora_ipc, every
+# other path goes to whatever the class has at call time, patched or not.
+
+
+def _guarded_load_adapter(self, lora_request):
+    if AdapterURI.matches(getattr(lora_request, "lora_path", None)):
+        return _serve(self, lora_request)
+    return type(self)._load_adapter(self, lora_request)
+
+
+def _class_loader_name(manager) -> str:
+    fn = getattr(type(manager), "_load_adapter", None)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def guard(manager) -> None:
+    """Give ``manager`` (a ``WorkerLoRAManager``) its own ``lora-ipc://``-serving ``_load_adapter``.
+
+    Idempotent. Raises :class:`LoaderBypassed`, naming the class's ``_load_adapter``, where that cannot
+    be done (a manager without an instance ``__dict__``): ``lora-ipc://`` paths would reach that function.
+    """
+    current = getattr(manager, "__dict__", {}).get("_load_adapter")
+    if getattr(current, "__func__", None) is _guarded_load_adapter:
+        return
+    try:
+        manager._load_adapter = _guarded_load_adapter.__get__(manager)
+    except AttributeError:
+        raise LoaderBypassed(
+            f"lora-ipc:// adapters cannot reach lora_ipc's loader in {type(manager).__qualname__}: its "
+            f"_load_adapter is {_class_loader_name(manager)} and the manager has no instance dict") from None
+
+
+def _init_wrapper(original):
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        guard(self)
+
+    return __init__
 
 
 def _touch_kept(worker_manager, lora_path: str) -> None:
@@ -73,6 +126,7 @@ def _add_adapter_wrapper(original):
     """``load_inplace`` requests are re-sent by vLLM on every step; reload only when the path changed."""
 
     def add_adapter(self, lora_request):
+        guard(self)  # a manager whose class's __init__ did not run ours (a subclass's own __init__)
         if AdapterURI.matches(getattr(lora_request, "lora_path", None)):
             _touch_kept(self, lora_request.lora_path)
         if (getattr(lora_request, "load_inplace", False) and AdapterURI.matches(lora_request.lora_path)
@@ -130,6 +184,7 @@ def register() -> None:
 
     checked_surface()
     _install(worker_manager.WorkerLoRAManager, "_load_adapter", _load_adapter_wrapper)
+    _install(worker_manager.WorkerLoRAManager, "__init__", _init_wrapper)
     for cls in (worker_manager.WorkerLoRAManager, getattr(worker_manager, "LRUCacheWorkerLoRAManager", None)):
         if cls is not None and "add_adapter" in cls.__dict__:
             _install(cls, "add_adapter", _add_adapter_wrapper)
