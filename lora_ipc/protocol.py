@@ -163,6 +163,7 @@ class AdapterSummary:
 @dataclass(frozen=True)
 class ListReply(Message):
     adapters: list[AdapterSummary] = wire(ListOf(Struct(AdapterSummary), MAX_ADAPTERS_LISTED))
+    left_out: int = wire(Int(0), default=0)  # adapters not listed (the server bounds a reply in bytes)
     TYPE: ClassVar[str] = "list_reply"
     MAX_FRAME: ClassVar[int] = 8 << 20
 
