@@ -36,6 +36,8 @@ Note [why a guard]
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import resource
@@ -43,6 +45,7 @@ import socket
 import struct
 import threading
 import time
+from collections import OrderedDict
 
 import zmq
 
@@ -54,6 +57,7 @@ RESERVE_FDS = 128  # fds left for everything else in the process (slabs, files, 
 BACKLOG = 16  # connections waiting in the kernel queue (libzmq's default is 100)
 _EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 _POLL_MS = 100
+_EVENT = struct.Struct("=Hi")  # a monitor event's first frame: event, value (for ACCEPTED: the fd)
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -83,11 +87,37 @@ def open_fd_count() -> int:
 
 
 def connection_cap(soft_limit: int, open_fds: int, maximum: int = MAX_CONNECTIONS) -> int:
-    """Connections a server may hold: half of what is free above ``RESERVE_FDS``, the other half
+    """Connections a server may hold: a third of what is free above ``RESERVE_FDS``, the rest
     being the burst headroom; at most ``maximum``, at least ``MIN_CONNECTIONS``."""
     if soft_limit == resource.RLIM_INFINITY:
         return maximum
-    return max(MIN_CONNECTIONS, min(maximum, (soft_limit - open_fds - RESERVE_FDS) // 2))
+    return max(MIN_CONNECTIONS, min(maximum, (soft_limit - open_fds - RESERVE_FDS) // 3))
+
+
+class _SockAddrUn(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_ushort), ("path", ctypes.c_char * 108)]
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_getsockname, _getsockopt, _shutdown = _LIBC.getsockname, _LIBC.getsockopt, _LIBC.shutdown
+_BUFFERS = (_SockAddrUn(), ctypes.c_uint32(), (ctypes.c_int * 3)(), ctypes.c_uint32())
+_ADDR_REF, _ALEN_REF, _CRED_REF, _CLEN_REF = (ctypes.byref(b) for b in _BUFFERS)
+
+
+def _peer_pid_if_ours(fd: int, path: bytes, shutdown: bool) -> int | None:
+    """The peer pid of ``fd`` if it is a unix socket whose local name is ``path`` (one accepted by
+    our listener), else None; with ``shutdown``, also shut it down. Plain syscalls on the fd
+    libzmq owns (no dup: it must work when fds are short, and fast)."""
+    addr, alen, cred, clen = _BUFFERS  # only the guard thread calls this (under its lock)
+    alen.value = ctypes.sizeof(addr)
+    if _getsockname(fd, _ADDR_REF, _ALEN_REF) != 0 or addr.family != socket.AF_UNIX or addr.path != path:
+        return None
+    clen.value = ctypes.sizeof(cred)
+    if _getsockopt(fd, socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED_REF, _CLEN_REF) != 0:
+        return None
+    if shutdown and _shutdown(fd, socket.SHUT_RDWR) != 0:
+        return None
+    return cred[0]
 
 
 class ConnectionGuard:
@@ -100,8 +130,7 @@ class ConnectionGuard:
         if soft != resource.RLIM_INFINITY and soft - open_fd_count() - RESERVE_FDS < 2 * self.cap:
             log.warning("fd limit %d leaves little headroom above %d connections: raise it (ulimit -Hn)",
                         soft, self.cap)
-        self._path = path
-        self._abs_path = os.path.abspath(path)
+        self._path = os.fsencode(path)
         sock.setsockopt(zmq.BACKLOG, BACKLOG)
         self._inproc = f"inproc://lora-ipc-guard-{os.getpid()}-{id(self):x}"
         sock.monitor(self._inproc, _EVENTS)
@@ -113,7 +142,7 @@ class ConnectionGuard:
         self._lock = threading.Lock()
         self._active: dict[int, float] = {}  # fd -> last activity (monotonic)
         self._pid_of: dict[int, int] = {}  # fd -> peer pid (0: unknown)
-        self._by_pid: dict[int, set[int]] = {}  # peer pid -> its fds not being dropped
+        self._by_pid: dict[int, OrderedDict[int, None]] = {}  # peer pid -> its fds not being dropped, LRU first
         self._dropping: set[int] = set()  # shut down, DISCONNECTED not seen yet
         self.dropped = 0
         self.sheds = 0
@@ -132,7 +161,12 @@ class ConnectionGuard:
     def touch(self, fd: int) -> None:
         """A request arrived on connection ``fd``."""
         if fd in self._active:
-            self._active[fd] = time.monotonic()
+            with self._lock:
+                if fd in self._active:
+                    self._active[fd] = time.monotonic()
+                    fds = self._by_pid.get(self._pid_of.get(fd))
+                    if fds is not None and fd in fds:
+                        fds.move_to_end(fd)
 
     def drop(self, fd: int) -> bool:
         """Disconnect the peer on ``fd`` (e.g. one that does not read its replies)."""
@@ -155,14 +189,17 @@ class ConnectionGuard:
             while not self._stop.is_set():
                 if not self._mon.poll(_POLL_MS):
                     continue
+                recv, unpack, on_event = self._mon.recv, _EVENT.unpack_from, self._on_event
                 while True:
                     try:
-                        frames = self._mon.recv_multipart(zmq.NOBLOCK)
+                        head = recv(zmq.NOBLOCK)
+                        recv(zmq.NOBLOCK)  # the endpoint (always ours)
                     except zmq.Again:
                         break
-                    if len(frames) >= 1 and len(frames[0]) >= 6:
-                        event, value = struct.unpack("=Hi", frames[0][:6])
-                        self._on_event(event, value)
+                    if len(head) >= 6:
+                        on_event(*unpack(head))
+                with self._lock:
+                    self._shed()
         except zmq.ZMQError as exc:  # context terminated under us: nothing left to guard
             log.debug("guard stopped: %s", exc)
         finally:
@@ -172,12 +209,13 @@ class ConnectionGuard:
         with self._lock:
             if event == zmq.EVENT_ACCEPTED:
                 self._forget(fd)  # a reused number: the old connection is gone
-                pid = self._inspect(fd)
+                pid = _peer_pid_if_ours(fd, self._path, False)
                 self._active[fd] = time.monotonic()
                 self._pid_of[fd] = pid or 0  # None: already closed again, DISCONNECTED follows
-                self._by_pid.setdefault(pid or 0, set()).add(fd)
+                self._by_pid.setdefault(pid or 0, OrderedDict())[fd] = None
                 self.peak = max(self.peak, len(self._active))
-                self._shed()
+                if len(self._active) - len(self._dropping) > self.cap + 64:
+                    self._shed()  # far behind: do not wait for the end of the batch
             elif event == zmq.EVENT_DISCONNECTED:
                 self._forget(fd)
                 self.disconnects += 1
@@ -190,7 +228,7 @@ class ConnectionGuard:
     def _unlist(self, fd: int, pid: int | None) -> None:
         fds = self._by_pid.get(pid) if pid is not None else None
         if fds is not None:
-            fds.discard(fd)
+            fds.pop(fd, None)
             if not fds:
                 del self._by_pid[pid]
 
@@ -206,41 +244,16 @@ class ConnectionGuard:
                         len(self._active), self.cap, pid, len(fds), self.sheds)
         while excess > 0 and self._by_pid:
             _pid, fds = max(self._by_pid.items(), key=lambda kv: len(kv[1]))
-            victim = min(fds, key=lambda f: self._active.get(f, 0.0))
+            victim = next(iter(fds))  # its least recently active
             if not self._drop(victim):  # not (any more) a connection of ours: forget it
                 self._forget(victim)
             excess -= 1
 
     def _drop(self, fd: int) -> bool:
         """Shut ``fd`` down if it still is a connection of ours (lock held)."""
-        if self._inspect(fd, shutdown=True) is None:
+        if _peer_pid_if_ours(fd, self._path, True) is None:
             return False
         self._dropping.add(fd)
         self._unlist(fd, self._pid_of.get(fd))
         self.dropped += 1
         return True
-
-    def _inspect(self, fd: int, shutdown: bool = False) -> int | None:
-        """The peer pid of ``fd`` if it is a socket accepted on our path (the number may have been
-        closed by libzmq and reused by the process for something else since the event), else None;
-        with ``shutdown``, also shut it down."""
-        try:
-            dup = os.dup(fd)
-        except OSError:
-            return None
-        try:
-            s = socket.socket(fileno=dup)
-        except OSError:
-            os.close(dup)
-            return None
-        try:
-            if s.family != socket.AF_UNIX or s.getsockname() not in (self._path, self._abs_path):
-                return None
-            pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-            if shutdown:
-                s.shutdown(socket.SHUT_RDWR)
-            return pid
-        except OSError:
-            return None
-        finally:
-            s.close()
