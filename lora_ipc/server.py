@@ -146,8 +146,8 @@ class AdapterServer:
         try:
             self._sock.send_multipart([identity, b"", p.encode(reply, request_id)], zmq.NOBLOCK)
         except zmq.Again:  # SEND_HWM replies unread: a peer that does not read is disconnected
-            self.guard.drop(fd)
-            log.warning("peer on fd %d does not read its replies: disconnected", fd)
+            if self.guard.drop(fd):
+                log.warning("peer on fd %d does not read its replies: disconnected", fd)
         except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH): never block the loop on one client
             if exc.errno != errno.EHOSTUNREACH:
                 log.info("reply to request %d dropped: %s", request_id, exc)
