@@ -44,8 +44,8 @@ def _limit_fds():
     resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
-def _flooder(endpoint, n, ready, stop):
-    """``n`` idle DEALER connections (each reconnects on its own when dropped) until ``stop``."""
+def _flooder(endpoint, n, ready):
+    """``n`` idle DEALER connections (each reconnects on its own when dropped) until killed."""
     ctx = zmq.Context()
     socks = []
     try:
@@ -55,7 +55,7 @@ def _flooder(endpoint, n, ready, stop):
             s.connect(endpoint)
             socks.append(s)
         ready.set()
-        stop.wait(300)
+        time.sleep(300)
     finally:
         for s in socks:
             s.close(0)
@@ -77,7 +77,7 @@ def _non_reader(endpoint, requests, sent):
     time.sleep(300)
 
 
-def _exporter_main(endpoint, limit_fds, names, q, stop):
+def _exporter_main(endpoint, limit_fds, names, q):
     if limit_fds:
         _limit_fds()
     from lora_ipc import AdapterExporter
@@ -90,14 +90,14 @@ def _exporter_main(endpoint, limit_fds, names, q, stop):
             for _ in range(2):
                 exporter.publish(f"n{i:04d}-" + "x" * 400, small, models.RANDOM_ADAPTER_CONFIG)
         q.put("up")
-        stop.wait(600)
+        time.sleep(600)  # until killed
 
 
-def _start_flood(endpoint, stop):
+def _start_flood(endpoint):
     procs = []
     for _ in range(FLOODERS):
         ready = CTX.Event()
-        proc = CTX.Process(target=_flooder, args=(endpoint, PER_FLOODER, ready, stop), daemon=True)
+        proc = CTX.Process(target=_flooder, args=(endpoint, PER_FLOODER, ready), daemon=True)
         proc.start()
         procs.append((proc, ready))
     for _proc, ready in procs:
@@ -125,23 +125,23 @@ def _fetch_policy(endpoint):
     assert_same_adapter(got.tensors, models.random_adapter(7))
 
 
-def _stop_all(procs, stop):
-    stop.set()
+def _kill_all(procs):
+    """Kill (no mp.Event to stop them: setting one a dead process waited on blocks forever)."""
+    for proc in procs:
+        proc.kill()
     for proc in procs:
         proc.join(20)
-        if proc.is_alive():
-            proc.kill()
 
 
 def test_inprocess_exporter_survives_a_connection_flood_past_its_fd_limit(sock_dir):
     endpoint = f"ipc://{sock_dir}/exporter.sock"
-    stop, stop_exporter, q = CTX.Event(), CTX.Event(), CTX.Queue()
-    exporter = CTX.Process(target=_exporter_main, args=(endpoint, True, 0, q, stop_exporter), daemon=True)
+    q = CTX.Queue()
+    exporter = CTX.Process(target=_exporter_main, args=(endpoint, True, 0, q), daemon=True)
     exporter.start()
     flood = []
     try:
         assert q.get(timeout=120) == "up"
-        flood = _start_flood(endpoint, stop)
+        flood = _start_flood(endpoint)
         _wait_connections(exporter.pid, 300, exporter.is_alive)
         assert exporter.is_alive(), f"exporter died under the flood (exit code {exporter.exitcode})"
         _fetch_policy(endpoint)  # while the flood still holds its connections
@@ -149,36 +149,34 @@ def test_inprocess_exporter_survives_a_connection_flood_past_its_fd_limit(sock_d
             server = client.status()["server"]
         assert server["dropped_connections"] > 0, server  # the cap was reached and held by dropping
         print(f"flood: {server}")
-        _stop_all(flood, stop)
+        _kill_all(flood)
         flood = []
         assert exporter.is_alive()
         _fetch_policy(endpoint)
     finally:
-        _stop_all(flood, stop)
-        _stop_all([exporter], stop_exporter)
+        _kill_all(flood + [exporter])
 
 
 def test_daemon_survives_a_connection_flood_past_its_fd_limit(sock_dir):
     endpoint = f"ipc://{sock_dir}/daemon.sock"
     daemon = subprocess.Popen([sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_limit_fds)
-    stop = CTX.Event()
     flood = []
     try:
         line = daemon.stdout.readline()
         assert "serving on" in line, line + daemon.stderr.read()
         with RemoteExporter(endpoint) as remote:
             remote.publish("policy", models.random_adapter(7), models.RANDOM_ADAPTER_CONFIG)
-        flood = _start_flood(endpoint, stop)
+        flood = _start_flood(endpoint)
         _wait_connections(daemon.pid, 300, lambda: daemon.poll() is None)
         assert daemon.poll() is None, f"daemon died under the flood (exit code {daemon.returncode})"
         _fetch_policy(endpoint)
-        _stop_all(flood, stop)
+        _kill_all(flood)
         flood = []
         assert daemon.poll() is None
         _fetch_policy(endpoint)
     finally:
-        _stop_all(flood, stop)
+        _kill_all(flood)
         daemon.kill()
         daemon.wait(10)
 
@@ -201,8 +199,8 @@ RSS_BOUND = NON_READERS * SEND_HWM * (MAX_LISTED_BYTES + (16 << 10)) + (32 << 20
 
 def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
     endpoint = f"ipc://{sock_dir}/exporter.sock"
-    stop, q = CTX.Event(), CTX.Queue()
-    exporter = CTX.Process(target=_exporter_main, args=(endpoint, False, NAMES, q, stop), daemon=True)
+    q = CTX.Queue()
+    exporter = CTX.Process(target=_exporter_main, args=(endpoint, False, NAMES, q), daemon=True)
     exporter.start()
     readers = []
     try:
@@ -253,9 +251,7 @@ def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
                   f"bound {RSS_BOUND / 2**20:.1f} MiB")
         _fetch_policy(endpoint)
     finally:
-        for proc, _ in readers:
-            proc.kill()
-        _stop_all([exporter], stop)
+        _kill_all([proc for proc, _ in readers] + [exporter])
 
 
 if __name__ == "__main__":
