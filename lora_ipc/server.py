@@ -102,7 +102,7 @@ class AdapterServer:
                         frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    fd = frames[-1].get(zmq.SRCFD)
+                    fd = _source_fd(frames[-1])
                     self.guard.touch(fd)
                     self._serve_one([f.bytes for f in frames], fd)
         finally:
@@ -211,6 +211,14 @@ class AdapterServer:
         if self._thread is not None:
             self._thread.join(timeout)
 
+
+
+def _source_fd(frame: zmq.Frame) -> int:
+    """The fd of the connection a message came in on (libzmq's ZMQ_SRCFD; -1 where unsupported)."""
+    try:
+        return frame.get(zmq.SRCFD)
+    except (zmq.ZMQError, AttributeError):
+        return -1
 
 
 def _load_malloc_trim():

@@ -256,3 +256,35 @@ def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-s"]))
+
+
+def _socket_at_emfile(q):
+    from lora_ipc.connection import Connection
+    from lora_ipc.errors import LoraIpcError
+
+    zmq.Context.instance()  # its own fds first
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    held = []
+    try:
+        while True:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        Connection("ipc:///tmp/lora-ipc-nowhere/x.sock", 1.0)
+        q.put("created")
+    except LoraIpcError as exc:
+        q.put(f"typed: {exc}")
+    except Exception as exc:  # noqa: BLE001 - what the test is about
+        q.put(f"untyped: {type(exc).__name__}: {exc}")
+
+
+def test_a_client_out_of_fds_gets_a_typed_error():
+    q = CTX.Queue()
+    proc = CTX.Process(target=_socket_at_emfile, args=(q,), daemon=True)
+    proc.start()
+    try:
+        got = q.get(timeout=60)
+        assert got.startswith("typed:"), got
+    finally:
+        _kill_all([proc])
