@@ -97,7 +97,7 @@ class AdapterServer:
                     self.store.expire_leases()
                     self._trim_after_disconnects()
                     continue
-                for _ in range(1024):  # then look at the listener again
+                for _ in range(1024):  # a bounded batch, then the loop's own checks
                     try:
                         frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
@@ -210,7 +210,6 @@ class AdapterServer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-
 
 
 def _source_fd(frame: zmq.Frame) -> int:
