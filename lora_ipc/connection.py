@@ -11,7 +11,7 @@ import zmq
 
 from . import protocol as p
 from .endpoint import ServerIdentity, ipc_path, server_identity
-from .errors import ClientClosed, EndpointNotTrusted, ExporterUnavailable, ProtocolError
+from .errors import ClientClosed, EndpointNotTrusted, ExporterUnavailable, LoraIpcError, ProtocolError
 
 T = TypeVar("T", bound=p.Message)
 TRUST_POLL_S = 0.01
@@ -19,7 +19,10 @@ TRUST_POLL_S = 0.01
 
 def make_socket(context: zmq.Context | None, kind: int) -> zmq.Socket:
     """A socket with the options both ends share: no linger, a frame-size cap enforced by libzmq."""
-    sock = (context or zmq.Context.instance()).socket(kind)
+    try:
+        sock = (context or zmq.Context.instance()).socket(kind)
+    except zmq.ZMQError as exc:  # EMFILE (out of fds) or the context's socket limit: typed, not raw
+        raise LoraIpcError(f"cannot create a ZeroMQ socket: {exc}") from None
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)
     return sock
@@ -51,7 +54,7 @@ class Connection:
         self.trusted_uids = {os.getuid()} if trusted_uids is None else set(trusted_uids)
         try:
             self._sock = make_socket(context, zmq.DEALER)
-        except zmq.ZMQError as exc:  # e.g. EMFILE: out of descriptors
+        except LoraIpcError as exc:  # e.g. EMFILE: out of descriptors
             raise ExporterUnavailable(f"cannot open a socket for {endpoint}: {exc}") from None
         self._request_ids = itertools.count(1)
         self._connected = False

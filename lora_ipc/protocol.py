@@ -183,6 +183,7 @@ class AdapterSummary:
 class ListReply(Message):
     adapters: list[AdapterSummary] = wire(ListOf(Struct(AdapterSummary), MAX_ADAPTERS_LISTED))
     epoch: str = wire(EPOCH, default="")  # the store's epoch: its version numbers mean these bytes only in it
+    left_out: int = wire(Int(0), default=0)  # adapters not listed (the server bounds a reply in bytes)
     TYPE: ClassVar[str] = "list_reply"
     MAX_FRAME: ClassVar[int] = 8 << 20
 

@@ -7,10 +7,14 @@ to the sender and a log line; the loop itself never dies on a peer's input.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import zmq
@@ -21,13 +25,20 @@ from .connection import make_socket
 from .endpoint import prepare_ipc_path
 from .errors import LoraIpcError, ProtocolError
 from .fdchannel import FdServer
+from .guard import ConnectionGuard
 from .layout import SlabLayout
 from .lru import BoundedLRU
 from .store import AdapterStore
 
 log = logging.getLogger("lora_ipc.server")
 POLL_MS = 50
-SEND_HWM = 256  # replies queued per peer; a peer that stops reading loses replies, it never blocks the loop
+# Replies queued per peer. A client has one request in flight plus a few fire-and-forget release
+# replies it reads later; a peer whose queue is full does not read its replies and is disconnected.
+# Bytes queued per peer <= SEND_HWM x the largest reply: MAX_LISTED_BYTES (+ a few KiB) for list and
+# status, one layout for a fetch (see docs/hardening-limits.md).
+SEND_HWM = 8
+MAX_LISTED_BYTES = 64 << 10  # what a list or status reply lists one by one; the rest is counted
+TRIM_INTERVAL_S = 1.0  # after peers went away, give freed heap back to the OS at most this often
 MAX_PUBLISH_SOURCES = 8  # publishers' staging slabs a daemon keeps mapped (CUDA IPC handles must not be re-opened)
 
 
@@ -66,16 +77,26 @@ class AdapterServer:
         self._path = prepare_ipc_path(endpoint)
         self._sock = make_socket(context, zmq.ROUTER)
         self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue is reported (and its peer dropped)
         self.peer_check = _filter_peers(self._sock, {os.getuid()} if allowed_uids is None else allowed_uids)
-        self._sock.bind(endpoint)
-        os.chmod(self._path, 0o600)
+        self.guard = ConnectionGuard(self._sock, self._path)  # before bind: it must see every connection
+        try:
+            self._sock.bind(endpoint)
+            os.chmod(self._path, 0o600)
+        except BaseException:
+            self.guard.close()
+            self._sock.close(0)
+            raise
         # slabs' descriptors by SCM_RIGHTS beside the ZeroMQ socket (fdchannel.py)
         try:
             self._fds = FdServer(endpoint, {os.getuid()} if allowed_uids is None else allowed_uids)
         except BaseException:
+            self.guard.close()
             self._sock.close(0)
             os.unlink(self._path)
             raise
+        self._trimmed_at = (0.0, 0)
+        self.requests = 0
         # (publishing connection, its handle) -> import: see _on_publish
         self._publish_sources: BoundedLRU[tuple[bytes, p.SlabHandle], ImportedSlab] = BoundedLRU(
             MAX_PUBLISH_SOURCES, lambda _, s: s.close())
@@ -99,24 +120,37 @@ class AdapterServer:
             while not self._stop.is_set():
                 if not poller.poll(POLL_MS):
                     self.store.expire_leases()
+                    self._trim_after_disconnects()
                     continue
-                while True:
+                for _ in range(1024):  # a bounded batch, then the loop's own checks
                     try:
-                        frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                        frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._serve_one(frames)
+                    fd = _source_fd(frames[-1])
+                    self.guard.touch(fd)
+                    self._serve_one([f.bytes for f in frames], fd)
         finally:
             self._fds.stop()
             self._publish_sources.clear()
+            self.guard.close()
             self._sock.close(0)
             try:
                 os.unlink(self._path)
             except OSError:
                 pass
 
-    def _serve_one(self, frames: list[bytes]) -> None:
+    def _trim_after_disconnects(self) -> None:
+        """Peers that went away leave their freed reply buffers in malloc's arenas: hand them back."""
+        at, seen = self._trimmed_at
+        now = time.monotonic()
+        if self.guard.disconnects != seen and now - at >= TRIM_INTERVAL_S:
+            self._trimmed_at = (now, self.guard.disconnects)
+            _malloc_trim()
+
+    def _serve_one(self, frames: list[bytes], fd: int = -1) -> None:
         # DEALER peers send [identity, b"", payload]; anything else is answered with an error if addressable
+        self.requests += 1
         if len(frames) < 2:
             return
         identity, payload = frames[0], frames[-1]
@@ -137,13 +171,19 @@ class AdapterServer:
             reply = p.ErrorReply("LoraIpcError", f"internal error: {type(exc).__name__}: {exc}")
         try:
             self._sock.send_multipart([identity, b"", p.encode(reply, request_id)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # peer gone or its queue full: never block the loop on one client
-            log.info("reply to request %d dropped: %s", request_id, exc)
+        except zmq.Again:  # SEND_HWM replies unread: a peer that does not read is disconnected
+            if self.guard.drop(fd):
+                log.warning("peer on fd %d does not read its replies: disconnected", fd)
+        except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH): never block the loop on one client
+            if exc.errno != errno.EHOSTUNREACH:
+                log.info("reply to request %d dropped: %s", request_id, exc)
 
     # ---- handlers --------------------------------------------------------------------------
 
     def _on_list(self, msg: p.ListRequest, peer: bytes) -> p.ListReply:
-        return p.ListReply(self.store.summaries()[:p.MAX_ADAPTERS_LISTED], self.store.epoch)
+        listed, left_out = self.store.summaries(max_bytes=MAX_LISTED_BYTES)
+        return p.ListReply(listed[:p.MAX_ADAPTERS_LISTED], self.store.epoch,
+                           left_out + max(0, len(listed) - p.MAX_ADAPTERS_LISTED))
 
     def _on_fetch(self, msg: p.FetchRequest, peer: bytes) -> p.FetchReply:
         lease, pv = self.store.lease(msg.name, msg.version, peer, msg.client_id, msg.epoch)
@@ -196,9 +236,12 @@ class AdapterServer:
         return p.PublishReply(msg.name, version)
 
     def _on_status(self, msg: p.StatusRequest, peer: bytes) -> p.StatusReply:
-        report = self.store.status()
+        report = self.store.status(max_listed_bytes=MAX_LISTED_BYTES)
         report["endpoint"] = self.endpoint
         report["pid"] = os.getpid()
+        g = self.guard
+        report["server"] = {"connections": g.live, "connection_cap": g.cap, "peak_connections": g.peak,
+                            "dropped_connections": g.dropped, "requests": self.requests}
         return p.StatusReply(report)
 
     # ---- thread ----------------------------------------------------------------------------
@@ -215,3 +258,26 @@ class AdapterServer:
         else:
             self._fds.stop()  # never served: its descriptor socket goes too
 
+
+def _source_fd(frame: zmq.Frame) -> int:
+    """The fd of the connection a message came in on (libzmq's ZMQ_SRCFD; -1 where unsupported)."""
+    try:
+        return frame.get(zmq.SRCFD)
+    except (zmq.ZMQError, AttributeError):
+        return -1
+
+
+def _load_malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _malloc_trim() -> None:
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

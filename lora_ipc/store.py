@@ -39,6 +39,7 @@ from .protocol import AdapterSummary, GenerationSlot, digest_of
 from .shm import GenerationTable
 
 MAX_STATUS_LEASES = 100  # leases listed one by one in a status report (all are counted)
+_STATUS_ENTRY_BYTES = 160  # msgpack size of one status adapter entry, its name aside (upper estimate)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,16 @@ class SlabStatus(TypedDict):
     bytes: int
 
 
+class ServerStatus(TypedDict):
+    """The server's connections (see guard.py), added by the server to a status reply."""
+
+    connections: int
+    connection_cap: int
+    peak_connections: int
+    dropped_connections: int
+    requests: int
+
+
 class StatusReport(TypedDict, total=False):
     """What ``AdapterStore.status`` returns (and the server adds ``endpoint``/``pid`` to); read by the
     CLI, the Prometheus exporter and the daemon."""
@@ -84,7 +95,8 @@ class StatusReport(TypedDict, total=False):
     uptime_s: float
     epoch: str
     keep: int
-    adapters: list[AdapterStatus]
+    adapters: list[AdapterStatus]  # bounded in bytes when asked (the server does)
+    adapters_left_out: int  # versions not listed in ``adapters``
     lease_count: int
     leases: list[LeaseStatus]  # at most MAX_STATUS_LEASES of them
     limits: dict
@@ -92,6 +104,7 @@ class StatusReport(TypedDict, total=False):
     metrics: dict
     endpoint: str
     pid: int
+    server: ServerStatus
 
 
 @dataclass
@@ -468,20 +481,28 @@ class AdapterStore:
 
     # ---- views -----------------------------------------------------------------------------
 
-    def summaries(self) -> list[AdapterSummary]:
+    def summaries(self, max_bytes: int | None = None) -> tuple[list[AdapterSummary], int]:
+        """One summary per adapter name, and how many were left out to keep the list's wire size
+        under ``max_bytes`` (an upper estimate per entry; None: all)."""
         with self._lock:
-            return [AdapterSummary(name, list(vs), sum(pv.layout.used_bytes for pv in vs.values()))
-                    for name, vs in self._versions.items()]
+            out = [AdapterSummary(name, list(vs), sum(pv.layout.used_bytes for pv in vs.values()))
+                   for name, vs in self._versions.items()]
+        listed = _within_bytes(out, lambda s: len(s.name.encode()) + 9 * len(s.versions) + 48, max_bytes)
+        return listed, len(out) - len(listed)
 
     def live_slab_ids(self) -> list[str]:
         with self._lock:
             return [s.slab_id for s in self._all_slabs()]
 
-    def status(self) -> StatusReport:
+    def status(self, max_listed_bytes: int | None = None) -> StatusReport:
+        """The operator view. ``max_listed_bytes`` bounds the wire size of the adapter list (an upper
+        estimate per entry); those left out are counted in ``adapters_left_out``."""
         with self._lock:
             now = self.clock()
             m = self.metrics
             slabs = self._all_slabs()
+            pvs = [*(p for vs in self._versions.values() for p in vs.values()), *self._retiring.values()]
+            listed = _within_bytes(pvs, lambda pv: len(pv.name.encode()) + _STATUS_ENTRY_BYTES, max_listed_bytes)
             return {
                 "uptime_s": round(time.time() - self.started_at, 3),
                 "epoch": self.epoch,
@@ -490,8 +511,9 @@ class AdapterStore:
                     {"name": pv.name, "version": pv.version, "bytes": pv.layout.used_bytes,
                      "tensors": len(pv.layout.entries), "leases": len(pv.leases),
                      "retiring": (pv.name, pv.version) in self._retiring, "published_at": pv.published_at}
-                    for pv in [*(p for vs in self._versions.values() for p in vs.values()), *self._retiring.values()]
+                    for pv in listed
                 ],
+                "adapters_left_out": len(pvs) - len(listed),
                 "lease_count": len(self._leases),
                 "leases": [{"lease_id": lease.lease_id, "name": lease.name, "version": lease.version,
                             "holder": lease.client or lease.holder.hex(),
@@ -538,3 +560,15 @@ def _reject_non_finite(layout: SlabLayout, slab: torch.Tensor) -> None:
     bad = layout.non_finite_names(slab)
     if bad:
         raise AdapterRejected(f"non-finite values (NaN/Inf) in {bad[:5]}{' …' if len(bad) > 5 else ''}")
+
+
+def _within_bytes(items: list, size, max_bytes: int | None) -> list:
+    """The longest prefix of ``items`` whose ``size`` sum stays within ``max_bytes`` (None: all)."""
+    if max_bytes is None:
+        return items
+    total = 0
+    for i, item in enumerate(items):
+        total += size(item)
+        if total > max_bytes:
+            return items[:i]
+    return items

@@ -151,7 +151,7 @@ class Relay:
         return ready
 
     def versions(self) -> dict[str, list[int]]:
-        return {s.name: list(s.versions) for s in self.store.summaries()}
+        return {s.name: list(s.versions) for s in self.store.summaries()[0]}
 
     def status(self) -> dict:
         return self.store.status()

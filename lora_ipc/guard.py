@@ -1,0 +1,259 @@
+"""Connection guard for a server's ROUTER: no number of peers can make libzmq abort the process.
+
+Note [why a guard]
+    libzmq's ``ipc_listener_t::accept`` asserts on any ``accept()`` errno it does not expect, and
+    EMFILE is not among them (libzmq 4.3.5, src/ipc_listener.cpp): the first connection that finds
+    the process out of file descriptors aborts it (SIGABRT, "Too many open files"). libzmq has no
+    connection limit of its own, so the server keeps one:
+
+    1. At start the soft ``RLIMIT_NOFILE`` is raised to the hard one (where the kernel allows).
+    2. ``cap`` connections at most, sized so that as many fds again, plus ``RESERVE_FDS`` for the
+       rest of the process, stay free above it (the headroom that absorbs a burst the guard has not
+       seen yet), and no more than ``MAX_CONNECTIONS`` (memory: see the server's per-peer budget).
+    3. A socket monitor (``EVENT_ACCEPTED``: its value is the accepted fd; ``EVENT_DISCONNECTED``)
+       counts live connections in a thread of its own, which blocks on the monitor and reacts
+       without waiting for the server loop. Over ``cap`` it drops connections by ``shutdown()`` on
+       a dup of their fd (after checking the fd is still a socket accepted on our path): libzmq
+       then reads EOF, closes its fd and reports DISCONNECTED. ``ZMQ_BACKLOG`` is small, so few
+       connections wait in the kernel queue.
+    4. Whom to drop: a connection of the peer process (``SO_PEERCRED`` pid, taken at accept) that
+       holds the most connections, and of its connections the least recently active (``touch(fd)``,
+       called by the server with each request's ``SRCFD``). A client process holds one or two
+       connections, so a flood from a few processes is dropped first, however it reconnects.
+
+    Not done: unbinding the listener at the cap. libzmq's listener owns the sessions it accepted,
+    so ``zmq_unbind`` closes every connection accepted on it, the legitimate ones included.
+    Residual risk: the guard reacts after libzmq's IO thread has accepted. Between the moment the
+    count passes ``cap`` and the moment the guard thread runs (it needs the GIL; a thread holding
+    the GIL in a long C call delays it), at most the headroom (``cap + RESERVE_FDS`` fds, or much
+    more where the hard limit could be raised) may be accepted. A local attacker who opens
+    connections faster than that within one GIL hand-over, at a hard limit too low to raise,
+    could still exhaust the fds. A higher hard limit (systemd ``LimitNOFILE``, ``ulimit -Hn``)
+    makes the headroom as large as the limit. An attacker spreading a flood over as many
+    processes as there are slots makes legitimate clients reconnect (they do so on their own), it
+    cannot kill the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import resource
+import socket
+import struct
+import threading
+import time
+from collections import OrderedDict
+
+import zmq
+
+log = logging.getLogger("lora_ipc.guard")
+
+MAX_CONNECTIONS = 512  # per server; with the per-peer reply budget this bounds queued reply memory
+MIN_CONNECTIONS = 16  # even at a tiny fd limit a server takes this many (its fds are then at risk: logged)
+RESERVE_FDS = 128  # fds left for everything else in the process (slabs, files, the trainer's own)
+BACKLOG = 16  # connections waiting in the kernel queue (libzmq's default is 100)
+_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+_POLL_MS = 100
+_EVENT = struct.Struct("=Hi")  # a monitor event's first frame: event, value (for ACCEPTED: the fd)
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (to ``fs.nr_open`` when the hard one is
+    unlimited); returns the limits in force afterwards. Failing to raise is not an error."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.info("could not raise the soft fd limit from %d to %d: %s", soft, target, exc)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def open_fd_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # listdir's own fd
+    except OSError:
+        return 0
+
+
+def connection_cap(soft_limit: int, open_fds: int, maximum: int = MAX_CONNECTIONS) -> int:
+    """Connections a server may hold: a third of what is free above ``RESERVE_FDS``, the rest
+    being the burst headroom; at most ``maximum``, at least ``MIN_CONNECTIONS``."""
+    if soft_limit == resource.RLIM_INFINITY:
+        return maximum
+    return max(MIN_CONNECTIONS, min(maximum, (soft_limit - open_fds - RESERVE_FDS) // 3))
+
+
+class _SockAddrUn(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_ushort), ("path", ctypes.c_char * 108)]
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_getsockname, _getsockopt, _shutdown = _LIBC.getsockname, _LIBC.getsockopt, _LIBC.shutdown
+_BUFFERS = (_SockAddrUn(), ctypes.c_uint32(), (ctypes.c_int * 3)(), ctypes.c_uint32())
+_ADDR_REF, _ALEN_REF, _CRED_REF, _CLEN_REF = (ctypes.byref(b) for b in _BUFFERS)
+
+
+def _peer_pid_if_ours(fd: int, path: bytes, shutdown: bool) -> int | None:
+    """The peer pid of ``fd`` if it is a unix socket whose local name is ``path`` (one accepted by
+    our listener), else None; with ``shutdown``, also shut it down. Plain syscalls on the fd
+    libzmq owns (no dup: it must work when fds are short, and fast)."""
+    addr, alen, cred, clen = _BUFFERS  # only the guard thread calls this (under its lock)
+    alen.value = ctypes.sizeof(addr)
+    if _getsockname(fd, _ADDR_REF, _ALEN_REF) != 0 or addr.family != socket.AF_UNIX or addr.path != path:
+        return None
+    clen.value = ctypes.sizeof(cred)
+    if _getsockopt(fd, socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED_REF, _CLEN_REF) != 0:
+        return None
+    if shutdown and _shutdown(fd, socket.SHUT_RDWR) != 0:
+        return None
+    return cred[0]
+
+
+class ConnectionGuard:
+    """Counts and caps the connections of one ROUTER. Create it before ``bind`` (the monitor must
+    see every connection); the socket's owner thread calls :meth:`close` before closing the socket."""
+
+    def __init__(self, sock: zmq.Socket, path: str, *, max_connections: int = MAX_CONNECTIONS):
+        soft, _hard = raise_nofile_limit()
+        self.cap = connection_cap(soft, open_fd_count(), max_connections)
+        if soft != resource.RLIM_INFINITY and soft - open_fd_count() - RESERVE_FDS < 2 * self.cap:
+            log.warning("fd limit %d leaves little headroom above %d connections: raise it (ulimit -Hn)",
+                        soft, self.cap)
+        self._path = os.fsencode(path)
+        sock.setsockopt(zmq.BACKLOG, BACKLOG)
+        self._inproc = f"inproc://lora-ipc-guard-{os.getpid()}-{id(self):x}"
+        sock.monitor(self._inproc, _EVENTS)
+        self._sock = sock
+        self._mon = sock.context.socket(zmq.PAIR)
+        self._mon.setsockopt(zmq.LINGER, 0)
+        self._mon.setsockopt(zmq.RCVHWM, 0)  # never lose an event (a lost DISCONNECTED would leak a slot)
+        self._mon.connect(self._inproc)
+        self._lock = threading.Lock()
+        self._active: dict[int, float] = {}  # fd -> last activity (monotonic)
+        self._pid_of: dict[int, int] = {}  # fd -> peer pid (0: unknown)
+        self._by_pid: dict[int, OrderedDict[int, None]] = {}  # peer pid -> its fds not being dropped, LRU first
+        self._dropping: set[int] = set()  # shut down, DISCONNECTED not seen yet
+        self.dropped = 0
+        self.sheds = 0
+        self.peak = 0
+        self.disconnects = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lora-ipc-guard", daemon=True)
+        self._thread.start()
+
+    # ---- what the server loop calls -----------------------------------------------------------
+
+    @property
+    def live(self) -> int:
+        return len(self._active)
+
+    def touch(self, fd: int) -> None:
+        """A request arrived on connection ``fd``."""
+        if fd in self._active:
+            with self._lock:
+                if fd in self._active:
+                    self._active[fd] = time.monotonic()
+                    fds = self._by_pid.get(self._pid_of.get(fd))
+                    if fds is not None and fd in fds:
+                        fds.move_to_end(fd)
+
+    def drop(self, fd: int) -> bool:
+        """Disconnect the peer on ``fd`` (e.g. one that does not read its replies)."""
+        with self._lock:
+            return fd in self._active and fd not in self._dropping and self._drop(fd)
+
+    def close(self) -> None:
+        """Stop monitoring (call from the socket's owner thread, before closing the socket)."""
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._stop.set()
+        self._thread.join(2.0)
+
+    # ---- the guard thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._mon.poll(_POLL_MS):
+                    continue
+                recv, unpack, on_event = self._mon.recv, _EVENT.unpack_from, self._on_event
+                while True:
+                    try:
+                        head = recv(zmq.NOBLOCK)
+                        recv(zmq.NOBLOCK)  # the endpoint (always ours)
+                    except zmq.Again:
+                        break
+                    if len(head) >= 6:
+                        on_event(*unpack(head))
+                with self._lock:
+                    self._shed()
+        except zmq.ZMQError as exc:  # context terminated under us: nothing left to guard
+            log.debug("guard stopped: %s", exc)
+        finally:
+            self._mon.close(0)
+
+    def _on_event(self, event: int, fd: int) -> None:
+        with self._lock:
+            if event == zmq.EVENT_ACCEPTED:
+                self._forget(fd)  # a reused number: the old connection is gone
+                pid = _peer_pid_if_ours(fd, self._path, False)
+                self._active[fd] = time.monotonic()
+                self._pid_of[fd] = pid or 0  # None: already closed again, DISCONNECTED follows
+                self._by_pid.setdefault(pid or 0, OrderedDict())[fd] = None
+                self.peak = max(self.peak, len(self._active))
+                if len(self._active) - len(self._dropping) > self.cap + 64:
+                    self._shed()  # far behind: do not wait for the end of the batch
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._forget(fd)
+                self.disconnects += 1
+
+    def _forget(self, fd: int) -> None:
+        self._active.pop(fd, None)
+        self._dropping.discard(fd)
+        self._unlist(fd, self._pid_of.pop(fd, None))
+
+    def _unlist(self, fd: int, pid: int | None) -> None:
+        fds = self._by_pid.get(pid) if pid is not None else None
+        if fds is not None:
+            fds.pop(fd, None)
+            if not fds:
+                del self._by_pid[pid]
+
+    def _shed(self) -> None:
+        """Over ``cap``: drop connections of the process holding the most, least recently active first."""
+        excess = len(self._active) - len(self._dropping) - self.cap
+        if excess <= 0:
+            return
+        self.sheds += 1
+        if self.sheds in (1, 10, 100, 1000, 10000, 100000):
+            pid, fds = max(self._by_pid.items(), key=lambda kv: len(kv[1]))
+            log.warning("%d connections (cap %d): dropping those of pid %d (%d) first (round %d)",
+                        len(self._active), self.cap, pid, len(fds), self.sheds)
+        while excess > 0 and self._by_pid:
+            _pid, fds = max(self._by_pid.items(), key=lambda kv: len(kv[1]))
+            victim = next(iter(fds))  # its least recently active
+            if not self._drop(victim):  # not (any more) a connection of ours: forget it
+                self._forget(victim)
+            excess -= 1
+
+    def _drop(self, fd: int) -> bool:
+        """Shut ``fd`` down if it still is a connection of ours (lock held)."""
+        if _peer_pid_if_ours(fd, self._path, True) is None:
+            return False
+        self._dropping.add(fd)
+        self._unlist(fd, self._pid_of.get(fd))
+        self.dropped += 1
+        return True

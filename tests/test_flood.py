@@ -1,0 +1,290 @@
+"""Floods from same-uid peers: idle connections past the fd limit, peers that never read their replies.
+
+Each server runs in a process of its own (a spawned in-process exporter, or ``lora-ipc serve``),
+flooded by 2-3 other processes, and must stay alive, bounded and serving real fetches.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import zmq
+
+from lora_ipc import AdapterClient, RemoteExporter
+from lora_ipc import protocol as p
+from lora_ipc.connection import Connection
+from lora_ipc.server import MAX_LISTED_BYTES, SEND_HWM
+
+from . import models
+from .helpers import assert_same_adapter
+
+NOFILE = 1024  # the soft limit (the hard one stays): the server raises it and caps its connections
+FLOODERS = 3
+PER_FLOODER = 550  # 1,650 idle connections in all, well past NOFILE
+CTX = mp.get_context("spawn")
+
+
+@pytest.fixture
+def sock_dir():
+    """A private directory of our own (pytest's tmp_path may be pruned by a concurrent pytest session)."""
+    d = tempfile.mkdtemp(prefix="lora-ipc-flood-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _limit_fds():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def _flooder(endpoint, n, ready):
+    """``n`` idle DEALER connections (each reconnects on its own when dropped) until killed."""
+    ctx = zmq.Context()
+    socks = []
+    try:
+        for _ in range(n):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+            socks.append(s)
+        ready.set()
+        time.sleep(300)
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+
+
+def _non_reader(endpoint, requests, sent):
+    """Sends ``requests`` status requests and never reads a reply, until its connection is closed."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, 0)
+    s.setsockopt(zmq.RCVHWM, 1)  # its libzmq stops reading too: replies pile up on the server's side
+    s.setsockopt(zmq.RCVBUF, 4096)
+    s.connect(endpoint)
+    for i in range(requests):
+        s.send_multipart([b"", p.encode(p.StatusRequest(), i + 1)])
+    sent.set()
+    time.sleep(300)
+
+
+def _exporter_main(endpoint, limit_fds, names, q):
+    if limit_fds:
+        _limit_fds()
+    from lora_ipc import AdapterExporter
+
+    with AdapterExporter(endpoint) as exporter:
+        exporter.publish("policy", models.random_adapter(7), models.RANDOM_ADAPTER_CONFIG)
+        small = {"base_model.model.x.lora_A.weight": models.random_adapter(0)[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][:1, :4]}
+        for i in range(names):
+            for _ in range(2):
+                exporter.publish(f"n{i:04d}-" + "x" * 400, small, models.RANDOM_ADAPTER_CONFIG)
+        q.put("up")
+        time.sleep(600)  # until killed
+
+
+def _start_flood(endpoint):
+    procs = []
+    for _ in range(FLOODERS):
+        ready = CTX.Event()
+        proc = CTX.Process(target=_flooder, args=(endpoint, PER_FLOODER, ready), daemon=True)
+        proc.start()
+        procs.append((proc, ready))
+    for _proc, ready in procs:
+        assert ready.wait(120), "flooder did not start"
+    return [proc for proc, _ in procs]
+
+
+def _wait_connections(pid: int, at_least: int, alive) -> None:
+    """Until ``pid`` holds ``at_least`` sockets (the flood reached it) or died."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and alive():
+        try:
+            n = sum(1 for fd in os.listdir(f"/proc/{pid}/fd")
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"))
+        except OSError:
+            n = 0
+        if n >= at_least:
+            return
+        time.sleep(0.05)
+
+
+def _fetch_policy(endpoint):
+    with AdapterClient(endpoint, timeout_s=60) as client:
+        got = client.fetch("policy")
+    assert_same_adapter(got.tensors, models.random_adapter(7))
+
+
+def _kill_all(procs):
+    """Kill (no mp.Event to stop them: setting one a dead process waited on blocks forever)."""
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.join(20)
+
+
+def test_inprocess_exporter_survives_a_connection_flood_past_its_fd_limit(sock_dir):
+    endpoint = f"ipc://{sock_dir}/exporter.sock"
+    q = CTX.Queue()
+    exporter = CTX.Process(target=_exporter_main, args=(endpoint, True, 0, q), daemon=True)
+    exporter.start()
+    flood = []
+    try:
+        assert q.get(timeout=120) == "up"
+        flood = _start_flood(endpoint)
+        _wait_connections(exporter.pid, 300, exporter.is_alive)
+        assert exporter.is_alive(), f"exporter died under the flood (exit code {exporter.exitcode})"
+        _fetch_policy(endpoint)  # while the flood still holds its connections
+        with AdapterClient(endpoint, timeout_s=60) as client:
+            server = client.status()["server"]
+        assert server["dropped_connections"] > 0, server  # the cap was reached and held by dropping
+        print(f"flood: {server}")
+        _kill_all(flood)
+        flood = []
+        assert exporter.is_alive()
+        _fetch_policy(endpoint)
+    finally:
+        _kill_all(flood + [exporter])
+
+
+def test_daemon_survives_a_connection_flood_past_its_fd_limit(sock_dir):
+    endpoint = f"ipc://{sock_dir}/daemon.sock"
+    daemon = subprocess.Popen([sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_limit_fds)
+    flood = []
+    try:
+        line = daemon.stdout.readline()
+        assert "serving on" in line, line + daemon.stderr.read()
+        with RemoteExporter(endpoint) as remote:
+            remote.publish("policy", models.random_adapter(7), models.RANDOM_ADAPTER_CONFIG)
+        flood = _start_flood(endpoint)
+        _wait_connections(daemon.pid, 300, lambda: daemon.poll() is None)
+        assert daemon.poll() is None, f"daemon died under the flood (exit code {daemon.returncode})"
+        _fetch_policy(endpoint)
+        _kill_all(flood)
+        flood = []
+        assert daemon.poll() is None
+        _fetch_policy(endpoint)
+    finally:
+        _kill_all(flood)
+        daemon.kill()
+        daemon.wait(10)
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) << 10
+    raise AssertionError("no VmRSS")
+
+
+NON_READERS = 4
+NAMES = 1023  # plus 'policy': the store's default cap of 1,024 names, two versions each
+REQUESTS_EACH = 400
+# what the server may queue for the non-readers: SEND_HWM replies each, every reply bounded by
+# MAX_LISTED_BYTES plus its fixed fields; plus 32 MiB for the allocator and the interpreter
+RSS_BOUND = NON_READERS * SEND_HWM * (MAX_LISTED_BYTES + (16 << 10)) + (32 << 20)
+
+
+def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
+    endpoint = f"ipc://{sock_dir}/exporter.sock"
+    q = CTX.Queue()
+    exporter = CTX.Process(target=_exporter_main, args=(endpoint, False, NAMES, q), daemon=True)
+    exporter.start()
+    readers = []
+    try:
+        assert q.get(timeout=240) == "up"
+        with AdapterClient(endpoint, timeout_s=60) as client:
+            base = _rss(exporter.pid)
+            for _ in range(NON_READERS):
+                sent = CTX.Event()
+                proc = CTX.Process(target=_non_reader, args=(endpoint, REQUESTS_EACH, sent), daemon=True)
+                proc.start()
+                readers.append((proc, sent))
+            for _proc, sent in readers:
+                assert sent.wait(60)
+            expected = NON_READERS * REQUESTS_EACH
+            deadline = time.monotonic() + 90
+            peak = 0
+            while True:  # until the server has read every request (or dropped their senders)
+                peak = max(peak, _rss(exporter.pid) - base)
+                assert peak < RSS_BOUND, f"server RSS grew by {peak >> 20} MiB (bound {RSS_BOUND >> 20} MiB)"
+                server = client.status().get("server", {})
+                if server.get("requests", 0) >= expected or server.get("dropped_connections", 0) >= NON_READERS:
+                    break
+                assert time.monotonic() < deadline, server
+                time.sleep(0.1)
+            for proc, _ in readers:
+                proc.kill()
+                proc.join(10)
+            readers = []
+            deadline = time.monotonic() + 30
+            while client.status()["server"]["connections"] > 1:  # our own
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            after = _rss(exporter.pid) - base
+            assert after < RSS_BOUND, f"{after >> 20} MiB stayed after the peers left"
+            # status and list replies are bounded in bytes and say how many entries they left out
+            report = client.status()
+            assert report["adapters_left_out"] > 0
+            assert len(report["adapters"]) + report["adapters_left_out"] == 2 * NAMES + 1
+            assert len(p.encode(p.StatusReply(report))) < MAX_LISTED_BYTES + (16 << 10)
+            conn = Connection(endpoint, 60)
+            try:
+                listed = conn.request(p.ListRequest(), p.ListReply)
+            finally:
+                conn.close()
+            assert listed.left_out > 0 and len(listed.adapters) + listed.left_out == NAMES + 1
+            assert len(p.encode(listed)) < MAX_LISTED_BYTES + (16 << 10)
+            print(f"RSS growth: peak {peak / 2**20:.1f} MiB, after disconnect {after / 2**20:.1f} MiB, "
+                  f"bound {RSS_BOUND / 2**20:.1f} MiB")
+        _fetch_policy(endpoint)
+    finally:
+        _kill_all([proc for proc, _ in readers] + [exporter])
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-s"]))
+
+
+def _socket_at_emfile(q):
+    from lora_ipc.connection import Connection
+    from lora_ipc.errors import LoraIpcError
+
+    zmq.Context.instance()  # its own fds first
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    held = []
+    try:
+        while True:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        Connection("ipc:///tmp/lora-ipc-nowhere/x.sock", 1.0)
+        q.put("created")
+    except LoraIpcError as exc:
+        q.put(f"typed: {exc}")
+    except Exception as exc:  # noqa: BLE001 - what the test is about
+        q.put(f"untyped: {type(exc).__name__}: {exc}")
+
+
+def test_a_client_out_of_fds_gets_a_typed_error():
+    q = CTX.Queue()
+    proc = CTX.Process(target=_socket_at_emfile, args=(q,), daemon=True)
+    proc.start()
+    try:
+        got = q.get(timeout=60)
+        assert got.startswith("typed:"), got
+    finally:
+        _kill_all([proc])
