@@ -43,8 +43,9 @@ def wheel(tmp_path_factory) -> Path:
 def venv(wheel, tmp_path_factory):
     """(python, bin dir, env): the wheel installed into a venv layered over this interpreter's packages."""
     python = overlay_venv.create(tmp_path_factory.mktemp("venv") / "v")
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
-                   timeout=300)
+    # --force-reinstall: the editable install this venv sees below it would otherwise "already satisfy" it
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q",
+                    str(wheel)], check=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     return python, python.parent, env
 
@@ -115,14 +116,17 @@ def test_a_failed_native_build_does_not_fail_the_install(tmp_path):
     [whl] = (tmp_path / "dist").glob("lora_ipc-*.whl")
     assert not [n for n in zipfile.ZipFile(whl).namelist() if n.endswith(".so")]
     python = overlay_venv.create(tmp_path / "v")
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(whl)], check=True,
-                   timeout=300)
-    probe = "from lora_ipc import native; print(native.status()[1])"
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q",
+                    str(whl)], check=True, timeout=300)
+    probe = ("import json, lora_ipc; from lora_ipc import native; "
+             "print(json.dumps([lora_ipc.__file__, native.status()[1]]))")
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     got = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, env=clean, cwd=tmp_path,
                          timeout=120)
     assert got.returncode == 0, got.stderr
-    assert got.stdout.strip() == "lora_ipc native extension not built (reinstall with a C compiler present)"
+    package, why = json.loads(got.stdout)
+    assert package.startswith(str(tmp_path / "v")), package  # the wheel's copy, not the checkout's
+    assert why == "lora_ipc native extension not built (reinstall with a C compiler present)"
 
 
 def test_an_editable_install_of_a_fresh_clone_builds_the_extension(tmp_path):
