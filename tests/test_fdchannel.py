@@ -36,6 +36,15 @@ def own_fds() -> set[str]:
     return {fd for fd in os.listdir("/proc/self/fd") if os.path.lexists(f"/proc/self/fd/{fd}")}
 
 
+def pid_namespace_command() -> list[str]:
+    """The command prefix that runs a process in a new pid namespace with its own /proc (skips where denied)."""
+    ns = ["unshare", "-p", "--fork", "--kill-child", "--mount-proc"]  # the namespace dies with unshare
+    probe = subprocess.run([*ns, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create pid namespaces here: {probe.stderr.strip()[:200]}")
+    return ns
+
+
 def assert_no_new_fds(before: set[str], within_s: float = 5.0) -> None:
     """No descriptor beyond ``before`` stays open: an in-process server thread closes the connection it
     accepted for a request shortly after the requester returns, so wait for it (up to ``within_s``)."""
@@ -414,10 +423,7 @@ CLIENT = textwrap.dedent("""
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare")
 def test_cpu_slabs_cross_pid_namespaces(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ns = ["unshare", "-p", "--fork", "--mount-proc"]
-    probe = subprocess.run([*ns, "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot create pid namespaces here: {probe.stderr.strip()[:200]}")
+    ns = pid_namespace_command()
     exporter = subprocess.Popen([*ns, sys.executable, "-c", EXPORTER, str(tmp_path)], env=env, cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -569,10 +575,7 @@ PUBLISH_AND_FETCH = textwrap.dedent("""
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare")
 def test_a_daemon_in_another_pid_namespace_takes_publishes_and_serves_fetches(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ns = ["unshare", "-p", "--fork", "--mount-proc"]
-    probe = subprocess.run([*ns, "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot create pid namespaces here: {probe.stderr.strip()[:200]}")
+    ns = pid_namespace_command()
     endpoint = f"ipc://{tmp_path}/d.sock"
     daemon = subprocess.Popen([*ns, sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint], env=env,
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

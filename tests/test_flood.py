@@ -205,7 +205,9 @@ def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
     readers = []
     try:
         assert q.get(timeout=240) == "up"
-        with AdapterClient(endpoint, timeout_s=60) as client:
+        # the server answers this client between 1,600 status requests of the non-readers: on a loaded 2-core
+        # machine that can take minutes; what is bounded here is memory, not latency
+        with AdapterClient(endpoint, timeout_s=300) as client:
             base = _rss(exporter.pid)
             for _ in range(NON_READERS):
                 sent = CTX.Event()
@@ -215,7 +217,7 @@ def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
             for _proc, sent in readers:
                 assert sent.wait(60)
             expected = NON_READERS * REQUESTS_EACH
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + 300
             peak = 0
             while True:  # until the server has read every request (or dropped their senders)
                 peak = max(peak, _rss(exporter.pid) - base)

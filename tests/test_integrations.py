@@ -6,7 +6,6 @@ private network namespace (as tests/test_ray.py does).
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -22,17 +21,7 @@ SUITE = os.path.join(ROOT, "tests", "openrlhf_suite.py")
 def test_openrlhf_create_vllm_engines_with_lora_ipc_installed():
     pytest.importorskip("openrlhf")
     pytest.importorskip("ray")
-    why_not = test_ray._unshare_works()
-    if why_not:
-        pytest.skip(f"Ray tests not run: {why_not}")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    cmd = f"ip link set lo up && exec {sys.executable} -m pytest -q -rA -p no:cacheprovider {SUITE}"
-    proc = subprocess.run(["unshare", "-n", "sh", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1500, check=False)
-    report = proc.stdout[-20000:]
-    print(report)
-    assert proc.returncode == 0, f"OpenRLHF suite failed (rc {proc.returncode}):\n{report}\n{proc.stderr[-5000:]}"
-    assert " passed" in report and " skipped" not in report.splitlines()[-1], report[-2000:]
+    test_ray.run_suite_in_private_netns(SUITE, "OpenRLHF suite")
 
 
 @pytest.fixture(scope="module")

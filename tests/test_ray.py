@@ -32,16 +32,21 @@ def _unshare_works() -> str | None:
     return None
 
 
-def test_ray_suite_in_private_network_namespace():
+def run_suite_in_private_netns(suite: str, label: str) -> None:
+    """Run the pytest module ``suite`` in its own process inside a fresh network namespace (loopback only);
+    skip with the reason where that namespace cannot be made; fail, with its report, when the suite fails."""
     why_not = _unshare_works()
     if why_not:
         pytest.skip(f"Ray tests not run: {why_not}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    cmd = (f"ip link set lo up && exec {sys.executable} -m pytest -q -rA -p no:cacheprovider "
-           f"{SUITE}")
+    cmd = f"ip link set lo up && exec {sys.executable} -m pytest -q -rA -p no:cacheprovider {suite}"
     proc = subprocess.run(["unshare", "-n", "sh", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1500, check=False)
     report = proc.stdout[-20000:]
     print(report)
-    assert proc.returncode == 0, f"Ray suite failed (rc {proc.returncode}):\n{report}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, f"{label} failed (rc {proc.returncode}):\n{report}\n{proc.stderr[-5000:]}"
     assert " passed" in report and " skipped" not in report.splitlines()[-1], report[-2000:]
+
+
+def test_ray_suite_in_private_network_namespace():
+    run_suite_in_private_netns(SUITE, "Ray suite")

@@ -118,7 +118,11 @@ def test_a_failed_native_build_does_not_fail_the_install(tmp_path):
     python = overlay_venv.create(tmp_path / "v")
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q",
                     str(whl)], check=True, timeout=300)
-    probe = ("import json, lora_ipc; from lora_ipc import native; "
+    # as on a machine with only the wheel: the editable install below this venv serves submodules the wheel
+    # lacks (its finder maps lora_ipc._native to the checkout's build), so its finder is taken out first
+    probe = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+             "if not getattr(f, '__module__', '').startswith('__editable__')]; "
+             "import json, lora_ipc; from lora_ipc import native; "
              "print(json.dumps([lora_ipc.__file__, native.status()[1]]))")
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     got = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, env=clean, cwd=tmp_path,

@@ -184,7 +184,8 @@ class Consumer:
         from lora_ipc.imports import REGISTRY
 
         with REGISTRY._lock:
-            return {slab_id: entry[1] for slab_id, entry in REGISTRY._open.items()}
+            # keys are ImportKey(endpoint, server_pid, slab_id) since issue 15 (this copy of the probe follows)
+            return {getattr(key, "slab_id", key): entry[1] for key, entry in REGISTRY._open.items()}
 
     def loop(self, key, name, seconds, patch_wait=False):
         """Fetch the newest version for ``seconds``; each version v is the constant v (a torn read shows)."""
@@ -377,7 +378,8 @@ class Consumer:
         from lora_ipc.imports import REGISTRY
 
         with REGISTRY._lock:
-            return [e[0] for sid, e in REGISTRY._open.items() if sid.startswith(f"cuda.{pid}.")]
+            return [e[0] for key, e in REGISTRY._open.items()
+                    if getattr(key, "slab_id", key).startswith(f"cuda.{pid}.")]
 
     def sk_owned(self, key):
         now = summarize(self.torch, self.kept[key].tensors)
