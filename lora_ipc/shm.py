@@ -32,6 +32,7 @@ import os
 import stat
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -113,10 +114,12 @@ def check_sealed(opened: int, name: str, min_bytes: int) -> None:
 
 
 READ_CHUNK = 1 << 30  # a single read(2) returns at most ~2 GiB
+PARALLEL_READ_BYTES = 16 << 20  # reads this large are split across threads (pread releases the GIL)
+_read_pool: ThreadPoolExecutor | None = None
+_read_pool_lock = threading.Lock()
 
 
-def read_exact(fd: int, dst: memoryview, offset: int) -> None:
-    """Fill ``dst`` (a writable byte view) from ``fd`` at ``offset`` with ``pread``; a short file is a BackendError."""
+def _read_range(fd: int, dst: memoryview, offset: int) -> None:
     done = 0
     while done < len(dst):
         try:
@@ -126,6 +129,27 @@ def read_exact(fd: int, dst: memoryview, offset: int) -> None:
         if n <= 0:
             raise BackendError(f"shared memory ended after {offset + done} bytes; {len(dst) - done} more expected")
         done += n
+
+
+def read_exact(fd: int, dst: memoryview, offset: int) -> None:
+    """Fill ``dst`` (a writable byte view) from ``fd`` at ``offset`` with ``pread``; a short file is a BackendError.
+
+    A large read is split across a few threads: most of its time goes to faulting in ``dst``'s fresh pages
+    (the kernel's copy into newly allocated memory), which parallelises; measured on 2 cores for 80 MiB
+    into a fresh buffer, 53 ms on one thread, 31 ms on two."""
+    parts = min(4, os.cpu_count() or 1)
+    if len(dst) < PARALLEL_READ_BYTES or parts < 2:
+        _read_range(fd, dst, offset)
+        return
+    global _read_pool
+    with _read_pool_lock:
+        if _read_pool is None:
+            _read_pool = ThreadPoolExecutor(parts, thread_name_prefix="lora-ipc-read")
+    step = -(-len(dst) // parts)
+    futures = [_read_pool.submit(_read_range, fd, dst[start:start + step], offset + start)
+               for start in range(0, len(dst), step)]
+    for future in futures:
+        future.result()  # the first failure (BackendError) is raised once every part has finished
 
 
 def memfds_of(pid: int) -> list[str]:
