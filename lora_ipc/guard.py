@@ -144,6 +144,8 @@ class ConnectionGuard:
         self._pid_of: dict[int, int] = {}  # fd -> peer pid (0: unknown)
         self._by_pid: dict[int, OrderedDict[int, None]] = {}  # peer pid -> its fds not being dropped, LRU first
         self._dropping: set[int] = set()  # shut down, DISCONNECTED not seen yet
+        self._serial: dict[int, int] = {}  # fd -> which connection accepted on it (numbers are reused)
+        self._accepted = 0
         self.dropped = 0
         self.sheds = 0
         self.peak = 0
@@ -168,10 +170,17 @@ class ConnectionGuard:
                     if fds is not None and fd in fds:
                         fds.move_to_end(fd)
 
-    def drop(self, fd: int) -> bool:
-        """Disconnect the peer on ``fd`` (e.g. one that does not read its replies)."""
+    def connection(self, fd: int) -> int | None:
+        """Which connection ``fd`` is now (a serial number, new with each accept), None if not one of ours."""
+        return self._serial.get(fd)
+
+    def drop(self, fd: int, connection: int | None) -> bool:
+        """Disconnect the peer on ``fd`` (e.g. one that does not read its replies), if ``fd`` still is
+        ``connection``: a message read after its connection closed names an fd that another connection
+        may have by now (see Note [a message names its connection late] in server.py)."""
         with self._lock:
-            return fd in self._active and fd not in self._dropping and self._drop(fd)
+            return (connection is not None and self._serial.get(fd) == connection and fd in self._active
+                    and fd not in self._dropping and self._drop(fd))
 
     def close(self) -> None:
         """Stop monitoring (call from the socket's owner thread, before closing the socket)."""
@@ -209,6 +218,8 @@ class ConnectionGuard:
         with self._lock:
             if event == zmq.EVENT_ACCEPTED:
                 self._forget(fd)  # a reused number: the old connection is gone
+                self._accepted += 1
+                self._serial[fd] = self._accepted
                 pid = _peer_pid_if_ours(fd, self._path, False)
                 self._active[fd] = time.monotonic()
                 self._pid_of[fd] = pid or 0  # None: already closed again, DISCONNECTED follows
@@ -222,6 +233,7 @@ class ConnectionGuard:
 
     def _forget(self, fd: int) -> None:
         self._active.pop(fd, None)
+        self._serial.pop(fd, None)
         self._dropping.discard(fd)
         self._unlist(fd, self._pid_of.pop(fd, None))
 

@@ -96,6 +96,7 @@ class AdapterServer:
             os.unlink(self._path)
             raise
         self._trimmed_at = (0.0, 0)
+        self._peers: BoundedLRU[bytes, tuple[int, int | None]] = BoundedLRU(4 * self.guard.cap)  # routing id -> connection
         self.requests = 0
         # (publishing connection, its handle) -> import: see _on_publish
         self._publish_sources: BoundedLRU[tuple[bytes, p.SlabHandle], ImportedSlab] = BoundedLRU(
@@ -129,7 +130,7 @@ class AdapterServer:
                         break
                     fd = _source_fd(frames[-1])
                     self.guard.touch(fd)
-                    self._serve_one([f.bytes for f in frames], fd)
+                    self._serve_one([f.bytes for f in frames], self._connection_of(frames[0].bytes, fd))
         finally:
             self._fds.stop()
             self._publish_sources.clear()
@@ -148,7 +149,23 @@ class AdapterServer:
             self._trimmed_at = (now, self.guard.disconnects)
             _malloc_trim()
 
-    def _serve_one(self, frames: list[bytes], fd: int = -1) -> None:
+    def _connection_of(self, identity: bytes, fd: int) -> tuple[int, int | None]:
+        """The connection a peer's messages come on: its fd and the guard's serial for it, as first seen.
+
+        Note [a message names its connection late]
+            A message's ``SRCFD`` is the fd it was read from, but messages already read stay queued in
+            the socket after their connection closed, and by the time the server reads them the fd may
+            belong to another peer. So the server pins each peer (routing id) to the connection it
+            first came on; a drop names that connection and the guard refuses it once the fd is
+            another one. Pinned before the guard saw the accept, a peer is pinned to the previous
+            connection and is never dropped for not reading (the guard's cap still sheds it).
+        """
+        pinned = self._peers.get(identity)
+        if pinned is None or pinned[0] != fd:
+            pinned = self._peers.put(identity, (fd, self.guard.connection(fd)))
+        return pinned
+
+    def _serve_one(self, frames: list[bytes], connection: tuple[int, int | None] = (-1, None)) -> None:
         # DEALER peers send [identity, b"", payload]; anything else is answered with an error if addressable
         self.requests += 1
         if len(frames) < 2:
@@ -169,11 +186,30 @@ class AdapterServer:
             self.store.count_error(exc)
             log.exception("request %d failed", request_id)
             reply = p.ErrorReply("LoraIpcError", f"internal error: {type(exc).__name__}: {exc}")
+        self._reply(identity, p.encode(reply, request_id), connection, request_id)
+
+    def _reply(self, identity: bytes, payload: bytes, connection: tuple[int, int | None], request_id: int) -> None:
+        """Send one reply without blocking; a peer that does not read its replies is disconnected.
+
+        Note [a full queue, judged late]
+            libzmq learns that a peer read its replies from commands its IO thread sends every
+            SEND_HWM/2 replies, and the socket processes those commands lazily: every 100 messages
+            received, when a receive finds nothing, when polled. A server busy with many peers can
+            go on receiving for a while, so a fast client that reads everything may look SEND_HWM
+            replies behind (a legitimate client was dropped this way under load). Before judging,
+            the pending commands are processed (``ZMQ_EVENTS`` does that) and the send tried again:
+            what is then still queued is at most SEND_HWM/2 - 1 replies behind the truth.
+        """
+        frames = [identity, b"", payload]
         try:
-            self._sock.send_multipart([identity, b"", p.encode(reply, request_id)], zmq.NOBLOCK)
-        except zmq.Again:  # SEND_HWM replies unread: a peer that does not read is disconnected
-            if self.guard.drop(fd):
-                log.warning("peer on fd %d does not read its replies: disconnected", fd)
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                self._sock.getsockopt(zmq.EVENTS)  # process pending commands: the peer's reads catch up
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:  # still SEND_HWM replies unread: a peer that does not read is disconnected
+            if self.guard.drop(*connection):
+                log.warning("peer on fd %d does not read its replies: disconnected", connection[0])
         except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH): never block the loop on one client
             if exc.errno != errno.EHOSTUNREACH:
                 log.info("reply to request %d dropped: %s", request_id, exc)

@@ -206,10 +206,9 @@ def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
     readers = []
     try:
         assert q.get(timeout=240) == "up"
-        # what is bounded here is memory, not this client's latency. Known issue (open): while the non-readers
-        # are being dropped, a request of this client was left unanswered in 2 of 4 runs (its connection
-        # dropped or its reply lost, not yet diagnosed); it asks again after 20 s, as an application would
-        with AdapterClient(endpoint, timeout_s=20) as client:
+        # every request of this client is answered while the non-readers are dropped (it was not, in 2 runs
+        # of 4, when the server judged a full queue by libzmq's stale count: see the test below)
+        with AdapterClient(endpoint, timeout_s=60) as client:
             base = _rss(exporter.pid)
             for _ in range(NON_READERS):
                 sent = CTX.Event()
@@ -224,11 +223,7 @@ def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
             while True:  # until the server has read every request (or dropped their senders)
                 peak = max(peak, _rss(exporter.pid) - base)
                 assert peak < RSS_BOUND, f"server RSS grew by {peak >> 20} MiB (bound {RSS_BOUND >> 20} MiB)"
-                try:
-                    server = client.status().get("server", {})
-                except ExporterUnavailable:
-                    assert time.monotonic() < deadline, "no status reply before the deadline"
-                    continue
+                server = client.status().get("server", {})
                 if server.get("requests", 0) >= expected or server.get("dropped_connections", 0) >= NON_READERS:
                     break
                 assert time.monotonic() < deadline, server
@@ -264,6 +259,70 @@ def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-s"]))
+
+
+PIPELINED = 4  # requests a peer keeps in flight: fewer than SEND_HWM, and it reads every reply
+
+
+def _pipelining_reader(endpoint, seconds, q):
+    """Keeps PIPELINED list requests in flight and reads every reply; puts how many never came."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    sent = answered = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(PIPELINED):
+            sent += 1
+            s.send_multipart([b"", p.encode(p.ListRequest(), sent)])
+        for _ in range(PIPELINED):
+            if not s.poll(10_000):
+                break  # dropped: what it sent is lost
+            s.recv_multipart()
+            answered += 1
+        if answered != sent:
+            break
+    q.put(sent - answered)
+    s.close(0)
+    ctx.term()
+
+
+def _fetch_loop(endpoint, seconds, q):
+    errors = 0
+    with AdapterClient(endpoint, timeout_s=10) as client:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                client.fetch("policy")
+            except ExporterUnavailable:
+                errors += 1
+    q.put(errors)
+
+
+def test_peers_that_read_every_reply_are_never_dropped_by_a_busy_server(sock_dir):
+    """A server that reads requests back to back learns late that its peers read their replies (libzmq
+    processes those notices lazily): peers that pipeline a few requests, and clients that fetch as fast
+    as they can, must not be taken for non-readers (before: ~50 drops in 25 s, each a lost request)."""
+    endpoint = f"ipc://{sock_dir}/exporter.sock"
+    q = CTX.Queue()
+    exporter = CTX.Process(target=_exporter_main, args=(endpoint, False, 0, q), daemon=True)
+    exporter.start()
+    peers = []
+    try:
+        assert q.get(timeout=240) == "up"
+        lost = CTX.Queue()
+        peers = [CTX.Process(target=_pipelining_reader, args=(endpoint, 15, lost), daemon=True) for _ in range(6)]
+        peers += [CTX.Process(target=_fetch_loop, args=(endpoint, 15, lost), daemon=True) for _ in range(2)]
+        for proc in peers:
+            proc.start()
+        missing = [lost.get(timeout=120) for _ in peers]
+        with AdapterClient(endpoint, timeout_s=30) as client:
+            dropped = client.status()["server"]["dropped_connections"]
+        print(f"\nunanswered requests per peer: {missing}; connections dropped: {dropped}")
+        assert missing == [0] * len(peers) and dropped == 0
+    finally:
+        _kill_all(peers + [exporter])
 
 
 def _socket_at_emfile(q):
