@@ -177,7 +177,7 @@ class AdapterClient:
                 if self.transport != "auto":
                     raise failed.error from None
                 if not self._host_only:
-                    log.warning("lora-ipc: CUDA IPC import from %s failed (%s); falling back to host-staged copies "
+                    log.warning("lora-ipc: importing a slab of %s failed (%s); falling back to host-staged copies "
                                 "for this client (set %s=host to skip the attempt)", self.endpoint, failed.error,
                                 ENV_TRANSPORT)
                 self._fell_back = True

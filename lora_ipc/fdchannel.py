@@ -19,7 +19,8 @@ Note [why descriptors travel by a side socket]
     checks it like any other. A push is the only request that may carry a descriptor.
 
     The wire: request = ``b"F" + token`` (17 bytes, exactly). Reply = ``b"K" + <count byte>`` with
-    ``count`` descriptors attached, or ``b"E" + <utf-8 reason>`` with none. Anything else, and any
+    ``count`` descriptors attached, or ``b"E" + <utf-8 reason>`` with none (``b"G"``: the memory was freed
+    since the token was issued, which an importer treats as a recycled slab and fetches again). Anything else, and any
     descriptor a peer sends unasked, is refused and closed: the receiving side always takes the
     ancillary data (``MSG_CMSG_CLOEXEC``), closes what it did not ask for, and treats a truncated
     control message (``MSG_CTRUNC``: the receiver ran out of descriptors) as an error.
@@ -45,7 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from .endpoint import _check_dir_chain, ipc_path
-from .errors import BackendError, EndpointNotTrusted
+from .errors import BackendError, EndpointNotTrusted, SlabRecycled
 
 log = logging.getLogger("lora_ipc.fdchannel")
 
@@ -58,7 +59,7 @@ MAX_CONNECTIONS = 64  # open connections on the server at once; more are closed 
 CONNECTION_TIMEOUT_S = 5.0  # a peer must send its request within this (a same-uid peer; bounded by MAX_CONNECTIONS)
 REQUEST = b"F"
 PUSH = b"P"  # a publisher hands its staging slab's descriptor to a daemon (RemoteExporter)
-OK, ERR = b"K", b"E"
+OK, ERR, GONE = b"K", b"E", b"G"  # GONE: the memory was freed after the token was issued (churn, not an error)
 MAX_PUSHED = 16  # pushed descriptors a server holds until their PublishRequest arrives; the oldest is closed
 PUSHED_TTL_S = 30.0
 MAX_REPLY = 512
@@ -294,7 +295,7 @@ class FdServer:
             self.refused += 1
             log.info("descriptor channel: request refused: %s", exc)
             with contextlib.suppress(OSError):
-                conn.send(ERR + str(exc).encode()[:MAX_REPLY - 1])
+                conn.send((GONE if isinstance(exc, SlabGone) else ERR) + str(exc).encode()[:MAX_REPLY - 1])
         except OSError as exc:
             self.refused += 1
             log.info("descriptor channel: reply dropped: %s", exc)
@@ -338,13 +339,17 @@ def memfd_descriptor(fd: int, name: str) -> int:
     if target != f"/memfd:{MEMFD_PREFIX}{name} (deleted)":
         if copy >= 0:
             os.close(copy)
-        raise BackendError(f"shared memory {name!r} is gone")
+        raise SlabGone(f"shared memory {name!r} is gone")
     return copy
 
 
 # --------------------------------------------------------------------------------------------
 # client side
 # --------------------------------------------------------------------------------------------
+
+class SlabGone(BackendError):
+    """Server side: the memory a token names was freed since (its version evicted, its lease revoked)."""
+
 
 class FdChannelUnavailable(BackendError):
     """The exporter has no descriptor channel (an older exporter): importers fall back to /proc."""
@@ -390,6 +395,8 @@ class FdReceiver:
         if data[:1] == OK and len(data) == 2 and data[1] == len(fds) and 1 <= len(fds) <= MAX_FDS:
             return fds
         _close_all(fds)
+        if data[:1] == GONE:  # the slab was freed after the fetch reply: fetch again (not a failing import)
+            raise SlabRecycled(f"slab freed before its descriptor was taken: {data[1:].decode(errors='replace')[:300]}")
         if data[:1] == ERR:
             raise BackendError(f"descriptor refused by the exporter: {data[1:].decode(errors='replace')[:300]}")
         raise BackendError(f"malformed descriptor reply ({len(data)} bytes, {len(fds)} descriptors)")

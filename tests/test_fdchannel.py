@@ -596,3 +596,37 @@ def test_a_daemon_in_another_pid_namespace_takes_publishes_and_serves_fetches(tm
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait(10)
+
+
+def test_a_slab_freed_before_its_descriptor_is_taken_is_fetched_again_not_a_failed_import(monkeypatch):
+    """Churn: between a fetch reply and the client's redeeming its token, the store may free the slab (its
+    version evicted, the lease revoked). The channel says so (``G``), the client fetches again; before, it
+    took this for a broken import and fell back to host-staged copies for the rest of its life."""
+    from lora_ipc.errors import SlabRecycled
+    from lora_ipc.fdchannel import SlabGone
+
+    with AdapterExporter() as exporter:
+        exporter.publish("a", models.random_adapter(1), models.RANDOM_ADAPTER_CONFIG)
+        tokens = exporter._server._fds.tokens
+        real_redeem, freed = tokens.redeem, []
+
+        def gone():
+            raise SlabGone("shared memory 'x' is gone")
+
+        def redeem_after_the_slab_was_freed(token):
+            provider = real_redeem(token)  # spent either way
+            if not freed:
+                freed.append(token)
+                return gone
+            return provider
+
+        monkeypatch.setattr(tokens, "redeem", redeem_after_the_slab_was_freed)
+        with pytest.raises(SlabRecycled, match="freed before its descriptor was taken"):
+            server = exporter._server._fds
+            FdReceiver(exporter.endpoint)(server.offer(lambda: [os.open("/dev/null", os.O_RDONLY)]))
+        freed.clear()
+        with AdapterClient(exporter.endpoint, timeout_s=10) as client:
+            got = client.fetch("a")
+            assert freed, "the first import did not meet a freed slab"
+            assert_same_adapter(got.tensors, models.random_adapter(1))
+            assert not client._host_only and client.host_fallbacks == 0
