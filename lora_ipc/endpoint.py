@@ -20,7 +20,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 
-from .errors import EndpointInUse, EndpointNotTrusted, LoraIpcError
+from .errors import EndpointInUse, EndpointNotTrusted, ExporterUnavailable, LoraIpcError
 
 ENV_ENDPOINT = "LORA_IPC_ENDPOINT"
 
@@ -156,9 +156,15 @@ def server_uid(endpoint: str, trusted_uids: set[int]) -> int | None:
     return None if server is None else server.uid
 
 
-def server_identity(endpoint: str, trusted_uids: set[int]) -> ServerIdentity | None:
+PROBE_TIMEOUT_S = 1.0  # a listener whose accept queue stays full is "not serving yet", never a hang
+
+
+def server_identity(endpoint: str, trusted_uids: set[int], timeout_s: float = PROBE_TIMEOUT_S) -> ServerIdentity | None:
     """Pid and uid of the process listening on ``endpoint`` (kernel-reported) if it is trusted; None
-    if nothing listens yet. Raises ``EndpointNotTrusted`` as :func:`server_uid` does."""
+    if nothing listens yet, or if the listener's accept queue stayed full for ``timeout_s`` (a blocking
+    connect to a full Unix listener waits for as long as the listener likes: a same-uid process that
+    listens and never accepts must not hang its clients). Raises ``EndpointNotTrusted`` as
+    :func:`server_uid` does, ``ExporterUnavailable`` when this process is out of descriptors."""
     path = ipc_path(endpoint)
     try:
         st = os.lstat(path)
@@ -170,13 +176,19 @@ def server_identity(endpoint: str, trusted_uids: set[int]) -> ServerIdentity | N
         raise EndpointNotTrusted(f"{path} belongs to uid {st.st_uid}, not {sorted(trusted_uids)}; refusing to "
                                  "talk to it (pass trusted_uids to allow another user's server)")
     _check_dir_chain(os.path.dirname(os.path.abspath(path)), trusted_uids)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except OSError as exc:  # EMFILE/ENFILE: typed, not a raw OSError out of a fetch
+        raise ExporterUnavailable(f"cannot open a socket to check who serves {path}: {exc}") from None
+    try:
+        probe.settimeout(timeout_s)
         probe.connect(path)
         pid, uid, _gid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                               struct.calcsize("3i")))
+    except TimeoutError:
+        return None  # its accept queue is full: not serving (yet); the caller waits up to its own deadline
     except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
             return None  # a stale file: nothing listens yet
         raise EndpointNotTrusted(f"cannot check who serves {path}: {exc}") from None
     finally:

@@ -327,3 +327,53 @@ def test_a_client_follows_a_restarted_daemon_by_its_kernel_pid(daemons):
         assert client._conn.server.pid == second.pid
         assert {k.server_pid for k in client._slabs} == {second.pid}
         assert not [k for k in REGISTRY._open if k.server_pid == first.pid]
+
+
+# ---- a listener that never accepts ---------------------------------------------------------------------
+
+
+def test_a_listener_that_never_accepts_cannot_hang_a_client():
+    """A same-uid process binds the endpoint, listens and never accepts: once its accept queue is full, a
+    blocking connect would wait for as long as it likes. The client's check of who serves the endpoint
+    gives up like any other unanswered request: ExporterUnavailable within its timeout (before: hung)."""
+    import socket
+    import threading
+
+    from lora_ipc.errors import ExporterUnavailable
+
+    endpoint = private_endpoint("never-accepts")
+    path = endpoint[len("ipc://"):]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fillers = []
+    try:
+        listener.bind(path)
+        listener.listen(0)
+        for _ in range(4):  # fill the accept queue (a backlog of 0 still queues one)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except (BlockingIOError, OSError):
+                s.close()
+                break
+            fillers.append(s)
+        assert fillers, "the accept queue did not take a connection"
+        outcome = []
+
+        def fetch():
+            try:
+                with AdapterClient(endpoint, timeout_s=2.0) as client:
+                    client.fetch("a")
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=fetch, daemon=True)
+        worker.start()
+        worker.join(30)
+        assert not worker.is_alive(), "the client hung on a listener that never accepts"
+        assert len(outcome) == 1 and isinstance(outcome[0], ExporterUnavailable), outcome
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+        os.unlink(path)
