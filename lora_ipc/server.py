@@ -96,7 +96,8 @@ class AdapterServer:
             os.unlink(self._path)
             raise
         self._trimmed_at = (0.0, 0)
-        self._peers: BoundedLRU[bytes, tuple[int, int | None]] = BoundedLRU(4 * self.guard.cap)  # routing id -> connection
+        # routing id -> the connection it came on (Note [a message names its connection late])
+        self._peers: BoundedLRU[bytes, tuple[int, int | None]] = BoundedLRU(4 * self.guard.cap)
         self.requests = 0
         # (publishing connection, its handle) -> import: see _on_publish
         self._publish_sources: BoundedLRU[tuple[bytes, p.SlabHandle], ImportedSlab] = BoundedLRU(
