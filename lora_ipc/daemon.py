@@ -27,7 +27,7 @@ def serve(endpoint: str, *, keep: int = 2, lease_timeout_s: float = 30.0, drain_
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if metrics_port is not None and not serve_metrics(store, metrics_port):
+    if metrics_port is not None and serve_metrics(store, metrics_port) is None:
         log.warning("prometheus_client is not installed: no metrics endpoint")
     server.start()
     log.info("serving on %s", endpoint)

@@ -38,13 +38,63 @@ class StoreCollector:
             yield HistogramMetricFamily(f"{pfx}_{key}_seconds", doc, buckets=buckets, sum_value=h["sum_ms"] / 1e3)
 
 
-def serve_metrics(store: AdapterStore, port: int, addr: str = "127.0.0.1") -> bool:
-    """Expose the store's metrics over HTTP; False (and nothing started) without prometheus_client."""
+MAX_SCRAPERS = 8  # connections served at once; more are closed at accept
+SCRAPE_TIMEOUT_S = 5.0  # a connection must send its request (and take its reply) within this
+
+
+def serve_metrics(store: AdapterStore, port: int, addr: str = "127.0.0.1"):
+    """Expose the store's metrics over HTTP (a thread of its own); the server, or None (and nothing
+    started) without prometheus_client.
+
+    Any local user can connect to a loopback TCP port, so the server is bounded: ``MAX_SCRAPERS``
+    connections at once (more are closed as they are accepted), each given ``SCRAPE_TIMEOUT_S`` to send
+    its request and read the reply. prometheus_client's own ``start_http_server`` starts a thread per
+    connection with no bound and no timeout: a peer holding idle connections would grow the process's
+    threads and descriptors without limit.
+    """
     try:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.exposition import MetricsHandler
     except ImportError:
-        return False
+        return None
+    import threading
+    from http.server import ThreadingHTTPServer
+
     registry = CollectorRegistry()
     registry.register(StoreCollector(store))
-    start_http_server(port, addr=addr, registry=registry)
-    return True
+
+    class Handler(MetricsHandler.factory(registry)):
+        timeout = SCRAPE_TIMEOUT_S
+
+        def log_message(self, format, *args):  # noqa: A002 - the base class's name
+            pass
+
+    class BoundedServer(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 16
+
+        def __init__(self, address):
+            self._slots = threading.BoundedSemaphore(MAX_SCRAPERS)
+            self.refused = 0
+            super().__init__(address, Handler)
+
+        def process_request(self, request, client_address):
+            if not self._slots.acquire(blocking=False):
+                self.refused += 1
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self._slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._slots.release()
+
+    server = BoundedServer((addr, port))
+    threading.Thread(target=server.serve_forever, name="lora-ipc-metrics", daemon=True).start()
+    return server

@@ -355,3 +355,52 @@ def test_a_client_out_of_fds_gets_a_typed_error():
         assert got.startswith("typed:"), got
     finally:
         _kill_all([proc])
+
+
+def _threads_of(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_idle_connections_to_the_metrics_port_are_bounded():
+    """Any local user can connect to a loopback port: 300 idle connections to the metrics endpoint keep
+    at most MAX_SCRAPERS threads busy (prometheus_client's own server started one each, with no timeout),
+    and once they time out a scrape is served again."""
+    import socket
+    import urllib.request
+
+    pytest.importorskip("prometheus_client")
+    from lora_ipc import AdapterExporter
+    from lora_ipc.metrics import MAX_SCRAPERS, SCRAPE_TIMEOUT_S, serve_metrics
+
+    with AdapterExporter() as exporter:
+        exporter.publish("policy", models.random_adapter(7), models.RANDOM_ADAPTER_CONFIG)
+        server = serve_metrics(exporter.store, 0)
+        port = server.server_address[1]
+        idle = []
+        try:
+            before = _threads_of(os.getpid())
+            for _ in range(300):
+                s = socket.socket()
+                s.settimeout(5)
+                s.connect(("127.0.0.1", port))
+                idle.append(s)
+            time.sleep(0.5)  # let the accept loop see them
+            grown = _threads_of(os.getpid()) - before
+            assert grown <= MAX_SCRAPERS, f"{grown} threads for 300 idle connections"
+            for s in idle:
+                s.close()
+            idle = []
+            deadline = time.monotonic() + SCRAPE_TIMEOUT_S + 30
+            while True:
+                try:
+                    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the metrics endpoint never recovered"
+                    time.sleep(0.2)
+            assert 'lora_ipc_adapter_version{adapter="policy"} 1.0' in body
+        finally:
+            for s in idle:
+                s.close()
+            server.shutdown()
+            server.server_close()
