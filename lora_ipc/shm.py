@@ -236,24 +236,6 @@ _readers: BoundedLRU[tuple[int, int, str], GenerationReader] = BoundedLRU(
 _readers_lock = threading.Lock()
 
 
-def adopt_generation_reader(pid: int, fd: int, table: str, received: int) -> None:
-    """Cache a reader over ``received``, the table's descriptor sent by the exporter (closed if one is cached)."""
-    if not table.startswith("gen."):
-        os.close(received)
-        raise BackendError(f"{table!r} is not a lora-ipc generation table")
-    key = (pid, fd, table)
-    with _readers_lock:
-        if _readers.get(key) is not None:
-            os.close(received)
-            return
-    reader = GenerationReader(pid, fd, table, received)
-    with _readers_lock:
-        if _readers.get(key) is None:
-            _readers.put(key, reader)
-            return
-    reader.close()
-
-
 def generation_reader(pid: int, fd: int, table: str) -> GenerationReader:
     """One reader per exporter table per process (bounded; the least recently used is closed). Keyed by
     the table's name too: a closed store's fd number comes back for the next store's table."""

@@ -115,13 +115,13 @@ def _receive_memfd(handle: CpuSlabHandle, receive) -> tuple[int, GenerationReade
     fd, extra = fds[0], fds[1:]
     try:
         check_sealed(fd, handle.slab_id, handle.nbytes)
-        fd = _read_only(fd)  # what arrived may be writable; this process only ever reads
+        fd = reopen_read_only(fd)  # what arrived may be writable; this process only ever reads
         reader = None
         if extra:
             slot = handle.generation
             if slot is None or len(extra) != 1:
                 raise BackendError(f"exporter sent {len(extra)} descriptors beside slab {handle.slab_id!r} unasked")
-            table_fd = _read_only(extra[0])
+            table_fd = reopen_read_only(extra[0])
             extra = []
             reader = GenerationReader(slot.pid, slot.fd, slot.table, table_fd)  # checks it, owns it
     except BaseException:
@@ -131,7 +131,7 @@ def _receive_memfd(handle: CpuSlabHandle, receive) -> tuple[int, GenerationReade
     return fd, reader
 
 
-def _read_only(fd: int) -> int:
+def reopen_read_only(fd: int) -> int:
     """A read-only descriptor of the same memfd (through our own /proc entry, visible in every pid
     namespace); ``fd`` is closed once that worked (left to the caller otherwise)."""
     try:

@@ -31,7 +31,9 @@ import torch
 from .. import native
 from ..errors import BackendError
 from ..protocol import VmmSlabHandle
+from ..shm import GenerationReader
 from .base import Backend, ExportedSlab
+from .cpu import reopen_read_only
 from .cuda import CudaImportedSlab, device_uuid, local_device_for_uuid
 
 log = logging.getLogger("lora_ipc.vmm")
@@ -134,15 +136,24 @@ class VmmImportedSlab(CudaImportedSlab):
         ext = native.vmm()
         index = local_device_for_uuid(handle.device_uuid)
         fds = receive(handle.token)
+        # the generation table's reader that came with the slab is this slab's own, as for CPU slabs: a
+        # process-wide cache keyed by the pid/fd/name a handle states could be filled by another server's
+        # descriptor (imports.py)
+        self._generations: GenerationReader | None = None
         try:
             if len(fds) > 1:
                 slot = handle.generation
                 if slot is None or len(fds) != 2:
                     raise BackendError(f"exporter sent {len(fds) - 1} descriptors beside slab {handle.slab_id!r}")
-                from ..shm import adopt_generation_reader
-
-                adopt_generation_reader(slot.pid, slot.fd, slot.table, fds.pop())  # checked and owned there
+                table_fd = reopen_read_only(fds[1])  # what arrived may be writable; closed once reopened
+                fds.pop()
+                self._generations = GenerationReader(slot.pid, slot.fd, slot.table, table_fd)  # checks, owns it
             mapping = native.call(ext.import_fd, fds[0], handle.nbytes, index, False)
+        except BaseException:
+            if self._generations is not None:
+                self._generations.close()
+                self._generations = None
+            raise
         finally:
             for fd in fds:
                 os.close(fd)  # the mapping holds the memory
@@ -158,6 +169,17 @@ class VmmImportedSlab(CudaImportedSlab):
 
     def consume(self, handle) -> None:
         pass  # no ref counters: a surplus handle holds nothing (its token simply expires)
+
+    def generation_now(self) -> int | None:
+        if self._generations is None:
+            return super().generation_now()
+        return self._generations.read(self.handle.generation.slot)
+
+    def close(self) -> None:
+        super().close()
+        if self._generations is not None:
+            self._generations.close()
+            self._generations = None
 
 
 class VmmBackend(Backend):
