@@ -262,8 +262,7 @@ class AdapterClient:
         slab = self._slabs.get(key)
         if slab is not None:
             if reply.slab is not None:
-                REGISTRY.acquire(server, reply.slab_id, reply.slab)  # checked like a new one, surplus consumed
-                REGISTRY.release(key)
+                REGISTRY.consume_surplus(server, reply.slab_id, reply.slab, slab)
             return slab
         key, slab = REGISTRY.acquire(server, reply.slab_id, reply.slab, self._receive_fds)
         return self._slabs.put(key, slab)

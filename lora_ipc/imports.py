@@ -98,20 +98,12 @@ class ImportRegistry:
         ``receive``: the endpoint's descriptor channel (fdchannel.FdReceiver)."""
         key = key_for(server, slab_id)
         if handle is not None:
-            if handle.slab_id != slab_id:
-                raise ProtocolError(f"reply names slab {slab_id!r} but its handle is for {handle.slab_id!r}")
-            if getattr(handle, "token", None) is not None and receive is not None:
-                receive = _bound_channel(receive, handle, server)
-            else:
-                check_owned_by(handle, server)
+            receive = self._checked(server, slab_id, handle, receive)
         with self._lock:
             entry = self._open.get(key)
             if entry is not None:
                 if handle is not None:
-                    if memory_of(handle) != memory_of(entry[0].handle):
-                        raise ProtocolError(f"{server.endpoint} sent a handle for slab {slab_id!r} that names "
-                                            "other memory than the one already open")
-                    entry[0].consume(handle)
+                    self._consume(entry[0], server, slab_id, handle)
                 entry[1] += 1
                 return key, entry[0]
             if handle is None:
@@ -119,6 +111,29 @@ class ImportRegistry:
             slab = open_slab(handle, receive)
             self._open[key] = [slab, 1]
             return key, slab
+
+    def consume_surplus(self, server: ServerIdentity, slab_id: str, handle: SlabHandle, slab: ImportedSlab) -> None:
+        """A handle for ``slab``, which this client already holds, came again (the server did not know we
+        have it): checked like a new one, then consumed (a CUDA export's reference is given back)."""
+        self._checked(server, slab_id, handle, None)
+        with self._lock:
+            self._consume(slab, server, slab_id, handle)
+
+    @staticmethod
+    def _checked(server: ServerIdentity, slab_id: str, handle: SlabHandle, receive):
+        if handle.slab_id != slab_id:
+            raise ProtocolError(f"reply names slab {slab_id!r} but its handle is for {handle.slab_id!r}")
+        if getattr(handle, "token", None) is not None and receive is not None:
+            return _bound_channel(receive, handle, server)
+        check_owned_by(handle, server)
+        return receive
+
+    @staticmethod
+    def _consume(slab: ImportedSlab, server: ServerIdentity, slab_id: str, handle: SlabHandle) -> None:
+        if memory_of(handle) != memory_of(slab.handle):
+            raise ProtocolError(f"{server.endpoint} sent a handle for slab {slab_id!r} that names "
+                                "other memory than the one already open")
+        slab.consume(handle)
 
     def release(self, key: ImportKey) -> None:
         with self._lock:
