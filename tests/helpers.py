@@ -20,6 +20,20 @@ def assert_same_adapter(got: dict, want: dict) -> None:
         assert bitwise_equal(got[k], want[k]), k
 
 
+def fill_descriptor_holes() -> tuple[int, list[int]]:
+    """Open /dev/null into every free descriptor number below this process's highest one, so the next
+    descriptor it gets is ``top + 1``; returns ``top`` and the fillers (a limit of ``top + 1 + k`` then leaves
+    exactly ``k`` descriptors free). Used by child processes of the out-of-descriptors tests."""
+    top = max(int(f) for f in os.listdir("/proc/self/fd"))
+    fillers = []
+    while True:
+        fd = os.open("/dev/null", os.O_RDONLY)
+        if fd > top:
+            os.close(fd)
+            return top, fillers
+        fillers.append(fd)
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

@@ -254,6 +254,7 @@ EXHAUSTED = textwrap.dedent("""
     import json, os, resource, sys
     from lora_ipc.errors import BackendError
     from lora_ipc.fdchannel import FdReceiver, FdServer
+    from tests.helpers import fill_descriptor_holes
     endpoint = f"ipc://{sys.argv[1]}/e.sock"
     ask_r, ask_w = os.pipe()
     tok_r, tok_w = os.pipe()
@@ -271,14 +272,7 @@ EXHAUSTED = textwrap.dedent("""
         return os.read(tok_r, 16)
 
     first = token()  # the server is up
-    top = max(int(f) for f in os.listdir("/proc/self/fd"))
-    fillers = []
-    while True:  # fill every hole below the highest descriptor
-        fd = os.open("/dev/null", os.O_RDONLY)
-        if fd > top:
-            os.close(fd)
-            break
-        fillers.append(fd)
+    top, fillers = fill_descriptor_holes()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     results, leaks = [], []
     for room in (0, 1):  # 0: no descriptor for the socket; 1: the socket fits, the received fd does not
@@ -313,6 +307,7 @@ def test_a_receiver_out_of_descriptors_gets_a_typed_error(tmp_path):
 SQUEEZED_SERVER = textwrap.dedent("""
     import json, os, resource, sys, threading, time
     from lora_ipc.fdchannel import FdReceiver, FdServer
+    from tests.helpers import fill_descriptor_holes
     endpoint = f"ipc://{sys.argv[1]}/e.sock"
     ask_r, ask_w = os.pipe()
     tok_r, tok_w = os.pipe()
@@ -321,14 +316,7 @@ SQUEEZED_SERVER = textwrap.dedent("""
         os.close(ask_w)
         server = FdServer(endpoint, {os.getuid()}).start()
         token = server.offer(lambda: [os.open("/dev/null", os.O_RDONLY)])
-        top = max(int(f) for f in os.listdir("/proc/self/fd"))
-        fillers = []
-        while True:
-            fd = os.open("/dev/null", os.O_RDONLY)
-            if fd > top:
-                os.close(fd)
-                break
-            fillers.append(fd)
+        top, fillers = fill_descriptor_holes()
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
         os.write(tok_w, token)
