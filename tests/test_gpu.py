@@ -283,7 +283,7 @@ def test_worn_out_slab_refuses_without_leaking_the_lease_and_is_not_recycled(mon
     tensors = {k: v.cuda() for k, v in models.random_adapter(7).items()}
     with AdapterExporter(device="cuda", keep=1) as exporter:
         exporter.publish("cap", tensors, models.RANDOM_ADAPTER_CONFIG)
-        worn = exporter.store._all_slabs()[0]
+        worn = exporter.store.pool.slabs()[0]
         for _ in range(3):  # each client imports anew (the process's import closes with it): one export each
             with AdapterClient(exporter.endpoint) as client:
                 client.fetch("cap")
@@ -292,7 +292,7 @@ def test_worn_out_slab_refuses_without_leaking_the_lease_and_is_not_recycled(mon
         assert not exporter.store._leases, "the refused fetch's lease leaked"
         exporter.publish("cap", tensors, models.RANDOM_ADAPTER_CONFIG)
         exporter.publish("cap", tensors, models.RANDOM_ADAPTER_CONFIG)
-        assert worn.tensor is None and worn not in exporter.store._free
+        assert worn.tensor is None and worn not in exporter.store.pool.free_slabs()
         with AdapterClient(exporter.endpoint) as client:
             assert_same_adapter(client.fetch("cap").tensors, tensors)
 
