@@ -322,6 +322,47 @@ def test_remote_exporter_sends_a_fresh_export_each_publish_and_the_daemon_consum
         daemon.wait(30)
 
 
+@pytest.fixture
+def imported_random_slab():
+    """(exported slab of 64 MiB of random bytes, its import in this process): the import of a daemon's publish."""
+    from lora_ipc.backends import open_slab
+    from lora_ipc.backends.cuda import CudaBackend
+
+    slab = CudaBackend().allocate(64 << 20)
+    slab.tensor.copy_(torch.randint(0, 256, (slab.nbytes,), dtype=torch.uint8, device=slab.device))
+    slab.mark_ready()
+    imported = open_slab(slab.handle_for_import())
+    yield slab, imported
+    imported.close()
+    slab.close()
+
+
+def test_copy_into_copies_once_straight_into_the_destination(imported_random_slab):
+    """Issue 16 item 6: a publish into a daemon (CudaImportedSlab.copy_into) allocates no temporary of the
+    slab's size on the way (it used to copy_out into one, then copy again)."""
+    slab, imported = imported_random_slab
+    dst = torch.empty(slab.nbytes, dtype=torch.uint8, device=slab.device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    imported.copy_into(dst)
+    assert torch.cuda.max_memory_allocated() - base < slab.nbytes // 2, "copy_into allocated a temporary"
+    assert torch.equal(dst, slab.tensor)
+
+
+def test_copy_into_comes_after_work_the_caller_queued_on_the_destination(imported_random_slab):
+    """copy_into writes the caller's memory on lora_ipc's stream: a fill the caller queued on dst behind 0.2 s of
+    work must land before the copy, not over it (Note [one copy into the caller's memory])."""
+    slab, imported = imported_random_slab
+    dst = torch.zeros(slab.nbytes, dtype=torch.uint8, device=slab.device)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(200 * _cycles_per_ms()))
+    dst.fill_(7)  # queued on the caller's stream behind the sleep
+    imported.copy_into(dst)
+    torch.cuda.synchronize()
+    assert torch.equal(dst, slab.tensor)
+
+
 def test_fetch_does_not_wait_for_work_queued_on_the_callers_stream(gpu_exporter):
     """Item 3: with ~50 ms of work queued on the current stream, the fetch returns before that work ends."""
     gpu_exporter.call("publish_random", "side", 1)
