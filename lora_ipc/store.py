@@ -181,6 +181,8 @@ def new_epoch() -> str:
 
 
 class AdapterStore:
+    """Versions of named adapters, each in a slab of :attr:`pool`, and the leases readers hold on them."""
+
     def __init__(self, *, keep: int = 2, lease_timeout_s: float = 30.0, max_free_slabs: int = 2,
                  check_finite: bool = False, clock: Callable[[], float] = time.monotonic,
                  limits: Limits | None = None):
@@ -203,6 +205,7 @@ class AdapterStore:
         self._leases: dict[int, Lease] = {}
         self._lease_heap: list[tuple[float, int]] = []  # (expires_at, lease_id); stale entries skipped
         self._leases_by_holder: dict[bytes, int] = {}
+        # every slab the versions live in: allocation, recycling, generation slots, byte accounting
         self.pool = SlabPool(max_bytes=self.limits.max_slab_bytes, max_slabs=self.limits.max_slabs,
                              max_free=max_free_slabs)
         self._layouts = LayoutCache()
