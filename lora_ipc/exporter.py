@@ -12,9 +12,9 @@ import torch
 from .backends import ExportedSlab, backend_for, slab_device
 from .connection import Connection
 from .endpoint import daemon_endpoint, default_endpoint
-from .layout import SlabLayout, signature_of
+from .layout_cache import LayoutCache
 from .peft import adapter_from
-from .protocol import PublishReply, PublishRequest
+from .protocol import PublishReply, PublishRequest, SlabHandle
 from .server import AdapterServer
 from .store import AdapterStore, Limits
 
@@ -69,42 +69,47 @@ class RemoteExporter:
         self._conn = Connection(self.endpoint, timeout_s, trusted_uids=trusted_uids)
         self._trusted_uids, self._timeout_s = trusted_uids, timeout_s
         self._staging: ExportedSlab | None = None
-        self._layout: tuple[tuple, SlabLayout] | None = None
+        self._layouts = LayoutCache()
 
     def publish(self, name: str, adapter: Any, peft_config: Any = None) -> int:
         tensors, config = adapter_from(adapter, peft_config)
-        key = signature_of(tensors)
-        if self._layout is None or self._layout[0] != key:
-            self._layout = (key, SlabLayout.plan(tensors))
-        layout = self._layout[1]
-        device = slab_device(self.device, tensors)
+        layout = self._layouts.layout_for(tensors)
+        slab = self._staging_slab(slab_device(self.device, tensors), layout.used_bytes)
+        slab.pack(layout, tensors)
+        slab.mark_ready()
+        handle = self._handle_for_daemon(slab)
+        reply = self._conn.request(PublishRequest(name, config, handle, layout.to_wire(), layout.used_bytes),
+                                   PublishReply)
+        return reply.version
+
+    def _staging_slab(self, device: torch.device, nbytes: int) -> ExportedSlab:
+        """The staging slab, replaced when it is too small, on another device or worn out (CUDA: too many exports)."""
         slab = self._staging
-        if slab is None or slab.nbytes < layout.used_bytes or slab.device != device or slab.worn_out:
+        if slab is None or slab.nbytes < nbytes or slab.device != device or slab.worn_out:
             if slab is not None:
                 slab.close()
             # torch's CUDA IPC: the daemon opens a publisher's staging slab without the descriptor channel
-            slab = self._staging = backend_for(device, cuda_export="torch").allocate(layout.used_bytes)
-        layout.pack(slab.destination_views(layout), tensors)
-        slab.mark_ready()
-        reply = self._conn.request(
-            PublishRequest(name, config, self._pushed_handle(slab), layout.to_wire(), layout.used_bytes), PublishReply)
-        return reply.version
+            slab = self._staging = backend_for(device, cuda_export="torch").allocate(nbytes)
+        return slab
 
-    def _pushed_handle(self, slab: ExportedSlab):
-        """The staging slab's handle, its memfd pushed to the daemon first (fdchannel.py: the daemon may live in
-        another pid namespace); the plain handle (daemon opens /proc) where the daemon has no channel."""
+    def _handle_for_daemon(self, slab: ExportedSlab) -> SlabHandle:
+        """A handle for one import by the daemon: on CUDA a fresh export (the daemon imports the first and
+        consumes the rest: Note [one export per import] in backends/cuda.py); on CPU the staging memfd pushed to
+        the daemon first (fdchannel.py: the daemon may live in another pid namespace), or the plain handle (the
+        daemon opens /proc) where the daemon has no channel."""
         from .fdchannel import FdChannelUnavailable, push_fd
 
-        if not hasattr(slab, "descriptor") or not hasattr(slab.handle, "token"):
-            return slab.handle
+        handle = slab.handle_for_import()
+        if not hasattr(slab, "descriptor") or not hasattr(handle, "token"):
+            return handle
         fd = slab.descriptor()
         try:
             token = push_fd(self.endpoint, fd, self._trusted_uids, self._timeout_s)
         except FdChannelUnavailable:
-            return slab.handle
+            return handle
         finally:
             os.close(fd)
-        return dataclasses.replace(slab.handle, token=token)
+        return dataclasses.replace(handle, token=token)
 
     def close(self) -> None:
         self._conn.close()

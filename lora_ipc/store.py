@@ -1,17 +1,19 @@
 """Versions, the keep policy, leases and their expiry. No sockets here: the server drives this.
 
-Life of a version: ``publish`` packs it into a slab (a recycled one when a free slab fits) and makes
-it the newest. Once more than ``keep`` newer versions exist it stops being fetchable; its slab goes
-back to the free pool as soon as no lease holds it. A lease is taken by every fetch and dropped by
-the client when its copy is complete, or reclaimed after ``lease_timeout_s`` if the client vanished.
+Life of a version: ``publish`` takes a slab from the store's :class:`~lora_ipc.slab_pool.SlabPool` (a
+recycled one when a free slab fits), packs the version into it and makes it the newest. Once more
+than ``keep`` newer versions exist it stops being fetchable; its slab goes back to the pool as soon
+as no lease holds it. A lease is taken by every fetch and dropped by the client when its copy is
+complete, or reclaimed after ``lease_timeout_s`` if the client vanished.
 
 Note [leases bound nothing on their own]
     A client that leases every new version and never releases would pin one slab per version, so
     every kind of state has a cap (:class:`Limits`), each enforced with ``LimitExceeded``. Past
     ``max_retiring_per_adapter`` pinned old versions, the oldest one's leases are *revoked* and its
-    slab reused. That is safe because every slab has a reuse counter (``shm.GenerationTable``)
-    bumped before each write: a client whose lease was revoked or expired sees the counter moved
-    after its copy and discards the copy (``SlabRecycled``) instead of returning a torn adapter.
+    slab reused. That is safe because every slab has a reuse counter bumped before each write (Note
+    [a generation bump before every write] in slab_pool.py): a client whose lease was revoked or
+    expired sees the counter moved after its copy and discards the copy (``SlabRecycled``) instead
+    of returning a torn adapter.
     Leases are bound to the connection that took them and their ids are random, so nobody else can
     release them. Expiry pops a heap: its cost does not grow with the number of leases.
 """
@@ -21,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
-import os
 import secrets
 import threading
 import time
@@ -31,12 +32,12 @@ from typing import TypedDict
 
 import torch
 
-from .backends import Backend, ExportedSlab, backend_for, slab_device
+from .backends import ExportedSlab, slab_device
 from .errors import AdapterNotFound, AdapterRejected, LeaseError, LimitExceeded, StaleEpoch, VersionNotFound
-from .layout import SlabLayout, signature_of
-from .lru import BoundedLRU
-from .protocol import AdapterSummary, GenerationSlot, digest_of
-from .shm import GenerationTable
+from .layout import SlabLayout
+from .layout_cache import LayoutCache
+from .protocol import AdapterSummary, digest_of
+from .slab_pool import SlabPool
 
 MAX_STATUS_LEASES = 100  # leases listed one by one in a status report (all are counted)
 _STATUS_ENTRY_BYTES = 160  # msgpack size of one status adapter entry, its name aside (upper estimate)
@@ -169,7 +170,6 @@ class StoreMetrics:
     leases_revoked: int = 0
     host_stagings: int = 0
     errors: int = 0
-    slabs_allocated: int = 0
     errors_by_type: dict[str, int] = field(default_factory=dict)
     fetch_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     publish_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
@@ -181,6 +181,8 @@ def new_epoch() -> str:
 
 
 class AdapterStore:
+    """Versions of named adapters, each in a slab of :attr:`pool`, and the leases readers hold on them."""
+
     def __init__(self, *, keep: int = 2, lease_timeout_s: float = 30.0, max_free_slabs: int = 2,
                  check_finite: bool = False, clock: Callable[[], float] = time.monotonic,
                  limits: Limits | None = None):
@@ -189,7 +191,6 @@ class AdapterStore:
         self.keep = keep
         self.limits = limits or Limits()
         self.lease_timeout_s = lease_timeout_s
-        self.max_free_slabs = max_free_slabs
         self.check_finite = check_finite
         self.clock = clock
         self.started_at = time.time()
@@ -198,18 +199,16 @@ class AdapterStore:
         self.epoch = new_epoch()
         self.metrics = StoreMetrics()
         self._lock = threading.RLock()
-        self._backends: dict[torch.device, Backend] = {}
         self._versions: dict[str, dict[int, PublishedVersion]] = {}  # fetchable, oldest first
         self._last_version: dict[str, int] = {}
         self._retiring: dict[tuple[str, int], PublishedVersion] = {}  # past `keep`, still leased
         self._leases: dict[int, Lease] = {}
         self._lease_heap: list[tuple[float, int]] = []  # (expires_at, lease_id); stale entries skipped
         self._leases_by_holder: dict[bytes, int] = {}
-        self._free: list[ExportedSlab] = []
-        self._layouts: BoundedLRU[tuple, SlabLayout] = BoundedLRU(16)
-        self._generations: GenerationTable | None = None
-        self._slab_slots: dict[str, int] = {}  # slab_id -> generation slot
-        self._slab_bytes = 0
+        # every slab the versions live in: allocation, recycling, generation slots, byte accounting
+        self.pool = SlabPool(max_bytes=self.limits.max_slab_bytes, max_slabs=self.limits.max_slabs,
+                             max_free=max_free_slabs)
+        self._layouts = LayoutCache()
         self._last_config: tuple[dict, bytes] | None = None  # (config object, its digest)
 
     # ---- publishing ------------------------------------------------------------------------
@@ -217,9 +216,9 @@ class AdapterStore:
     def publish(self, name: str, tensors: Mapping[str, torch.Tensor], peft_config: dict,
                 device: torch.device | str | None = None) -> int:
         """Pack ``tensors`` into a slab on ``device`` (default: where the tensors are) as the next version."""
-        layout = self._layout_for(tensors)
+        layout = self._layouts.layout_for(tensors)
         return self._publish_into(name, layout, peft_config, slab_device(device, tensors),
-                                  lambda slab: layout.pack(slab.destination_views(layout), tensors))
+                                  lambda slab: slab.pack(layout, tensors))
 
     def publish_copy(self, name: str, layout: SlabLayout, peft_config: dict,
                      copy_into: Callable[[torch.Tensor], None], device: torch.device,
@@ -250,8 +249,7 @@ class AdapterStore:
         with self._lock:
             if name not in self._versions and len(self._versions) >= self.limits.max_adapters:
                 raise LimitExceeded(f"already {len(self._versions)} adapters (max_adapters); {name!r} refused")
-        slab = self._take_slab(device, layout.used_bytes)
-        generation = self._generations.bump(self._slab_slots[slab.slab_id])  # before any byte is written
+        slab, generation = self.pool.take(device, layout.used_bytes)  # generation bumped before any write
         try:
             write(slab)
             if self.check_finite:
@@ -259,21 +257,10 @@ class AdapterStore:
             slab.mark_ready()
             version = self._add(name, slab, layout, peft_config, generation, version)
         except BaseException:
-            self._give_back(slab)
+            self.pool.give_back(slab)
             raise
         self.metrics.publish_latency.observe((time.perf_counter() - started) * 1e3)
         return version
-
-    def _layout_for(self, tensors: Mapping[str, torch.Tensor]) -> SlabLayout:
-        """Plan once per distinct (names, dtypes, shapes); a training loop republishes the same layout."""
-        key = signature_of(tensors)
-        with self._lock:
-            layout = self._layouts.get(key)
-        if layout is None:
-            layout = SlabLayout.plan(tensors)
-            with self._lock:
-                self._layouts.put(key, layout)
-        return layout
 
     def _add(self, name: str, slab: ExportedSlab, layout: SlabLayout, peft_config: dict, generation: int,
              version: int | None = None) -> int:
@@ -317,76 +304,25 @@ class AdapterStore:
         del self._retiring[(pv.name, pv.version)]
         self._free_version(pv)
 
-    def _take_slab(self, device: torch.device, nbytes: int) -> ExportedSlab:
-        with self._lock:
-            fits = [s for s in self._free if nbytes <= s.nbytes <= 2 * nbytes + Backend.GRANULE
-                    and s.device == device]
-            if fits:
-                best = min(fits, key=lambda s: s.nbytes)
-                self._free.remove(best)
-                return best
-            size = Backend.size_for(nbytes)
-            while self._free and self._slab_bytes + size > self.limits.max_slab_bytes:
-                self._close_slab(self._free.pop(0))  # room made from unused slabs first
-            if self._slab_bytes + size > self.limits.max_slab_bytes:
-                raise LimitExceeded(f"a {size}-byte slab would exceed max_slab_bytes ({self.limits.max_slab_bytes})")
-            if len(self._slab_slots) >= self.limits.max_slabs:
-                raise LimitExceeded(f"already {len(self._slab_slots)} slabs (max_slabs)")
-            if self._generations is None:
-                self._generations = GenerationTable(self.limits.max_slabs)
-            backend = self._backends.get(device)
-            if backend is None:
-                backend = self._backends[device] = backend_for(device)
-            slot = self._generations.take_slot()
-            self._slab_bytes += size
-        try:
-            slab = backend.allocate(nbytes)
-        except BaseException:
-            with self._lock:
-                self._generations.free_slot(slot)
-                self._slab_bytes -= size
-            raise
-        slab.handle = dataclasses.replace(slab.handle, generation=GenerationSlot(
-            os.getpid(), self._generations.fd, slot, self._generations.name))
-        with self._lock:
-            self._slab_slots[slab.slab_id] = slot
-            self.metrics.slabs_allocated += 1
-        return slab
-
     def _free_version(self, pv: PublishedVersion) -> None:
-        self._give_back(pv.slab)
+        self.pool.give_back(pv.slab)
         if pv.host is not None:
-            self._give_back(pv.host)
+            self.pool.give_back(pv.host)
             pv.host = None
 
     def stage_to_host(self, pv: PublishedVersion) -> None:
         """Give a GPU version a host copy (once per version): the fallback where CUDA IPC import fails."""
         if pv.host is not None or pv.slab.device.type == "cpu":
             return
-        host = self._take_slab(torch.device("cpu"), pv.layout.used_bytes)
-        generation = self._generations.bump(self._slab_slots[host.slab_id])
+        host, generation = self.pool.take(torch.device("cpu"), pv.layout.used_bytes)
         try:
             pv.slab.read_into(host.tensor[:pv.layout.used_bytes])  # after the pack's ready event (CUDA)
         except BaseException:
-            self._give_back(host)
+            self.pool.give_back(host)
             raise
         with self._lock:
             pv.host, pv.host_generation = host, generation
             self.metrics.host_stagings += 1
-
-    def _give_back(self, slab: ExportedSlab) -> None:
-        with self._lock:
-            if slab.worn_out:  # CUDA: too many exports on it to keep recycling it
-                self._close_slab(slab)
-                return
-            self._free.append(slab)
-            while len(self._free) > self.max_free_slabs:
-                self._close_slab(self._free.pop(0))
-
-    def _close_slab(self, slab: ExportedSlab) -> None:
-        self._slab_bytes -= slab.nbytes
-        self._generations.free_slot(self._slab_slots.pop(slab.slab_id))
-        slab.close()
 
     # ---- leases ----------------------------------------------------------------------------
 
@@ -471,9 +407,7 @@ class AdapterStore:
 
     def intact(self, pv: PublishedVersion) -> bool:
         """Whether ``pv``'s slab still holds ``pv`` (its reuse counter has not moved), for in-process readers."""
-        with self._lock:
-            slot = self._slab_slots.get(pv.slab.slab_id)
-            return slot is not None and self._generations.read(slot) == pv.generation
+        return self.pool.generation_of(pv.slab) == pv.generation
 
     def lease_count(self) -> int:
         with self._lock:
@@ -491,8 +425,7 @@ class AdapterStore:
         return listed, len(out) - len(listed)
 
     def live_slab_ids(self) -> list[str]:
-        with self._lock:
-            return [s.slab_id for s in self._all_slabs()]
+        return [s.slab_id for s in self.pool.slabs()]
 
     def status(self, max_listed_bytes: int | None = None) -> StatusReport:
         """The operator view. ``max_listed_bytes`` bounds the wire size of the adapter list (an upper
@@ -500,7 +433,7 @@ class AdapterStore:
         with self._lock:
             now = self.clock()
             m = self.metrics
-            slabs = self._all_slabs()
+            slabs = self.pool.counts()
             pvs = [*(p for vs in self._versions.values() for p in vs.values()), *self._retiring.values()]
             listed = _within_bytes(pvs, lambda pv: len(pv.name.encode()) + _STATUS_ENTRY_BYTES, max_listed_bytes)
             return {
@@ -520,19 +453,15 @@ class AdapterStore:
                             "expires_in_s": round(lease.expires_at - now, 3)}
                            for lease in itertools.islice(self._leases.values(), MAX_STATUS_LEASES)],
                 "limits": dataclasses.asdict(self.limits),
-                "slabs": {"live": len(slabs), "free": len(self._free), "bytes": sum(s.nbytes for s in slabs)},
+                "slabs": {"live": slabs.live, "free": slabs.free, "bytes": slabs.bytes},
                 "metrics": {"publishes": m.publishes, "fetches": m.fetches, "bytes_published": m.bytes_published,
                             "bytes_served": m.bytes_served, "leases_expired": m.leases_expired,
                             "leases_revoked": m.leases_revoked, "host_stagings": m.host_stagings,
                             "errors": m.errors, "errors_by_type": dict(m.errors_by_type),
-                            "slabs_allocated": m.slabs_allocated,
+                            "slabs_allocated": slabs.allocated,
                             "fetch_latency": m.fetch_latency.report(),
                             "publish_latency": m.publish_latency.report()},
             }
-
-    def _all_slabs(self) -> list[ExportedSlab]:
-        pvs = [pv for vs in self._versions.values() for pv in vs.values()] + list(self._retiring.values())
-        return [pv.slab for pv in pvs] + [pv.host for pv in pvs if pv.host is not None] + self._free
 
     def count_error(self, exc: BaseException) -> None:
         with self._lock:
@@ -542,17 +471,12 @@ class AdapterStore:
 
     def close(self) -> None:
         with self._lock:
-            for slab in self._all_slabs():
-                self._close_slab(slab)
+            self.pool.close()
             self._versions.clear()
             self._retiring.clear()
-            self._free.clear()
             self._leases.clear()
             self._leases_by_holder.clear()
             self._lease_heap.clear()
-            if self._generations is not None:
-                self._generations.close()
-                self._generations = None
 
 
 def _reject_non_finite(layout: SlabLayout, slab: torch.Tensor) -> None:

@@ -127,7 +127,7 @@ def _exporter_main(conn, endpoint, keep, lease_timeout_s, device):
                 from lora_ipc.backends.cuda import HANDLE_KIND_OFFSET
 
                 conn.send(sorted({bytes(s.handle.storage_handle[HANDLE_KIND_OFFSET:HANDLE_KIND_OFFSET + 1]).decode()
-                                  for s in exporter.store._all_slabs()}))
+                                  for s in exporter.store.pool.slabs()}))
             elif cmd == "status":
                 conn.send(exporter.store.status())
             elif cmd == "cuda_memory":

@@ -283,7 +283,7 @@ def test_worn_out_slab_refuses_without_leaking_the_lease_and_is_not_recycled(mon
     tensors = {k: v.cuda() for k, v in models.random_adapter(7).items()}
     with AdapterExporter(device="cuda", keep=1) as exporter:
         exporter.publish("cap", tensors, models.RANDOM_ADAPTER_CONFIG)
-        worn = exporter.store._all_slabs()[0]
+        worn = exporter.store.pool.slabs()[0]
         for _ in range(3):  # each client imports anew (the process's import closes with it): one export each
             with AdapterClient(exporter.endpoint) as client:
                 client.fetch("cap")
@@ -292,7 +292,7 @@ def test_worn_out_slab_refuses_without_leaking_the_lease_and_is_not_recycled(mon
         assert not exporter.store._leases, "the refused fetch's lease leaked"
         exporter.publish("cap", tensors, models.RANDOM_ADAPTER_CONFIG)
         exporter.publish("cap", tensors, models.RANDOM_ADAPTER_CONFIG)
-        assert worn.tensor is None and worn not in exporter.store._free
+        assert worn.tensor is None and worn not in exporter.store.pool.free_slabs()
         with AdapterClient(exporter.endpoint) as client:
             assert_same_adapter(client.fetch("cap").tensors, tensors)
 
@@ -320,6 +320,47 @@ def test_remote_exporter_sends_a_fresh_export_each_publish_and_the_daemon_consum
     finally:
         daemon.terminate()
         daemon.wait(30)
+
+
+@pytest.fixture
+def imported_random_slab():
+    """(exported slab of 64 MiB of random bytes, its import in this process): the import of a daemon's publish."""
+    from lora_ipc.backends import open_slab
+    from lora_ipc.backends.cuda import CudaBackend
+
+    slab = CudaBackend().allocate(64 << 20)
+    slab.tensor.copy_(torch.randint(0, 256, (slab.nbytes,), dtype=torch.uint8, device=slab.device))
+    slab.mark_ready()
+    imported = open_slab(slab.handle_for_import())
+    yield slab, imported
+    imported.close()
+    slab.close()
+
+
+def test_copy_into_copies_once_straight_into_the_destination(imported_random_slab):
+    """Issue 16 item 6: a publish into a daemon (CudaImportedSlab.copy_into) allocates no temporary of the
+    slab's size on the way (it used to copy_out into one, then copy again)."""
+    slab, imported = imported_random_slab
+    dst = torch.empty(slab.nbytes, dtype=torch.uint8, device=slab.device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    imported.copy_into(dst)
+    assert torch.cuda.max_memory_allocated() - base < slab.nbytes // 2, "copy_into allocated a temporary"
+    assert torch.equal(dst, slab.tensor)
+
+
+def test_copy_into_comes_after_work_the_caller_queued_on_the_destination(imported_random_slab):
+    """copy_into writes the caller's memory on lora_ipc's stream: a fill the caller queued on dst behind 0.2 s of
+    work must land before the copy, not over it (Note [one copy into the caller's memory])."""
+    slab, imported = imported_random_slab
+    dst = torch.zeros(slab.nbytes, dtype=torch.uint8, device=slab.device)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(200 * _cycles_per_ms()))
+    dst.fill_(7)  # queued on the caller's stream behind the sleep
+    imported.copy_into(dst)
+    torch.cuda.synchronize()
+    assert torch.equal(dst, slab.tensor)
 
 
 def test_fetch_does_not_wait_for_work_queued_on_the_callers_stream(gpu_exporter):

@@ -471,7 +471,7 @@ class Trainer:
         torch.cuda.empty_cache()  # only the slab (and this process's context) stays on the device
         from lora_ipc.backends.cuda import HANDLE_KIND_OFFSET
 
-        slabs = self.exporter.store._all_slabs()
+        slabs = self.exporter.store.pool.slabs()
         kinds = sorted({chr(s.handle.storage_handle[HANDLE_KIND_OFFSET]) for s in slabs if s.device.type == "cuda"})
         seg = segment_of(torch, slabs[-1].tensor.data_ptr()) if slabs else None
         return {"version": version, "handle_kinds": kinds,
@@ -605,7 +605,7 @@ class Lab:
 
         ex = AdapterExporter(keep=keep, device=self.device)
         if max_free is not None:
-            ex.store.max_free_slabs = max_free
+            ex.store.pool.max_free = max_free
         self.exporters.append(ex)
         return ex
 
@@ -622,7 +622,7 @@ class Lab:
         return (self.torch.cuda.memory_allocated(0), self.torch.cuda.memory_reserved(0))
 
     def slabs_of(self, ex):
-        return [s for s in ex.store._all_slabs() if s.device.type == "cuda"]
+        return [s for s in ex.store.pool.slabs() if s.device.type == "cuda"]
 
     def sleep_gpu(self, ms):
         self.torch.cuda._sleep(int(ms * self.cpm))

@@ -1,7 +1,7 @@
 """The memory-backend interface: a flat byte slab one process exports and another imports.
 
-Producer side: ``Backend.allocate(nbytes) -> ExportedSlab``; pack into ``slab.tensor``, then
-``slab.mark_ready()``; send ``slab.handle``. Consumer side: ``open_slab(handle) -> ImportedSlab``
+Producer side: ``Backend.allocate(nbytes) -> ExportedSlab``; ``slab.pack(layout, tensors)``, then
+``slab.mark_ready()``; send ``slab.handle_for_import()``. Consumer side: ``open_slab(handle) -> ImportedSlab``
 (kept open and reused across versions), then ``copy_out(used_bytes, device)`` returns memory the
 consumer owns, fully written, so the lease on the slab can be dropped right after.
 """
@@ -9,6 +9,7 @@ consumer owns, fully written, so the lease on the slab can be dropped right afte
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
 import torch
 
@@ -39,6 +40,10 @@ class ExportedSlab(ABC):
     def read_into(self, dst: torch.Tensor) -> None:
         """Copy the first ``dst.numel()`` bytes into ``dst`` after the last pack; complete on return."""
         dst.copy_(self.tensor[:dst.numel()])
+
+    def pack(self, layout: SlabLayout, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Write ``tensors`` at ``layout``'s places in this slab (one batched copy); :meth:`mark_ready` follows."""
+        layout.pack(self.destination_views(layout), tensors)
 
     def destination_views(self, layout: SlabLayout) -> list[torch.Tensor]:
         """Per-entry views of this slab for ``layout``, cached: a recycled slab re-packs with no new views."""

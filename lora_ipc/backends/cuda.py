@@ -36,6 +36,16 @@ Note [lora_ipc's own streams]
     current stream), and the final drop of an import (torch's IPC deleter synchronizes the current
     stream). So none of them waits for model work queued on the caller's stream.
 
+Note [one copy into the caller's memory]
+    ``copy_out`` allocates the importer's memory on lora_ipc's stream, so its copy waits for nothing
+    the caller queued. ``copy_into(dst)`` (the daemon copying a publisher's staging slab into a slab
+    of its own) copies once, straight into ``dst``, on the same stream; but ``dst`` is the caller's
+    memory, so the copy is also ordered after the caller's current stream on ``dst``'s device
+    (``wait_stream``: work queued on ``dst`` before, such as a check of a recycled slab, comes
+    first), which is the barrier torch's own cross-device copy puts on the destination's current
+    stream (``copy_device_to_device`` in ATen's Copy.cu). The host waits for the copy's end before
+    returning, so ``dst`` needs no ``record_stream`` and the publisher may reuse its slab at once.
+
 Consumer: the slab is rebuilt once (``rebuild_cuda_tensor``) on the local device whose UUID matches
 the producer's, and kept open; each fetch waits on the ready event and copies the used bytes into
 memory it owns, then waits for that copy before the lease is released. A client in the exporting
@@ -349,6 +359,11 @@ def _release(handle: CudaSlabHandle, count: int) -> None:
     refcount.add(handle.ref_counter_handle, handle.ref_counter_offset, -count)
 
 
+def _indices(slab: torch.device, target: torch.device) -> tuple[int, ...]:
+    """The devices a copy from ``slab`` to ``target`` runs on (the slab's first: its stream does the copy)."""
+    return (slab.index, target.index) if target.type == "cuda" else (slab.index,)
+
+
 class CudaImportedSlab(ImportedSlab):
     def __init__(self, handle: CudaSlabHandle):
         if not handle.ref_counter_handle:
@@ -394,25 +409,39 @@ class CudaImportedSlab(ImportedSlab):
         _release(handle, UNCONFIRMED - 1)
 
     def copy_out(self, used_bytes: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Fresh memory allocated on lora_ipc's stream, so nothing the caller queued is waited for; the
+        caller's stream owns it afterwards (``record_stream``)."""
         target = self.device if device is None else torch.device(device)
         if target.type == "cuda" and target.index is None:
             target = torch.device("cuda", torch.cuda.current_device())
-        on_gpu = target.type == "cuda"
-        caller = torch.cuda.current_stream(target) if on_gpu else None
-        indices = (self.device.index, target.index) if on_gpu else (self.device.index,)
-        with own_streams(*indices) as stream:
+        caller = torch.cuda.current_stream(target) if target.type == "cuda" else None
+        with own_streams(*_indices(self.device, target)):
             owned = torch.empty(used_bytes, dtype=torch.uint8, device=target)  # allocated on our stream
-            stream.wait_event(self._ready)  # GPU-side wait for the producer's last pack
-            owned.copy_(self.tensor[:used_bytes], non_blocking=on_gpu)
-            done = torch.cuda.Event()
-            done.record(copy_stream(target.index) if on_gpu else stream)  # a cross-device copy ends there
-        done.synchronize()  # our copy is complete before the lease on this slab is dropped
+        self._copy(owned)
         if caller is not None:
             owned.record_stream(caller)  # the caller's stream uses it from now on
         return owned
 
     def copy_into(self, dst: torch.Tensor) -> None:
-        dst.copy_(self.copy_out(dst.numel(), dst.device))
+        """One copy straight into ``dst`` (the daemon's own slab in a publish, Note [one copy into the
+        caller's memory]); complete on return."""
+        if dst.numel() > self.nbytes:
+            raise BackendError(f"{dst.numel()} bytes asked of slab {self.slab_id} ({self.nbytes} bytes)")
+        self._copy(dst, after=torch.cuda.current_stream(dst.device) if dst.is_cuda else None)
+
+    def _copy(self, dst: torch.Tensor, after: torch.cuda.Stream | None = None) -> None:
+        """The slab's first ``dst.numel()`` bytes into ``dst`` on lora_ipc's streams, after the producer's last
+        pack (the ready event) and after ``after``'s queued work; the host waits for the copy's end."""
+        on_gpu = dst.is_cuda
+        with own_streams(*_indices(self.device, dst.device)) as stream:
+            stream.wait_event(self._ready)  # GPU-side wait for the producer's last pack
+            target_stream = copy_stream(dst.device.index) if on_gpu else stream
+            if after is not None:
+                target_stream.wait_stream(after)  # what the caller queued on dst comes first
+            dst.copy_(self.tensor[:dst.numel()], non_blocking=on_gpu)
+            done = torch.cuda.Event()
+            done.record(target_stream)  # a cross-device copy ends there
+        done.synchronize()  # our copy is complete before the lease on this slab is dropped
 
     def close(self) -> None:
         """Drop the mapping; torch's IPC deleter synchronizes the current stream, so it runs under ours."""
