@@ -15,7 +15,6 @@ memcpy), the bound any transport that ends in memory the receiver owns must pay 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import time
@@ -23,7 +22,7 @@ import time
 import torch
 
 from .shapes import llama7b_full_weights
-from .timing import sync
+from .timing import save_json, sync
 
 
 def checksum(t: torch.Tensor) -> int:
@@ -143,9 +142,7 @@ def main(argv=None) -> dict:
         print(f"bucket {mib:5d} MiB: {buckets:3d} buckets, first {times[0] * 1e3:8.1f} ms, median "
               f"{median * 1e3:8.1f} ms = {row['gbps']:6.2f} GB/s ({row['fraction_of_floor']:.2f} of the copy floor), "
               f"trainer slabs {row['slabs_live']} ({row['slab_bytes'] / 2**20:.0f} MiB)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    save_json(args.json, report)
     return report
 
 

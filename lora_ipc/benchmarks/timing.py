@@ -1,7 +1,8 @@
-"""Clocks and summaries every benchmark here shares."""
+"""Clocks, summaries and the results file every benchmark here shares."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -35,3 +36,10 @@ def percentile(xs, q: float) -> float:
     """Nearest-rank percentile ``q`` (0-100) of ``xs``."""
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def save_json(path: str | None, results: dict, indent: int = 2) -> None:
+    """Write ``results`` to ``path`` (``--json``); nothing without one."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=indent)

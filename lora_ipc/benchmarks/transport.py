@@ -28,7 +28,7 @@ import tempfile
 import torch
 
 from .shapes import llama7b_lora, lora_config
-from .timing import now, percentile, sync
+from .timing import now, percentile, save_json, sync
 
 PATHS = ("lora_ipc", "disk_shm", "ipc_per_tensor")
 
@@ -165,9 +165,7 @@ def main(argv=None) -> dict:
     results = run(args.device, [int(r) for r in args.ranks.split(",")], args.layers, args.iters, args.warmup)
     if not args.quiet:
         print(table(results), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    save_json(args.json, results)
     return results
 
 

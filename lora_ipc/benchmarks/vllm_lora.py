@@ -18,7 +18,6 @@ Prints p50/p90, lora-ipc's overhead over the floor (lora_ipc - floor) beside the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -26,9 +25,20 @@ import tempfile
 import time
 
 from .cpu_engine import cpu_engine_env, perturb
-from .timing import percentile
+from .timing import percentile, save_json
 
 FLOOR_ENDPOINT = "ipc://lora-ipc-bench-floor"  # never bound: the worker serves it from memory
+
+
+class HeldClient:
+    """Stands in for an :class:`~lora_ipc.AdapterClient` in the loader: ``fetch`` hands out the versions
+    put in ``held`` beforehand (each once), whatever else the loader asks for."""
+
+    def __init__(self, held: dict):
+        self.held = held
+
+    def fetch(self, name, version=None, device=None, epoch=None, *, max_bytes=None):
+        return self.held.pop(version)
 
 
 class FloorExtension:
@@ -44,13 +54,8 @@ class FloorExtension:
         held = self.__dict__.setdefault("_floor_held", {})
         held[version] = Adapter("floor", version, load(safetensors_bytes), peft_config)
         if not getattr(loader, "_floor_installed", False):
-            real = loader.with_shared_client
-
-            class HeldClient:
-                def fetch(self, name, version=None, device=None, epoch=None):
-                    return held.pop(version)
-
-            loader.with_shared_client = lambda endpoint, call: call(HeldClient()) if endpoint == FLOOR_ENDPOINT \
+            real, client = loader.with_shared_client, HeldClient(held)
+            loader.with_shared_client = lambda endpoint, call: call(client) if endpoint == FLOOR_ENDPOINT \
                 else real(endpoint, call)
             loader._floor_installed = True
         return len(held)
@@ -134,9 +139,7 @@ def main(argv=None) -> dict:
         print(f"  lora-ipc is {res['ratio_disk_over_ipc']:.1f}x faster than save_pretrained + load from /dev/shm; "
               f"its transport adds {res['overhead_over_floor_ms']['lora_ipc']:.2f} ms to vLLM's own load "
               f"({floor:.2f} ms)")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=2)
+        save_json(args.json, res)
         return res
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -16,13 +16,13 @@ After each path the engine's greedy tokens are checked against the other path's 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
 import time
 
 from .cpu_engine import cpu_engine_env, greedy, perturb
+from .timing import save_json
 
 
 def model_config(vocab: int, hidden: int, layers: int):
@@ -119,9 +119,7 @@ def main(argv=None) -> dict:
                   f"(first {r['first_s'] * 1e3:.0f} ms), {r['speedup_vs_disk_shm']:.2f}x faster than disk_shm, "
                   f"trainer slabs {r['slabs_live']} ({r['slab_bytes'] / 2**20:.0f} MiB); in the worker: "
                   + ", ".join(f"{k} {v:.0f}" for k, v in r["worker"].items()))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+        save_json(args.json, results)
         llm.llm_engine.engine_core.shutdown()
         return results
     finally:

@@ -11,7 +11,6 @@ results file then records the reason).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -20,6 +19,7 @@ import time
 import torch
 
 from .shapes import llama7b_lora, lora_config
+from .timing import save_json
 
 MODES = ("torch", "vmm")
 
@@ -107,9 +107,7 @@ def main(argv=None) -> dict:
         print("bench_vmm skipped:", results["skipped"])
     else:
         results = run([int(r) for r in args.ranks.split(",")], args.layers, args.iters, args.warmup)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    save_json(args.json, results, indent=1)
     return results
 
 
