@@ -1,8 +1,12 @@
-"""What the vLLM benchmarks share: a CPU engine's environment, a trainer's update, greedy tokens."""
+"""What the vLLM benchmarks share: a CPU engine's environment, scratch directories, a trainer's update,
+greedy tokens."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 
 PROMPTS = [[1, 17, 42, 99, 7, 8], [1, 200, 3, 150, 23]]
 ENGINE_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -13,6 +17,18 @@ def cpu_engine_env() -> None:
     """Set (where unset) what a vLLM CPU engine over a local tiny model needs; before vLLM loads."""
     for key, value in ENGINE_ENV.items():
         os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def scratch_dirs(prefix: str):
+    """``(a temporary directory, one in /dev/shm)``, both removed on the way out."""
+    work = tempfile.mkdtemp(prefix=prefix)
+    shm = tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")
+    try:
+        yield work, shm
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 def perturb(model, seed: int, scale: float, only: str | None = None) -> None:

@@ -21,10 +21,9 @@ import argparse
 import os
 import shutil
 import statistics
-import tempfile
 import time
 
-from .cpu_engine import cpu_engine_env, perturb
+from .cpu_engine import cpu_engine_env, perturb, scratch_dirs
 from .timing import percentile, save_json
 
 FLOOR_ENDPOINT = "ipc://lora-ipc-bench-floor"  # never bound: the worker serves it from memory
@@ -88,9 +87,7 @@ def main(argv=None) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
 
-    work = tempfile.mkdtemp(prefix="lora-bench-vllm-")
-    shm = tempfile.mkdtemp(prefix="lora-bench-vllm-", dir="/dev/shm")
-    try:
+    with scratch_dirs("lora-bench-vllm-") as (work, shm):
         model_dir = write_model_dir(os.path.join(work, "base"), args.hidden, args.layers)
         print("starting the vLLM engine (CPU, ~30-60 s)...", flush=True)
         llm = LLM(model=model_dir, tokenizer=model_dir, dtype="bfloat16", enable_lora=True,
@@ -141,9 +138,6 @@ def main(argv=None) -> dict:
               f"({floor:.2f} ms)")
         save_json(args.json, res)
         return res
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(shm, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ After each path the engine's greedy tokens are checked against the other path's 
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import tempfile
 import time
 
-from .cpu_engine import cpu_engine_env, greedy, perturb
+from .cpu_engine import cpu_engine_env, greedy, perturb, scratch_dirs
 from .timing import save_json
 
 
@@ -58,9 +56,7 @@ def main(argv=None) -> dict:
     model = LlamaForCausalLM(model_config(args.vocab, args.hidden, args.layers)).to(torch.bfloat16).eval()
     n_params = sum(p.numel() for p in model.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    base_dir = tempfile.mkdtemp(prefix="bench-refit-")
-    shm_dir = tempfile.mkdtemp(prefix="bench-refit-", dir="/dev/shm")
-    try:
+    with scratch_dirs("bench-refit-") as (base_dir, shm_dir):
         model.save_pretrained(base_dir)
         write_tokenizer(base_dir, args.vocab)
         print(f"model: {n_params / 1e6:.1f}M parameters, {n_bytes / 2**20:.0f} MiB bf16, "
@@ -122,9 +118,6 @@ def main(argv=None) -> dict:
         save_json(args.json, results)
         llm.llm_engine.engine_core.shutdown()
         return results
-    finally:
-        shutil.rmtree(base_dir, ignore_errors=True)
-        shutil.rmtree(shm_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
