@@ -1,16 +1,12 @@
-"""Script entry point for :mod:`lora_ipc.benchmarks.transport` (the benchmark lives in the package, so
-``lora-ipc bench`` works from a wheel). Same arguments:
+"""Adapter hand-off latency, publish to consumer-owned tensors, three ways.
 
-    python benches/bench_transport.py                      # CUDA if available, 7B shapes, r16 and r64
-    python benches/bench_transport.py --device cpu --layers 8
-"""
+The benchmark is :mod:`lora_ipc.benchmarks.transport` (arguments and method there, ``--help``)."""
 
 import os
 import sys
 
 if __name__ == "__main__":
-    # before torch loads (see lora_ipc.benchmarks.transport.OMP_ENV)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: lora_ipc.benchmarks.timing.OMP_ENV
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from lora_ipc.benchmarks.transport import main
 

@@ -93,7 +93,7 @@ def _cmd_demo(args) -> int:
 
 def _cmd_bench(args) -> int:
     _require("bench", ("safetensors", "matplotlib"), "bench")
-    from .bench import run_bench
+    from .benchmarks.sweep import run_bench
 
     return run_bench(args)
 

@@ -152,16 +152,18 @@ def read_exact(fd: int, dst: memoryview, offset: int) -> None:
         future.result()  # the first failure (BackendError) is raised once every part has finished
 
 
-def memfds_of(pid: int) -> list[str]:
-    """Names of the lora-ipc memfds process ``pid`` holds (for status and leak checks)."""
-    names = []
+def memfds_of(pid: int) -> dict[str, str]:
+    """The lora-ipc memfds (slabs and generation tables) process ``pid`` holds, for leak checks and
+    status: ``{memfd name as /proc shows it: a /proc/<pid>/fd/<fd> path to it}``, one entry per memfd
+    however many descriptors point at it (Python's mmap holds a dup). Empty once the process is gone."""
+    found: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
             with contextlib.suppress(OSError):
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
                 if target.startswith(f"/memfd:{MEMFD_PREFIX}"):
-                    names.append(target)
-    return names
+                    found.setdefault(target, f"/proc/{pid}/fd/{fd}")
+    return found
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from lora_ipc.shm import memfds_of
+
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
@@ -45,20 +47,7 @@ def shm_mappings(pid: int) -> int:
 
 def shm_fds(pid: int) -> list[str]:
     """/proc paths of the lora-ipc memfds (slabs and generation tables) process ``pid`` holds, one per memfd."""
-    out, seen = [], set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except FileNotFoundError:  # the process is gone, and its memfds with it
-        return out
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("/memfd:lora-ipc.") and target not in seen:  # Python's mmap holds a dup
-                seen.add(target)
-                out.append(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            pass
-    return out
+    return list(memfds_of(pid).values())
 
 
 def shm_files(*pids: int) -> list[str]:

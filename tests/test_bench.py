@@ -16,3 +16,16 @@ def test_bench_writes_png_and_json(tmp_path):
     png = (tmp_path / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert "lora_ipc" in out.stdout
+
+
+def test_vllm_bench_floor_client_takes_every_fetch_argument():
+    """The vLLM bench's floor stands in for AdapterClient in lora_ipc's loader: it must accept whatever
+    the real fetch accepts (it fell behind once, ``max_bytes``, and the bench failed in the worker)."""
+    import inspect
+
+    from lora_ipc import AdapterClient
+    from lora_ipc.benchmarks.vllm_lora import HeldClient
+
+    real = inspect.signature(AdapterClient.fetch).parameters
+    stand_in = inspect.signature(HeldClient.fetch).parameters
+    assert [(p.name, p.kind) for p in real.values()] == [(p.name, p.kind) for p in stand_in.values()]

@@ -1,8 +1,15 @@
-"""Benchmarks shipped in the package, so ``lora-ipc bench`` works from a plain wheel install.
+"""Every benchmark of the project, in the package, so ``lora-ipc bench`` works from a plain wheel install.
 
-- :mod:`.transport`: publish -> consumer owns the tensors, three ways (``python -m lora_ipc.benchmarks.transport``)
-- :mod:`.shapes`: Llama-7B LoRA shapes
+- :mod:`.transport`: adapter hand-off, publish -> consumer owns the tensors, three ways (``lora-ipc bench``
+  runs it over several sizes through :mod:`.sweep`, which writes JSON and a PNG plot)
+- :mod:`.buckets`: full-weight refit buckets, GB/s against the device's own copy floor
+- :mod:`.vmm`: CUDA export paths, torch CUDA IPC against native VMM slabs (needs a GPU)
+- :mod:`.vllm_lora`: request -> adapter active in a running vLLM engine (needs vLLM)
+- :mod:`.vllm_refit`: a full refit into a running vLLM engine against vLLM's disk reload (needs vLLM)
 
-``benches/`` in a source checkout holds thin script entry points to these, plus benchmarks that need
-the test helpers (``benches/bench_vllm.py``).
+Shared parts: :mod:`.shapes` (Llama-7B LoRA and layer shapes), :mod:`.timing` (clocks, percentiles,
+the OpenMP setting), :mod:`.cpu_engine` (a vLLM CPU engine's environment, a trainer's step, greedy tokens).
+
+``benches/bench_*.py`` in a source checkout are script entry points to these (they set
+``OMP_WAIT_POLICY`` before torch loads); ``benches/device_check*.sh`` run them on the GPU machine.
 """

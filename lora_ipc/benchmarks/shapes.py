@@ -1,4 +1,4 @@
-"""Llama-7B LoRA shapes: 32 layers x 7 projections x (A, B) = 448 tensors."""
+"""Llama-7B shapes: its LoRA (32 layers x 7 projections x (A, B) = 448 tensors) and its full layer weights."""
 
 from __future__ import annotations
 
@@ -29,3 +29,16 @@ def llama7b_lora(rank: int, layers: int = 32, dtype=torch.bfloat16, device="cpu"
 def lora_config(rank: int) -> dict:
     return {"r": rank, "lora_alpha": 2 * rank, "target_modules": [p.split(".")[-1] for p in PROJECTIONS],
             "peft_type": "LORA", "bias": "none"}
+
+
+def llama7b_full_weights(layers: int, device: str = "cpu", scale: int = 1) -> dict[str, torch.Tensor]:
+    """Llama-7B-shaped full weights (bf16, 7 matrices and a norm per layer), every dimension divided by
+    ``scale`` (1: the real shapes)."""
+    out = {}
+    for i in range(layers):
+        for proj, (fan_in, fan_out) in PROJECTIONS.items():
+            out[f"model.layers.{i}.{proj}.weight"] = torch.randn(
+                fan_out // scale, fan_in // scale, device=device).to(torch.bfloat16)
+        out[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(
+            HIDDEN // scale, device=device, dtype=torch.bfloat16)
+    return out

@@ -1,7 +1,8 @@
 """Publish -> consumer owns the tensors, three ways, same run, two processes.
 
-    python -m lora_ipc.benchmarks.transport                # CUDA if available, 7B shapes, r16 and r64
-    python -m lora_ipc.benchmarks.transport --device cpu --layers 8
+    python benches/bench_transport.py                      # CUDA if available, 7B shapes, r16 and r64
+    python benches/bench_transport.py --device cpu --layers 8
+    python -m lora_ipc.benchmarks.transport --device cpu   # the same from a wheel install
     lora-ipc bench                                         # several sizes, plus a JSON file and a PNG plot
 
 Paths:
@@ -23,28 +24,13 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 
 import torch
 
 from .shapes import llama7b_lora, lora_config
-
-# OpenMP threads that spin after a parallel copy steal the other process's cores on small CPU
-# machines and make every cross-process hand-off look milliseconds slower, whatever the path. It
-# must be in the environment before torch loads: callers start this module in a fresh interpreter
-# with it set (``lora-ipc bench``, ``benches/bench_transport.py``); the consumer inherits it.
-OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+from .timing import now, percentile, save_json, sync
 
 PATHS = ("lora_ipc", "disk_shm", "ipc_per_tensor")
-
-
-def now() -> float:
-    return time.clock_gettime(time.CLOCK_MONOTONIC)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def consumer(conn, device: str) -> None:
@@ -69,22 +55,17 @@ def consumer(conn, device: str) -> None:
             with open(os.path.join(path, "adapter_config.json")) as f:
                 json.load(f)
             tensors = load_file(os.path.join(path, "adapter_model.safetensors"), device=device)
-            _sync(device)
+            sync(device)
         elif kind == "ipc_per_tensor":
             _, payload = msg
             if device.startswith("cuda"):
                 tensors = {k: rebuild_cuda_tensor(*args).clone() for k, args in payload.items()}
-                _sync(device)
+                sync(device)
             else:
                 tensors = {k: v.clone() for k, v in payload.items()}
         else:
             raise ValueError(kind)
         conn.send((now(), len(tensors)))
-
-
-def percentile(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 def run(device: str, ranks: list[int], layers: int, iters: int, warmup: int, dtype=torch.bfloat16) -> dict:
@@ -115,11 +96,11 @@ def run(device: str, ranks: list[int], layers: int, iters: int, warmup: int, dty
                     # one export per import: every per-tensor round exports fresh storages (re-exporting the
                     # same ones nests torch's ref-counted wrappers and slows the baseline down over the run)
                     fresh = {k: v.clone() for k, v in tensors.items()} if path == "ipc_per_tensor" else None
-                    _sync(device)
+                    sync(device)
                     t0 = now()
                     if path == "d2d_floor":  # one device-to-device copy of the bytes: the floor
                         floor_dst.copy_(floor_src)
-                        _sync(device)
+                        sync(device)
                         if i >= warmup:
                             per_path[path].append((now() - t0) * 1e3)
                         continue
@@ -184,9 +165,7 @@ def main(argv=None) -> dict:
     results = run(args.device, [int(r) for r in args.ranks.split(",")], args.layers, args.iters, args.warmup)
     if not args.quiet:
         print(table(results), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    save_json(args.json, results)
     return results
 
 

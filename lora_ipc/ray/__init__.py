@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without Ray
 from .errors import EngineLoadError, ReplicationError
 from .load import load, served_version
 from .publish import publish
-from .relays import local_endpoint, relay_endpoints, start_relays, stop_relays
+from .relay_fleet import local_endpoint, relay_endpoints, start_relays, stop_relays
 
 __all__ = ["EngineLoadError", "ReplicationError", "load", "local_endpoint", "publish", "relay_endpoints",
            "served_version", "start_relays", "stop_relays"]

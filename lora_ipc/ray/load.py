@@ -10,7 +10,7 @@ import ray
 from .. import errors
 from ..errors import AdapterNotFound
 from .errors import EngineLoadError
-from .relay import alive_node_ids, relay_handle
+from .relay_actor import alive_node_ids, relay_handle
 
 
 def served_version(name: str) -> int:

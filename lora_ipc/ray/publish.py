@@ -10,7 +10,7 @@ import ray
 from ..errors import ExporterUnavailable
 from ..exporter import RemoteExporter
 from .errors import ReplicationError
-from .relays import forget_local_relay, local_relay
+from .relay_fleet import forget_local_relay, local_relay
 
 _exporters: dict[str, RemoteExporter] = {}
 _lock = threading.Lock()

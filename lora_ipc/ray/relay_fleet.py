@@ -9,7 +9,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..store import new_epoch
 from .naming import NAMESPACE, relay_actor_name
-from .relay import Relay, alive_node_ids, relay_handle
+from .relay_actor import Relay, alive_node_ids, relay_handle
 
 RELAY_CONCURRENCY = 8  # Ray calls a relay runs at once: replicate to peers while peers replicate to it
 _RelayActor = ray.remote(Relay)
@@ -23,7 +23,7 @@ def start_relays(keep: int = 2, *, timeout_s: float = 120.0, actor_options: dict
 
     Each relay is a detached, restartable (``max_restarts=-1``) actor pinned to its node with hard
     node affinity and no CPU reservation, so it outlives whichever trainer or driver started it.
-    ``server_options`` go to :class:`~lora_ipc.ray.relay.Relay` (``device``, ``lease_timeout_s``,
+    ``server_options`` go to :class:`~lora_ipc.ray.relay_actor.Relay` (``device``, ``lease_timeout_s``,
     ``check_finite``, ``endpoint_dir``); relays already running keep the options they started with.
     ``actor_options`` are added to the actor's Ray options: for GPU slabs (``device="cuda"``) give the
     relay its node's GPU, e.g. ``{"num_gpus": 0.01}`` or a ``runtime_env`` setting
@@ -31,7 +31,7 @@ def start_relays(keep: int = 2, *, timeout_s: float = 120.0, actor_options: dict
     """
     handles = {node: relay_handle(node) for node in alive_node_ids()}
     running = [h for h in handles.values() if h is not None]
-    # one epoch for the whole set (Note [one epoch per relay set], relay.py): a running relay's, else a new one
+    # one epoch for the whole set (Note [one epoch per relay set], relay_actor.py): a running one's, else a new one
     epoch = ray.get(running[0].epoch.remote(), timeout=timeout_s) if running else new_epoch()
     for node, handle in handles.items():
         if handle is None:

@@ -1,4 +1,4 @@
-"""``lora-ipc bench``: run :mod:`lora_ipc.benchmarks.transport` over several adapter sizes, write JSON + PNG."""
+"""``lora-ipc bench``: :mod:`.transport` over several adapter sizes, written as JSON and a PNG plot."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def run_bench(args) -> int:
 
     import torch
 
-    from .benchmarks.transport import OMP_ENV, table
+    from .timing import OMP_ENV
+    from .transport import table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
