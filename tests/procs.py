@@ -358,7 +358,12 @@ def publish_from_short_lived_trainer(endpoint: str, save_dir: str, seed: int = 0
     """A trainer process that publishes one version into a daemon and exits; returns its exit code."""
     proc = SPAWN.Process(target=_remote_publish_main, args=(endpoint, save_dir, seed))
     proc.start()
-    proc.join(120)
+    try:
+        proc.join(120)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
     return proc.exitcode
 
 
