@@ -13,6 +13,14 @@ def exporter_proc():
     proc.close()
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny Llama (``lora_ipc.tiny``) saved as a Hugging Face model directory, once per module."""
+    from lora_ipc.tiny import write_model_dir
+
+    return write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
 @pytest.fixture
 def daemons():
     """``daemons(endpoint, *args)`` starts ``lora-ipc serve``; whatever is still running at the end is killed."""

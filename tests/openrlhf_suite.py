@@ -18,7 +18,6 @@ if [name for _, name in socket.if_nameindex()] != ["lo"]:
     pytest.skip("Ray tests run only in a private network namespace with nothing but loopback "
                 "(tests/test_integrations.py starts them with unshare -n)", allow_module_level=True)
 
-from lora_ipc.tiny import write_model_dir  # noqa: E402
 
 from . import ray_actors  # noqa: E402
 from .engine import PROMPTS  # noqa: E402
@@ -37,11 +36,6 @@ def cluster():
 
     lora_ipc.ray.stop_relays()
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="module")

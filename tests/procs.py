@@ -11,135 +11,225 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 SPAWN = mp.get_context("spawn")
 
 
-def _exporter_main(conn, endpoint, keep, lease_timeout_s, device):
-    from lora_ipc import AdapterExporter
+CLOSED = object()  # what a command returns to end its process's loop (after answering "closed")
 
-    from . import models
 
-    exporter = AdapterExporter(endpoint, keep=keep, lease_timeout_s=lease_timeout_s)
-    conn.send((exporter.endpoint, os.getpid()))
-    peft_models = {}
-    streaming = threading.Event()
+def serve_commands(conn, commands: dict, state) -> None:
+    """The child's loop: ``commands[name](state, *args)`` for each ``(name, *args)`` received; the return
+    value (or the exception raised) goes back to the test. A command returning :data:`CLOSED` ends it."""
     while True:
         cmd, *args = conn.recv()
         try:
-            if cmd == "publish_peft":  # name, dtype, seed, save_dir (reference written the ordinary way)
-                name, dtype, seed, save_dir = args
-                model = peft_models[(name, dtype)] = models.peft_model(seed, getattr(torch, dtype)).to(device)
-                version = exporter.publish(name, model)
-                if save_dir:
-                    model.save_pretrained(save_dir)
-                conn.send(version)
-            elif cmd == "train_and_publish":  # name, dtype, step, save_dir
-                name, dtype, step, save_dir = args
-                model = peft_models[(name, dtype)]
-                models.train_step(model, step)
-                version = exporter.publish(name, model)
-                if save_dir:
-                    model.save_pretrained(save_dir)
-                conn.send(version)
-            elif cmd == "publish_random":  # name, seed
-                name, seed = args
-                tensors = {k: v.to(device) for k, v in models.random_adapter(seed).items()}
-                conn.send(exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG))
-            elif cmd == "stream":  # publish a new version continuously until killed
-                name, = args
-                streaming.set()
-
-                def loop(name=name):  # bound now: the command loop rebinds `name`
-                    i = 0
-                    while True:
-                        exporter.publish(name, models.random_adapter(i % 7), models.RANDOM_ADAPTER_CONFIG)
-                        i += 1
-                        time.sleep(0.001)
-
-                exporter.publish(name, models.random_adapter(0), models.RANDOM_ADAPTER_CONFIG)
-                threading.Thread(target=loop, daemon=True).start()
-                conn.send("streaming")
-            elif cmd == "stream_constant":  # version v is an adapter whose every value is v (a torn read shows)
-                name, = args
-
-                def constant_loop(name=name):
-                    v = 0
-                    while True:
-                        v += 1
-                        published = exporter.publish(name, models.constant_adapter(v), models.RANDOM_ADAPTER_CONFIG)
-                        assert published == v
-
-                threading.Thread(target=constant_loop, daemon=True).start()
-                conn.send("streaming")
-            elif cmd == "stall_next_fetch":  # the next lease is granted only after `seconds`
-                seconds, = args
-                original = exporter.store.lease
-
-                def slow_lease(*a, original=original, seconds=seconds, **kw):
-                    exporter.store.lease = original
-                    time.sleep(seconds)
-                    return original(*a, **kw)
-
-                exporter.store.lease = slow_lease
-                conn.send("armed")
-            elif cmd == "publish_constant_behind_work":  # name, value, sleep_cycles: the pack queues behind GPU work
-                name, value, cycles = args
-                tensors = {k: v.to(device) for k, v in models.constant_adapter(value).items()}
-                torch.cuda.synchronize()
-                torch.cuda._sleep(cycles)
-                conn.send(exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG))
-            elif cmd == "publish_constant_on_side_stream":  # name, value, sleep_cycles: packed on a side stream
-                name, value, cycles = args
-                tensors = {k: v.to(device) for k, v in models.constant_adapter(value).items()}
-                torch.cuda.synchronize()
-                side = torch.cuda.Stream()
-                with torch.cuda.stream(side):
-                    torch.cuda._sleep(cycles)
-                    version = exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG)
-                conn.send(version)
-            elif cmd == "queue_work":  # sleep_cycles queued on this process's current stream, not waited for
-                cycles, = args
-                torch.cuda._sleep(cycles)
-                conn.send("queued")
-            elif cmd == "set_allocator_settings":
-                from lora_ipc.backends.cuda import _set_allocator_settings
-
-                for settings in args:
-                    _set_allocator_settings(settings)
-                conn.send("set")
-            elif cmd == "effective_settings":
-                from lora_ipc.backends.cuda import allocator_settings, effective_allocator_settings
-
-                conn.send((allocator_settings(), effective_allocator_settings()))
-            elif cmd == "close_exporter":  # close the store, keep the process: what stays allocated?
-                exporter.close()
-                torch.cuda.synchronize()
-                torch.cuda.ipc_collect()
-                conn.send((torch.cuda.memory_allocated(), torch.cuda.memory_reserved()))
-            elif cmd == "allocator_settings":
-                from lora_ipc.backends.cuda import allocator_settings
-
-                conn.send(allocator_settings())
-            elif cmd == "handle_kinds":
-                from lora_ipc.backends.cuda import HANDLE_KIND_OFFSET
-
-                conn.send(sorted({bytes(s.handle.storage_handle[HANDLE_KIND_OFFSET:HANDLE_KIND_OFFSET + 1]).decode()
-                                  for s in exporter.store.pool.slabs()}))
-            elif cmd == "status":
-                conn.send(exporter.store.status())
-            elif cmd == "cuda_memory":
-                conn.send((torch.cuda.memory_allocated(), torch.cuda.memory_reserved()))
-            elif cmd == "close":
-                exporter.close()
-                conn.send("closed")
-                return
-            else:
-                conn.send(RuntimeError(f"unknown command {cmd}"))
+            command = commands.get(cmd)
+            if command is None:
+                raise RuntimeError(f"unknown command {cmd}")
+            out = command(state, *args)
         except Exception as exc:  # report to the test instead of dying silently
             conn.send(exc)
+            continue
+        if out is CLOSED:
+            conn.send("closed")
+            return
+        conn.send(out)
+
+
+# ---- the exporter child: one small function per command ---------------------------------------
+
+
+@dataclass
+class ExporterState:
+    exporter: Any
+    device: str
+    fetch_stalled: Any  # a multiprocessing Event: set once a stalled fetch is inside the exporter
+    peft_models: dict = field(default_factory=dict)
+
+
+def _publish_peft(s, name, dtype, seed, save_dir):
+    """A real PEFT model, published; the reference is written the ordinary way to ``save_dir``."""
+    from . import models
+
+    model = s.peft_models[(name, dtype)] = models.peft_model(seed, getattr(torch, dtype)).to(s.device)
+    version = s.exporter.publish(name, model)
+    if save_dir:
+        model.save_pretrained(save_dir)
+    return version
+
+
+def _train_and_publish(s, name, dtype, step, save_dir):
+    from . import models
+
+    model = s.peft_models[(name, dtype)]
+    models.train_step(model, step)
+    version = s.exporter.publish(name, model)
+    if save_dir:
+        model.save_pretrained(save_dir)
+    return version
+
+
+def _publish_random(s, name, seed):
+    from . import models
+
+    tensors = {k: v.to(s.device) for k, v in models.random_adapter(seed).items()}
+    return s.exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG)
+
+
+def _stream(s, name):
+    """Publish a new version continuously until the process is killed."""
+    from . import models
+
+    def loop():
+        i = 0
+        while True:
+            s.exporter.publish(name, models.random_adapter(i % 7), models.RANDOM_ADAPTER_CONFIG)
+            i += 1
+            time.sleep(0.001)  # pacing, not synchronisation
+
+    s.exporter.publish(name, models.random_adapter(0), models.RANDOM_ADAPTER_CONFIG)
+    threading.Thread(target=loop, daemon=True).start()
+    return "streaming"
+
+
+def _stream_constant(s, name):
+    """Version v is an adapter whose every value is v (a torn read shows), published continuously."""
+    from . import models
+
+    def loop():
+        v = 0
+        while True:
+            v += 1
+            published = s.exporter.publish(name, models.constant_adapter(v), models.RANDOM_ADAPTER_CONFIG)
+            assert published == v
+
+    threading.Thread(target=loop, daemon=True).start()
+    return "streaming"
+
+
+def _stall_next_fetch(s, seconds):
+    """The next lease is granted only after ``seconds``; ``fetch_stalled`` is set when its request arrives."""
+    original = s.exporter.store.lease
+
+    def slow_lease(*a, **kw):
+        s.exporter.store.lease = original
+        s.fetch_stalled.set()
+        time.sleep(seconds)  # the injected fault: a server stuck inside a request
+        return original(*a, **kw)
+
+    s.fetch_stalled.clear()
+    s.exporter.store.lease = slow_lease
+    return "armed"
+
+
+def _publish_constant_behind_work(s, name, value, cycles):
+    """The pack queues behind ``cycles`` of GPU work on the current stream."""
+    from . import models
+
+    tensors = {k: v.to(s.device) for k, v in models.constant_adapter(value).items()}
+    torch.cuda.synchronize()
+    torch.cuda._sleep(cycles)
+    return s.exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG)
+
+
+def _publish_constant_on_side_stream(s, name, value, cycles):
+    """Packed on a side stream behind ``cycles`` of GPU work."""
+    from . import models
+
+    tensors = {k: v.to(s.device) for k, v in models.constant_adapter(value).items()}
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(cycles)
+        return s.exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG)
+
+
+def _queue_work(s, cycles):
+    """``cycles`` queued on this process's current stream, not waited for."""
+    torch.cuda._sleep(cycles)
+    return "queued"
+
+
+def _set_allocator_settings(s, *settings):
+    from lora_ipc.backends.cuda import _set_allocator_settings as set_settings
+
+    for one in settings:
+        set_settings(one)
+    return "set"
+
+
+def _effective_settings(s):
+    from lora_ipc.backends.cuda import allocator_settings, effective_allocator_settings
+
+    return allocator_settings(), effective_allocator_settings()
+
+
+def _allocator_settings(s):
+    from lora_ipc.backends.cuda import allocator_settings
+
+    return allocator_settings()
+
+
+def _handle_kinds(s):
+    from lora_ipc.backends.cuda import HANDLE_KIND_OFFSET
+
+    return sorted({bytes(slab.handle.storage_handle[HANDLE_KIND_OFFSET:HANDLE_KIND_OFFSET + 1]).decode()
+                   for slab in s.exporter.store.pool.slabs()})
+
+
+def _cuda_memory(s):
+    return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+
+def _close_exporter(s):
+    """Close the store, keep the process: what stays allocated?"""
+    s.exporter.close()
+    torch.cuda.synchronize()
+    torch.cuda.ipc_collect()
+    return _cuda_memory(s)
+
+
+def _status(s):
+    return s.exporter.store.status()
+
+
+def _close(s):
+    s.exporter.close()
+    return CLOSED
+
+
+EXPORTER_COMMANDS = {
+    "publish_peft": _publish_peft,
+    "train_and_publish": _train_and_publish,
+    "publish_random": _publish_random,
+    "stream": _stream,
+    "stream_constant": _stream_constant,
+    "stall_next_fetch": _stall_next_fetch,
+    "publish_constant_behind_work": _publish_constant_behind_work,
+    "publish_constant_on_side_stream": _publish_constant_on_side_stream,
+    "queue_work": _queue_work,
+    "set_allocator_settings": _set_allocator_settings,
+    "effective_settings": _effective_settings,
+    "close_exporter": _close_exporter,
+    "allocator_settings": _allocator_settings,
+    "handle_kinds": _handle_kinds,
+    "status": _status,
+    "cuda_memory": _cuda_memory,
+    "close": _close,
+}
+
+
+def _exporter_main(conn, endpoint, keep, lease_timeout_s, device, fetch_stalled):
+    from lora_ipc import AdapterExporter
+
+    exporter = AdapterExporter(endpoint, keep=keep, lease_timeout_s=lease_timeout_s)
+    conn.send((exporter.endpoint, os.getpid()))
+    serve_commands(conn, EXPORTER_COMMANDS, ExporterState(exporter, device, fetch_stalled))
 
 
 class ExporterProcess:
@@ -148,7 +238,9 @@ class ExporterProcess:
     def __init__(self, endpoint: str | None = None, keep: int = 2, lease_timeout_s: float = 30.0,
                  device: str = "cpu", env: dict | None = None):
         self._conn, child = SPAWN.Pipe()
-        self.proc = SPAWN.Process(target=_exporter_main, args=(child, endpoint, keep, lease_timeout_s, device),
+        self.fetch_stalled = SPAWN.Event()  # set by the child once a fetch stalled by "stall_next_fetch" arrived
+        self.proc = SPAWN.Process(target=_exporter_main,
+                                  args=(child, endpoint, keep, lease_timeout_s, device, self.fetch_stalled),
                                   daemon=True)
         saved = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})
@@ -186,41 +278,56 @@ class ExporterProcess:
         self.proc.join(10)
 
 
+# ---- the client child ------------------------------------------------------------------------
+
+
+def _fetch(client, name, version):
+    adapter = client.fetch(name, version)
+    return adapter.version, {k: v.clone() for k, v in adapter.tensors.items()}
+
+
+def _fetch_many(client, name, count):
+    """The versions of ``count`` fetches."""
+    return [client.fetch(name).version for _ in range(count)]
+
+
+def _fetch_checking_constant(client, name, count):
+    """(versions seen, torn adapters) over ``count`` fetches of a "stream_constant" adapter."""
+    versions, torn = [], 0
+    for _ in range(count):
+        a = client.fetch(name)
+        versions.append(a.version)
+        torn += any(not bool((t == a.version).all()) for t in a.tensors.values())
+    return versions, torn
+
+
+def _hold_lease(client, name):
+    """Lease the newest version and never release it."""
+    from lora_ipc import protocol as p
+
+    return client._conn.request(p.FetchRequest(name, None, client.client_id), p.FetchReply).lease_id
+
+
+def _close_client(client):
+    client.close()
+    return CLOSED
+
+
+CLIENT_COMMANDS = {
+    "fetch": _fetch,
+    "fetch_many": _fetch_many,
+    "fetch_checking_constant": _fetch_checking_constant,
+    "hold_lease": _hold_lease,
+    "close": _close_client,
+}
+
+
 def _client_main(conn, endpoint, timeout_s):
     from lora_ipc import AdapterClient
 
     client = AdapterClient(endpoint, timeout_s=timeout_s)
     conn.send(os.getpid())
-    while True:
-        cmd, *args = conn.recv()
-        try:
-            if cmd == "fetch":
-                name, version = args
-                adapter = client.fetch(name, version)
-                conn.send((adapter.version, {k: v.clone() for k, v in adapter.tensors.items()}))
-            elif cmd == "fetch_many":  # name, count -> list of versions
-                name, count = args
-                conn.send([client.fetch(name).version for _ in range(count)])
-            elif cmd == "fetch_checking_constant":  # name, count -> (versions seen, torn adapters)
-                name, count = args
-                versions, torn = [], 0
-                for _ in range(count):
-                    a = client.fetch(name)
-                    versions.append(a.version)
-                    torn += any(not bool((t == a.version).all()) for t in a.tensors.values())
-                conn.send((versions, torn))
-            elif cmd == "hold_lease":  # lease the newest version and never release it
-                from lora_ipc import protocol as p
-
-                name, = args
-                reply = client._conn.request(p.FetchRequest(name, None, client.client_id), p.FetchReply)
-                conn.send(reply.lease_id)
-            elif cmd == "close":
-                client.close()
-                conn.send("closed")
-                return
-        except Exception as exc:
-            conn.send(exc)
+    serve_commands(conn, CLIENT_COMMANDS, client)
 
 
 class ClientProcess:
@@ -251,7 +358,12 @@ def publish_from_short_lived_trainer(endpoint: str, save_dir: str, seed: int = 0
     """A trainer process that publishes one version into a daemon and exits; returns its exit code."""
     proc = SPAWN.Process(target=_remote_publish_main, args=(endpoint, save_dir, seed))
     proc.start()
-    proc.join(120)
+    try:
+        proc.join(120)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
     return proc.exitcode
 
 
@@ -284,52 +396,63 @@ class PipeSyncClient:
         self._call("finish_weight_update", weight_version)
 
 
-def _refit_trainer_main(conn, rpc_conn):
+@dataclass
+class RefitTrainerState:
+    model: Any
+    rpc_conn: Any
+    transfer: Any = None
+
+
+def _refit_init(s, kind, base_url, fields):
+    """Client kind ("pipe" | "http"), base url, init info fields; returns the sender's endpoint."""
     from vllm.distributed.weight_transfer.base import ModuleSource
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-    from lora_ipc.tiny import tiny_llama, write_tokenizer
     from lora_ipc.vllm.weight_transfer import LoraIpcTrainerInitInfo
+
+    if kind == "http":
+        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+
+        client = HTTPVLLMWeightSyncClient(base_url, timeout=120)
+    else:
+        client = PipeSyncClient(s.rpc_conn)
+    if s.transfer is not None:
+        s.transfer.shutdown()
+    s.transfer = WeightTransferTrainerFactory.trainer_init(
+        LoraIpcTrainerInitInfo(rank=0, **fields), client=client, source=ModuleSource(s.model))
+    return s.transfer.sender.endpoint
+
+
+def _refit_step(s, step, send, save_dir, weight_version):
+    """One training step, then (if ``send``) a refit; the weights are saved to ``save_dir`` if given."""
+    from lora_ipc.tiny import write_tokenizer
 
     from . import models
 
-    model = tiny_llama(0, torch.bfloat16)  # the weights tests.engine.write_model_dir saves
-    transfer = None
-    conn.send(os.getpid())
-    while True:
-        cmd, *args = conn.recv()
-        try:
-            if cmd == "init":  # client kind ("pipe" | "http"), base url, init info fields
-                kind, base_url, fields = args
-                if kind == "http":
-                    from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+    models.perturb_weights(s.model, step)
+    if send:
+        s.transfer.send_weights(weight_version=weight_version)
+    if save_dir:
+        s.model.save_pretrained(save_dir)
+        write_tokenizer(save_dir)
+    return step
 
-                    client = HTTPVLLMWeightSyncClient(base_url, timeout=120)
-                else:
-                    client = PipeSyncClient(rpc_conn)
-                if transfer is not None:
-                    transfer.shutdown()
-                transfer = WeightTransferTrainerFactory.trainer_init(
-                    LoraIpcTrainerInitInfo(rank=0, **fields), client=client, source=ModuleSource(model))
-                conn.send(transfer.sender.endpoint)
-            elif cmd == "step":  # step, send?, save_dir, weight_version: one training step, then refit
-                step, send, save_dir, weight_version = args
-                models.perturb_weights(model, step)
-                if send:
-                    transfer.send_weights(weight_version=weight_version)
-                if save_dir:
-                    model.save_pretrained(save_dir)
-                    write_tokenizer(save_dir)
-                conn.send(step)
-            elif cmd == "close":
-                if transfer is not None:
-                    transfer.shutdown()
-                conn.send("closed")
-                return
-            else:
-                conn.send(RuntimeError(f"unknown command {cmd}"))
-        except Exception as exc:
-            conn.send(exc)
+
+def _refit_close(s):
+    if s.transfer is not None:
+        s.transfer.shutdown()
+    return CLOSED
+
+
+REFIT_TRAINER_COMMANDS = {"init": _refit_init, "step": _refit_step, "close": _refit_close}
+
+
+def _refit_trainer_main(conn, rpc_conn):
+    from lora_ipc.tiny import tiny_llama
+
+    model = tiny_llama(0, torch.bfloat16)  # the weights tests.engine.write_model_dir saves
+    conn.send(os.getpid())
+    serve_commands(conn, REFIT_TRAINER_COMMANDS, RefitTrainerState(model, rpc_conn))
 
 
 class RefitTrainerProcess:

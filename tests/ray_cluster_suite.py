@@ -24,7 +24,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 import lora_ipc.ray  # noqa: E402
 from lora_ipc.ray import EngineLoadError  # noqa: E402
 from lora_ipc.ray.naming import NAMESPACE, relay_actor_name  # noqa: E402
-from lora_ipc.tiny import write_model_dir  # noqa: E402
 
 from . import ray_actors  # noqa: E402
 from .helpers import assert_same_adapter  # noqa: E402
@@ -51,11 +50,6 @@ def cluster():
     lora_ipc.ray.stop_relays()
     ray.shutdown()
     c.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="module")

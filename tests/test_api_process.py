@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 
 import pytest
 import torch
@@ -131,8 +132,10 @@ def test_evicting_a_shared_client_never_waits_for_its_request_in_flight(short_di
         errors = []
         worker = threading.Thread(target=lambda: errors.append(_raises(stuck.list)))
         worker.start()
-        while not stuck._lock.locked():
-            pass  # the request is in flight, holding its client's lock
+        deadline = time.monotonic() + 60
+        while not stuck._lock.locked():  # until the request is in flight, holding its client's lock
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.001)
         for i in range(client_mod.MAX_SHARED_CLIENTS):  # evicts `stuck`
             client_mod.shared_client(f"ipc://{short_dir}/other-{i}.sock")
         assert worker.is_alive()  # eviction returned while the stuck request still waits for its reply

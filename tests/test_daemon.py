@@ -3,16 +3,20 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 
 import pytest
+import torch
 import zmq
 from safetensors.torch import load_file
 
-from lora_ipc import AdapterClient
+from lora_ipc import AdapterClient, RemoteExporter
 from lora_ipc import protocol as p
 
+from . import models
 from .helpers import assert_same_adapter, cli, shm_fds, shm_files, start_daemon
 from .procs import publish_from_short_lived_trainer
 
@@ -121,7 +125,10 @@ def test_prometheus_metrics(tmp_path):
         with AdapterClient(endpoint) as client:
             client.fetch("policy")
             client.fetch("policy")
-        time.sleep(0.2)  # the second release travels after the fetch returns
+            deadline = time.monotonic() + 30  # the second release travels after the fetch returns
+            while client.status()["leases"]:
+                assert time.monotonic() < deadline, "the daemon never saw the release"
+                time.sleep(0.01)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         assert "lora_ipc_fetches_total 2.0" in body
         assert 'lora_ipc_adapter_version{adapter="policy"} 1.0' in body
@@ -131,31 +138,43 @@ def test_prometheus_metrics(tmp_path):
         proc.wait(20)
 
 
+# ---- crash consistency and drain ---------------------------------------------------------------------
 
-def test_daemon_check_finite_rejects_remote_nan_and_keeps_the_good_version(tmp_path):
-    import torch
 
-    from lora_ipc import AdapterRejected, RemoteExporter
+def test_nothing_outlives_a_sigkilled_daemon_or_an_unclosed_remote_exporter(tmp_path, daemons):
+    endpoint = f"ipc://{tmp_path}/d.sock"
+    daemon = daemons(endpoint)
+    script = ("from lora_ipc import RemoteExporter; import torch, os;"
+              f"r = RemoteExporter({endpoint!r}); r.publish('a', {{'w': torch.ones(64, 64)}},"
+              " {'r': 8, 'lora_alpha': 8, 'target_modules': ['q_proj']}); print(os.getpid(), flush=True); os._exit(0)")
+    trainer = int(subprocess.run([sys.executable, "-c", script], check=True, timeout=60, capture_output=True,
+                                 text=True).stdout)  # exited without closing its RemoteExporter
+    assert shm_files(trainer, daemon.pid) == [] and shm_fds(daemon.pid)
+    daemon.send_signal(signal.SIGKILL)
+    daemon.wait(10)
+    assert shm_files(daemon.pid) == [] and shm_fds(daemon.pid) == []
+    again = daemons(endpoint)  # the stale socket is taken over
+    again.terminate()
+    assert again.wait(20) == 0
 
-    from . import models
 
-    endpoint = f"ipc://{tmp_path}/finite.sock"
-    proc = start_daemon(endpoint, "--check-finite")
-    try:
-        good = models.random_adapter(1)
-        with RemoteExporter(endpoint) as trainer:
-            assert trainer.publish("a", good, models.RANDOM_ADAPTER_CONFIG) == 1
-            bad = {k: v.clone() for k, v in good.items()}
-            next(iter(bad.values()))[1, 1] = torch.nan
-            with pytest.raises(AdapterRejected, match="non-finite"):
-                trainer.publish("a", bad, models.RANDOM_ADAPTER_CONFIG)
-        with AdapterClient(endpoint) as client:
-            adapter = client.fetch("a")
-        assert adapter.version == 1
-        assert_same_adapter(adapter.tensors, good)
-    finally:
-        proc.terminate()
-        proc.wait(20)
+def test_drain_waits_while_a_lease_is_held(tmp_path, daemons):
+    endpoint = f"ipc://{tmp_path}/d.sock"
+    daemon = daemons(endpoint, "--drain", "2")
+    with RemoteExporter(endpoint) as remote:
+        remote.publish("a", {"w": torch.ones(64, 64)}, models.RANDOM_ADAPTER_CONFIG)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(endpoint)
+    sock.send_multipart([b"", p.encode(p.FetchRequest("a", None, "stuck"), 1)])
+    assert sock.poll(5000)
+    sock.recv_multipart()
+    started = time.monotonic()
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(20) == 0
+    waited = time.monotonic() - started
+    assert waited >= 1.8, f"exited after {waited:.2f}s with a lease held and --drain 2"
+    assert "stuck" in daemon.stdout.read()
+    sock.close(0)
 
 
 @pytest.mark.vllm

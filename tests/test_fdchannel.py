@@ -305,7 +305,7 @@ def test_a_receiver_out_of_descriptors_gets_a_typed_error(tmp_path):
 
 
 SQUEEZED_SERVER = textwrap.dedent("""
-    import json, os, resource, sys, threading, time
+    import json, logging, os, resource, sys, threading
     from lora_ipc.fdchannel import FdReceiver, FdServer
     from tests.helpers import fill_descriptor_holes
     endpoint = f"ipc://{sys.argv[1]}/e.sock"
@@ -314,14 +314,25 @@ SQUEEZED_SERVER = textwrap.dedent("""
     child = os.fork()
     if child == 0:  # the server: out of descriptors while a client waits, then given room again
         os.close(ask_w)
+        refused = threading.Event()
+
+        class Refusals(logging.StreamHandler):  # to stderr as before; tells us when an accept failed
+            def emit(self, record):
+                super().emit(record)
+                if "cannot accept" in record.getMessage():
+                    refused.set()
+
+        logging.getLogger("lora_ipc.fdchannel").addHandler(Refusals())
         server = FdServer(endpoint, {os.getuid()}).start()
         token = server.offer(lambda: [os.open("/dev/null", os.O_RDONLY)])
         top, fillers = fill_descriptor_holes()
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
         os.write(tok_w, token)
-        os.read(ask_r, 1)  # the client has been waiting a while
-        time.sleep(0.5)
+        os.read(ask_r, 1)  # the client is fetching
+        if not refused.wait(60):  # its connection reached the server, whose accept failed with EMFILE
+            os.write(tok_w, json.dumps({"refused": "accept never failed"}).encode())
+            os._exit(1)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         os.read(ask_r, 1)
         os.write(tok_w, json.dumps({"refused": server.refused, "alive": server._thread.is_alive()}).encode())
@@ -335,7 +346,6 @@ SQUEEZED_SERVER = textwrap.dedent("""
             got["error"] = repr(exc)
     t = threading.Thread(target=fetch)
     t.start()
-    time.sleep(1.0)  # the server's accept fails with EMFILE meanwhile
     os.write(ask_w, b"1")
     t.join(60)
     os.write(ask_w, b"2")

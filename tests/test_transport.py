@@ -96,20 +96,23 @@ def test_thousand_cycles_leave_memory_and_fds_flat():
 def test_exporter_sigkill_mid_stream_raises_documented_error_within_timeout():
     exporter = ExporterProcess(keep=2)
     client = AdapterClient(exporter.endpoint, timeout_s=1.5)
-    exporter.call("stream", "live")
-    kept = None
-    for _ in range(200):
-        kept = client.fetch("live")
-    snapshot = {k: v.clone() for k, v in kept.tensors.items()}
-    exporter.kill()
-    start = time.monotonic()
-    with pytest.raises(ExporterUnavailable):
-        client.fetch("live")
-    elapsed = time.monotonic() - start
-    print(f"detected a dead exporter in {elapsed:.2f}s (timeout 1.5s)")
-    assert elapsed < 1.5 + 0.5
-    assert_same_adapter(kept.tensors, snapshot)  # what the client owns is untouched
-    client.close()
+    try:
+        exporter.call("stream", "live")
+        kept = None
+        for _ in range(200):
+            kept = client.fetch("live")
+        snapshot = {k: v.clone() for k, v in kept.tensors.items()}
+        exporter.kill()
+        start = time.monotonic()
+        with pytest.raises(ExporterUnavailable):
+            client.fetch("live")
+        elapsed = time.monotonic() - start
+        print(f"detected a dead exporter in {elapsed:.2f}s (timeout 1.5s)")
+        assert elapsed < 1.5 + 0.5
+        assert_same_adapter(kept.tensors, snapshot)  # what the client owns is untouched
+    finally:
+        client.close()
+        exporter.close()
     # the dead exporter's shared memory went with it: memfds, no file left anywhere to sweep
     assert shm_fds(exporter.pid) == [] and shm_files(exporter.pid) == []
 
@@ -117,13 +120,16 @@ def test_exporter_sigkill_mid_stream_raises_documented_error_within_timeout():
 def test_exporter_closed_mid_fetch_loop_raises_and_keeps_owned_tensors():
     exporter = ExporterProcess(keep=2)
     client = AdapterClient(exporter.endpoint, timeout_s=1.0)
-    exporter.call("publish_random", "c", 5)
-    got = client.fetch("c")
-    exporter.close()
-    with pytest.raises(ExporterUnavailable):
-        client.fetch("c")
-    assert bitwise_equal(next(iter(got.tensors.values())), next(iter(models.random_adapter(5).values())))
-    client.close()
+    try:
+        exporter.call("publish_random", "c", 5)
+        got = client.fetch("c")
+        exporter.close()
+        with pytest.raises(ExporterUnavailable):
+            client.fetch("c")
+        assert bitwise_equal(next(iter(got.tensors.values())), next(iter(models.random_adapter(5).values())))
+    finally:
+        client.close()
+        exporter.close()
 
 
 def test_peft_fast_path_follows_updates_dtype_changes_and_new_adapters():

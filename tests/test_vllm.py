@@ -18,18 +18,12 @@ from lora_ipc import (  # noqa: E402
     ExporterUnavailable,
     VersionNotFound,
 )
-from lora_ipc.tiny import write_model_dir  # noqa: E402
 from lora_ipc.vllm import AdapterURI, add_lora, lora_request  # noqa: E402
 
 from . import engine, models  # noqa: E402
 from .procs import ExporterProcess  # noqa: E402
 
 pytestmark = pytest.mark.vllm
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ vllm = pytest.importorskip("vllm")
 from vllm.lora.request import LoRARequest  # noqa: E402
 
 from lora_ipc import AdapterExporter  # noqa: E402
-from lora_ipc.tiny import tiny_llama, write_model_dir  # noqa: E402
+from lora_ipc.tiny import tiny_llama  # noqa: E402
 from lora_ipc.vllm import lora_request  # noqa: E402
 from lora_ipc.vllm.weight_transfer import OfflineLLMClient  # noqa: E402
 
@@ -27,11 +27,6 @@ pytestmark = pytest.mark.vllm
 BUCKET = 48 << 10  # smaller than the 64 KiB embedding, lm_head and MLP weights: those are split
 STEPS = (1, 2, 3)
 INIT = {"bucket_bytes": BUCKET, "timeout_s": 5.0}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="module")
