@@ -14,7 +14,7 @@ from .connection import Connection
 from .endpoint import daemon_endpoint, default_endpoint
 from .layout import SlabLayout, signature_of
 from .peft import adapter_from
-from .protocol import PublishReply, PublishRequest
+from .protocol import CpuSlabHandle, PublishReply, PublishRequest, VmmSlabHandle
 from .server import AdapterServer
 from .store import AdapterStore, Limits
 
@@ -95,8 +95,9 @@ class RemoteExporter:
         another pid namespace); the plain handle (daemon opens /proc) where the daemon has no channel."""
         from .fdchannel import FdChannelUnavailable, push_fd
 
-        if not hasattr(slab, "descriptor") or not hasattr(slab.handle, "token"):
-            return slab.handle
+        handle = slab.handle
+        if not hasattr(slab, "descriptor") or not isinstance(handle, (CpuSlabHandle, VmmSlabHandle)):  # no token
+            return handle
         fd = slab.descriptor()
         try:
             token = push_fd(self.endpoint, fd, self._trusted_uids, self._timeout_s)
@@ -104,7 +105,7 @@ class RemoteExporter:
             return slab.handle
         finally:
             os.close(fd)
-        return dataclasses.replace(slab.handle, token=token)
+        return dataclasses.replace(handle, token=token)
 
     def close(self) -> None:
         self._conn.close()
