@@ -8,6 +8,7 @@ lease is released (sent, not waited for) and the owned buffer is cut into per-te
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import threading
@@ -145,7 +146,7 @@ class AdapterClient:
         with self._locked():
             return self._conn.request(p.ListRequest(), p.ListReply)
 
-    def versions(self, name: str) -> list[int]:
+    def versions(self, name: str) -> builtins.list[int]:  # `list` is a method here
         for summary in self.list():
             if summary.name == name:
                 return summary.versions
@@ -290,7 +291,7 @@ class AdapterClient:
             raise LayoutError(f"layout of {layout.used_bytes} bytes does not fit slab {slab.slab_id} ({slab.nbytes})")
         return layout
 
-    def _forget_dead_slabs(self, server, live: list[str]) -> None:
+    def _forget_dead_slabs(self, server, live: builtins.list[str]) -> None:
         """Let go of slabs the server no longer lists, and of every slab of a server that was replaced."""
         live_set = set(live)
         for key in [k for k in self._slabs if (k.endpoint, k.server_pid) != (server.endpoint, server.pid)

@@ -87,7 +87,7 @@ class Connection:
     def _sender_of(self, frame: zmq.Frame) -> ServerIdentity | None:
         """The kernel's pid/uid of the process that sent ``frame`` (see the class docstring)."""
         try:
-            address = frame.get("Peer-Address")
+            address = str(frame.get("Peer-Address"))  # zmq types properties int | str
             _, uid, _gid, pid = address.rsplit(":", 3)
             server = ServerIdentity(self.endpoint, int(pid), int(uid))
         except (zmq.ZMQError, AttributeError, TypeError, ValueError):

@@ -14,7 +14,7 @@ from .connection import Connection
 from .endpoint import daemon_endpoint, default_endpoint
 from .layout_cache import LayoutCache
 from .peft import adapter_from
-from .protocol import PublishReply, PublishRequest, SlabHandle
+from .protocol import CpuSlabHandle, PublishReply, PublishRequest, SlabHandle, VmmSlabHandle
 from .server import AdapterServer
 from .store import AdapterStore, Limits
 
@@ -100,7 +100,7 @@ class RemoteExporter:
         from .fdchannel import FdChannelUnavailable, push_fd
 
         handle = slab.handle_for_import()
-        if not hasattr(slab, "descriptor") or not hasattr(handle, "token"):
+        if not hasattr(slab, "descriptor") or not isinstance(handle, (CpuSlabHandle, VmmSlabHandle)):  # no token
             return handle
         fd = slab.descriptor()
         try:

@@ -44,6 +44,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import cast
 
 from .endpoint import _check_dir_chain, ipc_path
 from .errors import BackendError, EndpointNotTrusted, SlabRecycled
@@ -222,8 +223,9 @@ class FdServer:
                         if time.monotonic() >= paused_until and not self._accept(sel, deadlines):
                             paused_until = time.monotonic() + 0.05  # out of descriptors: let it pass
                     else:
-                        self._answer(key.fileobj)
-                        self._drop(sel, deadlines, key.fileobj)
+                        conn = cast(socket.socket, key.fileobj)  # registered by _accept
+                        self._answer(conn)
+                        self._drop(sel, deadlines, conn)
                 now = time.monotonic()
                 for conn in [c for c, d in deadlines.items() if d < now]:
                     self.refused += 1

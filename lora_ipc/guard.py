@@ -166,7 +166,7 @@ class ConnectionGuard:
             with self._lock:
                 if fd in self._active:
                     self._active[fd] = time.monotonic()
-                    fds = self._by_pid.get(self._pid_of.get(fd))
+                    fds = self._by_pid.get(self._pid_of.get(fd, 0))  # set with _active: always there
                     if fds is not None and fd in fds:
                         fds.move_to_end(fd)
 
@@ -238,7 +238,9 @@ class ConnectionGuard:
         self._unlist(fd, self._pid_of.pop(fd, None))
 
     def _unlist(self, fd: int, pid: int | None) -> None:
-        fds = self._by_pid.get(pid) if pid is not None else None
+        if pid is None:
+            return
+        fds = self._by_pid.get(pid)
         if fds is not None:
             fds.pop(fd, None)
             if not fds:

@@ -23,7 +23,7 @@ _logged: set[str] = set()
 def extension() -> ModuleType | None:
     """The compiled extension, or None (why is logged once)."""
     try:
-        from . import _native
+        from . import _native  # type: ignore[attr-defined]  # a C extension: no stub
     except ImportError as exc:
         _say_once(f"lora_ipc native extension not built ({exc}); the CUDA VMM backend is unavailable, "
                   "everything else uses the Python paths")
@@ -48,12 +48,15 @@ def vmm() -> ModuleType:
     if not ok:
         _say_once(f"CUDA VMM unavailable: {why}; using the Python paths")
         raise BackendError(f"CUDA VMM unavailable: {why}")
-    return extension()
+    native = extension()
+    assert native is not None  # status() found it
+    return native
 
 
 def call(fn, *args):
     """Run an extension function, turning its ``NativeError`` into ``BackendError``."""
     native = extension()
+    assert native is not None, "native.call runs the extension's functions"
     try:
         return fn(*args)
     except native.NativeError as exc:

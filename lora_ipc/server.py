@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -104,7 +105,7 @@ class AdapterServer:
             MAX_PUBLISH_SOURCES, lambda _, s: s.close())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._handlers: dict[type, Callable[[p.Message, bytes], p.Message]] = {
+        self._handlers: dict[type[p.Message], Callable[[Any, bytes], p.Message]] = {  # by the message's type
             p.ListRequest: self._on_list,
             p.FetchRequest: self._on_fetch,
             p.ReleaseRequest: self._on_release,
@@ -259,7 +260,8 @@ class AdapterServer:
         layout = SlabLayout.from_wire(msg.entries, msg.used_bytes, msg.slab.nbytes)
         key = publish_source_key(peer, msg.slab)
         source = self._publish_sources.get(key)
-        pushed = self._fds.take_pushed(msg.slab.token) if getattr(msg.slab, "token", None) else []  # fdchannel.py
+        token = getattr(msg.slab, "token", None)  # CPU and VMM handles have one
+        pushed = self._fds.take_pushed(token) if token else []  # fdchannel.py
         try:
             if source is None:  # a publisher's staging slab: opened once, kept while it is in use
                 source = self._publish_sources.put(key, open_slab(
@@ -279,7 +281,7 @@ class AdapterServer:
         g = self.guard
         report["server"] = {"connections": g.live, "connection_cap": g.cap, "peak_connections": g.peak,
                             "dropped_connections": g.dropped, "requests": self.requests}
-        return p.StatusReply(report)
+        return p.StatusReply(report)  # type: ignore[arg-type]  # a TypedDict is a dict on the wire
 
     # ---- thread ----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ head_dim is 64 because vLLM's CPU attention rejects 16. Nothing is downloaded.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -29,7 +30,8 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: in
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(vocab_size, hidden, layers)).to(dtype).eval()
+    model: Any = LlamaForCausalLM(tiny_llama_config(vocab_size, hidden, layers))  # transformers types .to oddly
+    return model.to(dtype).eval()
 
 
 def write_tokenizer(path: str, vocab_size: int = VOCAB) -> None:

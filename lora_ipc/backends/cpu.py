@@ -72,16 +72,17 @@ class CpuImportedSlab(ImportedSlab):
         self.handle = handle
 
     def generation_now(self) -> int | None:
-        if self._generations is None:
+        slot = self.handle.generation
+        if self._generations is None or slot is None:  # a reader came only with a slot (_receive_memfd)
             return super().generation_now()
-        return self._generations.read(self.handle.generation.slot)
+        return self._generations.read(slot.slot)
 
     def read_into(self, dst: torch.Tensor, offset: int = 0) -> None:
         """Fill ``dst`` (uint8, 1-D, contiguous, in host memory) with the slab's bytes from ``offset``."""
         if offset < 0 or offset + dst.numel() > self.nbytes:
             raise BackendError(f"bytes [{offset}, {offset + dst.numel()}) lie outside slab {self.slab_id}")
         if dst.numel():
-            read_exact(self.fd, memoryview(dst.numpy()), offset)
+            read_exact(self.fd, memoryview(dst.numpy()), offset)  # type: ignore[arg-type]  # numpy: 3.12+ buffer
 
     def copy_into(self, dst: torch.Tensor) -> None:
         if dst.device.type == "cpu" and dst.is_contiguous():

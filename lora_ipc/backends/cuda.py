@@ -215,6 +215,7 @@ def _handle_kind(tensor: torch.Tensor, index: int) -> tuple[bytes, CudaSlabHandl
 
 def _allocate(nbytes: int, device: torch.device):
     """(pool, tensor, probe export args) of a slab in a plain cudaMalloc segment of its own."""
+    error: RuntimeError | None = None
     for attempt in range(2):
         pool = torch.cuda.MemPool()  # bound to the device current at its creation
         with contextlib.ExitStack() as stack:
@@ -245,6 +246,8 @@ _local_slabs: weakref.WeakValueDictionary[str, CudaExportedSlab] = weakref.WeakV
 class CudaExportedSlab(ExportedSlab):
     """``handle`` describes the slab (id, size, storage handle, ready event) but carries no export: it
     must not be sent. Send :meth:`handle_for_import` (one fresh export per importing reply)."""
+
+    handle: CudaSlabHandle
 
     def __init__(self, slab_id: str, nbytes: int, device: torch.device):
         self.slab_id = slab_id
@@ -291,7 +294,7 @@ class CudaExportedSlab(ExportedSlab):
                                     "(HARD_MAX_EXPORTS_PER_SLAB)")
             return self._export()
 
-    def discard(self, handle: CudaSlabHandle) -> None:
+    def discard(self, handle: CudaSlabHandle) -> None:  # type: ignore[override]  # only ours come back
         """An export that was never delivered: release its counter now."""
         key = (handle.ref_counter_handle, handle.ref_counter_offset)
         with self._lock:
@@ -393,7 +396,7 @@ class CudaImportedSlab(ImportedSlab):
             self.close()
             raise BackendError(f"slab {handle.slab_id}: cannot open its ready event: {exc}") from None
 
-    def consume(self, handle: CudaSlabHandle) -> None:
+    def consume(self, handle: CudaSlabHandle) -> None:  # type: ignore[override]  # open_slab pairs them
         """A surplus export of a slab this process already has open: rebuild it so torch releases its
         ref counter (the storage is cached, so nothing new is mapped), then drop it."""
         local = _local_slabs.get(handle.slab_id)
@@ -445,7 +448,7 @@ class CudaImportedSlab(ImportedSlab):
 
     def close(self) -> None:
         """Drop the mapping; torch's IPC deleter synchronizes the current stream, so it runs under ours."""
-        tensor, self.tensor = self.tensor, None
+        tensor, self.tensor = self.tensor, None  # type: ignore[assignment]
         if tensor is None:
             return
         with own_streams(self.device.index):

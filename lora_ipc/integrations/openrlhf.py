@@ -55,7 +55,7 @@ class _GenerateWithAdapter:
 
 
 def _actor_class(adapter: str, engine_args: dict[str, Any]):
-    base = _ORIGINAL.__ray_actor_class__
+    base: Any = _ORIGINAL.__ray_actor_class__
 
     class LoraRolloutActor(base):
         """OpenRLHF's ``RolloutRayActor`` with lora_ipc (see :mod:`lora_ipc.integrations.openrlhf`)."""
@@ -71,7 +71,7 @@ def _actor_class(adapter: str, engine_args: dict[str, Any]):
             self._lora_ipc_adapter = adapter
             self._lora_ipc_request = None
             await super().__init__(*args, **kwargs)
-            self.llm = _GenerateWithAdapter(self.llm, self)
+            self.llm: Any = _GenerateWithAdapter(self.llm, self)
 
         async def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (),
                                  kwargs: dict | None = None):

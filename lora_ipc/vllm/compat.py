@@ -28,8 +28,11 @@ import inspect
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 from ..errors import LoraIpcError
+
+FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
 
 
 class UnsupportedVLLM(LoraIpcError):
@@ -166,11 +169,11 @@ def problems(s: VLLMSurface) -> list[str]:
     if missing := PEFT_HELPER_FIELDS - s.peft_helper_fields:
         out.append(f"PEFTHelper has no field(s) {sorted(missing)}")
     for name, expected in UTILS.items():
-        params = s.utils.get(name)
-        if params is None:
+        found = s.utils.get(name)
+        if found is None:
             out.append(f"vllm.lora.utils.{name} not found")
-        elif params.positional[:len(expected)] != expected or params.required - set(expected):
-            out.append(f"vllm.lora.utils.{name}{params}: expected ({', '.join(expected)})")
+        elif found.positional[:len(expected)] != expected or found.required - set(expected):
+            out.append(f"vllm.lora.utils.{name}{found}: expected ({', '.join(expected)})")
     if missing := LORA_REQUEST_FIELDS - s.lora_request_fields:
         out.append(f"LoRARequest has no field(s) {sorted(missing)}")
     if not s.lora_request_is_struct:
@@ -202,12 +205,12 @@ def checked_surface() -> VLLMSurface:
 # ---- reading the body of _load_adapter (shared by both ways) ------------------------------------
 
 
-def _is_self_attr(node: ast.AST, attr: str | None = None) -> bool:
+def _is_self_attr(node: ast.AST, attr: str | None = None) -> TypeGuard[ast.Attribute]:
     return (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
             and (attr is None or node.attr == attr))
 
 
-def read_load_adapter(fn: ast.FunctionDef) -> LoadAdapterBody:
+def read_load_adapter(fn: FunctionNode) -> LoadAdapterBody:
     kwargs: set[str] = set()
     found = False
     worker_attrs: set[str] = set()
@@ -230,8 +233,8 @@ def read_load_adapter(fn: ast.FunctionDef) -> LoadAdapterBody:
                            tuple(dict.fromkeys(validations)))
 
 
-def _self_assignments(fn: ast.FunctionDef) -> frozenset[str]:
-    names = set()
+def _self_assignments(fn: FunctionNode) -> frozenset[str]:
+    names: set[str] = set()
     for node in ast.walk(fn):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
             if isinstance(node, ast.AnnAssign) else []
@@ -239,7 +242,7 @@ def _self_assignments(fn: ast.FunctionDef) -> frozenset[str]:
     return frozenset(names)
 
 
-def _parse_function(fn) -> ast.FunctionDef | None:
+def _parse_function(fn) -> FunctionNode | None:
     try:
         source = textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))
     except (OSError, TypeError):
@@ -274,7 +277,7 @@ def lora_model_class():
     return None
 
 
-def _own_load_adapter(wm, worker) -> ast.FunctionDef | None:
+def _own_load_adapter(wm, worker) -> FunctionNode | None:
     """vLLM's own ``WorkerLoRAManager._load_adapter``, even where a framework replaced it before the plugin ran."""
     fn = inspect.unwrap(worker._load_adapter)
     if getattr(fn, "__module__", None) == wm.__name__:
@@ -348,7 +351,7 @@ def surface_from_runtime() -> VLLMSurface:
 # ---- the source way (a vLLM that need not import) --------------------------------------------------
 
 
-def _params_from_ast(fn: ast.FunctionDef, drop_first: bool) -> Params:
+def _params_from_ast(fn: FunctionNode, drop_first: bool) -> Params:
     a = fn.args
     positional_nodes = a.posonlyargs + a.args
     defaults_start = len(positional_nodes) - len(a.defaults)
@@ -360,11 +363,11 @@ def _params_from_ast(fn: ast.FunctionDef, drop_first: bool) -> Params:
     return Params(names, positional, frozenset(required - {skip}), a.kwarg is not None)
 
 
-def _decorators(fn: ast.FunctionDef) -> set[str]:
+def _decorators(fn: FunctionNode) -> set[str]:
     return {d.id if isinstance(d, ast.Name) else getattr(d, "attr", "") for d in fn.decorator_list}
 
 
-def _method(cls: ast.ClassDef, name: str) -> ast.FunctionDef | None:
+def _method(cls: ast.ClassDef, name: str) -> FunctionNode | None:
     return next((n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name),
                 None)
 
@@ -421,9 +424,9 @@ def surface_from_source(root: str | Path, version: str | None = None) -> VLLMSur
         s.peft_helper_fields = frozenset(n.target.id for n in helper.body
                                          if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
     for name in UTILS:
-        fn = modules.get("utils", {}).get(name)
-        if isinstance(fn, ast.FunctionDef):
-            s.utils[name] = _params_from_ast(fn, drop_first=False)
+        util = modules.get("utils", {}).get(name)
+        if isinstance(util, ast.FunctionDef):
+            s.utils[name] = _params_from_ast(util, drop_first=False)
     request = modules.get("request", {}).get("LoRARequest")
     if isinstance(request, ast.ClassDef):
         s.lora_request_is_struct = any((getattr(b, "attr", None) or getattr(b, "id", None)) == "Struct"

@@ -72,7 +72,9 @@ class KeptAdapters:
             self.nbytes += size
             while self.nbytes > self.max_bytes and len(self._items) > 1:
                 old = self._items.keys()[0]
-                self._evicted(old, self._items.pop(old))
+                evicted = self._items.pop(old)
+                if evicted is not None:  # always: it is keys()[0]
+                    self._evicted(old, evicted)
 
     def keys(self) -> list[Key]:
         with self._lock:

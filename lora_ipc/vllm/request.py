@@ -22,7 +22,7 @@ def resolve(name: str, endpoint: str, version: int | None, epoch: str | None = N
     """(version, epoch) the exporter serves now: the newest when ``version`` is None. A pinned
     ``version`` must be kept, and of ``epoch`` when that is given (else ``StaleEpoch``)."""
     catalog = with_shared_client(endpoint, lambda client: client.catalog())
-    versions = next((a.versions for a in catalog.adapters if a.name == name), [])
+    versions: list[int] = next((a.versions for a in catalog.adapters if a.name == name), [])
     if epoch is not None and version is not None and catalog.epoch != epoch:
         raise StaleEpoch(f"{name!r} v{version} of epoch {epoch} is gone: {endpoint} now serves epoch "
                          f"{catalog.epoch or '?'} (it restarted; its version numbers started again)")

@@ -23,6 +23,7 @@ refused when it is defined (the silent override Python's method resolution would
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from ..errors import LoraIpcError
 from .request import lora_request
@@ -42,6 +43,8 @@ def _public_methods(cls) -> set[str]:
 
 
 class WorkerExtension:
+    model_runner: Any  # of vLLM's Worker, which this class is mixed into
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         seen: dict[str, type] = {}
