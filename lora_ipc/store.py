@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypedDict
 
+import msgspec
 import torch
 
 from .backends import Backend, ExportedSlab, backend_for, slab_device
@@ -346,7 +347,7 @@ class AdapterStore:
                 self._generations.free_slot(slot)
                 self._slab_bytes -= size
             raise
-        slab.handle = dataclasses.replace(slab.handle, generation=GenerationSlot(
+        slab.handle = msgspec.structs.replace(slab.handle, generation=GenerationSlot(
             os.getpid(), self._generations.fd, slot, self._generations.name))
         with self._lock:
             self._slab_slots[slab.slab_id] = slot
