@@ -129,6 +129,36 @@ def check_tree(value: Any, max_nodes: int, where: str) -> None:
             stack.extend(v)
 
 
+_FIELD_TYPES: dict[type, tuple[tuple[str, ...], Any]] = {}
+
+
+def check_fields(obj: Any, what: str) -> None:
+    """Check the attributes of ``obj`` (a dataclass or Struct) against its class's annotated field types
+    (their ``Meta`` bounds), without building anything: for classes that are constructed from a peer's
+    values by others (vLLM builds its init and update infos from dicts), so that ``__post_init__``
+    validates with the same declarations msgspec decodes with. Raises ProtocolError naming the field."""
+    cls = type(obj)
+    names, types = _FIELD_TYPES.get(cls) or _FIELD_TYPES.setdefault(cls, _annotated_fields(cls))
+    try:
+        msgspec.convert(tuple(getattr(obj, n) for n in names), types, strict=True)
+    except msgspec.ValidationError as exc:
+        m = re.match(r"^(?P<what>.*?) - at `\$\[(?P<i>\d+)\](?P<rest>.*)`$", str(exc), re.S)
+        where = f"{names[int(m['i'])]}{m['rest']}" if m else "?"
+        raise ProtocolError(f"{what} {where!r}: {m['what'] if m else exc}") from None
+
+
+def _annotated_fields(cls: type) -> tuple[tuple[str, ...], Any]:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    if dataclasses.is_dataclass(cls):
+        names = tuple(f.name for f in dataclasses.fields(cls) if f.name in hints)
+    else:
+        names = cls.__struct_fields__
+    return names, tuple[tuple(hints[n] for n in names)]
+
+
 class WireStruct(Struct, frozen=True, forbid_unknown_fields=True):
     """Base of every Struct that crosses a process boundary: immutable, unknown keys refused."""
 
@@ -413,17 +443,15 @@ def decode(data: bytes, accept: frozenset[str] | None = None) -> Frame:
     """Decode and validate one frame whose type is in ``accept``. Raises ProtocolError for anything else."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame too large or not bytes ({len(data) if hasattr(data, '__len__') else '?'} bytes)")
-    try:
-        version, type_name, request_id, body = _HEADER.decode(data)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        if "got `ext`" in text:
-            raise ProtocolError(f"undecodable msgpack frame (ext types are refused): {text}") from None
-        if re.search(r"at `\$\[[0-2]\]`$", text):
-            raise ProtocolError(f"frame header must hold scalars: {text}") from None
-        raise ProtocolError("frame must be an array [protocol_version, type, request_id, body]") from None
-    except Exception as exc:  # msgspec.DecodeError, RecursionError: garbage, truncated, trailing bytes
-        raise ProtocolError(f"undecodable msgpack frame ({type(exc).__name__}: {exc})") from None
+    header = _read_header(data) if len(data) > SMALL_FRAME else None
+    if header is not None:  # a large frame: its header is checked before its body is walked at all
+        version, type_name, request_id, start = header
+        body = memoryview(data)[start:]
+    else:
+        try:
+            version, type_name, request_id, body = _HEADER.decode(data)
+        except Exception as exc:
+            _refuse_undecodable(data, accept, exc)
     cls, request_id = _header(version, type_name, request_id, accept, len(data))
     try:
         _precheck(cls, body, len(data))
@@ -435,6 +463,61 @@ def decode(data: bytes, accept: frozenset[str] | None = None) -> Frame:
     except Exception as exc:  # DecodeError, RecursionError: still typed, still with the request id
         raise ProtocolError(f"invalid {cls.TYPE} message: undecodable ({type(exc).__name__}: {exc})",
                             request_id) from None
+
+
+def _refuse_undecodable(data: bytes, accept: frozenset[str] | None, exc: Exception):
+    """Raise the ProtocolError for a frame msgspec could not split; with the request id if its header reads."""
+    header = _read_header(data)
+    if header is None:
+        raise _frame_error(exc) from None
+    cls, request_id = _header(*header[:3], accept, len(data))
+    raise ProtocolError(f"invalid {cls.TYPE} message: undecodable ({type(exc).__name__}: {exc})", request_id) from None
+
+
+def _frame_error(exc: Exception) -> ProtocolError:
+    text = str(exc)
+    if not isinstance(exc, msgspec.ValidationError):  # DecodeError, RecursionError: garbage, truncated, trailing
+        return ProtocolError(f"undecodable msgpack frame ({type(exc).__name__}: {exc})")
+    if "got `ext`" in text:
+        return ProtocolError(f"undecodable msgpack frame (ext types are refused): {text}")
+    if re.search(r"at `\$\[[0-2]\]`$", text):
+        return ProtocolError(f"frame header must hold scalars: {text}")
+    return ProtocolError("frame must be an array [protocol_version, type, request_id, body]")
+
+
+_SCALAR = msgspec.msgpack.Decoder(_Scalar)
+#: msgpack scalars by first byte: (bytes of the length that follows, fixed payload bytes)
+_SIZES = {0xC0: (0, 0), 0xC2: (0, 0), 0xC3: (0, 0), 0xCA: (0, 4), 0xCB: (0, 8), 0xCC: (0, 1), 0xCD: (0, 2),
+          0xCE: (0, 4), 0xCF: (0, 8), 0xD0: (0, 1), 0xD1: (0, 2), 0xD2: (0, 4), 0xD3: (0, 8), 0xD9: (1, 0),
+          0xDA: (2, 0), 0xDB: (4, 0)}
+
+
+def _read_header(data: bytes) -> tuple[Any, Any, Any, int] | None:
+    """The three scalars after a frame's ``0x94`` (array of 4), read one by one, and where the body starts.
+    For a large frame (its limits apply before its body is walked) and for one msgspec cannot split (a
+    body nested past msgspec's depth limit: the error still names the request). None if unreadable."""
+    view, pos, out = memoryview(data), 1, []
+    if not view or view[0] != 0x94:
+        return None
+    for _ in range(3):
+        if pos >= len(view):
+            return None
+        first = view[pos]
+        if first <= 0x7F or first >= 0xE0:
+            size = 1
+        elif 0xA0 <= first <= 0xBF:
+            size = 1 + (first & 0x1F)
+        elif first in _SIZES:
+            nlen, fixed = _SIZES[first]
+            size = 1 + nlen + fixed + int.from_bytes(view[pos + 1:pos + 1 + nlen], "big")
+        else:
+            return None
+        try:
+            out.append(_SCALAR.decode(view[pos:pos + size]))
+        except msgspec.DecodeError:
+            return None
+        pos += size
+    return out[0], out[1], out[2], pos
 
 
 def _header(version: Any, type_name: Any, request_id: Any, accept: frozenset[str] | None,
