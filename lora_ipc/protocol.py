@@ -6,8 +6,8 @@ carries its bounds (``msgspec.Meta``: string, bytes and array lengths, integer r
 are refused (``forbid_unknown_fields``), and msgspec checks each container's declared length before it
 builds anything, so a frame costs no more to refuse than the largest legal message of its type costs
 to accept. Each message type also has its own frame-size limit (``MAX_FRAME``); the only untyped
-values (a PEFT config, a status report's free-form parts) are JSON-like trees of bounded depth, bytes
-and node count. Nothing here pickles and nothing here imports torch.
+values (a PEFT config) are JSON-like trees of bounded depth, bytes and node count. Nothing here
+pickles and nothing here imports torch.
 
 Requests (client -> server) and their replies:
 
@@ -55,13 +55,12 @@ MAX_ADAPTERS_LISTED = 4096
 MAX_LIVE_SLABS = 4096
 MAX_BYTE_OFFSET = 1 << 62
 MAX_CONFIG_NODES = 4096
-MAX_REPORT_NODES = 1 << 17
+MAX_STATUS_LEASES = 100  # leases listed one by one in a status report (all are counted)
 MAX_TREE_DEPTH = 8
 MAX_TREE_CHARS = 4096
 #: encoded bytes of one tree in a frame over SMALL_FRAME (checked before the tree is built: a frame of
 #: nested empty arrays would otherwise cost a Python object per byte)
 MAX_CONFIG_BYTES = 1 << 20
-MAX_REPORT_BYTES = 8 << 20
 _I64 = (1 << 63) - 1
 
 
@@ -390,13 +389,89 @@ class StatusRequest(Message):
     MAX_FRAME: ClassVar[int] = 256
 
 
-class StatusReply(Message):
-    """Operator view. ``report`` is a JSON-like tree (see ``store.AdapterStore.status``)."""
+class AdapterStatus(WireStruct):
+    name: Name
+    version: Positive
+    bytes: Count
+    tensors: Count
+    leases: Count
+    retiring: bool
+    published_at: Number
 
-    report: tree()
+
+class LeaseStatus(WireStruct):
+    lease_id: Positive
+    name: Name
+    version: Positive
+    holder: _str(1024, min_chars=0)  # the client's id, or its connection's routing id in hex
+    expires_in_s: Number
+
+
+class SlabStatus(WireStruct):
+    live: Count
+    free: Count
+    bytes: Count
+
+
+class LatencyStatus(WireStruct):
+    """A Prometheus-style histogram: counts per upper bound in ms (the last bound is "+Inf")."""
+
+    buckets_ms: _list(Number | Literal["+Inf"], 64)
+    counts: _list(Count, 64)
+    sum_ms: Number
+    count: Count
+
+
+class MetricsStatus(WireStruct):
+    publishes: Count
+    fetches: Count
+    bytes_published: Count
+    bytes_served: Count
+    leases_expired: Count
+    leases_revoked: Count
+    host_stagings: Count
+    errors: Count
+    errors_by_type: Annotated[dict[_str(64), Count], Meta(max_length=1024)]
+    slabs_allocated: Count
+    fetch_latency: LatencyStatus
+    publish_latency: LatencyStatus
+
+
+class ServerStatus(WireStruct):
+    """The server's connections (see guard.py), added by the server to a status report."""
+
+    connections: Count
+    connection_cap: Count
+    peak_connections: Count
+    dropped_connections: Count
+    requests: Count
+
+
+class StatusReport(WireStruct):
+    """The operator view: what ``AdapterStore.status`` returns, plus ``endpoint``/``pid``/``server`` from
+    the server. Read by the CLI, the Prometheus exporter and the daemon."""
+
+    uptime_s: Number
+    epoch: Epoch
+    keep: Count
+    adapters: _list(AdapterStatus, MAX_ADAPTERS_LISTED)  # bounded in bytes when asked (the server does)
+    adapters_left_out: Count  # versions not listed in ``adapters``
+    lease_count: Count
+    leases: _list(LeaseStatus, MAX_STATUS_LEASES)
+    limits: Annotated[dict[_str(64), Count], Meta(max_length=64)]
+    slabs: SlabStatus
+    metrics: MetricsStatus
+    endpoint: _str(4096) | None = None
+    pid: Pid | None = None
+    server: ServerStatus | None = None
+
+
+class StatusReply(Message):
+    """Operator view (see :class:`StatusReport`)."""
+
+    report: StatusReport
     TYPE: ClassVar[str] = "status_reply"
     MAX_FRAME: ClassVar[int] = 8 << 20
-    TREES: ClassVar[dict[str, tuple[int, int]]] = {"report": (MAX_REPORT_BYTES, MAX_REPORT_NODES)}
 
 
 class ErrorReply(Message):

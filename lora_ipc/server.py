@@ -278,7 +278,7 @@ class AdapterServer:
         g = self.guard
         report["server"] = {"connections": g.live, "connection_cap": g.cap, "peak_connections": g.peak,
                             "dropped_connections": g.dropped, "requests": self.requests}
-        return p.StatusReply(report)
+        return p.StatusReply(msgspec.convert(report, p.StatusReport))  # the contract, checked where it is made
 
     # ---- thread ----------------------------------------------------------------------------
 

@@ -39,9 +39,24 @@ def sample_messages():
         p.PublishRequest("policy", config, vmm, lay.to_wire(), lay.used_bytes),
         p.PublishReply("policy", 4),
         p.StatusRequest(),
-        p.StatusReply({"uptime_s": 1.5, "adapters": [{"name": "a", "version": 1}], "metrics": {"errors": 0}}),
+        p.StatusReply(status_report()),
         p.ErrorReply("LayoutError", "bad layout"),
     ]
+
+
+def status_report() -> p.StatusReport:
+    """A real store's report (one adapter, one lease) with what a server adds."""
+    from lora_ipc.store import AdapterStore
+
+    store = AdapterStore()
+    try:
+        store.publish("a", {"w": torch.ones(4, 4)}, {"r": 4})
+        store.lease("a", None, b"\x00k", client="c1")
+        report = store.status() | {"endpoint": "ipc:///tmp/x.sock", "pid": 42, "server": dict(
+            connections=1, connection_cap=64, peak_connections=2, dropped_connections=0, requests=9)}
+    finally:
+        store.close()
+    return msgspec.convert(report, p.StatusReport)
 
 
 def plain(message) -> dict:
