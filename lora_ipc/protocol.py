@@ -96,17 +96,18 @@ Count = _int(0)
 Pid = _int(1, 1 << 31)
 Fd = _int(0, 1 << 20)
 ByteOffset = _int(0, MAX_BYTE_OFFSET)
-#: a finite-or-infinite float: the bound refuses NaN, which fails every comparison
+#: a float that is not NaN (which fails every comparison, so any bound refuses it) nor -inf
 Number = Annotated[float, Meta(ge=-sys.float_info.max)]
 
 
 def tree(depth: int = MAX_TREE_DEPTH, max_chars: int = MAX_TREE_CHARS) -> Any:
-    """A JSON-like map (adapter_config.json, a metrics map): str keys; None, bool, int, float (not NaN),
-    str, arrays and maps as values, nested at most ``depth`` deep. Node counts: :func:`check_tree`."""
+    """A JSON-like map (adapter_config.json): str keys; None, bool, int, float (not NaN), str, arrays
+    and maps as values, at most ``depth`` levels below the root (deeper is refused as it is read, before
+    it is built). Node counts: :func:`check_tree`."""
     text = _str(max_chars, min_chars=0)
     scalar = None | bool | int | Number | text
     node: Any = scalar
-    for _ in range(depth):
+    for _ in range(depth - 1):
         node = None | bool | int | Number | text | list[node] | dict[text, node]
     return dict[text, node]
 
@@ -133,9 +134,10 @@ _FIELD_TYPES: dict[type, tuple[tuple[str, ...], Any]] = {}
 
 def check_fields(obj: Any, what: str) -> None:
     """Check the attributes of ``obj`` (a dataclass or Struct) against its class's annotated field types
-    (their ``Meta`` bounds), without building anything: for classes that are constructed from a peer's
-    values by others (vLLM builds its init and update infos from dicts), so that ``__post_init__``
-    validates with the same declarations msgspec decodes with. Raises ProtocolError naming the field."""
+    (their ``Meta`` bounds), for classes that others construct from a peer's values (vLLM builds its init
+    and update infos from dicts; Ray hands a relay a replica's metadata), so that ``__post_init__`` or
+    the receiver validates with the same declarations msgspec decodes with. Raises ProtocolError naming
+    the field."""
     cls = type(obj)
     names, types = _FIELD_TYPES.get(cls) or _FIELD_TYPES.setdefault(cls, _annotated_fields(cls))
     try:
