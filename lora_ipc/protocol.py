@@ -508,7 +508,6 @@ class Frame:
 _ENCODER = msgspec.msgpack.Encoder()
 _Scalar = None | bool | int | float | str
 _HEADER = msgspec.msgpack.Decoder(tuple[_Scalar, _Scalar, _Scalar, Raw])
-_FIELDS_RAW = msgspec.msgpack.Decoder(dict[str, Raw])
 _BODY = {cls: msgspec.msgpack.Decoder(cls) for cls in MESSAGE_TYPES.values()}
 
 
@@ -531,7 +530,9 @@ def decode(data: bytes, accept: frozenset[str] | None = None) -> Frame:
             _refuse_undecodable(data, accept, exc)
     cls, request_id = _header(version, type_name, request_id, accept, len(data))
     try:
-        _precheck(cls, body, len(data))
+        _check_keys(cls, body)
+        if len(data) > SMALL_FRAME and cls.TREES:
+            return Frame(request_id, _decode_large(cls, body))
         return Frame(request_id, _BODY[cls].decode(body))
     except ProtocolError as exc:
         raise ProtocolError(f"invalid {cls.TYPE} message: {exc}", request_id) from None
@@ -627,18 +628,49 @@ def _map_len(body: Raw) -> int | None:
     return None
 
 
-def _precheck(cls: type[Message], body: Raw, nbytes: int) -> None:
-    """What msgspec cannot bound as it decodes: the body's key count (a clear error before any key is
-    read), and in a frame larger than SMALL_FRAME, the encoded size of each tree-valued field, so that
-    a tree of empty arrays cannot cost a Python object per byte of a large frame."""
+def _check_keys(cls: type[Message], body: Raw) -> None:
+    """Refuse a body declaring more keys than its message has fields, before any key is read."""
     keys, fields = _map_len(body), len(cls.__struct_fields__)
     if keys is not None and keys > fields:
         raise ProtocolError(f"field 'body': {keys} keys, at most {fields} allowed")
-    if nbytes > SMALL_FRAME and cls.TREES:
-        for name, raw in _FIELDS_RAW.decode(body).items():
-            limit = cls.TREES.get(name, (None,))[0]
-            if limit is not None and len(raw) > limit:
-                raise ProtocolError(f"field {name!r}: {len(raw)} bytes, at most {limit} allowed")
+
+
+def _sized_trees(cls: type[Message]) -> msgspec.msgpack.Decoder:
+    """A decoder for ``cls`` with its tree-valued fields left undecoded (``Raw``), derived from ``cls``."""
+    fields = []
+    for f in msgspec.structs.fields(cls):
+        kind = Raw if f.name in cls.TREES else f.type
+        if f.default is not msgspec.NODEFAULT:
+            fields.append((f.name, kind, f.default))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            fields.append((f.name, kind, msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, kind))
+    return msgspec.msgpack.Decoder(msgspec.defstruct(f"{cls.__name__}Sized", fields, forbid_unknown_fields=True))
+
+
+def _decode_large(cls: type[Message], body: Raw) -> Message:
+    """A body of a frame over SMALL_FRAME whose message has trees: each tree's encoded size is checked
+    before it is built (1 byte of msgpack can be a 56-byte Python list), everything else as usual."""
+    sized = _SIZED[cls].decode(body)
+    values = {name: getattr(sized, name) for name in cls.__struct_fields__}
+    for name, (max_bytes, _) in cls.TREES.items():
+        raw = values[name]
+        if len(raw) > max_bytes:
+            raise ProtocolError(f"field {name!r}: {len(raw)} bytes, at most {max_bytes} allowed")
+        try:
+            values[name] = _TREES[cls, name].decode(raw)
+        except msgspec.ValidationError as exc:
+            raise ProtocolError(f"field {name!r}: {exc}") from None
+    try:
+        return cls(**values)
+    except ValueError as exc:  # __post_init__: a tree of too many values
+        raise ProtocolError(str(exc)) from None
+
+
+_SIZED = {cls: _sized_trees(cls) for cls in MESSAGE_TYPES.values() if cls.TREES}
+_TREES = {(cls, name): msgspec.msgpack.Decoder(msgspec.structs.fields(cls)[cls.__struct_fields__.index(name)].type)
+          for cls in _SIZED for name in cls.TREES}
 
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>.*)`)?$", re.S)

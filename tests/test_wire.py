@@ -133,12 +133,17 @@ def test_deep_nesting_is_refused_cheaply(type_name, field, depth):
     refused_cheaply(frame_with(type_name, field, nested))
 
 
-@pytest.mark.parametrize("type_name", ["publish", "fetch_reply"])
-def test_a_tree_of_empty_arrays_in_a_large_frame_is_refused_before_it_is_built(type_name):
-    """1 byte of msgpack is a 56-byte Python list: the tree's encoded size is bounded first."""
+@pytest.mark.parametrize("index", [4, 10])  # a fetch reply, a publish request
+def test_a_tree_of_empty_arrays_in_a_large_frame_is_refused_before_it_is_built(index):
+    """1 byte of msgpack is a 56-byte Python list: in a large frame, a tree's encoded size is bounded first."""
+    message = sample_messages()[index]
+    body = plain(message)
     n = 4 << 20
     tree = b"\x81\xa1k\xdd" + n.to_bytes(4, "big") + b"\x90" * n
-    refused_cheaply(frame_with(type_name, "peft_config", tree), "at most")
+    encoded = b"".join(msgpack.packb(k) + (tree if k == "peft_config" else msgpack.packb(v)) for k, v in body.items())
+    frame = (b"\x94" + msgpack.packb(p.PROTOCOL_VERSION) + msgpack.packb(message.TYPE) + msgpack.packb(9)
+             + bytes([0x80 | len(body)]) + encoded)
+    refused_cheaply(frame, "'peft_config': 4194312 bytes, at most")
 
 
 def test_limits_are_declared_once():
@@ -169,3 +174,20 @@ def test_relay_metadata_is_checked_like_a_message():
         fields = dict(name="p", version=1, entries=lay.to_wire(), used_bytes=lay.used_bytes, peft_config={}) | bad
         with pytest.raises(ProtocolError):
             ReplicaMeta(**fields).layout_for(data)
+
+
+@pytest.mark.parametrize("tensors", [8, 3000])  # one frame under SMALL_FRAME, one over (its trees sized first)
+def test_configs_decode_alike_in_small_and_large_frames(tensors):
+    lay = SlabLayout.plan({f"layer.{i}.lora_A.weight": torch.zeros(4, 4) for i in range(tensors)})
+    handle = sample_messages()[10].slab
+    config = {"r": 8, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"a": [1, 2.5, None, True]}}
+    message = p.PublishRequest("policy", config, handle, lay.to_wire(), lay.used_bytes)
+    frame = p.encode(message, 3)
+    assert (len(frame) > p.SMALL_FRAME) == (tensors > 8)
+    decoded = p.decode(frame).message
+    assert decoded.peft_config == config and p.encode(decoded, 3) == frame
+    for bad, needle in [({"x": list(range(p.MAX_CONFIG_NODES))}, "more than 4096 values"),
+                        ({"x": float("nan")}, "peft_config"), ({"x": b"raw"}, "peft_config")]:
+        with pytest.raises(ProtocolError, match=needle) as info:
+            p.decode(msgpack.packb([p.PROTOCOL_VERSION, "publish", 3, plain(message) | {"peft_config": bad}]))
+        assert info.value.request_id == 3
