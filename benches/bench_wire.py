@@ -20,6 +20,21 @@ def _layout(n: int) -> SlabLayout:
                             for i in range(n)})
 
 
+def _status_report() -> dict:
+    """A real store's report, with what a server adds (a plain dict: any protocol version encodes it)."""
+    from lora_ipc.store import AdapterStore
+
+    store = AdapterStore()
+    try:
+        for i in range(16):
+            store.publish(f"adapter-{i}", {"w": torch.ones(4, 4)}, {"r": 4})
+            store.lease(f"adapter-{i}", None, b"\x00k", client=f"client-{i}")
+        return store.status() | {"endpoint": "ipc:///tmp/x.sock", "pid": 42, "server": dict(
+            connections=1, connection_cap=64, peak_connections=2, dropped_connections=0, requests=9)}
+    finally:
+        store.close()
+
+
 def cases() -> list[tuple[str, object]]:
     slot = p.GenerationSlot(77, 11, 3, "gen.77.ab")
     cpu = p.CpuSlabHandle("1.ab.1", 1 << 30, pid=77, fd=12, generation=slot, token=b"t" * 16)
@@ -43,6 +58,7 @@ def cases() -> list[tuple[str, object]]:
         ("publish (8 tensors)", p.PublishRequest("policy", config, cpu, small.to_wire(), small.used_bytes)),
         ("publish_reply", p.PublishReply("policy", 4)),
         ("status", p.StatusRequest()),
+        ("status_reply (16 adapters, 16 leases)", p.StatusReply(_status_report())),
         ("error", p.ErrorReply("LayoutError", "bad layout")),
     ]
 
