@@ -660,8 +660,8 @@ def _decode_large(cls: type[Message], body: Raw) -> Message:
             raise ProtocolError(f"field {name!r}: {len(raw)} bytes, at most {max_bytes} allowed")
         try:
             values[name] = _TREES[cls, name].decode(raw)
-        except msgspec.ValidationError as exc:
-            raise ProtocolError(f"field {name!r}: {exc}") from None
+        except msgspec.ValidationError as exc:  # its path, as if decoded in place
+            raise ProtocolError(_explain(str(exc).replace("`$", f"`$.{name}", 1))) from None
     try:
         return cls(**values)
     except ValueError as exc:  # __post_init__: a tree of too many values
@@ -669,8 +669,8 @@ def _decode_large(cls: type[Message], body: Raw) -> Message:
 
 
 _SIZED = {cls: _sized_trees(cls) for cls in MESSAGE_TYPES.values() if cls.TREES}
-_TREES = {(cls, name): msgspec.msgpack.Decoder(msgspec.structs.fields(cls)[cls.__struct_fields__.index(name)].type)
-          for cls in _SIZED for name in cls.TREES}
+_TREES = {(cls, f.name): msgspec.msgpack.Decoder(f.type)
+          for cls in _SIZED for f in msgspec.structs.fields(cls) if f.name in cls.TREES}
 
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>.*)`)?$", re.S)
