@@ -17,6 +17,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import msgspec
 import torch
 import zmq
 
@@ -153,8 +154,9 @@ class AdapterClient:
         return []
 
     def status(self) -> dict:
+        """The server's :class:`~lora_ipc.protocol.StatusReport`, as plain data."""
         with self._locked():
-            return self._conn.request(p.StatusRequest(), p.StatusReply).report
+            return msgspec.to_builtins(self._conn.request(p.StatusRequest(), p.StatusReply).report)
 
     def fetch(self, name: str, version: int | None = None, device: torch.device | str | None = None,
               epoch: str | None = None, *, max_bytes: int | None = None) -> Adapter:

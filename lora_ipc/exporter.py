@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
+import msgspec
 import torch
 
 from .backends import ExportedSlab, backend_for, slab_device
@@ -109,7 +109,7 @@ class RemoteExporter:
             return handle
         finally:
             os.close(fd)
-        return dataclasses.replace(handle, token=token)
+        return msgspec.structs.replace(handle, token=token)
 
     def close(self) -> None:
         self._conn.close()

@@ -31,7 +31,6 @@ Note [why descriptors travel by a side socket]
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -45,6 +44,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import cast
+
+import msgspec
 
 from .endpoint import _check_dir_chain, ipc_path
 from .errors import BackendError, EndpointNotTrusted, SlabRecycled
@@ -322,7 +323,7 @@ class FdServer:
                 raise
             return fds
 
-        return dataclasses.replace(handle, token=self.offer(provider))
+        return msgspec.structs.replace(handle, token=self.offer(provider))
 
 
 def memfd_descriptor(fd: int, name: str) -> int:

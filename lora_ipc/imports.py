@@ -23,9 +23,9 @@ from typing import NamedTuple
 from .backends import ImportedSlab, open_slab
 from .endpoint import ServerIdentity
 from .errors import ProtocolError
-from .protocol import CpuSlabHandle, CudaSlabHandle, SlabHandle, VmmSlabHandle
+from .protocol import MAX_KNOWN, CpuSlabHandle, CudaSlabHandle, SlabHandle, VmmSlabHandle
 
-MAX_KNOWN_SENT = 64  # slab ids a fetch request may list (protocol limit)
+MAX_KNOWN_SENT = MAX_KNOWN  # slab ids a fetch request may list
 
 
 class ImportKey(NamedTuple):

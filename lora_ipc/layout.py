@@ -3,7 +3,8 @@
 Entries are 256-byte aligned. Tensors of the same dtype and shape are placed next to each other,
 so the receiver can turn a whole group into tensor objects with one ``view(...).unbind(0)`` instead
 of one ``split``/``view`` per tensor (measured on an H200: per-tensor Python work dominates once the
-bytes are cheap). The wire form lists entries in publish order as ``[name, dtype, shape, offset, nbytes]``.
+bytes are cheap). The wire form lists entries in publish order as ``[name, dtype, shape, offset, nbytes]``
+(``protocol.LayoutEntry``, which declares their types and bounds; this module checks geometry).
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import msgpack
+import msgspec
 import torch
 
 from .errors import LayoutError
+from .protocol import MAX_DIMS, MAX_ENTRIES, Entries
+from .protocol import LayoutEntry as TensorEntry
 
 ALIGN = 256
-MAX_ENTRIES = 1 << 16
-MAX_DIMS = 8
+__all__ = ["ALIGN", "DTYPES", "DTYPE_NAMES", "MAX_DIMS", "MAX_ENTRIES", "SlabLayout", "TensorEntry"]
 
 #: dtype names accepted on the wire. Anything else is a LayoutError.
 DTYPES: dict[str, torch.dtype] = {
@@ -36,18 +38,6 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 def align_up(n: int, alignment: int = ALIGN) -> int:
     return (n + alignment - 1) // alignment * alignment
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-    def to_wire(self) -> list:
-        return [self.name, self.dtype, list(self.shape), self.offset, self.nbytes]
 
 
 @dataclass(frozen=True)
@@ -96,8 +86,8 @@ class SlabLayout:
     def __init__(self, entries: list[TensorEntry], used_bytes: int):
         self.entries = tuple(entries)
         self.used_bytes = used_bytes
-        self._wire = [e.to_wire() for e in self.entries]
-        self.digest = hashlib.blake2b(msgpack.packb(self._wire), digest_size=16).digest()
+        self._wire = [[e.name, e.dtype, list(e.shape), e.offset, e.nbytes] for e in self.entries]
+        self.digest = hashlib.blake2b(msgspec.msgpack.encode(self._wire), digest_size=16).digest()
         self.groups = _groups(entries)
 
     # ---- producer side ---------------------------------------------------------------------
@@ -145,39 +135,40 @@ class SlabLayout:
 
     @classmethod
     def from_wire(cls, wire: object, used_bytes: int, slab_nbytes: int) -> SlabLayout:
-        """Validate a layout received from a peer against the slab it describes."""
+        """Check a layout received from a peer against the slab it describes. Types and bounds are the
+        wire contract's (``protocol.LayoutEntry``); what is checked here is geometry: the dtype allow-list,
+        byte counts, alignment, bounds and overlap."""
         if type(used_bytes) is not int or used_bytes % ALIGN or not 0 < used_bytes <= slab_nbytes:
             raise LayoutError(f"used_bytes {used_bytes!r:.20} must be a multiple of {ALIGN} within the slab "
                               f"({slab_nbytes} bytes)")
-        if type(wire) is not list or not 0 < len(wire) <= MAX_ENTRIES:
+        try:
+            items = msgspec.convert(wire, Entries)
+        except msgspec.ValidationError as exc:
+            raise LayoutError(f"layout: {exc}") from None
+        if not items:
             raise LayoutError(f"layout must be a list of 1..{MAX_ENTRIES} entries")
-        entries: list[TensorEntry] = []
         seen: set[str] = set()
-        for i, item in enumerate(wire):
-            if type(item) is not list or len(item) != 5:
-                raise LayoutError(f"entry {i}: expected [name, dtype, shape, offset, nbytes]")
-            name, dtype, shape, offset, nbytes = item
-            if type(name) is not str or not 0 < len(name) <= 512 or name in seen:
-                raise LayoutError(f"entry {i}: name must be a unique non-empty string")
+        for e in items:
+            name, dtype, shape = e.name, e.dtype, e.shape
+            if name in seen:
+                raise LayoutError(f"{name}: name must be a unique non-empty string")
             seen.add(name)
-            if type(dtype) is not str or dtype not in DTYPES:
+            if dtype not in DTYPES:
                 raise LayoutError(f"{name}: dtype {dtype!r:.30} is not in the allow-list {sorted(DTYPES)}")
-            if (type(shape) is not list or len(shape) > MAX_DIMS
-                    or not all(type(d) is int and 0 <= d <= slab_nbytes for d in shape)):
-                raise LayoutError(f"{name}: shape must be a list of at most {MAX_DIMS} non-negative ints")
-            if type(offset) is not int or type(nbytes) is not int or offset < 0 or nbytes < 0:
-                raise LayoutError(f"{name}: offset and nbytes must be non-negative ints")
+            if not all(d <= slab_nbytes for d in shape):
+                raise LayoutError(f"{name}: shape {list(shape)} has a dimension larger than the slab")
             expected = math.prod(shape) * DTYPES[dtype].itemsize
             if math.prod(max(d, 1) for d in shape) * DTYPES[dtype].itemsize > slab_nbytes:
-                raise LayoutError(f"{name}: shape {shape} does not fit a slab of {slab_nbytes} bytes, even empty")
-            if nbytes != expected:
-                raise LayoutError(f"{name}: {nbytes} bytes do not match shape {shape} of {dtype} ({expected} bytes)")
-            if offset % ALIGN:
-                raise LayoutError(f"{name}: offset {offset} is not {ALIGN}-byte aligned")
-            if offset + nbytes > used_bytes:
-                raise LayoutError(f"{name}: bytes [{offset}, {offset + nbytes}) lie outside the slab's "
+                raise LayoutError(f"{name}: shape {list(shape)} does not fit a slab of {slab_nbytes} bytes, even empty")
+            if e.nbytes != expected:
+                raise LayoutError(f"{name}: {e.nbytes} bytes do not match shape {list(shape)} of {dtype} "
+                                  f"({expected} bytes)")
+            if e.offset % ALIGN:
+                raise LayoutError(f"{name}: offset {e.offset} is not {ALIGN}-byte aligned")
+            if e.offset + e.nbytes > used_bytes:
+                raise LayoutError(f"{name}: bytes [{e.offset}, {e.offset + e.nbytes}) lie outside the slab's "
                                   f"{used_bytes} used bytes")
-            entries.append(TensorEntry(name, dtype, tuple(shape), offset, nbytes))
+        entries = items
         end = 0
         for e in sorted(entries, key=lambda e: e.offset):
             if e.offset < end:

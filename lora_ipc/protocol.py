@@ -1,10 +1,13 @@
-"""Wire protocol: typed message classes, msgpack framing and validation of everything that arrives.
+"""Wire protocol: the contract declared once, as msgspec Structs, and the msgpack framing around it.
 
 A frame is a msgpack array ``[PROTOCOL_VERSION, type_name, request_id, body]``. ``body`` is a map
-whose keys are the message's fields; each field's check is declared next to it (``wire(spec)``, see
-:mod:`.schema`) and one streaming decoder applies them, so a frame costs no more to refuse than the
-largest legal message of its type costs to accept. Unknown keys are refused, and every message type
-has its own frame-size limit (``MAX_FRAME``). Nothing here pickles and nothing here imports torch.
+whose keys are the message's fields (a :class:`msgspec.Struct` per message type). Every field's type
+carries its bounds (``msgspec.Meta``: string, bytes and array lengths, integer ranges), unknown keys
+are refused (``forbid_unknown_fields``), and msgspec checks each container's declared length before it
+builds anything, so a frame costs no more to refuse than the largest legal message of its type costs
+to accept. Each message type also has its own frame-size limit (``MAX_FRAME``); the only untyped
+values (a PEFT config) are JSON-like trees of bounded depth, bytes and node count. Nothing here
+pickles and nothing here imports torch.
 
 Requests (client -> server) and their replies:
 
@@ -18,88 +21,197 @@ request                reply                purpose
 ``StatusRequest``      ``StatusReply``      operator view: adapters, leases, metrics
 any                    ``ErrorReply``       typed error, named by class
 =====================  ===================  ==========================================
+
+The on-wire shape is the one protocol version 2 always had (any msgpack peer can speak it): bodies
+and handles are maps, a handle's ``backend`` tag comes first, layout entries are 5-item arrays.
 """
 
-from __future__ import annotations
-
 import hashlib
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+import re
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
-import msgpack
+import msgspec
+from msgspec import Meta, Raw, Struct
 
 from .errors import WIRE_ERRORS, LoraIpcError, ProtocolError
-from .schema import (
-    SMALL_FRAME,
-    Bool,
-    Bytes,
-    Choice,
-    Float,
-    Int,
-    ListOf,
-    Optional,
-    Reader,
-    Str,
-    Struct,
-    Tagged,
-    Tree,
-    Tuple,
-    unpack_small,
-    wire,
-)
 
 PROTOCOL_VERSION = 2
+
+# --------------------------------------------------------------------------------------------
+# limits: the one place they are set (layout.py, imports.py and refit.py read them from here)
+# --------------------------------------------------------------------------------------------
+
+MAX_FRAME_BYTES = 32 << 20  # the largest frame any message type may have (a 32k-tensor layout)
+SMALL_FRAME = 64 << 10  # a frame up to this size is decoded in one pass (it holds at most this many values)
+MAX_NAME_CHARS = 512
+MAX_ENTRIES = 1 << 15  # tensors in one slab layout
+MAX_DIMS = 8  # dimensions of one tensor
+MAX_KNOWN = 64  # slab ids / layout digests a fetch request may list
+MAX_KNOWN_CONFIGS = 16
+MAX_VERSIONS_LISTED = 1024
+MAX_ADAPTERS_LISTED = 4096
+MAX_LIVE_SLABS = 4096
+MAX_BYTE_OFFSET = 1 << 62
+MAX_CONFIG_NODES = 4096
+MAX_STATUS_LEASES = 100  # leases listed one by one in a status report (all are counted)
+MAX_TREE_DEPTH = 8
+MAX_TREE_CHARS = 4096
+#: encoded bytes of one tree in a frame over SMALL_FRAME (checked before the tree is built: a frame of
+#: nested empty arrays would otherwise cost a Python object per byte)
+MAX_CONFIG_BYTES = 1 << 20
+_I64 = (1 << 63) - 1
 
 
 def digest_of(obj: Any) -> bytes:
     """16-byte digest of a msgpack-able value (layouts and configs are cached by it)."""
-    return hashlib.blake2b(msgpack.packb(obj, use_bin_type=True), digest_size=16).digest()
-MAX_FRAME_BYTES = 32 << 20  # the largest frame any message type may have (a 32k-tensor layout)
-MAX_NAME_CHARS = 512
-MAX_ENTRIES = 1 << 15  # tensors in one slab layout
-MAX_ADAPTERS_LISTED = 4096
-NAME = Str(MAX_NAME_CHARS)
-SLAB_ID = Str(128)
-DIGEST = Bytes(exact=16)
+    return hashlib.blake2b(msgspec.msgpack.encode(obj), digest_size=16).digest()
+
+
+# --------------------------------------------------------------------------------------------
+# field types
+# --------------------------------------------------------------------------------------------
+
+def _int(lo: int = 0, hi: int = _I64) -> Any:
+    return Annotated[int, Meta(ge=lo, le=hi)]
+
+
+def _str(max_chars: int, min_chars: int = 1) -> Any:
+    return Annotated[str, Meta(min_length=min_chars, max_length=max_chars)]
+
+
+def _list(item: Any, max_items: int) -> Any:
+    return Annotated[list[item], Meta(max_length=max_items)]
+
+
+Name = _str(MAX_NAME_CHARS)
+SlabId = _str(128)
+Digest = Annotated[bytes, Meta(min_length=16, max_length=16)]
+Token = Annotated[bytes, Meta(min_length=16, max_length=16)]
 #: A store's epoch (``store.new_epoch``); "" from a server that names none (a client pinned to an epoch refuses it).
-EPOCH = Str(16, allow_empty=True)
-CONFIG = Tree(max_depth=8, max_nodes=4096)
-#: One layout entry: [name, dtype, shape, offset, nbytes]; semantic checks are in ``layout.SlabLayout.from_wire``.
-ENTRY = Tuple(NAME, Str(32), ListOf(Int(0, 1 << 62), 8), Int(0, 1 << 62), Int(0, 1 << 62))
-ENTRIES = ListOf(ENTRY, MAX_ENTRIES)
+Epoch = _str(16, min_chars=0)
+Positive = _int(1)
+Count = _int(0)
+Pid = _int(1, 1 << 31)
+Fd = _int(0, 1 << 20)
+ByteOffset = _int(0, MAX_BYTE_OFFSET)
+#: a float that is not NaN (which fails every comparison, so any bound refuses it) nor -inf
+Number = Annotated[float, Meta(ge=-sys.float_info.max)]
+
+
+def tree(depth: int = MAX_TREE_DEPTH, max_chars: int = MAX_TREE_CHARS) -> Any:
+    """A JSON-like map (adapter_config.json): str keys; None, bool, int, float (not NaN), str, arrays
+    and maps as values, at most ``depth`` levels below the root (deeper is refused as it is read, before
+    it is built). Node counts: :func:`check_tree`."""
+    text = _str(max_chars, min_chars=0)
+    scalar = None | bool | int | Number | text
+    node: Any = scalar
+    for _ in range(depth - 1):
+        node = None | bool | int | Number | text | list[node] | dict[text, node]
+    return dict[text, node]
+
+
+Config = tree()
+
+
+def check_tree(value: Any, max_nodes: int, where: str) -> None:
+    """Refuse a tree (already typed by :func:`tree`) of more than ``max_nodes`` values."""
+    budget, stack = max_nodes, [value]
+    while stack:
+        v = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ValueError(f"{where}: more than {max_nodes} values")
+        if type(v) is dict:
+            stack.extend(v.values())
+        elif type(v) is list:
+            stack.extend(v)
+
+
+_FIELD_TYPES: dict[type, tuple[tuple[str, ...], Any]] = {}
+
+
+def check_fields(obj: Any, what: str) -> None:
+    """Check the attributes of ``obj`` (a dataclass or Struct) against its class's annotated field types
+    (their ``Meta`` bounds), for classes that others construct from a peer's values (vLLM builds its init
+    and update infos from dicts; Ray hands a relay a replica's metadata), so that ``__post_init__`` or
+    the receiver validates with the same declarations msgspec decodes with. Raises ProtocolError naming
+    the field."""
+    cls = type(obj)
+    names, types = _FIELD_TYPES.get(cls) or _FIELD_TYPES.setdefault(cls, _annotated_fields(cls))
+    try:
+        msgspec.convert(tuple(getattr(obj, n) for n in names), types, strict=True)
+    except msgspec.ValidationError as exc:
+        m = re.match(r"^(?P<what>.*?) - at `\$\[(?P<i>\d+)\](?P<rest>.*)`$", str(exc), re.S)
+        where = f"{names[int(m['i'])]}{m['rest']}" if m else "?"
+        raise ProtocolError(f"{what} {where!r}: {m['what'] if m else exc}") from None
+
+
+def _annotated_fields(cls: type) -> tuple[tuple[str, ...], Any]:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    if dataclasses.is_dataclass(cls):
+        names = tuple(f.name for f in dataclasses.fields(cls) if f.name in hints)
+    else:
+        names = cls.__struct_fields__
+    return names, tuple[tuple(hints[n] for n in names)]
+
+
+class WireStruct(Struct, frozen=True, forbid_unknown_fields=True):
+    """Base of every Struct that crosses a process boundary: immutable, unknown keys refused."""
+
 
 # --------------------------------------------------------------------------------------------
-# slab handles (what an importer needs to open a slab; see backends/)
+# layout entries and slab handles (what an importer needs to open a slab; see backends/)
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GenerationSlot:
+class LayoutEntry(WireStruct, array_like=True):
+    """One tensor of a slab layout, on the wire ``[name, dtype, shape, offset, nbytes]``. Types and bounds
+    only: the geometry (dtype allow-list, alignment, overlap, byte counts) is ``layout.SlabLayout.from_wire``."""
+
+    name: Name
+    dtype: _str(32)
+    shape: Annotated[tuple[ByteOffset, ...], Meta(max_length=MAX_DIMS)]
+    offset: ByteOffset
+    nbytes: ByteOffset
+
+
+Entries = _list(LayoutEntry, MAX_ENTRIES)
+
+
+class GenerationSlot(WireStruct):
     """Where the exporter counts reuses of a slab: 8 bytes at ``slot * 8`` of a sealed memfd the
     exporter process ``pid`` holds as ``fd`` (opened by importers as ``/proc/<pid>/fd/<fd>``)."""
 
-    pid: int = wire(Int(1, 1 << 31))
-    fd: int = wire(Int(0, 1 << 20))
-    slot: int = wire(Int(0, 1 << 20))
-    table: str = wire(Str(64))  # the memfd's name: an fd number is reused when a store closes and another opens
+    pid: Pid
+    fd: Fd
+    slot: _int(0, 1 << 20)
+    table: _str(64)  # the memfd's name: an fd number is reused when a store closes and another opens
 
 
-@dataclass(frozen=True)
-class CpuSlabHandle:
+class _Handle(WireStruct, tag_field="backend"):
+    """A slab handle: a map whose first key, ``backend``, names the class (``TAG``)."""
+
+
+class CpuSlabHandle(_Handle, tag="cpu"):
     """A CPU slab: a sealed (cannot shrink or grow) memfd that process ``pid`` holds as ``fd``.
 
     Importers open ``/proc/<pid>/fd/<fd>`` read-only and check owner, seals, size and name on the
     opened descriptor. No file name exists to race for, and the memory goes when the exporter goes.
     """
 
-    slab_id: str = wire(SLAB_ID)
-    nbytes: int = wire(Int(1))
-    pid: int = wire(Int(1, 1 << 31))
-    fd: int = wire(Int(0, 1 << 20))
-    generation: GenerationSlot | None = wire(Optional(Struct(GenerationSlot)), default=None)
+    slab_id: SlabId
+    nbytes: Positive
+    pid: Pid
+    fd: Fd
+    generation: GenerationSlot | None = None
     #: one-time token for the descriptor channel (fdchannel.py): the memfd (and the generation table)
     #: by SCM_RIGHTS, across pid namespaces; without one, importers open ``path``
-    token: bytes | None = wire(Optional(Bytes(exact=16)), default=None)
+    token: Token | None = None
     TAG: ClassVar[str] = "cpu"
 
     @property
@@ -107,88 +219,89 @@ class CpuSlabHandle:
         return f"/proc/{self.pid}/fd/{self.fd}"
 
 
-@dataclass(frozen=True)
-class CudaSlabHandle:
+class CudaSlabHandle(_Handle, tag="cuda"):
     """A CUDA IPC slab: the fields of ``reduce_tensor`` (torch's own sharing) plus the GPU UUID.
 
     The storage fields are those of ``torch.multiprocessing.reductions.rebuild_cuda_tensor``.
     ``ready_event`` is the handle of the interprocess event recorded after every pack into this slab.
     """
 
-    slab_id: str = wire(SLAB_ID)
-    nbytes: int = wire(Int(1))
-    device_uuid: str = wire(Str(64))
-    storage_handle: bytes = wire(Bytes(1024))
-    storage_size_bytes: int = wire(Int(1))
-    storage_offset_bytes: int = wire(Int(0))
-    ref_counter_handle: bytes = wire(Bytes(1024))
-    ref_counter_offset: int = wire(Int(0))
-    event_handle: bytes = wire(Bytes(256))
-    event_sync_required: bool = wire(Bool())
-    ready_event: bytes = wire(Bytes(256))
-    generation: GenerationSlot | None = wire(Optional(Struct(GenerationSlot)), default=None)
+    slab_id: SlabId
+    nbytes: Positive
+    device_uuid: _str(64)
+    storage_handle: Annotated[bytes, Meta(max_length=1024)]
+    storage_size_bytes: Positive
+    storage_offset_bytes: Count
+    ref_counter_handle: Annotated[bytes, Meta(max_length=1024)]
+    ref_counter_offset: Count
+    event_handle: Annotated[bytes, Meta(max_length=256)]
+    event_sync_required: bool
+    ready_event: Annotated[bytes, Meta(max_length=256)]
+    generation: GenerationSlot | None = None
     TAG: ClassVar[str] = "cuda"
 
 
-@dataclass(frozen=True)
-class VmmSlabHandle:
+class VmmSlabHandle(_Handle, tag="vmm"):
     """A CUDA VMM slab (backends/vmm.py): one ``cuMemCreate`` allocation exported as a POSIX descriptor,
     which travels by the descriptor channel only (``token``, fdchannel.py). ``ready_event`` as for CUDA IPC."""
 
-    slab_id: str = wire(SLAB_ID)
-    nbytes: int = wire(Int(1))
-    device_uuid: str = wire(Str(64))
-    ready_event: bytes = wire(Bytes(256))
-    generation: GenerationSlot | None = wire(Optional(Struct(GenerationSlot)), default=None)
-    token: bytes | None = wire(Optional(Bytes(exact=16)), default=None)
+    slab_id: SlabId
+    nbytes: Positive
+    device_uuid: _str(64)
+    ready_event: Annotated[bytes, Meta(max_length=256)]
+    generation: GenerationSlot | None = None
+    token: Token | None = None
     TAG: ClassVar[str] = "vmm"
 
 
 SlabHandle = CpuSlabHandle | CudaSlabHandle | VmmSlabHandle
-SLAB_HANDLE = Tagged("backend", {c.TAG: c for c in (CpuSlabHandle, CudaSlabHandle, VmmSlabHandle)})
 
 # --------------------------------------------------------------------------------------------
 # messages
 # --------------------------------------------------------------------------------------------
 
-MESSAGE_TYPES: dict[str, type[Message]] = {}
+MESSAGE_TYPES: dict[str, type["Message"]] = {}
 
 
-class Message:
-    """Base of all wire messages: dataclasses whose fields declare their wire spec with ``wire()``."""
+class Message(WireStruct):
+    """Base of all wire messages. ``TYPE`` names the class on the wire; ``MAX_FRAME`` bounds its frames;
+    ``TREES`` maps each tree-valued field to its (max encoded bytes, max nodes)."""
 
     TYPE: ClassVar[str]
     MAX_FRAME: ClassVar[int] = 4 << 10
+    TREES: ClassVar[dict[str, tuple[int, int]]] = {}
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if "TYPE" in cls.__dict__:
             MESSAGE_TYPES[cls.TYPE] = cls
 
+    def __post_init__(self):
+        for name, (_, max_nodes) in self.TREES.items():
+            value = getattr(self, name)
+            if value is not None:
+                check_tree(value, max_nodes, name)
 
-@dataclass(frozen=True)
+
 class ListRequest(Message):
     TYPE: ClassVar[str] = "list"
     MAX_FRAME: ClassVar[int] = 256
 
 
-@dataclass(frozen=True)
-class AdapterSummary:
-    name: str = wire(NAME)
-    versions: list[int] = wire(ListOf(Int(1), 1024))
-    nbytes: int = wire(Int(0))
+class AdapterSummary(WireStruct):
+    name: Name
+    versions: _list(Positive, MAX_VERSIONS_LISTED)
+    nbytes: Count
 
 
-@dataclass(frozen=True)
 class ListReply(Message):
-    adapters: list[AdapterSummary] = wire(ListOf(Struct(AdapterSummary), MAX_ADAPTERS_LISTED))
-    epoch: str = wire(EPOCH, default="")  # the store's epoch: its version numbers mean these bytes only in it
-    left_out: int = wire(Int(0), default=0)  # adapters not listed (the server bounds a reply in bytes)
+    adapters: _list(AdapterSummary, MAX_ADAPTERS_LISTED)
+    epoch: Epoch = ""  # the store's epoch: its version numbers mean these bytes only in it
+    left_out: Count = 0  # adapters not listed (the server bounds a reply in bytes)
     TYPE: ClassVar[str] = "list_reply"
     MAX_FRAME: ClassVar[int] = 8 << 20
 
 
-@dataclass(frozen=True)
 class FetchRequest(Message):
     """Lease ``version`` (newest when None) of ``name`` (of store epoch ``epoch`` when not None).
 
@@ -199,19 +312,18 @@ class FetchRequest(Message):
     IPC cannot be imported); the exporter stages each version at most once.
     """
 
-    name: str = wire(NAME)
-    version: int | None = wire(Optional(Int(1)))
-    client_id: str = wire(Str(128))
-    known_slabs: list[str] = wire(ListOf(SLAB_ID, 64), default_factory=list)
-    known_layouts: list[bytes] = wire(ListOf(DIGEST, 64), default_factory=list)
-    known_configs: list[bytes] = wire(ListOf(DIGEST, 16), default_factory=list)
-    transport: str = wire(Choice("device", "host"), default="device")  # host: a host-staged copy of a GPU slab
-    epoch: str | None = wire(Optional(EPOCH), default=None)  # refuse (StaleEpoch) unless the store's epoch is this
+    name: Name
+    version: Positive | None
+    client_id: _str(128)
+    known_slabs: _list(SlabId, MAX_KNOWN) = []
+    known_layouts: _list(Digest, MAX_KNOWN) = []
+    known_configs: _list(Digest, MAX_KNOWN_CONFIGS) = []
+    transport: Literal["device", "host"] = "device"  # host: a host-staged copy of a GPU slab
+    epoch: Epoch | None = None  # refuse (StaleEpoch) unless the store's epoch is this
     TYPE: ClassVar[str] = "fetch"
     MAX_FRAME: ClassVar[int] = 24 << 10
 
 
-@dataclass(frozen=True)
 class FetchReply(Message):
     """A leased version. ``slab`` / ``entries`` / ``peft_config`` are None when the request said the
     client knows them (by slab id, layout digest, config digest).
@@ -220,86 +332,158 @@ class FetchReply(Message):
     it again after its copy (see ``GenerationSlot``): a changed count means the copy may be torn.
     """
 
-    name: str = wire(NAME)
-    version: int = wire(Int(1))
-    lease_id: int = wire(Int(1))
-    config_digest: bytes = wire(DIGEST)
-    peft_config: dict | None = wire(Optional(CONFIG))
-    slab_id: str = wire(SLAB_ID)
-    slab: SlabHandle | None = wire(Optional(SLAB_HANDLE))
-    generation: int = wire(Int(0))
-    layout_digest: bytes = wire(DIGEST)
-    entries: list | None = wire(Optional(ENTRIES))
-    used_bytes: int = wire(Int(0))
-    live_slabs: list[str] = wire(ListOf(SLAB_ID, 4096))
-    epoch: str = wire(EPOCH, default="")
+    name: Name
+    version: Positive
+    lease_id: Positive
+    config_digest: Digest
+    peft_config: Config | None
+    slab_id: SlabId
+    slab: SlabHandle | None
+    generation: Count
+    layout_digest: Digest
+    entries: Entries | None
+    used_bytes: Count
+    live_slabs: _list(SlabId, MAX_LIVE_SLABS)
+    epoch: Epoch = ""
     TYPE: ClassVar[str] = "fetch_reply"
     MAX_FRAME: ClassVar[int] = MAX_FRAME_BYTES
+    TREES: ClassVar[dict[str, tuple[int, int]]] = {"peft_config": (MAX_CONFIG_BYTES, MAX_CONFIG_NODES)}
 
 
-@dataclass(frozen=True)
 class ReleaseRequest(Message):
     """Drop a lease. ``fetch_ms`` is the client's own measure of the fetch (request sent -> bytes owned),
     which the server aggregates into its swap-latency histogram; 0 when unknown."""
 
-    lease_id: int = wire(Int(1))
-    fetch_ms: float = wire(Float(0.0, 1e9), default=0.0)
+    lease_id: Positive
+    fetch_ms: Annotated[float, Meta(ge=0.0, le=1e9)] = 0.0
     TYPE: ClassVar[str] = "release"
     MAX_FRAME: ClassVar[int] = 128
 
 
-@dataclass(frozen=True)
 class ReleaseReply(Message):
-    lease_id: int = wire(Int(1))
+    lease_id: Positive
     TYPE: ClassVar[str] = "release_reply"
     MAX_FRAME: ClassVar[int] = 128
 
 
-@dataclass(frozen=True)
 class PublishRequest(Message):
     """Ask a daemon to take its own copy of a slab the sender exported, as a new version of ``name``."""
 
-    name: str = wire(NAME)
-    peft_config: dict = wire(CONFIG)
-    slab: SlabHandle = wire(SLAB_HANDLE)
-    entries: list = wire(ENTRIES)
-    used_bytes: int = wire(Int(0))
+    name: Name
+    peft_config: Config
+    slab: SlabHandle
+    entries: Entries
+    used_bytes: Count
     TYPE: ClassVar[str] = "publish"
     MAX_FRAME: ClassVar[int] = MAX_FRAME_BYTES
+    TREES: ClassVar[dict[str, tuple[int, int]]] = {"peft_config": (MAX_CONFIG_BYTES, MAX_CONFIG_NODES)}
 
 
-@dataclass(frozen=True)
 class PublishReply(Message):
-    name: str = wire(NAME)
-    version: int = wire(Int(1))
+    name: Name
+    version: Positive
     TYPE: ClassVar[str] = "publish_reply"
     MAX_FRAME: ClassVar[int] = 1 << 10
 
 
-@dataclass(frozen=True)
 class StatusRequest(Message):
     TYPE: ClassVar[str] = "status"
     MAX_FRAME: ClassVar[int] = 256
 
 
-@dataclass(frozen=True)
-class StatusReply(Message):
-    """Operator view. ``report`` is a JSON-like tree (see ``store.AdapterStore.status``)."""
+class AdapterStatus(WireStruct):
+    name: Name
+    version: Positive
+    bytes: Count
+    tensors: Count
+    leases: Count
+    retiring: bool
+    published_at: Number
 
-    report: dict = wire(Tree(max_depth=8, max_nodes=1 << 17))
+
+class LeaseStatus(WireStruct):
+    lease_id: Positive
+    name: Name
+    version: Positive
+    holder: _str(1024, min_chars=0)  # the client's id, or its connection's routing id in hex
+    expires_in_s: Number
+
+
+class SlabStatus(WireStruct):
+    live: Count
+    free: Count
+    bytes: Count
+
+
+class LatencyStatus(WireStruct):
+    """A Prometheus-style histogram: counts per upper bound in ms (the last bound is "+Inf")."""
+
+    buckets_ms: _list(Number | Literal["+Inf"], 64)
+    counts: _list(Count, 64)
+    sum_ms: Number
+    count: Count
+
+
+class MetricsStatus(WireStruct):
+    publishes: Count
+    fetches: Count
+    bytes_published: Count
+    bytes_served: Count
+    leases_expired: Count
+    leases_revoked: Count
+    host_stagings: Count
+    errors: Count
+    errors_by_type: Annotated[dict[_str(64), Count], Meta(max_length=1024)]
+    slabs_allocated: Count
+    fetch_latency: LatencyStatus
+    publish_latency: LatencyStatus
+
+
+class ServerStatus(WireStruct):
+    """The server's connections (see guard.py), added by the server to a status report."""
+
+    connections: Count
+    connection_cap: Count
+    peak_connections: Count
+    dropped_connections: Count
+    requests: Count
+
+
+class StatusReport(WireStruct):
+    """The operator view: what ``AdapterStore.status`` returns, plus ``endpoint``/``pid``/``server`` from
+    the server. Read by the CLI, the Prometheus exporter and the daemon."""
+
+    uptime_s: Number
+    epoch: Epoch
+    keep: Count
+    adapters: _list(AdapterStatus, MAX_ADAPTERS_LISTED)  # bounded in bytes when asked (the server does)
+    adapters_left_out: Count  # versions not listed in ``adapters``
+    lease_count: Count
+    leases: _list(LeaseStatus, MAX_STATUS_LEASES)
+    limits: Annotated[dict[_str(64), Count], Meta(max_length=64)]
+    slabs: SlabStatus
+    metrics: MetricsStatus
+    endpoint: _str(4096) | None = None
+    pid: Pid | None = None
+    server: ServerStatus | None = None
+
+
+class StatusReply(Message):
+    """Operator view (see :class:`StatusReport`)."""
+
+    report: StatusReport
     TYPE: ClassVar[str] = "status_reply"
     MAX_FRAME: ClassVar[int] = 8 << 20
 
 
-@dataclass(frozen=True)
 class ErrorReply(Message):
-    error: str = wire(Str(64))
-    message: str = wire(Str(4000, allow_empty=True))
+    error: _str(64)
+    message: _str(4000, min_chars=0)
     TYPE: ClassVar[str] = "error"
     MAX_FRAME: ClassVar[int] = 8 << 10
 
     @classmethod
-    def from_error(cls, exc: LoraIpcError) -> ErrorReply:
+    def from_error(cls, exc: LoraIpcError) -> "ErrorReply":
         name = type(exc).__name__ if type(exc).__name__ in WIRE_ERRORS else "LoraIpcError"
         return cls(name, str(exc)[:4000])
 
@@ -318,41 +502,100 @@ REPLY_TYPES = frozenset(c.TYPE for c in (ListReply, FetchReply, ReleaseReply, Pu
 @dataclass(frozen=True)
 class Frame:
     request_id: int
-    message: Message = field()
+    message: Message
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_Scalar = None | bool | int | float | str
+_HEADER = msgspec.msgpack.Decoder(tuple[_Scalar, _Scalar, _Scalar, Raw])
+_BODY = {cls: msgspec.msgpack.Decoder(cls) for cls in MESSAGE_TYPES.values()}
 
 
 def encode(message: Message, request_id: int = 0) -> bytes:
-    return msgpack.packb([PROTOCOL_VERSION, message.TYPE, request_id, Struct(type(message)).encode(message)],
-                         use_bin_type=True)
+    return _ENCODER.encode((PROTOCOL_VERSION, message.TYPE, request_id, message))
 
 
 def decode(data: bytes, accept: frozenset[str] | None = None) -> Frame:
-    """Decode and validate one frame whose type is in ``accept``. Raises ProtocolError for anything else.
-
-    Frames up to ``SMALL_FRAME`` bytes are built by C msgpack and then checked (``Spec.check``);
-    larger ones are walked as a stream (``Spec.read``). Both apply the same specs.
-    """
+    """Decode and validate one frame whose type is in ``accept``. Raises ProtocolError for anything else."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame too large or not bytes ({len(data) if hasattr(data, '__len__') else '?'} bytes)")
-    if len(data) <= SMALL_FRAME:
-        raw = unpack_small(data)
-        if type(raw) is not list or len(raw) != 4:
-            raise ProtocolError("frame must be an array [protocol_version, type, request_id, body]")
-        cls, request_id = _header(raw[0], raw[1], raw[2], accept, len(data))
-        return _body(cls, request_id, lambda: Struct(cls).check(raw[3], "body"))
-    r = Reader(data)
-    if r.array("frame", 4) != 4:
-        raise ProtocolError("frame must be an array [protocol_version, type, request_id, body]")
-    cls, request_id = _header(r.scalar("protocol_version"), r.scalar("type"), r.scalar("request_id"), accept,
-                              len(data))
+    header = _read_header(data) if len(data) > SMALL_FRAME else None
+    if header is not None:  # a large frame: its header is checked before its body is walked at all
+        version, type_name, request_id, start = header
+        body = memoryview(data)[start:]
+    else:
+        try:
+            version, type_name, request_id, body = _HEADER.decode(data)
+        except Exception as exc:
+            _refuse_undecodable(data, accept, exc)
+    cls, request_id = _header(version, type_name, request_id, accept, len(data))
+    try:
+        _check_keys(cls, body)
+        if len(data) > SMALL_FRAME and cls.TREES:
+            return Frame(request_id, _decode_large(cls, body))
+        return Frame(request_id, _BODY[cls].decode(body))
+    except ProtocolError as exc:
+        raise ProtocolError(f"invalid {cls.TYPE} message: {exc}", request_id) from None
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid {cls.TYPE} message: {_explain(str(exc))}", request_id) from None
+    except Exception as exc:  # DecodeError, RecursionError: still typed, still with the request id
+        raise ProtocolError(f"invalid {cls.TYPE} message: undecodable ({type(exc).__name__}: {exc})",
+                            request_id) from None
 
-    def read_all():
-        message = Struct(cls).read(r, "body")
-        if not r.at_end():
-            raise ProtocolError("trailing bytes after the frame")
-        return message
 
-    return _body(cls, request_id, read_all)
+def _refuse_undecodable(data: bytes, accept: frozenset[str] | None, exc: Exception):
+    """Raise the ProtocolError for a frame msgspec could not split; with the request id if its header reads."""
+    header = _read_header(data)
+    if header is None:
+        raise _frame_error(exc) from None
+    cls, request_id = _header(*header[:3], accept, len(data))
+    raise ProtocolError(f"invalid {cls.TYPE} message: undecodable ({type(exc).__name__}: {exc})", request_id) from None
+
+
+def _frame_error(exc: Exception) -> ProtocolError:
+    text = str(exc)
+    if not isinstance(exc, msgspec.ValidationError):  # DecodeError, RecursionError: garbage, truncated, trailing
+        return ProtocolError(f"undecodable msgpack frame ({type(exc).__name__}: {exc})")
+    if "got `ext`" in text:
+        return ProtocolError(f"undecodable msgpack frame (ext types are refused): {text}")
+    if re.search(r"at `\$\[[0-2]\]`$", text):
+        return ProtocolError(f"frame header must hold scalars: {text}")
+    return ProtocolError("frame must be an array [protocol_version, type, request_id, body]")
+
+
+_SCALAR = msgspec.msgpack.Decoder(_Scalar)
+#: msgpack scalars by first byte: (bytes of the length that follows, fixed payload bytes)
+_SIZES = {0xC0: (0, 0), 0xC2: (0, 0), 0xC3: (0, 0), 0xCA: (0, 4), 0xCB: (0, 8), 0xCC: (0, 1), 0xCD: (0, 2),
+          0xCE: (0, 4), 0xCF: (0, 8), 0xD0: (0, 1), 0xD1: (0, 2), 0xD2: (0, 4), 0xD3: (0, 8), 0xD9: (1, 0),
+          0xDA: (2, 0), 0xDB: (4, 0)}
+
+
+def _read_header(data: bytes) -> tuple[Any, Any, Any, int] | None:
+    """The three scalars after a frame's ``0x94`` (array of 4), read one by one, and where the body starts.
+    For a large frame (its limits apply before its body is walked) and for one msgspec cannot split (a
+    body nested past msgspec's depth limit: the error still names the request). None if unreadable."""
+    view, pos, out = memoryview(data), 1, []
+    if not view or view[0] != 0x94:
+        return None
+    for _ in range(3):
+        if pos >= len(view):
+            return None
+        first = view[pos]
+        if first <= 0x7F or first >= 0xE0:
+            size = 1
+        elif 0xA0 <= first <= 0xBF:
+            size = 1 + (first & 0x1F)
+        elif first in _SIZES:
+            nlen, fixed = _SIZES[first]
+            size = 1 + nlen + fixed + int.from_bytes(view[pos + 1:pos + 1 + nlen], "big")
+        else:
+            return None
+        try:
+            out.append(_SCALAR.decode(view[pos:pos + size]))
+        except msgspec.DecodeError:
+            return None
+        pos += size
+    return out[0], out[1], out[2], pos
 
 
 def _header(version: Any, type_name: Any, request_id: Any, accept: frozenset[str] | None,
@@ -373,10 +616,73 @@ def _header(version: Any, type_name: Any, request_id: Any, accept: frozenset[str
     return cls, request_id
 
 
-def _body(cls: type[Message], request_id: int, decode_body) -> Frame:
+def _map_len(body: Raw) -> int | None:
+    """The number of keys a msgpack map declares (from its first bytes), None if it is not a map."""
+    head = memoryview(body)[:5].tobytes()
+    if not head:
+        return None
+    if 0x80 <= head[0] <= 0x8F:
+        return head[0] & 0x0F
+    if head[0] in (0xDE, 0xDF) and len(head) >= (3 if head[0] == 0xDE else 5):
+        return int.from_bytes(head[1:3] if head[0] == 0xDE else head[1:5], "big")
+    return None
+
+
+def _check_keys(cls: type[Message], body: Raw) -> None:
+    """Refuse a body declaring more keys than its message has fields, before any key is read."""
+    keys, fields = _map_len(body), len(cls.__struct_fields__)
+    if keys is not None and keys > fields:
+        raise ProtocolError(f"field 'body': {keys} keys, at most {fields} allowed")
+
+
+def _sized_trees(cls: type[Message]) -> msgspec.msgpack.Decoder:
+    """A decoder for ``cls`` with its tree-valued fields left undecoded (``Raw``), derived from ``cls``."""
+    fields = []
+    for f in msgspec.structs.fields(cls):
+        kind = Raw if f.name in cls.TREES else f.type
+        if f.default is not msgspec.NODEFAULT:
+            fields.append((f.name, kind, f.default))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            fields.append((f.name, kind, msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, kind))
+    return msgspec.msgpack.Decoder(msgspec.defstruct(f"{cls.__name__}Sized", fields, forbid_unknown_fields=True))
+
+
+def _decode_large(cls: type[Message], body: Raw) -> Message:
+    """A body of a frame over SMALL_FRAME whose message has trees: each tree's encoded size is checked
+    before it is built (1 byte of msgpack can be a 56-byte Python list), everything else as usual."""
+    sized = _SIZED[cls].decode(body)
+    values = {name: getattr(sized, name) for name in cls.__struct_fields__}
+    for name, (max_bytes, _) in cls.TREES.items():
+        raw = values[name]
+        if len(raw) > max_bytes:
+            raise ProtocolError(f"field {name!r}: {len(raw)} bytes, at most {max_bytes} allowed")
+        try:
+            values[name] = _TREES[cls, name].decode(raw)
+        except msgspec.ValidationError as exc:  # its path, as if decoded in place
+            raise ProtocolError(_explain(str(exc).replace("`$", f"`$.{name}", 1))) from None
     try:
-        return Frame(request_id, decode_body())
-    except ProtocolError as exc:
-        raise ProtocolError(f"invalid {cls.TYPE} message: {exc}", request_id) from None
-    except Exception as exc:  # a bug in a check must still come out typed
-        raise ProtocolError(f"invalid {cls.TYPE} message: {type(exc).__name__}: {exc}", request_id) from None
+        return cls(**values)
+    except ValueError as exc:  # __post_init__: a tree of too many values
+        raise ProtocolError(str(exc)) from None
+
+
+_SIZED = {cls: _sized_trees(cls) for cls in MESSAGE_TYPES.values() if cls.TREES}
+_TREES = {(cls, f.name): msgspec.msgpack.Decoder(f.type)
+          for cls in _SIZED for f in msgspec.structs.fields(cls) if f.name in cls.TREES}
+
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>.*)`)?$", re.S)
+
+
+def _explain(text: str) -> str:
+    """A msgspec validation error in this protocol's words: ``field 'path': what``."""
+    m = _AT.match(text)
+    what, path = m.group("what"), m.group("path") or "body"
+    what = re.sub(r"Object contains unknown field `(.*)`", r"unknown key '\1'", what)
+    if path.endswith("backend") and what.startswith("Invalid value"):
+        what = "unknown backend" + what[len("Invalid value"):]
+    if "got `ext`" in what:
+        what = f"undecodable msgpack (ext types are refused): {what}"
+    return f"field {path!r}: {what}"

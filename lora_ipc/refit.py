@@ -35,17 +35,20 @@ import math
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
+from msgspec import Meta
 
 from .client import AdapterClient
 from .errors import LoraIpcError, ProtocolError
 from .exporter import AdapterExporter
-from .layout import ALIGN, DTYPE_NAMES, DTYPES, MAX_DIMS, align_up
+from .layout import ALIGN, DTYPE_NAMES, DTYPES, align_up
+from .protocol import MAX_DIMS, MAX_ENTRIES, Count, Name, Positive, check_fields
 
 DEFAULT_BUCKET_BYTES = 256 << 20
 MIN_BUCKET_BYTES = 4 << 10
-MAX_PIECES_PER_BUCKET = 1 << 16
+MAX_PIECES_PER_BUCKET = MAX_ENTRIES  # a bucket is one slab layout
 MAX_PARAM_ELEMENTS = 1 << 40  # a split parameter's full size, checked before the receiver allocates it
 
 
@@ -176,6 +179,10 @@ def _fill_greedily(params: list[tuple[str, torch.dtype, tuple[int, ...]]], bucke
 
 # ---- the control-plane message ---------------------------------------------------------------
 
+#: ``[entry, param, start, full_shape]`` per split parameter in a bucket (JSON: lists, not tuples)
+PieceRef = tuple[Name, Name, Count, Annotated[list[Count], Meta(max_length=MAX_DIMS)]]
+Pieces = Annotated[list[PieceRef], Meta(max_length=MAX_PIECES_PER_BUCKET)]
+
 
 @dataclass
 class BucketRef:
@@ -184,29 +191,18 @@ class BucketRef:
     ``pieces`` lists only split parameters: ``[entry, param, start, full_shape]`` per piece in the bucket.
     """
 
-    stream: str
-    version: int
-    update: int
-    bucket: int
-    buckets: int
-    pieces: list = field(default_factory=list)
+    stream: Name
+    version: Positive
+    update: Positive
+    bucket: Count
+    buckets: Positive
+    pieces: Pieces = field(default_factory=list)
 
     def __post_init__(self):
-        if type(self.stream) is not str or not 0 < len(self.stream) <= 512:
-            raise ProtocolError("update info 'stream' must be a non-empty string")
-        for key in ("version", "update", "buckets"):
-            value = getattr(self, key)
-            if type(value) is not int or value < 1:
-                raise ProtocolError(f"update info {key!r} must be a positive integer, got {value!r:.40}")
-        if type(self.bucket) is not int or not 0 <= self.bucket < self.buckets:
+        check_fields(self, "update info")
+        if self.bucket >= self.buckets:
             raise ProtocolError(f"update info 'bucket' must be in [0, {self.buckets}), got {self.bucket!r:.40}")
-        if type(self.pieces) is not list or len(self.pieces) > MAX_PIECES_PER_BUCKET:
-            raise ProtocolError("update info 'pieces' must be a list")
         for item in self.pieces:
-            if (type(item) is not list or len(item) != 4 or type(item[0]) is not str or type(item[1]) is not str
-                    or type(item[2]) is not int or item[2] < 0 or type(item[3]) is not list
-                    or len(item[3]) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in item[3])):
-                raise ProtocolError(f"update info piece {item!r:.120} is not [entry, param, start, full_shape]")
             if math.prod(item[3]) > MAX_PARAM_ELEMENTS:
                 raise ProtocolError(f"update info piece {item[0]!r:.80}: full shape {item[3]} is too large")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import dataclasses
 import errno
 import logging
 import os
@@ -18,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import zmq
 
 from . import protocol as p
@@ -63,10 +63,10 @@ def publish_source_key(peer: bytes, handle: p.SlabHandle) -> tuple:
     handle names. A CUDA handle's ref-counter fields change with every publish (each carries a fresh export,
     Note [one export per import]); the memory they export does not."""
     if isinstance(handle, p.CudaSlabHandle):
-        handle = dataclasses.replace(handle, ref_counter_handle=b"", ref_counter_offset=0, event_handle=b"",
+        handle = msgspec.structs.replace(handle, ref_counter_handle=b"", ref_counter_offset=0, event_handle=b"",
                                      event_sync_required=False)
     elif getattr(handle, "token", None) is not None:  # a CPU staging memfd pushed again with each publish
-        handle = dataclasses.replace(handle, token=None)
+        handle = msgspec.structs.replace(handle, token=None)
     return (peer, handle)
 
 
@@ -281,7 +281,7 @@ class AdapterServer:
         g = self.guard
         report["server"] = {"connections": g.live, "connection_cap": g.cap, "peak_connections": g.peak,
                             "dropped_connections": g.dropped, "requests": self.requests}
-        return p.StatusReply(report)  # type: ignore[arg-type]  # a TypedDict is a dict on the wire
+        return p.StatusReply(msgspec.convert(report, p.StatusReport))  # the contract, checked where it is made
 
     # ---- thread ----------------------------------------------------------------------------
 

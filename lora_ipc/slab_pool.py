@@ -18,11 +18,11 @@ Note [a generation bump before every write]
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from .backends import Backend, ExportedSlab, backend_for
@@ -138,7 +138,7 @@ class SlabPool:
                 self._generations.free_slot(slot)
                 self._bytes -= size
             raise
-        slab.handle = dataclasses.replace(slab.handle, generation=GenerationSlot(
+        slab.handle = msgspec.structs.replace(slab.handle, generation=GenerationSlot(
             os.getpid(), self._generations.fd, slot, self._generations.name))
         with self._lock:
             self._bytes += slab.nbytes - size  # a backend may round up further (VMM: the device's granularity)

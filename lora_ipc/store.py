@@ -28,7 +28,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypedDict
 
 import torch
 
@@ -36,10 +35,9 @@ from .backends import ExportedSlab, slab_device
 from .errors import AdapterNotFound, AdapterRejected, LeaseError, LimitExceeded, StaleEpoch, VersionNotFound
 from .layout import SlabLayout
 from .layout_cache import LayoutCache
-from .protocol import AdapterSummary, digest_of
+from .protocol import MAX_STATUS_LEASES, AdapterSummary, digest_of
 from .slab_pool import SlabPool
 
-MAX_STATUS_LEASES = 100  # leases listed one by one in a status report (all are counted)
 _STATUS_ENTRY_BYTES = 160  # msgpack size of one status adapter entry, its name aside (upper estimate)
 
 
@@ -53,59 +51,6 @@ class Limits:
     max_leases: int = 1 << 16  # live leases in all
     max_leases_per_holder: int = 64  # live leases per connection
     max_retiring_per_adapter: int = 2  # old versions pinned by leases; past it the oldest is revoked
-
-
-class AdapterStatus(TypedDict):
-    name: str
-    version: int
-    bytes: int
-    tensors: int
-    leases: int
-    retiring: bool
-    published_at: float
-
-
-class LeaseStatus(TypedDict):
-    lease_id: int
-    name: str
-    version: int
-    holder: str
-    expires_in_s: float
-
-
-class SlabStatus(TypedDict):
-    live: int
-    free: int
-    bytes: int
-
-
-class ServerStatus(TypedDict):
-    """The server's connections (see guard.py), added by the server to a status reply."""
-
-    connections: int
-    connection_cap: int
-    peak_connections: int
-    dropped_connections: int
-    requests: int
-
-
-class StatusReport(TypedDict, total=False):
-    """What ``AdapterStore.status`` returns (and the server adds ``endpoint``/``pid`` to); read by the
-    CLI, the Prometheus exporter and the daemon."""
-
-    uptime_s: float
-    epoch: str
-    keep: int
-    adapters: list[AdapterStatus]  # bounded in bytes when asked (the server does)
-    adapters_left_out: int  # versions not listed in ``adapters``
-    lease_count: int
-    leases: list[LeaseStatus]  # at most MAX_STATUS_LEASES of them
-    limits: dict
-    slabs: SlabStatus
-    metrics: dict
-    endpoint: str
-    pid: int
-    server: ServerStatus
 
 
 @dataclass
@@ -427,8 +372,9 @@ class AdapterStore:
     def live_slab_ids(self) -> list[str]:
         return [s.slab_id for s in self.pool.slabs()]
 
-    def status(self, max_listed_bytes: int | None = None) -> StatusReport:
-        """The operator view. ``max_listed_bytes`` bounds the wire size of the adapter list (an upper
+    def status(self, max_listed_bytes: int | None = None) -> dict:
+        """The operator view: a :class:`~lora_ipc.protocol.StatusReport` as plain data (the server
+        sends it as one, checked). ``max_listed_bytes`` bounds the wire size of the adapter list (an upper
         estimate per entry); those left out are counted in ``adapters_left_out``."""
         with self._lock:
             now = self.clock()

@@ -153,16 +153,17 @@ def test_good_publish_request_is_copied_into_the_exporter(served, staged):
 
 def test_a_handle_naming_something_else_than_a_slab_is_rejected(served, staged):
     """A handle pointing at an open regular file (not a sealed lora-ipc memfd) is refused on the opened fd."""
-    import dataclasses
     import os
+
+    import msgspec
 
     exporter_proc, peer = served
     tensors, layout, slab = staged
     with open("/etc/hostname", "rb") as f:
-        handle = dataclasses.replace(slab.handle, fd=f.fileno())
+        handle = msgspec.structs.replace(slab.handle, fd=f.fileno())
         frame = p.encode(p.PublishRequest("x", {}, handle, layout.to_wire(), layout.used_bytes), 4)
         peer.expect_error(frame, "BackendError", "not lora-ipc shared memory")
-        gone = dataclasses.replace(slab.handle, pid=os.getpid(), fd=999_999)
+        gone = msgspec.structs.replace(slab.handle, pid=os.getpid(), fd=999_999)
         frame = p.encode(p.PublishRequest("x", {}, gone, layout.to_wire(), layout.used_bytes), 5)
         peer.expect_error(frame, "BackendError", "gone")
     still_serving(exporter_proc)
@@ -178,14 +179,15 @@ class FakeExporter:
         self.sock.bind(self.endpoint)
         self.tensors, self.layout, self.slab = staged
         # like a store's: a handle carries the exporter's generation counter (clients refuse one without)
-        import dataclasses
         import os
+
+        import msgspec
 
         from lora_ipc.shm import GenerationTable
 
         self.table = GenerationTable(4)
         slot = p.GenerationSlot(os.getpid(), self.table.fd, self.table.take_slot(), self.table.name)
-        self.handle = dataclasses.replace(self.slab.handle, generation=slot)
+        self.handle = msgspec.structs.replace(self.slab.handle, generation=slot)
 
     def answer(self, **overrides):
         identity, _, payload = self.sock.recv_multipart()
@@ -241,7 +243,7 @@ def test_layout_validator_unit():
 
 def test_large_frames_take_the_streaming_path_with_the_same_rules():
     """Frames over 64 KiB are walked as a stream: the same refusals, without building the frame first."""
-    from lora_ipc.schema import SMALL_FRAME
+    from lora_ipc.protocol import SMALL_FRAME
 
     big_name = "x" * 500
     entries = [[f"{big_name}{i}", "float32", [4], i * 256, 16] for i in range(200)]

@@ -57,7 +57,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(
     st.dictionaries(st.one_of(st.text(max_size=12), st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)), inner,
                     max_size=6)),
     max_leaves=30)
-FIELD_NAMES = sorted({f for cls in p.MESSAGE_TYPES.values() for f in getattr(cls, "__dataclass_fields__", {})}
+FIELD_NAMES = sorted({f for cls in p.MESSAGE_TYPES.values() for f in cls.__struct_fields__}
                      | {"backend", "pid", "fd", "slot", "table", "generation", "slab_id", "nbytes", "device_uuid",
                         "storage_handle",
                         "ready_event"})

@@ -403,7 +403,7 @@ def test_the_ready_event_orders_the_copy_after_the_pack(monkeypatch):
 
 def test_a_refused_handle_is_a_backend_error_naming_torch():
     """Item 5: a handle this torch cannot read is a BackendError, never a crash."""
-    import dataclasses
+    import msgspec
 
     from lora_ipc import BackendError
     from lora_ipc.backends import open_slab
@@ -416,7 +416,8 @@ def test_a_refused_handle_is_a_backend_error_naming_torch():
             client.fetch("v")
             slab = next(iter(client._slabs.values()))
             reply_handle = slab.handle
-        bad = dataclasses.replace(reply_handle, slab_id="bad", storage_handle=b"\xff" + reply_handle.storage_handle[1:])
+        bad = msgspec.structs.replace(reply_handle, slab_id="bad",
+                                      storage_handle=b"\xff" + reply_handle.storage_handle[1:])
         with pytest.raises(BackendError, match="torch"):
             open_slab(bad)
     finally:

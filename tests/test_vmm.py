@@ -5,12 +5,12 @@ falls back, its handles travel the protocol. With a GPU (``gpu`` marker, the dev
 trip bitwise, read-only imports, an exporter SIGKILLed under an importer, torch's allocator untouched.
 """
 
-import dataclasses
 import gc
 import multiprocessing as mp
 import os
 import time
 
+import msgspec
 import pytest
 import torch
 
@@ -212,7 +212,7 @@ def test_release_frees_a_vmm_import_once(monkeypatch):
     server = ServerIdentity("ipc:///nowhere/vmm.sock", os.getpid(), os.getuid())
     key, slab = REGISTRY.acquire(server, "vmm.reg.1", handle)
     assert slab is fake
-    assert REGISTRY.acquire(server, "vmm.reg.1", dataclasses.replace(handle, token=b"u" * 16))[1] is fake
+    assert REGISTRY.acquire(server, "vmm.reg.1", msgspec.structs.replace(handle, token=b"u" * 16))[1] is fake
     REGISTRY.release(key)
     assert not closed
     REGISTRY.release(key)

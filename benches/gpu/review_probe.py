@@ -901,13 +901,13 @@ def check_host_fallback(lab, w4):
 
 
 def check_bad_handle(lab, w1):
-    import dataclasses
+    import msgspec
 
     from lora_ipc.backends.cuda import CudaBackend
 
     slab = CudaBackend(lab.device).allocate(1 * MiB)
     h = slab.handle_for_import()
-    bad = dataclasses.replace(h, slab_id="bad-version", storage_handle=b"\xff" + h.storage_handle[1:])
+    bad = msgspec.structs.replace(h, slab_id="bad-version", storage_handle=b"\xff" + h.storage_handle[1:])
     r = w1.call("open_bad", bad)
     emit("refused_handle_version", "pass" if r["raised"] == "BackendError" and "torch" in r.get("message", "")
          else "fail", expect="a handle with a future version byte is a BackendError naming torch, not a crash",

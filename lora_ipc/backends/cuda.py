@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import itertools
 import logging
 import os
@@ -64,6 +63,7 @@ import secrets
 import threading
 import weakref
 
+import msgspec
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
@@ -281,7 +281,7 @@ class CudaExportedSlab(ExportedSlab):
         refcount.add(rc_handle, rc_offset, UNCONFIRMED - 1)  # Note [unconfirmed exports]
         self._exports += 1
         self._sent[(rc_handle, rc_offset)] = None
-        return dataclasses.replace(self.handle, ref_counter_handle=rc_handle, ref_counter_offset=rc_offset,
+        return msgspec.structs.replace(self.handle, ref_counter_handle=rc_handle, ref_counter_offset=rc_offset,
                                    event_handle=bytes(args[13] or b""), event_sync_required=bool(args[14]))
 
     def handle_for_import(self) -> CudaSlabHandle:

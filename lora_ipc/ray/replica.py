@@ -12,20 +12,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import LayoutError
+from ..errors import LayoutError, ProtocolError
 from ..layout import SlabLayout
+from ..protocol import MAX_CONFIG_NODES, Config, Count, Entries, Name, Positive, WireStruct, check_fields, check_tree
 
 
-@dataclass(frozen=True)
-class ReplicaMeta:
-    name: str
-    version: int
-    entries: list  # SlabLayout.to_wire()
-    used_bytes: int
-    peft_config: dict
+class ReplicaMeta(WireStruct):
+    """A version's metadata as one relay ships it to another (declared like the ZeroMQ messages' fields)."""
+
+    name: Name
+    version: Positive
+    entries: Entries  # SlabLayout.to_wire() (lists) on the sending side
+    used_bytes: Count
+    peft_config: Config
 
     def layout_for(self, data: np.ndarray) -> SlabLayout:
-        """The validated layout of ``data`` (the version's used bytes, as shipped)."""
+        """The validated layout of ``data`` (the version's used bytes, as shipped); the fields are checked
+        first, as a server checks a decoded message's."""
+        check_fields(self, f"replica of {self.name!r:.80}:")
+        try:
+            check_tree(self.peft_config, MAX_CONFIG_NODES, "peft_config")
+        except ValueError as exc:
+            raise ProtocolError(f"replica of {self.name!r:.80}: {exc}") from None
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
             raise LayoutError(f"{self.name} v{self.version}: replica bytes must be a 1-D uint8 array")
         if data.nbytes != self.used_bytes:

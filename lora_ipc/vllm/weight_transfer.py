@@ -42,9 +42,10 @@ import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
+from msgspec import Meta
 from vllm.distributed.weight_transfer.base import (
     TrainerInitInfo,
     TrainerWeightTransferEngine,
@@ -56,7 +57,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from ..endpoint import ipc_path
-from ..errors import ProtocolError
+from ..protocol import Count, Name, check_fields
 from ..refit import (
     DEFAULT_BUCKET_BYTES,
     REFIT_ERRORS,
@@ -96,27 +97,16 @@ def _named(cls: type[RefitError], message: str) -> RefitError:
 class LoraIpcInitInfo(WeightTransferInitInfo):
     """What a worker needs to fetch buckets: the trainer's endpoint, its stream name, a timeout."""
 
-    endpoint: str
-    stream: str
-    timeout_s: float = 60.0
-    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    endpoint: Annotated[str, Meta(min_length=1, max_length=4096)]
+    stream: Name
+    timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
+    idle_timeout_s: Annotated[float, Meta(gt=0, le=86400)] = DEFAULT_IDLE_TIMEOUT_S
     stage_on_host: bool = False
-    max_update_bytes: int = 0  # 0: STAGE_LIMIT_FACTOR x the served model's parameter and buffer bytes
+    max_update_bytes: Count = 0  # 0: STAGE_LIMIT_FACTOR x the served model's parameter and buffer bytes
 
     def __post_init__(self):
-        if type(self.endpoint) is not str:
-            raise ProtocolError("init info 'endpoint' must be a string")
+        check_fields(self, "init info")
         ipc_path(self.endpoint)
-        if type(self.stream) is not str or not 0 < len(self.stream) <= 512:
-            raise ProtocolError("init info 'stream' must be a non-empty string")
-        if type(self.timeout_s) not in (int, float) or not 0 < self.timeout_s <= 3600:
-            raise ProtocolError("init info 'timeout_s' must be a number of seconds in (0, 3600]")
-        if type(self.idle_timeout_s) not in (int, float) or not 0 < self.idle_timeout_s <= 86400:
-            raise ProtocolError("init info 'idle_timeout_s' must be a number of seconds in (0, 86400]")
-        if type(self.stage_on_host) is not bool:
-            raise ProtocolError("init info 'stage_on_host' must be a boolean")
-        if type(self.max_update_bytes) is not int or self.max_update_bytes < 0:
-            raise ProtocolError("init info 'max_update_bytes' must be a non-negative integer")
 
 
 @dataclass
