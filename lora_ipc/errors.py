@@ -78,6 +78,10 @@ class AdapterRejected(LoraIpcError):
     """The adapter was refused at publish time or by the engine (NaN/Inf, unknown module names, rank too large)."""
 
 
+class StoreClosed(LoraIpcError):
+    """The store (its exporter or daemon) was closed: nothing more is published into it."""
+
+
 class LoaderBypassed(LoraIpcError):
     """A framework's replacement of vLLM's ``_load_adapter`` would receive ``lora-ipc://`` paths (it is named)."""
 
@@ -97,5 +101,6 @@ WIRE_ERRORS: dict[str, type[LoraIpcError]] = {
         AdapterRejected,
         LimitExceeded,
         SlabRecycled,
+        StoreClosed,
     )
 }

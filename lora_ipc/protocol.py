@@ -30,7 +30,7 @@ import hashlib
 import re
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta, Raw, Struct
@@ -73,29 +73,17 @@ def digest_of(obj: Any) -> bytes:
 # field types
 # --------------------------------------------------------------------------------------------
 
-def _int(lo: int = 0, hi: int = _I64) -> Any:
-    return Annotated[int, Meta(ge=lo, le=hi)]
-
-
-def _str(max_chars: int, min_chars: int = 1) -> Any:
-    return Annotated[str, Meta(min_length=min_chars, max_length=max_chars)]
-
-
-def _list(item: Any, max_items: int) -> Any:
-    return Annotated[list[item], Meta(max_length=max_items)]
-
-
-Name = _str(MAX_NAME_CHARS)
-SlabId = _str(128)
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+SlabId = Annotated[str, Meta(min_length=1, max_length=128)]
 Digest = Annotated[bytes, Meta(min_length=16, max_length=16)]
 Token = Annotated[bytes, Meta(min_length=16, max_length=16)]
 #: A store's epoch (``store.new_epoch``); "" from a server that names none (a client pinned to an epoch refuses it).
-Epoch = _str(16, min_chars=0)
-Positive = _int(1)
-Count = _int(0)
-Pid = _int(1, 1 << 31)
-Fd = _int(0, 1 << 20)
-ByteOffset = _int(0, MAX_BYTE_OFFSET)
+Epoch = Annotated[str, Meta(min_length=0, max_length=16)]
+Positive = Annotated[int, Meta(ge=1, le=_I64)]
+Count = Annotated[int, Meta(ge=0, le=_I64)]
+Pid = Annotated[int, Meta(ge=1, le=1 << 31)]
+Fd = Annotated[int, Meta(ge=0, le=1 << 20)]
+ByteOffset = Annotated[int, Meta(ge=0, le=MAX_BYTE_OFFSET)]
 #: a float that is not NaN (which fails every comparison, so any bound refuses it) nor -inf
 Number = Annotated[float, Meta(ge=-sys.float_info.max)]
 
@@ -104,7 +92,7 @@ def tree(depth: int = MAX_TREE_DEPTH, max_chars: int = MAX_TREE_CHARS) -> Any:
     """A JSON-like map (adapter_config.json): str keys; None, bool, int, float (not NaN), str, arrays
     and maps as values, at most ``depth`` levels below the root (deeper is refused as it is read, before
     it is built). Node counts: :func:`check_tree`."""
-    text = _str(max_chars, min_chars=0)
+    text = Annotated[str, Meta(min_length=0, max_length=max_chars)]
     scalar = None | bool | int | Number | text
     node: Any = scalar
     for _ in range(depth - 1):
@@ -112,7 +100,10 @@ def tree(depth: int = MAX_TREE_DEPTH, max_chars: int = MAX_TREE_CHARS) -> Any:
     return dict[text, node]
 
 
-Config = tree()
+if TYPE_CHECKING:  # built at run time, with its bounds; to a type checker, a JSON-like map
+    Config = dict[str, Any]
+else:
+    Config = tree()
 
 
 def check_tree(value: Any, max_nodes: int, where: str) -> None:
@@ -156,8 +147,8 @@ def _annotated_fields(cls: type) -> tuple[tuple[str, ...], Any]:
     if dataclasses.is_dataclass(cls):
         names = tuple(f.name for f in dataclasses.fields(cls) if f.name in hints)
     else:
-        names = cls.__struct_fields__
-    return names, tuple[tuple(hints[n] for n in names)]
+        names = cls.__struct_fields__  # type: ignore[attr-defined]  # a Struct class
+    return names, tuple[tuple(hints[n] for n in names)]  # type: ignore[misc]  # built at run time
 
 
 class WireStruct(Struct, frozen=True, forbid_unknown_fields=True):
@@ -169,35 +160,36 @@ class WireStruct(Struct, frozen=True, forbid_unknown_fields=True):
 # --------------------------------------------------------------------------------------------
 
 
-class LayoutEntry(WireStruct, array_like=True):
+class LayoutEntry(WireStruct, frozen=True, array_like=True):
     """One tensor of a slab layout, on the wire ``[name, dtype, shape, offset, nbytes]``. Types and bounds
     only: the geometry (dtype allow-list, alignment, overlap, byte counts) is ``layout.SlabLayout.from_wire``."""
 
     name: Name
-    dtype: _str(32)
+    dtype: Annotated[str, Meta(min_length=1, max_length=32)]
     shape: Annotated[tuple[ByteOffset, ...], Meta(max_length=MAX_DIMS)]
     offset: ByteOffset
     nbytes: ByteOffset
 
 
-Entries = _list(LayoutEntry, MAX_ENTRIES)
+Entries = Annotated[list[LayoutEntry], Meta(max_length=MAX_ENTRIES)]
 
 
-class GenerationSlot(WireStruct):
+class GenerationSlot(WireStruct, frozen=True):
     """Where the exporter counts reuses of a slab: 8 bytes at ``slot * 8`` of a sealed memfd the
     exporter process ``pid`` holds as ``fd`` (opened by importers as ``/proc/<pid>/fd/<fd>``)."""
 
     pid: Pid
     fd: Fd
-    slot: _int(0, 1 << 20)
-    table: _str(64)  # the memfd's name: an fd number is reused when a store closes and another opens
+    slot: Annotated[int, Meta(ge=0, le=1 << 20)]
+    # the memfd's name: an fd number is reused when a store closes and another opens
+    table: Annotated[str, Meta(min_length=1, max_length=64)]
 
 
-class _Handle(WireStruct, tag_field="backend"):
+class _Handle(WireStruct, frozen=True, tag_field="backend"):
     """A slab handle: a map whose first key, ``backend``, names the class (``TAG``)."""
 
 
-class CpuSlabHandle(_Handle, tag="cpu"):
+class CpuSlabHandle(_Handle, frozen=True, tag="cpu"):
     """A CPU slab: a sealed (cannot shrink or grow) memfd that process ``pid`` holds as ``fd``.
 
     Importers open ``/proc/<pid>/fd/<fd>`` read-only and check owner, seals, size and name on the
@@ -219,7 +211,7 @@ class CpuSlabHandle(_Handle, tag="cpu"):
         return f"/proc/{self.pid}/fd/{self.fd}"
 
 
-class CudaSlabHandle(_Handle, tag="cuda"):
+class CudaSlabHandle(_Handle, frozen=True, tag="cuda"):
     """A CUDA IPC slab: the fields of ``reduce_tensor`` (torch's own sharing) plus the GPU UUID.
 
     The storage fields are those of ``torch.multiprocessing.reductions.rebuild_cuda_tensor``.
@@ -228,7 +220,7 @@ class CudaSlabHandle(_Handle, tag="cuda"):
 
     slab_id: SlabId
     nbytes: Positive
-    device_uuid: _str(64)
+    device_uuid: Annotated[str, Meta(min_length=1, max_length=64)]
     storage_handle: Annotated[bytes, Meta(max_length=1024)]
     storage_size_bytes: Positive
     storage_offset_bytes: Count
@@ -241,13 +233,13 @@ class CudaSlabHandle(_Handle, tag="cuda"):
     TAG: ClassVar[str] = "cuda"
 
 
-class VmmSlabHandle(_Handle, tag="vmm"):
+class VmmSlabHandle(_Handle, frozen=True, tag="vmm"):
     """A CUDA VMM slab (backends/vmm.py): one ``cuMemCreate`` allocation exported as a POSIX descriptor,
     which travels by the descriptor channel only (``token``, fdchannel.py). ``ready_event`` as for CUDA IPC."""
 
     slab_id: SlabId
     nbytes: Positive
-    device_uuid: _str(64)
+    device_uuid: Annotated[str, Meta(min_length=1, max_length=64)]
     ready_event: Annotated[bytes, Meta(max_length=256)]
     generation: GenerationSlot | None = None
     token: Token | None = None
@@ -263,7 +255,7 @@ SlabHandle = CpuSlabHandle | CudaSlabHandle | VmmSlabHandle
 MESSAGE_TYPES: dict[str, type["Message"]] = {}
 
 
-class Message(WireStruct):
+class Message(WireStruct, frozen=True):
     """Base of all wire messages. ``TYPE`` names the class on the wire; ``MAX_FRAME`` bounds its frames;
     ``TREES`` maps each tree-valued field to its (max encoded bytes, max nodes)."""
 
@@ -283,26 +275,26 @@ class Message(WireStruct):
                 check_tree(value, max_nodes, name)
 
 
-class ListRequest(Message):
+class ListRequest(Message, frozen=True):
     TYPE: ClassVar[str] = "list"
     MAX_FRAME: ClassVar[int] = 256
 
 
-class AdapterSummary(WireStruct):
+class AdapterSummary(WireStruct, frozen=True):
     name: Name
-    versions: _list(Positive, MAX_VERSIONS_LISTED)
+    versions: Annotated[list[Positive], Meta(max_length=MAX_VERSIONS_LISTED)]
     nbytes: Count
 
 
-class ListReply(Message):
-    adapters: _list(AdapterSummary, MAX_ADAPTERS_LISTED)
+class ListReply(Message, frozen=True):
+    adapters: Annotated[list[AdapterSummary], Meta(max_length=MAX_ADAPTERS_LISTED)]
     epoch: Epoch = ""  # the store's epoch: its version numbers mean these bytes only in it
     left_out: Count = 0  # adapters not listed (the server bounds a reply in bytes)
     TYPE: ClassVar[str] = "list_reply"
     MAX_FRAME: ClassVar[int] = 8 << 20
 
 
-class FetchRequest(Message):
+class FetchRequest(Message, frozen=True):
     """Lease ``version`` (newest when None) of ``name`` (of store epoch ``epoch`` when not None).
 
     ``known_slabs`` / ``known_layouts`` / ``known_configs`` list what the client has cached, so the
@@ -314,17 +306,17 @@ class FetchRequest(Message):
 
     name: Name
     version: Positive | None
-    client_id: _str(128)
-    known_slabs: _list(SlabId, MAX_KNOWN) = []
-    known_layouts: _list(Digest, MAX_KNOWN) = []
-    known_configs: _list(Digest, MAX_KNOWN_CONFIGS) = []
+    client_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    known_slabs: Annotated[list[SlabId], Meta(max_length=MAX_KNOWN)] = []
+    known_layouts: Annotated[list[Digest], Meta(max_length=MAX_KNOWN)] = []
+    known_configs: Annotated[list[Digest], Meta(max_length=MAX_KNOWN_CONFIGS)] = []
     transport: Literal["device", "host"] = "device"  # host: a host-staged copy of a GPU slab
     epoch: Epoch | None = None  # refuse (StaleEpoch) unless the store's epoch is this
     TYPE: ClassVar[str] = "fetch"
     MAX_FRAME: ClassVar[int] = 24 << 10
 
 
-class FetchReply(Message):
+class FetchReply(Message, frozen=True):
     """A leased version. ``slab`` / ``entries`` / ``peft_config`` are None when the request said the
     client knows them (by slab id, layout digest, config digest).
 
@@ -343,14 +335,14 @@ class FetchReply(Message):
     layout_digest: Digest
     entries: Entries | None
     used_bytes: Count
-    live_slabs: _list(SlabId, MAX_LIVE_SLABS)
+    live_slabs: Annotated[list[SlabId], Meta(max_length=MAX_LIVE_SLABS)]
     epoch: Epoch = ""
     TYPE: ClassVar[str] = "fetch_reply"
     MAX_FRAME: ClassVar[int] = MAX_FRAME_BYTES
     TREES: ClassVar[dict[str, tuple[int, int]]] = {"peft_config": (MAX_CONFIG_BYTES, MAX_CONFIG_NODES)}
 
 
-class ReleaseRequest(Message):
+class ReleaseRequest(Message, frozen=True):
     """Drop a lease. ``fetch_ms`` is the client's own measure of the fetch (request sent -> bytes owned),
     which the server aggregates into its swap-latency histogram; 0 when unknown."""
 
@@ -360,13 +352,13 @@ class ReleaseRequest(Message):
     MAX_FRAME: ClassVar[int] = 128
 
 
-class ReleaseReply(Message):
+class ReleaseReply(Message, frozen=True):
     lease_id: Positive
     TYPE: ClassVar[str] = "release_reply"
     MAX_FRAME: ClassVar[int] = 128
 
 
-class PublishRequest(Message):
+class PublishRequest(Message, frozen=True):
     """Ask a daemon to take its own copy of a slab the sender exported, as a new version of ``name``."""
 
     name: Name
@@ -379,19 +371,19 @@ class PublishRequest(Message):
     TREES: ClassVar[dict[str, tuple[int, int]]] = {"peft_config": (MAX_CONFIG_BYTES, MAX_CONFIG_NODES)}
 
 
-class PublishReply(Message):
+class PublishReply(Message, frozen=True):
     name: Name
     version: Positive
     TYPE: ClassVar[str] = "publish_reply"
     MAX_FRAME: ClassVar[int] = 1 << 10
 
 
-class StatusRequest(Message):
+class StatusRequest(Message, frozen=True):
     TYPE: ClassVar[str] = "status"
     MAX_FRAME: ClassVar[int] = 256
 
 
-class AdapterStatus(WireStruct):
+class AdapterStatus(WireStruct, frozen=True):
     name: Name
     version: Positive
     bytes: Count
@@ -401,30 +393,31 @@ class AdapterStatus(WireStruct):
     published_at: Number
 
 
-class LeaseStatus(WireStruct):
+class LeaseStatus(WireStruct, frozen=True):
     lease_id: Positive
     name: Name
     version: Positive
-    holder: _str(1024, min_chars=0)  # the client's id, or its connection's routing id in hex
+    # the client's id, or its connection's routing id in hex
+    holder: Annotated[str, Meta(min_length=0, max_length=1024)]
     expires_in_s: Number
 
 
-class SlabStatus(WireStruct):
+class SlabStatus(WireStruct, frozen=True):
     live: Count
     free: Count
     bytes: Count
 
 
-class LatencyStatus(WireStruct):
+class LatencyStatus(WireStruct, frozen=True):
     """A Prometheus-style histogram: counts per upper bound in ms (the last bound is "+Inf")."""
 
-    buckets_ms: _list(Number | Literal["+Inf"], 64)
-    counts: _list(Count, 64)
+    buckets_ms: Annotated[list[Number | Literal["+Inf"]], Meta(max_length=64)]
+    counts: Annotated[list[Count], Meta(max_length=64)]
     sum_ms: Number
     count: Count
 
 
-class MetricsStatus(WireStruct):
+class MetricsStatus(WireStruct, frozen=True):
     publishes: Count
     fetches: Count
     bytes_published: Count
@@ -433,13 +426,13 @@ class MetricsStatus(WireStruct):
     leases_revoked: Count
     host_stagings: Count
     errors: Count
-    errors_by_type: Annotated[dict[_str(64), Count], Meta(max_length=1024)]
+    errors_by_type: Annotated[dict[Annotated[str, Meta(min_length=1, max_length=64)], Count], Meta(max_length=1024)]
     slabs_allocated: Count
     fetch_latency: LatencyStatus
     publish_latency: LatencyStatus
 
 
-class ServerStatus(WireStruct):
+class ServerStatus(WireStruct, frozen=True):
     """The server's connections (see guard.py), added by the server to a status report."""
 
     connections: Count
@@ -449,26 +442,27 @@ class ServerStatus(WireStruct):
     requests: Count
 
 
-class StatusReport(WireStruct):
+class StatusReport(WireStruct, frozen=True):
     """The operator view: what ``AdapterStore.status`` returns, plus ``endpoint``/``pid``/``server`` from
     the server. Read by the CLI, the Prometheus exporter and the daemon."""
 
     uptime_s: Number
     epoch: Epoch
     keep: Count
-    adapters: _list(AdapterStatus, MAX_ADAPTERS_LISTED)  # bounded in bytes when asked (the server does)
+    # bounded in bytes when asked (the server does)
+    adapters: Annotated[list[AdapterStatus], Meta(max_length=MAX_ADAPTERS_LISTED)]
     adapters_left_out: Count  # versions not listed in ``adapters``
     lease_count: Count
-    leases: _list(LeaseStatus, MAX_STATUS_LEASES)
-    limits: Annotated[dict[_str(64), Count], Meta(max_length=64)]
+    leases: Annotated[list[LeaseStatus], Meta(max_length=MAX_STATUS_LEASES)]
+    limits: Annotated[dict[Annotated[str, Meta(min_length=1, max_length=64)], Count], Meta(max_length=64)]
     slabs: SlabStatus
     metrics: MetricsStatus
-    endpoint: _str(4096) | None = None
+    endpoint: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
     pid: Pid | None = None
     server: ServerStatus | None = None
 
 
-class StatusReply(Message):
+class StatusReply(Message, frozen=True):
     """Operator view (see :class:`StatusReport`)."""
 
     report: StatusReport
@@ -476,9 +470,9 @@ class StatusReply(Message):
     MAX_FRAME: ClassVar[int] = 8 << 20
 
 
-class ErrorReply(Message):
-    error: _str(64)
-    message: _str(4000, min_chars=0)
+class ErrorReply(Message, frozen=True):
+    error: Annotated[str, Meta(min_length=1, max_length=64)]
+    message: Annotated[str, Meta(min_length=0, max_length=4000)]
     TYPE: ClassVar[str] = "error"
     MAX_FRAME: ClassVar[int] = 8 << 10
 

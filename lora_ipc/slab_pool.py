@@ -26,7 +26,7 @@ import msgspec
 import torch
 
 from .backends import Backend, ExportedSlab, backend_for
-from .errors import LimitExceeded
+from .errors import LimitExceeded, StoreClosed
 from .protocol import GenerationSlot
 from .shm import GenerationTable
 
@@ -51,7 +51,8 @@ class SlabPool:
         self._free: list[ExportedSlab] = []  # oldest first
         self._bytes = 0  # live slabs' sizes, plus what allocations under way reserved
         self._allocated = 0
-        self._generations: GenerationTable | None = None
+        self._generations: GenerationTable | None = None  # made with the first slab
+        self._closed = False
 
     def take(self, device: torch.device, nbytes: int) -> tuple[ExportedSlab, int]:
         """A slab of at least ``nbytes`` on ``device`` and its generation, already bumped
@@ -60,7 +61,8 @@ class SlabPool:
         if slab is None:
             slab = self._allocated_slab(device, nbytes)
         with self._lock:
-            return slab, self._generations.bump(self._slot_of[slab.slab_id])
+            table = self._open_table()  # a close() raced this publish: its slab is closed already
+            return slab, table.bump(self._slot_of[slab.slab_id])
 
     def give_back(self, slab: ExportedSlab) -> None:
         """``slab`` holds nothing anyone needs: keep it for reuse, or close it (worn out, or past ``max_free``)."""
@@ -75,8 +77,8 @@ class SlabPool:
     def generation_of(self, slab: ExportedSlab) -> int | None:
         """``slab``'s reuse counter now (None once the slab is closed)."""
         with self._lock:
-            slot = self._slot_of.get(slab.slab_id)
-            return None if slot is None else self._generations.read(slot)
+            slot, table = self._slot_of.get(slab.slab_id), self._generations
+            return None if slot is None or table is None else table.read(slot)
 
     def slabs(self) -> list[ExportedSlab]:
         """Every live slab, in use or free, oldest allocation first."""
@@ -95,6 +97,7 @@ class SlabPool:
     def close(self) -> None:
         """Close every slab (in use or not) and the generation table."""
         with self._lock:
+            self._closed = True
             for slab in list(self._slabs.values()):
                 self._close(slab)
             self._free.clear()
@@ -124,31 +127,45 @@ class SlabPool:
                 raise LimitExceeded(f"a {size}-byte slab would exceed max_slab_bytes ({self.max_bytes})")
             if len(self._slabs) >= self.max_slabs:
                 raise LimitExceeded(f"already {len(self._slabs)} slabs (max_slabs)")
-            if self._generations is None:
+            if self._generations is None and not self._closed:
                 self._generations = GenerationTable(self.max_slabs)
+            table = self._open_table()
             backend = self._backends.get(device)
             if backend is None:
                 backend = self._backends[device] = backend_for(device)
-            slot = self._generations.take_slot()
+            slot = table.take_slot()
             self._bytes += size
         try:
             slab = backend.allocate(nbytes)
         except BaseException:
             with self._lock:
-                self._generations.free_slot(slot)
+                if not self._closed:
+                    table.free_slot(slot)
                 self._bytes -= size
             raise
         slab.handle = msgspec.structs.replace(slab.handle, generation=GenerationSlot(
-            os.getpid(), self._generations.fd, slot, self._generations.name))
+            os.getpid(), table.fd, slot, table.name))
         with self._lock:
+            if self._closed:  # closed while this slab was being allocated: it never joins the pool
+                self._bytes -= size
+                slab.close()
+                raise StoreClosed("the store was closed during the publish")
             self._bytes += slab.nbytes - size  # a backend may round up further (VMM: the device's granularity)
             self._slabs[slab.slab_id] = slab
             self._slot_of[slab.slab_id] = slot
             self._allocated += 1
         return slab
 
+    def _open_table(self) -> GenerationTable:
+        """The generation table (lock held); ``StoreClosed`` once the pool was closed."""
+        if self._closed or self._generations is None:
+            raise StoreClosed("the store was closed: nothing more is published into it")
+        return self._generations
+
     def _close(self, slab: ExportedSlab) -> None:
         del self._slabs[slab.slab_id]
-        self._generations.free_slot(self._slot_of.pop(slab.slab_id))
+        slot = self._slot_of.pop(slab.slab_id)
+        if self._generations is not None:
+            self._generations.free_slot(slot)
         self._bytes -= slab.nbytes
         slab.close()

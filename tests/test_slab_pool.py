@@ -153,3 +153,35 @@ def test_a_store_reports_the_pool_and_intact_follows_the_slab():
         assert store.live_slab_ids() == [s.slab_id for s in store.pool.slabs()]
     finally:
         store.close()
+
+
+def test_a_closed_pool_refuses_to_publish_with_a_typed_error_and_stays_closed(monkeypatch):
+    """After close(), a publish is StoreClosed (before: a new generation table was made: the store reopened
+    itself); a close() that lands while a slab is being allocated closes that slab too (before: AttributeError
+    on the table that close() had dropped, and the new slab leaked)."""
+    from lora_ipc.errors import StoreClosed
+
+    p = pool()
+    slab, _ = p.take(CPU, 1000)
+    p.give_back(slab)
+    p.close()
+    with pytest.raises(StoreClosed):
+        p.take(CPU, 1000)
+    assert p.counts().live == 0
+
+    q = pool()
+    q.take(CPU, 1000)  # the table exists
+    made = []
+    real_allocate = CpuBackend.allocate
+
+    def allocate_while_closing(self, nbytes):
+        slab = real_allocate(self, nbytes)
+        made.append(slab)
+        q.close()  # lands between the reservation and the slab's joining the pool
+        return slab
+
+    monkeypatch.setattr(CpuBackend, "allocate", allocate_while_closing)
+    with pytest.raises(StoreClosed):
+        q.take(CPU, 200_000)  # too large to recycle: allocated
+    assert len(made) == 1 and made[0].fd == -1, "the slab allocated during close() leaked"
+    assert q.counts().live == 0
