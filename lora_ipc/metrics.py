@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .store import AdapterStore
 
 
@@ -63,7 +65,9 @@ def serve_metrics(store: AdapterStore, port: int, addr: str = "127.0.0.1"):
     registry = CollectorRegistry()
     registry.register(StoreCollector(store))
 
-    class Handler(MetricsHandler.factory(registry)):
+    base: Any = MetricsHandler.factory(registry)  # prometheus_client's handler bound to this registry
+
+    class Handler(base):
         timeout = SCRAPE_TIMEOUT_S
 
         def log_message(self, format, *args):  # noqa: A002 - the base class's name

@@ -514,6 +514,7 @@ def decode(data: bytes, accept: frozenset[str] | None = None) -> Frame:
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame too large or not bytes ({len(data) if hasattr(data, '__len__') else '?'} bytes)")
     header = _read_header(data) if len(data) > SMALL_FRAME else None
+    body: Any  # a memoryview of a large frame's body, or msgspec's Raw of a small one's
     if header is not None:  # a large frame: its header is checked before its body is walked at all
         version, type_name, request_id, start = header
         body = memoryview(data)[start:]
@@ -631,7 +632,7 @@ def _check_keys(cls: type[Message], body: Raw) -> None:
 
 def _sized_trees(cls: type[Message]) -> msgspec.msgpack.Decoder:
     """A decoder for ``cls`` with its tree-valued fields left undecoded (``Raw``), derived from ``cls``."""
-    fields = []
+    fields: list[Any] = []
     for f in msgspec.structs.fields(cls):
         kind = Raw if f.name in cls.TREES else f.type
         if f.default is not msgspec.NODEFAULT:
@@ -673,6 +674,8 @@ _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>.*)`)?$", re.S)
 def _explain(text: str) -> str:
     """A msgspec validation error in this protocol's words: ``field 'path': what``."""
     m = _AT.match(text)
+    if m is None:  # the pattern matches any text; kept for the type checker
+        return text
     what, path = m.group("what"), m.group("path") or "body"
     what = re.sub(r"Object contains unknown field `(.*)`", r"unknown key '\1'", what)
     if path.endswith("backend") and what.startswith("Invalid value"):

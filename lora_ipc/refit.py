@@ -208,7 +208,7 @@ class BucketRef:
 
     @classmethod
     def for_bucket(cls, stream: str, version: int, update: int, bucket: int, plans: list[BucketPlan]) -> BucketRef:
-        pieces = [[p.entry, p.param, p.start, list(p.shape)] for p in plans[bucket].pieces if not p.whole]
+        pieces = [(p.entry, p.param, p.start, list(p.shape)) for p in plans[bucket].pieces if not p.whole]
         return cls(stream, version, update, bucket, len(plans), pieces)
 
 
@@ -413,12 +413,12 @@ class WeightReceiver:
     def _place(self, ref: BucketRef, tensors: dict[str, torch.Tensor]) -> list[_Placed]:
         """Check every tensor of the bucket against ``ref.pieces`` and what arrived before; change nothing."""
         pieces: dict[str, tuple[str, int, tuple[int, ...]]] = {}
-        for entry, param, start, shape in ref.pieces:
+        for entry, param, start, full_shape in ref.pieces:
             if entry in pieces:
                 raise RefitPieceError(f"bucket {ref.bucket}: piece {entry!r} is listed twice")
             if entry not in tensors:
                 raise RefitPieceError(f"bucket {ref.bucket}: piece {entry!r} is listed but not in the bucket")
-            pieces[entry] = (param, start, tuple(shape))
+            pieces[entry] = (param, start, tuple(full_shape))
         whole = {name for name in tensors if name not in pieces}
         for name in whole:
             if name in self._complete or name in self._partial:

@@ -166,7 +166,7 @@ class AdapterStore:
                                   lambda slab: slab.pack(layout, tensors))
 
     def publish_copy(self, name: str, layout: SlabLayout, peft_config: dict,
-                     copy_into: Callable[[torch.Tensor], None], device: torch.device,
+                     copy_into: Callable[[torch.Tensor], object], device: torch.device,
                      version: int | None = None) -> int:
         """Add a version whose bytes ``copy_into(slab_tensor)`` writes (the daemon's copy of a remote slab).
 
@@ -189,7 +189,7 @@ class AdapterStore:
             raise ValueError(f"{name!r} version {version!r} is not newer than version {self.newest_version(name)} here")
 
     def _publish_into(self, name: str, layout: SlabLayout, peft_config: dict, device: torch.device,
-                      write: Callable[[ExportedSlab], None], version: int | None = None) -> int:
+                      write: Callable[[ExportedSlab], object], version: int | None = None) -> int:
         started = time.perf_counter()
         with self._lock:
             if name not in self._versions and len(self._versions) >= self.limits.max_adapters:

@@ -171,9 +171,10 @@ class VmmImportedSlab(CudaImportedSlab):
         pass  # no ref counters: a surplus handle holds nothing (its token simply expires)
 
     def generation_now(self) -> int | None:
-        if self._generations is None:
+        slot = self.handle.generation
+        if self._generations is None or slot is None:
             return super().generation_now()
-        return self._generations.read(self.handle.generation.slot)
+        return self._generations.read(slot.slot)
 
     def close(self) -> None:
         super().close()

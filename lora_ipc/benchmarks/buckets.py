@@ -18,6 +18,7 @@ import argparse
 import multiprocessing as mp
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
     params = [(n, t.dtype, tuple(t.shape)) for n, t in weights.items()]
     total = sum(t.numel() * t.element_size() for t in weights.values())
     floor_s = copy_floor(weights, device, args.iters)
-    report = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "bytes": total, "tensors": len(weights),
               "copy_floor_gbps": round(total / floor_s / 1e9, 2), "buckets": []}
     print(f"{len(weights)} tensors, {total / 2**30:.2f} GiB bf16 on {report['device']}; "
@@ -104,7 +105,7 @@ def main(argv=None) -> dict:
         sender = WeightSender(bucket_bytes=mib << 20, device=device)
         conn.send((sender.endpoint, sender.stream))
         assert conn.recv() == "ready"
-        received = []
+        received: list = []
 
         def deliver(ref, conn=conn, received=received):
             conn.send(ref)

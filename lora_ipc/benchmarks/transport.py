@@ -24,6 +24,7 @@ import os
 import shutil
 import statistics
 import tempfile
+from typing import Any
 
 import torch
 
@@ -78,7 +79,7 @@ def run(device: str, ranks: list[int], layers: int, iters: int, warmup: int, dty
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=consumer, args=(child, device), daemon=True)
     proc.start()
-    results = {"device": device, "layers": layers, "iters": iters, "torch": torch.__version__,
+    results: dict[str, Any] = {"device": device, "layers": layers, "iters": iters, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None, "ranks": {}}
     shm_dir = tempfile.mkdtemp(prefix="lora-bench-", dir="/dev/shm")
     exporter = AdapterExporter(keep=2)
@@ -99,6 +100,7 @@ def run(device: str, ranks: list[int], layers: int, iters: int, warmup: int, dty
                     sync(device)
                     t0 = now()
                     if path == "d2d_floor":  # one device-to-device copy of the bytes: the floor
+                        assert floor_dst is not None and floor_src is not None
                         floor_dst.copy_(floor_src)
                         sync(device)
                         if i >= warmup:
@@ -115,6 +117,8 @@ def run(device: str, ranks: list[int], layers: int, iters: int, warmup: int, dty
                             json.dump(config, f)
                         parent.send(("disk_shm", out))
                     else:
+                        assert fresh is not None
+                        payload: Any
                         if device.startswith("cuda"):
                             payload = {k: reduce_tensor(v)[1] for k, v in fresh.items()}
                         else:

@@ -56,7 +56,7 @@ class FloorExtension:
             real, client = loader.with_shared_client, HeldClient(held)
             loader.with_shared_client = lambda endpoint, call: call(client) if endpoint == FLOOR_ENDPOINT \
                 else real(endpoint, call)
-            loader._floor_installed = True
+            loader._floor_installed = True  # type: ignore[attr-defined]  # marks the module patched
         return len(held)
 
 
@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
         peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
                               LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGET_MODULES,
                                          init_lora_weights=False))
-        times = {"lora_ipc": [], "floor": [], "disk_shm": []}
+        times: dict[str, list[float]] = {"lora_ipc": [], "floor": [], "disk_shm": []}
         with AdapterExporter(keep=2) as exporter:
             for i in range(args.warmup + args.iters):
                 perturb(peft, 10_000 + i, 0.05, only="lora_")  # a trainer's step

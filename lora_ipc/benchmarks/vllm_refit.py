@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 from .cpu_engine import cpu_engine_env, greedy, perturb, scratch_dirs
 from .timing import save_json
@@ -53,7 +54,8 @@ def main(argv=None) -> dict:
     from ..vllm.weight_transfer import LoraIpcTrainerInitInfo, OfflineLLMClient
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(model_config(args.vocab, args.hidden, args.layers)).to(torch.bfloat16).eval()
+    model: Any = LlamaForCausalLM(model_config(args.vocab, args.hidden, args.layers))
+    model = model.to(torch.bfloat16).eval()
     n_params = sum(p.numel() for p in model.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with scratch_dirs("bench-refit-") as (base_dir, shm_dir):
@@ -66,12 +68,12 @@ def main(argv=None) -> dict:
                   enforce_eager=True, seed=0, weight_transfer_config={"backend": "lora_ipc"},
                   worker_extension_cls="lora_ipc.vllm.WorkerExtension")
         print(f"engine started in {time.perf_counter() - started:.1f} s")
-        client = OfflineLLMClient(llm)
+        client: Any = OfflineLLMClient(llm)  # offline LLM: vLLM's client protocol, duck-typed
         step = 0
         results = {"model_params": n_params, "model_bytes": n_bytes, "torch_threads": torch.get_num_threads(),
                    "disk_shm": [], "lora_ipc": {}}
         for mib in args.bucket_mib:
-            transfer = WeightTransferTrainerFactory.trainer_init(
+            transfer: Any = WeightTransferTrainerFactory.trainer_init(  # ours: LoraIpcTrainerEngine
                 LoraIpcTrainerInitInfo(rank=0, bucket_bytes=mib << 20), client=client, source=ModuleSource(model))
             times_ipc, worker = [], []
             for _ in range(args.iters + 1):  # the first update maps slabs and plans: dropped from the median

@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -55,12 +56,15 @@ def run(ranks: list[int], layers: int, iters: int, warmup: int) -> dict:
         for rank in ranks:
             tensors = llama7b_lora(rank, layers, torch.bfloat16, "cuda")
             config = lora_config(rank)
-            per_rank = results["ranks"][rank] = {"bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+            per_rank: dict[str, Any] = {"bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+            results["ranks"][rank] = per_rank
             for mode in MODES:
                 os.environ["LORA_IPC_CUDA_EXPORT"] = mode  # read when the store makes its backend
                 torch.cuda.synchronize()
                 exporter_before = torch.cuda.memory_allocated()
-                publish, fetch, first = [], [], []
+                publish: list[float] = []
+                fetch: list[float] = []
+                first: list[float] = []
                 with AdapterExporter(keep=2) as exporter:
                     for i in range(warmup + iters):
                         torch.cuda.synchronize()

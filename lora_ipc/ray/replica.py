@@ -17,7 +17,7 @@ from ..layout import SlabLayout
 from ..protocol import MAX_CONFIG_NODES, Config, Count, Entries, Name, Positive, WireStruct, check_fields, check_tree
 
 
-class ReplicaMeta(WireStruct):
+class ReplicaMeta(WireStruct, frozen=True):
     """A version's metadata as one relay ships it to another (declared like the ZeroMQ messages' fields)."""
 
     name: Name
