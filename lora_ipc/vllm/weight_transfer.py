@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import re
 import sys
 import threading
 import time
@@ -56,10 +55,9 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from ..endpoint import ipc_path
-from ..errors import ProtocolError
+from ..errors import ProtocolError, carried, tagged
 from ..refit import (
     DEFAULT_BUCKET_BYTES,
-    REFIT_ERRORS,
     BucketRef,
     RefitError,
     RefitTimeout,
@@ -72,21 +70,15 @@ log = logging.getLogger("lora_ipc.vllm")
 
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 STAGE_LIMIT_FACTOR = 4  # default cap on what one update stages: this many times the served model's bytes
-_ERROR_NAME = re.compile(r"\b(" + "|".join(REFIT_ERRORS) + r")\b")
 
 
 def refit_error(exc: Exception) -> RefitError:
-    """``exc`` as a :class:`RefitError`. vLLM hands a worker's error to the controller as text; the
-    lora_ipc error named first in that text (the worker starts every message with its type) gives the type."""
-    if isinstance(exc, RefitError):
-        return exc
-    text = f"{type(exc).__name__}: {exc}"
-    match = _ERROR_NAME.search(text)
-    return (REFIT_ERRORS[match.group(1)] if match else RefitError)(text)
-
-
-def _named(cls: type[RefitError], message: str) -> RefitError:
-    return cls(f"{cls.__name__}: {message}")
+    """``exc`` as a :class:`RefitError`: the one a worker raised, same class and message (it crosses vLLM's
+    RPC as a typed code, see :func:`lora_ipc.errors.carried`), else a RefitError with ``exc``'s text."""
+    found = carried(exc)
+    if isinstance(found, RefitError):
+        return found
+    return RefitError(f"{type(exc).__name__}: {exc}")
 
 
 # ---- init / update info ----------------------------------------------------------------------
@@ -249,7 +241,7 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
 
     def _require_receiver(self) -> WeightReceiver:
         if self._receiver is None or self._info is None:
-            raise _named(RefitError, "init_weight_transfer_engine was not called (the trainer's trainer_init does it)")
+            raise tagged(RefitError, "init_weight_transfer_engine was not called (the trainer's trainer_init does it)")
         return self._receiver
 
     def start_weight_update(self) -> None:
@@ -268,20 +260,22 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
         with self._cond:
             update = self._open
             if update is None:
-                raise _named(RefitError, "no lora_ipc update is open on this worker (call start_weight_update)")
+                raise tagged(RefitError, "no lora_ipc update is open on this worker (call start_weight_update)")
             if update.expired is not None:  # vLLM ends its session when this raises
                 self._open = None
-                raise _named(RefitTimeout, update.expired)
+                raise tagged(RefitTimeout, update.expired)
             receiver = self._require_receiver()
             try:
                 started = time.perf_counter()
                 weights = receiver.receive(update_info, "cpu" if self._info.stage_on_host else self.device)
                 update.fetch_s += time.perf_counter() - started
-            except Exception as exc:
+            except BaseException as exc:  # Ctrl-C included: roll back first, then let it through untouched
                 self._roll_back(update, f"bucket {update_info.bucket + 1} of {update_info.buckets} failed")
                 self._open = None
+                if not isinstance(exc, Exception):
+                    raise
                 cls = type(exc) if isinstance(exc, RefitError) else RefitError
-                raise _named(cls, f"lora_ipc weight update {update_info.update} failed at bucket "
+                raise tagged(cls, f"lora_ipc weight update {update_info.update} failed at bucket "
                                   f"{update_info.bucket + 1} of {update_info.buckets}: {type(exc).__name__}: {exc}. "
                                   "Rolled back: the engine serves the weights of the last complete update") from exc
             update.staged.extend(weights)
@@ -295,18 +289,18 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
             update, self._open = self._open, None
             try:
                 if update is None:
-                    raise _named(RefitError, "no lora_ipc update is open on this worker")
+                    raise tagged(RefitError, "no lora_ipc update is open on this worker")
                 if update.expired is not None:
-                    raise _named(RefitTimeout, update.expired)
+                    raise tagged(RefitTimeout, update.expired)
                 try:
                     self._require_receiver().end()
                 except RefitError as exc:
                     self._roll_back(update, str(exc))
-                    raise _named(type(exc), f"{exc}. Rolled back: the engine serves the weights of the last "
+                    raise tagged(type(exc), f"{exc}. Rolled back: the engine serves the weights of the last "
                                             "complete update") from exc
                 self._apply(update)
-            except Exception:
-                self._end_session()  # vLLM ends its session only when finish returns
+            except BaseException:
+                self._end_session()  # vLLM ends its session only when finish returns (Ctrl-C re-raised as is)
                 raise
 
     def _apply(self, update: _Update) -> None:
@@ -327,14 +321,14 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
         try:
             with disable_mtp_completeness_check():
                 self.model.load_weights(drain())
-        except Exception as exc:
+        except Exception as exc:  # any refusal of the model's loader becomes the typed RefitError below
             failure = exc
         finally:
             loaded = time.perf_counter()
             staged.clear()
             finalize_layerwise_reload(self.model, self.model_config)
         if failure is not None:
-            raise _named(RefitError, f"the model refused lora_ipc weight update {update.update} "
+            raise tagged(RefitError, f"the model refused lora_ipc weight update {update.update} "
                                      f"({type(failure).__name__}: {failure}); layers loaded before the refused "
                                      "tensor hold the new weights: send a complete, matching update") from failure
         self.last_update.update(
@@ -448,14 +442,15 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
             self.client.start_weight_update()
         except Exception as exc:  # vLLM refuses a start while an update is open: one this trainer left
             self._abandon()       # unfinished (e.g. Ctrl-C inside send_weights). End it, then start once more.
+            # (Exception, not BaseException: a Ctrl-C here propagates as is, as everywhere in the refit path.)
             try:
                 self.client.start_weight_update()
-            except Exception:
+            except Exception:  # refused again: the first refusal is the one to report
                 raise refit_error(exc) from exc
         try:
             self.sender.send(params, iter(self.source), lambda ref: self.client.update_weights(asdict(ref)))
             self.client.finish_weight_update(weight_version)
-        except Exception as exc:
+        except Exception as exc:  # a client's RPC error (vLLM's plain Exception) or ours: typed RefitError
             self._abandon()
             raise refit_error(exc) from exc
 
@@ -464,7 +459,7 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
         incomplete update rolls it back (and fails, as expected); if the engine already ended it, it fails too."""
         try:
             self.client.finish_weight_update(None)
-        except Exception as exc:
+        except Exception as exc:  # expected: finishing an incomplete update fails by design
             log.debug("finishing the failed update: %s", exc)
 
     def shutdown(self) -> None:
@@ -481,7 +476,8 @@ class OfflineLLMClient:
 
     After each finished update it resets the prefix cache: vLLM keys cached KV blocks by tokens (and
     adapter), not by weights, so blocks computed with the old weights would otherwise be reused.
-    Every failure is raised as a :class:`RefitError` (the subclass the worker named, if any).
+    Every failure is raised as a :class:`RefitError` (the one the worker raised, same class and message:
+    vLLM's ``LLM`` raises a plain ``Exception`` carrying the worker's typed code, hence ``except Exception``).
     """
 
     def __init__(self, llm: Any, reset_prefix_cache: bool = True) -> None:
