@@ -44,7 +44,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from vllm.distributed.weight_transfer.base import (
+
+from .compat import checked_refit_surface, params_of
+
+checked_refit_surface()  # UnsupportedVLLM naming what differs, before anything below subclasses vLLM's classes
+
+from vllm.distributed.weight_transfer.base import (  # noqa: E402
     TrainerInitInfo,
     TrainerWeightTransferEngine,
     VLLMWeightSyncClient,
@@ -54,9 +59,9 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from ..endpoint import ipc_path
-from ..errors import ProtocolError, carried, tagged
-from ..refit import (
+from ..endpoint import ipc_path  # noqa: E402
+from ..errors import ProtocolError, carried, tagged  # noqa: E402
+from ..refit import (  # noqa: E402
     DEFAULT_BUCKET_BYTES,
     BucketRef,
     RefitError,
@@ -64,7 +69,7 @@ from ..refit import (
     WeightReceiver,
     WeightSender,
 )
-from .plugin import BACKEND, register_weight_transfer
+from .plugin import BACKEND, register_weight_transfer  # noqa: E402
 
 log = logging.getLogger("lora_ipc.vllm")
 
@@ -394,6 +399,21 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
 
 # ---- trainer side ----------------------------------------------------------------------------
 
+_BASE_TAKES_CONFIG = "config" in params_of(TrainerWeightTransferEngine.__init__, drop_first=True).names
+
+
+def _config_and_init_info(args: tuple, named: dict) -> tuple[Any, Any]:
+    """(config, init_info) from either ``trainer_init`` form; anything else is a TypeError."""
+    if unknown := set(named) - {"config", "init_info"}:
+        raise TypeError(f"trainer_init() got unexpected keyword arguments {sorted(unknown)}")
+    given = dict(zip(("init_info",) if len(args) == 1 else ("config", "init_info"), args))
+    if len(args) > 2 or set(given) & set(named):
+        raise TypeError("trainer_init() takes (init_info) or (config, init_info), each once")
+    given.update(named)
+    if "init_info" not in given:
+        raise TypeError("trainer_init() missing its init_info")
+    return given.get("config"), given["init_info"]
+
 
 class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrainerInitInfo]):
     """Trainer side. Rank 0 owns the exporter and drives the client; other ranks only iterate the
@@ -401,28 +421,39 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
 
     init_info_cls = LoraIpcTrainerInitInfo
 
-    def __init__(self, *, client: VLLMWeightSyncClient, source: WeightSource, is_sender: bool = True,
-                 sender: WeightSender | None = None) -> None:
-        super().__init__(client=client, source=source, is_sender=is_sender)
+    def __init__(self, config: Any = None, *, client: VLLMWeightSyncClient, source: WeightSource | None,
+                 is_sender: bool = True, sender: WeightSender | None = None) -> None:
+        # vLLM's base took a ``config`` first in some releases (Generic[TConfig, TInitInfo]) and not in others
+        if _BASE_TAKES_CONFIG:
+            super().__init__(config, client=client, source=source, is_sender=is_sender)
+        else:
+            super().__init__(client=client, source=source, is_sender=is_sender)
+        self.config = config
         self.sender = sender
 
     @classmethod
-    def trainer_init(cls, init_info: LoraIpcTrainerInitInfo, *, client: VLLMWeightSyncClient,
-                     source: WeightSource | None = None) -> LoraIpcTrainerWeightTransferEngine:
+    def trainer_init(cls, *args: Any, client: VLLMWeightSyncClient, source: WeightSource | None = None,
+                     **named: Any) -> LoraIpcTrainerWeightTransferEngine:
+        """``trainer_init(init_info, *, client, source)``, or vLLM's other form ``trainer_init(config,
+        init_info, *, client, source)`` (also by keyword); ``config`` is kept, lora_ipc needs nothing from it."""
+        config, init_info = _config_and_init_info(args, named)
         if source is None:
             raise ValueError("the lora_ipc trainer engine needs a WeightSource (e.g. ModuleSource(model))")
+        if not isinstance(init_info, LoraIpcTrainerInitInfo):
+            raise TypeError(f"the lora_ipc trainer engine takes a LoraIpcTrainerInitInfo, not "
+                            f"{type(init_info).__name__}")
         if not init_info.is_sender:
-            return cls(client=client, source=source, is_sender=False)
+            return cls(config, client=client, source=source, is_sender=False)
         sender = WeightSender(init_info.endpoint, bucket_bytes=init_info.bucket_bytes, device=init_info.device,
                               lease_timeout_s=max(60.0, 2 * init_info.timeout_s))
         try:
             client.init_weight_transfer_engine(asdict(LoraIpcInitInfo(
                 sender.endpoint, sender.stream, float(init_info.timeout_s), float(init_info.idle_timeout_s),
                 bool(init_info.stage_on_host), int(init_info.max_update_bytes))))
-        except BaseException:
+        except BaseException:  # cleanup, then the same exception (Ctrl-C included) goes on
             sender.close()
             raise
-        return cls(client=client, source=source, sender=sender)
+        return cls(config, client=client, source=source, sender=sender)
 
     def send_weights(self, weight_version: str | None = None) -> None:
         """One full update: start, one ``update_weights`` per bucket, finish (with ``weight_version``).
