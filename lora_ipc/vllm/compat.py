@@ -156,7 +156,7 @@ class VLLMSurface:
             "_load_adapter reads": sorted(body.worker_attrs), "_adapter_manager reads": sorted(body.manager_attrs),
             "validations": list(body.validations), "PEFTHelper": sorted(self.peft_helper_methods),
             "utils": {k: str(v) for k, v in self.utils.items()}, "LoRARequest": sorted(self.lora_request_fields),
-            "refit": self.refit.summary(),
+            **{f"refit {k}": v for k, v in self.refit.summary().items()},
         }
 
 
