@@ -157,16 +157,22 @@ def carried(exc: BaseException) -> LoraIpcError | None:
     for _ in range(16):
         if seen is None:
             break
-        if isinstance(seen, LoraIpcError):
-            return seen
+        if isinstance(seen, LoraIpcError):  # in-process: the error itself (its tag, if any, taken off)
+            m = _TAG.match(str(seen))
+            return seen if m is None else _build(type(seen), _message(str(seen), m))
         seen = seen.__cause__ or seen.__context__
     text = str(exc)
     m = _TAG.search(text)
     if m is None:
         return None
-    start = m.end()
-    message = text[start:start + int(m.group(2))]
-    cls = WIRE_ERRORS.get(m.group(1), LoraIpcError)
+    return _build(WIRE_ERRORS.get(m.group(1), LoraIpcError), _message(text, m))
+
+
+def _message(text: str, m: re.Match) -> str:
+    return text[m.end():m.end() + int(m.group(2))]
+
+
+def _build(cls: type[LoraIpcError], message: str) -> LoraIpcError:
     try:
         return cls(message)
     except TypeError:  # a registered class that takes more than a message (wire_error's contract broken)
