@@ -426,14 +426,14 @@ def surface_from_runtime() -> VLLMSurface:
         s.peft_helper_methods = frozenset(m for m in PEFT_HELPER_METHODS if callable(getattr(PEFTHelper, m, None)))
         s.peft_helper_fields = frozenset(f.name for f in dataclasses.fields(PEFTHelper)) \
             if dataclasses.is_dataclass(PEFTHelper) else frozenset()
-    except ImportError:
+    except ImportError:  # left empty: problems() names it as missing
         pass
     try:
         from vllm.lora import utils
 
         s.utils = {n: params_of(getattr(utils, n), drop_first=False)
                    for n in UTILS if callable(getattr(utils, n, None))}
-    except ImportError:
+    except ImportError:  # left empty: problems() names it as missing
         pass
     try:
         import msgspec
@@ -441,13 +441,13 @@ def surface_from_runtime() -> VLLMSurface:
 
         s.lora_request_is_struct = issubclass(LoRARequest, msgspec.Struct)
         s.lora_request_fields = frozenset(getattr(LoRARequest, "__struct_fields__", ()))
-    except ImportError:
+    except ImportError:  # left empty: problems() names it as missing
         pass
     try:
         from vllm.lora import resolver
 
         s.resolver_names = frozenset(n for n in RESOLVER_NAMES if hasattr(resolver, n))
-    except ImportError:
+    except ImportError:  # left empty: problems() names it as missing
         pass
     s.refit = refit_surface_from_runtime()
     return s

@@ -119,7 +119,7 @@ def _touch_kept(worker_manager, lora_path: str) -> None:
 
     try:
         kept_adapters(getattr(worker_manager, "lora_config", None)).get(key_of(AdapterURI.parse(lora_path)))
-    except LoraIpcError:
+    except LoraIpcError:  # a bad path is refused by the loader itself; marking a kept copy is only a hint
         pass
 
 
