@@ -312,7 +312,7 @@ def test_a_workers_typed_error_reaches_the_caller_as_its_class_with_its_own_mess
     ``collective_rpc`` with :func:`lora_ipc.errors.carried`."""
     from dataclasses import asdict
 
-    from lora_ipc.errors import AdapterNotFound, carried
+    from lora_ipc import errors
     from lora_ipc.refit import BucketRef, RefitPieceError
     from lora_ipc.vllm.weight_transfer import LoraIpcInitInfo
 
@@ -330,8 +330,8 @@ def test_a_workers_typed_error_reaches_the_caller_as_its_class_with_its_own_mess
 
         with pytest.raises(Exception) as raw:
             llm.collective_rpc("lora_ipc_load", args=("no-such-adapter", exporter.endpoint))
-        found = carried(raw.value)
-        assert type(found) is AdapterNotFound, raw.value
+        found = errors.carried(raw.value)
+        assert type(found) is errors.AdapterNotFound, raw.value
         assert str(found) == f"no adapter named 'no-such-adapter' at {exporter.endpoint}", str(found)
 
 

@@ -111,6 +111,7 @@ class RefitSurface:
     trainer_init: Params | None = None               # TrainerWeightTransferEngine.__init__
     trainer_abstract: frozenset[str] = frozenset()
     register_engine: dict[str, Params] = field(default_factory=dict)  # factory -> register_engine params
+    loader_read: bool = False  # the two below were looked for (the worker side reads them: heavy imports)
     reload_names: frozenset[str] = frozenset()
     mtp_check: bool = False
 
@@ -270,17 +271,17 @@ def refit_problems(r: RefitSurface) -> list[str]:
             out.append(f"vllm.distributed.weight_transfer.factory.{factory}.register_engine not found")
         elif len(params.positional) < 3 or params.required - set(params.positional[:3]):
             out.append(f"{factory}.register_engine{params}: expected (name, module_path, class_name)")
-    if missing := REFIT_RELOAD - r.reload_names:
+    if r.loader_read and (missing := REFIT_RELOAD - r.reload_names):
         out.append(f"vllm.model_executor.model_loader.reload lacks {sorted(missing)} (how an update is applied)")
-    if not r.mtp_check:
+    if r.loader_read and not r.mtp_check:
         out.append(f"vllm.model_executor.model_loader.mtp_validation.{REFIT_MTP} not found")
     return out
 
 
-def require_refit_compatible(surface: RefitSurface | None = None) -> RefitSurface:
+def require_refit_compatible(surface: RefitSurface | None = None, loader: bool = True) -> RefitSurface:
     """This vLLM's weight-transfer surface, or :class:`UnsupportedVLLM` naming every difference (also when
     this vLLM has no weight-transfer framework at all: the refit backend has nothing to plug into)."""
-    r = surface or refit_surface_from_runtime()
+    r = surface or refit_surface_from_runtime(loader)
     found = refit_problems(r) if r.present else ["vllm.distributed.weight_transfer (the weight-transfer framework) "
                                                   "not found"]
     if found:
@@ -301,9 +302,11 @@ def checked_surface() -> VLLMSurface:
 
 
 @functools.cache
-def checked_refit_surface() -> RefitSurface:
-    """This process's weight-transfer surface, checked once (the refit backend's module, before it subclasses it)."""
-    return require_refit_compatible()
+def checked_refit_surface(loader: bool = False) -> RefitSurface:
+    """This process's weight-transfer surface, checked once: the classes when the refit backend's module is
+    imported (a trainer process too), and with ``loader`` the model loader's reload functions, when a worker
+    engine is made (vLLM has imported them there already)."""
+    return require_refit_compatible(loader=loader)
 
 
 # ---- reading the body of _load_adapter (shared by both ways) ------------------------------------
@@ -457,8 +460,9 @@ def _abstract(cls) -> frozenset[str]:
     return frozenset(getattr(cls, "__abstractmethods__", ()))
 
 
-def refit_surface_from_runtime() -> RefitSurface:
-    """The weight-transfer surface of the imported vLLM (nothing of lora_ipc's refit backend is imported)."""
+def refit_surface_from_runtime(loader: bool = True) -> RefitSurface:
+    """The weight-transfer surface of the imported vLLM (nothing of lora_ipc's refit backend is imported);
+    ``loader=False`` leaves out the model loader's reload functions (importing them takes seconds)."""
     import importlib
 
     r = RefitSurface()
@@ -481,6 +485,9 @@ def refit_surface_from_runtime() -> RefitSurface:
         register = getattr(getattr(factory, name, None), "register_engine", None)
         if callable(register):
             r.register_engine[name] = params_of(register, drop_first=False)  # a bound classmethod
+    if not loader:
+        return r
+    r.loader_read = True
     for module, names, attr in (("vllm.model_executor.model_loader.reload", REFIT_RELOAD, "reload_names"),
                                 ("vllm.model_executor.model_loader.mtp_validation", {REFIT_MTP}, "mtp_check")):
         try:
@@ -629,6 +636,7 @@ def refit_surface_from_source(root: str | Path) -> RefitSurface:
         if isinstance(cls, ast.ClassDef) and (params := _method_params(cls, "register_engine")) is not None:
             r.register_engine[name] = params
     loader = root / "model_executor" / "model_loader"
+    r.loader_read = True
     reload = _parse_module(loader / "reload" / "__init__.py")
     if reload is not None:
         r.reload_names = REFIT_RELOAD & _exported(reload, loader / "reload" / "__init__.py")

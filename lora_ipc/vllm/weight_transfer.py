@@ -213,6 +213,7 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
     update_info_cls = LoraIpcUpdateInfo
 
     def __init__(self, config, vllm_config, device: torch.device, model: torch.nn.Module) -> None:
+        checked_refit_surface(loader=True)  # what finish applies an update with: refused now, not at the first finish
         super().__init__(config, vllm_config, device, model)
         self._worker = _owning_worker()
         if self._worker is None:
