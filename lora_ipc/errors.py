@@ -143,7 +143,7 @@ def tag(cls: type[LoraIpcError], message: str) -> str:
 
 def tagged(cls: type[LoraIpcError], message: str) -> LoraIpcError:
     """A ``cls`` to raise where the error will cross a vLLM RPC or Ray call (see :func:`carried`)."""
-    return cls(tag(cls, message))
+    return _build(cls, tag(cls, message))
 
 
 def carried(exc: BaseException) -> LoraIpcError | None:
@@ -175,5 +175,6 @@ def _message(text: str, m: re.Match) -> str:
 def _build(cls: type[LoraIpcError], message: str) -> LoraIpcError:
     try:
         return cls(message)
-    except TypeError:  # a registered class that takes more than a message (wire_error's contract broken)
-        return LoraIpcError(message)
+    except TypeError:  # a class that takes more than a message (e.g. EngineLoadError): its nearest base then
+        base = WIRE_ERRORS[error_code(cls)]
+        return base(message) if base is not cls else LoraIpcError(message)
