@@ -130,7 +130,7 @@ class Connection:
         if self._connected:
             try:
                 self._sock.disconnect(self.endpoint)
-            except zmq.ZMQError:
+            except zmq.ZMQError:  # not connected any more (libzmq dropped it): nothing to undo
                 pass
             self._connected = False
 

@@ -186,7 +186,7 @@ class ConnectionGuard:
         """Stop monitoring (call from the socket's owner thread, before closing the socket)."""
         try:
             self._sock.disable_monitor()
-        except zmq.ZMQError:
+        except zmq.ZMQError:  # no monitor left to disable (the socket is closing): nothing to undo
             pass
         self._stop.set()
         self._thread.join(2.0)

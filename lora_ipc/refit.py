@@ -41,7 +41,7 @@ import torch
 from msgspec import Meta
 
 from .client import AdapterClient
-from .errors import LoraIpcError, ProtocolError
+from .errors import LoraIpcError, ProtocolError, wire_error
 from .exporter import AdapterExporter
 from .layout import ALIGN, DTYPE_NAMES, DTYPES, align_up
 from .protocol import MAX_DIMS, MAX_ENTRIES, Count, Name, Positive, check_fields
@@ -52,22 +52,21 @@ MAX_PIECES_PER_BUCKET = MAX_ENTRIES  # a bucket is one slab layout
 MAX_PARAM_ELEMENTS = 1 << 40  # a split parameter's full size, checked before the receiver allocates it
 
 
+@wire_error
 class RefitError(LoraIpcError):
     """A full-weight update could not complete (source mismatch, missing bucket, trainer gone)."""
 
 
+@wire_error
 class RefitTimeout(RefitError):
     """The update was open longer than its idle timeout without a call: the engine rolled it back and
     serves the weights of the last complete update."""
 
 
+@wire_error
 class RefitPieceError(RefitError):
     """A bucket's pieces do not tile their parameter: out of bounds, overlapping, repeated, a piece the
     slab lacks, or a parameter delivered twice. The bucket was refused before any of it was copied."""
-
-
-#: Worker errors reach the controller as text through vLLM; these names in the text give back the type.
-REFIT_ERRORS: dict[str, type[RefitError]] = {cls.__name__: cls for cls in (RefitTimeout, RefitPieceError, RefitError)}
 
 
 # ---- planning --------------------------------------------------------------------------------

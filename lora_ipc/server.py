@@ -140,7 +140,7 @@ class AdapterServer:
             self._sock.close(0)
             try:
                 os.unlink(self._path)
-            except OSError:
+            except OSError:  # already gone (or replaced by a newer server's socket, which must stay)
                 pass
 
     def _trim_after_disconnects(self) -> None:

@@ -9,7 +9,9 @@ The release is installed with ``--no-deps`` into a venv layered over this enviro
 scripts/overlay_venv.py), cached under ~/.cache/lora-ipc/vllm-gpu-<version>. Two readings, the same
 checks (``lora_ipc.vllm.compat.problems``, what the plugin runs at registration):
 
-1. source: ``ast`` over the installed ``vllm/lora/*.py``; needs nothing to import, so it always runs;
+1. source: ``ast`` over the installed ``vllm/lora/*.py`` (and, for the refit backend,
+   ``vllm/distributed/weight_transfer/{base,factory}.py`` and the layerwise reload it applies updates
+   with: ``compat.refit_problems``); needs nothing to import, so it always runs;
 2. import: in the venv, ``compat.surface_from_runtime()`` on the imported classes. A GPU build may not
    import beside a CPU torch and without its dependencies; that is reported, not a failure.
 
@@ -46,7 +48,7 @@ except Exception as exc:
     print(json.dumps({{"error": f"{{type(exc).__name__}}: {{exc}}"[:600]}}))
 else:
     print(json.dumps({{"where": s.where, "version": s.version, "problems": compat.problems(s),
-                      "summary": s.summary()}}))
+                      "refit_problems": compat.refit_problems(s.refit), "summary": s.summary()}}))
 """
 
 
@@ -124,10 +126,15 @@ def main(argv=None) -> int:
 
     source = compat.surface_from_source(pkg, version)
     source_problems = compat.problems(source)
-    ok = not source_problems
+    refit_problems = compat.refit_problems(source.refit)
+    ok = not source_problems and not refit_problems
     print(f"vllm {version} ({pkg})")
-    print("  source check: " + ("ok" if ok else "FAILED"))
+    print("  source check: " + ("ok" if not source_problems else "FAILED"))
     for p in source_problems:
+        print(f"    - {p}")
+    print("  refit source check: " + ("no weight-transfer framework" if not source.refit.present
+                                      else "ok" if not refit_problems else "FAILED"))
+    for p in refit_problems:
         print(f"    - {p}")
     if runtime is not None:
         if "error" in runtime:
@@ -140,7 +147,10 @@ def main(argv=None) -> int:
             print("  import check: " + ("ok" if not runtime["problems"] else "FAILED"))
             for p in runtime["problems"]:
                 print(f"    - {p}")
-            ok = ok and not runtime["problems"]
+            print("  refit import check: " + ("ok" if not runtime.get("refit_problems") else "FAILED"))
+            for p in runtime.get("refit_problems", []):
+                print(f"    - {p}")
+            ok = ok and not runtime["problems"] and not runtime.get("refit_problems")
     try:
         reference = compat.surface_from_runtime()
     except ImportError:
@@ -156,7 +166,7 @@ def main(argv=None) -> int:
             print(f"    {d}{note}")
     if args.json:
         Path(args.json).write_text(json.dumps({"version": version, "ok": ok, "source_problems": source_problems,
-                                               "runtime": runtime, "differences_from_installed": diff}, indent=2))
+                                               "refit_problems": refit_problems, "runtime": runtime, "differences_from_installed": diff}, indent=2))
     return 0 if ok else 1
 
 

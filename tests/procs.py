@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from lora_ipc.errors import LoraIpcError, tag
+
 SPAWN = mp.get_context("spawn")
 
 
@@ -482,8 +484,9 @@ class RefitTrainerProcess:
                 try:
                     handler(method, *args)
                     reply = (True, None)
-                except Exception as exc:
-                    reply = (False, f"{type(exc).__name__}: {exc}")
+                except Exception as exc:  # a text boundary, as vLLM's HTTP routes are: typed codes stay on
+                    reply = (False, tag(type(exc), str(exc)) if isinstance(exc, LoraIpcError)
+                             else f"{type(exc).__name__}: {exc}")
                 if self.proc.is_alive():
                     self._rpc.send(reply)
         try:

@@ -181,8 +181,10 @@ class BrokenEngine:
     """An engine actor whose every worker RPC fails the way a worker's lora_ipc error comes back from vLLM."""
 
     def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
+        from lora_ipc.errors import ExporterUnavailable, tag
+
         raise Exception("Call to collective_rpc method failed: Worker failed with error "
-                        "'ExporterUnavailable: no reply from ipc:///nowhere within 3s'")
+                        f"'{tag(ExporterUnavailable, 'no reply from ipc:///nowhere within 3s')}'")
 
 
 class QuietEngine:

@@ -145,6 +145,28 @@ def test_load_failure_names_the_engine_and_it_keeps_serving(cluster, engine, pub
     assert ray.get(engine.generate.remote(("ipc", NAME, newest))) == disk_tokens(engine, published, newest)
 
 
+def test_a_workers_typed_error_reaches_the_driver_as_its_class_with_its_own_message(cluster, engine, published):
+    """A vLLM worker's lora_ipc error crosses vLLM's text-only RPC and Ray as a typed code: the driver gets
+    the worker's class with the worker's message (``EngineLoadError.error``, also its ``__cause__``)."""
+    from lora_ipc.errors import ExporterUnavailable, VersionNotFound
+
+    missing = max(published) + 100
+    with pytest.raises(EngineLoadError) as info:
+        lora_ipc.ray.load([engine], NAME, version=missing)
+    error = info.value.error
+    assert type(error) is VersionNotFound and info.value.__cause__ is error, repr(error)
+    assert str(error).startswith(f"{NAME!r} version {missing} is not kept at ipc://"), str(error)
+    assert "[lora_ipc:" not in str(error) and "Call to" not in str(error)
+    broken = ray.remote(ray_actors.BrokenEngine).options(num_cpus=0, scheduling_strategy=on(cluster["A"])).remote()
+    try:
+        with pytest.raises(EngineLoadError) as info:
+            lora_ipc.ray.load([broken], NAME, max(published))
+        assert type(info.value.error) is ExporterUnavailable
+        assert str(info.value.error) == "no reply from ipc:///nowhere within 3s"
+    finally:
+        ray.kill(broken)
+
+
 def test_one_broken_engine_is_named_and_the_others_keep_the_new_version(cluster, trainer, engine, published,
                                                                        tmp_path_factory):
     broken = ray.remote(ray_actors.BrokenEngine).options(num_cpus=0, scheduling_strategy=on(cluster["A"])).remote()

@@ -303,12 +303,15 @@ def test_controller_errors_are_typed_a_failed_update_is_ended_and_ctrl_c_stays_c
     from vllm.distributed.weight_transfer.base import ModuleSource
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
+    from lora_ipc.errors import tag
     from lora_ipc.refit import RefitTimeout
     from lora_ipc.vllm.weight_transfer import LoraIpcTrainerInitInfo, refit_error
 
-    # vLLM hands the worker's error over as text: the name the worker put first gives the type back
-    assert type(refit_error(RuntimeError("Worker failed with error 'RefitTimeout: update 3 ...'"))) is RefitTimeout
-    assert type(refit_error(RuntimeError("RefitPieceError: bucket 2 ..."))) is RefitPieceError
+    # vLLM hands the worker's error over as text: the typed code the worker put in front gives the class back
+    # (typed codes replaced the class name in front: the assertions on the types are unchanged)
+    assert type(refit_error(RuntimeError(f"Worker failed with error '{tag(RefitTimeout, 'update 3 ...')}'"))) \
+        is RefitTimeout
+    assert type(refit_error(RuntimeError(tag(RefitPieceError, "bucket 2 ...")))) is RefitPieceError
     assert type(refit_error(ValueError("boom"))) is RefitError
 
     class Failing(RecordingClient):
@@ -336,7 +339,7 @@ def test_controller_errors_are_typed_a_failed_update_is_ended_and_ctrl_c_stays_c
             super().finish_weight_update(weight_version)
 
     model = tiny_llama(0, torch.bfloat16)
-    timeout = Failing(RuntimeError("Worker failed with error 'RefitTimeout: ... rolled back'"))
+    timeout = Failing(RuntimeError(f"Worker failed with error '{tag(RefitTimeout, '... rolled back')}'"))
     for client, expected in ((timeout, RefitTimeout), (Failing(KeyboardInterrupt()), KeyboardInterrupt),
                              (LeftOpen(), None)):
         sender = WeightTransferTrainerFactory.trainer_init(LoraIpcTrainerInitInfo(rank=0, bucket_bytes=BUCKET),
@@ -356,3 +359,81 @@ def test_controller_errors_are_typed_a_failed_update_is_ended_and_ctrl_c_stays_c
             assert client.calls == ["init", "start", "update"]
         else:
             assert client.calls[:3] == ["init", "ended", "start"] and client.calls[-1] == ("finish", "v1")
+
+
+def test_a_workers_typed_error_crosses_vllms_text_only_rpc_as_its_class_and_message():
+    """vLLM hands the caller ``Exception(f"Call to ... failed: {worker's str(exc)}")``, Ray may wrap that
+    again; the caller gets the worker's class back with the worker's own message, nothing of the wrapping.
+    A message that names other lora_ipc errors (an adapter called 'StaleEpoch: x') does not confuse it."""
+    from lora_ipc.errors import StaleEpoch, VersionNotFound, carried, tagged
+    from lora_ipc.refit import RefitTimeout
+
+    message = "'StaleEpoch: x' version 3 is not kept at ipc:///e (kept: [4]); RefitTimeout: no"
+    worker = tagged(VersionNotFound, message)
+    for seen in (worker, Exception(f"Call to collective_rpc method failed: {worker}"),
+                 RuntimeError(f"ray::Engine.collective_rpc()\n  File x\nException: Worker failed with error "
+                              f"'{worker}', please check the stack trace above for the root cause")):
+        found = carried(seen)
+        assert type(found) is VersionNotFound and str(found) == message, (seen, found)
+    assert not isinstance(carried(Exception(message)), (StaleEpoch, RefitTimeout))  # no tag: no guessing
+    assert carried(Exception(message)) is None
+
+
+def test_ctrl_c_in_a_worker_rolls_the_update_back_and_stays_ctrl_c():
+    """A KeyboardInterrupt inside the worker engine's receive (vLLM's worker process got SIGINT) is not
+    turned into a RefitError, and the staged update is rolled back before it propagates."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from lora_ipc.vllm.weight_transfer import LoraIpcInitInfo, LoraIpcUpdateInfo, LoraIpcWeightTransferEngine
+
+    model = tiny_llama(0, torch.bfloat16)
+    config = SimpleNamespace(parallel_config=None, model_config=None)
+    engine = LoraIpcWeightTransferEngine(None, config, torch.device("cpu"), model)
+    sender = WeightSender(bucket_bytes=BUCKET)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def deliver(ref):  # as vLLM's worker would: bucket 1 arrives, Ctrl-C lands inside bucket 2's fetch
+        if ref.bucket == 1:
+            engine._receiver.receive = interrupted
+        engine.receive_weights(LoraIpcUpdateInfo(**vars(ref)))
+
+    try:
+        engine.init_transfer_engine(LoraIpcInitInfo(sender.endpoint, sender.stream))
+        engine.start_weight_update()
+        with pytest.raises(KeyboardInterrupt):
+            sender.send(params_of(model), model.named_parameters(), deliver)
+        assert engine._open is None and engine.last_update["rollbacks"] == 1
+        assert engine.last_update["last_rollback"]["buckets"] == 1
+    finally:
+        engine.shutdown()
+        sender.close()
+
+
+def test_trainer_engine_takes_vllms_config_first_forms():
+    """Some vLLM releases construct trainer engines as ``trainer_init(config, init_info, *, client, source)``
+    (also by keyword) and ``__init__(config, *, client, source, is_sender)``; both forms work."""
+    pytest.importorskip("vllm")
+    from vllm.distributed.weight_transfer.base import ModuleSource
+
+    from lora_ipc.vllm.weight_transfer import LoraIpcTrainerInitInfo, LoraIpcTrainerWeightTransferEngine
+
+    model = tiny_llama(0, torch.bfloat16)
+    config = object()
+    for call in (lambda info, **kw: LoraIpcTrainerWeightTransferEngine.trainer_init(config, info, **kw),
+                 lambda info, **kw: LoraIpcTrainerWeightTransferEngine.trainer_init(config=config, init_info=info,
+                                                                                    **kw)):
+        client = RecordingClient()
+        engine = call(LoraIpcTrainerInitInfo(rank=0, bucket_bytes=BUCKET), client=client, source=ModuleSource(model))
+        try:
+            assert engine.config is config
+            engine.send_weights(weight_version="v1")
+            assert client.calls[-1] == ("finish", "v1")
+        finally:
+            engine.shutdown()
+            client.receiver.close()
+    with pytest.raises(TypeError):
+        LoraIpcTrainerWeightTransferEngine.trainer_init(config, LoraIpcTrainerInitInfo(rank=1), object(),
+                                                        client=RecordingClient(), source=ModuleSource(model))

@@ -24,6 +24,7 @@ def test_installed_vllm_is_hookable_and_both_readings_agree():
     source = compat.surface_from_source(VLLM_DIR, runtime.version)
     assert compat.problems(source) == []
     assert source.summary() == runtime.summary()
+    assert runtime.refit.present and compat.refit_problems(runtime.refit) == []  # the refit backend's surface too
     from vllm.lora.model_manager import LoRAModelManager
 
     assert runtime.validations  # 0.31+ validate after loading; the loader makes the same calls
@@ -97,3 +98,94 @@ def test_registration_refuses_an_incompatible_vllm_through_vllms_plugin_loader()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0
     assert "UnsupportedVLLM" in proc.stderr and "_load_adapter(lora_request, extra)" in proc.stderr, proc.stderr[-2000:]
+
+
+# ---- the refit backend's surface (vLLM's weight-transfer framework) ----------------------------------
+
+TRAINER_INIT = ('    def __init__(\n        self,\n        *,\n        client: "VLLMWeightSyncClient",\n'
+                '        source: "WeightSource | None" = None,')
+REFIT_FILES = ("distributed/weight_transfer/base.py", "distributed/weight_transfer/factory.py",
+               "model_executor/model_loader/reload/__init__.py", "model_executor/model_loader/mtp_validation.py")
+
+
+@pytest.fixture
+def refit_copy(tmp_path):
+    """The files of the installed vLLM the refit surface is read from, copied to edit."""
+    root = tmp_path / "vllm"
+    for rel in REFIT_FILES:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(VLLM_DIR / rel, root / rel)
+    return root
+
+
+def _edit_file(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize("rel, old, new, expected", [
+    (REFIT_FILES[0], "    def receive_weights(self, update_info", "    def receive_bucket(self, update_info",
+     "abstract methods ['receive_bucket'] the lora_ipc engine does not define"),
+    (REFIT_FILES[0], TRAINER_INIT, TRAINER_INIT.replace("source:", "weight_iterator:"), "does not accept ['source']"),
+    (REFIT_FILES[0], "class WeightSource(ABC):", "class WeightProducer(ABC):", "lacks ['WeightSource']"),
+    (REFIT_FILES[1], "    def register_engine(", "    def add_engine(", "register_engine not found"),
+    (REFIT_FILES[2], "finalize_layerwise_reload,\n", "", "lacks ['finalize_layerwise_reload']"),
+])
+def test_a_moved_weight_transfer_framework_is_named_exactly(refit_copy, rel, old, new, expected):
+    assert compat.refit_problems(compat.refit_surface_from_source(refit_copy)) == []
+    _edit_file(refit_copy / rel, old, new)
+    found = compat.refit_problems(compat.refit_surface_from_source(refit_copy))
+    assert expected in "\n".join(found) and len(found) <= 2, found  # register_engine: one line per factory
+
+
+def test_vllms_config_first_trainer_engine_is_accepted(refit_copy):
+    """Some vLLM releases' ``TrainerWeightTransferEngine.__init__`` take a ``config`` first (Generic[TConfig,
+    TInitInfo]); the lora_ipc trainer engine takes it, so the check accepts it."""
+    config_first = TRAINER_INIT.replace("        *,", "        config,\n        *,")
+    _edit_file(refit_copy / REFIT_FILES[0], TRAINER_INIT, config_first)
+    surface = compat.refit_surface_from_source(refit_copy)
+    assert "config" in surface.trainer_init.required and compat.refit_problems(surface) == []
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    env.pop("VLLM_PLUGINS", None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def test_the_refit_backend_refuses_a_vllm_whose_weight_transfer_surface_differs():
+    """A vLLM whose worker engine gained an abstract method: importing the backend (what vLLM's factory does
+    when it makes the engine) raises UnsupportedVLLM naming it, not a TypeError deep in a worker."""
+    proc = _run("""
+        from vllm.distributed.weight_transfer.base import WeightTransferEngine
+        WeightTransferEngine.__abstractmethods__ = WeightTransferEngine.__abstractmethods__ | {"drain_staged"}
+        import lora_ipc.vllm.weight_transfer
+    """)
+    assert proc.returncode != 0
+    assert "UnsupportedVLLM" in proc.stderr and "['drain_staged']" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_refit_backend_is_registered_once_per_process():
+    """The plugin (every vLLM process) and the backend's import (a trainer process) both ask: one
+    registration per factory, no 'already registered' swallowed."""
+    proc = _run("""
+        import json
+        from vllm.distributed.weight_transfer import factory
+        calls = []
+        for f in (factory.WeightTransferEngineFactory, factory.WeightTransferTrainerFactory):
+            def counting(cls, name, module_path_or_cls, class_name=None, _original=f.register_engine.__func__):
+                calls.append((cls.__name__, name))
+                return _original(cls, name, module_path_or_cls, class_name)
+            f.register_engine = classmethod(counting)
+        from lora_ipc.vllm import plugin
+        plugin.register()
+        import lora_ipc.vllm.weight_transfer
+        plugin.register()
+        print(json.dumps([c for c in calls if c[1] == "lora_ipc"]))
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == \
+        '[["WeightTransferEngineFactory", "lora_ipc"], ["WeightTransferTrainerFactory", "lora_ipc"]]'

@@ -301,6 +301,35 @@ def test_an_engine_refuses_overlapping_pieces_and_keeps_its_weights(llm, client)
         assert engine.generate(llm) == before
 
 
+def test_a_workers_typed_error_reaches_the_caller_as_its_class_with_its_own_message(llm, client):
+    """vLLM hands a worker's exception to the caller as text ("Call to ... failed: ..."); lora_ipc's typed
+    code brings back the worker's class and its message, unwrapped: through the refit client, and through
+    ``collective_rpc`` with :func:`lora_ipc.errors.carried`."""
+    from dataclasses import asdict
+
+    from lora_ipc import errors
+    from lora_ipc.refit import BucketRef, RefitPieceError
+    from lora_ipc.vllm.weight_transfer import LoraIpcInitInfo
+
+    name, param = next((n, p) for n, p in tiny_llama(0, torch.bfloat16).named_parameters() if p.dim() == 2)
+    with AdapterExporter() as exporter:
+        version = exporter.publish("twice", {"a": param.detach().clone()}, {})
+        client.init_weight_transfer_engine(asdict(LoraIpcInitInfo(exporter.endpoint, "twice", 5.0)))
+        client.start_weight_update()
+        shape = list(param.shape)
+        ref = BucketRef("twice", version, 1, 0, 1, [["a", name, 0, shape], ["a", name, 0, shape]])
+        with pytest.raises(RefitPieceError) as info:
+            client.update_weights(asdict(ref))
+        assert str(info.value).startswith("lora_ipc weight update 1 failed at bucket 1 of 1: "), str(info.value)
+        assert "Call to" not in str(info.value) and "[lora_ipc:" not in str(info.value)
+
+        with pytest.raises(Exception) as raw:
+            llm.collective_rpc("lora_ipc_load", args=("no-such-adapter", exporter.endpoint))
+        found = errors.carried(raw.value)
+        assert type(found) is errors.AdapterNotFound, raw.value
+        assert str(found) == f"no adapter named 'no-such-adapter' at {exporter.endpoint}", str(found)
+
+
 def test_openai_server_refit_through_the_rl_routes(model_dir, refits, tmp_path_factory):
     """The same three updates through ``python -m vllm.entrypoints.openai.api_server`` and vLLM's HTTP client,
     with pickle-free update info (no VLLM_ALLOW_INSECURE_SERIALIZATION)."""

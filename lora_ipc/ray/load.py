@@ -7,8 +7,7 @@ from collections.abc import Callable, Sequence
 
 import ray
 
-from .. import errors
-from ..errors import AdapterNotFound
+from ..errors import AdapterNotFound, carried
 from .errors import EngineLoadError
 from .relay_actor import alive_node_ids, relay_handle
 
@@ -61,16 +60,19 @@ def load(engines: Sequence, name: str, version: int | None = None, lora_int_id: 
             i = pending.pop(ref)
             try:
                 results[i] = _entry(ray.get(ref), name, version, lora_int_id)
-            except Exception as exc:
+            except Exception as exc:  # Ray's error for that engine (its worker's, typed: errors.carried) or ours
                 failures[i] = exc
                 continue
             results[i].update(engine=i, wall_ms=round((time.perf_counter() - started) * 1e3, 3))
     if failures:
         i = min(failures)
         actor = _actor_id(engines[i])
-        error_type, why = _why(failures[i])
-        raise EngineLoadError(f"engine {i} (actor {actor}) failed to load {name} v{version}: {why}", i, actor,
-                              [r for r in results if r is not None], error_type) from failures[i]
+        cause = failures[i]
+        typed = carried(cause)
+        error_type = type(typed).__name__ if typed is not None else type(cause).__name__
+        why = str(typed) if typed is not None else _last_line(cause)
+        raise EngineLoadError(f"engine {i} (actor {actor}) failed to load {name} v{version}: {error_type}: {why}",
+                              i, actor, [r for r in results if r is not None], error_type, typed) from typed or cause
     return results  # type: ignore[return-value]
 
 
@@ -99,7 +101,7 @@ def _entry(answer, name: str, version: int, lora_int_id: int | None) -> dict:
     if (isinstance(answer, (list, tuple)) and answer and all(isinstance(w, dict) for w in answer)
             and {"name", "version", "lora_int_id"} <= set(answer[0])):
         return {**answer[0], "workers": len(answer)}
-    raise UnreadableResult(f"UnreadableResult: the engine's RPC answered {type(answer).__name__} "
+    raise UnreadableResult(f"the engine's RPC answered {type(answer).__name__} "
                            f"{str(answer)[:120]!r}, not None nor one lora_ipc_load result per worker")
 
 
@@ -108,19 +110,7 @@ def _actor_id(engine) -> str:
     return actor_id.hex() if actor_id is not None else repr(engine)[:80]
 
 
-_ERROR_NAMES = [n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, errors.LoraIpcError)]
-
-
-def _why(exc: BaseException) -> tuple[str, str]:
-    """(the lora_ipc error type named in a worker's failure, else the exception's type; its last line).
-
-    vLLM hands a worker's exception back as a plain ``Exception`` carrying only its text, and Ray
-    wraps that with a traceback; the WorkerExtension puts the lora_ipc type's name into the text.
-    """
-    text = str(exc)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    last = lines[-1] if lines else type(exc).__name__
-    if isinstance(exc, (UnreadableResult, NoSuchMethod)):
-        return type(exc).__name__, last
-    named = [n for n in _ERROR_NAMES if f"{n}: " in text]
-    return (max(named, key=text.rfind) if named else type(exc).__name__), last
+def _last_line(exc: BaseException) -> str:
+    """The last line of an error that carries no lora_ipc type (Ray puts the remote traceback first)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -124,7 +124,7 @@ class Relay:
         for ref in ready:
             try:
                 offers = ray.get(ref)
-            except Exception as exc:
+            except ray.exceptions.RayError as exc:  # the peer's own error arrives as a RayTaskError
                 log.warning("relay %s: a peer could not offer replicas: %s", self.node_id[:8], exc)
                 continue
             for meta, data_ref in offers:
@@ -206,7 +206,7 @@ class Relay:
                 except ray.exceptions.RayActorError as exc:  # that relay is gone for good, or restarting
                     self._peer_cache = (0.0, {})
                     nodes[node] = NO_RELAY if relay_handle(node) is None else f"{type(exc).__name__}: {exc}"
-                except Exception as exc:
+                except ray.exceptions.RayError as exc:  # the report says why, per node (ReplicationError)
                     nodes[node] = f"{type(exc).__name__}: {exc}"
             for ref in late:
                 nodes[pending[ref]] = f"no answer within {timeout_s:g}s"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import ray
@@ -15,6 +16,7 @@ RELAY_CONCURRENCY = 8  # Ray calls a relay runs at once: replicate to peers whil
 _RelayActor = ray.remote(Relay)
 _local: dict[str, tuple] = {}  # node id -> (relay handle, relay info), per process
 _lock = threading.Lock()
+log = logging.getLogger("lora_ipc.ray")
 
 
 def start_relays(keep: int = 2, *, timeout_s: float = 120.0, actor_options: dict | None = None,
@@ -100,8 +102,8 @@ def stop_relays() -> int:
             handle = ray.get_actor(actor["name"], namespace=NAMESPACE)
             try:
                 ray.get(handle.shutdown.remote(), timeout=30)
-            except Exception:
-                pass
+            except ray.exceptions.RayError as exc:  # dead, hung or failing: it is killed next all the same
+                log.warning("relay %s did not shut down cleanly (killing it): %s", actor["name"], exc)
             ray.kill(handle, no_restart=True)
             stopped += 1
     with _lock:

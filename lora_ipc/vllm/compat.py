@@ -58,6 +58,21 @@ RESOLVER_NAMES = frozenset({"LoRAResolver", "LoRAResolverRegistry"})
 UTILS = {"parse_fine_tuned_lora_name": ("name", "weights_mapper"), "is_base_embedding_weights": ("name",)}
 
 
+# The refit backend (``weight_transfer.py``) subclasses vLLM's weight-transfer engines and is
+# registered in its factories by module path. What it imports from ``vllm.distributed.weight_transfer.base``:
+REFIT_BASE_NAMES = frozenset({"TrainerInitInfo", "TrainerWeightTransferEngine", "VLLMWeightSyncClient", "WeightSource",
+                              "WeightTransferEngine", "WeightTransferInitInfo", "WeightTransferUpdateInfo"})
+REFIT_ENGINE_INIT = ("config", "vllm_config", "device", "model")  # super().__init__(...), positionally
+REFIT_ENGINE_METHODS = frozenset({"parse_init_info", "init_transfer_engine", "start_weight_update", "receive_weights",
+                                  "finish_weight_update", "shutdown"})  # what the worker engine defines
+REFIT_ENGINE_INHERITED = frozenset({"update_weights", "reset_weight_update_target"})  # what it relies on the base for
+REFIT_TRAINER_KWARGS = ("client", "source", "is_sender")  # super().__init__(client=, source=, is_sender=[, config])
+REFIT_TRAINER_METHODS = frozenset({"trainer_init", "send_weights", "shutdown"})
+REFIT_FACTORIES = ("WeightTransferEngineFactory", "WeightTransferTrainerFactory")  # register_engine(name, module, cls)
+REFIT_RELOAD = frozenset({"initialize_layerwise_reload", "finalize_layerwise_reload"})  # ...model_loader.reload
+REFIT_MTP = "disable_mtp_completeness_check"  # vllm.model_executor.model_loader.mtp_validation
+
+
 @dataclass(frozen=True)
 class Params:
     """A function's parameters, as the checks need them (``self``/``cls`` left out)."""
@@ -87,6 +102,30 @@ class LoadAdapterBody:
 
 
 @dataclass
+class RefitSurface:
+    """vLLM's weight-transfer framework, as the refit backend uses it. ``present`` is False when this vLLM
+    has no such framework (then there is nothing to register and nothing to check)."""
+
+    present: bool = False
+    base_names: frozenset[str] = frozenset()
+    engine_init: Params | None = None
+    engine_methods: frozenset[str] = frozenset()     # methods WeightTransferEngine defines
+    engine_abstract: frozenset[str] = frozenset()    # ... of which abstract
+    trainer_init: Params | None = None               # TrainerWeightTransferEngine.__init__
+    trainer_abstract: frozenset[str] = frozenset()
+    register_engine: dict[str, Params] = field(default_factory=dict)  # factory -> register_engine params
+    loader_read: bool = False  # the two below were looked for (the worker side reads them: heavy imports)
+    reload_names: frozenset[str] = frozenset()
+    mtp_check: bool = False
+
+    def summary(self) -> dict:
+        return {"present": self.present, "WeightTransferEngine.__init__": str(self.engine_init),
+                "TrainerWeightTransferEngine.__init__": str(self.trainer_init),
+                "abstract": sorted(self.engine_abstract | self.trainer_abstract),
+                "register_engine": {k: str(v) for k, v in self.register_engine.items()}}
+
+
+@dataclass
 class VLLMSurface:
     """The parts of vLLM lora_ipc uses. ``None`` means not found."""
 
@@ -105,6 +144,7 @@ class VLLMSurface:
     lora_request_fields: frozenset[str] = frozenset()
     lora_request_is_struct: bool = False
     resolver_names: frozenset[str] = frozenset()
+    refit: RefitSurface = field(default_factory=RefitSurface)
 
     @property
     def validations(self) -> tuple[str, ...]:
@@ -120,6 +160,7 @@ class VLLMSurface:
             "_load_adapter reads": sorted(body.worker_attrs), "_adapter_manager reads": sorted(body.manager_attrs),
             "validations": list(body.validations), "PEFTHelper": sorted(self.peft_helper_methods),
             "utils": {k: str(v) for k, v in self.utils.items()}, "LoRARequest": sorted(self.lora_request_fields),
+            **{f"refit {k}": v for k, v in self.refit.summary().items()},
         }
 
 
@@ -196,10 +237,79 @@ def require_compatible(surface: VLLMSurface | None = None) -> VLLMSurface:
     return surface
 
 
+def refit_problems(r: RefitSurface) -> list[str]:
+    """Every way vLLM's weight-transfer framework differs from what the refit backend assumes (empty when
+    it fits, or when this vLLM has no such framework)."""
+    if not r.present:
+        return []
+    where = "vllm.distributed.weight_transfer.base"
+    out: list[str] = []
+    if missing := REFIT_BASE_NAMES - r.base_names:
+        out.append(f"{where} lacks {sorted(missing)}")
+    ei = r.engine_init
+    if ei is None:
+        out.append(f"{where}.WeightTransferEngine.__init__ not found")
+    elif ei.positional[:len(REFIT_ENGINE_INIT)] != REFIT_ENGINE_INIT or ei.required - set(REFIT_ENGINE_INIT):
+        out.append(f"WeightTransferEngine.__init__{ei}: expected ({', '.join(REFIT_ENGINE_INIT)}), which the "
+                   "lora_ipc engine passes on")
+    if unknown := r.engine_abstract - REFIT_ENGINE_METHODS:
+        out.append(f"WeightTransferEngine has abstract methods {sorted(unknown)} the lora_ipc engine does not define")
+    if missing := REFIT_ENGINE_INHERITED - r.engine_methods:
+        out.append(f"WeightTransferEngine lacks {sorted(missing)}, which the lora_ipc engine relies on")
+    ti = r.trainer_init
+    if ti is None:
+        out.append(f"{where}.TrainerWeightTransferEngine.__init__ not found")
+    else:
+        if not_accepted := [k for k in REFIT_TRAINER_KWARGS if not ti.accepts(k)]:
+            out.append(f"TrainerWeightTransferEngine.__init__{ti} does not accept {not_accepted}")
+        if unknown := sorted(ti.required - set(REFIT_TRAINER_KWARGS) - {"config"}):
+            out.append(f"TrainerWeightTransferEngine.__init__{ti} requires {unknown}, which the lora_ipc trainer "
+                       "engine does not pass")
+    if unknown := r.trainer_abstract - REFIT_TRAINER_METHODS:
+        out.append(f"TrainerWeightTransferEngine has abstract methods {sorted(unknown)} the lora_ipc trainer engine "
+                   "does not define")
+    for factory in REFIT_FACTORIES:
+        params = r.register_engine.get(factory)
+        if params is None:
+            out.append(f"vllm.distributed.weight_transfer.factory.{factory}.register_engine not found")
+        elif len(params.positional) < 3 or params.required - set(params.positional[:3]):
+            out.append(f"{factory}.register_engine{params}: expected (name, module_path, class_name)")
+    if r.loader_read and (missing := REFIT_RELOAD - r.reload_names):
+        out.append(f"vllm.model_executor.model_loader.reload lacks {sorted(missing)} (how an update is applied)")
+    if r.loader_read and not r.mtp_check:
+        out.append(f"vllm.model_executor.model_loader.mtp_validation.{REFIT_MTP} not found")
+    return out
+
+
+def require_refit_compatible(surface: RefitSurface | None = None, loader: bool = True) -> RefitSurface:
+    """This vLLM's weight-transfer surface, or :class:`UnsupportedVLLM` naming every difference (also when
+    this vLLM has no weight-transfer framework at all: the refit backend has nothing to plug into)."""
+    r = surface or refit_surface_from_runtime(loader)
+    found = refit_problems(r) if r.present else ["vllm.distributed.weight_transfer (the weight-transfer framework) "
+                                                  "not found"]
+    if found:
+        import vllm
+
+        raise UnsupportedVLLM(
+            f"lora_ipc's refit backend cannot plug into vLLM {getattr(vllm, '__version__', '?')}:\n  - "
+            + "\n  - ".join(found)
+            + "\nUpgrade or downgrade lora_ipc or vLLM (docs/vllm-versions.md: versions tested). The LoRA plugin "
+            "does not depend on it.")
+    return r
+
+
 @functools.cache
 def checked_surface() -> VLLMSurface:
     """This process's vLLM, checked once (the plugin calls it at registration, the loader reuses it)."""
     return require_compatible()
+
+
+@functools.cache
+def checked_refit_surface(loader: bool = False) -> RefitSurface:
+    """This process's weight-transfer surface, checked once: the classes when the refit backend's module is
+    imported (a trainer process too), and with ``loader`` the model loader's reload functions, when a worker
+    engine is made (vLLM has imported them there already)."""
+    return require_refit_compatible(loader=loader)
 
 
 # ---- reading the body of _load_adapter (shared by both ways) ------------------------------------
@@ -322,14 +432,14 @@ def surface_from_runtime() -> VLLMSurface:
         s.peft_helper_methods = frozenset(m for m in PEFT_HELPER_METHODS if callable(getattr(PEFTHelper, m, None)))
         s.peft_helper_fields = frozenset(f.name for f in dataclasses.fields(PEFTHelper)) \
             if dataclasses.is_dataclass(PEFTHelper) else frozenset()
-    except ImportError:
+    except ImportError:  # left empty: problems() names it as missing
         pass
     try:
         from vllm.lora import utils
 
         s.utils = {n: params_of(getattr(utils, n), drop_first=False)
                    for n in UTILS if callable(getattr(utils, n, None))}
-    except ImportError:
+    except ImportError:  # left empty: problems() names it as missing
         pass
     try:
         import msgspec
@@ -337,15 +447,58 @@ def surface_from_runtime() -> VLLMSurface:
 
         s.lora_request_is_struct = issubclass(LoRARequest, msgspec.Struct)
         s.lora_request_fields = frozenset(getattr(LoRARequest, "__struct_fields__", ()))
-    except ImportError:
+    except ImportError:  # left empty: problems() names it as missing
         pass
     try:
         from vllm.lora import resolver
 
         s.resolver_names = frozenset(n for n in RESOLVER_NAMES if hasattr(resolver, n))
-    except ImportError:
+    except ImportError:  # left empty: problems() names it as missing
         pass
+    s.refit = refit_surface_from_runtime()
     return s
+
+
+def _abstract(cls) -> frozenset[str]:
+    return frozenset(getattr(cls, "__abstractmethods__", ()))
+
+
+def refit_surface_from_runtime(loader: bool = True) -> RefitSurface:
+    """The weight-transfer surface of the imported vLLM (nothing of lora_ipc's refit backend is imported);
+    ``loader=False`` leaves out the model loader's reload functions (importing them takes seconds)."""
+    import importlib
+
+    r = RefitSurface()
+    try:
+        factory = importlib.import_module("vllm.distributed.weight_transfer.factory")
+        base = importlib.import_module("vllm.distributed.weight_transfer.base")
+    except ImportError:
+        return r
+    r.present = True
+    r.base_names = frozenset(n for n in REFIT_BASE_NAMES if hasattr(base, n))
+    engine, trainer = getattr(base, "WeightTransferEngine", None), getattr(base, "TrainerWeightTransferEngine", None)
+    if isinstance(engine, type):
+        r.engine_init = params_of(engine.__init__, drop_first=True)
+        r.engine_methods = frozenset(n for n in dir(engine) if callable(getattr(engine, n, None)))
+        r.engine_abstract = _abstract(engine)
+    if isinstance(trainer, type):
+        r.trainer_init = params_of(trainer.__init__, drop_first=True)
+        r.trainer_abstract = _abstract(trainer)
+    for name in REFIT_FACTORIES:
+        register = getattr(getattr(factory, name, None), "register_engine", None)
+        if callable(register):
+            r.register_engine[name] = params_of(register, drop_first=False)  # a bound classmethod
+    if not loader:
+        return r
+    r.loader_read = True
+    for module, names, attr in (("vllm.model_executor.model_loader.reload", REFIT_RELOAD, "reload_names"),
+                                ("vllm.model_executor.model_loader.mtp_validation", {REFIT_MTP}, "mtp_check")):
+        try:
+            found = frozenset(n for n in names if callable(getattr(importlib.import_module(module), n, None)))
+        except ImportError:  # reported as missing by refit_problems
+            found = frozenset()
+        setattr(r, attr, found if attr == "reload_names" else bool(found))
+    return r
 
 
 # ---- the source way (a vLLM that need not import) --------------------------------------------------
@@ -434,4 +587,62 @@ def surface_from_source(root: str | Path, version: str | None = None) -> VLLMSur
         s.lora_request_fields = frozenset(n.target.id for n in request.body
                                           if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
     s.resolver_names = frozenset(modules.get("resolver", {}))
+    s.refit = refit_surface_from_source(root)
     return s
+
+
+def _parse_module(path: Path) -> dict[str, ast.AST] | None:
+    try:
+        return _top_level(ast.parse(path.read_text(encoding="utf-8")))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+
+
+def _ast_abstract(cls: ast.ClassDef) -> frozenset[str]:
+    return frozenset(n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                     and "abstractmethod" in _decorators(n))
+
+
+def _exported(tree: dict[str, ast.AST], path: Path) -> frozenset[str]:
+    """Top-level names of a module, plus what it imports (a package's ``__init__`` re-exports)."""
+    names = set(tree)
+    try:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ImportFrom):
+                names.update(a.asname or a.name for a in node.names)
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        pass
+    return frozenset(names)
+
+
+def refit_surface_from_source(root: str | Path) -> RefitSurface:
+    """The weight-transfer surface of the vLLM package directory ``root``, read with ``ast``."""
+    root = Path(root)
+    r = RefitSurface()
+    wt = root / "distributed" / "weight_transfer"
+    base, factory = _parse_module(wt / "base.py"), _parse_module(wt / "factory.py")
+    if base is None or factory is None:
+        return r
+    r.present = True
+    r.base_names = frozenset(n for n in REFIT_BASE_NAMES if n in _exported(base, wt / "base.py"))
+    engine, trainer = base.get("WeightTransferEngine"), base.get("TrainerWeightTransferEngine")
+    if isinstance(engine, ast.ClassDef):
+        r.engine_init = _method_params(engine, "__init__")
+        r.engine_methods = frozenset(n.name for n in engine.body if isinstance(n, (ast.FunctionDef,
+                                                                                   ast.AsyncFunctionDef)))
+        r.engine_abstract = _ast_abstract(engine)
+    if isinstance(trainer, ast.ClassDef):
+        r.trainer_init = _method_params(trainer, "__init__")
+        r.trainer_abstract = _ast_abstract(trainer)
+    for name in REFIT_FACTORIES:
+        cls = factory.get(name)
+        if isinstance(cls, ast.ClassDef) and (params := _method_params(cls, "register_engine")) is not None:
+            r.register_engine[name] = params
+    loader = root / "model_executor" / "model_loader"
+    r.loader_read = True
+    reload = _parse_module(loader / "reload" / "__init__.py")
+    if reload is not None:
+        r.reload_names = REFIT_RELOAD & _exported(reload, loader / "reload" / "__init__.py")
+    mtp = _parse_module(loader / "mtp_validation.py")
+    r.mtp_check = mtp is not None and isinstance(mtp.get(REFIT_MTP), ast.FunctionDef)
+    return r

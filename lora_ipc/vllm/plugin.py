@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 
 from ..endpoint import ENV_ENDPOINT
 from ..errors import LoaderBypassed
@@ -118,7 +119,7 @@ def _touch_kept(worker_manager, lora_path: str) -> None:
 
     try:
         kept_adapters(getattr(worker_manager, "lora_config", None)).get(key_of(AdapterURI.parse(lora_path)))
-    except LoraIpcError:
+    except LoraIpcError:  # a bad path is refused by the loader itself; marking a kept copy is only a hint
         pass
 
 
@@ -159,19 +160,37 @@ def _install_openai_check() -> None:
             _install(cls, attr, wrapper)
 
 
-def register_weight_transfer() -> None:
-    """Register ``lora_ipc`` in vLLM's weight-transfer factories, by module path (imported when used)."""
-    try:
-        from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
-    except ImportError:  # a vLLM without the weight-transfer framework
-        return
-    module = "lora_ipc.vllm.weight_transfer"
-    for factory, cls_name in ((WeightTransferEngineFactory, "LoraIpcWeightTransferEngine"),
-                              (WeightTransferTrainerFactory, "LoraIpcTrainerWeightTransferEngine")):
+_registered = False
+_register_lock = threading.Lock()
+
+
+def register_weight_transfer() -> bool:
+    """Register ``lora_ipc`` in vLLM's weight-transfer factories, once per process, by module path (the
+    module is imported when an engine is made, and checks vLLM's weight-transfer surface then: see
+    :func:`~lora_ipc.vllm.compat.require_refit_compatible`). Two callers, one registration: the plugin (in
+    every vLLM process) and the import of :mod:`lora_ipc.vllm.weight_transfer` (a trainer process, where
+    vLLM's plugins never load). False when this vLLM has no weight-transfer framework."""
+    global _registered
+    with _register_lock:
+        if _registered:
+            return True
         try:
-            factory.register_engine(BACKEND, module, cls_name)
-        except ValueError:  # registered already (register() runs more than once per process)
-            pass
+            from vllm.distributed.weight_transfer.factory import (
+                WeightTransferEngineFactory,
+                WeightTransferTrainerFactory,
+            )
+        except ImportError:  # a vLLM without the weight-transfer framework: nothing to register into
+            return False
+        module = "lora_ipc.vllm.weight_transfer"
+        for factory, cls_name in ((WeightTransferEngineFactory, "LoraIpcWeightTransferEngine"),
+                                  (WeightTransferTrainerFactory, "LoraIpcTrainerWeightTransferEngine")):
+            try:
+                factory.register_engine(BACKEND, module, cls_name)
+            except ValueError as exc:  # the name is taken, not by this process's lora_ipc (it registers once)
+                log.warning("%s: the %r backend was registered by someone else; left as it is (%s)",
+                            factory.__name__, BACKEND, exc)
+        _registered = True
+        return True
 
 
 def register() -> None:

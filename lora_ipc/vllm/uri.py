@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from ..endpoint import ENV_ENDPOINT, ipc_path
-from ..errors import BadAdapterURI
+from ..errors import BadAdapterURI, LoraIpcError
 
 SCHEME = "lora-ipc"
 EPOCH_RE = re.compile(r"[0-9a-f]{1,16}")
@@ -67,7 +67,7 @@ class AdapterURI:
             raise BadAdapterURI(f"{uri!r:.200} names no endpoint and ${ENV_ENDPOINT} is not set in the engine")
         try:
             ipc_path(endpoint)
-        except Exception as exc:
+        except LoraIpcError as exc:  # what ipc_path raises for a tcp:// or unusable endpoint
             raise BadAdapterURI(str(exc)) from None
         if m.group(1) and epoch is None:
             raise BadAdapterURI(f"{uri!r:.200}: a pinned version needs the exporter's epoch (&epoch=..., see "

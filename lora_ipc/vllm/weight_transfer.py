@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import re
 import sys
 import threading
 import time
@@ -46,7 +45,12 @@ from typing import Annotated, Any, ClassVar
 
 import torch
 from msgspec import Meta
-from vllm.distributed.weight_transfer.base import (
+
+from .compat import checked_refit_surface, params_of
+
+checked_refit_surface()  # UnsupportedVLLM naming what differs, before anything below subclasses vLLM's classes
+
+from vllm.distributed.weight_transfer.base import (  # noqa: E402
     TrainerInitInfo,
     TrainerWeightTransferEngine,
     VLLMWeightSyncClient,
@@ -56,38 +60,32 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from ..endpoint import ipc_path
-from ..protocol import Count, Name, check_fields
-from ..refit import (
+from ..endpoint import ipc_path  # noqa: E402
+from ..errors import carried, tagged  # noqa: E402
+from ..protocol import Count, Name, check_fields  # noqa: E402
+from ..refit import (  # noqa: E402
     DEFAULT_BUCKET_BYTES,
-    REFIT_ERRORS,
     BucketRef,
     RefitError,
     RefitTimeout,
     WeightReceiver,
     WeightSender,
 )
-from .plugin import BACKEND, register_weight_transfer
+from .plugin import BACKEND, register_weight_transfer  # noqa: E402
 
 log = logging.getLogger("lora_ipc.vllm")
 
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 STAGE_LIMIT_FACTOR = 4  # default cap on what one update stages: this many times the served model's bytes
-_ERROR_NAME = re.compile(r"\b(" + "|".join(REFIT_ERRORS) + r")\b")
 
 
 def refit_error(exc: Exception) -> RefitError:
-    """``exc`` as a :class:`RefitError`. vLLM hands a worker's error to the controller as text; the
-    lora_ipc error named first in that text (the worker starts every message with its type) gives the type."""
-    if isinstance(exc, RefitError):
-        return exc
-    text = f"{type(exc).__name__}: {exc}"
-    match = _ERROR_NAME.search(text)
-    return (REFIT_ERRORS[match.group(1)] if match else RefitError)(text)
-
-
-def _named(cls: type[RefitError], message: str) -> RefitError:
-    return cls(f"{cls.__name__}: {message}")
+    """``exc`` as a :class:`RefitError`: the one a worker raised, same class and message (it crosses vLLM's
+    RPC as a typed code, see :func:`lora_ipc.errors.carried`), else a RefitError with ``exc``'s text."""
+    found = carried(exc)
+    if isinstance(found, RefitError):
+        return found
+    return RefitError(f"{type(exc).__name__}: {exc}")
 
 
 # ---- init / update info ----------------------------------------------------------------------
@@ -206,6 +204,7 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
     update_info_cls = LoraIpcUpdateInfo
 
     def __init__(self, config, vllm_config, device: torch.device, model: torch.nn.Module) -> None:
+        checked_refit_surface(loader=True)  # what finish applies an update with: refused now, not at the first finish
         super().__init__(config, vllm_config, device, model)
         self._worker = _owning_worker()
         if self._worker is None:
@@ -239,7 +238,7 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
 
     def _require_receiver(self) -> WeightReceiver:
         if self._receiver is None or self._info is None:
-            raise _named(RefitError, "init_weight_transfer_engine was not called (the trainer's trainer_init does it)")
+            raise tagged(RefitError, "init_weight_transfer_engine was not called (the trainer's trainer_init does it)")
         return self._receiver
 
     def start_weight_update(self) -> None:
@@ -258,20 +257,22 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
         with self._cond:
             update = self._open
             if update is None:
-                raise _named(RefitError, "no lora_ipc update is open on this worker (call start_weight_update)")
+                raise tagged(RefitError, "no lora_ipc update is open on this worker (call start_weight_update)")
             if update.expired is not None:  # vLLM ends its session when this raises
                 self._open = None
-                raise _named(RefitTimeout, update.expired)
+                raise tagged(RefitTimeout, update.expired)
             receiver = self._require_receiver()
             try:
                 started = time.perf_counter()
                 weights = receiver.receive(update_info, "cpu" if self._info.stage_on_host else self.device)
                 update.fetch_s += time.perf_counter() - started
-            except Exception as exc:
+            except BaseException as exc:  # Ctrl-C included: roll back first, then let it through untouched
                 self._roll_back(update, f"bucket {update_info.bucket + 1} of {update_info.buckets} failed")
                 self._open = None
+                if not isinstance(exc, Exception):
+                    raise
                 cls = type(exc) if isinstance(exc, RefitError) else RefitError
-                raise _named(cls, f"lora_ipc weight update {update_info.update} failed at bucket "
+                raise tagged(cls, f"lora_ipc weight update {update_info.update} failed at bucket "
                                   f"{update_info.bucket + 1} of {update_info.buckets}: {type(exc).__name__}: {exc}. "
                                   "Rolled back: the engine serves the weights of the last complete update") from exc
             update.staged.extend(weights)
@@ -285,18 +286,18 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
             update, self._open = self._open, None
             try:
                 if update is None:
-                    raise _named(RefitError, "no lora_ipc update is open on this worker")
+                    raise tagged(RefitError, "no lora_ipc update is open on this worker")
                 if update.expired is not None:
-                    raise _named(RefitTimeout, update.expired)
+                    raise tagged(RefitTimeout, update.expired)
                 try:
                     self._require_receiver().end()
                 except RefitError as exc:
                     self._roll_back(update, str(exc))
-                    raise _named(type(exc), f"{exc}. Rolled back: the engine serves the weights of the last "
+                    raise tagged(type(exc), f"{exc}. Rolled back: the engine serves the weights of the last "
                                             "complete update") from exc
                 self._apply(update)
-            except Exception:
-                self._end_session()  # vLLM ends its session only when finish returns
+            except BaseException:
+                self._end_session()  # vLLM ends its session only when finish returns (Ctrl-C re-raised as is)
                 raise
 
     def _apply(self, update: _Update) -> None:
@@ -317,14 +318,14 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
         try:
             with disable_mtp_completeness_check():
                 self.model.load_weights(drain())
-        except Exception as exc:
+        except Exception as exc:  # any refusal of the model's loader becomes the typed RefitError below
             failure = exc
         finally:
             loaded = time.perf_counter()
             staged.clear()
             finalize_layerwise_reload(self.model, self.model_config)
         if failure is not None:
-            raise _named(RefitError, f"the model refused lora_ipc weight update {update.update} "
+            raise tagged(RefitError, f"the model refused lora_ipc weight update {update.update} "
                                      f"({type(failure).__name__}: {failure}); layers loaded before the refused "
                                      "tensor hold the new weights: send a complete, matching update") from failure
         self.last_update.update(
@@ -390,6 +391,21 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
 
 # ---- trainer side ----------------------------------------------------------------------------
 
+_BASE_TAKES_CONFIG = "config" in params_of(TrainerWeightTransferEngine.__init__, drop_first=True).names
+
+
+def _config_and_init_info(args: tuple, named: dict) -> tuple[Any, Any]:
+    """(config, init_info) from either ``trainer_init`` form; anything else is a TypeError."""
+    if unknown := set(named) - {"config", "init_info"}:
+        raise TypeError(f"trainer_init() got unexpected keyword arguments {sorted(unknown)}")
+    given = dict(zip(("init_info",) if len(args) == 1 else ("config", "init_info"), args))
+    if len(args) > 2 or set(given) & set(named):
+        raise TypeError("trainer_init() takes (init_info) or (config, init_info), each once")
+    given.update(named)
+    if "init_info" not in given:
+        raise TypeError("trainer_init() missing its init_info")
+    return given.get("config"), given["init_info"]
+
 
 class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrainerInitInfo]):
     """Trainer side. Rank 0 owns the exporter and drives the client; other ranks only iterate the
@@ -397,28 +413,39 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
 
     init_info_cls = LoraIpcTrainerInitInfo
 
-    def __init__(self, *, client: VLLMWeightSyncClient, source: WeightSource, is_sender: bool = True,
-                 sender: WeightSender | None = None) -> None:
-        super().__init__(client=client, source=source, is_sender=is_sender)
+    def __init__(self, config: Any = None, *, client: VLLMWeightSyncClient, source: WeightSource | None,
+                 is_sender: bool = True, sender: WeightSender | None = None) -> None:
+        # vLLM's base took a ``config`` first in some releases (Generic[TConfig, TInitInfo]) and not in others
+        if _BASE_TAKES_CONFIG:
+            super().__init__(config, client=client, source=source, is_sender=is_sender)
+        else:
+            super().__init__(client=client, source=source, is_sender=is_sender)
+        self.config = config
         self.sender = sender
 
     @classmethod
-    def trainer_init(cls, init_info: LoraIpcTrainerInitInfo, *, client: VLLMWeightSyncClient,
-                     source: WeightSource | None = None) -> LoraIpcTrainerWeightTransferEngine:
+    def trainer_init(cls, *args: Any, client: VLLMWeightSyncClient, source: WeightSource | None = None,
+                     **named: Any) -> LoraIpcTrainerWeightTransferEngine:
+        """``trainer_init(init_info, *, client, source)``, or vLLM's other form ``trainer_init(config,
+        init_info, *, client, source)`` (also by keyword); ``config`` is kept, lora_ipc needs nothing from it."""
+        config, init_info = _config_and_init_info(args, named)
         if source is None:
             raise ValueError("the lora_ipc trainer engine needs a WeightSource (e.g. ModuleSource(model))")
+        if not isinstance(init_info, LoraIpcTrainerInitInfo):
+            raise TypeError(f"the lora_ipc trainer engine takes a LoraIpcTrainerInitInfo, not "
+                            f"{type(init_info).__name__}")
         if not init_info.is_sender:
-            return cls(client=client, source=source, is_sender=False)
+            return cls(config, client=client, source=source, is_sender=False)
         sender = WeightSender(init_info.endpoint, bucket_bytes=init_info.bucket_bytes, device=init_info.device,
                               lease_timeout_s=max(60.0, 2 * init_info.timeout_s))
         try:
             client.init_weight_transfer_engine(asdict(LoraIpcInitInfo(
                 sender.endpoint, sender.stream, float(init_info.timeout_s), float(init_info.idle_timeout_s),
                 bool(init_info.stage_on_host), int(init_info.max_update_bytes))))
-        except BaseException:
+        except BaseException:  # cleanup, then the same exception (Ctrl-C included) goes on
             sender.close()
             raise
-        return cls(client=client, source=source, sender=sender)
+        return cls(config, client=client, source=source, sender=sender)
 
     def send_weights(self, weight_version: str | None = None) -> None:
         """One full update: start, one ``update_weights`` per bucket, finish (with ``weight_version``).
@@ -438,14 +465,15 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
             self.client.start_weight_update()
         except Exception as exc:  # vLLM refuses a start while an update is open: one this trainer left
             self._abandon()       # unfinished (e.g. Ctrl-C inside send_weights). End it, then start once more.
+            # (Exception, not BaseException: a Ctrl-C here propagates as is, as everywhere in the refit path.)
             try:
                 self.client.start_weight_update()
-            except Exception:
+            except Exception:  # refused again: the first refusal is the one to report
                 raise refit_error(exc) from exc
         try:
             self.sender.send(params, iter(self.source), lambda ref: self.client.update_weights(asdict(ref)))
             self.client.finish_weight_update(weight_version)
-        except Exception as exc:
+        except Exception as exc:  # a client's RPC error (vLLM's plain Exception) or ours: typed RefitError
             self._abandon()
             raise refit_error(exc) from exc
 
@@ -454,7 +482,7 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
         incomplete update rolls it back (and fails, as expected); if the engine already ended it, it fails too."""
         try:
             self.client.finish_weight_update(None)
-        except Exception as exc:
+        except Exception as exc:  # expected: finishing an incomplete update fails by design
             log.debug("finishing the failed update: %s", exc)
 
     def shutdown(self) -> None:
@@ -471,7 +499,8 @@ class OfflineLLMClient:
 
     After each finished update it resets the prefix cache: vLLM keys cached KV blocks by tokens (and
     adapter), not by weights, so blocks computed with the old weights would otherwise be reused.
-    Every failure is raised as a :class:`RefitError` (the subclass the worker named, if any).
+    Every failure is raised as a :class:`RefitError` (the one the worker raised, same class and message:
+    vLLM's ``LLM`` raises a plain ``Exception`` carrying the worker's typed code, hence ``except Exception``).
     """
 
     def __init__(self, llm: Any, reset_prefix_cache: bool = True) -> None:

@@ -25,16 +25,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..errors import LoraIpcError
+from ..errors import LoraIpcError, tagged
 from .request import lora_request
-
-
-def _named(exc: LoraIpcError) -> LoraIpcError:
-    message = f"{type(exc).__name__}: {exc}"
-    try:
-        return type(exc)(message)
-    except TypeError:
-        return LoraIpcError(message)
 
 
 def _public_methods(cls) -> set[str]:
@@ -69,8 +61,8 @@ class WorkerExtension:
         try:
             request = lora_request(name, endpoint, version, lora_int_id)
             self._lora_ipc_manager().add_adapter(request)
-        except LoraIpcError as exc:  # vLLM passes only str(exc) back to the caller: keep the type's name in it
-            raise _named(exc) from exc
+        except LoraIpcError as exc:  # vLLM passes only str(exc) back: the typed code goes in front (errors.carried)
+            raise tagged(type(exc), str(exc)) from exc
         uri = AdapterURI.parse(request.lora_path)
         return {"name": request.lora_name, "version": uri.version, "endpoint": uri.endpoint,
                 "lora_int_id": request.lora_int_id, "lora_path": request.lora_path,
