@@ -59,11 +59,12 @@ def load(engines: Sequence, name: str, version: int | None = None, lora_int_id: 
         for ref in ready:
             i = pending.pop(ref)
             try:
-                results[i] = _entry(ray.get(ref), name, version, lora_int_id)
+                entry = _entry(ray.get(ref), name, version, lora_int_id)
             except Exception as exc:  # Ray's error for that engine (its worker's, typed: errors.carried) or ours
                 failures[i] = exc
                 continue
-            results[i].update(engine=i, wall_ms=round((time.perf_counter() - started) * 1e3, 3))
+            entry.update(engine=i, wall_ms=round((time.perf_counter() - started) * 1e3, 3))
+            results[i] = entry
     if failures:
         i = min(failures)
         actor = _actor_id(engines[i])

@@ -262,8 +262,8 @@ def refit_problems(r: RefitSurface) -> list[str]:
     else:
         if not_accepted := [k for k in REFIT_TRAINER_KWARGS if not ti.accepts(k)]:
             out.append(f"TrainerWeightTransferEngine.__init__{ti} does not accept {not_accepted}")
-        if unknown := sorted(ti.required - set(REFIT_TRAINER_KWARGS) - {"config"}):
-            out.append(f"TrainerWeightTransferEngine.__init__{ti} requires {unknown}, which the lora_ipc trainer "
+        if required := sorted(ti.required - set(REFIT_TRAINER_KWARGS) - {"config"}):
+            out.append(f"TrainerWeightTransferEngine.__init__{ti} requires {required}, which the lora_ipc trainer "
                        "engine does not pass")
     if unknown := r.trainer_abstract - REFIT_TRAINER_METHODS:
         out.append(f"TrainerWeightTransferEngine has abstract methods {sorted(unknown)} the lora_ipc trainer engine "
@@ -478,11 +478,11 @@ def refit_surface_from_runtime(loader: bool = True) -> RefitSurface:
     r.base_names = frozenset(n for n in REFIT_BASE_NAMES if hasattr(base, n))
     engine, trainer = getattr(base, "WeightTransferEngine", None), getattr(base, "TrainerWeightTransferEngine", None)
     if isinstance(engine, type):
-        r.engine_init = params_of(engine.__init__, drop_first=True)
+        r.engine_init = params_of(engine.__init__, drop_first=True)  # type: ignore[misc]  # the class's own
         r.engine_methods = frozenset(n for n in dir(engine) if callable(getattr(engine, n, None)))
         r.engine_abstract = _abstract(engine)
     if isinstance(trainer, type):
-        r.trainer_init = params_of(trainer.__init__, drop_first=True)
+        r.trainer_init = params_of(trainer.__init__, drop_first=True)  # type: ignore[misc]  # the class's own
         r.trainer_abstract = _abstract(trainer)
     for name in REFIT_FACTORIES:
         register = getattr(getattr(factory, name, None), "register_engine", None)

@@ -41,7 +41,8 @@ import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, ClassVar
+from types import FrameType
+from typing import Annotated, Any, ClassVar, cast
 
 import torch
 from msgspec import Meta
@@ -181,7 +182,7 @@ def _owning_worker() -> weakref.ref | None:
     ``finish_weight_update`` returns, so an update abandoned by a dead trainer, or one whose ``finish``
     failed, would keep refusing ``start_weight_update`` forever. The engine ends it (see ``_end_session``).
     """
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(12):
         if frame is None:
             break
@@ -236,18 +237,19 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
             self._info = init_info
         log.info("lora_ipc weight transfer: stream %s at %s", init_info.stream, init_info.endpoint)
 
-    def _require_receiver(self) -> WeightReceiver:
+    def _require_receiver(self) -> tuple[WeightReceiver, LoraIpcInitInfo]:
+        """The receiver and the init info of ``init_transfer_engine``; RefitError before it was called."""
         if self._receiver is None or self._info is None:
             raise tagged(RefitError, "init_weight_transfer_engine was not called (the trainer's trainer_init does it)")
-        return self._receiver
+        return self._receiver, self._info
 
     def start_weight_update(self) -> None:
         with self._cond:
-            receiver = self._require_receiver()
+            receiver, info = self._require_receiver()
             if self._open is not None:  # vLLM let a start through: its own session ended (e.g. Ctrl-C mid-bucket)
                 self._discard_open("a new update started")
             receiver.begin()
-            self._open = _Update(deadline=time.monotonic() + self._info.idle_timeout_s)
+            self._open = _Update(deadline=time.monotonic() + info.idle_timeout_s)
             if self._reaper is None:
                 self._reaper = threading.Thread(target=self._reap, name="lora-ipc-refit-reaper", daemon=True)
                 self._reaper.start()
@@ -261,10 +263,10 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
             if update.expired is not None:  # vLLM ends its session when this raises
                 self._open = None
                 raise tagged(RefitTimeout, update.expired)
-            receiver = self._require_receiver()
+            receiver, info = self._require_receiver()
             try:
                 started = time.perf_counter()
-                weights = receiver.receive(update_info, "cpu" if self._info.stage_on_host else self.device)
+                weights = receiver.receive(update_info, "cpu" if info.stage_on_host else self.device)
                 update.fetch_s += time.perf_counter() - started
             except BaseException as exc:  # Ctrl-C included: roll back first, then let it through untouched
                 self._roll_back(update, f"bucket {update_info.bucket + 1} of {update_info.buckets} failed")
@@ -278,7 +280,7 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
             update.staged.extend(weights)
             update.bytes += sum(t.numel() * t.element_size() for _, t in weights)
             update.update, update.buckets, update.total = update_info.update, update.buckets + 1, update_info.buckets
-            update.deadline = time.monotonic() + self._info.idle_timeout_s
+            update.deadline = time.monotonic() + info.idle_timeout_s
             self._cond.notify_all()
 
     def finish_weight_update(self) -> None:
@@ -290,7 +292,7 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
                 if update.expired is not None:
                     raise tagged(RefitTimeout, update.expired)
                 try:
-                    self._require_receiver().end()
+                    self._require_receiver()[0].end()
                 except RefitError as exc:
                     self._roll_back(update, str(exc))
                     raise tagged(type(exc), f"{exc}. Rolled back: the engine serves the weights of the last "
@@ -317,7 +319,7 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
         initialize_layerwise_reload(self.model)
         try:
             with disable_mtp_completeness_check():
-                self.model.load_weights(drain())
+                cast(Any, self.model).load_weights(drain())  # vLLM's model classes, not nn.Module's API
         except Exception as exc:  # any refusal of the model's loader becomes the typed RefitError below
             failure = exc
         finally:
@@ -417,7 +419,7 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
                  is_sender: bool = True, sender: WeightSender | None = None) -> None:
         # vLLM's base took a ``config`` first in some releases (Generic[TConfig, TInitInfo]) and not in others
         if _BASE_TAKES_CONFIG:
-            super().__init__(config, client=client, source=source, is_sender=is_sender)
+            super().__init__(config, client=client, source=source, is_sender=is_sender)  # type: ignore[misc]
         else:
             super().__init__(client=client, source=source, is_sender=is_sender)
         self.config = config
