@@ -16,8 +16,9 @@ from lora_ipc.layout import SlabLayout
 
 
 def _layout(n: int) -> SlabLayout:
-    return SlabLayout.plan({f"base_model.model.layers.{i}.self_attn.q_proj.lora_A.weight": torch.zeros(16, 64)
-                            for i in range(n)})
+    return SlabLayout.plan(
+        {f"base_model.model.layers.{i}.self_attn.q_proj.lora_A.weight": torch.zeros(16, 64) for i in range(n)}
+    )
 
 
 def _status_report() -> dict:
@@ -29,8 +30,11 @@ def _status_report() -> dict:
         for i in range(16):
             store.publish(f"adapter-{i}", {"w": torch.ones(4, 4)}, {"r": 4})
             store.lease(f"adapter-{i}", None, b"\x00k", client=f"client-{i}")
-        return store.status() | {"endpoint": "ipc:///tmp/x.sock", "pid": 42, "server": dict(
-            connections=1, connection_cap=64, peak_connections=2, dropped_connections=0, requests=9)}
+        return store.status() | {
+            "endpoint": "ipc:///tmp/x.sock",
+            "pid": 42,
+            "server": dict(connections=1, connection_cap=64, peak_connections=2, dropped_connections=0, requests=9),
+        }
     finally:
         store.close()
 
@@ -38,21 +42,63 @@ def _status_report() -> dict:
 def cases() -> list[tuple[str, object]]:
     slot = p.GenerationSlot(77, 11, 3, "gen.77.ab")
     cpu = p.CpuSlabHandle("1.ab.1", 1 << 30, pid=77, fd=12, generation=slot, token=b"t" * 16)
-    config = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-              "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM", "use_dora": False}
+    config = {
+        "r": 16,
+        "lora_alpha": 32,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+    }
     small, large = _layout(8), _layout(1 << 15)
     digest = b"c" * 16
     return [
         ("list", p.ListRequest()),
         ("list_reply (64 adapters)", p.ListReply([p.AdapterSummary(f"a{i}", [1, 2], 4096) for i in range(64)])),
         ("fetch", p.FetchRequest("policy", None, "client-1", ["1.ab.1"], [digest], [digest])),
-        ("fetch_reply (steady state)", p.FetchReply("policy", 3, 9, digest, None, "1.ab.1", None, 4, digest, None,
-                                                    small.used_bytes, ["1.ab.1"], "ep0ch")),
-        ("fetch_reply (8 tensors, all sent)", p.FetchReply("policy", 3, 9, digest, config, "1.ab.1", cpu, 4,
-                                                           small.digest, small.to_wire(), small.used_bytes,
-                                                           ["1.ab.1"], "ep0ch")),
-        ("fetch_reply (32k tensors)", p.FetchReply("policy", 3, 9, digest, config, "1.ab.1", cpu, 4, large.digest,
-                                                   large.to_wire(), large.used_bytes, ["1.ab.1"], "ep0ch")),
+        (
+            "fetch_reply (steady state)",
+            p.FetchReply(
+                "policy", 3, 9, digest, None, "1.ab.1", None, 4, digest, None, small.used_bytes, ["1.ab.1"], "ep0ch"
+            ),
+        ),
+        (
+            "fetch_reply (8 tensors, all sent)",
+            p.FetchReply(
+                "policy",
+                3,
+                9,
+                digest,
+                config,
+                "1.ab.1",
+                cpu,
+                4,
+                small.digest,
+                small.to_wire(),
+                small.used_bytes,
+                ["1.ab.1"],
+                "ep0ch",
+            ),
+        ),
+        (
+            "fetch_reply (32k tensors)",
+            p.FetchReply(
+                "policy",
+                3,
+                9,
+                digest,
+                config,
+                "1.ab.1",
+                cpu,
+                4,
+                large.digest,
+                large.to_wire(),
+                large.used_bytes,
+                ["1.ab.1"],
+                "ep0ch",
+            ),
+        ),
         ("release", p.ReleaseRequest(5, 0.25)),
         ("release_reply", p.ReleaseReply(5)),
         ("publish (8 tensors)", p.PublishRequest("policy", config, cpu, small.to_wire(), small.used_bytes)),

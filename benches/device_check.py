@@ -25,8 +25,20 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED = ("torch", "zmq", "msgpack", "safetensors", "matplotlib", "peft", "pytest", "lora_ipc",
-            "lora_ipc.backends.cuda", "lora_ipc.refit", "lora_ipc.benchmarks.transport", "tests.models")
+REQUIRED = (
+    "torch",
+    "zmq",
+    "msgpack",
+    "safetensors",
+    "matplotlib",
+    "peft",
+    "pytest",
+    "lora_ipc",
+    "lora_ipc.backends.cuda",
+    "lora_ipc.refit",
+    "lora_ipc.benchmarks.transport",
+    "tests.models",
+)
 BUDGET_S = 350  # every step's timeout together (the run's limit: 6 device-minutes with the wheel install)
 MISSING_EXIT = 3
 
@@ -36,16 +48,75 @@ def steps(cpu: bool, out: str) -> list[tuple[str, list[str], int]]:
     py = sys.executable
     if cpu:
         probe = [py, "benches/gpu/review_probe.py", "--repo", ROOT, "--selftest-cpu", "--deadline", "110"]
-        bench = [py, "-m", "lora_ipc", "bench", "--device", "cpu", "--ranks", "4", "--layers", "1",
-                 "--iters", "2", "--warmup", "1", "--out", out]
-        bucket = [py, "benches/bench_bucket_transport.py", "--device", "cpu", "--layers", "1", "--scale", "16",
-                  "--bucket-mib", "1", "--iters", "1", "--json", os.path.join(out, "bucket.json")]
+        bench = [
+            py,
+            "-m",
+            "lora_ipc",
+            "bench",
+            "--device",
+            "cpu",
+            "--ranks",
+            "4",
+            "--layers",
+            "1",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--out",
+            out,
+        ]
+        bucket = [
+            py,
+            "benches/bench_bucket_transport.py",
+            "--device",
+            "cpu",
+            "--layers",
+            "1",
+            "--scale",
+            "16",
+            "--bucket-mib",
+            "1",
+            "--iters",
+            "1",
+            "--json",
+            os.path.join(out, "bucket.json"),
+        ]
     else:
         probe = [py, "benches/gpu/review_probe.py", "--repo", ROOT, "--deadline", "110"]
-        bench = [py, "-m", "lora_ipc", "bench", "--device", "cuda", "--ranks", "16,64", "--layers", "32",
-                 "--iters", "20", "--warmup", "3", "--out", out]
-        bucket = [py, "benches/bench_bucket_transport.py", "--device", "cuda", "--layers", "8",
-                  "--bucket-mib", "256", "1024", "--iters", "5", "--json", os.path.join(out, "bucket.json")]
+        bench = [
+            py,
+            "-m",
+            "lora_ipc",
+            "bench",
+            "--device",
+            "cuda",
+            "--ranks",
+            "16,64",
+            "--layers",
+            "32",
+            "--iters",
+            "20",
+            "--warmup",
+            "3",
+            "--out",
+            out,
+        ]
+        bucket = [
+            py,
+            "benches/bench_bucket_transport.py",
+            "--device",
+            "cuda",
+            "--layers",
+            "8",
+            "--bucket-mib",
+            "256",
+            "1024",
+            "--iters",
+            "5",
+            "--json",
+            os.path.join(out, "bucket.json"),
+        ]
     tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_gpu.py"]
     return [("probe", probe, 120), ("gpu_tests", tests, 135), ("bench", bench, 55), ("bucket", bucket, 40)]
 
@@ -67,8 +138,15 @@ def run_step(argv, timeout_s, log_file, stdout_path=None) -> tuple[int, float]:
     started = time.monotonic()
     out = open(stdout_path, "w") if stdout_path else None  # noqa: SIM115 - closed below
     try:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            text=True,
+            bufsize=1,
+        )
         deadline = started + timeout_s
 
         def kill_group(*_):
@@ -126,21 +204,28 @@ def main(argv=None) -> int:
     missing = check_deps(args.require, log)
     summary["steps"]["deps"] = {"rc": MISSING_EXIT if missing else 0, "missing": missing}
     if missing:
-        log("device_check: stopping before any step: a dependency is missing (on the GPU machine pyzmq comes "
-            "from the wheels in .whl/: run scripts/device_wheels.sh here and carry .whl)")
+        log(
+            "device_check: stopping before any step: a dependency is missing (on the GPU machine pyzmq comes "
+            "from the wheels in .whl/: run scripts/device_wheels.sh here and carry .whl)"
+        )
         write_summary()
         return MISSING_EXIT
     import torch
 
-    summary |= {"torch": torch.__version__, "cuda": torch.version.cuda,
-                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    summary |= {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     if not args.cpu and not torch.cuda.is_available():
         log("device_check: torch sees no CUDA device; use --cpu for the CPU rehearsal")
         summary["steps"]["deps"]["rc"] = MISSING_EXIT
         write_summary()
         return MISSING_EXIT
-    log(f"device_check ({summary['mode']}): python {summary['python']}, torch {summary['torch']}, "
-        f"gpu {summary['gpu']}, out {args.out}")
+    log(
+        f"device_check ({summary['mode']}): python {summary['python']}, torch {summary['torch']}, "
+        f"gpu {summary['gpu']}, out {args.out}"
+    )
     plan = steps(args.cpu, args.out)
     assert sum(t for _, _, t in plan) <= BUDGET_S
     failed = False

@@ -45,11 +45,15 @@ def reexec_in_private_netns() -> None:
 
 
 def engine_environment() -> None:
-    for key, value in {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
-                       "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                       # the engine core runs inside the actor's process: one process per engine, not two
-                       "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
+    for key, value in {
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        # the engine core runs inside the actor's process: one process per engine, not two
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }.items():
         os.environ.setdefault(key, value)
 
 
@@ -63,8 +67,9 @@ class Trainer:
         from lora_ipc.tiny import VOCAB, lora_config, tiny_llama
 
         torch.manual_seed(seed)
-        self.model = get_peft_model(tiny_llama(0, torch.float32, VOCAB, hidden, layers),
-                                    lora_config(r=rank, random_init=False))
+        self.model = get_peft_model(
+            tiny_llama(0, torch.float32, VOCAB, hidden, layers), lora_config(r=rank, random_init=False)
+        )
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=2e-3)
         g = torch.Generator().manual_seed(seed)
         self.batch = torch.randint(4, 256, (8, 24), generator=g)  # the "rollouts" it learns from
@@ -103,9 +108,20 @@ class Engine:
         engine_environment()
         from vllm import LLM
 
-        self.llm = LLM(model=model_dir, tokenizer=model_dir, dtype="bfloat16", enable_lora=True, max_lora_rank=rank,
-                       max_loras=2, max_cpu_loras=4, max_model_len=128, max_num_seqs=4, enforce_eager=True, seed=0,
-                       worker_extension_cls="lora_ipc.vllm.WorkerExtension")
+        self.llm = LLM(
+            model=model_dir,
+            tokenizer=model_dir,
+            dtype="bfloat16",
+            enable_lora=True,
+            max_lora_rank=rank,
+            max_loras=2,
+            max_cpu_loras=4,
+            max_model_len=128,
+            max_num_seqs=4,
+            enforce_eager=True,
+            seed=0,
+            worker_extension_cls="lora_ipc.vllm.WorkerExtension",
+        )
 
     def node_id(self) -> str:
         import ray
@@ -126,17 +142,22 @@ class Engine:
         from vllm.lora.request import LoRARequest
 
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False,
-                                 lora_request=LoRARequest(lora_name, lora_int_id, lora_path))
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in PROMPTS],
+            params,
+            use_tqdm=False,
+            lora_request=LoRARequest(lora_name, lora_int_id, lora_path),
+        )
         return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def start_simulated_cluster(nodes: int):
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=3 if nodes == 1 else 2,
-                                                                object_store_memory=128 << 20,
-                                                                include_dashboard=False))
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args=dict(num_cpus=3 if nodes == 1 else 2, object_store_memory=128 << 20, include_dashboard=False),
+    )
     for _ in range(nodes - 1):
         cluster.add_node(num_cpus=2, object_store_memory=128 << 20)
     return cluster
@@ -180,19 +201,25 @@ def main() -> int:
     def on(i):
         return NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=False)
 
-    trainer = ray.remote(Trainer).options(num_cpus=1, scheduling_strategy=on(0)).remote(args.hidden, args.layers,
-                                                                                        args.rank)
-    engines = [ray.remote(Engine).options(num_cpus=1, scheduling_strategy=on(i)).remote(model_dir, args.rank)
-               for i in range(2)]
+    trainer = (
+        ray.remote(Trainer).options(num_cpus=1, scheduling_strategy=on(0)).remote(args.hidden, args.layers, args.rank)
+    )
+    engines = [
+        ray.remote(Engine).options(num_cpus=1, scheduling_strategy=on(i)).remote(model_dir, args.rank) for i in range(2)
+    ]
     adapter_mb = ray.get(trainer.adapter_bytes.remote()) / 2**20
     engine_nodes = ray.get([e.node_id.remote() for e in engines])
-    print(f"trainer on {nodes[0][:8]}, engines on {[n[:8] for n in engine_nodes]} "
-          f"(ready after {time.perf_counter() - started:.0f} s); adapter {adapter_mb:.2f} MB "
-          f"(hidden {args.hidden}, {args.layers} layers, r{args.rank}, float32)")
+    print(
+        f"trainer on {nodes[0][:8]}, engines on {[n[:8] for n in engine_nodes]} "
+        f"(ready after {time.perf_counter() - started:.0f} s); adapter {adapter_mb:.2f} MB "
+        f"(hidden {args.hidden}, {args.layers} layers, r{args.rank}, float32)"
+    )
 
     rows = []
-    header = (f"{'step':>4} {'loss':>7} {'ver':>4} | {'lora_ipc: publish→all loaded':>28} {'(publish, load)':>16} | "
-              f"{'disk: save_pretrained + load':>28} {'(save, load)':>16} | {'ratio':>6} | tokens")
+    header = (
+        f"{'step':>4} {'loss':>7} {'ver':>4} | {'lora_ipc: publish→all loaded':>28} {'(publish, load)':>16} | "
+        f"{'disk: save_pretrained + load':>28} {'(save, load)':>16} | {'ratio':>6} | tokens"
+    )
     print(header + "\n" + "-" * len(header))
     for step in range(1, args.steps + 1):
         loss = ray.get(trainer.step.remote())
@@ -215,20 +242,26 @@ def main() -> int:
         same = all(
             ray.get(e.generate.remote(got["name"], got["lora_int_id"], got["lora_path"]))
             == ray.get(e.generate.remote(f"disk-{10_000 + step}", 10_000 + step, path))
-            for e, got in zip(engines, loaded))
+            for e, got in zip(engines, loaded)
+        )
         rows.append((ipc_ms, disk_ms))
         split = f"({publish_ms:.1f}, {ipc_load_ms:.1f})"
-        print(f"{step:>4} {loss:>7.3f} {version:>4} | {ipc_ms:>25.1f} ms {split:>16} | "
-              f"{disk_ms:>25.1f} ms {f'({save_ms:.1f}, {disk_load_ms:.1f})':>16} | "
-              f"{disk_ms / ipc_ms:>5.1f}x | {'same' if same else 'DIFFERENT'}", flush=True)
+        print(
+            f"{step:>4} {loss:>7.3f} {version:>4} | {ipc_ms:>25.1f} ms {split:>16} | "
+            f"{disk_ms:>25.1f} ms {f'({save_ms:.1f}, {disk_load_ms:.1f})':>16} | "
+            f"{disk_ms / ipc_ms:>5.1f}x | {'same' if same else 'DIFFERENT'}",
+            flush=True,
+        )
         if not same:
             print("engines generated different tokens from lora_ipc and from disk", file=sys.stderr)
             return 1
 
     steady = rows[1:] or rows  # the first step also opens the slabs and plans the layout
     ipc, disk = statistics.median(r[0] for r in steady), statistics.median(r[1] for r in steady)
-    print(f"median after step 1: lora_ipc {ipc:.1f} ms, disk {disk:.1f} ms, disk/lora_ipc = {disk / ipc:.1f}x "
-          f"({len(engines)} engines on {len(set(engine_nodes))} node(s)); total {time.perf_counter() - started:.0f} s")
+    print(
+        f"median after step 1: lora_ipc {ipc:.1f} ms, disk {disk:.1f} ms, disk/lora_ipc = {disk / ipc:.1f}x "
+        f"({len(engines)} engines on {len(set(engine_nodes))} node(s)); total {time.perf_counter() - started:.0f} s"
+    )
     lora_ipc.ray.stop_relays()
     ray.shutdown()
     if cluster is not None:

@@ -34,7 +34,23 @@ def _version() -> str:
 __version__ = _version()
 
 __all__ = [
-    "Adapter", "AdapterClient", "AdapterExporter", "AdapterNotFound", "AdapterRejected", "BackendError",
-    "BadAdapterURI", "EndpointInUse", "EndpointNotTrusted", "ExporterUnavailable", "LayoutError", "LeaseError",
-    "LimitExceeded", "Limits", "LoraIpcError", "ProtocolError", "RemoteExporter", "SlabRecycled", "VersionNotFound",
+    "Adapter",
+    "AdapterClient",
+    "AdapterExporter",
+    "AdapterNotFound",
+    "AdapterRejected",
+    "BackendError",
+    "BadAdapterURI",
+    "EndpointInUse",
+    "EndpointNotTrusted",
+    "ExporterUnavailable",
+    "LayoutError",
+    "LeaseError",
+    "LimitExceeded",
+    "Limits",
+    "LoraIpcError",
+    "ProtocolError",
+    "RemoteExporter",
+    "SlabRecycled",
+    "VersionNotFound",
 ]

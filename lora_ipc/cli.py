@@ -20,8 +20,14 @@ def _cmd_serve(args) -> int:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="lora-ipc: %(message)s", force=True)
 
     try:
-        return serve(args.endpoint, keep=args.keep, lease_timeout_s=args.lease_timeout, drain_s=args.drain,
-                     metrics_port=args.metrics_port, check_finite=args.check_finite)
+        return serve(
+            args.endpoint,
+            keep=args.keep,
+            lease_timeout_s=args.lease_timeout,
+            drain_s=args.drain,
+            metrics_port=args.metrics_port,
+            check_finite=args.check_finite,
+        )
     except (EndpointInUse, EndpointNotTrusted) as exc:
         print(f"lora-ipc serve: {exc}", file=sys.stderr)
         return 2
@@ -38,26 +44,34 @@ def _human_bytes(n: float) -> str:
 
 def format_status(report: dict) -> str:
     m = report["metrics"]
-    lines = [f"lora-ipc server pid {report.get('pid')} on {report.get('endpoint')}, up {report['uptime_s']:.0f} s, "
-             f"keep={report['keep']}",
-             f"slabs: {report['slabs']['live']} ({_human_bytes(report['slabs']['bytes'])}), "
-             f"free {report['slabs']['free']}",
-             "",
-             f"{'adapter':<24} {'version':>7} {'size':>10} {'tensors':>7} {'leases':>6}  published"]
+    lines = [
+        f"lora-ipc server pid {report.get('pid')} on {report.get('endpoint')}, up {report['uptime_s']:.0f} s, "
+        f"keep={report['keep']}",
+        f"slabs: {report['slabs']['live']} ({_human_bytes(report['slabs']['bytes'])}), free {report['slabs']['free']}",
+        "",
+        f"{'adapter':<24} {'version':>7} {'size':>10} {'tensors':>7} {'leases':>6}  published",
+    ]
     for a in report["adapters"]:
         when = time.strftime("%H:%M:%S", time.localtime(a["published_at"]))
-        lines.append(f"{a['name']:<24} {a['version']:>7} {_human_bytes(a['bytes']):>10} {a['tensors']:>7} "
-                     f"{a['leases']:>6}  {when}{'  (retiring)' if a['retiring'] else ''}")
+        lines.append(
+            f"{a['name']:<24} {a['version']:>7} {_human_bytes(a['bytes']):>10} {a['tensors']:>7} "
+            f"{a['leases']:>6}  {when}{'  (retiring)' if a['retiring'] else ''}"
+        )
     if not report["adapters"]:
         lines.append("(no adapters published)")
     lines += ["", f"live leases: {report.get('lease_count', len(report['leases']))}"]
     for lease in report["leases"]:
-        lines.append(f"  #{lease['lease_id']} {lease['name']}@v{lease['version']} held by {lease['holder']}, "
-                     f"expires in {lease['expires_in_s']:.1f} s")
+        lines.append(
+            f"  #{lease['lease_id']} {lease['name']}@v{lease['version']} held by {lease['holder']}, "
+            f"expires in {lease['expires_in_s']:.1f} s"
+        )
     h = m["fetch_latency"]
     mean = f"{h['sum_ms'] / h['count']:.3f} ms mean" if h["count"] else "none yet"
-    lines += ["", f"publishes {m['publishes']}, fetches {m['fetches']}, bytes moved {_human_bytes(m['bytes_served'])}, "
-              f"errors {m['errors']}, leases expired {m['leases_expired']}, fetch latency {mean}"]
+    lines += [
+        "",
+        f"publishes {m['publishes']}, fetches {m['fetches']}, bytes moved {_human_bytes(m['bytes_served'])}, "
+        f"errors {m['errors']}, leases expired {m['leases_expired']}, fetch latency {mean}",
+    ]
     return "\n".join(lines)
 
 
@@ -99,8 +113,9 @@ def _cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lora-ipc", description="Move LoRA adapters into a running vLLM engine "
-                                 "through shared GPU/CPU memory.")
+    ap = argparse.ArgumentParser(
+        prog="lora-ipc", description="Move LoRA adapters into a running vLLM engine through shared GPU/CPU memory."
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the adapter server as a daemon that owns its adapters")
@@ -126,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="run the transport benchmark; write JSON, a PNG plot and a table")
     s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    s.add_argument("--ranks", default=None,
-                   help="comma-separated LoRA ranks (default: 4,8,16,32,64 on GPU, 4,16,64 on CPU)")
+    s.add_argument(
+        "--ranks", default=None, help="comma-separated LoRA ranks (default: 4,8,16,32,64 on GPU, 4,16,64 on CPU)"
+    )
     s.add_argument("--layers", type=int, default=None, help="Llama layers (default: 32 on GPU, 8 on CPU)")
     s.add_argument("--iters", type=int, default=20)
     s.add_argument("--warmup", type=int, default=3)

@@ -102,9 +102,17 @@ class AdapterClient:
     """``connect_wait_s``: how long a request waits for a server to appear on an endpoint where nothing
     listens (default ``timeout_s``: a trainer may start after its engine); 0 fails at once."""
 
-    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, context: zmq.Context | None = None,
-                 trusted_uids: set[int] | None = None, transport: str | None = None,
-                 connect_wait_s: float | None = None, max_fetch_bytes: int | None = None):
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout_s: float = 10.0,
+        context: zmq.Context | None = None,
+        trusted_uids: set[int] | None = None,
+        transport: str | None = None,
+        connect_wait_s: float | None = None,
+        max_fetch_bytes: int | None = None,
+    ):
         self.endpoint = endpoint or daemon_endpoint()
         self.transport = transport_mode(transport)
         self.max_fetch_bytes = fetch_bytes_limit(max_fetch_bytes)
@@ -117,7 +125,8 @@ class AdapterClient:
         self._lock = threading.Lock()
         self._closed = False
         self._slabs: BoundedLRU[ImportKey, ImportedSlab] = BoundedLRU(
-            MAX_CACHED_SLABS, lambda key, _: REGISTRY.release(key))  # this client's holds on imports
+            MAX_CACHED_SLABS, lambda key, _: REGISTRY.release(key)
+        )  # this client's holds on imports
         self._layouts: BoundedLRU[bytes, SlabLayout] = BoundedLRU(MAX_CACHED_LAYOUTS)
         self._configs: BoundedLRU[bytes, dict] = BoundedLRU(16)
 
@@ -128,8 +137,9 @@ class AdapterClient:
         """The client's lock, waited for at most ``timeout_s`` (one request at a time on the socket: a
         stuck exporter makes the next caller of this client fail, never wait without end)."""
         if not self._lock.acquire(timeout=self.timeout_s):
-            raise ExporterUnavailable(f"{self.endpoint}: another request on this client did not finish within "
-                                      f"{self.timeout_s:g}s")
+            raise ExporterUnavailable(
+                f"{self.endpoint}: another request on this client did not finish within {self.timeout_s:g}s"
+            )
         try:
             if self._closed:
                 raise ClientClosed(f"the client of {self.endpoint} was closed (evicted from the shared clients?)")
@@ -158,8 +168,15 @@ class AdapterClient:
         with self._locked():
             return msgspec.to_builtins(self._conn.request(p.StatusRequest(), p.StatusReply).report)
 
-    def fetch(self, name: str, version: int | None = None, device: torch.device | str | None = None,
-              epoch: str | None = None, *, max_bytes: int | None = None) -> Adapter:
+    def fetch(
+        self,
+        name: str,
+        version: int | None = None,
+        device: torch.device | str | None = None,
+        epoch: str | None = None,
+        *,
+        max_bytes: int | None = None,
+    ) -> Adapter:
         """Lease ``version`` (newest if None), copy it into owned memory on ``device``, release the lease.
 
         ``epoch`` (from :meth:`catalog` or a ``lora-ipc://`` URI): the version must be of that store
@@ -180,9 +197,13 @@ class AdapterClient:
                 if self.transport != "auto":
                     raise failed.error from None
                 if not self._host_only:
-                    log.warning("lora-ipc: importing a slab of %s failed (%s); falling back to host-staged copies "
-                                "for this client (set %s=host to skip the attempt)", self.endpoint, failed.error,
-                                ENV_TRANSPORT)
+                    log.warning(
+                        "lora-ipc: importing a slab of %s failed (%s); falling back to host-staged copies "
+                        "for this client (set %s=host to skip the attempt)",
+                        self.endpoint,
+                        failed.error,
+                        ENV_TRANSPORT,
+                    )
                 self._fell_back = True
                 return self._fetch_once(name, version, device, epoch, limit)
             except SlabRecycled:
@@ -194,16 +215,26 @@ class AdapterClient:
     def _host_only(self) -> bool:
         return self.transport == "host" or self._fell_back
 
-    def _fetch_once(self, name: str, version: int | None, device: torch.device | str | None,
-                    epoch: str | None, limit: int) -> Adapter:
+    def _fetch_once(
+        self, name: str, version: int | None, device: torch.device | str | None, epoch: str | None, limit: int
+    ) -> Adapter:
         with self._locked():
             started = time.perf_counter()
             host = self._host_only
             known = REGISTRY.known(self._conn.server, [k.slab_id for k in reversed(self._slabs.keys())])
             reply = self._conn.request(
-                p.FetchRequest(name, version, self.client_id, known, self._layouts.keys(), self._configs.keys(),
-                               "host" if host else "device", epoch),
-                p.FetchReply)
+                p.FetchRequest(
+                    name,
+                    version,
+                    self.client_id,
+                    known,
+                    self._layouts.keys(),
+                    self._configs.keys(),
+                    "host" if host else "device",
+                    epoch,
+                ),
+                p.FetchReply,
+            )
             server = self._conn.server
             fetch_ms = 0.0
             try:
@@ -223,8 +254,10 @@ class AdapterClient:
                 owned = slab.copy_out(layout.used_bytes, device)
                 now = slab.generation_now()
                 if now is not None and now != reply.generation:
-                    raise SlabRecycled(f"{name!r} v{reply.version}: slab {reply.slab_id} was reused during the copy "
-                                       f"(generation {reply.generation} -> {now}); copy discarded")
+                    raise SlabRecycled(
+                        f"{name!r} v{reply.version}: slab {reply.slab_id} was reused during the copy "
+                        f"(generation {reply.generation} -> {now}); copy discarded"
+                    )
                 fetch_ms = (time.perf_counter() - started) * 1e3
             finally:
                 try:
@@ -296,8 +329,11 @@ class AdapterClient:
     def _forget_dead_slabs(self, server, live: builtins.list[str]) -> None:
         """Let go of slabs the server no longer lists, and of every slab of a server that was replaced."""
         live_set = set(live)
-        for key in [k for k in self._slabs if (k.endpoint, k.server_pid) != (server.endpoint, server.pid)
-                    or k.slab_id not in live_set]:
+        for key in [
+            k
+            for k in self._slabs
+            if (k.endpoint, k.server_pid) != (server.endpoint, server.pid) or k.slab_id not in live_set
+        ]:
             self._slabs.pop(key)
             REGISTRY.release(key)
 
@@ -308,8 +344,10 @@ def _check_reply(reply: p.FetchReply, name: str, version: int | None, limit: int
         asked = f"{name!r} v{version}" if version is not None else f"the newest {name!r}"
         raise ProtocolError(f"asked for {asked}, the reply is for {reply.name!r:.80} v{reply.version}; refused")
     if reply.used_bytes > limit:
-        raise LimitExceeded(f"{name!r} v{reply.version} needs {reply.used_bytes} bytes, more than this client "
-                            f"copies in one fetch ({limit}; max_fetch_bytes / ${ENV_MAX_FETCH_BYTES})")
+        raise LimitExceeded(
+            f"{name!r} v{reply.version} needs {reply.used_bytes} bytes, more than this client "
+            f"copies in one fetch ({limit}; max_fetch_bytes / ${ENV_MAX_FETCH_BYTES})"
+        )
 
 
 _shared: BoundedLRU[str, AdapterClient] = BoundedLRU(MAX_SHARED_CLIENTS)

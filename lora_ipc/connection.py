@@ -44,8 +44,14 @@ class Connection:
     probe before connecting stands in.
     """
 
-    def __init__(self, endpoint: str, timeout_s: float, context: zmq.Context | None = None,
-                 trusted_uids: set[int] | None = None, connect_wait_s: float | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        timeout_s: float,
+        context: zmq.Context | None = None,
+        trusted_uids: set[int] | None = None,
+        connect_wait_s: float | None = None,
+    ):
         ipc_path(endpoint)  # tcp:// and friends are refused here too, not only by servers
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -94,8 +100,9 @@ class Connection:
             return self._probed
         if server.uid not in self.trusted_uids:
             self._reconnect_later()
-            raise EndpointNotTrusted(f"{self.endpoint} is now served by uid {server.uid}, not "
-                                     f"{sorted(self.trusted_uids)}; reply refused")
+            raise EndpointNotTrusted(
+                f"{self.endpoint} is now served by uid {server.uid}, not {sorted(self.trusted_uids)}; reply refused"
+            )
         return server
 
     def send(self, message: p.Message) -> int:
@@ -113,7 +120,8 @@ class Connection:
             if remaining_ms <= 0 or not self._zmq(self._sock.poll, remaining_ms):
                 self._reconnect_later()
                 raise ExporterUnavailable(
-                    f"no reply from {self.endpoint} within {self.timeout_s:g}s (exporter gone, closed or stuck)")
+                    f"no reply from {self.endpoint} within {self.timeout_s:g}s (exporter gone, closed or stuck)"
+                )
             last = self._zmq(lambda: self._sock.recv_multipart(copy=False))[-1]
             frame = p.decode(last.bytes, p.REPLY_TYPES)
             if frame.request_id != request_id:

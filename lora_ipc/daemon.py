@@ -14,8 +14,15 @@ from .store import AdapterStore
 log = logging.getLogger("lora_ipc.daemon")
 
 
-def serve(endpoint: str, *, keep: int = 2, lease_timeout_s: float = 30.0, drain_s: float = 5.0,
-          metrics_port: int | None = None, check_finite: bool = False) -> int:
+def serve(
+    endpoint: str,
+    *,
+    keep: int = 2,
+    lease_timeout_s: float = 30.0,
+    drain_s: float = 5.0,
+    metrics_port: int | None = None,
+    check_finite: bool = False,
+) -> int:
     """Serve until SIGTERM/SIGINT, then drain. Everything it says goes through the ``lora_ipc.daemon`` logger."""
     store = AdapterStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite)
     server = AdapterServer(store, endpoint)  # raises EndpointInUse if another server holds it
@@ -40,9 +47,12 @@ def serve(endpoint: str, *, keep: int = 2, lease_timeout_s: float = 30.0, drain_
     held = store.lease_count()
     if held:
         leases = store.status()["leases"]
-        log.warning("%d lease(s) still held at shutdown: %s%s", held,
-                    ", ".join(f"{lease['holder']}:{lease['name']}@v{lease['version']}" for lease in leases[:10]),
-                    " …" if held > 10 else "")
+        log.warning(
+            "%d lease(s) still held at shutdown: %s%s",
+            held,
+            ", ".join(f"{lease['holder']}:{lease['name']}@v{lease['version']}" for lease in leases[:10]),
+            " …" if held > 10 else "",
+        )
     server.stop()
     store.close()
     log.info("stopped; shared memory released")

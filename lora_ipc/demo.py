@@ -39,7 +39,7 @@ def _trainer(conn, model_dir: str, device: str, rank: int, steps: int, shm_dir: 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.tensor([PROMPT + TARGET], device=device)
     labels = ids.clone()
-    labels[:, :len(PROMPT)] = -100
+    labels[:, : len(PROMPT)] = -100
     with AdapterExporter(keep=2) as exporter:
         conn.send(exporter.endpoint)
         for step in range(1, steps + 1):
@@ -117,10 +117,22 @@ def run_demo(steps: int = 5, device: str | None = None, rank: int = 8) -> int:
     try:
         _say(f"[1/4] building a tiny Llama and its tokenizer in {work}")
         model_dir = write_model_dir(os.path.join(work, "tiny-llama"))
-        with _Progress(f"[2/4] starting a vLLM engine ({'GPU' if device.startswith('cuda') else 'CPU'}) with the "
-                       "lora_ipc plugin..."):
-            llm = LLM(model=model_dir, dtype="bfloat16", enable_lora=True, max_lora_rank=max(16, rank), max_loras=2,
-                      max_cpu_loras=4, max_model_len=128, max_num_seqs=4, enforce_eager=True, seed=0)
+        with _Progress(
+            f"[2/4] starting a vLLM engine ({'GPU' if device.startswith('cuda') else 'CPU'}) with the "
+            "lora_ipc plugin..."
+        ):
+            llm = LLM(
+                model=model_dir,
+                dtype="bfloat16",
+                enable_lora=True,
+                max_lora_rank=max(16, rank),
+                max_loras=2,
+                max_cpu_loras=4,
+                max_model_len=128,
+                max_num_seqs=4,
+                enforce_eager=True,
+                seed=0,
+            )
         _say(f"[3/4] starting the trainer process on {device}")
         trainer = ctx.Process(target=_trainer, args=(child, model_dir, device, rank, steps, shm), daemon=True)
         trainer.start()
@@ -133,8 +145,10 @@ def run_demo(steps: int = 5, device: str | None = None, rank: int = 8) -> int:
 
         _say(f"[4/4] training {steps} steps; each step: publish -> swap into vLLM -> generate (target {TARGET})\n")
         _say(f"base model says {generate(None)}")
-        _say(f"{'step':>4} {'loss':>7} {'ver':>4} | {'lora-ipc swap':>13} {'disk swap':>10} {'speed-up':>8} | "
-             f"{'same tokens':>11} | generated")
+        _say(
+            f"{'step':>4} {'loss':>7} {'ver':>4} | {'lora-ipc swap':>13} {'disk swap':>10} {'speed-up':>8} | "
+            f"{'same tokens':>11} | generated"
+        )
         ipc_ms, disk_ms = [], []
         while (msg := parent.recv()) is not None:
             step, loss, version, publish_ms, save_ms, saved = msg
@@ -147,17 +161,23 @@ def run_demo(steps: int = 5, device: str | None = None, rank: int = 8) -> int:
             ipc_ms.append(publish_ms + (t1 - t0) * 1e3)
             disk_ms.append(save_ms + (t2 - t1) * 1e3)
             tokens, disk_tokens = generate(request), generate(disk_request)
-            _say(f"{step:>4} {loss:>7.3f} {version:>4} | {ipc_ms[-1]:>10.2f} ms {disk_ms[-1]:>7.2f} ms "
-                 f"{disk_ms[-1] / ipc_ms[-1]:>7.1f}x | {str(tokens == disk_tokens):>11} | {tokens}")
+            _say(
+                f"{step:>4} {loss:>7.3f} {version:>4} | {ipc_ms[-1]:>10.2f} ms {disk_ms[-1]:>7.2f} ms "
+                f"{disk_ms[-1] / ipc_ms[-1]:>7.1f}x | {str(tokens == disk_tokens):>11} | {tokens}"
+            )
             shutil.rmtree(saved, ignore_errors=True)
             parent.send("next")
         ipc_ms.sort()
         disk_ms.sort()
         mid = len(ipc_ms) // 2
-        _say(f"\nmedian swap: lora-ipc {ipc_ms[mid]:.2f} ms (publish + engine load + activate), "
-             f"save_pretrained + /dev/shm load {disk_ms[mid]:.2f} ms")
-        _say("On a CPU engine most of both numbers is vLLM's own add_lora round trip; `lora-ipc bench` measures the "
-             "hand-off alone.")
+        _say(
+            f"\nmedian swap: lora-ipc {ipc_ms[mid]:.2f} ms (publish + engine load + activate), "
+            f"save_pretrained + /dev/shm load {disk_ms[mid]:.2f} ms"
+        )
+        _say(
+            "On a CPU engine most of both numbers is vLLM's own add_lora round trip; `lora-ipc bench` measures the "
+            "hand-off alone."
+        )
         llm.llm_engine.engine_core.shutdown()
         return 0
     finally:

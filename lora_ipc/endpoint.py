@@ -24,8 +24,17 @@ from .errors import EndpointInUse, EndpointNotTrusted, ExporterUnavailable, Lora
 
 ENV_ENDPOINT = "LORA_IPC_ENDPOINT"
 
-__all__ = ["ENV_ENDPOINT", "EndpointInUse", "ServerIdentity", "daemon_endpoint", "default_endpoint", "ipc_path",
-           "prepare_ipc_path", "server_identity", "server_uid"]
+__all__ = [
+    "ENV_ENDPOINT",
+    "EndpointInUse",
+    "ServerIdentity",
+    "daemon_endpoint",
+    "default_endpoint",
+    "ipc_path",
+    "prepare_ipc_path",
+    "server_identity",
+    "server_uid",
+]
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,7 @@ def ipc_path(endpoint: str) -> str:
             f"endpoint {endpoint!r:.200}: only local ipc:// endpoints are supported (CUDA IPC and shared "
             "memory only work between processes on one machine)"
         )
-    path = endpoint[len("ipc://"):]
+    path = endpoint[len("ipc://") :]
     if "\0" in path or len(path) > 100:  # sun_path holds 108 bytes
         raise LoraIpcError(f"endpoint {endpoint!r:.200}: not a usable socket path")
     return path
@@ -81,11 +90,15 @@ def _check_dir_chain(directory: str, owner_uids: set[int]) -> None:
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise EndpointNotTrusted(f"{directory} is not a directory (a symlink?); refusing to use a socket in it")
     if st.st_uid not in owner_uids:
-        raise EndpointNotTrusted(f"{directory} belongs to uid {st.st_uid}, not {sorted(owner_uids)}: another user "
-                                 "could replace the socket in it. Remove it or pick another endpoint")
+        raise EndpointNotTrusted(
+            f"{directory} belongs to uid {st.st_uid}, not {sorted(owner_uids)}: another user "
+            "could replace the socket in it. Remove it or pick another endpoint"
+        )
     if st.st_mode & 0o022:
-        raise EndpointNotTrusted(f"{directory} is writable by group/other (mode {stat.S_IMODE(st.st_mode):o}): "
-                                 "another user could replace the socket in it. chmod go-w it or pick another endpoint")
+        raise EndpointNotTrusted(
+            f"{directory} is writable by group/other (mode {stat.S_IMODE(st.st_mode):o}): "
+            "another user could replace the socket in it. chmod go-w it or pick another endpoint"
+        )
     _check_ancestors(os.path.dirname(directory), directory, owner_uids)
 
 
@@ -94,8 +107,10 @@ def _check_ancestors(parent: str, below: str, owner_uids: set[int]) -> None:
     while True:
         st = os.stat(parent)
         if st.st_uid not in owner_uids | {0}:
-            raise EndpointNotTrusted(f"{parent}, above {below}, belongs to uid {st.st_uid}, not "
-                                     f"{sorted(owner_uids)}: remove it or pick another endpoint")
+            raise EndpointNotTrusted(
+                f"{parent}, above {below}, belongs to uid {st.st_uid}, not "
+                f"{sorted(owner_uids)}: remove it or pick another endpoint"
+            )
         if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
             raise EndpointNotTrusted(f"{parent}, above {below}, is writable by group/other and not sticky")
         if parent == "/":
@@ -173,8 +188,10 @@ def server_identity(endpoint: str, trusted_uids: set[int], timeout_s: float = PR
     if not stat.S_ISSOCK(st.st_mode):
         raise EndpointNotTrusted(f"{path} is not a socket")
     if st.st_uid not in trusted_uids:
-        raise EndpointNotTrusted(f"{path} belongs to uid {st.st_uid}, not {sorted(trusted_uids)}; refusing to "
-                                 "talk to it (pass trusted_uids to allow another user's server)")
+        raise EndpointNotTrusted(
+            f"{path} belongs to uid {st.st_uid}, not {sorted(trusted_uids)}; refusing to "
+            "talk to it (pass trusted_uids to allow another user's server)"
+        )
     _check_dir_chain(os.path.dirname(os.path.abspath(path)), trusted_uids)
     try:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -183,8 +200,9 @@ def server_identity(endpoint: str, trusted_uids: set[int], timeout_s: float = PR
     try:
         probe.settimeout(timeout_s)
         probe.connect(path)
-        pid, uid, _gid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                              struct.calcsize("3i")))
+        pid, uid, _gid = struct.unpack(
+            "3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
     except TimeoutError:
         return None  # its accept queue is full: not serving (yet); the caller waits up to its own deadline
     except OSError as exc:
@@ -194,6 +212,8 @@ def server_identity(endpoint: str, trusted_uids: set[int], timeout_s: float = PR
     finally:
         probe.close()
     if uid not in trusted_uids:
-        raise EndpointNotTrusted(f"{path} is served by uid {uid}, not {sorted(trusted_uids)}; refusing to talk to "
-                                 "it (pass trusted_uids to allow another user's server)")
+        raise EndpointNotTrusted(
+            f"{path} is served by uid {uid}, not {sorted(trusted_uids)}; refusing to talk to "
+            "it (pass trusted_uids to allow another user's server)"
+        )
     return ServerIdentity(endpoint, pid, uid)

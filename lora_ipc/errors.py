@@ -174,7 +174,7 @@ def carried(exc: BaseException) -> LoraIpcError | None:
 
 
 def _message(text: str, m: re.Match) -> str:
-    return text[m.end():m.end() + int(m.group(2))]
+    return text[m.end() : m.end() + int(m.group(2))]
 
 
 def _build(cls: type[LoraIpcError], message: str) -> LoraIpcError:

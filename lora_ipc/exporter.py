@@ -27,8 +27,16 @@ class AdapterExporter:
     of the adapter and one synchronize).
     """
 
-    def __init__(self, endpoint: str | None = None, *, keep: int = 2, device: torch.device | str | None = None,
-                 lease_timeout_s: float = 30.0, check_finite: bool = False, limits: Limits | None = None):
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        keep: int = 2,
+        device: torch.device | str | None = None,
+        lease_timeout_s: float = 30.0,
+        check_finite: bool = False,
+        limits: Limits | None = None,
+    ):
         self.endpoint = endpoint or default_endpoint()
         self.device = device
         self.store = AdapterStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite, limits=limits)
@@ -62,8 +70,14 @@ class RemoteExporter:
     however it exits.
     """
 
-    def __init__(self, endpoint: str | None = None, *, device: torch.device | str | None = None,
-                 timeout_s: float = 30.0, trusted_uids: set[int] | None = None):
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        device: torch.device | str | None = None,
+        timeout_s: float = 30.0,
+        trusted_uids: set[int] | None = None,
+    ):
         self.endpoint = endpoint or daemon_endpoint()
         self.device = device
         self._conn = Connection(self.endpoint, timeout_s, trusted_uids=trusted_uids)
@@ -78,8 +92,9 @@ class RemoteExporter:
         slab.pack(layout, tensors)
         slab.mark_ready()
         handle = self._handle_for_daemon(slab)
-        reply = self._conn.request(PublishRequest(name, config, handle, layout.to_wire(), layout.used_bytes),
-                                   PublishReply)
+        reply = self._conn.request(
+            PublishRequest(name, config, handle, layout.to_wire(), layout.used_bytes), PublishReply
+        )
         return reply.version
 
     def _staging_slab(self, device: torch.device, nbytes: int) -> ExportedSlab:

@@ -74,8 +74,7 @@ def fd_socket_path(endpoint: str) -> str:
 
 def _peer_cred(sock: socket.socket) -> tuple[int, int]:
     """(pid, uid) of the peer as the kernel reports them (pid 0: a process in a pid namespace we cannot see)."""
-    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                         struct.calcsize("3i")))
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     return pid, uid
 
 
@@ -89,8 +88,10 @@ def _recv(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
     data, fds, flags, _ = socket.recv_fds(sock, MAX_REPLY, max(maxfds, 1), socket.MSG_CMSG_CLOEXEC)
     if flags & socket.MSG_CTRUNC:
         _close_all(fds)
-        raise BackendError("descriptor not delivered (control message truncated: out of file descriptors, or more "
-                           "descriptors than asked for)")
+        raise BackendError(
+            "descriptor not delivered (control message truncated: out of file descriptors, or more "
+            "descriptors than asked for)"
+        )
     return data, fds
 
 
@@ -298,13 +299,12 @@ class FdServer:
             self.refused += 1
             log.info("descriptor channel: request refused: %s", exc)
             with contextlib.suppress(OSError):
-                conn.send((GONE if isinstance(exc, SlabGone) else ERR) + str(exc).encode()[:MAX_REPLY - 1])
+                conn.send((GONE if isinstance(exc, SlabGone) else ERR) + str(exc).encode()[: MAX_REPLY - 1])
         except OSError as exc:
             self.refused += 1
             log.info("descriptor channel: reply dropped: %s", exc)
         finally:
             _close_all(unasked)
-
 
     def attach(self, slab, handle):
         """``handle`` with a fresh token that redeems ``slab``'s descriptor (and its generation table's);
@@ -350,6 +350,7 @@ def memfd_descriptor(fd: int, name: str) -> int:
 # client side
 # --------------------------------------------------------------------------------------------
 
+
 class SlabGone(BackendError):
     """Server side: the memory a token names was freed since (its version evicted, its lease revoked)."""
 
@@ -389,8 +390,10 @@ class FdReceiver:
                 if uid not in self.trusted_uids:
                     raise EndpointNotTrusted(f"{path} is served by uid {uid}, not {sorted(self.trusted_uids)}")
                 if expected_pid is not None and pid != expected_pid:
-                    raise EndpointNotTrusted(f"{path} is served by process {pid}, but {self.endpoint} by process "
-                                             f"{expected_pid}: descriptor refused")
+                    raise EndpointNotTrusted(
+                        f"{path} is served by process {pid}, but {self.endpoint} by process "
+                        f"{expected_pid}: descriptor refused"
+                    )
                 sock.send(REQUEST + bytes(token))
                 data, fds = _recv(sock, MAX_FDS)
             except OSError as exc:

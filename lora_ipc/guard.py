@@ -128,8 +128,9 @@ class ConnectionGuard:
         soft, _hard = raise_nofile_limit()
         self.cap = connection_cap(soft, open_fd_count(), max_connections)
         if soft != resource.RLIM_INFINITY and soft - open_fd_count() - RESERVE_FDS < 2 * self.cap:
-            log.warning("fd limit %d leaves little headroom above %d connections: raise it (ulimit -Hn)",
-                        soft, self.cap)
+            log.warning(
+                "fd limit %d leaves little headroom above %d connections: raise it (ulimit -Hn)", soft, self.cap
+            )
         self._path = os.fsencode(path)
         sock.setsockopt(zmq.BACKLOG, BACKLOG)
         self._inproc = f"inproc://lora-ipc-guard-{os.getpid()}-{id(self):x}"
@@ -179,8 +180,13 @@ class ConnectionGuard:
         ``connection``: a message read after its connection closed names an fd that another connection
         may have by now (see Note [a message names its connection late] in server.py)."""
         with self._lock:
-            return (connection is not None and self._serial.get(fd) == connection and fd in self._active
-                    and fd not in self._dropping and self._drop(fd))
+            return (
+                connection is not None
+                and self._serial.get(fd) == connection
+                and fd in self._active
+                and fd not in self._dropping
+                and self._drop(fd)
+            )
 
     def close(self) -> None:
         """Stop monitoring (call from the socket's owner thread, before closing the socket)."""
@@ -254,8 +260,14 @@ class ConnectionGuard:
         self.sheds += 1
         if self.sheds in (1, 10, 100, 1000, 10000, 100000):
             pid, fds = max(self._by_pid.items(), key=lambda kv: len(kv[1]))
-            log.warning("%d connections (cap %d): dropping those of pid %d (%d) first (round %d)",
-                        len(self._active), self.cap, pid, len(fds), self.sheds)
+            log.warning(
+                "%d connections (cap %d): dropping those of pid %d (%d) first (round %d)",
+                len(self._active),
+                self.cap,
+                pid,
+                len(fds),
+                self.sheds,
+            )
         while excess > 0 and self._by_pid:
             _pid, fds = max(self._by_pid.items(), key=lambda kv: len(kv[1]))
             victim = next(iter(fds))  # its least recently active

@@ -45,8 +45,14 @@ def memory_of(handle: SlabHandle) -> tuple:
     if isinstance(handle, CpuSlabHandle):
         return ("cpu", handle.pid, handle.fd, handle.nbytes, handle.generation)
     if isinstance(handle, CudaSlabHandle):
-        return ("cuda", handle.device_uuid, handle.storage_size_bytes, handle.storage_offset_bytes, handle.nbytes,
-                handle.generation)
+        return (
+            "cuda",
+            handle.device_uuid,
+            handle.storage_size_bytes,
+            handle.storage_offset_bytes,
+            handle.nbytes,
+            handle.generation,
+        )
     if isinstance(handle, VmmSlabHandle):  # its descriptor travels by the channel, a fresh token each time
         return ("vmm", handle.device_uuid, handle.nbytes, handle.generation)
     raise ProtocolError(f"unknown slab handle {type(handle).__name__}")
@@ -56,14 +62,20 @@ def check_owned_by(handle: SlabHandle, server: ServerIdentity) -> None:
     """Refuse a handle whose memory or generation counter is not the answering server's own."""
     slot = handle.generation
     if slot is None:
-        raise ProtocolError(f"slab {handle.slab_id!r} of {server.endpoint} comes without a generation slot: "
-                            "a copy torn by a reuse could not be detected, so it is refused")
+        raise ProtocolError(
+            f"slab {handle.slab_id!r} of {server.endpoint} comes without a generation slot: "
+            "a copy torn by a reuse could not be detected, so it is refused"
+        )
     if slot.pid != server.pid:
-        raise ProtocolError(f"slab {handle.slab_id!r}: its generation counter lives in process {slot.pid}, but "
-                            f"{server.endpoint} is served by process {server.pid}")
+        raise ProtocolError(
+            f"slab {handle.slab_id!r}: its generation counter lives in process {slot.pid}, but "
+            f"{server.endpoint} is served by process {server.pid}"
+        )
     if isinstance(handle, CpuSlabHandle) and handle.pid != server.pid:
-        raise ProtocolError(f"slab {handle.slab_id!r}: its memory is held by process {handle.pid}, but "
-                            f"{server.endpoint} is served by process {server.pid}")
+        raise ProtocolError(
+            f"slab {handle.slab_id!r}: its memory is held by process {handle.pid}, but "
+            f"{server.endpoint} is served by process {server.pid}"
+        )
 
 
 def _bound_channel(receive, handle: SlabHandle, server: ServerIdentity):
@@ -91,8 +103,9 @@ class ImportRegistry:
         self._lock = threading.Lock()
         self._open: dict[ImportKey, list] = {}  # key -> [ImportedSlab, users]
 
-    def acquire(self, server: ServerIdentity, slab_id: str, handle: SlabHandle | None,
-                receive=None) -> tuple[ImportKey, ImportedSlab]:
+    def acquire(
+        self, server: ServerIdentity, slab_id: str, handle: SlabHandle | None, receive=None
+    ) -> tuple[ImportKey, ImportedSlab]:
         """The process's import of ``slab_id`` as served by ``server`` (opened from ``handle`` if this
         process has none yet); a handle for a slab already open is consumed, not opened twice.
         ``receive``: the endpoint's descriptor channel (fdchannel.FdReceiver)."""
@@ -131,8 +144,10 @@ class ImportRegistry:
     @staticmethod
     def _consume(slab: ImportedSlab, server: ServerIdentity, slab_id: str, handle: SlabHandle) -> None:
         if memory_of(handle) != memory_of(slab.handle):
-            raise ProtocolError(f"{server.endpoint} sent a handle for slab {slab_id!r} that names "
-                                "other memory than the one already open")
+            raise ProtocolError(
+                f"{server.endpoint} sent a handle for slab {slab_id!r} that names "
+                "other memory than the one already open"
+            )
         slab.consume(handle)
 
     def release(self, key: ImportKey) -> None:

@@ -28,8 +28,18 @@ __all__ = ["ALIGN", "DTYPES", "DTYPE_NAMES", "MAX_DIMS", "MAX_ENTRIES", "SlabLay
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
     for name in (
-        "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
-        "float8_e4m3fn", "float8_e5m2",
+        "float32",
+        "float16",
+        "bfloat16",
+        "float64",
+        "int8",
+        "uint8",
+        "int16",
+        "int32",
+        "int64",
+        "bool",
+        "float8_e4m3fn",
+        "float8_e5m2",
     )
     if hasattr(torch, name)
 }
@@ -58,13 +68,17 @@ def _groups(entries: list[TensorEntry]) -> tuple[ShapeGroup, ...]:
     def flush():
         if run:
             stride = align_up(run[0].nbytes)
-            groups.append(ShapeGroup(DTYPES[run[0].dtype], run[0].shape, run[0].offset, stride,
-                                     tuple(e.name for e in run)))
+            groups.append(
+                ShapeGroup(DTYPES[run[0].dtype], run[0].shape, run[0].offset, stride, tuple(e.name for e in run))
+            )
             run.clear()
 
     for e in sorted(entries, key=lambda e: e.offset):
-        if (run and (e.dtype, e.shape) == (run[0].dtype, run[0].shape)
-                and e.offset == run[-1].offset + align_up(e.nbytes)):
+        if (
+            run
+            and (e.dtype, e.shape) == (run[0].dtype, run[0].shape)
+            and e.offset == run[-1].offset + align_up(e.nbytes)
+        ):
             run.append(e)
         else:
             flush()
@@ -117,7 +131,7 @@ class SlabLayout:
 
     def destination_views(self, slab: torch.Tensor) -> list[torch.Tensor]:
         """One view of ``slab`` (uint8, 1-D) per entry, in entry order — the targets of :meth:`pack`."""
-        return [slab[e.offset:e.offset + e.nbytes].view(DTYPES[e.dtype]).view(e.shape) for e in self.entries]
+        return [slab[e.offset : e.offset + e.nbytes].view(DTYPES[e.dtype]).view(e.shape) for e in self.entries]
 
     def signature(self) -> tuple:
         """What a dict of tensors must match to be packed with this layout (see :func:`signature_of`)."""
@@ -139,8 +153,9 @@ class SlabLayout:
         wire contract's (``protocol.LayoutEntry``); what is checked here is geometry: the dtype allow-list,
         byte counts, alignment, bounds and overlap."""
         if type(used_bytes) is not int or used_bytes % ALIGN or not 0 < used_bytes <= slab_nbytes:
-            raise LayoutError(f"used_bytes {used_bytes!r:.20} must be a multiple of {ALIGN} within the slab "
-                              f"({slab_nbytes} bytes)")
+            raise LayoutError(
+                f"used_bytes {used_bytes!r:.20} must be a multiple of {ALIGN} within the slab ({slab_nbytes} bytes)"
+            )
         try:
             items = msgspec.convert(wire, Entries)
         except msgspec.ValidationError as exc:
@@ -161,13 +176,15 @@ class SlabLayout:
             if math.prod(max(d, 1) for d in shape) * DTYPES[dtype].itemsize > slab_nbytes:
                 raise LayoutError(f"{name}: shape {list(shape)} does not fit a slab of {slab_nbytes} bytes, even empty")
             if e.nbytes != expected:
-                raise LayoutError(f"{name}: {e.nbytes} bytes do not match shape {list(shape)} of {dtype} "
-                                  f"({expected} bytes)")
+                raise LayoutError(
+                    f"{name}: {e.nbytes} bytes do not match shape {list(shape)} of {dtype} ({expected} bytes)"
+                )
             if e.offset % ALIGN:
                 raise LayoutError(f"{name}: offset {e.offset} is not {ALIGN}-byte aligned")
             if e.offset + e.nbytes > used_bytes:
-                raise LayoutError(f"{name}: bytes [{e.offset}, {e.offset + e.nbytes}) lie outside the slab's "
-                                  f"{used_bytes} used bytes")
+                raise LayoutError(
+                    f"{name}: bytes [{e.offset}, {e.offset + e.nbytes}) lie outside the slab's {used_bytes} used bytes"
+                )
         entries = items
         end = 0
         for e in sorted(entries, key=lambda e: e.offset):
@@ -186,7 +203,7 @@ class SlabLayout:
         views = []
         for g in self.groups:
             n = len(g.names)
-            region = buf[g.offset:g.offset + n * g.stride].view(g.dtype)
+            region = buf[g.offset : g.offset + n * g.stride].view(g.dtype)
             numel = math.prod(g.shape)
             views.append(region.view(n, g.stride // g.dtype.itemsize)[:, :numel].view(n, *g.shape))
         return views
@@ -203,8 +220,9 @@ class SlabLayout:
 
         One min/max pass per shape group (NaN propagates through both) and one device-to-host sync.
         """
-        floating = [(g, v) for g, v in zip(self.groups, self.group_views(buf))
-                    if g.dtype.is_floating_point and v.numel()]
+        floating = [
+            (g, v) for g, v in zip(self.groups, self.group_views(buf)) if g.dtype.is_floating_point and v.numel()
+        ]
         if not floating:
             return []
         extremes = torch.stack([torch.stack([v.amax(), v.amin()]).float() for _, v in floating])

@@ -17,9 +17,14 @@ class StoreCollector:
 
         s = self.store.status()
         m, pfx = s["metrics"], self.prefix
-        for key, doc in (("publishes", "versions published"), ("fetches", "fetches served"),
-                         ("bytes_published", "bytes packed into slabs"), ("bytes_served", "bytes leased to clients"),
-                         ("leases_expired", "leases reclaimed after their timeout"), ("errors", "requests rejected")):
+        for key, doc in (
+            ("publishes", "versions published"),
+            ("fetches", "fetches served"),
+            ("bytes_published", "bytes packed into slabs"),
+            ("bytes_served", "bytes leased to clients"),
+            ("leases_expired", "leases reclaimed after their timeout"),
+            ("errors", "requests rejected"),
+        ):
             yield CounterMetricFamily(f"{pfx}_{key}", doc, value=m[key])
         yield GaugeMetricFamily(f"{pfx}_live_leases", "leases currently held", value=s["lease_count"])
         yield GaugeMetricFamily(f"{pfx}_slab_bytes", "bytes of slab memory held", value=s["slabs"]["bytes"])
@@ -30,8 +35,10 @@ class StoreCollector:
         for name, v in newest.items():
             versions.add_metric([name], v)
         yield versions
-        for key, doc in (("fetch_latency", "client-measured fetch latency (request -> owned copy)"),
-                         ("publish_latency", "publish latency (pack into a slab)")):
+        for key, doc in (
+            ("fetch_latency", "client-measured fetch latency (request -> owned copy)"),
+            ("publish_latency", "publish latency (pack into a slab)"),
+        ):
             h = m[key]
             buckets, running = [], 0
             for bound, count in zip(h["buckets_ms"], h["counts"]):

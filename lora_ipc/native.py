@@ -25,8 +25,10 @@ def extension() -> ModuleType | None:
     try:
         from . import _native  # type: ignore[attr-defined]  # a C extension: no stub
     except ImportError as exc:
-        _say_once(f"lora_ipc native extension not built ({exc}); the CUDA VMM backend is unavailable, "
-                  "everything else uses the Python paths")
+        _say_once(
+            f"lora_ipc native extension not built ({exc}); the CUDA VMM backend is unavailable, "
+            "everything else uses the Python paths"
+        )
         return None
     return _native
 

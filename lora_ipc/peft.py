@@ -79,8 +79,9 @@ def peft_adapter_view(model: Any, adapter_name: str) -> PeftAdapterView:
     return view
 
 
-def adapter_from(adapter: Any, peft_config: Any = None, adapter_name: str | None = None
-                 ) -> tuple[dict[str, torch.Tensor], dict]:
+def adapter_from(
+    adapter: Any, peft_config: Any = None, adapter_name: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and config of a PeftModel's adapter, or of a ``dict[str, Tensor]`` with its LoRA config."""
     if is_peft_model(adapter):
         name = adapter_name or adapter.active_adapter

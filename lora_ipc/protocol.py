@@ -534,8 +534,9 @@ def decode(data: bytes, accept: frozenset[str] | None = None) -> Frame:
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid {cls.TYPE} message: {_explain(str(exc))}", request_id) from None
     except Exception as exc:  # DecodeError, RecursionError: still typed, still with the request id
-        raise ProtocolError(f"invalid {cls.TYPE} message: undecodable ({type(exc).__name__}: {exc})",
-                            request_id) from None
+        raise ProtocolError(
+            f"invalid {cls.TYPE} message: undecodable ({type(exc).__name__}: {exc})", request_id
+        ) from None
 
 
 def _refuse_undecodable(data: bytes, accept: frozenset[str] | None, exc: Exception):
@@ -560,9 +561,24 @@ def _frame_error(exc: Exception) -> ProtocolError:
 
 _SCALAR = msgspec.msgpack.Decoder(_Scalar)
 #: msgpack scalars by first byte: (bytes of the length that follows, fixed payload bytes)
-_SIZES = {0xC0: (0, 0), 0xC2: (0, 0), 0xC3: (0, 0), 0xCA: (0, 4), 0xCB: (0, 8), 0xCC: (0, 1), 0xCD: (0, 2),
-          0xCE: (0, 4), 0xCF: (0, 8), 0xD0: (0, 1), 0xD1: (0, 2), 0xD2: (0, 4), 0xD3: (0, 8), 0xD9: (1, 0),
-          0xDA: (2, 0), 0xDB: (4, 0)}
+_SIZES = {
+    0xC0: (0, 0),
+    0xC2: (0, 0),
+    0xC3: (0, 0),
+    0xCA: (0, 4),
+    0xCB: (0, 8),
+    0xCC: (0, 1),
+    0xCD: (0, 2),
+    0xCE: (0, 4),
+    0xCF: (0, 8),
+    0xD0: (0, 1),
+    0xD1: (0, 2),
+    0xD2: (0, 4),
+    0xD3: (0, 8),
+    0xD9: (1, 0),
+    0xDA: (2, 0),
+    0xDB: (4, 0),
+}
 
 
 def _read_header(data: bytes) -> tuple[Any, Any, Any, int] | None:
@@ -582,25 +598,27 @@ def _read_header(data: bytes) -> tuple[Any, Any, Any, int] | None:
             size = 1 + (first & 0x1F)
         elif first in _SIZES:
             nlen, fixed = _SIZES[first]
-            size = 1 + nlen + fixed + int.from_bytes(view[pos + 1:pos + 1 + nlen], "big")
+            size = 1 + nlen + fixed + int.from_bytes(view[pos + 1 : pos + 1 + nlen], "big")
         else:
             return None
         try:
-            out.append(_SCALAR.decode(view[pos:pos + size]))
+            out.append(_SCALAR.decode(view[pos : pos + size]))
         except msgspec.DecodeError:
             return None
         pos += size
     return out[0], out[1], out[2], pos
 
 
-def _header(version: Any, type_name: Any, request_id: Any, accept: frozenset[str] | None,
-            nbytes: int) -> tuple[type[Message], int]:
+def _header(
+    version: Any, type_name: Any, request_id: Any, accept: frozenset[str] | None, nbytes: int
+) -> tuple[type[Message], int]:
     """Check a frame's header; errors carry the request id as soon as it could be read."""
     if type(request_id) is not int or not 0 <= request_id < (1 << 63):
         raise ProtocolError("request_id must be a non-negative integer")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r:.20} not supported (this side speaks {PROTOCOL_VERSION})",
-                            request_id)
+        raise ProtocolError(
+            f"protocol version {version!r:.20} not supported (this side speaks {PROTOCOL_VERSION})", request_id
+        )
     cls = MESSAGE_TYPES.get(type_name) if type(type_name) is str else None
     if cls is None:
         raise ProtocolError(f"unknown message type {type_name!r:.40}", request_id)
@@ -664,8 +682,12 @@ def _decode_large(cls: type[Message], body: Raw) -> Message:
 
 
 _SIZED = {cls: _sized_trees(cls) for cls in MESSAGE_TYPES.values() if cls.TREES}
-_TREES = {(cls, f.name): msgspec.msgpack.Decoder(f.type)
-          for cls in _SIZED for f in msgspec.structs.fields(cls) if f.name in cls.TREES}
+_TREES = {
+    (cls, f.name): msgspec.msgpack.Decoder(f.type)
+    for cls in _SIZED
+    for f in msgspec.structs.fields(cls)
+    if f.name in cls.TREES
+}
 
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>.*)`)?$", re.S)
@@ -679,7 +701,7 @@ def _explain(text: str) -> str:
     what, path = m.group("what"), m.group("path") or "body"
     what = re.sub(r"Object contains unknown field `(.*)`", r"unknown key '\1'", what)
     if path.endswith("backend") and what.startswith("Invalid value"):
-        what = "unknown backend" + what[len("Invalid value"):]
+        what = "unknown backend" + what[len("Invalid value") :]
     if "got `ext`" in what:
         what = f"undecodable msgpack (ext types are refused): {what}"
     return f"field {path!r}: {what}"

@@ -125,8 +125,10 @@ def plan_buckets(params: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], buc
     if len(plans) < 2:
         return plans
     sizes = [align_up(math.prod(shape) * dtype.itemsize) for _, dtype, shape in params]
-    capacity = max(align_up(-(-sum(b.nbytes for b in plans) // len(plans))),
-                   max((n for n in sizes if n <= bucket_bytes), default=0))
+    capacity = max(
+        align_up(-(-sum(b.nbytes for b in plans) // len(plans))),
+        max((n for n in sizes if n <= bucket_bytes), default=0),
+    )
     while capacity < bucket_bytes:
         balanced = _fill_greedily(params, capacity)
         if len(balanced) <= len(plans):
@@ -222,8 +224,15 @@ class WeightSender:
     the engine loading bucket k; the two never touch the same slab.
     """
 
-    def __init__(self, endpoint: str | None = None, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 device: torch.device | str | None = None, lease_timeout_s: float = 60.0, stream: str | None = None):
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        device: torch.device | str | None = None,
+        lease_timeout_s: float = 60.0,
+        stream: str | None = None,
+    ):
         self.bucket_bytes = check_bucket_bytes(bucket_bytes)
         self.exporter = AdapterExporter(endpoint, keep=2, device=device, lease_timeout_s=lease_timeout_s)
         self.stream = stream or f"weights-{uuid.uuid4().hex[:12]}"
@@ -241,8 +250,12 @@ class WeightSender:
             self._plans = (key, plan_buckets(key, self.bucket_bytes))
         return self._plans[1]
 
-    def send(self, params: list[tuple[str, torch.dtype, tuple[int, ...]]],
-             tensors: Iterable[tuple[str, torch.Tensor]], deliver: Callable[[BucketRef], None]) -> int:
+    def send(
+        self,
+        params: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        deliver: Callable[[BucketRef], None],
+    ) -> int:
         """One update: ``params`` is the metadata (name, dtype, shape) that ``tensors`` yields, in order.
 
         Returns the update number. Raises :class:`RefitError` if the tensors do not match the metadata,
@@ -286,14 +299,16 @@ def _fill(plans: list[BucketPlan], tensors: Iterator[tuple[str, torch.Tensor]]) 
                 if name != piece.param:
                     raise RefitError(f"the weight source yielded {name!r} where its metadata() has {piece.param!r}")
                 if tensor.dtype != piece.dtype or tuple(tensor.shape) != piece.shape:
-                    raise RefitError(f"{name}: yielded {tensor.dtype} {tuple(tensor.shape)}, metadata() says "
-                                     f"{piece.dtype} {piece.shape}")
+                    raise RefitError(
+                        f"{name}: yielded {tensor.dtype} {tuple(tensor.shape)}, metadata() says "
+                        f"{piece.dtype} {piece.shape}"
+                    )
                 current = (name, tensor.detach())
             tensor = current[1]
             if piece.whole:
                 bucket[piece.entry] = tensor
             else:
-                bucket[piece.entry] = tensor.contiguous().view(-1)[piece.start:piece.start + piece.numel]
+                bucket[piece.entry] = tensor.contiguous().view(-1)[piece.start : piece.start + piece.numel]
         yield bucket
     extra = next(tensors, None)
     if extra is not None:
@@ -362,11 +377,14 @@ class WeightReceiver:
             raise RefitError(f"bucket of stream {ref.stream!r}, but this engine was initialized for {self.stream!r}")
         expected = self._next or (ref.update, 0)
         if (ref.update, ref.bucket) != expected:
-            raise RefitError(f"bucket {ref.bucket} of update {ref.update} arrived, expected bucket {expected[1]} "
-                             f"of update {expected[0]} (buckets must be loaded in order)")
+            raise RefitError(
+                f"bucket {ref.bucket} of update {ref.update} arrived, expected bucket {expected[1]} "
+                f"of update {expected[0]} (buckets must be loaded in order)"
+            )
         if self._next is not None and ref.buckets != self._total:
-            raise RefitError(f"bucket {ref.bucket} says the update has {ref.buckets} buckets, "
-                             f"bucket 0 said {self._total}")
+            raise RefitError(
+                f"bucket {ref.bucket} says the update has {ref.buckets} buckets, bucket 0 said {self._total}"
+            )
         adapter = self.client.fetch(ref.stream, ref.version, device=device)
         if adapter.version != ref.version:
             raise RefitError(f"asked for version {ref.version}, got {adapter.version}")
@@ -382,8 +400,9 @@ class WeightReceiver:
             part = self._partial.get(item.param)
             if part is None:
                 part = self._partial[item.param] = _Partial(
-                    torch.empty(math.prod(item.shape), dtype=tensor.dtype, device=tensor.device), item.shape)
-            part.flat[item.start:item.end].copy_(tensor)
+                    torch.empty(math.prod(item.shape), dtype=tensor.dtype, device=tensor.device), item.shape
+                )
+            part.flat[item.start : item.end].copy_(tensor)
             part.add(item.start, item.end)
             if part.filled == part.flat.numel():  # disjoint spans in bounds that add up to numel: a tiling
                 self._complete.add(item.param)
@@ -405,8 +424,10 @@ class WeightReceiver:
                 allocated.add(item.param)
                 new += math.prod(item.shape) * itemsize
         if self.max_update_bytes is not None and self._bytes + new > self.max_update_bytes:
-            raise RefitError(f"the update would hold {self._bytes + new} bytes, over its limit of "
-                             f"{self.max_update_bytes} (max_update_bytes)")
+            raise RefitError(
+                f"the update would hold {self._bytes + new} bytes, over its limit of "
+                f"{self.max_update_bytes} (max_update_bytes)"
+            )
         return new
 
     def _place(self, ref: BucketRef, tensors: dict[str, torch.Tensor]) -> list[_Placed]:

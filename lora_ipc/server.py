@@ -63,16 +63,23 @@ def publish_source_key(peer: bytes, handle: p.SlabHandle) -> tuple:
     handle names. A CUDA handle's ref-counter fields change with every publish (each carries a fresh export,
     Note [one export per import]); the memory they export does not."""
     if isinstance(handle, p.CudaSlabHandle):
-        handle = msgspec.structs.replace(handle, ref_counter_handle=b"", ref_counter_offset=0, event_handle=b"",
-                                     event_sync_required=False)
+        handle = msgspec.structs.replace(
+            handle, ref_counter_handle=b"", ref_counter_offset=0, event_handle=b"", event_sync_required=False
+        )
     elif getattr(handle, "token", None) is not None:  # a CPU staging memfd pushed again with each publish
         handle = msgspec.structs.replace(handle, token=None)
     return (peer, handle)
 
 
 class AdapterServer:
-    def __init__(self, store: AdapterStore, endpoint: str, *, context: zmq.Context | None = None,
-                 allowed_uids: set[int] | None = None):
+    def __init__(
+        self,
+        store: AdapterStore,
+        endpoint: str,
+        *,
+        context: zmq.Context | None = None,
+        allowed_uids: set[int] | None = None,
+    ):
         self.store = store
         self.endpoint = endpoint
         self._path = prepare_ipc_path(endpoint)
@@ -102,7 +109,8 @@ class AdapterServer:
         self.requests = 0
         # (publishing connection, its handle) -> import: see _on_publish
         self._publish_sources: BoundedLRU[tuple[bytes, p.SlabHandle], ImportedSlab] = BoundedLRU(
-            MAX_PUBLISH_SOURCES, lambda _, s: s.close())
+            MAX_PUBLISH_SOURCES, lambda _, s: s.close()
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._handlers: dict[type[p.Message], Callable[[Any, bytes], p.Message]] = {  # by the message's type
@@ -220,8 +228,9 @@ class AdapterServer:
 
     def _on_list(self, msg: p.ListRequest, peer: bytes) -> p.ListReply:
         listed, left_out = self.store.summaries(max_bytes=MAX_LISTED_BYTES)
-        return p.ListReply(listed[:p.MAX_ADAPTERS_LISTED], self.store.epoch,
-                           left_out + max(0, len(listed) - p.MAX_ADAPTERS_LISTED))
+        return p.ListReply(
+            listed[: p.MAX_ADAPTERS_LISTED], self.store.epoch, left_out + max(0, len(listed) - p.MAX_ADAPTERS_LISTED)
+        )
 
     def _on_fetch(self, msg: p.FetchRequest, peer: bytes) -> p.FetchReply:
         lease, pv = self.store.lease(msg.name, msg.version, peer, msg.client_id, msg.epoch)
@@ -239,13 +248,19 @@ class AdapterServer:
             self.store.release(lease.lease_id, peer)
             raise
         return p.FetchReply(
-            name=pv.name, version=pv.version, lease_id=lease.lease_id, config_digest=pv.config_digest,
+            name=pv.name,
+            version=pv.version,
+            lease_id=lease.lease_id,
+            config_digest=pv.config_digest,
             peft_config=None if pv.config_digest in msg.known_configs else pv.peft_config,
             slab_id=slab.slab_id,
             slab=None if handle is None else self._fds.attach(slab, handle),
-            generation=generation, layout_digest=layout.digest,
+            generation=generation,
+            layout_digest=layout.digest,
             entries=None if layout.digest in msg.known_layouts else layout.to_wire(),
-            used_bytes=layout.used_bytes, live_slabs=self.store.live_slab_ids(), epoch=self.store.epoch,
+            used_bytes=layout.used_bytes,
+            live_slabs=self.store.live_slab_ids(),
+            epoch=self.store.epoch,
         )
 
     def _on_release(self, msg: p.ReleaseRequest, peer: bytes) -> p.ReleaseReply:
@@ -264,8 +279,9 @@ class AdapterServer:
         pushed = self._fds.take_pushed(token) if token else []  # fdchannel.py
         try:
             if source is None:  # a publisher's staging slab: opened once, kept while it is in use
-                source = self._publish_sources.put(key, open_slab(
-                    msg.slab, (lambda _token: [pushed.pop()]) if pushed else None))
+                source = self._publish_sources.put(
+                    key, open_slab(msg.slab, (lambda _token: [pushed.pop()]) if pushed else None)
+                )
             else:
                 source.consume(msg.slab)  # every publish carries a fresh export (Note [one export per import])
         finally:
@@ -279,8 +295,13 @@ class AdapterServer:
         report["endpoint"] = self.endpoint
         report["pid"] = os.getpid()
         g = self.guard
-        report["server"] = {"connections": g.live, "connection_cap": g.cap, "peak_connections": g.peak,
-                            "dropped_connections": g.dropped, "requests": self.requests}
+        report["server"] = {
+            "connections": g.live,
+            "connection_cap": g.cap,
+            "peak_connections": g.peak,
+            "dropped_connections": g.dropped,
+            "requests": self.requests,
+        }
         return p.StatusReply(msgspec.convert(report, p.StatusReport))  # the contract, checked where it is made
 
     # ---- thread ----------------------------------------------------------------------------

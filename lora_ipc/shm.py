@@ -107,8 +107,10 @@ def check_sealed(opened: int, name: str, min_bytes: int) -> None:
         if st.st_size < min_bytes:
             raise BackendError(f"shared memory {name!r} has {st.st_size} bytes, the handle says {min_bytes}")
         if st.st_blocks * 512 < st.st_size:
-            raise BackendError(f"shared memory {name!r} is not reserved ({st.st_blocks * 512} of {st.st_size} "
-                               "bytes allocated): its reader would pay for the exporter's pages")
+            raise BackendError(
+                f"shared memory {name!r} is not reserved ({st.st_blocks * 512} of {st.st_size} "
+                "bytes allocated): its reader would pay for the exporter's pages"
+            )
     except OSError as exc:
         raise BackendError(f"cannot check shared memory {name!r}: {exc}") from None
 
@@ -123,7 +125,7 @@ def _read_range(fd: int, dst: memoryview, offset: int) -> None:
     done = 0
     while done < len(dst):
         try:
-            n = os.preadv(fd, [dst[done:done + READ_CHUNK]], offset + done)
+            n = os.preadv(fd, [dst[done : done + READ_CHUNK]], offset + done)
         except OSError as exc:
             raise BackendError(f"cannot read shared memory: {exc}") from None
         if n <= 0:
@@ -146,8 +148,10 @@ def read_exact(fd: int, dst: memoryview, offset: int) -> None:
         if _read_pool is None:
             _read_pool = ThreadPoolExecutor(parts, thread_name_prefix="lora-ipc-read")
     step = -(-len(dst) // parts)
-    futures = [_read_pool.submit(_read_range, fd, dst[start:start + step], offset + start)
-               for start in range(0, len(dst), step)]
+    futures = [
+        _read_pool.submit(_read_range, fd, dst[start : start + step], offset + start)
+        for start in range(0, len(dst), step)
+    ]
     for future in futures:
         future.result()  # the first failure (BackendError) is raised once every part has finished
 
@@ -234,7 +238,8 @@ class GenerationReader:
 
 MAX_GENERATION_READERS = 16
 _readers: BoundedLRU[tuple[int, int, str], GenerationReader] = BoundedLRU(
-    MAX_GENERATION_READERS, lambda _, reader: reader.close())
+    MAX_GENERATION_READERS, lambda _, reader: reader.close()
+)
 _readers_lock = threading.Lock()
 
 

@@ -91,8 +91,9 @@ class SlabPool:
 
     def counts(self) -> SlabCounts:
         with self._lock:
-            return SlabCounts(len(self._slabs), len(self._free), sum(s.nbytes for s in self._slabs.values()),
-                              self._allocated)
+            return SlabCounts(
+                len(self._slabs), len(self._free), sum(s.nbytes for s in self._slabs.values()), self._allocated
+            )
 
     def close(self) -> None:
         """Close every slab (in use or not) and the generation table."""
@@ -143,8 +144,9 @@ class SlabPool:
                     table.free_slot(slot)
                 self._bytes -= size
             raise
-        slab.handle = msgspec.structs.replace(slab.handle, generation=GenerationSlot(
-            os.getpid(), table.fd, slot, table.name))
+        slab.handle = msgspec.structs.replace(
+            slab.handle, generation=GenerationSlot(os.getpid(), table.fd, slot, table.name)
+        )
         with self._lock:
             if self._closed:  # closed while this slab was being allocated: it never joins the pool
                 self._bytes -= size

@@ -101,8 +101,12 @@ class LatencyHistogram:
         self.n += 1
 
     def report(self) -> dict:
-        return {"buckets_ms": list(LATENCY_BUCKETS_MS) + ["+Inf"], "counts": list(self.counts),
-                "sum_ms": round(self.total_ms, 3), "count": self.n}
+        return {
+            "buckets_ms": list(LATENCY_BUCKETS_MS) + ["+Inf"],
+            "counts": list(self.counts),
+            "sum_ms": round(self.total_ms, 3),
+            "count": self.n,
+        }
 
 
 @dataclass
@@ -128,9 +132,16 @@ def new_epoch() -> str:
 class AdapterStore:
     """Versions of named adapters, each in a slab of :attr:`pool`, and the leases readers hold on them."""
 
-    def __init__(self, *, keep: int = 2, lease_timeout_s: float = 30.0, max_free_slabs: int = 2,
-                 check_finite: bool = False, clock: Callable[[], float] = time.monotonic,
-                 limits: Limits | None = None):
+    def __init__(
+        self,
+        *,
+        keep: int = 2,
+        lease_timeout_s: float = 30.0,
+        max_free_slabs: int = 2,
+        check_finite: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        limits: Limits | None = None,
+    ):
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.keep = keep
@@ -151,23 +162,36 @@ class AdapterStore:
         self._lease_heap: list[tuple[float, int]] = []  # (expires_at, lease_id); stale entries skipped
         self._leases_by_holder: dict[bytes, int] = {}
         # every slab the versions live in: allocation, recycling, generation slots, byte accounting
-        self.pool = SlabPool(max_bytes=self.limits.max_slab_bytes, max_slabs=self.limits.max_slabs,
-                             max_free=max_free_slabs)
+        self.pool = SlabPool(
+            max_bytes=self.limits.max_slab_bytes, max_slabs=self.limits.max_slabs, max_free=max_free_slabs
+        )
         self._layouts = LayoutCache()
         self._last_config: tuple[dict, bytes] | None = None  # (config object, its digest)
 
     # ---- publishing ------------------------------------------------------------------------
 
-    def publish(self, name: str, tensors: Mapping[str, torch.Tensor], peft_config: dict,
-                device: torch.device | str | None = None) -> int:
+    def publish(
+        self,
+        name: str,
+        tensors: Mapping[str, torch.Tensor],
+        peft_config: dict,
+        device: torch.device | str | None = None,
+    ) -> int:
         """Pack ``tensors`` into a slab on ``device`` (default: where the tensors are) as the next version."""
         layout = self._layouts.layout_for(tensors)
-        return self._publish_into(name, layout, peft_config, slab_device(device, tensors),
-                                  lambda slab: slab.pack(layout, tensors))
+        return self._publish_into(
+            name, layout, peft_config, slab_device(device, tensors), lambda slab: slab.pack(layout, tensors)
+        )
 
-    def publish_copy(self, name: str, layout: SlabLayout, peft_config: dict,
-                     copy_into: Callable[[torch.Tensor], object], device: torch.device,
-                     version: int | None = None) -> int:
+    def publish_copy(
+        self,
+        name: str,
+        layout: SlabLayout,
+        peft_config: dict,
+        copy_into: Callable[[torch.Tensor], object],
+        device: torch.device,
+        version: int | None = None,
+    ) -> int:
         """Add a version whose bytes ``copy_into(slab_tensor)`` writes (the daemon's copy of a remote slab).
 
         ``version``: keep another store's version number (a Ray relay serving a replica of what the
@@ -176,8 +200,9 @@ class AdapterStore:
         """
         if version is not None:
             self._check_newer(name, version)
-        return self._publish_into(name, layout, peft_config, device,
-                                  lambda slab: copy_into(slab.tensor[:layout.used_bytes]), version)
+        return self._publish_into(
+            name, layout, peft_config, device, lambda slab: copy_into(slab.tensor[: layout.used_bytes]), version
+        )
 
     def newest_version(self, name: str) -> int:
         """The last version number given to ``name`` in this store (0 if none)."""
@@ -188,8 +213,15 @@ class AdapterStore:
         if type(version) is not int or version <= self.newest_version(name):
             raise ValueError(f"{name!r} version {version!r} is not newer than version {self.newest_version(name)} here")
 
-    def _publish_into(self, name: str, layout: SlabLayout, peft_config: dict, device: torch.device,
-                      write: Callable[[ExportedSlab], object], version: int | None = None) -> int:
+    def _publish_into(
+        self,
+        name: str,
+        layout: SlabLayout,
+        peft_config: dict,
+        device: torch.device,
+        write: Callable[[ExportedSlab], object],
+        version: int | None = None,
+    ) -> int:
         started = time.perf_counter()
         with self._lock:
             if name not in self._versions and len(self._versions) >= self.limits.max_adapters:
@@ -207,8 +239,15 @@ class AdapterStore:
         self.metrics.publish_latency.observe((time.perf_counter() - started) * 1e3)
         return version
 
-    def _add(self, name: str, slab: ExportedSlab, layout: SlabLayout, peft_config: dict, generation: int,
-             version: int | None = None) -> int:
+    def _add(
+        self,
+        name: str,
+        slab: ExportedSlab,
+        layout: SlabLayout,
+        peft_config: dict,
+        generation: int,
+        version: int | None = None,
+    ) -> int:
         with self._lock:
             if version is None:
                 version = self._last_version.get(name, 0) + 1
@@ -216,8 +255,16 @@ class AdapterStore:
                 self._check_newer(name, version)
             self._last_version[name] = version
             versions = self._versions.setdefault(name, {})
-            versions[version] = PublishedVersion(name, version, slab, layout, peft_config, time.time(), generation,
-                                                 config_digest=self._config_digest(peft_config))
+            versions[version] = PublishedVersion(
+                name,
+                version,
+                slab,
+                layout,
+                peft_config,
+                time.time(),
+                generation,
+                config_digest=self._config_digest(peft_config),
+            )
             self.metrics.publishes += 1
             self.metrics.bytes_published += layout.used_bytes
             while len(versions) > self.keep:
@@ -227,7 +274,7 @@ class AdapterStore:
                 else:
                     self._free_version(old)
             retiring = [pv for pv in self._retiring.values() if pv.name == name]
-            for pv in retiring[:max(0, len(retiring) - self.limits.max_retiring_per_adapter)]:
+            for pv in retiring[: max(0, len(retiring) - self.limits.max_retiring_per_adapter)]:
                 self._revoke(pv)
             return version
 
@@ -261,7 +308,7 @@ class AdapterStore:
             return
         host, generation = self.pool.take(torch.device("cpu"), pv.layout.used_bytes)
         try:
-            pv.slab.read_into(host.tensor[:pv.layout.used_bytes])  # after the pack's ready event (CUDA)
+            pv.slab.read_into(host.tensor[: pv.layout.used_bytes])  # after the pack's ready event (CUDA)
         except BaseException:
             self.pool.give_back(host)
             raise
@@ -271,13 +318,16 @@ class AdapterStore:
 
     # ---- leases ----------------------------------------------------------------------------
 
-    def lease(self, name: str, version: int | None, holder: bytes, client: str = "",
-              epoch: str | None = None) -> tuple[Lease, PublishedVersion]:
+    def lease(
+        self, name: str, version: int | None, holder: bytes, client: str = "", epoch: str | None = None
+    ) -> tuple[Lease, PublishedVersion]:
         """Lease ``version`` (newest if None). ``epoch``, when given, must be this store's: a version
         number of another epoch names other bytes (``StaleEpoch``)."""
         if epoch is not None and epoch != self.epoch:
-            raise StaleEpoch(f"{name!r} v{version}: epoch {epoch!r:.40} is not this store's ({self.epoch}); the "
-                             "exporter restarted and its version numbers started again")
+            raise StaleEpoch(
+                f"{name!r} v{version}: epoch {epoch!r:.40} is not this store's ({self.epoch}); the "
+                "exporter restarted and its version numbers started again"
+            )
         with self._lock:
             self.expire_leases()
             versions = self._versions.get(name)
@@ -290,8 +340,10 @@ class AdapterStore:
                 raise VersionNotFound(f"{name!r} version {version} is not kept (kept: {list(versions)})")
             held = self._leases_by_holder.get(holder, 0)
             if held >= self.limits.max_leases_per_holder:
-                raise LimitExceeded(f"this connection already holds {held} leases (max_leases_per_holder); "
-                                    "release them before fetching again")
+                raise LimitExceeded(
+                    f"this connection already holds {held} leases (max_leases_per_holder); "
+                    "release them before fetching again"
+                )
             if len(self._leases) >= self.limits.max_leases:
                 raise LimitExceeded(f"{len(self._leases)} leases are live (max_leases)")
             lease = Lease(secrets.randbits(62) + 1, name, version, holder, client, self.clock() + self.lease_timeout_s)
@@ -364,8 +416,10 @@ class AdapterStore:
         """One summary per adapter name, and how many were left out to keep the list's wire size
         under ``max_bytes`` (an upper estimate per entry; None: all)."""
         with self._lock:
-            out = [AdapterSummary(name, list(vs), sum(pv.layout.used_bytes for pv in vs.values()))
-                   for name, vs in self._versions.items()]
+            out = [
+                AdapterSummary(name, list(vs), sum(pv.layout.used_bytes for pv in vs.values()))
+                for name, vs in self._versions.items()
+            ]
         listed = _within_bytes(out, lambda s: len(s.name.encode()) + 9 * len(s.versions) + 48, max_bytes)
         return listed, len(out) - len(listed)
 
@@ -387,26 +441,45 @@ class AdapterStore:
                 "epoch": self.epoch,
                 "keep": self.keep,
                 "adapters": [
-                    {"name": pv.name, "version": pv.version, "bytes": pv.layout.used_bytes,
-                     "tensors": len(pv.layout.entries), "leases": len(pv.leases),
-                     "retiring": (pv.name, pv.version) in self._retiring, "published_at": pv.published_at}
+                    {
+                        "name": pv.name,
+                        "version": pv.version,
+                        "bytes": pv.layout.used_bytes,
+                        "tensors": len(pv.layout.entries),
+                        "leases": len(pv.leases),
+                        "retiring": (pv.name, pv.version) in self._retiring,
+                        "published_at": pv.published_at,
+                    }
                     for pv in listed
                 ],
                 "adapters_left_out": len(pvs) - len(listed),
                 "lease_count": len(self._leases),
-                "leases": [{"lease_id": lease.lease_id, "name": lease.name, "version": lease.version,
-                            "holder": lease.client or lease.holder.hex(),
-                            "expires_in_s": round(lease.expires_at - now, 3)}
-                           for lease in itertools.islice(self._leases.values(), MAX_STATUS_LEASES)],
+                "leases": [
+                    {
+                        "lease_id": lease.lease_id,
+                        "name": lease.name,
+                        "version": lease.version,
+                        "holder": lease.client or lease.holder.hex(),
+                        "expires_in_s": round(lease.expires_at - now, 3),
+                    }
+                    for lease in itertools.islice(self._leases.values(), MAX_STATUS_LEASES)
+                ],
                 "limits": dataclasses.asdict(self.limits),
                 "slabs": {"live": slabs.live, "free": slabs.free, "bytes": slabs.bytes},
-                "metrics": {"publishes": m.publishes, "fetches": m.fetches, "bytes_published": m.bytes_published,
-                            "bytes_served": m.bytes_served, "leases_expired": m.leases_expired,
-                            "leases_revoked": m.leases_revoked, "host_stagings": m.host_stagings,
-                            "errors": m.errors, "errors_by_type": dict(m.errors_by_type),
-                            "slabs_allocated": slabs.allocated,
-                            "fetch_latency": m.fetch_latency.report(),
-                            "publish_latency": m.publish_latency.report()},
+                "metrics": {
+                    "publishes": m.publishes,
+                    "fetches": m.fetches,
+                    "bytes_published": m.bytes_published,
+                    "bytes_served": m.bytes_served,
+                    "leases_expired": m.leases_expired,
+                    "leases_revoked": m.leases_revoked,
+                    "host_stagings": m.host_stagings,
+                    "errors": m.errors,
+                    "errors_by_type": dict(m.errors_by_type),
+                    "slabs_allocated": slabs.allocated,
+                    "fetch_latency": m.fetch_latency.report(),
+                    "publish_latency": m.publish_latency.report(),
+                },
             }
 
     def count_error(self, exc: BaseException) -> None:

@@ -18,15 +18,25 @@ def tiny_llama_config(vocab_size: int = VOCAB, hidden: int = 128, layers: int = 
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), head_dim=64,
-        max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        head_dim=64,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = VOCAB, hidden: int = 128,
-               layers: int = 2):
+def tiny_llama(
+    seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = VOCAB, hidden: int = 128, layers: int = 2
+):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -43,8 +53,9 @@ def write_tokenizer(path: str, vocab_size: int = VOCAB) -> None:
     vocab.update({f"w{i}": i for i in range(4, vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    ).save_pretrained(path)
 
 
 def write_model_dir(path: str, hidden: int = 128, layers: int = 2, seed: int = 0) -> str:
@@ -58,5 +69,12 @@ def write_model_dir(path: str, hidden: int = 128, layers: int = 2, seed: int = 0
 def lora_config(r: int = 8, alpha: int | None = None, random_init: bool = True):
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=TARGET_MODULES, lora_dropout=0.0,
-                      init_lora_weights=not random_init, bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha or 2 * r,
+        target_modules=TARGET_MODULES,
+        lora_dropout=0.0,
+        init_lora_weights=not random_init,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )

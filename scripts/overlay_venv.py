@@ -31,8 +31,12 @@ def create(path: str | Path) -> Path:
     path = Path(path).resolve()
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(path)], check=True)
     python = path / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     # addsitedir also runs those directories' own .pth files, as a system site directory would get
     lines = [f"import site; site.addsitedir({d!r})" for d in site_dirs()]
     (Path(purelib) / "zz_overlay_parent.pth").write_text("\n".join(lines) + "\n")

@@ -10,6 +10,8 @@ source scripts/python.sh || exit 1
 export PY
 failed=0
 "$PY" -m ruff check . || failed=1
+"$PY" -m ruff format --check . || failed=1  # ruff pinned in pyproject's test extra: one formatting
+bash scripts/typecheck.sh || failed=1  # mypy over lora_ipc/ (docs/typing.md)
 "$PY" -m pytest -q --durations=15 tests "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; rc=1; fi

@@ -27,9 +27,21 @@ def make_llm(model_dir: str, max_lora_rank: int = 16, max_loras: int = 2, max_cp
     engine_env()
     from vllm import LLM
 
-    return LLM(model=model_dir, tokenizer=model_dir, dtype="bfloat16", enable_lora=True, max_lora_rank=max_lora_rank,
-               max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_model_len=128, max_num_seqs=8,
-               enforce_eager=True, seed=0, enable_prefix_caching=True, **kw)
+    return LLM(
+        model=model_dir,
+        tokenizer=model_dir,
+        dtype="bfloat16",
+        enable_lora=True,
+        max_lora_rank=max_lora_rank,
+        max_loras=max_loras,
+        max_cpu_loras=max_cpu_loras,
+        max_model_len=128,
+        max_num_seqs=8,
+        enforce_eager=True,
+        seed=0,
+        enable_prefix_caching=True,
+        **kw,
+    )
 
 
 def generate(llm, lora_request=None, prompts=PROMPTS, max_tokens=12) -> list[list[int]]:
@@ -37,8 +49,9 @@ def generate(llm, lora_request=None, prompts=PROMPTS, max_tokens=12) -> list[lis
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora_request,
-                        use_tqdm=False)
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora_request, use_tqdm=False
+    )
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
@@ -66,8 +79,22 @@ def get_json(url, timeout=30):
         return json.loads(r.read())
 
 
-SERVER_ARGS = ["--dtype", "bfloat16", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2", "--max-model-len",
-               "128", "--max-num-seqs", "8", "--enforce-eager", "--seed", "0"]
+SERVER_ARGS = [
+    "--dtype",
+    "bfloat16",
+    "--enable-lora",
+    "--max-lora-rank",
+    "16",
+    "--max-loras",
+    "2",
+    "--max-model-len",
+    "128",
+    "--max-num-seqs",
+    "8",
+    "--enforce-eager",
+    "--seed",
+    "0",
+]
 
 
 class Server:
@@ -81,9 +108,23 @@ class Server:
         self.log_path = os.path.join(str(log_dir), "server.log")
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, *SERVER_ARGS,
-             *extra_args, "--host", "127.0.0.1", "--port", str(self.port)],
-            env=full_env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                model_dir,
+                *SERVER_ARGS,
+                *extra_args,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + start_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -102,9 +143,17 @@ class Server:
             return f.read()[-n:]
 
     def complete(self, model, prompt, max_tokens=12) -> list[int]:
-        status, body = post(self.base + "/v1/completions", {
-            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "return_token_ids": True})
+        status, body = post(
+            self.base + "/v1/completions",
+            {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            },
+        )
         assert status == 200, body
         return list(body["choices"][0]["token_ids"])
 

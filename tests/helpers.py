@@ -12,8 +12,10 @@ from lora_ipc.shm import memfds_of
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
-                       b.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
+    return torch.equal(
+        a.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
+        b.detach().cpu().contiguous().reshape(-1).view(torch.uint8),
+    )
 
 
 def assert_same_adapter(got: dict, want: dict) -> None:
@@ -88,8 +90,13 @@ def footprint(exporter_pid: int) -> dict:
     and this (client) process's fds and shared-memory mappings."""
     files = shm_fds(exporter_pid)
     me = os.getpid()
-    return {"exporter_shm_files": len(files), "exporter_shm_bytes": sum(os.stat(path).st_size for path in files),
-            "exporter_fds": open_fds(exporter_pid), "client_fds": open_fds(me), "client_shm_mappings": shm_mappings(me)}
+    return {
+        "exporter_shm_files": len(files),
+        "exporter_shm_bytes": sum(os.stat(path).st_size for path in files),
+        "exporter_fds": open_fds(exporter_pid),
+        "client_fds": open_fds(me),
+        "client_shm_mappings": shm_mappings(me),
+    }
 
 
 def cli(*args, timeout=60):
@@ -99,8 +106,12 @@ def cli(*args, timeout=60):
 
 def start_daemon(endpoint, *extra):
     """``lora-ipc serve --endpoint ENDPOINT EXTRA...`` in a subprocess, once it says it serves."""
-    proc = subprocess.Popen([sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     assert "serving on" in line, line + proc.stderr.read()
     return proc

@@ -62,8 +62,9 @@ def _legit_reply(legit: str):
     return reply
 
 
-def hostile_main(conn, endpoint: str, mode: str, nbytes: int = 0, legit: str | None = None,
-                 generation: bool = True) -> None:
+def hostile_main(
+    conn, endpoint: str, mode: str, nbytes: int = 0, legit: str | None = None, generation: bool = True
+) -> None:
     from lora_ipc import protocol as p
     from lora_ipc.layout import SlabLayout
     from lora_ipc.shm import GenerationTable
@@ -111,10 +112,19 @@ def hostile_main(conn, endpoint: str, mode: str, nbytes: int = 0, legit: str | N
         msg = frame.message
         if isinstance(msg, p.FetchRequest):
             reply = p.FetchReply(
-                name=name or msg.name, version=version or msg.version or 1, lease_id=7,
-                config_digest=p.digest_of(config), peft_config=config, slab_id=slab_id,
-                slab=None if slab_id in msg.known_slabs else handle, generation=table.read(slot) if generation else 0,
-                layout_digest=layout.digest, entries=entries, used_bytes=used, live_slabs=[slab_id])
+                name=name or msg.name,
+                version=version or msg.version or 1,
+                lease_id=7,
+                config_digest=p.digest_of(config),
+                peft_config=config,
+                slab_id=slab_id,
+                slab=None if slab_id in msg.known_slabs else handle,
+                generation=table.read(slot) if generation else 0,
+                layout_digest=layout.digest,
+                entries=entries,
+                used_bytes=used,
+                live_slabs=[slab_id],
+            )
         elif isinstance(msg, p.ReleaseRequest):
             reply = p.ReleaseReply(msg.lease_id)
         else:
@@ -162,7 +172,7 @@ def trainer_main(conn, endpoint: str) -> None:
             if cmd == "stop":
                 conn.send("stopped")
                 return
-            value, = args
+            (value,) = args
             conn.send(remote.publish("policy", models.constant_adapter(value), models.RANDOM_ADAPTER_CONFIG))
 
 
@@ -171,7 +181,7 @@ def staging_ids(pid: int) -> list[str]:
     from lora_ipc.shm import MEMFD_PREFIX, memfds_of
 
     prefix = f"/memfd:{MEMFD_PREFIX}"
-    return sorted({m[len(prefix):].removesuffix(" (deleted)") for m in memfds_of(pid)})
+    return sorted({m[len(prefix) :].removesuffix(" (deleted)") for m in memfds_of(pid)})
 
 
 def attacker_publish_main(conn, endpoint: str, victim_id: str, evictions: int) -> None:

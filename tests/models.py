@@ -7,8 +7,9 @@ import torch
 from lora_ipc.tiny import TARGET_MODULES, lora_config, tiny_llama  # noqa: F401
 
 
-def peft_model(seed: int = 0, dtype: torch.dtype = torch.float32, r: int = 8, base_seed: int = 0,
-               vocab_size: int = 256):
+def peft_model(
+    seed: int = 0, dtype: torch.dtype = torch.float32, r: int = 8, base_seed: int = 0, vocab_size: int = 256
+):
     """A PeftModel whose LoRA A and B are both random (non-zero), in ``dtype``."""
     from peft import get_peft_model
 
@@ -27,8 +28,9 @@ def train_step(model, step: int, scale: float = 0.05) -> None:
                 param.add_(torch.randn(param.shape, generator=g).to(param.dtype) * scale)
 
 
-def random_adapter(seed: int, layers: int = 2, hidden: int = 128, r: int = 8,
-                   dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+def random_adapter(
+    seed: int, layers: int = 2, hidden: int = 128, r: int = 8, dtype=torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """q_proj/v_proj LoRA weights shaped for ``tiny_llama`` (q: 2 heads x 64, v: 1 kv head x 64)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -40,8 +42,13 @@ def random_adapter(seed: int, layers: int = 2, hidden: int = 128, r: int = 8,
     return out
 
 
-RANDOM_ADAPTER_CONFIG = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "peft_type": "LORA",
-                         "bias": "none"}
+RANDOM_ADAPTER_CONFIG = {
+    "r": 8,
+    "lora_alpha": 16,
+    "target_modules": ["q_proj", "v_proj"],
+    "peft_type": "LORA",
+    "bias": "none",
+}
 
 
 def constant_adapter(value: int) -> dict[str, torch.Tensor]:

@@ -15,22 +15,36 @@ pytest.importorskip("vllm")
 pytest.importorskip("openrlhf")
 
 if [name for _, name in socket.if_nameindex()] != ["lo"]:
-    pytest.skip("Ray tests run only in a private network namespace with nothing but loopback "
-                "(tests/test_integrations.py starts them with unshare -n)", allow_module_level=True)
+    pytest.skip(
+        "Ray tests run only in a private network namespace with nothing but loopback "
+        "(tests/test_integrations.py starts them with unshare -n)",
+        allow_module_level=True,
+    )
 
 
 from . import ray_actors  # noqa: E402
 from .engine import PROMPTS  # noqa: E402
 
-ENGINE_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-              "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+ENGINE_ENV = {
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
 TEXT = [" ".join(f"w{t}" for t in p[1:]) for p in PROMPTS]  # the tiny tokenizer's words for the test prompts
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=4, num_gpus=1, object_store_memory=128 << 20, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": ENGINE_ENV})
+    ray.init(
+        num_cpus=4,
+        num_gpus=1,
+        object_store_memory=128 << 20,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": ENGINE_ENV},
+    )
     yield
     import lora_ipc.ray
 
@@ -46,9 +60,17 @@ def engines(cluster, model_dir):
     import lora_ipc.integrations.openrlhf as lora_openrlhf
 
     lora_openrlhf.install(adapter="policy", max_lora_rank=16, max_loras=2)
-    engines = create_vllm_engines(num_engines=1, tensor_parallel_size=1, pretrain=model_dir, seed=0,
-                                  full_determinism=False, enable_prefix_caching=True, enforce_eager=True,
-                                  max_model_len=128, gpu_memory_utilization=0.9)
+    engines = create_vllm_engines(
+        num_engines=1,
+        tensor_parallel_size=1,
+        pretrain=model_dir,
+        seed=0,
+        full_determinism=False,
+        enable_prefix_caching=True,
+        enforce_eager=True,
+        max_model_len=128,
+        gpu_memory_utilization=0.9,
+    )
     # ----
     ray.get(engines[0].get_num_unfinished_requests.remote(), timeout=900)  # the engine is up
     yield engines

@@ -113,8 +113,13 @@ def steps(mode, out, ipc, disk, disk_loader, llm, endpoint, v1, v2) -> None:
 
         fixed = LoRARequest(lora_name=VLLM_LORA_NAME, lora_int_id=VLLM_LORA_INT_ID, lora_path=VLLM_LORA_PATH)
         for key, version in (("fixed_v2", v2), ("fixed_v1", v1)):
-            _attempt(out, f"rpc_{key}", lambda version=version: llm.collective_rpc(
-                "lora_ipc_load", args=("policy", endpoint, version, VLLM_LORA_INT_ID)))
+            _attempt(
+                out,
+                f"rpc_{key}",
+                lambda version=version: llm.collective_rpc(
+                    "lora_ipc_load", args=("policy", endpoint, version, VLLM_LORA_INT_ID)
+                ),
+            )
             llm.reset_prefix_cache()
             _attempt(out, key, lambda: engine.generate(llm, fixed))
         # the reference: vLLM's own disk loader (verl 0.9.1's hijacked one needs vLLM 0.24: under 0.32 it
@@ -131,12 +136,18 @@ def run_engine(python: str, mode: str, endpoint: str, model_dir: str, versions: 
     """Run ``main`` in a new process of ``python``; its result."""
     (v1, d1), (v2, d2) = sorted(versions.items())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([python, "-m", "tests.patched_loader_engine", mode, endpoint, model_dir, str(v1), d1,
-                           str(v2), d2], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    proc = subprocess.run(
+        [python, "-m", "tests.patched_loader_engine", mode, endpoint, model_dir, str(v1), d1, str(v2), d2],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"engine script failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @contextlib.contextmanager

@@ -180,8 +180,12 @@ def _allocator_settings(s):
 def _handle_kinds(s):
     from lora_ipc.backends.cuda import HANDLE_KIND_OFFSET
 
-    return sorted({bytes(slab.handle.storage_handle[HANDLE_KIND_OFFSET:HANDLE_KIND_OFFSET + 1]).decode()
-                   for slab in s.exporter.store.pool.slabs()})
+    return sorted(
+        {
+            bytes(slab.handle.storage_handle[HANDLE_KIND_OFFSET : HANDLE_KIND_OFFSET + 1]).decode()
+            for slab in s.exporter.store.pool.slabs()
+        }
+    )
 
 
 def _cuda_memory(s):
@@ -237,13 +241,21 @@ def _exporter_main(conn, endpoint, keep, lease_timeout_s, device, fetch_stalled)
 class ExporterProcess:
     """An AdapterExporter in its own spawned process, driven over a control pipe."""
 
-    def __init__(self, endpoint: str | None = None, keep: int = 2, lease_timeout_s: float = 30.0,
-                 device: str = "cpu", env: dict | None = None):
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        keep: int = 2,
+        lease_timeout_s: float = 30.0,
+        device: str = "cpu",
+        env: dict | None = None,
+    ):
         self._conn, child = SPAWN.Pipe()
         self.fetch_stalled = SPAWN.Event()  # set by the child once a fetch stalled by "stall_next_fetch" arrived
-        self.proc = SPAWN.Process(target=_exporter_main,
-                                  args=(child, endpoint, keep, lease_timeout_s, device, self.fetch_stalled),
-                                  daemon=True)
+        self.proc = SPAWN.Process(
+            target=_exporter_main,
+            args=(child, endpoint, keep, lease_timeout_s, device, self.fetch_stalled),
+            daemon=True,
+        )
         saved = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})
         try:
@@ -421,7 +433,8 @@ def _refit_init(s, kind, base_url, fields):
     if s.transfer is not None:
         s.transfer.shutdown()
     s.transfer = WeightTransferTrainerFactory.trainer_init(
-        LoraIpcTrainerInitInfo(rank=0, **fields), client=client, source=ModuleSource(s.model))
+        LoraIpcTrainerInitInfo(rank=0, **fields), client=client, source=ModuleSource(s.model)
+    )
     return s.transfer.sender.endpoint
 
 
@@ -485,8 +498,10 @@ class RefitTrainerProcess:
                     handler(method, *args)
                     reply = (True, None)
                 except Exception as exc:  # a text boundary, as vLLM's HTTP routes are: typed codes stay on
-                    reply = (False, tag(type(exc), str(exc)) if isinstance(exc, LoraIpcError)
-                             else f"{type(exc).__name__}: {exc}")
+                    reply = (
+                        False,
+                        tag(type(exc), str(exc)) if isinstance(exc, LoraIpcError) else f"{type(exc).__name__}: {exc}",
+                    )
                 if self.proc.is_alive():
                     self._rpc.send(reply)
         try:

@@ -71,8 +71,7 @@ def fetch(endpoint: str, name: str, version: int | None = None) -> tuple[int, di
 class AsyncEngine:
     """An ``AsyncLLM`` engine actor on its node's relay, driven through ``collective_rpc`` like OpenRLHF's."""
 
-    def __init__(self, model_dir: str, extension: str = "tests.ray_actors.CombinedExtension",
-                 timeout_s: float = 3.0):
+    def __init__(self, model_dir: str, extension: str = "tests.ray_actors.CombinedExtension", timeout_s: float = 3.0):
         import lora_ipc.ray
 
         from . import engine
@@ -84,10 +83,21 @@ class AsyncEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(model=model_dir, tokenizer=model_dir, dtype="bfloat16", enable_lora=True,
-                               max_lora_rank=16, max_loras=2, max_cpu_loras=4, max_model_len=128, max_num_seqs=8,
-                               enforce_eager=True, seed=0, enable_prefix_caching=True,
-                               worker_extension_cls=extension)
+        args = AsyncEngineArgs(
+            model=model_dir,
+            tokenizer=model_dir,
+            dtype="bfloat16",
+            enable_lora=True,
+            max_lora_rank=16,
+            max_loras=2,
+            max_cpu_loras=4,
+            max_model_len=128,
+            max_num_seqs=8,
+            enforce_eager=True,
+            seed=0,
+            enable_prefix_caching=True,
+            worker_extension_cls=extension,
+        )
         self.llm = AsyncLLM.from_engine_args(args)
         self.prompts = engine.PROMPTS
         self._ids = itertools.count()
@@ -101,8 +111,9 @@ class AsyncEngine:
 
         return {"node_id": ray.get_runtime_context().get_node_id(), "endpoint": self.endpoint}
 
-    async def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (),
-                             kwargs: dict | None = None):
+    async def collective_rpc(
+        self, method: str, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None
+    ):
         return await self.llm.collective_rpc(method, timeout, args, kwargs)
 
     def _lora(self, spec):
@@ -127,8 +138,9 @@ class AsyncEngine:
 
         params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
         final = None
-        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt), params,
-                                           request_id=f"r{next(self._ids)}", lora_request=lora):
+        async for out in self.llm.generate(
+            TokensPrompt(prompt_token_ids=prompt), params, request_id=f"r{next(self._ids)}", lora_request=lora
+        ):
             final = out
         return list(final.outputs[0].token_ids)
 
@@ -183,8 +195,10 @@ class BrokenEngine:
     def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
         from lora_ipc.errors import ExporterUnavailable, tag
 
-        raise Exception("Call to collective_rpc method failed: Worker failed with error "
-                        f"'{tag(ExporterUnavailable, 'no reply from ipc:///nowhere within 3s')}'")
+        raise Exception(
+            "Call to collective_rpc method failed: Worker failed with error "
+            f"'{tag(ExporterUnavailable, 'no reply from ipc:///nowhere within 3s')}'"
+        )
 
 
 class QuietEngine:

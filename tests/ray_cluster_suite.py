@@ -15,8 +15,11 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("vllm")
 
 if [name for _, name in socket.if_nameindex()] != ["lo"]:
-    pytest.skip("Ray tests run only in a private network namespace with nothing but loopback "
-                "(tests/test_ray.py starts them with unshare -n)", allow_module_level=True)
+    pytest.skip(
+        "Ray tests run only in a private network namespace with nothing but loopback "
+        "(tests/test_ray.py starts them with unshare -n)",
+        allow_module_level=True,
+    )
 
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
@@ -39,8 +42,9 @@ def on(node_id: str):
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, object_store_memory=128 << 20,
-                                                          include_dashboard=False))
+    c = Cluster(
+        initialize_head=True, head_node_args=dict(num_cpus=2, object_store_memory=128 << 20, include_dashboard=False)
+    )
     b = c.add_node(num_cpus=2, object_store_memory=128 << 20)
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
     c.wait_for_nodes()
@@ -61,8 +65,11 @@ def trainer(cluster):
 
 @pytest.fixture(scope="module")
 def engine(cluster, model_dir):
-    actor = ray.remote(ray_actors.AsyncEngine).options(num_cpus=1, scheduling_strategy=on(cluster["B"])).remote(
-        model_dir, timeout_s=ENGINE_TIMEOUT_S)
+    actor = (
+        ray.remote(ray_actors.AsyncEngine)
+        .options(num_cpus=1, scheduling_strategy=on(cluster["B"]))
+        .remote(model_dir, timeout_s=ENGINE_TIMEOUT_S)
+    )
     info = ray.get(actor.info.remote(), timeout=600)
     assert info == {"node_id": cluster["B"], "endpoint": cluster["relays"][cluster["B"]]}
     return actor
@@ -111,8 +118,7 @@ def test_one_relay_per_node_on_loopback(cluster):
     assert len(epochs) == 1  # one epoch for the set: a pinned URI names the same bytes on every node
 
 
-def test_three_versions_from_node_a_generate_like_disk_on_node_b(cluster, trainer, engine, published,
-                                                                 tmp_path_factory):
+def test_three_versions_from_node_a_generate_like_disk_on_node_b(cluster, trainer, engine, published, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     base = ray.get(engine.generate.remote())
     seen = []
@@ -167,8 +173,9 @@ def test_a_workers_typed_error_reaches_the_driver_as_its_class_with_its_own_mess
         ray.kill(broken)
 
 
-def test_one_broken_engine_is_named_and_the_others_keep_the_new_version(cluster, trainer, engine, published,
-                                                                       tmp_path_factory):
+def test_one_broken_engine_is_named_and_the_others_keep_the_new_version(
+    cluster, trainer, engine, published, tmp_path_factory
+):
     broken = ray.remote(ray_actors.BrokenEngine).options(num_cpus=0, scheduling_strategy=on(cluster["A"])).remote()
     version = publish(trainer, published, tmp_path_factory.mktemp("broken"), step=5)
     with pytest.raises(EngineLoadError) as info:
@@ -228,8 +235,10 @@ def test_async_stream_while_five_versions_load(cluster, trainer, engine, publish
     assert all(ref[i] != base[i] for ref in references.values() for i in range(len(base)))
     wrong = [(r["version"], r["prompt"]) for r in records if r["tokens"] != references[r["version"]][r["prompt"]]]
     assert wrong == [], f"{len(wrong)} of {len(records)} requests did not match their pinned version"
-    print(f"stream: {len(records)} requests over {len(by_version)} versions, 0 failed; "
-          f"requests in flight when each load began: {in_flight_at_load}")
+    print(
+        f"stream: {len(records)} requests over {len(by_version)} versions, 0 failed; "
+        f"requests in flight when each load began: {in_flight_at_load}"
+    )
 
 
 # ---- acceptance 3: faults --------------------------------------------------------------------------
@@ -248,8 +257,9 @@ def wait_restarted(handle, old_pid: int, timeout_s: float = 120.0) -> float:
     raise AssertionError(f"relay not back within {timeout_s}s")
 
 
-def test_killed_relays_are_restarted_and_the_next_publish_repopulates_them(cluster, trainer, engine, published,
-                                                                           tmp_path_factory):
+def test_killed_relays_are_restarted_and_the_next_publish_repopulates_them(
+    cluster, trainer, engine, published, tmp_path_factory
+):
     root = tmp_path_factory.mktemp("relay-restart")
     a, b = cluster["A"], cluster["B"]
     endpoint_b = cluster["relays"][b]
@@ -274,8 +284,9 @@ def test_killed_relays_are_restarted_and_the_next_publish_repopulates_them(clust
         last = version
 
 
-def test_engine_whose_relay_is_gone_gets_exporter_unavailable_and_keeps_serving(cluster, trainer, engine,
-                                                                                published, tmp_path_factory):
+def test_engine_whose_relay_is_gone_gets_exporter_unavailable_and_keeps_serving(
+    cluster, trainer, engine, published, tmp_path_factory
+):
     b = cluster["B"]
     serving = max(published)
     ray.get(relay_of(b).shutdown.remote())

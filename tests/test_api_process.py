@@ -74,8 +74,9 @@ def test_stuck_endpoints_cost_only_their_own_requests(exporter, short_dir, monke
     dead = [f"ipc://{short_dir}/nobody-{i}.sock" for i in range(12)]
 
     async def scenario():
-        stuck = [asyncio.ensure_future(check_lora_ipc_path(str(AdapterURI("policy", 1, ep, "ab"))))
-                 for ep, _ in listeners]
+        stuck = [
+            asyncio.ensure_future(check_lora_ipc_path(str(AdapterURI("policy", 1, ep, "ab")))) for ep, _ in listeners
+        ]
         gone = [asyncio.ensure_future(check_lora_ipc_path(str(AdapterURI("policy", 1, ep, "ab")))) for ep in dead]
         await asyncio.sleep(0)  # every stuck request has started
         resolved = await LoraIpcResolver(exporter.endpoint).resolve_lora("base", "policy")

@@ -60,25 +60,32 @@ def still_serving(exporter_proc):
         assert_same_adapter(client.fetch("good").tensors, models.random_adapter(7))
 
 
-@pytest.mark.parametrize("payload, needle", [
-    (b"\xc1\xc1\xc1", "undecodable"),  # 0xc1 is never valid msgpack
-    (b"", "undecodable"),
-    (fetch_frame()[:-7], "undecodable"),  # truncated
-    (msgpack.packb({"not": "a frame"}), "frame must be"),
-    (msgpack.packb([p.PROTOCOL_VERSION, "fetch", 1, {"name": "good", "version": None, "client_id": "c",
-                                                      "sneaky": 1}]), "unknown key"),
-    (fetch_frame(name=msgpack.ExtType(5, b"x")), "undecodable"),
-    (msgpack.packb([p.PROTOCOL_VERSION, "list", 1, {"x": [[]] * 300}]), "exceeds its limit"),
-    (msgpack.packb([p.PROTOCOL_VERSION + 1, "fetch", 1, {}]), "protocol version"),
-    (msgpack.packb([p.PROTOCOL_VERSION, "exec", 1, {}]), "unknown message type"),
-    (msgpack.packb([p.PROTOCOL_VERSION, "fetch", -1, {}]), "request_id"),
-    (fetch_frame(name=7), "'name'"),
-    (fetch_frame(version="latest"), "'version'"),
-    (fetch_frame(known_layouts=[b"short"]), "known_layouts"),
-    (msgpack.packb([p.PROTOCOL_VERSION, "fetch", 1, {"name": "good"}]), "missing"),
-    (msgpack.packb([p.PROTOCOL_VERSION, "fetch_reply", 1, {}]), "not accepted"),
-    (b"\xd4\x05\x00", "undecodable"),  # msgpack ext type
-])
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        (b"\xc1\xc1\xc1", "undecodable"),  # 0xc1 is never valid msgpack
+        (b"", "undecodable"),
+        (fetch_frame()[:-7], "undecodable"),  # truncated
+        (msgpack.packb({"not": "a frame"}), "frame must be"),
+        (
+            msgpack.packb(
+                [p.PROTOCOL_VERSION, "fetch", 1, {"name": "good", "version": None, "client_id": "c", "sneaky": 1}]
+            ),
+            "unknown key",
+        ),
+        (fetch_frame(name=msgpack.ExtType(5, b"x")), "undecodable"),
+        (msgpack.packb([p.PROTOCOL_VERSION, "list", 1, {"x": [[]] * 300}]), "exceeds its limit"),
+        (msgpack.packb([p.PROTOCOL_VERSION + 1, "fetch", 1, {}]), "protocol version"),
+        (msgpack.packb([p.PROTOCOL_VERSION, "exec", 1, {}]), "unknown message type"),
+        (msgpack.packb([p.PROTOCOL_VERSION, "fetch", -1, {}]), "request_id"),
+        (fetch_frame(name=7), "'name'"),
+        (fetch_frame(version="latest"), "'version'"),
+        (fetch_frame(known_layouts=[b"short"]), "known_layouts"),
+        (msgpack.packb([p.PROTOCOL_VERSION, "fetch", 1, {"name": "good"}]), "missing"),
+        (msgpack.packb([p.PROTOCOL_VERSION, "fetch_reply", 1, {}]), "not accepted"),
+        (b"\xd4\x05\x00", "undecodable"),  # msgpack ext type
+    ],
+)
 def test_malformed_frames_get_protocol_errors(served, payload, needle):
     exporter_proc, peer = served
     peer.expect_error(payload, "ProtocolError", needle)
@@ -114,17 +121,20 @@ def corrupt(layout, index, field, value):
     return entries
 
 
-@pytest.mark.parametrize("mutate, needle", [
-    (lambda L, s: (corrupt(L, 0, 3, s.nbytes + 4096), L.used_bytes), "outside"),  # offset past the slab
-    (lambda L, s: (corrupt(L, 0, 3, 100), L.used_bytes), "aligned"),
-    (lambda L, s: (corrupt(L, 0, 1, "complex128"), L.used_bytes), "allow-list"),
-    (lambda L, s: (corrupt(L, 0, 1, "torch.storage"), L.used_bytes), "allow-list"),
-    (lambda L, s: (corrupt(L, 0, 4, 12), L.used_bytes), "do not match"),  # shape/bytes mismatch
-    (lambda L, s: (corrupt(L, 1, 3, 0), L.used_bytes), "overlaps"),
-    (lambda L, s: (corrupt(L, 1, 0, L.to_wire()[0][0]), L.used_bytes), "unique"),
-    (lambda L, s: (L.to_wire(), s.nbytes * 2), "within the slab"),
-    (lambda L, s: ([], L.used_bytes), "1.."),
-])
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda L, s: (corrupt(L, 0, 3, s.nbytes + 4096), L.used_bytes), "outside"),  # offset past the slab
+        (lambda L, s: (corrupt(L, 0, 3, 100), L.used_bytes), "aligned"),
+        (lambda L, s: (corrupt(L, 0, 1, "complex128"), L.used_bytes), "allow-list"),
+        (lambda L, s: (corrupt(L, 0, 1, "torch.storage"), L.used_bytes), "allow-list"),
+        (lambda L, s: (corrupt(L, 0, 4, 12), L.used_bytes), "do not match"),  # shape/bytes mismatch
+        (lambda L, s: (corrupt(L, 1, 3, 0), L.used_bytes), "overlaps"),
+        (lambda L, s: (corrupt(L, 1, 0, L.to_wire()[0][0]), L.used_bytes), "unique"),
+        (lambda L, s: (L.to_wire(), s.nbytes * 2), "within the slab"),
+        (lambda L, s: ([], L.used_bytes), "1.."),
+    ],
+)
 def test_bad_layouts_are_rejected_by_the_server(served, staged, mutate, needle):
     exporter_proc, peer = served
     tensors, layout, slab = staged
@@ -136,8 +146,9 @@ def test_bad_layouts_are_rejected_by_the_server(served, staged, mutate, needle):
 def test_layout_field_of_the_wrong_type_is_refused_by_the_schema(served, staged):
     exporter_proc, peer = served
     tensors, layout, slab = staged
-    peer.expect_error(publish_frame(slab, corrupt(layout, 0, 2, [8, -1]), layout.used_bytes), "ProtocolError",
-                      "entries[0][2][1]")
+    peer.expect_error(
+        publish_frame(slab, corrupt(layout, 0, 2, [8, -1]), layout.used_bytes), "ProtocolError", "entries[0][2][1]"
+    )
     still_serving(exporter_proc)
 
 
@@ -192,23 +203,36 @@ class FakeExporter:
     def answer(self, **overrides):
         identity, _, payload = self.sock.recv_multipart()
         frame = p.decode(payload)
-        body = dict(name="x", version=1, lease_id=1, config_digest=p.digest_of({}), peft_config={},
-                    slab_id=self.slab.slab_id, slab=self.handle, generation=0, layout_digest=self.layout.digest,
-                    entries=self.layout.to_wire(), used_bytes=self.layout.used_bytes,
-                    live_slabs=[self.slab.slab_id])
+        body = dict(
+            name="x",
+            version=1,
+            lease_id=1,
+            config_digest=p.digest_of({}),
+            peft_config={},
+            slab_id=self.slab.slab_id,
+            slab=self.handle,
+            generation=0,
+            layout_digest=self.layout.digest,
+            entries=self.layout.to_wire(),
+            used_bytes=self.layout.used_bytes,
+            live_slabs=[self.slab.slab_id],
+        )
         body.update(overrides)
         self.sock.send_multipart([identity, b"", p.encode(p.FetchReply(**body), frame.request_id)])
         identity, _, payload = self.sock.recv_multipart()  # the client releases its lease even on failure
         assert isinstance(p.decode(payload).message, p.ReleaseRequest)
 
 
-@pytest.mark.parametrize("overrides, error", [
-    (lambda L, s: dict(entries=corrupt(L, 0, 3, s.nbytes)), LayoutError),
-    (lambda L, s: dict(entries=corrupt(L, 0, 1, "object")), LayoutError),
-    (lambda L, s: dict(layout_digest=b"\0" * 16), ProtocolError),
-    (lambda L, s: dict(slab=None, slab_id="unknown"), ProtocolError),
-    (lambda L, s: dict(entries=None, layout_digest=b"\1" * 16), ProtocolError),
-])
+@pytest.mark.parametrize(
+    "overrides, error",
+    [
+        (lambda L, s: dict(entries=corrupt(L, 0, 3, s.nbytes)), LayoutError),
+        (lambda L, s: dict(entries=corrupt(L, 0, 1, "object")), LayoutError),
+        (lambda L, s: dict(layout_digest=b"\0" * 16), ProtocolError),
+        (lambda L, s: dict(slab=None, slab_id="unknown"), ProtocolError),
+        (lambda L, s: dict(entries=None, layout_digest=b"\1" * 16), ProtocolError),
+    ],
+)
 def test_client_validates_replies_and_keeps_working(tmp_path, staged, overrides, error):
     import threading
 
@@ -247,14 +271,22 @@ def test_large_frames_take_the_streaming_path_with_the_same_rules():
 
     big_name = "x" * 500
     entries = [[f"{big_name}{i}", "float32", [4], i * 256, 16] for i in range(200)]
-    body = {"name": "p", "peft_config": {}, "entries": entries, "used_bytes": 200 * 256,
-            "slab": {"backend": "cpu", "slab_id": "s", "nbytes": 1 << 20, "pid": 1, "fd": 3}}
+    body = {
+        "name": "p",
+        "peft_config": {},
+        "entries": entries,
+        "used_bytes": 200 * 256,
+        "slab": {"backend": "cpu", "slab_id": "s", "nbytes": 1 << 20, "pid": 1, "fd": 3},
+    }
     frame = msgpack.packb([p.PROTOCOL_VERSION, "publish", 3, body], use_bin_type=True)
     assert len(frame) > SMALL_FRAME
     assert isinstance(p.decode(frame).message, p.PublishRequest)
-    for bad, needle in [({**body, "sneaky": 1}, "6 keys, at most 5"), ({**body, "used_bytes": -1}, "used_bytes"),
-                        ({**body, "entries": entries + [[1, 2]]}, "entries[200]"),
-                        ({**body, "slab": {**body["slab"], "backend": "tpu"}}, "unknown backend")]:
+    for bad, needle in [
+        ({**body, "sneaky": 1}, "6 keys, at most 5"),
+        ({**body, "used_bytes": -1}, "used_bytes"),
+        ({**body, "entries": entries + [[1, 2]]}, "entries[200]"),
+        ({**body, "slab": {**body["slab"], "backend": "tpu"}}, "unknown backend"),
+    ]:
         with pytest.raises(ProtocolError, match=re.escape(needle)) as info:
             p.decode(msgpack.packb([p.PROTOCOL_VERSION, "publish", 3, bad], use_bin_type=True))
         assert info.value.request_id == 3

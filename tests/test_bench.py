@@ -6,8 +6,22 @@ from .helpers import cli
 
 
 def test_bench_writes_png_and_json(tmp_path):
-    out = cli("bench", "--device", "cpu", "--layers", "2", "--ranks", "4,8", "--iters", "3", "--warmup", "1",
-              "--out", str(tmp_path), timeout=300)
+    out = cli(
+        "bench",
+        "--device",
+        "cpu",
+        "--layers",
+        "2",
+        "--ranks",
+        "4,8",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--out",
+        str(tmp_path),
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads((tmp_path / "bench.json").read_text())
     assert set(results["ranks"]) == {"4", "8"}

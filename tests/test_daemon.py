@@ -84,7 +84,7 @@ def test_sigterm_releases_shared_memory_and_socket(daemon, tmp_path):
     assert proc.wait(20) == 0
     print(f"daemon stopped {time.monotonic() - started:.2f}s after SIGTERM")
     assert shm_fds(proc.pid) == [] and shm_files(proc.pid) == []
-    assert not os.path.exists(endpoint[len("ipc://"):])
+    assert not os.path.exists(endpoint[len("ipc://") :])
     assert "shared memory released" in proc.stdout.read()
 
 
@@ -144,11 +144,14 @@ def test_prometheus_metrics(tmp_path):
 def test_nothing_outlives_a_sigkilled_daemon_or_an_unclosed_remote_exporter(tmp_path, daemons):
     endpoint = f"ipc://{tmp_path}/d.sock"
     daemon = daemons(endpoint)
-    script = ("from lora_ipc import RemoteExporter; import torch, os;"
-              f"r = RemoteExporter({endpoint!r}); r.publish('a', {{'w': torch.ones(64, 64)}},"
-              " {'r': 8, 'lora_alpha': 8, 'target_modules': ['q_proj']}); print(os.getpid(), flush=True); os._exit(0)")
-    trainer = int(subprocess.run([sys.executable, "-c", script], check=True, timeout=60, capture_output=True,
-                                 text=True).stdout)  # exited without closing its RemoteExporter
+    script = (
+        "from lora_ipc import RemoteExporter; import torch, os;"
+        f"r = RemoteExporter({endpoint!r}); r.publish('a', {{'w': torch.ones(64, 64)}},"
+        " {'r': 8, 'lora_alpha': 8, 'target_modules': ['q_proj']}); print(os.getpid(), flush=True); os._exit(0)"
+    )
+    trainer = int(
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=60, capture_output=True, text=True).stdout
+    )  # exited without closing its RemoteExporter
     assert shm_files(trainer, daemon.pid) == [] and shm_fds(daemon.pid)
     daemon.send_signal(signal.SIGKILL)
     daemon.wait(10)

@@ -11,8 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(args, out, timeout):
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
-    return subprocess.run(["bash", "benches/device_check.sh", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", "benches/device_check.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_device_script_runs_every_step_on_cpu(tmp_path):

@@ -206,13 +206,16 @@ def _memfd(name: str, nbytes: int, seal: bool = True) -> int:
     return fd
 
 
-@pytest.mark.parametrize("case,message", [
-    ("pipe", "is not lora-ipc shared memory"),
-    ("other_name", "is not lora-ipc shared memory"),
-    ("small", "has 4096 bytes, the handle says"),
-    ("unsealed", "not sealed"),
-    ("extra", "unasked"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("pipe", "is not lora-ipc shared memory"),
+        ("other_name", "is not lora-ipc shared memory"),
+        ("small", "has 4096 bytes, the handle says"),
+        ("unsealed", "not sealed"),
+        ("extra", "unasked"),
+    ],
+)
 def test_wrong_descriptors_from_the_exporter_are_refused_and_closed(tmp_path, case, message):
     from lora_ipc.backends.cpu import CpuImportedSlab
 
@@ -226,8 +229,13 @@ def test_wrong_descriptors_from_the_exporter_are_refused_and_closed(tmp_path, ca
             return [r]
         if case == "extra":
             return [_memfd("s.1", 1 << 16), _memfd("gen.x", 64)]
-        return [_memfd({"other_name": "s.2", "small": "s.1", "unsealed": "s.1"}[case],
-                       4096 if case == "small" else 1 << 16, seal=case != "unsealed")]
+        return [
+            _memfd(
+                {"other_name": "s.2", "small": "s.1", "unsealed": "s.1"}[case],
+                4096 if case == "small" else 1 << 16,
+                seal=case != "unsealed",
+            )
+        ]
 
     try:
         handle = CpuSlabHandle("s.1", 1 << 16, 1, 0, None, server.offer(provider))
@@ -295,8 +303,13 @@ EXHAUSTED = textwrap.dedent("""
 
 
 def test_a_receiver_out_of_descriptors_gets_a_typed_error(tmp_path):
-    out = subprocess.run([sys.executable, "-c", EXHAUSTED, str(tmp_path)], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", EXHAUSTED, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout)
     assert got["results"][0].startswith("BackendError: cannot open the descriptor channel"), got
@@ -356,8 +369,13 @@ SQUEEZED_SERVER = textwrap.dedent("""
 
 
 def test_a_server_out_of_descriptors_recovers(tmp_path):
-    out = subprocess.run([sys.executable, "-c", SQUEEZED_SERVER, str(tmp_path)], capture_output=True, text=True,
-                         timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", SQUEEZED_SERVER, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"fds": 1, "refused": 0, "alive": True}, (got, out.stderr[-2000:])
@@ -422,16 +440,28 @@ CLIENT = textwrap.dedent("""
 def test_cpu_slabs_cross_pid_namespaces(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ns = pid_namespace_command()
-    exporter = subprocess.Popen([*ns, sys.executable, "-c", EXPORTER, str(tmp_path)], env=env, cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    exporter = subprocess.Popen(
+        [*ns, sys.executable, "-c", EXPORTER, str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "exporter.ready").exists():
             assert exporter.poll() is None, exporter.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "exporter did not start"
             time.sleep(0.1)
-        out = subprocess.run([*ns, sys.executable, "-c", CLIENT, str(tmp_path)], env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [*ns, sys.executable, "-c", CLIENT, str(tmp_path)],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         got = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
@@ -468,8 +498,12 @@ def test_random_requests_never_redeem_anything(fuzzed_server):
     sent_token = server.offer(lambda: [os.open("/dev/null", os.O_RDONLY)])
     before = own_fds()
 
-    @settings(max_examples=300 if os.environ.get("LORA_IPC_LONG") != "1" else 5000, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=300 if os.environ.get("LORA_IPC_LONG") != "1" else 5000,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.binary(max_size=64), st.integers(0, 3))
     def one(request, with_fds):
         pipes = [os.pipe() for _ in range(with_fds)]
@@ -510,6 +544,7 @@ def test_a_publisher_pushes_its_staging_slab_and_the_daemon_never_uses_proc(tmp_
     endpoint = f"ipc://{tmp_path}/d.sock"
     server = AdapterServer(AdapterStore(), endpoint).start()
     try:
+
         def no_proc(*a, **kw):
             raise AssertionError("opened through /proc")
 
@@ -575,16 +610,28 @@ def test_a_daemon_in_another_pid_namespace_takes_publishes_and_serves_fetches(tm
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ns = pid_namespace_command()
     endpoint = f"ipc://{tmp_path}/d.sock"
-    daemon = subprocess.Popen([*ns, sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint], env=env,
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    daemon = subprocess.Popen(
+        [*ns, sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not os.path.exists(fd_socket_path(endpoint)):
             assert daemon.poll() is None, daemon.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "daemon did not start"
             time.sleep(0.1)
-        out = subprocess.run([*ns, sys.executable, "-c", PUBLISH_AND_FETCH, endpoint], env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=180)
+        out = subprocess.run(
+            [*ns, sys.executable, "-c", PUBLISH_AND_FETCH, endpoint],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         assert json.loads(out.stdout.strip().splitlines()[-1]) == {"version": 1, "equal": True}
     finally:

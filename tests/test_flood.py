@@ -85,8 +85,11 @@ def _exporter_main(endpoint, limit_fds, names, q):
 
     with AdapterExporter(endpoint) as exporter:
         exporter.publish("policy", models.random_adapter(7), models.RANDOM_ADAPTER_CONFIG)
-        small = {"base_model.model.x.lora_A.weight": models.random_adapter(0)[
-            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][:1, :4]}
+        small = {
+            "base_model.model.x.lora_A.weight": models.random_adapter(0)[
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+            ][:1, :4]
+        }
         for i in range(names):
             for _ in range(2):
                 exporter.publish(f"n{i:04d}-" + "x" * 400, small, models.RANDOM_ADAPTER_CONFIG)
@@ -111,8 +114,9 @@ def _wait_connections(pid: int, at_least: int, alive) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and alive():
         try:
-            n = sum(1 for fd in os.listdir(f"/proc/{pid}/fd")
-                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"))
+            n = sum(
+                1 for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            )
         except OSError:
             n = 0
         if n >= at_least:
@@ -160,8 +164,13 @@ def test_inprocess_exporter_survives_a_connection_flood_past_its_fd_limit(sock_d
 
 def test_daemon_survives_a_connection_flood_past_its_fd_limit(sock_dir):
     endpoint = f"ipc://{sock_dir}/daemon.sock"
-    daemon = subprocess.Popen([sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_limit_fds)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_limit_fds,
+    )
     flood = []
     try:
         line = daemon.stdout.readline()
@@ -250,8 +259,10 @@ def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
                 conn.close()
             assert listed.left_out > 0 and len(listed.adapters) + listed.left_out == NAMES + 1
             assert len(p.encode(listed)) < MAX_LISTED_BYTES + (16 << 10)
-            print(f"RSS growth: peak {peak / 2**20:.1f} MiB, after disconnect {after / 2**20:.1f} MiB, "
-                  f"bound {RSS_BOUND / 2**20:.1f} MiB")
+            print(
+                f"RSS growth: peak {peak / 2**20:.1f} MiB, after disconnect {after / 2**20:.1f} MiB, "
+                f"bound {RSS_BOUND / 2**20:.1f} MiB"
+            )
         _fetch_policy(endpoint)
     finally:
         _kill_all([proc for proc, _ in readers] + [exporter])

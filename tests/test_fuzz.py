@@ -18,14 +18,16 @@ from lora_ipc.errors import LayoutError, ProtocolError
 from lora_ipc.layout import DTYPES, SlabLayout
 
 LONG = os.environ.get("LORA_IPC_LONG") == "1"
-CASES = {"bytes": 30_000, "frames": 30_000, "mutated": 20_000, "layouts": 25_000} if LONG else \
-        {"bytes": 1_500, "frames": 1_500, "mutated": 1_000, "layouts": 1_000}
+CASES = (
+    {"bytes": 30_000, "frames": 30_000, "mutated": 20_000, "layouts": 25_000}
+    if LONG
+    else {"bytes": 1_500, "frames": 1_500, "mutated": 1_000, "layouts": 1_000}
+)
 SLOW_CASE_S = 5.0  # a "hang": one decode taking this long fails the test (generous: CI machines are shared)
 
 
 def fuzz_settings(kind):
-    return settings(max_examples=CASES[kind], deadline=None, database=None,
-                    suppress_health_check=list(HealthCheck))
+    return settings(max_examples=CASES[kind], deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 CASES_RUN = {"decoded": 0, "rejected": 0, "layouts accepted": 0, "layouts rejected": 0}
@@ -50,17 +52,42 @@ def must_decode_or_reject(data, accept=None):
         assert p.encode(p.decode(again, accept).message, frame.request_id) == again
 
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
-                    st.floats(), st.text(max_size=20), st.binary(max_size=40))
-values = st.recursive(scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=6),
-    st.dictionaries(st.one_of(st.text(max_size=12), st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)), inner,
-                    max_size=6)),
-    max_leaves=30)
-FIELD_NAMES = sorted({f for cls in p.MESSAGE_TYPES.values() for f in cls.__struct_fields__}
-                     | {"backend", "pid", "fd", "slot", "table", "generation", "slab_id", "nbytes", "device_uuid",
-                        "storage_handle",
-                        "ready_event"})
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
+    st.floats(),
+    st.text(max_size=20),
+    st.binary(max_size=40),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=6),
+        st.dictionaries(
+            st.one_of(st.text(max_size=12), st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)),
+            inner,
+            max_size=6,
+        ),
+    ),
+    max_leaves=30,
+)
+FIELD_NAMES = sorted(
+    {f for cls in p.MESSAGE_TYPES.values() for f in cls.__struct_fields__}
+    | {
+        "backend",
+        "pid",
+        "fd",
+        "slot",
+        "table",
+        "generation",
+        "slab_id",
+        "nbytes",
+        "device_uuid",
+        "storage_handle",
+        "ready_event",
+    }
+)
 
 
 @fuzz_settings("bytes")
@@ -70,10 +97,12 @@ def test_random_bytes(data):
 
 
 @fuzz_settings("frames")
-@given(st.sampled_from([p.PROTOCOL_VERSION, p.PROTOCOL_VERSION, 0, 2, -1, "1"]),
-       st.sampled_from(sorted(p.MESSAGE_TYPES) + ["", "nope"]),
-       st.one_of(st.integers(min_value=-5, max_value=(1 << 64) - 1), st.text(max_size=3)),
-       st.dictionaries(st.sampled_from(FIELD_NAMES), values, max_size=12))
+@given(
+    st.sampled_from([p.PROTOCOL_VERSION, p.PROTOCOL_VERSION, 0, 2, -1, "1"]),
+    st.sampled_from(sorted(p.MESSAGE_TYPES) + ["", "nope"]),
+    st.one_of(st.integers(min_value=-5, max_value=(1 << 64) - 1), st.text(max_size=3)),
+    st.dictionaries(st.sampled_from(FIELD_NAMES), values, max_size=12),
+)
 def test_structured_frames(version, type_name, request_id, body):
     must_decode_or_reject(msgpack.packb([version, type_name, request_id, body], use_bin_type=True))
     must_decode_or_reject(msgpack.packb([version, type_name, request_id, body], use_bin_type=True), p.REQUEST_TYPES)
@@ -84,8 +113,23 @@ def _valid_frames():
     slab = p.CpuSlabHandle("1.ab.1", 4096, pid=77, fd=12, generation=p.GenerationSlot(77, 11, 3, "gen.77.ab"))
     return [
         p.encode(p.FetchRequest("policy", 3, "c", ["s1"], [b"\0" * 16]), 7),
-        p.encode(p.FetchReply("policy", 3, 9, b"c" * 16, {"r": 8, "target_modules": ["q_proj"]}, slab.slab_id, slab, 4,
-                              layout.digest, layout.to_wire(), layout.used_bytes, [slab.slab_id]), 7),
+        p.encode(
+            p.FetchReply(
+                "policy",
+                3,
+                9,
+                b"c" * 16,
+                {"r": 8, "target_modules": ["q_proj"]},
+                slab.slab_id,
+                slab,
+                4,
+                layout.digest,
+                layout.to_wire(),
+                layout.used_bytes,
+                [slab.slab_id],
+            ),
+            7,
+        ),
         p.encode(p.PublishRequest("policy", {"r": 8}, slab, layout.to_wire(), layout.used_bytes), 2),
         p.encode(p.ReleaseRequest(5, 0.25), 3),
         p.encode(p.ErrorReply("LayoutError", "x"), 1),
@@ -106,9 +150,11 @@ def test_valid_frames_with_one_field_replaced(which, field, value):
 
 
 @fuzz_settings("mutated")
-@given(st.sampled_from(range(len(VALID))), st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)),
-                                                      min_size=1, max_size=8),
-       st.integers(min_value=0))
+@given(
+    st.sampled_from(range(len(VALID))),
+    st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1, max_size=8),
+    st.integers(min_value=0),
+)
 def test_mutated_valid_frames(which, flips, cut):
     data = bytearray(VALID[which])
     for pos, byte in flips:
@@ -118,11 +164,13 @@ def test_mutated_valid_frames(which, flips, cut):
 
 
 int64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
-entry = st.tuples(st.one_of(st.text(min_size=0, max_size=8), int64),
-                  st.one_of(st.sampled_from(sorted(DTYPES)), st.text(max_size=10)),
-                  st.one_of(st.lists(st.integers(min_value=-2, max_value=70), max_size=4), scalars),
-                  st.one_of(st.integers(min_value=-256, max_value=1 << 20).map(lambda x: x - x % 64), scalars),
-                  st.one_of(st.integers(min_value=-1, max_value=1 << 16), scalars)).map(list)
+entry = st.tuples(
+    st.one_of(st.text(min_size=0, max_size=8), int64),
+    st.one_of(st.sampled_from(sorted(DTYPES)), st.text(max_size=10)),
+    st.one_of(st.lists(st.integers(min_value=-2, max_value=70), max_size=4), scalars),
+    st.one_of(st.integers(min_value=-256, max_value=1 << 20).map(lambda x: x - x % 64), scalars),
+    st.one_of(st.integers(min_value=-1, max_value=1 << 16), scalars),
+).map(list)
 
 
 @st.composite
@@ -138,18 +186,31 @@ def near_valid_layouts(draw):
     used, slab = layout.used_bytes, layout.used_bytes + draw(st.sampled_from([0, 256, 4096]))
     if draw(st.booleans()):
         i, field = draw(st.integers(0, len(wire) - 1)), draw(st.integers(0, 4))
-        wire[i][field] = draw(st.one_of(scalars, st.integers(-512, 1 << 14), st.sampled_from(sorted(DTYPES)),
-                                        st.lists(st.integers(-1, 9), max_size=3), st.just(wire[0][field])))
+        wire[i][field] = draw(
+            st.one_of(
+                scalars,
+                st.integers(-512, 1 << 14),
+                st.sampled_from(sorted(DTYPES)),
+                st.lists(st.integers(-1, 9), max_size=3),
+                st.just(wire[0][field]),
+            )
+        )
     if draw(st.integers(0, 9)) == 0:
         used = draw(st.one_of(st.integers(-256, slab + 512), scalars))
     return wire, used, slab
 
 
 @fuzz_settings("layouts")
-@given(st.one_of(near_valid_layouts(), st.tuples(
-    st.one_of(st.lists(entry, max_size=10), values),
-    st.one_of(st.integers(min_value=-256, max_value=1 << 21).map(lambda x: x - x % 256), scalars),
-    st.integers(min_value=1, max_value=1 << 21))))
+@given(
+    st.one_of(
+        near_valid_layouts(),
+        st.tuples(
+            st.one_of(st.lists(entry, max_size=10), values),
+            st.one_of(st.integers(min_value=-256, max_value=1 << 21).map(lambda x: x - x % 256), scalars),
+            st.integers(min_value=1, max_value=1 << 21),
+        ),
+    )
+)
 def test_layout_validator(case):
     wire, used_bytes, slab_nbytes = case
     try:

@@ -1,6 +1,5 @@
 """The same two-process round trip on CUDA (CUDA IPC backend). Skipped without a GPU."""
 
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -48,10 +47,12 @@ def test_cuda_expandable_segments_trainer(tmp_path):
 
 def test_cuda_memory_flat_over_cycles(gpu_exporter):
     with AdapterClient(gpu_exporter.endpoint) as client:
+
         def cycle(n):
             for i in range(n):
                 gpu_exporter.call("publish_random", "soak", i % 3)
                 client.fetch("soak")
+
         cycle(50)
         torch.cuda.synchronize()
         warm = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved(), gpu_exporter.call("cuda_memory"))
@@ -309,8 +310,11 @@ def test_remote_exporter_sends_a_fresh_export_each_publish_and_the_daemon_consum
     try:
         with RemoteExporter(endpoint, device="cuda") as remote:
             for seed in range(3):
-                remote.publish("remote", {k: v.cuda() for k, v in models.random_adapter(seed).items()},
-                               models.RANDOM_ADAPTER_CONFIG)
+                remote.publish(
+                    "remote",
+                    {k: v.cuda() for k, v in models.random_adapter(seed).items()},
+                    models.RANDOM_ADAPTER_CONFIG,
+                )
                 staging = remote._staging
                 assert staging._exports == seed + 1
                 assert staging.unconfirmed_exports() == 0
@@ -416,8 +420,9 @@ def test_a_refused_handle_is_a_backend_error_naming_torch():
             client.fetch("v")
             slab = next(iter(client._slabs.values()))
             reply_handle = slab.handle
-        bad = msgspec.structs.replace(reply_handle, slab_id="bad",
-                                      storage_handle=b"\xff" + reply_handle.storage_handle[1:])
+        bad = msgspec.structs.replace(
+            reply_handle, slab_id="bad", storage_handle=b"\xff" + reply_handle.storage_handle[1:]
+        )
         with pytest.raises(BackendError, match="torch"):
             open_slab(bad)
     finally:

@@ -47,8 +47,7 @@ def test_a_hostile_server_cannot_poison_imports_from_a_legit_exporter(generation
     try:
         legit.call("publish_random", "policy", 7)
         want = models.random_adapter(7)
-        hostile = HostileServer(private_endpoint("hostile"), "impersonate", legit=legit.endpoint,
-                                generation=generation)
+        hostile = HostileServer(private_endpoint("hostile"), "impersonate", legit=legit.endpoint, generation=generation)
         with AdapterClient(hostile.endpoint, timeout_s=10) as bad:
             if generation:  # its own memory and counter: served as what it is, from that server only
                 assert holds_attacker_bytes(bad.fetch("policy").tensors)
@@ -94,7 +93,7 @@ def test_an_attacker_cannot_poison_the_daemons_copy_of_a_trainers_publishes(daem
         trainer_pid = conn.recv()
         conn.send(("publish", 1))
         assert conn.poll(60) and conn.recv() == 1
-        victim, = staging_ids(trainer_pid)  # what the issue's attacker read from /proc/<trainer>/fd
+        (victim,) = staging_ids(trainer_pid)  # what the issue's attacker read from /proc/<trainer>/fd
         aconn, achild = SPAWN.Pipe()
         attacker = SPAWN.Process(target=attacker_publish_main, args=(achild, endpoint, victim, 8), daemon=True)
         attacker.start()
@@ -150,12 +149,19 @@ VICTIM = textwrap.dedent("""
 def run_victim(endpoint: str, cap: int | None = None, env: dict | None = None) -> dict:
     import json
 
-    out = subprocess.run([sys.executable, "-c", VICTIM, endpoint, "-" if cap is None else str(cap)],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    out = subprocess.run(
+        [sys.executable, "-c", VICTIM, endpoint, "-" if cap is None else str(cap)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"victim: {result['outcome'][0]}, peak +{result['peak_growth'] >> 20} MiB, "
-          f"RSS +{result['rss_growth'] >> 20} MiB")
+    print(
+        f"victim: {result['outcome'][0]}, peak +{result['peak_growth'] >> 20} MiB, "
+        f"RSS +{result['rss_growth'] >> 20} MiB"
+    )
     return result
 
 
@@ -288,12 +294,17 @@ def test_the_vllm_bound_is_one_lora_slot_of_the_workers_buffers(monkeypatch):
     max_loras, rank = 4, 16
 
     def layer(inp, outs, tp=1):
-        return SimpleNamespace(tp_size=tp, lora_a_stacked=tuple(torch.empty(max_loras, 1, rank, inp, device="meta")
-                                                                for _ in outs),
-                               lora_b_stacked=tuple(torch.empty(max_loras, 1, o, rank, device="meta") for o in outs))
+        return SimpleNamespace(
+            tp_size=tp,
+            lora_a_stacked=tuple(torch.empty(max_loras, 1, rank, inp, device="meta") for _ in outs),
+            lora_b_stacked=tuple(torch.empty(max_loras, 1, o, rank, device="meta") for o in outs),
+        )
 
-    big = SimpleNamespace(_adapter_manager=SimpleNamespace(modules={
-        f"layers.{i}.qkv_proj": layer(4096, [4096, 1024, 1024]) for i in range(32)}))
+    big = SimpleNamespace(
+        _adapter_manager=SimpleNamespace(
+            modules={f"layers.{i}.qkv_proj": layer(4096, [4096, 1024, 1024]) for i in range(32)}
+        )
+    )
     per_slot = 32 * (3 * rank * 4096 + rank * (4096 + 1024 + 1024))
     assert fetch_bound(big) == per_slot * 8 + 32 * 6 * ALIGN_SLACK
     tiny = SimpleNamespace(_adapter_manager=SimpleNamespace(modules={"q": layer(128, [128])}))
@@ -342,7 +353,7 @@ def test_a_listener_that_never_accepts_cannot_hang_a_client():
     from lora_ipc.errors import ExporterUnavailable
 
     endpoint = private_endpoint("never-accepts")
-    path = endpoint[len("ipc://"):]
+    path = endpoint[len("ipc://") :]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     fillers = []
     try:

@@ -38,8 +38,17 @@ def test_verl_colocate_extension_loads_lora_ipc_despite_verls_hijack(published, 
     endpoint, versions = published
     out = run_engine(sys.executable, "verl", endpoint, write_model_dir(str(tmp_path / "model")), versions)
     assert out["verl_hijack_in_place"] is True
-    for key in ("rpc_v1", "ipc_v1", "ipc_v2", "ipc_v1_again", "rpc_fixed_v2", "fixed_v2", "fixed_v1", "disk_v1",
-                "disk_v2"):
+    for key in (
+        "rpc_v1",
+        "ipc_v1",
+        "ipc_v2",
+        "ipc_v1_again",
+        "rpc_fixed_v2",
+        "fixed_v2",
+        "fixed_v1",
+        "disk_v1",
+        "disk_v2",
+    ):
         assert key in out and not isinstance(out[key], dict), (key, out.get(key))
     assert out["rpc_v1"][0]["version"] == min(versions)
     assert out["ipc_v1"] == out["disk_v1"] != out["base"]

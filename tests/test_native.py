@@ -24,10 +24,20 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compile
 def built(tmp_path_factory) -> Path:
     """The extension built in place from a copy of the sources (the checkout gets no build/)."""
     src = tmp_path_factory.mktemp("native") / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns("__pycache__", ".git", "build", "*.so", "tests",
-                                                             "benches", "docs", "examples", ".venv"))
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, check=True, timeout=300,
-                   capture_output=True)
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            "__pycache__", ".git", "build", "*.so", "tests", "benches", "docs", "examples", ".venv"
+        ),
+    )
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=src,
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     assert list((src / "lora_ipc").glob("_native*.so")), "the extension did not build"
     return src
 
@@ -43,8 +53,9 @@ def run_py(built: Path, *code: str, **env) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("LORA_IPC_LIBCUDA", "FAKE_CUDA_INIT_ERROR")}
     full.update(PYTHONPATH=str(built), **env)
     source = "".join(map(textwrap.dedent, code))
-    return subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, env=full, timeout=120,
-                          cwd=built)
+    return subprocess.run(
+        [sys.executable, "-c", source], capture_output=True, text=True, env=full, timeout=120, cwd=built
+    )
 
 
 LEAKS = """
@@ -83,9 +94,10 @@ def test_missing_driver_is_reported_once_as_a_backend_error(built, tmp_path):
         print(json.dumps({"ext": native.extension().__file__, "status": native.status(), "errors": errors,
                           "log": records}))
     """
-    for env, expected in (({"LORA_IPC_LIBCUDA": "/nonexistent/libcuda.so.1"}, "no CUDA driver: cannot load"),
-                          ({"LORA_IPC_LIBCUDA": str(not_a_driver)}, "no CUDA driver: " + str(not_a_driver) +
-                           " has no cuGetProcAddress")):
+    for env, expected in (
+        ({"LORA_IPC_LIBCUDA": "/nonexistent/libcuda.so.1"}, "no CUDA driver: cannot load"),
+        ({"LORA_IPC_LIBCUDA": str(not_a_driver)}, "no CUDA driver: " + str(not_a_driver) + " has no cuGetProcAddress"),
+    ):
         out = run_py(built, code, **env)
         assert out.returncode == 0, out.stderr
         got = json.loads(out.stdout)
@@ -96,16 +108,24 @@ def test_missing_driver_is_reported_once_as_a_backend_error(built, tmp_path):
 
 
 def test_failing_cuinit_is_reported_by_name(built, fake_driver):
-    out = run_py(built, """
+    out = run_py(
+        built,
+        """
         from lora_ipc import native
         print(native.status()[1])
-    """, LORA_IPC_LIBCUDA=str(fake_driver), FAKE_CUDA_INIT_ERROR="100")
+    """,
+        LORA_IPC_LIBCUDA=str(fake_driver),
+        FAKE_CUDA_INIT_ERROR="100",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "no usable CUDA driver: cuInit failed (CUDA_ERROR_NO_DEVICE, 100)"
 
 
 def test_vmm_round_trip_through_an_exported_descriptor(built, fake_driver):
-    out = run_py(built, LEAKS, """
+    out = run_py(
+        built,
+        LEAKS,
+        """
         import ctypes, json, os
         from lora_ipc import native
         n = native.vmm()
@@ -126,7 +146,9 @@ def test_vmm_round_trip_through_an_exported_descriptor(built, fake_driver):
         imported.close(); imported.close()  # idempotent
         print(json.dumps({"gran": gran, "uuid": info["uuid"].hex(), "ro": ro, "same": same, "still": still,
                           "before": before, "after": leaks(), "ptr": imported.ptr}))
-    """, LORA_IPC_LIBCUDA=str(fake_driver))
+    """,
+        LORA_IPC_LIBCUDA=str(fake_driver),
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["gran"] == 2 << 20 and got["uuid"] == "ab" * 16
@@ -136,7 +158,9 @@ def test_vmm_round_trip_through_an_exported_descriptor(built, fake_driver):
 
 def test_a_read_only_import_refuses_writes(built, fake_driver):
     """The importer's mapping is read-only: a write through it kills the writer, never changes the bytes."""
-    out = run_py(built, """
+    out = run_py(
+        built,
+        """
         import ctypes, os, sys
         from lora_ipc import native
         n = native.vmm()
@@ -149,7 +173,9 @@ def test_a_read_only_import_refuses_writes(built, fake_driver):
             os._exit(0)
         _, status = os.waitpid(child, 0)
         print(os.WIFSIGNALED(status) and os.WTERMSIG(status), ctypes.string_at(slab.ptr, 8).decode())
-    """, LORA_IPC_LIBCUDA=str(fake_driver))
+    """,
+        LORA_IPC_LIBCUDA=str(fake_driver),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(int(signal.SIGSEGV)), "exporter"]
 
@@ -157,7 +183,9 @@ def test_a_read_only_import_refuses_writes(built, fake_driver):
 def test_failures_are_typed_and_unwound(built, fake_driver, tmp_path):
     """Too large a size, a descriptor that is not a VMM export, a failing cuMemSetAccess: a BackendError each,
     and no address range, allocation or descriptor is left behind."""
-    code = LEAKS, """
+    code = (
+        LEAKS,
+        """
         import json, os
         from lora_ipc import native
         from lora_ipc.errors import BackendError
@@ -183,7 +211,8 @@ def test_failures_are_typed_and_unwound(built, fake_driver, tmp_path):
         except ValueError as exc:
             errors.append("ValueError")
         print(json.dumps({"errors": errors, "before": before, "after": leaks()}))
-    """
+    """,
+    )
     out = run_py(built, *code, LORA_IPC_LIBCUDA=str(fake_driver))
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)

@@ -25,8 +25,9 @@ SUITE = os.path.join(HERE, "ray_cluster_suite.py")
 def _unshare_works() -> str | None:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         return "needs unshare and ip (util-linux, iproute2) to run Ray in a private network namespace"
-    probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True,
-                           check=False)
+    probe = subprocess.run(
+        ["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True, check=False
+    )
     if probe.returncode != 0:
         return f"cannot make a private network namespace here (unshare -n: {probe.stderr.strip()[:200]})"
     return None
@@ -40,8 +41,9 @@ def run_suite_in_private_netns(suite: str, label: str) -> None:
         pytest.skip(f"Ray tests not run: {why_not}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     cmd = f"ip link set lo up && exec {sys.executable} -m pytest -q -rA -p no:cacheprovider {suite}"
-    proc = subprocess.run(["unshare", "-n", "sh", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1500, check=False)
+    proc = subprocess.run(
+        ["unshare", "-n", "sh", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500, check=False
+    )
     report = proc.stdout[-20000:]
     print(report)
     assert proc.returncode == 0, f"{label} failed (rc {proc.returncode}):\n{report}\n{proc.stderr[-5000:]}"

@@ -17,7 +17,8 @@ def _shared_counters(slots: int):
     finally:
         mp.set_sharing_strategy(previous)
     view = torch.empty(0, dtype=torch.int64).set_(
-        torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.int64, _internal=True))
+        torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.int64, _internal=True)
+    )
     return storage, handle, view
 
 

@@ -90,10 +90,19 @@ def test_source_not_matching_its_metadata_is_a_clear_error():
         sender.close()
 
 
-@pytest.mark.parametrize("bad", [
-    {"version": 0}, {"version": "1"}, {"bucket": 5}, {"stream": ""}, {"pieces": [["a", "b", -1, [2]]]},
-    {"pieces": [["a", "b", 0, "2x2"]]}, {"pieces": "x"}, {"pieces": [["a", "b", 0, [1 << 30, 1 << 30]]]},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"version": 0},
+        {"version": "1"},
+        {"bucket": 5},
+        {"stream": ""},
+        {"pieces": [["a", "b", -1, [2]]]},
+        {"pieces": [["a", "b", 0, "2x2"]]},
+        {"pieces": "x"},
+        {"pieces": [["a", "b", 0, [1 << 30, 1 << 30]]]},
+    ],
+)
 def test_bucket_ref_rejects_bad_fields(bad):
     fields = {"stream": "s", "version": 1, "update": 1, "bucket": 0, "buckets": 2, "pieces": []}
     with pytest.raises(ProtocolError):
@@ -167,18 +176,21 @@ class Buckets:
 OTHER = ("other", torch.ones(16), None)
 
 
-@pytest.mark.parametrize("first, bad, extra_rows", [
-    pytest.param([], [piece(0, 4096, entry="w#a"), piece(0, 4096, entry="w#b")], (), id="two-pieces-at-offset-0"),
-    pytest.param([piece(0, 4096)], [piece(2048, 4096)], (), id="overlaps-an-earlier-bucket"),
-    pytest.param([piece(0, 4096)], [piece(0, 4096)], (), id="same-piece-again"),
-    pytest.param([piece(0, 4096)], [piece(4096, 8192)], (), id="runs-past-the-end"),
-    pytest.param([piece(0, 4096)], [piece(4096, 4096, shape=[8192])], (), id="another-full-shape"),
-    pytest.param([piece(0, 4096)], [piece(4096, 4096, dtype=torch.bfloat16)], (), id="another-dtype"),
-    pytest.param([piece(0, 4096)], [WHOLE], (), id="whole-after-pieces"),
-    pytest.param([piece(0, 4096)], [OTHER, *FIX], (), id="a-whole-parameter-twice"),
-    pytest.param([piece(0, 4096)], FIX, (["w#9", "w", 0, SHAPE],), id="listed-but-not-in-the-slab"),
-    pytest.param([piece(0, 4096)], FIX, (["w#4096", "w", 4096, SHAPE],), id="listed-twice"),
-])
+@pytest.mark.parametrize(
+    "first, bad, extra_rows",
+    [
+        pytest.param([], [piece(0, 4096, entry="w#a"), piece(0, 4096, entry="w#b")], (), id="two-pieces-at-offset-0"),
+        pytest.param([piece(0, 4096)], [piece(2048, 4096)], (), id="overlaps-an-earlier-bucket"),
+        pytest.param([piece(0, 4096)], [piece(0, 4096)], (), id="same-piece-again"),
+        pytest.param([piece(0, 4096)], [piece(4096, 8192)], (), id="runs-past-the-end"),
+        pytest.param([piece(0, 4096)], [piece(4096, 4096, shape=[8192])], (), id="another-full-shape"),
+        pytest.param([piece(0, 4096)], [piece(4096, 4096, dtype=torch.bfloat16)], (), id="another-dtype"),
+        pytest.param([piece(0, 4096)], [WHOLE], (), id="whole-after-pieces"),
+        pytest.param([piece(0, 4096)], [OTHER, *FIX], (), id="a-whole-parameter-twice"),
+        pytest.param([piece(0, 4096)], FIX, (["w#9", "w", 0, SHAPE],), id="listed-but-not-in-the-slab"),
+        pytest.param([piece(0, 4096)], FIX, (["w#4096", "w", 4096, SHAPE],), id="listed-twice"),
+    ],
+)
 def test_pieces_that_do_not_tile_are_refused_and_nothing_received_changes(first, bad, extra_rows):
     with AdapterExporter(keep=4) as exporter:
         receiver = WeightReceiver(exporter.endpoint, "weights", timeout_s=10)
@@ -271,8 +283,9 @@ def test_trainer_engine_through_vllms_factory_json_payloads_and_non_sender_ranks
 
     model = tiny_llama(0, torch.bfloat16)
     client = RecordingClient()
-    sender = WeightTransferTrainerFactory.trainer_init(LoraIpcTrainerInitInfo(rank=0, bucket_bytes=BUCKET),
-                                                       client=client, source=ModuleSource(model))
+    sender = WeightTransferTrainerFactory.trainer_init(
+        LoraIpcTrainerInitInfo(rank=0, bucket_bytes=BUCKET), client=client, source=ModuleSource(model)
+    )
     try:
         models.perturb_weights(model, 1)
         sender.send_weights(weight_version="v1")
@@ -292,8 +305,9 @@ def test_trainer_engine_through_vllms_factory_json_payloads_and_non_sender_ranks
             return super().__iter__()
 
     other = RecordingClient()
-    rank1 = WeightTransferTrainerFactory.trainer_init(LoraIpcTrainerInitInfo(rank=1), client=other,
-                                                      source=CountingSource(model))
+    rank1 = WeightTransferTrainerFactory.trainer_init(
+        LoraIpcTrainerInitInfo(rank=1), client=other, source=CountingSource(model)
+    )
     rank1.send_weights()  # joins the source's iteration (collectives), never the control plane
     assert other.calls == [] and CountingSource.iterations == 1
 
@@ -309,8 +323,10 @@ def test_controller_errors_are_typed_a_failed_update_is_ended_and_ctrl_c_stays_c
 
     # vLLM hands the worker's error over as text: the typed code the worker put in front gives the class back
     # (typed codes replaced the class name in front: the assertions on the types are unchanged)
-    assert type(refit_error(RuntimeError(f"Worker failed with error '{tag(RefitTimeout, 'update 3 ...')}'"))) \
+    assert (
+        type(refit_error(RuntimeError(f"Worker failed with error '{tag(RefitTimeout, 'update 3 ...')}'")))
         is RefitTimeout
+    )
     assert type(refit_error(RuntimeError(tag(RefitPieceError, "bucket 2 ...")))) is RefitPieceError
     assert type(refit_error(ValueError("boom"))) is RefitError
 
@@ -340,10 +356,14 @@ def test_controller_errors_are_typed_a_failed_update_is_ended_and_ctrl_c_stays_c
 
     model = tiny_llama(0, torch.bfloat16)
     timeout = Failing(RuntimeError(f"Worker failed with error '{tag(RefitTimeout, '... rolled back')}'"))
-    for client, expected in ((timeout, RefitTimeout), (Failing(KeyboardInterrupt()), KeyboardInterrupt),
-                             (LeftOpen(), None)):
-        sender = WeightTransferTrainerFactory.trainer_init(LoraIpcTrainerInitInfo(rank=0, bucket_bytes=BUCKET),
-                                                           client=client, source=ModuleSource(model))
+    for client, expected in (
+        (timeout, RefitTimeout),
+        (Failing(KeyboardInterrupt()), KeyboardInterrupt),
+        (LeftOpen(), None),
+    ):
+        sender = WeightTransferTrainerFactory.trainer_init(
+            LoraIpcTrainerInitInfo(rank=0, bucket_bytes=BUCKET), client=client, source=ModuleSource(model)
+        )
         try:
             if expected is None:
                 sender.send_weights(weight_version="v1")
@@ -370,9 +390,14 @@ def test_a_workers_typed_error_crosses_vllms_text_only_rpc_as_its_class_and_mess
 
     message = "'StaleEpoch: x' version 3 is not kept at ipc:///e (kept: [4]); RefitTimeout: no"
     worker = tagged(VersionNotFound, message)
-    for seen in (worker, Exception(f"Call to collective_rpc method failed: {worker}"),
-                 RuntimeError(f"ray::Engine.collective_rpc()\n  File x\nException: Worker failed with error "
-                              f"'{worker}', please check the stack trace above for the root cause")):
+    for seen in (
+        worker,
+        Exception(f"Call to collective_rpc method failed: {worker}"),
+        RuntimeError(
+            f"ray::Engine.collective_rpc()\n  File x\nException: Worker failed with error "
+            f"'{worker}', please check the stack trace above for the root cause"
+        ),
+    ):
         found = carried(seen)
         assert type(found) is VersionNotFound and str(found) == message, (seen, found)
     assert not isinstance(carried(Exception(message)), (StaleEpoch, RefitTimeout))  # no tag: no guessing
@@ -422,9 +447,10 @@ def test_trainer_engine_takes_vllms_config_first_forms():
 
     model = tiny_llama(0, torch.bfloat16)
     config = object()
-    for call in (lambda info, **kw: LoraIpcTrainerWeightTransferEngine.trainer_init(config, info, **kw),
-                 lambda info, **kw: LoraIpcTrainerWeightTransferEngine.trainer_init(config=config, init_info=info,
-                                                                                    **kw)):
+    for call in (
+        lambda info, **kw: LoraIpcTrainerWeightTransferEngine.trainer_init(config, info, **kw),
+        lambda info, **kw: LoraIpcTrainerWeightTransferEngine.trainer_init(config=config, init_info=info, **kw),
+    ):
         client = RecordingClient()
         engine = call(LoraIpcTrainerInitInfo(rank=0, bucket_bytes=BUCKET), client=client, source=ModuleSource(model))
         try:
@@ -435,5 +461,6 @@ def test_trainer_engine_takes_vllms_config_first_forms():
             engine.shutdown()
             client.receiver.close()
     with pytest.raises(TypeError):
-        LoraIpcTrainerWeightTransferEngine.trainer_init(config, LoraIpcTrainerInitInfo(rank=1), object(),
-                                                        client=RecordingClient(), source=ModuleSource(model))
+        LoraIpcTrainerWeightTransferEngine.trainer_init(
+            config, LoraIpcTrainerInitInfo(rank=1), object(), client=RecordingClient(), source=ModuleSource(model)
+        )

@@ -24,17 +24,27 @@ def test_store_keeps_a_given_version_number_and_refuses_an_older_one():
     layout, buf = _replica_bytes(tensors)
     store = AdapterStore(keep=2)
     try:
-        assert store.publish_copy("p", layout, models.RANDOM_ADAPTER_CONFIG, lambda dst: dst.copy_(buf),
-                                  torch.device("cpu"), version=7) == 7
+        assert (
+            store.publish_copy(
+                "p", layout, models.RANDOM_ADAPTER_CONFIG, lambda dst: dst.copy_(buf), torch.device("cpu"), version=7
+            )
+            == 7
+        )
         assert store.newest_version("p") == 7
         for stale in (7, 3):
             with pytest.raises(ValueError, match="not newer"):
-                store.publish_copy("p", layout, models.RANDOM_ADAPTER_CONFIG, lambda dst: dst.copy_(buf),
-                                   torch.device("cpu"), version=stale)
+                store.publish_copy(
+                    "p",
+                    layout,
+                    models.RANDOM_ADAPTER_CONFIG,
+                    lambda dst: dst.copy_(buf),
+                    torch.device("cpu"),
+                    version=stale,
+                )
         assert store.status()["slabs"]["live"] == 1  # the refused copies took no slab with them
         assert store.publish("p", tensors, models.RANDOM_ADAPTER_CONFIG) == 8  # numbering continues
         lease, pv = store.lease("p", 7, b"t")
-        assert_same_adapter(pv.layout.unpack(pv.slab.tensor[:pv.layout.used_bytes].clone()), tensors)
+        assert_same_adapter(pv.layout.unpack(pv.slab.tensor[: pv.layout.used_bytes].clone()), tensors)
         store.release(lease.lease_id, b"t")
     finally:
         store.close()

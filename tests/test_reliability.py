@@ -59,10 +59,12 @@ def test_soak_publish_fetch_memory_flat():
         growth = {k: after[k] - warm[k] for k in warm}
         rss_growth = (after_rss[0] - warm_rss[0], after_rss[1] - warm_rss[1])
         status = exporter.call("status")
-        print(f"\nsoak: {SOAK_CYCLES} publish->fetch cycles in {elapsed:.1f}s after {warmup} warm-up; "
-              f"growth {growth}; RSS growth exporter {rss_growth[0] / 1024:.0f} KiB, "
-              f"client {rss_growth[1] / 1024:.0f} KiB; "
-              f"slabs allocated {status['metrics']['slabs_allocated']}")
+        print(
+            f"\nsoak: {SOAK_CYCLES} publish->fetch cycles in {elapsed:.1f}s after {warmup} warm-up; "
+            f"growth {growth}; RSS growth exporter {rss_growth[0] / 1024:.0f} KiB, "
+            f"client {rss_growth[1] / 1024:.0f} KiB; "
+            f"slabs allocated {status['metrics']['slabs_allocated']}"
+        )
         assert growth == {k: 0 for k in warm}
         assert status["metrics"]["slabs_allocated"] <= 3  # steady state recycles, never allocates
         assert max(rss_growth) < 16 << 20
@@ -94,8 +96,10 @@ def test_exporter_sigkill_during_a_fetch():
         assert exporter.fetch_stalled.wait(30), "the fetch never reached the exporter"  # the request is inside it
         exporter.kill()
         t.join(10)
-        print(f"\nfetch in flight when the exporter was killed: ExporterUnavailable after {outcome['elapsed']:.2f}s "
-              "(timeout 2s)")
+        print(
+            f"\nfetch in flight when the exporter was killed: ExporterUnavailable after {outcome['elapsed']:.2f}s "
+            "(timeout 2s)"
+        )
         assert isinstance(outcome.get("error"), ExporterUnavailable)
         assert outcome["elapsed"] < 2.0 + 0.5
         assert_same_adapter(kept.tensors, models.random_adapter(1))
@@ -122,8 +126,9 @@ def test_client_sigkill_while_holding_a_lease_is_reclaimed():
         while exporter.call("status")["leases"]:
             assert time.monotonic() - started < 5
             time.sleep(0.05)
-        print(f"\nlease of a killed client reclaimed {time.monotonic() - started:.2f}s after the check began "
-              "(timeout 1s)")
+        print(
+            f"\nlease of a killed client reclaimed {time.monotonic() - started:.2f}s after the check began (timeout 1s)"
+        )
         for seed in range(6, 12):
             exporter.call("publish_random", "a", seed)
         status = exporter.call("status")
@@ -182,8 +187,10 @@ def test_slow_client_blocks_neither_other_clients_nor_publishing():
             for seed in range(2, 12):
                 v = exporter.call("publish_random", "a", seed)
                 assert client.fetch("a").version == v
-            print(f"\n10 publish->fetch cycles beside a client with 2000 unread replies: "
-                  f"{time.monotonic() - started:.2f}s")
+            print(
+                f"\n10 publish->fetch cycles beside a client with 2000 unread replies: "
+                f"{time.monotonic() - started:.2f}s"
+            )
         started = time.monotonic()
         while exporter.call("status")["leases"]:  # the slow client's leases expire
             assert time.monotonic() - started < 5
@@ -205,8 +212,10 @@ def test_publishing_during_concurrent_fetches_never_tears():
         for r in results:
             assert not isinstance(r, Exception), r
         seen = [v for versions, _ in results for v in versions]
-        print(f"\n3 clients x 300 fetches during continuous publishing: versions {min(seen)}..{max(seen)}, "
-              f"{len(set(seen))} distinct, torn {sum(t for _, t in results)}")
+        print(
+            f"\n3 clients x 300 fetches during continuous publishing: versions {min(seen)}..{max(seen)}, "
+            f"{len(set(seen))} distinct, torn {sum(t for _, t in results)}"
+        )
         assert sum(t for _, t in results) == 0
         for versions, _ in results:
             assert versions == sorted(versions)  # one client never sees time go backwards

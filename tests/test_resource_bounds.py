@@ -41,8 +41,14 @@ def test_a_hostile_frame_costs_little(exporter_proc, kind):
     sock.connect(exporter_proc.endpoint)
     before = rss(exporter_proc.pid)
     for i, body in enumerate((nested, empties)):
-        frame = (b"\x94" + msgpack.packb(p.PROTOCOL_VERSION) + msgpack.packb(kind) + msgpack.packb(7 + i)
-                 + b"\x81\xa7entries" + body)
+        frame = (
+            b"\x94"
+            + msgpack.packb(p.PROTOCOL_VERSION)
+            + msgpack.packb(kind)
+            + msgpack.packb(7 + i)
+            + b"\x81\xa7entries"
+            + body
+        )
         started = time.perf_counter()
         sock.send_multipart([b"", frame])
         assert sock.poll(10_000)
@@ -164,14 +170,27 @@ def test_memory_that_cannot_be_reserved_is_a_backend_error_not_a_crash():
 @pytest.mark.skipif(os.getuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare -m")
 def test_a_full_dev_shm_does_not_matter():
     """The review filled /dev/shm; slabs are memfds now, so a 64 KiB /dev/shm changes nothing."""
-    script = ("from lora_ipc import AdapterExporter, AdapterClient; import torch;"
-              "e = AdapterExporter(); e.publish('a', {'w': torch.ones(512, 512)}, {'r': 8, 'lora_alpha': 8,"
-              " 'target_modules': ['q_proj']});"
-              "c = AdapterClient(e.endpoint); print('fetched', c.fetch('a').version); c.close(); e.close()")
-    out = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs /dev/shm && "
-                          f"dd if=/dev/zero of=/dev/shm/fill bs=4k count=16 2>/dev/null; "
-                          f"{sys.executable} -c \"{script}\""], capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    script = (
+        "from lora_ipc import AdapterExporter, AdapterClient; import torch;"
+        "e = AdapterExporter(); e.publish('a', {'w': torch.ones(512, 512)}, {'r': 8, 'lora_alpha': 8,"
+        " 'target_modules': ['q_proj']});"
+        "c = AdapterClient(e.endpoint); print('fetched', c.fetch('a').version); c.close(); e.close()"
+    )
+    out = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f"mount -t tmpfs -o size=64k tmpfs /dev/shm && "
+            f"dd if=/dev/zero of=/dev/shm/fill bs=4k count=16 2>/dev/null; "
+            f'{sys.executable} -c "{script}"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     if "mount" in out.stderr and out.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {out.stderr[-200:]}")
     assert out.returncode == 0 and "fetched 1" in out.stdout, out.stderr[-2000:]

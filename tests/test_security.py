@@ -112,7 +112,7 @@ def attacker_dir(user, mode=0o755) -> str:
 
 def test_default_endpoint_is_private():
     with AdapterExporter() as exporter:
-        path = exporter.endpoint[len("ipc://"):]
+        path = exporter.endpoint[len("ipc://") :]
         assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
@@ -169,14 +169,16 @@ def test_serve_refuses_a_default_directory_another_user_precreated(attacker, tmp
     os.chmod(planted, 0o777)
     env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "LORA_IPC_ENDPOINT")}
     env["TMPDIR"] = shared_tmp
-    out = subprocess.run([sys.executable, "-m", "lora_ipc", "serve"], env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "lora_ipc", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2, out
     assert "belongs to uid" in out.stderr and str(attacker[0]) in out.stderr
     assert os.listdir(planted) == []  # no socket was bound in it
     os.chown(planted, 0, 0)  # ours, but writable by others: refused too
-    out = subprocess.run([sys.executable, "-m", "lora_ipc", "serve"], env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "lora_ipc", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2 and "writable by group/other" in out.stderr, out
     shutil.rmtree(shared_tmp)
 
@@ -332,8 +334,12 @@ def test_importers_open_slabs_read_only(exporter_proc):
         assert modes and set(modes) == {os.O_RDONLY}, modes
         with open("/proc/self/maps") as f:
             # the exporter's memory only (slabs this process exported in earlier tests are its own, writable)
-            perms = {line.split()[1] for line in f if f"/memfd:lora-ipc.{exporter_proc.pid}." in line
-                     or f"/memfd:lora-ipc.gen.{exporter_proc.pid}." in line}
+            perms = {
+                line.split()[1]
+                for line in f
+                if f"/memfd:lora-ipc.{exporter_proc.pid}." in line
+                or f"/memfd:lora-ipc.gen.{exporter_proc.pid}." in line
+            }
         assert not any("w" in perm for perm in perms), perms
 
 
@@ -371,11 +377,16 @@ def test_leases_are_bound_to_their_connection_and_unguessable():
 
 
 def test_no_pickle_where_peer_bytes_are_decoded():
-    forbidden = re.compile(r"\b(import pickle|from pickle|cPickle|cloudpickle|dill|recv_pyobj|send_pyobj|"
-                           r"pickle\.loads?|torch\.load|ForkingPickler|marshal\.loads?)\b")
-    hits = [f"{path.relative_to(PACKAGE.parent)}:{n}: {line.strip()}"
-            for path in PACKAGE.rglob("*.py")
-            for n, line in enumerate(path.read_text().splitlines(), 1) if forbidden.search(line)]
+    forbidden = re.compile(
+        r"\b(import pickle|from pickle|cPickle|cloudpickle|dill|recv_pyobj|send_pyobj|"
+        r"pickle\.loads?|torch\.load|ForkingPickler|marshal\.loads?)\b"
+    )
+    hits = [
+        f"{path.relative_to(PACKAGE.parent)}:{n}: {line.strip()}"
+        for path in PACKAGE.rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if forbidden.search(line)
+    ]
     assert hits == []
     assert len(list(PACKAGE.rglob("*.py"))) > 10  # the scan really looked at the package
 
@@ -390,9 +401,17 @@ def test_version_mismatch_errors_echo_the_request_id(exporter_proc):
     sock.close(0)
 
 
-@pytest.mark.parametrize("uri", ["lora-ipc://[::1/v1?endpoint=ipc:///x", "lora-ipc://a/v99999999999999999999999",
-                                 "lora-ipc://a/v0?endpoint=ipc:///x", "lora-ipc://a/x?endpoint=ipc:///x",
-                                 "lora-ipc:///v1?endpoint=ipc:///x", "lora-ipc://a/v1?endpoint=ipc:///x&evil=1"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "lora-ipc://[::1/v1?endpoint=ipc:///x",
+        "lora-ipc://a/v99999999999999999999999",
+        "lora-ipc://a/v0?endpoint=ipc:///x",
+        "lora-ipc://a/x?endpoint=ipc:///x",
+        "lora-ipc:///v1?endpoint=ipc:///x",
+        "lora-ipc://a/v1?endpoint=ipc:///x&evil=1",
+    ],
+)
 def test_malformed_uris_raise_a_lora_ipc_error(uri):
     with pytest.raises(BadAdapterURI):
         AdapterURI.parse(uri)

@@ -72,7 +72,7 @@ def test_fsdp2_sharded_adapter_published_from_rank_0_equals_the_unsharded_one():
         for p in procs:
             if p.is_alive():
                 p.kill()
-    (version, tensors, config), = [g for g in got if g[1] is not None]
+    ((version, tensors, config),) = [g for g in got if g[1] is not None]
     assert [g[0] for g in got if g[1] is None] == [None]
     assert version == 1 and set(tensors) == set(want)
     assert_same_adapter(tensors, {k: v.detach() for k, v in want.items()})

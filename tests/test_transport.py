@@ -141,6 +141,7 @@ def test_peft_fast_path_follows_updates_dtype_changes_and_new_adapters():
 
     model = models.peft_model(0, torch.float32)
     with AdapterExporter() as exporter, AdapterClient(exporter.endpoint) as client:
+
         def published_equals_model():
             exporter.publish("m", model)
             assert_same_adapter(client.fetch("m").tensors, get_peft_model_state_dict(model))

@@ -102,8 +102,7 @@ class _TorchAllocatorSettings:
 
     def __init__(self):
         self.last = ""
-        self.effective = {"expandable_segments": False, "max_split_size_mb": None,
-                          "garbage_collection_threshold": None}
+        self.effective = {"expandable_segments": False, "max_split_size_mb": None, "garbage_collection_threshold": None}
 
     def set(self, settings: str) -> None:
         self.last = settings

@@ -179,8 +179,9 @@ def test_worker_extension_rpcs(llm, trainer, versions, reference):
 @pytest.fixture(scope="module")
 def server(model_dir, trainer, tmp_path_factory):
     try:
-        server = engine.Server(model_dir, tmp_path_factory.mktemp("server"),
-                               env={"LORA_IPC_ENDPOINT": trainer.endpoint})
+        server = engine.Server(
+            model_dir, tmp_path_factory.mktemp("server"), env={"LORA_IPC_ENDPOINT": trainer.endpoint}
+        )
     except RuntimeError as exc:
         pytest.fail(str(exc))
     yield server
@@ -191,9 +192,10 @@ def test_openai_server_loads_lora_ipc_adapter(server, trainer, versions, referen
     v1 = min(versions)
     with AdapterClient(trainer.endpoint) as client:
         epoch = client.catalog().epoch  # a pinned version names its exporter's epoch
-    status, body = engine.post(server.base + "/v1/load_lora_adapter",
-                               {"lora_name": "policy-ipc",
-                                "lora_path": str(AdapterURI("policy", v1, trainer.endpoint, epoch))})
+    status, body = engine.post(
+        server.base + "/v1/load_lora_adapter",
+        {"lora_name": "policy-ipc", "lora_path": str(AdapterURI("policy", v1, trainer.endpoint, epoch))},
+    )
     assert status == 200, body
     got = [server.complete("policy-ipc", p) for p in engine.PROMPTS]
     assert got == reference[v1]  # same tokens as the offline engine with the disk-loaded adapter
@@ -204,13 +206,16 @@ def test_openai_server_loads_lora_ipc_adapter(server, trainer, versions, referen
     # an unknown version or adapter is the client's mistake: 404 with the reason, checked in the API
     # process before any worker sees it; a malformed URI (here: a tcp:// endpoint) is a 400
     load = server.base + "/v1/load_lora_adapter"
-    status, body = engine.post(load, {"lora_name": "nope",
-                                      "lora_path": str(AdapterURI("policy", 99, trainer.endpoint, epoch))})
+    status, body = engine.post(
+        load, {"lora_name": "nope", "lora_path": str(AdapterURI("policy", 99, trainer.endpoint, epoch))}
+    )
     assert status == 404 and "VersionNotFound" in str(body) and "99" in str(body), (status, body)
-    status, body = engine.post(load, {"lora_name": "nope",
-                                      "lora_path": str(AdapterURI("no-such-adapter", 1, trainer.endpoint, epoch))})
+    status, body = engine.post(
+        load, {"lora_name": "nope", "lora_path": str(AdapterURI("no-such-adapter", 1, trainer.endpoint, epoch))}
+    )
     assert status == 404 and "AdapterNotFound" in str(body), (status, body)
-    status, body = engine.post(load, {"lora_name": "nope",
-                                      "lora_path": "lora-ipc://policy/v1?endpoint=tcp%3A%2F%2F127.0.0.1%3A1"})
+    status, body = engine.post(
+        load, {"lora_name": "nope", "lora_path": "lora-ipc://policy/v1?endpoint=tcp%3A%2F%2F127.0.0.1%3A1"}
+    )
     assert status == 400 and "ipc://" in str(body), (status, body)
     assert [server.complete("policy-ipc", p) for p in engine.PROMPTS] == reference[v1]

@@ -40,9 +40,13 @@ def server(endpoint, daemon, tmp_path_factory):
     model_dir = write_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
     try:
         # the worker keeps 3 versions (default: 4 x max_cpu_loras, at least 8), so a test can outgrow it
-        server = engine.Server(model_dir, tmp_path_factory.mktemp("server"),
-                               env={"LORA_IPC_ENDPOINT": endpoint, "LORA_IPC_WORKER_KEEP": "3"},
-                               extra_args=["--max-loras", "1", "--max-cpu-loras", "1"], start_timeout_s=600)
+        server = engine.Server(
+            model_dir,
+            tmp_path_factory.mktemp("server"),
+            env={"LORA_IPC_ENDPOINT": endpoint, "LORA_IPC_WORKER_KEEP": "3"},
+            extra_args=["--max-loras", "1", "--max-cpu-loras", "1"],
+            start_timeout_s=600,
+        )
     except RuntimeError as exc:
         pytest.fail(str(exc))
     yield server
@@ -55,9 +59,18 @@ def publish(endpoint, name, seed):
 
 
 def complete(server, model):
-    status, body = engine.post(server.base + "/v1/completions", {
-        "model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True,
-        "return_token_ids": True}, timeout=300)
+    status, body = engine.post(
+        server.base + "/v1/completions",
+        {
+            "model": model,
+            "prompt": PROMPT,
+            "max_tokens": 8,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+        timeout=300,
+    )
     return status, (list(body["choices"][0]["token_ids"]) if status == 200 else body)
 
 
@@ -86,8 +99,9 @@ def test_reload_of_a_version_the_exporter_dropped_never_kills_the_server(server,
 def test_daemon_restart_old_epoch_uri_is_refused_fresh_one_works(server, endpoint, daemon):
     publish(endpoint, "E", 5)
     old = lora_request("E", endpoint, 1)
-    status, body = engine.post(server.base + "/v1/load_lora_adapter",
-                               {"lora_name": "e-old", "lora_path": old.lora_path})
+    status, body = engine.post(
+        server.base + "/v1/load_lora_adapter", {"lora_name": "e-old", "lora_path": old.lora_path}
+    )
     assert status == 200, body
     status, before = complete(server, "e-old")
     assert status == 200, before
@@ -100,11 +114,13 @@ def test_daemon_restart_old_epoch_uri_is_refused_fresh_one_works(server, endpoin
     fresh = lora_request("E", endpoint, 1)
     assert AdapterURI.parse(fresh.lora_path).epoch != AdapterURI.parse(old.lora_path).epoch
     assert fresh.lora_int_id != old.lora_int_id
-    status, body = engine.post(server.base + "/v1/load_lora_adapter",
-                               {"lora_name": "e-old-again", "lora_path": old.lora_path})
+    status, body = engine.post(
+        server.base + "/v1/load_lora_adapter", {"lora_name": "e-old-again", "lora_path": old.lora_path}
+    )
     assert status == 404 and "StaleEpoch" in str(body), (status, body)
-    status, body = engine.post(server.base + "/v1/load_lora_adapter",
-                               {"lora_name": "e-new", "lora_path": fresh.lora_path})
+    status, body = engine.post(
+        server.base + "/v1/load_lora_adapter", {"lora_name": "e-new", "lora_path": fresh.lora_path}
+    )
     assert status == 200, body
     status, after = complete(server, "e-new")
     assert status == 200 and after != before, (status, after, before)

@@ -48,22 +48,49 @@ def _edit(root: Path, module: str, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
-@pytest.mark.parametrize("module, old, new, expected", [
-    ("worker_manager", "def _load_adapter(self, lora_request: LoRARequest)",
-     "def _load_adapter(self, lora_request: LoRARequest, model_config)", "_load_adapter(lora_request, model_config)"),
-    ("worker_manager", "def _load_adapter(self, lora_request: LoRARequest)",
-     "def _load_lora(self, lora_request: LoRARequest)", "_load_adapter not found"),
-    ("worker_manager", "skip_prefixes=lora_skip_prefixes,", "skip_prefixes=lora_skip_prefixes, revision=None,",
-     "['revision'] to from_local_checkpoint"),
-    ("worker_manager", "model_vocab_size=self.vocab_size", "model_vocab_size=self.vocab_size_padded",
-     "no longer reads self.['vocab_size']"),
-    ("lora_model", FROM_TENSORS_TAIL.format("skip_prefixes"), FROM_TENSORS_TAIL.format("prefixes"),
-     "does not accept ['skip_prefixes']"),
-    ("peft_helper", "def validate_legal(", "def check_legal(", "PEFTHelper lacks ['validate_legal']"),
-    ("utils", "def parse_fine_tuned_lora_name(\n    name: str,", "def parse_fine_tuned_lora_name(\n    key: str,",
-     "parse_fine_tuned_lora_name"),
-    ("request", "load_inplace: bool = False", "reload: bool = False", "no field(s) ['load_inplace']"),
-])
+@pytest.mark.parametrize(
+    "module, old, new, expected",
+    [
+        (
+            "worker_manager",
+            "def _load_adapter(self, lora_request: LoRARequest)",
+            "def _load_adapter(self, lora_request: LoRARequest, model_config)",
+            "_load_adapter(lora_request, model_config)",
+        ),
+        (
+            "worker_manager",
+            "def _load_adapter(self, lora_request: LoRARequest)",
+            "def _load_lora(self, lora_request: LoRARequest)",
+            "_load_adapter not found",
+        ),
+        (
+            "worker_manager",
+            "skip_prefixes=lora_skip_prefixes,",
+            "skip_prefixes=lora_skip_prefixes, revision=None,",
+            "['revision'] to from_local_checkpoint",
+        ),
+        (
+            "worker_manager",
+            "model_vocab_size=self.vocab_size",
+            "model_vocab_size=self.vocab_size_padded",
+            "no longer reads self.['vocab_size']",
+        ),
+        (
+            "lora_model",
+            FROM_TENSORS_TAIL.format("skip_prefixes"),
+            FROM_TENSORS_TAIL.format("prefixes"),
+            "does not accept ['skip_prefixes']",
+        ),
+        ("peft_helper", "def validate_legal(", "def check_legal(", "PEFTHelper lacks ['validate_legal']"),
+        (
+            "utils",
+            "def parse_fine_tuned_lora_name(\n    name: str,",
+            "def parse_fine_tuned_lora_name(\n    key: str,",
+            "parse_fine_tuned_lora_name",
+        ),
+        ("request", "load_inplace: bool = False", "reload: bool = False", "no field(s) ['load_inplace']"),
+    ],
+)
 def test_a_moved_vllm_is_named_exactly(vllm_copy, module, old, new, expected):
     assert compat.problems(compat.surface_from_source(vllm_copy)) == []
     _edit(vllm_copy, module, old, new)
@@ -72,8 +99,12 @@ def test_a_moved_vllm_is_named_exactly(vllm_copy, module, old, new, expected):
 
 
 def test_renamed_validations_are_followed_not_refused(vllm_copy):
-    _edit(vllm_copy, "worker_manager", "self._adapter_manager._validate_modules_to_save(lora)",
-          "self._adapter_manager._validate_classification_head_lora(lora)")
+    _edit(
+        vllm_copy,
+        "worker_manager",
+        "self._adapter_manager._validate_modules_to_save(lora)",
+        "self._adapter_manager._validate_classification_head_lora(lora)",
+    )
     surface = compat.surface_from_source(vllm_copy)
     assert compat.problems(surface) == []
     assert "_validate_classification_head_lora" in surface.validations
@@ -92,8 +123,9 @@ def test_registration_refuses_an_incompatible_vllm_through_vllms_plugin_loader()
         from vllm.plugins import load_general_plugins
         load_general_plugins()
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
+    )
     env.pop("VLLM_PLUGINS", None)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0
@@ -102,10 +134,16 @@ def test_registration_refuses_an_incompatible_vllm_through_vllms_plugin_loader()
 
 # ---- the refit backend's surface (vLLM's weight-transfer framework) ----------------------------------
 
-TRAINER_INIT = ('    def __init__(\n        self,\n        *,\n        client: "VLLMWeightSyncClient",\n'
-                '        source: "WeightSource | None" = None,')
-REFIT_FILES = ("distributed/weight_transfer/base.py", "distributed/weight_transfer/factory.py",
-               "model_executor/model_loader/reload/__init__.py", "model_executor/model_loader/mtp_validation.py")
+TRAINER_INIT = (
+    '    def __init__(\n        self,\n        *,\n        client: "VLLMWeightSyncClient",\n'
+    '        source: "WeightSource | None" = None,'
+)
+REFIT_FILES = (
+    "distributed/weight_transfer/base.py",
+    "distributed/weight_transfer/factory.py",
+    "model_executor/model_loader/reload/__init__.py",
+    "model_executor/model_loader/mtp_validation.py",
+)
 
 
 @pytest.fixture
@@ -124,14 +162,26 @@ def _edit_file(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new))
 
 
-@pytest.mark.parametrize("rel, old, new, expected", [
-    (REFIT_FILES[0], "    def receive_weights(self, update_info", "    def receive_bucket(self, update_info",
-     "abstract methods ['receive_bucket'] the lora_ipc engine does not define"),
-    (REFIT_FILES[0], TRAINER_INIT, TRAINER_INIT.replace("source:", "weight_iterator:"), "does not accept ['source']"),
-    (REFIT_FILES[0], "class WeightSource(ABC):", "class WeightProducer(ABC):", "lacks ['WeightSource']"),
-    (REFIT_FILES[1], "    def register_engine(", "    def add_engine(", "register_engine not found"),
-    (REFIT_FILES[2], "finalize_layerwise_reload,\n", "", "lacks ['finalize_layerwise_reload']"),
-])
+@pytest.mark.parametrize(
+    "rel, old, new, expected",
+    [
+        (
+            REFIT_FILES[0],
+            "    def receive_weights(self, update_info",
+            "    def receive_bucket(self, update_info",
+            "abstract methods ['receive_bucket'] the lora_ipc engine does not define",
+        ),
+        (
+            REFIT_FILES[0],
+            TRAINER_INIT,
+            TRAINER_INIT.replace("source:", "weight_iterator:"),
+            "does not accept ['source']",
+        ),
+        (REFIT_FILES[0], "class WeightSource(ABC):", "class WeightProducer(ABC):", "lacks ['WeightSource']"),
+        (REFIT_FILES[1], "    def register_engine(", "    def add_engine(", "register_engine not found"),
+        (REFIT_FILES[2], "finalize_layerwise_reload,\n", "", "lacks ['finalize_layerwise_reload']"),
+    ],
+)
 def test_a_moved_weight_transfer_framework_is_named_exactly(refit_copy, rel, old, new, expected):
     assert compat.refit_problems(compat.refit_surface_from_source(refit_copy)) == []
     _edit_file(refit_copy / rel, old, new)
@@ -149,11 +199,13 @@ def test_vllms_config_first_trainer_engine_is_accepted(refit_copy):
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
+    )
     env.pop("VLLM_PLUGINS", None)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def test_the_refit_backend_refuses_a_vllm_whose_weight_transfer_surface_differs():
@@ -187,5 +239,7 @@ def test_the_refit_backend_is_registered_once_per_process():
         print(json.dumps([c for c in calls if c[1] == "lora_ipc"]))
     """)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == \
-        '[["WeightTransferEngineFactory", "lora_ipc"], ["WeightTransferTrainerFactory", "lora_ipc"]]'
+    assert (
+        proc.stdout.strip().splitlines()[-1]
+        == '[["WeightTransferEngineFactory", "lora_ipc"], ["WeightTransferTrainerFactory", "lora_ipc"]]'
+    )

@@ -30,17 +30,34 @@ VMM_ENV = {"LORA_IPC_CUDA_EXPORT": "vmm"}
 
 
 def vmm_handle(**kw) -> p.VmmSlabHandle:
-    fields = dict(slab_id="vmm.1.ab.1", nbytes=2 << 20, device_uuid="GPU-0", ready_event=b"e" * 64,
-                  generation=p.GenerationSlot(77, 11, 3, "gen.77.ab"), token=b"t" * 16)
+    fields = dict(
+        slab_id="vmm.1.ab.1",
+        nbytes=2 << 20,
+        device_uuid="GPU-0",
+        ready_event=b"e" * 64,
+        generation=p.GenerationSlot(77, 11, 3, "gen.77.ab"),
+        token=b"t" * 16,
+    )
     fields.update(kw)
     return p.VmmSlabHandle(**fields)
 
 
 def test_vmm_handles_travel_the_protocol_and_bad_ones_are_refused():
     def reply(slab):
-        return p.FetchReply(name="a", version=1, lease_id=1, config_digest=b"c" * 16, peft_config=None,
-                            slab_id="vmm.1.ab.1", slab=slab, generation=1, layout_digest=b"l" * 16, entries=None,
-                            used_bytes=10, live_slabs=["vmm.1.ab.1"])
+        return p.FetchReply(
+            name="a",
+            version=1,
+            lease_id=1,
+            config_digest=b"c" * 16,
+            peft_config=None,
+            slab_id="vmm.1.ab.1",
+            slab=slab,
+            generation=1,
+            layout_digest=b"l" * 16,
+            entries=None,
+            used_bytes=10,
+            live_slabs=["vmm.1.ab.1"],
+        )
 
     good = vmm_handle()
     assert p.decode(p.encode(reply(good))).message.slab == good
@@ -73,6 +90,7 @@ def test_without_a_driver_vmm_says_so_and_auto_falls_back(monkeypatch):
 
 
 # ---- on a GPU ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def vmm_exporter():

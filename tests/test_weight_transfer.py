@@ -31,8 +31,9 @@ INIT = {"bucket_bytes": BUCKET, "timeout_s": 5.0}
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    llm = engine.make_llm(model_dir, worker_extension_cls="lora_ipc.vllm.WorkerExtension",
-                          weight_transfer_config={"backend": "lora_ipc"})
+    llm = engine.make_llm(
+        model_dir, worker_extension_cls="lora_ipc.vllm.WorkerExtension", weight_transfer_config={"backend": "lora_ipc"}
+    )
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -148,7 +149,8 @@ def test_lora_ipc_adapter_across_a_refit(llm, trainer, client, refits, reference
 
 
 def test_trainer_gone_mid_stream_fails_within_the_timeout_then_a_new_trainer_recovers(
-        llm, trainer, client, reference, refits, progress, tmp_path):
+    llm, trainer, client, reference, refits, progress, tmp_path
+):
     step = progress["step"] + 1
     version_before = llm.get_weight_version()
     before = engine.generate(llm)
@@ -209,7 +211,8 @@ def resumed_trainer(step: int) -> RefitTrainerProcess:
 
 
 def test_a_dead_trainers_update_is_rolled_back_to_the_exact_old_weights_and_the_next_refit_works(
-        llm, client, reference, progress, tmp_path):
+    llm, client, reference, progress, tmp_path
+):
     """Issue 15: bucket 1 of n delivered, then the trainer dies and nobody calls again."""
     step = progress["step"] + 1
     before, version, count = engine.generate(llm), llm.get_weight_version(), rollbacks(llm)
@@ -335,9 +338,12 @@ def test_openai_server_refit_through_the_rl_routes(model_dir, refits, tmp_path_f
     with pickle-free update info (no VLLM_ALLOW_INSECURE_SERIALIZATION)."""
     assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in os.environ
     try:
-        server = engine.Server(model_dir, tmp_path_factory.mktemp("server"),
-                               extra_args=["--weight-transfer-config", '{"backend": "lora_ipc"}'],
-                               env={"VLLM_SERVER_DEV_MODE": "1"})  # the RL routes are dev-mode routes
+        server = engine.Server(
+            model_dir,
+            tmp_path_factory.mktemp("server"),
+            extra_args=["--weight-transfer-config", '{"backend": "lora_ipc"}'],
+            env={"VLLM_SERVER_DEV_MODE": "1"},
+        )  # the RL routes are dev-mode routes
     except RuntimeError as exc:
         pytest.fail(str(exc))
     trainer = RefitTrainerProcess()

@@ -33,8 +33,22 @@ def wheel(tmp_path_factory) -> Path:
             shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         else:
             shutil.copy(ROOT / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp / "dist"), str(src)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        check=True,
+        timeout=300,
+    )
     [whl] = (tmp / "dist").glob("lora_ipc-*.whl")
     return whl
 
@@ -44,8 +58,11 @@ def venv(wheel, tmp_path_factory):
     """(python, bin dir, env): the wheel installed into a venv layered over this interpreter's packages."""
     python = overlay_venv.create(tmp_path_factory.mktemp("venv") / "v")
     # --force-reinstall: the editable install this venv sees below it would otherwise "already satisfy" it
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q",
-                    str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q", str(wheel)],
+        check=True,
+        timeout=300,
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     return python, python.parent, env
 
@@ -54,8 +71,9 @@ def run(venv, *cmd, timeout=120, **kw):
     python, bindir, env = venv
     cwd = kw.pop("cwd", bindir)  # never the checkout: its lora_ipc must not be importable
     env = kw.pop("env", env)
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
-                          **kw)
+    return subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd, **kw
+    )
 
 
 def test_wheel_holds_the_package_and_its_metadata_only(wheel):
@@ -92,8 +110,9 @@ def test_the_wheel_not_the_checkout_is_imported_and_the_vllm_plugin_is_visible(v
 
 def test_the_wheels_native_extension_loads_and_reports_the_missing_driver(venv):
     python, bindir, env = venv
-    probe = ("import json; from lora_ipc import native; "
-             "print(json.dumps([native.extension().__file__, native.status()]))")
+    probe = (
+        "import json; from lora_ipc import native; print(json.dumps([native.extension().__file__, native.status()]))"
+    )
     out = run(venv, python, "-c", probe, env={**env, "LORA_IPC_LIBCUDA": "/nonexistent/libcuda.so.1"})
     assert out.returncode == 0, out.stderr
     where, (ok, why) = json.loads(out.stdout)
@@ -107,26 +126,51 @@ def test_a_failed_native_build_does_not_fail_the_install(tmp_path):
     src.mkdir()
     for name in SOURCES:
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
-        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__", "*.so")}
-                                         if (ROOT / name).is_dir() else {}))
+        copy(
+            ROOT / name,
+            src / name,
+            **({"ignore": shutil.ignore_patterns("__pycache__", "*.so")} if (ROOT / name).is_dir() else {}),
+        )
     env = {**os.environ, "CC": "false", "LDSHARED": "false"}
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(tmp_path / "dist"), str(src)], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     [whl] = (tmp_path / "dist").glob("lora_ipc-*.whl")
     assert not [n for n in zipfile.ZipFile(whl).namelist() if n.endswith(".so")]
     python = overlay_venv.create(tmp_path / "v")
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q",
-                    str(whl)], check=True, timeout=300)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q", str(whl)],
+        check=True,
+        timeout=300,
+    )
     # as on a machine with only the wheel: the editable install below this venv serves submodules the wheel
     # lacks (its finder maps lora_ipc._native to the checkout's build), so its finder is taken out first
-    probe = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
-             "if not getattr(f, '__module__', '').startswith('__editable__')]; "
-             "import json, lora_ipc; from lora_ipc import native; "
-             "print(json.dumps([lora_ipc.__file__, native.status()[1]]))")
+    probe = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+        "if not getattr(f, '__module__', '').startswith('__editable__')]; "
+        "import json, lora_ipc; from lora_ipc import native; "
+        "print(json.dumps([lora_ipc.__file__, native.status()[1]]))"
+    )
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    got = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, env=clean, cwd=tmp_path,
-                         timeout=120)
+    got = subprocess.run(
+        [str(python), "-c", probe], capture_output=True, text=True, env=clean, cwd=tmp_path, timeout=120
+    )
     assert got.returncode == 0, got.stderr
     package, why = json.loads(got.stdout)
     assert package.startswith(str(tmp_path / "v")), package  # the wheel's copy, not the checkout's
@@ -144,13 +188,19 @@ def test_an_editable_install_of_a_fresh_clone_builds_the_extension(tmp_path):
         else:
             shutil.copy(ROOT / name, clone / name)
     python = overlay_venv.create(tmp_path / "v")
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "-e", str(clone)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "-e", str(clone)],
+        check=True,
+        timeout=300,
+    )
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "LORA_IPC_LIBCUDA")}
-    probe = "import json, lora_ipc; from lora_ipc import native; print(json.dumps([lora_ipc.__file__, " \
-            "native.extension().__file__, native.status()]))"
-    out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, env=clean, cwd=tmp_path,
-                         timeout=120)
+    probe = (
+        "import json, lora_ipc; from lora_ipc import native; print(json.dumps([lora_ipc.__file__, "
+        "native.extension().__file__, native.status()]))"
+    )
+    out = subprocess.run(
+        [str(python), "-c", probe], capture_output=True, text=True, env=clean, cwd=tmp_path, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     package, extension, (ok, _why) = json.loads(out.stdout)
     assert package.startswith(str(clone)) and extension.startswith(str(clone)), (package, extension)
@@ -164,8 +214,24 @@ def test_every_console_subcommand_starts(venv, command):
 
 
 def test_bench_runs_from_the_wheel(venv, tmp_path):
-    out = run(venv, venv[1] / "lora-ipc", "bench", "--device", "cpu", "--layers", "1", "--ranks", "4", "--iters", "2",
-              "--warmup", "1", "--out", tmp_path, timeout=300)
+    out = run(
+        venv,
+        venv[1] / "lora-ipc",
+        "bench",
+        "--device",
+        "cpu",
+        "--layers",
+        "1",
+        "--ranks",
+        "4",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--out",
+        tmp_path,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "bench.json").read_text())
     assert set(results["ranks"]["4"]["paths"]) == {"lora_ipc", "disk_shm", "ipc_per_tensor"}
@@ -175,8 +241,14 @@ def test_bench_runs_from_the_wheel(venv, tmp_path):
 def test_publish_fetch_round_trip_between_two_processes(venv, tmp_path):
     python, bindir, env = venv
     endpoint = f"ipc://{tmp_path}/daemon.sock"
-    daemon = subprocess.Popen([str(bindir / "lora-ipc"), "serve", "--endpoint", endpoint], env=env, cwd=bindir,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    daemon = subprocess.Popen(
+        [str(bindir / "lora-ipc"), "serve", "--endpoint", endpoint],
+        env=env,
+        cwd=bindir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "daemon.sock").exists():

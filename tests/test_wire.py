@@ -19,18 +19,40 @@ def sample_messages():
     lay = SlabLayout.plan({"a": torch.zeros(4, 8, dtype=torch.bfloat16), "b": torch.zeros(8, 4)})
     slot = p.GenerationSlot(77, 11, 3, "gen.77.ab")
     cpu = p.CpuSlabHandle("1.ab.1", 4096, pid=77, fd=12, generation=slot, token=b"t" * 16)
-    cuda = p.CudaSlabHandle("1.cd.2", 8192, "GPU-1234", b"h" * 64, 8192, 0, b"r" * 32, 5, b"e" * 64, True,
-                            b"v" * 64, slot)
+    cuda = p.CudaSlabHandle(
+        "1.cd.2", 8192, "GPU-1234", b"h" * 64, 8192, 0, b"r" * 32, 5, b"e" * 64, True, b"v" * 64, slot
+    )
     vmm = p.VmmSlabHandle("1.vm.3", 1 << 21, "GPU-1234", b"v" * 64, slot, b"k" * 16)
-    config = {"r": 8, "lora_alpha": 16.5, "target_modules": ["q_proj", "v_proj"], "bias": "none",
-              "use_dora": False, "rank_pattern": {"x": 4}, "layers": None, "big": 1 << 63}
+    config = {
+        "r": 8,
+        "lora_alpha": 16.5,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "use_dora": False,
+        "rank_pattern": {"x": 4},
+        "layers": None,
+        "big": 1 << 63,
+    }
     return [
         p.ListRequest(),
         p.ListReply([p.AdapterSummary("policy", [1, 2], 4096)], "ep0ch", 3),
         p.FetchRequest("policy", 3, "c", ["s1"], [b"\0" * 16], [b"\1" * 16], "host", "ep0ch"),
         p.FetchRequest("policy", None, "c"),
-        p.FetchReply("policy", 3, 9, b"c" * 16, config, cpu.slab_id, cpu, 4, lay.digest, lay.to_wire(),
-                     lay.used_bytes, [cpu.slab_id], "ep0ch"),
+        p.FetchReply(
+            "policy",
+            3,
+            9,
+            b"c" * 16,
+            config,
+            cpu.slab_id,
+            cpu,
+            4,
+            lay.digest,
+            lay.to_wire(),
+            lay.used_bytes,
+            [cpu.slab_id],
+            "ep0ch",
+        ),
         p.FetchReply("policy", 3, 9, b"c" * 16, None, cuda.slab_id, cuda, 4, lay.digest, None, 512, []),
         p.FetchReply("policy", 3, 9, b"c" * 16, None, vmm.slab_id, None, 4, lay.digest, None, 512, [vmm.slab_id]),
         p.ReleaseRequest(5, 0.25),
@@ -52,8 +74,11 @@ def status_report() -> p.StatusReport:
     try:
         store.publish("a", {"w": torch.ones(4, 4)}, {"r": 4})
         store.lease("a", None, b"\x00k", client="c1")
-        report = store.status() | {"endpoint": "ipc:///tmp/x.sock", "pid": 42, "server": dict(
-            connections=1, connection_cap=64, peak_connections=2, dropped_connections=0, requests=9)}
+        report = store.status() | {
+            "endpoint": "ipc:///tmp/x.sock",
+            "pid": 42,
+            "server": dict(connections=1, connection_cap=64, peak_connections=2, dropped_connections=0, requests=9),
+        }
     finally:
         store.close()
     return msgspec.convert(report, p.StatusReport)
@@ -84,12 +109,25 @@ def test_every_message_type_speaks_plain_msgpack_both_ways():
 
 
 def test_every_wire_struct_refuses_unknown_keys():
-    structs = [*p.MESSAGE_TYPES.values(), p.CpuSlabHandle, p.CudaSlabHandle, p.VmmSlabHandle, p.GenerationSlot,
-               p.AdapterSummary, p.LayoutEntry]
+    structs = [
+        *p.MESSAGE_TYPES.values(),
+        p.CpuSlabHandle,
+        p.CudaSlabHandle,
+        p.VmmSlabHandle,
+        p.GenerationSlot,
+        p.AdapterSummary,
+        p.LayoutEntry,
+    ]
     for cls in structs:
         assert issubclass(cls, msgspec.Struct) and cls.__struct_config__.forbid_unknown_fields, cls
-    frame = msgpack.packb([p.PROTOCOL_VERSION, "publish", 4, {**plain(sample_messages()[10]), "slab": {
-        **plain(sample_messages()[10].slab), "extra": 1}}])
+    frame = msgpack.packb(
+        [
+            p.PROTOCOL_VERSION,
+            "publish",
+            4,
+            {**plain(sample_messages()[10]), "slab": {**plain(sample_messages()[10].slab), "extra": 1}},
+        ]
+    )
     with pytest.raises(ProtocolError, match="unknown key 'extra'") as info:
         p.decode(frame)
     assert info.value.request_id == 4
@@ -97,8 +135,15 @@ def test_every_wire_struct_refuses_unknown_keys():
 
 def frame_with(type_name: str, field: str, raw_value: bytes, request_id: int = 9) -> bytes:
     key = msgpack.packb(field)
-    return (b"\x94" + msgpack.packb(p.PROTOCOL_VERSION) + msgpack.packb(type_name) + msgpack.packb(request_id)
-            + b"\x81" + key + raw_value)
+    return (
+        b"\x94"
+        + msgpack.packb(p.PROTOCOL_VERSION)
+        + msgpack.packb(type_name)
+        + msgpack.packb(request_id)
+        + b"\x81"
+        + key
+        + raw_value
+    )
 
 
 def refused_cheaply(frame: bytes, needle: str = "", request_id: int = 9) -> ProtocolError:
@@ -115,18 +160,26 @@ def refused_cheaply(frame: bytes, needle: str = "", request_id: int = 9) -> Prot
     return info.value
 
 
-@pytest.mark.parametrize("type_name, field", [
-    ("publish", "entries"), ("fetch_reply", "live_slabs"), ("fetch", "known_slabs"), ("list_reply", "adapters"),
-    ("fetch_reply", "entries"),
-])
+@pytest.mark.parametrize(
+    "type_name, field",
+    [
+        ("publish", "entries"),
+        ("fetch_reply", "live_slabs"),
+        ("fetch", "known_slabs"),
+        ("list_reply", "adapters"),
+        ("fetch_reply", "entries"),
+    ],
+)
 def test_a_huge_declared_array_length_is_refused_before_anything_is_allocated(type_name, field):
     for header in (b"\xdd\xff\xff\xff\xff", b"\xdc\xff\xff"):  # array32 / array16 headers, no items follow
         refused_cheaply(frame_with(type_name, field, header))
     refused_cheaply(frame_with(type_name, "name", b"\xdb\xff\xff\xff\xff"))  # a 4 GiB string that is not there
 
 
-@pytest.mark.parametrize("type_name, field", [("publish", "peft_config"), ("fetch_reply", "peft_config"),
-                                              ("status_reply", "report"), ("publish", "entries")])
+@pytest.mark.parametrize(
+    "type_name, field",
+    [("publish", "peft_config"), ("fetch_reply", "peft_config"), ("status_reply", "report"), ("publish", "entries")],
+)
 @pytest.mark.parametrize("depth", [12, 5000, 4 << 20])
 def test_deep_nesting_is_refused_cheaply(type_name, field, depth):
     nested = b"\x81\xa1k" * depth + b"\xc0" if field != "entries" else b"\x91" * depth + b"\xc0"
@@ -141,8 +194,14 @@ def test_a_tree_of_empty_arrays_in_a_large_frame_is_refused_before_it_is_built(i
     n = 4 << 20
     tree = b"\x81\xa1k\xdd" + n.to_bytes(4, "big") + b"\x90" * n
     encoded = b"".join(msgpack.packb(k) + (tree if k == "peft_config" else msgpack.packb(v)) for k, v in body.items())
-    frame = (b"\x94" + msgpack.packb(p.PROTOCOL_VERSION) + msgpack.packb(message.TYPE) + msgpack.packb(9)
-             + bytes([0x80 | len(body)]) + encoded)
+    frame = (
+        b"\x94"
+        + msgpack.packb(p.PROTOCOL_VERSION)
+        + msgpack.packb(message.TYPE)
+        + msgpack.packb(9)
+        + bytes([0x80 | len(body)])
+        + encoded
+    )
     refused_cheaply(frame, "'peft_config': 4194312 bytes, at most")
 
 
@@ -169,8 +228,14 @@ def test_relay_metadata_is_checked_like_a_message():
     lay = SlabLayout.plan({"a": torch.zeros(4, 8)})
     data = np.zeros(lay.used_bytes, dtype=np.uint8)
     assert ReplicaMeta("p", 1, lay.to_wire(), lay.used_bytes, {"r": 8}).layout_for(data).digest == lay.digest
-    for bad in [dict(version=0), dict(name=""), dict(name=7), dict(peft_config={"r": float("nan")}),
-                dict(peft_config={"x": b"bytes"}), dict(used_bytes=-1)]:
+    for bad in [
+        dict(version=0),
+        dict(name=""),
+        dict(name=7),
+        dict(peft_config={"r": float("nan")}),
+        dict(peft_config={"x": b"bytes"}),
+        dict(used_bytes=-1),
+    ]:
         fields = dict(name="p", version=1, entries=lay.to_wire(), used_bytes=lay.used_bytes, peft_config={}) | bad
         with pytest.raises(ProtocolError):
             ReplicaMeta(**fields).layout_for(data)
@@ -186,8 +251,11 @@ def test_configs_decode_alike_in_small_and_large_frames(tensors):
     assert (len(frame) > p.SMALL_FRAME) == (tensors > 8)
     decoded = p.decode(frame).message
     assert decoded.peft_config == config and p.encode(decoded, 3) == frame
-    for bad, needle in [({"x": list(range(p.MAX_CONFIG_NODES))}, "more than 4096 values"),
-                        ({"x": float("nan")}, "peft_config"), ({"x": b"raw"}, "peft_config")]:
+    for bad, needle in [
+        ({"x": list(range(p.MAX_CONFIG_NODES))}, "more than 4096 values"),
+        ({"x": float("nan")}, "peft_config"),
+        ({"x": b"raw"}, "peft_config"),
+    ]:
         with pytest.raises(ProtocolError, match=needle) as info:
             p.decode(msgpack.packb([p.PROTOCOL_VERSION, "publish", 3, plain(message) | {"peft_config": bad}]))
         assert info.value.request_id == 3

@@ -18,6 +18,7 @@ def test_a_clash_between_the_two_extensions_is_refused_when_the_class_is_defined
             return "theirs"
 
     with pytest.raises(TypeError, match="lora_ipc_load"):
+
         class Clash(WorkerExtension, Theirs):
             pass
 

@@ -67,8 +67,12 @@ def short(exc: BaseException, n: int = 400) -> str:
 def const_adapter(torch, value: float, device, n: int = 16, numel: int = 64 * 1024, dtype=None) -> dict:
     """``n`` float32 tensors of ``numel`` elements, every element ``value`` (exact below 2**24)."""
     dtype = dtype or torch.float32
-    return {f"base_model.model.layers.{i}.self_attn.q_proj.lora_A.weight":
-            torch.full((numel // 1024, 1024), float(value), dtype=dtype, device=device) for i in range(n)}
+    return {
+        f"base_model.model.layers.{i}.self_attn.q_proj.lora_A.weight": torch.full(
+            (numel // 1024, 1024), float(value), dtype=dtype, device=device
+        )
+        for i in range(n)
+    }
 
 
 def summarize(torch, tensors: dict) -> dict:
@@ -76,8 +80,13 @@ def summarize(torch, tensors: dict) -> dict:
     mins = torch.stack([t.float().amin() for t in ts])
     maxs = torch.stack([t.float().amax() for t in ts])
     sums = torch.stack([t.double().sum() for t in ts])
-    return {"min": float(mins.min()), "max": float(maxs.max()), "sum": float(sums.sum()), "n": len(ts),
-            "device": str(ts[0].device)}
+    return {
+        "min": float(mins.min()),
+        "max": float(maxs.max()),
+        "sum": float(sums.sum()),
+        "n": len(ts),
+        "device": str(ts[0].device),
+    }
 
 
 def cycles_per_ms(torch) -> float:
@@ -163,8 +172,12 @@ class Consumer:
         t0 = time.perf_counter()
         adapter = client.fetch(name, version, device=device)
         ms = (time.perf_counter() - t0) * 1e3
-        out = {"version": adapter.version, **summarize(self.torch, adapter.tensors), "ms": round(ms, 3),
-               "host_fallbacks": client.host_fallbacks}
+        out = {
+            "version": adapter.version,
+            **summarize(self.torch, adapter.tensors),
+            "ms": round(ms, 3),
+            "host_fallbacks": client.host_fallbacks,
+        }
         if keep:
             self.kept[key] = adapter
             self.kept_summary[key] = out
@@ -226,10 +239,18 @@ class Consumer:
                         examples.append({"version": adapter.version, "min": s["min"], "max": s["max"]})
         finally:
             torch.cuda.Stream.wait_event = original
-        return {"fetches": fetches, "torn": torn, "recycled_after_retries": recycled, "errors": errors,
-                "examples": examples, "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99),
-                "max_ms": percentile(lat, 1.0), "versions": [min(versions), max(versions)] if versions else None,
-                "host_fallbacks": client.host_fallbacks}
+        return {
+            "fetches": fetches,
+            "torn": torn,
+            "recycled_after_retries": recycled,
+            "errors": errors,
+            "examples": examples,
+            "p50_ms": percentile(lat, 0.5),
+            "p99_ms": percentile(lat, 0.99),
+            "max_ms": percentile(lat, 1.0),
+            "versions": [min(versions), max(versions)] if versions else None,
+            "host_fallbacks": client.host_fallbacks,
+        }
 
     def two_clients_race(self, endpoint, name):
         """Two clients of one process fetch a slab this process has not opened yet, at the same instant:
@@ -270,9 +291,12 @@ class Consumer:
         still_busy = not torch.cuda.current_stream().query()
         t1 = time.perf_counter()
         torch.cuda.synchronize()
-        return {"fetch_ms": round(fetch_ms, 3), "caller_stream_still_busy_after_fetch": still_busy,
-                "caller_work_left_ms": round((time.perf_counter() - t1) * 1e3, 3),
-                **summarize(torch, adapter.tensors)}
+        return {
+            "fetch_ms": round(fetch_ms, 3),
+            "caller_stream_still_busy_after_fetch": still_busy,
+            "caller_work_left_ms": round((time.perf_counter() - t1) * 1e3, 3),
+            **summarize(torch, adapter.tensors),
+        }
 
     def release_busy(self, key, name, busy_ms):
         """Drop this process's import (client.close -> registry -> storage deleter) with ``busy_ms`` of work
@@ -288,8 +312,11 @@ class Consumer:
         close_ms = (time.perf_counter() - t0) * 1e3
         still_busy = not torch.cuda.current_stream().query()
         torch.cuda.synchronize()
-        return {"close_ms": round(close_ms, 3), "caller_stream_still_busy_after_close": still_busy,
-                "registry": self.registry()}
+        return {
+            "close_ms": round(close_ms, 3),
+            "caller_stream_still_busy_after_close": still_busy,
+            "registry": self.registry(),
+        }
 
     def first_import_stall(self, key, endpoint, name):
         """First fetch of a slab (an import), then how long this process's current stream stays blocked."""
@@ -302,8 +329,11 @@ class Consumer:
         t1 = time.perf_counter()
         torch.cuda.current_stream().synchronize()
         stall_ms = (time.perf_counter() - t1) * 1e3
-        return {"fetch_ms": round(fetch_ms, 3), "caller_stream_blocked_ms": round(stall_ms, 3),
-                **summarize(torch, adapter.tensors)}
+        return {
+            "fetch_ms": round(fetch_ms, 3),
+            "caller_stream_blocked_ms": round(stall_ms, 3),
+            **summarize(torch, adapter.tensors),
+        }
 
     def stream_alias(self, creations=40):
         """Is lora_ipc's 'own' copy stream a pooled stream that other code's torch.cuda.Stream() also gets?"""
@@ -334,8 +364,13 @@ class Consumer:
                 if later_failures >= 3:
                     break
         gc.collect()
-        return {"rounds_run": i + 1, "first_failure_at": first_failure, "error": error,
-                "failures_after_first": later_failures, "seconds": round(time.monotonic() - t0, 2)}
+        return {
+            "rounds_run": i + 1,
+            "first_failure_at": first_failure,
+            "error": error,
+            "failures_after_first": later_failures,
+            "seconds": round(time.monotonic() - t0, 2),
+        }
 
     def open_bad(self, handle):
         from lora_ipc.backends import open_slab
@@ -378,8 +413,9 @@ class Consumer:
         from lora_ipc.imports import REGISTRY
 
         with REGISTRY._lock:
-            return [e[0] for key, e in REGISTRY._open.items()
-                    if getattr(key, "slab_id", key).startswith(f"cuda.{pid}.")]
+            return [
+                e[0] for key, e in REGISTRY._open.items() if getattr(key, "slab_id", key).startswith(f"cuda.{pid}.")
+            ]
 
     def sk_owned(self, key):
         now = summarize(self.torch, self.kept[key].tensors)
@@ -403,7 +439,7 @@ class Consumer:
             return {"mapped_slabs": 0}
         t0 = time.perf_counter()
         try:
-            value = float(slabs[0].tensor[:1 << 20].view(self.torch.float32).sum().item())
+            value = float(slabs[0].tensor[: 1 << 20].view(self.torch.float32).sum().item())
             res = {"read_sum_first_MiB": value}
         except Exception as exc:  # noqa: BLE001
             res = {"read_error": short(exc)}
@@ -450,8 +486,12 @@ class Trainer:
         self.hold: list = []
 
     def info(self):
-        return {"endpoint": self.exporter.endpoint, "pid": os.getpid(), "string_at_import": self.string_at_import,
-                "env": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+        return {
+            "endpoint": self.exporter.endpoint,
+            "pid": os.getpid(),
+            "string_at_import": self.string_at_import,
+            "env": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        }
 
     def settings(self):
         return {"string": settings_string(self.torch), "effective": effective_settings(self.torch)}
@@ -474,13 +514,18 @@ class Trainer:
         slabs = self.exporter.store.pool.slabs()
         kinds = sorted({chr(s.handle.storage_handle[HANDLE_KIND_OFFSET]) for s in slabs if s.device.type == "cuda"})
         seg = segment_of(torch, slabs[-1].tensor.data_ptr()) if slabs else None
-        return {"version": version, "handle_kinds": kinds,
-                "slab_segment_expandable": None if seg is None else bool(seg.get("is_expandable"))}
+        return {
+            "version": version,
+            "handle_kinds": kinds,
+            "slab_segment_expandable": None if seg is None else bool(seg.get("is_expandable")),
+        }
 
     def incremental(self):
         """Settings set in two calls: the last string no longer names expandable_segments, which stays on."""
         torch = self.torch
-        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+        setter = (
+            getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+        )
         setter("expandable_segments:True")
         setter("max_split_size_mb:256")
         out = {"string": settings_string(torch), "effective": effective_settings(torch)}
@@ -643,22 +688,34 @@ def check_handles_and_unimported_leak(lab):
     h = [slabs[0].handle_for_import() for _ in range(3)]  # the first is the eager export, then 2 fresh
     raw = h[0].storage_handle
     same = all(x.storage_handle == raw for x in h)
-    emit("handle_bytes", "pass" if raw[HANDLE_KIND_OFFSET:HANDLE_KIND_OFFSET + 1] == b"c" and same else "fail",
-         expect="kind byte 'c'; the same storage-handle bytes on every export of one slab (consume() relies on "
-                "torch's (handle, offset) cache hit); distinct ref-counter slots",
-         length=len(raw), version_byte=raw[0], kind=chr(raw[HANDLE_KIND_OFFSET]), same_bytes_across_exports=same,
-         ref_counter_offsets=[x.ref_counter_offset for x in h], event_sync_required=h[0].event_sync_required,
-         storage_offset_bytes=h[0].storage_offset_bytes, exports_on_slab=slabs[0]._exports,
-         torch=torch.__version__)
+    emit(
+        "handle_bytes",
+        "pass" if raw[HANDLE_KIND_OFFSET : HANDLE_KIND_OFFSET + 1] == b"c" and same else "fail",
+        expect="kind byte 'c'; the same storage-handle bytes on every export of one slab (consume() relies on "
+        "torch's (handle, offset) cache hit); distinct ref-counter slots",
+        length=len(raw),
+        version_byte=raw[0],
+        kind=chr(raw[HANDLE_KIND_OFFSET]),
+        same_bytes_across_exports=same,
+        ref_counter_offsets=[x.ref_counter_offset for x in h],
+        event_sync_required=h[0].event_sync_required,
+        storage_offset_bytes=h[0].storage_offset_bytes,
+        exports_on_slab=slabs[0]._exports,
+        torch=torch.__version__,
+    )
     for s in slabs:
         s.close()
     del slabs, h
     after = lab.settle()
     leaked = after[0] - base[0]
-    emit("leak_closed_never_imported", "fail" if leaked >= 16 * MiB else ("pass" if leaked == 0 else "info"),
-         expect="PREDICTED BUG P1: 4 slabs x 8 MiB closed without any import stay allocated (torch parks a "
-                "storage whose export counter is still 1 in its limbo; ipc_collect never frees it)",
-         leaked_allocated_mib=mib(leaked), leaked_reserved_mib=mib(after[1] - base[1]))
+    emit(
+        "leak_closed_never_imported",
+        "fail" if leaked >= 16 * MiB else ("pass" if leaked == 0 else "info"),
+        expect="PREDICTED BUG P1: 4 slabs x 8 MiB closed without any import stay allocated (torch parks a "
+        "storage whose export counter is still 1 in its limbo; ipc_collect never frees it)",
+        leaked_allocated_mib=mib(leaked),
+        leaked_reserved_mib=mib(after[1] - base[1]),
+    )
 
     # the remedy: the exporter releases the counter of an export nobody imported, before closing
     base = lab.settle()
@@ -667,10 +724,13 @@ def check_handles_and_unimported_leak(lab):
     slab.close()
     del slab
     after = lab.settle()
-    emit("remedy_release_unimported_counter", "pass" if after[0] == base[0] else "fail",
-         expect="fix check: the exporter calling torch.UntypedStorage._release_ipc_counter_cuda(ref_counter_handle, "
-                "ref_counter_offset) for its never-imported export before close() frees the slab (0 MiB left)",
-         leaked_allocated_mib=mib(after[0] - base[0]))
+    emit(
+        "remedy_release_unimported_counter",
+        "pass" if after[0] == base[0] else "fail",
+        expect="fix check: the exporter calling torch.UntypedStorage._release_ipc_counter_cuda(ref_counter_handle, "
+        "ref_counter_offset) for its never-imported export before close() frees the slab (0 MiB left)",
+        leaked_allocated_mib=mib(after[0] - base[0]),
+    )
 
     ex = lab.exporter(keep=1, max_free=0)
     base = lab.settle()
@@ -680,11 +740,14 @@ def check_handles_and_unimported_leak(lab):
     lab.exporters.remove(ex)
     after = lab.settle()
     leaked = after[0] - base[0]
-    emit("leak_store_slabs_never_fetched", "fail" if leaked >= 3 * lab.slab_bytes else
-         ("pass" if leaked == 0 else "info"),
-         expect="P1 through the store: 4 versions published, never fetched, exporter closed -> 4 x 4 MiB stay "
-                "allocated (the eager first export of each slab is never imported)",
-         leaked_allocated_mib=mib(leaked), leaked_reserved_mib=mib(after[1] - base[1]))
+    emit(
+        "leak_store_slabs_never_fetched",
+        "fail" if leaked >= 3 * lab.slab_bytes else ("pass" if leaked == 0 else "info"),
+        expect="P1 through the store: 4 versions published, never fetched, exporter closed -> 4 x 4 MiB stay "
+        "allocated (the eager first export of each slab is never imported)",
+        leaked_allocated_mib=mib(leaked),
+        leaked_reserved_mib=mib(after[1] - base[1]),
+    )
 
 
 def check_refcount_control(lab, w1):
@@ -708,16 +771,23 @@ def check_refcount_control(lab, w1):
     a3 = lab.settle()
     d = [round((a[0] - base[0]) / slab, 2) for a in (a1, a2, a3)]
     ok = r1["min"] == r1["max"] == 1 and r2["min"] == r2["max"] == 2 and d == [1.0, 2.0, 1.0]
-    emit("refcount_import_once", "pass" if ok else "fail",
-         expect="slabs in use after: close-after-release 1, close-while-mapped 2 (limbo), importer released + "
-                "ipc_collect 1; fetched values exact",
-         slabs_allocated=d, values=[(r1["min"], r1["max"]), (r2["min"], r2["max"])])
+    emit(
+        "refcount_import_once",
+        "pass" if ok else "fail",
+        expect="slabs in use after: close-after-release 1, close-while-mapped 2 (limbo), importer released + "
+        "ipc_collect 1; fetched values exact",
+        slabs_allocated=d,
+        values=[(r1["min"], r1["max"]), (r2["min"], r2["max"])],
+    )
     ex.close()
     lab.exporters.remove(ex)
     a4 = lab.settle()
-    emit("leak_on_store_close_unfetched_version", "fail" if a4[0] - base[0] >= slab else "pass",
-         expect="P1 again: v3 was never fetched, so closing the exporter leaves its slab allocated",
-         leaked_slabs=round((a4[0] - base[0]) / slab, 2))
+    emit(
+        "leak_on_store_close_unfetched_version",
+        "fail" if a4[0] - base[0] >= slab else "pass",
+        expect="P1 again: v3 was never fetched, so closing the exporter leaves its slab allocated",
+        leaked_slabs=round((a4[0] - base[0]) / slab, 2),
+    )
 
 
 def check_multi_importers(lab, ws):
@@ -739,15 +809,22 @@ def check_multi_importers(lab, ws):
     time.sleep(0.2)
     after = lab.settle()
     values_ok = all(r["min"] == r["max"] == 5 for r in fetched + [w1]) and all(
-        isinstance(r, dict) and r["min"] == r["max"] == 5 for r in race["results"])
+        isinstance(r, dict) and r["min"] == r["max"] == 5 for r in race["results"]
+    )
     in_use = round((after[0] - base[0]) / lab.slab_bytes, 2) if lab.cuda else None
     verdict = "pass" if values_ok and (in_use in (None, 1.0)) else "fail"
-    emit("multi_importers_same_slab", verdict,
-         expect="3 processes + 2 racing clients in one of them read exact bytes (4 imports = 4 exports; a 5th "
-                "export is a surplus handle the registry must consume); after all close, closing the slab "
-                "frees it (1 slab = v2 left)",
-         exports_made=exports, surplus_handles_consumed=None if exports is None else exports - 4, race=race,
-         values_ok=values_ok, slabs_in_use_after=in_use)
+    emit(
+        "multi_importers_same_slab",
+        verdict,
+        expect="3 processes + 2 racing clients in one of them read exact bytes (4 imports = 4 exports; a 5th "
+        "export is a surplus handle the registry must consume); after all close, closing the slab "
+        "frees it (1 slab = v2 left)",
+        exports_made=exports,
+        surplus_handles_consumed=None if exports is None else exports - 4,
+        race=race,
+        values_ok=values_ok,
+        slabs_in_use_after=in_use,
+    )
     ex.close()
     lab.exporters.remove(ex)
 
@@ -784,18 +861,28 @@ def check_fast_publish(lab, ws, seconds=6.0, control_seconds=3.0):
     results = [w.result("loop", timeout=seconds + 60) for w in ws]
     torn = sum(r["torn"] for r in results)
     errors = sum(sum(r["errors"].values()) for r in results)
-    emit("fast_publish_fetch", "pass" if torn == 0 and errors == 0 and not stats["error"] else "fail",
-         expect="3 consumers fetching the newest version while the trainer publishes every ~4 ms (each pack "
-                "queued 2 ms behind GPU work): no torn adapter, no error",
-         seconds=seconds, publishes=stats["publishes"], publisher_error=stats["error"], consumers=results,
-         store=ex.store.status()["metrics"] | {"slabs": ex.store.status()["slabs"]},
-         max_exports_per_slab=max((s._exports for s in lab.slabs_of(ex)), default=None) if lab.cuda else None,
-         allocated_mib_during=mib(lab.settle()[0] - base[0]))
+    emit(
+        "fast_publish_fetch",
+        "pass" if torn == 0 and errors == 0 and not stats["error"] else "fail",
+        expect="3 consumers fetching the newest version while the trainer publishes every ~4 ms (each pack "
+        "queued 2 ms behind GPU work): no torn adapter, no error",
+        seconds=seconds,
+        publishes=stats["publishes"],
+        publisher_error=stats["error"],
+        consumers=results,
+        store=ex.store.status()["metrics"] | {"slabs": ex.store.status()["slabs"]},
+        max_exports_per_slab=max((s._exports for s in lab.slabs_of(ex)), default=None) if lab.cuda else None,
+        allocated_mib_during=mib(lab.settle()[0] - base[0]),
+    )
     if lab.cuda:
         r = ws[-1].call("loop", "f", name, control_seconds, True, timeout=control_seconds + 60)
-        emit("fast_publish_without_event_wait", "pass" if r["torn"] > 0 else "fail",
-             expect="sensitivity control: the same loop with Stream.wait_event patched out MUST see torn reads "
-                    "(else the check above proves nothing)", consumer=r)
+        emit(
+            "fast_publish_without_event_wait",
+            "pass" if r["torn"] > 0 else "fail",
+            expect="sensitivity control: the same loop with Stream.wait_event patched out MUST see torn reads "
+            "(else the check above proves nothing)",
+            consumer=r,
+        )
     else:
         emit("fast_publish_without_event_wait", "skip", reason="CPU slabs have no event")
     stop.set()
@@ -812,15 +899,22 @@ def check_caller_stream(lab, w1, w2, w3):
     ex.publish("side", lab.const(9), CONFIG)
     w1.call("open", "b", ex.endpoint)
     r = w1.call("busy_fetch", "b", "side", 60)
-    emit("fetch_with_busy_caller_stream", "pass" if r["caller_stream_still_busy_after_fetch"] and r["fetch_ms"] < 30
-         and r["min"] == r["max"] == 9 else "fail",
-         expect="~60 ms queued on the caller's stream: the fetch returns in a few ms and the work is still running",
-         **r)
+    emit(
+        "fetch_with_busy_caller_stream",
+        "pass"
+        if r["caller_stream_still_busy_after_fetch"] and r["fetch_ms"] < 30 and r["min"] == r["max"] == 9
+        else "fail",
+        expect="~60 ms queued on the caller's stream: the fetch returns in a few ms and the work is still running",
+        **r,
+    )
     r = w1.call("release_busy", "b", "side", 60)
-    emit("import_release_syncs_caller_stream", "fail" if r["close_ms"] > 30 else "pass",
-         expect="PREDICTED P4: dropping an import runs torch's IPC deleter, which stream_synchronize()s the "
-                "CURRENT stream: close (or _forget_dead_slabs inside a fetch) blocks ~60 ms on the caller's work",
-         **r)
+    emit(
+        "import_release_syncs_caller_stream",
+        "fail" if r["close_ms"] > 30 else "pass",
+        expect="PREDICTED P4: dropping an import runs torch's IPC deleter, which stream_synchronize()s the "
+        "CURRENT stream: close (or _forget_dead_slabs inside a fetch) blocks ~60 ms on the caller's work",
+        **r,
+    )
     # first import: torch's _new_shared_cuda makes the caller's current stream wait on the export event,
     # recorded by the trainer's server thread on the trainer's default stream
     ex2 = lab.exporter(keep=2)
@@ -832,19 +926,26 @@ def check_caller_stream(lab, w1, w2, w3):
     r = w2.call("first_import_stall", "s", ex2.endpoint, "stall")  # a fresh export, recorded behind the sleep
     torch.cuda.synchronize()
     w3.call("close", "s0")
-    emit("first_import_waits_on_trainer_stream", "fail" if r["caller_stream_blocked_ms"] > 100 else "pass",
-         expect="PREDICTED P5: the engine's current stream is blocked until the trainer's default stream drains "
-                "(export event), ~350 ms here, although the fetch itself returns at once",
-         **r)
+    emit(
+        "first_import_waits_on_trainer_stream",
+        "fail" if r["caller_stream_blocked_ms"] > 100 else "pass",
+        expect="PREDICTED P5: the engine's current stream is blocked until the trainer's default stream drains "
+        "(export event), ~350 ms here, although the fetch itself returns at once",
+        **r,
+    )
     w2.call("close", "s")
     ex.close()
     ex2.close()
     lab.exporters.remove(ex)
     lab.exporters.remove(ex2)
     r = w1.call("stream_alias")
-    emit("copy_stream_is_pooled", "fail" if r["aliased_by_creation"] else "pass",
-         expect="P6 (perf): torch.cuda.Stream() hands out 32 pooled streams round-robin, so the 'own' copy stream "
-                "is shared with any other code's torch.cuda.Stream() after <= 32 creations", **r)
+    emit(
+        "copy_stream_is_pooled",
+        "fail" if r["aliased_by_creation"] else "pass",
+        expect="P6 (perf): torch.cuda.Stream() hands out 32 pooled streams round-robin, so the 'own' copy stream "
+        "is shared with any other code's torch.cuda.Stream() after <= 32 creations",
+        **r,
+    )
 
 
 def check_exports_cap(lab, w2, rounds=300):
@@ -852,10 +953,14 @@ def check_exports_cap(lab, w2, rounds=300):
     ex.publish("cap", lab.const(1), CONFIG)
     r = w2.call("exports_cap", ex.endpoint, "cap", rounds, timeout=180)
     slabs = lab.slabs_of(ex)
-    emit("exports_cap_per_slab", "fail" if r["first_failure_at"] is not None else "pass",
-         expect="P7 (liveness): every re-import (new client, engine restart, LRU eviction) costs one export; at "
-                "MAX_EXPORTS_PER_SLAB=256 the slab refuses every later importer with LimitExceeded, for good",
-         **r, exports_on_slab=[s._exports for s in slabs])
+    emit(
+        "exports_cap_per_slab",
+        "fail" if r["first_failure_at"] is not None else "pass",
+        expect="P7 (liveness): every re-import (new client, engine restart, LRU eviction) costs one export; at "
+        "MAX_EXPORTS_PER_SLAB=256 the slab refuses every later importer with LimitExceeded, for good",
+        **r,
+        exports_on_slab=[s._exports for s in slabs],
+    )
     ex.close()
     lab.exporters.remove(ex)
 
@@ -869,8 +974,12 @@ def check_host_fallback(lab, w4):
     slab_a = lab.slabs_of(ex)[0].slab_id
     w4.call("open", "h", ex.endpoint, 10.0, "auto")
     r1 = w4.call("fetch", "h", "h")  # the reply carries A's CUDA handle; W4 cannot import it -> host copy
-    emit("host_fallback_no_visible_gpu", "pass" if r1["host_fallbacks"] == 1 and r1["min"] == r1["max"] == 21
-         else "fail", expect="a consumer that sees no GPU falls back to the host copy once, with exact bytes", **r1)
+    emit(
+        "host_fallback_no_visible_gpu",
+        "pass" if r1["host_fallbacks"] == 1 and r1["min"] == r1["max"] == 21 else "fail",
+        expect="a consumer that sees no GPU falls back to the host copy once, with exact bytes",
+        **r1,
+    )
     ex.publish("h", lab.const(22), CONFIG)  # v2 in slab B, packed on the default stream; A goes to the free list
     r1b = w4.call("fetch", "h", "h")
     side = torch.cuda.Stream()
@@ -883,21 +992,30 @@ def check_host_fallback(lab, w4):
     torch.cuda.synchronize()
     r3 = w4.call("fetch", "h", "h")
     torn = not (r2["min"] == r2["max"] == 23)
-    emit("host_staging_ignores_ready_event", "fail" if torn else "pass",
-         expect="PREDICTED P3: stage_to_host copies GPU->host on the server thread's default stream without "
-                "waiting on the slab's ready event; a pack queued on a side stream is not done -> the host copy "
-                "holds v1's 21s (or a mix), and it is cached for the whole version (refetch after sync: same)",
-         default_stream_control=r1b, side_stream_first_fetch=r2, refetch_after_sync=r3, v3_reused_slab_a=reused_a)
+    emit(
+        "host_staging_ignores_ready_event",
+        "fail" if torn else "pass",
+        expect="PREDICTED P3: stage_to_host copies GPU->host on the server thread's default stream without "
+        "waiting on the slab's ready event; a pack queued on a side stream is not done -> the host copy "
+        "holds v1's 21s (or a mix), and it is cached for the whole version (refetch after sync: same)",
+        default_stream_control=r1b,
+        side_stream_first_fetch=r2,
+        refetch_after_sync=r3,
+        v3_reused_slab_a=reused_a,
+    )
     w4.call("close", "h")
     time.sleep(0.3)
     ex.close()
     lab.exporters.remove(ex)
     after = lab.settle()
     leaked = round((after[0] - base[0]) / slab, 2)
-    emit("leak_after_fallback", "fail" if leaked >= 1 else "pass",
-         expect="P1b: the CUDA handle of the reply whose import failed (slab A) and the eager export of slab B "
-                "(never fetched over CUDA) are never released: after the exporter closes, 2 slabs stay allocated",
-         slabs_left_allocated=leaked)
+    emit(
+        "leak_after_fallback",
+        "fail" if leaked >= 1 else "pass",
+        expect="P1b: the CUDA handle of the reply whose import failed (slab A) and the eager export of slab B "
+        "(never fetched over CUDA) are never released: after the exporter closes, 2 slabs stay allocated",
+        slabs_left_allocated=leaked,
+    )
 
 
 def check_bad_handle(lab, w1):
@@ -909,9 +1027,13 @@ def check_bad_handle(lab, w1):
     h = slab.handle_for_import()
     bad = msgspec.structs.replace(h, slab_id="bad-version", storage_handle=b"\xff" + h.storage_handle[1:])
     r = w1.call("open_bad", bad)
-    emit("refused_handle_version", "pass" if r["raised"] == "BackendError" and "torch" in r.get("message", "")
-         else "fail", expect="a handle with a future version byte is a BackendError naming torch, not a crash",
-         real_version_byte=h.storage_handle[0], **r)
+    emit(
+        "refused_handle_version",
+        "pass" if r["raised"] == "BackendError" and "torch" in r.get("message", "") else "fail",
+        expect="a handle with a future version byte is a BackendError naming torch, not a crash",
+        real_version_byte=h.storage_handle[0],
+        **r,
+    )
     lab.keep_alive = slab  # its export was never imported: deliberately left (it would park in limbo)
 
 
@@ -925,32 +1047,55 @@ def check_exporter_process(lab, x, w3):
     free_b = torch.cuda.mem_get_info(0)[0]
     s1 = x.call("settings")
     e1 = x.call("alloc_is_expandable", 96)
-    broken = (s0["string"] != s1["string"] or s0["effective"] != s1["effective"] or (e0 is True and e1 is False)
-              or pub["handle_kinds"] != ["c"] or pub["slab_segment_expandable"] is True)
+    broken = (
+        s0["string"] != s1["string"]
+        or s0["effective"] != s1["effective"]
+        or (e0 is True and e1 is False)
+        or pub["handle_kinds"] != ["c"]
+        or pub["slab_segment_expandable"] is True
+    )
     known = e0 is not None and e1 is not None and pub["slab_segment_expandable"] is not None
-    emit("allocator_settings_restored", "fail" if broken else ("pass" if known else "info"),
-         expect=f"trainer started with PYTORCH_CUDA_ALLOC_CONF={ALLOC_ENV}: after a publish the settings string "
-                "AND the effective settings are unchanged, new trainer allocations are still expandable, the "
-                "slab itself is a plain cudaMalloc segment ('c')",
-         start=info, before=s0, after=s1, trainer_alloc_expandable_before=e0, trainer_alloc_expandable_after=e1,
-         publish=pub, slab_plus_context_mib=mib(free_a - free_b))
+    emit(
+        "allocator_settings_restored",
+        "fail" if broken else ("pass" if known else "info"),
+        expect=f"trainer started with PYTORCH_CUDA_ALLOC_CONF={ALLOC_ENV}: after a publish the settings string "
+        "AND the effective settings are unchanged, new trainer allocations are still expandable, the "
+        "slab itself is a plain cudaMalloc segment ('c')",
+        start=info,
+        before=s0,
+        after=s1,
+        trainer_alloc_expandable_before=e0,
+        trainer_alloc_expandable_after=e1,
+        publish=pub,
+        slab_plus_context_mib=mib(free_a - free_b),
+    )
     w3.call("open", "x", info["endpoint"], 2.0)
     got = w3.call("fetch", "x", "k", None, None, True)
     inc = x.call("incremental")
-    emit("allocator_settings_incremental", "fail" if inc.get("allocate") != "ok" or inc.get("kind") != "c" else "pass",
-         expect="PREDICTED P2: settings set in two calls (expandable_segments:True, then max_split_size_mb:256) "
-                "leave expandable on while the last string omits it; plain_segments() reads the string, does "
-                "not switch it off, and the slab export fails (kind 'e' -> BackendError)", **inc)
+    emit(
+        "allocator_settings_incremental",
+        "fail" if inc.get("allocate") != "ok" or inc.get("kind") != "c" else "pass",
+        expect="PREDICTED P2: settings set in two calls (expandable_segments:True, then max_split_size_mb:256) "
+        "leave expandable on while the last string omits it; plain_segments() reads the string, does "
+        "not switch it off, and the slab export fails (kind 'e' -> BackendError)",
+        **inc,
+    )
     # ---- SIGKILL the exporter while W3 maps its 1 GiB slab and owns a copy -----------------------------------
     free_c = torch.cuda.mem_get_info(0)[0]
     shm_before = glob.glob(f"/dev/shm/torch_{x.pid}_*")
     x.kill()
     time.sleep(1.5)
     free_d = torch.cuda.mem_get_info(0)[0]
-    res = {"fetched_before_kill": {k: got[k] for k in ("version", "min", "max")},
-           "trainer_ref_counter_files_before": len(shm_before)}
-    for cmd, args, t in (("sk_owned", ("x",), 30), ("sk_fetch", ("x", "k"), 30), ("sk_read_mapping", (x.pid,), 30),
-                         ("sk_copy_out", (x.pid,), 30)):
+    res = {
+        "fetched_before_kill": {k: got[k] for k in ("version", "min", "max")},
+        "trainer_ref_counter_files_before": len(shm_before),
+    }
+    for cmd, args, t in (
+        ("sk_owned", ("x",), 30),
+        ("sk_fetch", ("x", "k"), 30),
+        ("sk_read_mapping", (x.pid,), 30),
+        ("sk_copy_out", (x.pid,), 30),
+    ):
         try:
             res[cmd] = w3.call(cmd, *args, timeout=t)
         except TimeoutError as exc:
@@ -972,19 +1117,27 @@ def check_exporter_process(lab, x, w3):
     res["dead_trainer_ref_counter_files_left"] = len(glob.glob(f"/dev/shm/torch_{x.pid}_*"))
     intact = isinstance(res.get("sk_owned"), dict) and res["sk_owned"]["owned_intact"]
     raised = isinstance(res.get("sk_fetch"), dict) and res["sk_fetch"]["raised"] is not None
-    emit("exporter_sigkilled_while_mapped", "pass" if intact and raised and "HANG" not in json.dumps(res) else "fail",
-         expect="owned tensors intact; next fetch raises ExporterUnavailable in ~2 s; reading/copying the dead "
-                "mapping neither hangs nor poisons the context. Info: whether ~1 GiB comes back at the kill "
-                "(driver frees it under the importer) or only when the importer closes its mapping", **res)
+    emit(
+        "exporter_sigkilled_while_mapped",
+        "pass" if intact and raised and "HANG" not in json.dumps(res) else "fail",
+        expect="owned tensors intact; next fetch raises ExporterUnavailable in ~2 s; reading/copying the dead "
+        "mapping neither hangs nor poisons the context. Info: whether ~1 GiB comes back at the kill "
+        "(driver frees it under the importer) or only when the importer closes its mapping",
+        **res,
+    )
 
 
 def check_same_process(lab, w1):
     r = w1.call("same_process", "cuda:0", timeout=60)
     imported = isinstance(r.get("cuda_mode"), dict)
-    emit("same_process_import", "pass" if imported else "fail",
-         expect="P8 (colocated trainer+engine): a client in the exporting process cannot cudaIpcOpenMemHandle its "
-                "own allocation; transport=cuda errors (with a misleading 'newer torch' hint when the text says "
-                "'invalid'), auto silently falls back to the host copy", **r)
+    emit(
+        "same_process_import",
+        "pass" if imported else "fail",
+        expect="P8 (colocated trainer+engine): a client in the exporting process cannot cudaIpcOpenMemHandle its "
+        "own allocation; transport=cuda errors (with a misleading 'newer torch' hint when the text says "
+        "'invalid'), auto silently falls back to the host copy",
+        **r,
+    )
 
 
 # ==================================================================================================
@@ -994,6 +1147,7 @@ def check_same_process(lab, w1):
 
 def preflight(args):
     """Returns torch or exits 2 with one clear line."""
+
     def cannot(reason, **more):
         emit("preflight", "skip", reason=reason, **more)
         print(f"gpu_review_probe: {reason}", file=sys.stderr, flush=True)
@@ -1010,14 +1164,32 @@ def preflight(args):
     except ImportError as exc:
         cannot(f"torch is not importable ({exc})")
     if not args.selftest_cpu and not torch.cuda.is_available():
-        cannot(f"no CUDA: torch {torch.__version__} sees no GPU; this probe needs one (nothing was run). "
-               "Use --selftest-cpu to check the probe's own plumbing on CPU.")
+        cannot(
+            f"no CUDA: torch {torch.__version__} sees no GPU; this probe needs one (nothing was run). "
+            "Use --selftest-cpu to check the probe's own plumbing on CPU."
+        )
     if args.wheels:
         site = "/tmp/lora-ipc-probe-site"
         wheels = sorted(glob.glob(os.path.join(args.wheels, "*.whl")))
         if wheels:
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                            "--no-cache-dir", "--upgrade", "--target", site, *wheels], check=False)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-index",
+                    "--no-deps",
+                    "--no-compile",
+                    "--no-cache-dir",
+                    "--upgrade",
+                    "--target",
+                    site,
+                    *wheels,
+                ],
+                check=False,
+            )
             sys.path.insert(0, site)
             os.environ["PYTHONPATH"] = site + os.pathsep + os.environ["PYTHONPATH"]
     missing = []
@@ -1027,9 +1199,11 @@ def preflight(args):
         except ImportError:
             missing.append(module)
     if missing:
-        cannot(f"not importable: {missing} (pyzmq/msgpack are lora_ipc dependencies; on the device carry "
-               "their wheels, e.g. `pip download --no-deps --only-binary=:all: --python-version 3.12 "
-               "--platform manylinux_2_28_x86_64 -d .whl pyzmq`, and pass --wheels .whl)")
+        cannot(
+            f"not importable: {missing} (pyzmq/msgpack are lora_ipc dependencies; on the device carry "
+            "their wheels, e.g. `pip download --no-deps --only-binary=:all: --python-version 3.12 "
+            "--platform manylinux_2_28_x86_64 -d .whl pyzmq`, and pass --wheels .whl)"
+        )
     try:
         import lora_ipc  # noqa: F401
         from lora_ipc import AdapterClient, AdapterExporter  # noqa: F401
@@ -1061,9 +1235,12 @@ def main(argv=None):
     device = "cpu" if args.selftest_cpu else "cuda:0"
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "repo": repo, "python": sys.version.split()[0]}
     if device.startswith("cuda"):
-        env |= {"gpu": torch.cuda.get_device_name(0), "devices": torch.cuda.device_count(),
-                "has_accelerator_settings_getter": hasattr(torch._C, "_accelerator_getAllocatorSettings"),
-                "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        env |= {
+            "gpu": torch.cuda.get_device_name(0),
+            "devices": torch.cuda.device_count(),
+            "has_accelerator_settings_getter": hasattr(torch._C, "_accelerator_getAllocatorSettings"),
+            "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
     try:
         import msgpack
         import zmq
@@ -1089,8 +1266,13 @@ def main(argv=None):
         except Exception as exc:  # noqa: BLE001
             emit(f"start_{p.name}", "error", error=short(exc, 800), traceback=getattr(exc, "tb", None))
     ok = {p.name: p.ready is not None for p in procs}
-    emit("processes", "info", started=ok, seconds=round(time.monotonic() - started, 1),
-         cycles_per_ms=None if lab.cpm is None else round(lab.cpm))
+    emit(
+        "processes",
+        "info",
+        started=ok,
+        seconds=round(time.monotonic() - started, 1),
+        cycles_per_ms=None if lab.cpm is None else round(lab.cpm),
+    )
     if x is not None and x.ready is not None:
         try:
             x.ready_info = x.call("info")
@@ -1109,8 +1291,12 @@ def main(argv=None):
         try:
             fn()
         except Exception as exc:  # noqa: BLE001
-            emit(name, "error", error=short(exc, 800),
-                 traceback=getattr(exc, "tb", None) or traceback.format_exc(limit=6))
+            emit(
+                name,
+                "error",
+                error=short(exc, 800),
+                traceback=getattr(exc, "tb", None) or traceback.format_exc(limit=6),
+            )
         finally:
             TIMINGS[name] = round(time.monotonic() - t0, 2)
 
@@ -1134,8 +1320,9 @@ def main(argv=None):
     for p in procs:
         p.stop()
     signal.alarm(0)
-    emit("summary", "info", counts=dict(COUNTS), seconds=round(time.monotonic() - started, 1),
-         seconds_per_check=TIMINGS)
+    emit(
+        "summary", "info", counts=dict(COUNTS), seconds=round(time.monotonic() - started, 1), seconds_per_check=TIMINGS
+    )
     return 0
 
 

@@ -39,7 +39,7 @@ class ExportedSlab(ABC):
 
     def read_into(self, dst: torch.Tensor) -> None:
         """Copy the first ``dst.numel()`` bytes into ``dst`` after the last pack; complete on return."""
-        dst.copy_(self.tensor[:dst.numel()])
+        dst.copy_(self.tensor[: dst.numel()])
 
     def pack(self, layout: SlabLayout, tensors: Mapping[str, torch.Tensor]) -> None:
         """Write ``tensors`` at ``layout``'s places in this slab (one batched copy); :meth:`mark_ready` follows."""

@@ -90,9 +90,9 @@ class CpuImportedSlab(ImportedSlab):
             return
         bounce = torch.empty(min(dst.numel(), BOUNCE_BYTES), dtype=torch.uint8)
         for start in range(0, dst.numel(), BOUNCE_BYTES):
-            part = bounce[:min(BOUNCE_BYTES, dst.numel() - start)]
+            part = bounce[: min(BOUNCE_BYTES, dst.numel() - start)]
             self.read_into(part, start)
-            dst[start:start + part.numel()].copy_(part)  # from pageable memory: done with `part` on return
+            dst[start : start + part.numel()].copy_(part)  # from pageable memory: done with `part` on return
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -137,8 +137,12 @@ def copy_stream(index: int) -> torch.cuda.Stream:
                 try:
                     stream = _driver_stream(index)
                 except Exception as exc:  # no driver library, a sandbox: a pooled stream still beats the caller's
-                    log.warning("lora-ipc: cannot create a dedicated CUDA stream on device %d (%s); using one "
-                                "from torch's pool", index, exc)
+                    log.warning(
+                        "lora-ipc: cannot create a dedicated CUDA stream on device %d (%s); using one "
+                        "from torch's pool",
+                        index,
+                        exc,
+                    )
                     stream = torch.cuda.Stream(index)
                 _streams[index] = stream
     return stream
@@ -210,7 +214,7 @@ def _handle_kind(tensor: torch.Tensor, index: int) -> tuple[bytes, CudaSlabHandl
         _, args = reduce_tensor(tensor)
     storage_handle, rc_handle, rc_offset = bytes(args[7]), bytes(args[11]), int(args[12])
     refcount.add(rc_handle, rc_offset, -1)  # never imported: freed with the storage
-    return storage_handle[HANDLE_KIND_OFFSET:HANDLE_KIND_OFFSET + 1], args
+    return storage_handle[HANDLE_KIND_OFFSET : HANDLE_KIND_OFFSET + 1], args
 
 
 def _allocate(nbytes: int, device: torch.device):
@@ -232,10 +236,14 @@ def _allocate(nbytes: int, device: torch.device):
         if kind == b"c":
             return pool, tensor, args
         del tensor, pool
-        log.info("lora-ipc: slab came out of an expandable segment (%s); allocating it again with "
-                 "expandable_segments:False", error or f"handle kind {kind!r}")
-    raise BackendError(f"a {nbytes}-byte slab on {device} is not a plain cudaMalloc segment even with "
-                       f"expandable_segments:False ({error or kind!r}): {PTRACE_HINT}")
+        log.info(
+            "lora-ipc: slab came out of an expandable segment (%s); allocating it again with expandable_segments:False",
+            error or f"handle kind {kind!r}",
+        )
+    raise BackendError(
+        f"a {nbytes}-byte slab on {device} is not a plain cudaMalloc segment even with "
+        f"expandable_segments:False ({error or kind!r}): {PTRACE_HINT}"
+    )
 
 
 # ---- producer ----------------------------------------------------------------------------------
@@ -262,10 +270,16 @@ class CudaExportedSlab(ExportedSlab):
         self._sent: dict[tuple[bytes, int], None] = {}  # (ref-counter file, slot) of every export handed out
         (_, _, _, _, _, _, _, handle, size_bytes, offset_bytes, _, _, _, ev_handle, ev_sync) = probe
         self.handle = CudaSlabHandle(
-            slab_id=slab_id, nbytes=nbytes, device_uuid=device_uuid(device.index),
-            storage_handle=bytes(handle), storage_size_bytes=int(size_bytes),
-            storage_offset_bytes=int(offset_bytes), ref_counter_handle=b"", ref_counter_offset=0,
-            event_handle=bytes(ev_handle or b""), event_sync_required=bool(ev_sync),
+            slab_id=slab_id,
+            nbytes=nbytes,
+            device_uuid=device_uuid(device.index),
+            storage_handle=bytes(handle),
+            storage_size_bytes=int(size_bytes),
+            storage_offset_bytes=int(offset_bytes),
+            ref_counter_handle=b"",
+            ref_counter_offset=0,
+            event_handle=bytes(ev_handle or b""),
+            event_sync_required=bool(ev_sync),
             ready_event=bytes(self._ready.ipc_handle()),
         )
         _local_slabs[slab_id] = self
@@ -281,8 +295,13 @@ class CudaExportedSlab(ExportedSlab):
         refcount.add(rc_handle, rc_offset, UNCONFIRMED - 1)  # Note [unconfirmed exports]
         self._exports += 1
         self._sent[(rc_handle, rc_offset)] = None
-        return msgspec.structs.replace(self.handle, ref_counter_handle=rc_handle, ref_counter_offset=rc_offset,
-                                   event_handle=bytes(args[13] or b""), event_sync_required=bool(args[14]))
+        return msgspec.structs.replace(
+            self.handle,
+            ref_counter_handle=rc_handle,
+            ref_counter_offset=rc_offset,
+            event_handle=bytes(args[13] or b""),
+            event_sync_required=bool(args[14]),
+        )
 
     def handle_for_import(self) -> CudaSlabHandle:
         """A fresh export for one import (Note [one export per import])."""
@@ -290,8 +309,9 @@ class CudaExportedSlab(ExportedSlab):
             if self.tensor is None:
                 raise BackendError(f"slab {self.slab_id} is closed")
             if self._exports >= HARD_MAX_EXPORTS_PER_SLAB:
-                raise LimitExceeded(f"slab {self.slab_id} was exported {self._exports} times "
-                                    "(HARD_MAX_EXPORTS_PER_SLAB)")
+                raise LimitExceeded(
+                    f"slab {self.slab_id} was exported {self._exports} times (HARD_MAX_EXPORTS_PER_SLAB)"
+                )
             return self._export()
 
     def discard(self, handle: CudaSlabHandle) -> None:  # type: ignore[override]  # only ours come back
@@ -315,7 +335,7 @@ class CudaExportedSlab(ExportedSlab):
         lora_ipc's own stream; complete on return."""
         with own_streams(self.device.index) as stream:
             stream.wait_event(self._ready)
-            dst.copy_(self.tensor[:dst.numel()], non_blocking=dst.device.type == "cuda")
+            dst.copy_(self.tensor[: dst.numel()], non_blocking=dst.device.type == "cuda")
             stream.synchronize()
 
     def close(self) -> None:
@@ -341,9 +361,20 @@ def _rebuild(handle: CudaSlabHandle, index: int) -> torch.Tensor:
     try:
         with own_streams(index):
             return rebuild_cuda_tensor(
-                torch.Tensor, (handle.nbytes,), (1,), 0, torch.UntypedStorage, torch.uint8, index,
-                handle.storage_handle, handle.storage_size_bytes, handle.storage_offset_bytes, False,
-                handle.ref_counter_handle, handle.ref_counter_offset, handle.event_handle,
+                torch.Tensor,
+                (handle.nbytes,),
+                (1,),
+                0,
+                torch.UntypedStorage,
+                torch.uint8,
+                index,
+                handle.storage_handle,
+                handle.storage_size_bytes,
+                handle.storage_offset_bytes,
+                False,
+                handle.ref_counter_handle,
+                handle.ref_counter_offset,
+                handle.event_handle,
                 handle.event_sync_required,
             )
     except RuntimeError as exc:
@@ -351,8 +382,10 @@ def _rebuild(handle: CudaSlabHandle, index: int) -> torch.Tensor:
         if "not permitted" in text:
             hint = PTRACE_HINT
         elif "version" in text or "invalid" in text:
-            hint = (f"CUDA IPC handle refused (this process runs torch {torch.__version__}; an exporter on a "
-                    "newer torch may write a handle version this one cannot read)")
+            hint = (
+                f"CUDA IPC handle refused (this process runs torch {torch.__version__}; an exporter on a "
+                "newer torch may write a handle version this one cannot read)"
+            )
         else:
             hint = "CUDA IPC import failed"
         raise BackendError(f"slab {handle.slab_id}: {hint}: {exc}") from None
@@ -370,8 +403,10 @@ def _indices(slab: torch.device, target: torch.device) -> tuple[int, ...]:
 class CudaImportedSlab(ImportedSlab):
     def __init__(self, handle: CudaSlabHandle):
         if not handle.ref_counter_handle:
-            raise BackendError(f"slab {handle.slab_id}: the handle carries no export (an exporter must send "
-                               "handle_for_import(), never the slab's own handle)")
+            raise BackendError(
+                f"slab {handle.slab_id}: the handle carries no export (an exporter must send "
+                "handle_for_import(), never the slab's own handle)"
+            )
         self.handle = handle
         self.slab_id = handle.slab_id
         self.nbytes = handle.nbytes
@@ -441,7 +476,7 @@ class CudaImportedSlab(ImportedSlab):
             target_stream = copy_stream(dst.device.index) if on_gpu else stream
             if after is not None:
                 target_stream.wait_stream(after)  # what the caller queued on dst comes first
-            dst.copy_(self.tensor[:dst.numel()], non_blocking=on_gpu)
+            dst.copy_(self.tensor[: dst.numel()], non_blocking=on_gpu)
             done = torch.cuda.Event()
             done.record(target_stream)  # a cross-device copy ends there
         done.synchronize()  # our copy is complete before the lease on this slab is dropped

@@ -71,8 +71,13 @@ class _CudaArray:
 
     def __init__(self, mapping, nbytes: int):
         self.mapping = mapping
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "strides": None, "version": 2,
-                                         "data": (mapping.ptr, False)}  # torch refuses the read-only flag;
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "strides": None,
+            "version": 2,
+            "data": (mapping.ptr, False),
+        }  # torch refuses the read-only flag;
         # the importer's mapping is read-only in the page tables (cuMemSetAccess), which is what counts
 
 

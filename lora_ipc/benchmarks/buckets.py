@@ -91,11 +91,18 @@ def main(argv=None) -> dict:
     params = [(n, t.dtype, tuple(t.shape)) for n, t in weights.items()]
     total = sum(t.numel() * t.element_size() for t in weights.values())
     floor_s = copy_floor(weights, device, args.iters)
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "bytes": total, "tensors": len(weights),
-              "copy_floor_gbps": round(total / floor_s / 1e9, 2), "buckets": []}
-    print(f"{len(weights)} tensors, {total / 2**30:.2f} GiB bf16 on {report['device']}; "
-          f"same-device copy floor {report['copy_floor_gbps']} GB/s")
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "bytes": total,
+        "tensors": len(weights),
+        "copy_floor_gbps": round(total / floor_s / 1e9, 2),
+        "buckets": [],
+    }
+    print(
+        f"{len(weights)} tensors, {total / 2**30:.2f} GiB bf16 on {report['device']}; "
+        f"same-device copy floor {report['copy_floor_gbps']} GB/s"
+    )
 
     ctx = mp.get_context("spawn")
     for mib in args.bucket_mib:
@@ -136,13 +143,22 @@ def main(argv=None) -> dict:
         proc.join(30)
         sender.close()
         median = statistics.median(times[1:])
-        row = {"bucket_mib": mib, "buckets": buckets, "first_s": round(times[0], 4), "median_s": round(median, 4),
-               "gbps": round(total / median / 1e9, 2), "fraction_of_floor": round(floor_s / median, 3),
-               "slabs_live": status["slabs"]["live"], "slab_bytes": status["slabs"]["bytes"]}
+        row = {
+            "bucket_mib": mib,
+            "buckets": buckets,
+            "first_s": round(times[0], 4),
+            "median_s": round(median, 4),
+            "gbps": round(total / median / 1e9, 2),
+            "fraction_of_floor": round(floor_s / median, 3),
+            "slabs_live": status["slabs"]["live"],
+            "slab_bytes": status["slabs"]["bytes"],
+        }
         report["buckets"].append(row)
-        print(f"bucket {mib:5d} MiB: {buckets:3d} buckets, first {times[0] * 1e3:8.1f} ms, median "
-              f"{median * 1e3:8.1f} ms = {row['gbps']:6.2f} GB/s ({row['fraction_of_floor']:.2f} of the copy floor), "
-              f"trainer slabs {row['slabs_live']} ({row['slab_bytes'] / 2**20:.0f} MiB)")
+        print(
+            f"bucket {mib:5d} MiB: {buckets:3d} buckets, first {times[0] * 1e3:8.1f} ms, median "
+            f"{median * 1e3:8.1f} ms = {row['gbps']:6.2f} GB/s ({row['fraction_of_floor']:.2f} of the copy floor), "
+            f"trainer slabs {row['slabs_live']} ({row['slab_bytes'] / 2**20:.0f} MiB)"
+        )
     save_json(args.json, report)
     return report
 

@@ -6,15 +6,19 @@ import torch
 
 HIDDEN, INTERMEDIATE = 4096, 11008
 PROJECTIONS = {  # name: (in_features, out_features)
-    "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
-    "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (HIDDEN, INTERMEDIATE), "mlp.up_proj": (HIDDEN, INTERMEDIATE),
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (HIDDEN, INTERMEDIATE),
+    "mlp.up_proj": (HIDDEN, INTERMEDIATE),
     "mlp.down_proj": (INTERMEDIATE, HIDDEN),
 }
 
 
-def llama7b_lora(rank: int, layers: int = 32, dtype=torch.bfloat16, device="cpu",
-                 seed: int = 0) -> dict[str, torch.Tensor]:
+def llama7b_lora(
+    rank: int, layers: int = 32, dtype=torch.bfloat16, device="cpu", seed: int = 0
+) -> dict[str, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     out = {}
     for i in range(layers):
@@ -27,8 +31,13 @@ def llama7b_lora(rank: int, layers: int = 32, dtype=torch.bfloat16, device="cpu"
 
 
 def lora_config(rank: int) -> dict:
-    return {"r": rank, "lora_alpha": 2 * rank, "target_modules": [p.split(".")[-1] for p in PROJECTIONS],
-            "peft_type": "LORA", "bias": "none"}
+    return {
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": [p.split(".")[-1] for p in PROJECTIONS],
+        "peft_type": "LORA",
+        "bias": "none",
+    }
 
 
 def llama7b_full_weights(layers: int, device: str = "cpu", scale: int = 1) -> dict[str, torch.Tensor]:
@@ -37,8 +46,10 @@ def llama7b_full_weights(layers: int, device: str = "cpu", scale: int = 1) -> di
     out = {}
     for i in range(layers):
         for proj, (fan_in, fan_out) in PROJECTIONS.items():
-            out[f"model.layers.{i}.{proj}.weight"] = torch.randn(
-                fan_out // scale, fan_in // scale, device=device).to(torch.bfloat16)
+            out[f"model.layers.{i}.{proj}.weight"] = torch.randn(fan_out // scale, fan_in // scale, device=device).to(
+                torch.bfloat16
+            )
         out[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(
-            HIDDEN // scale, device=device, dtype=torch.bfloat16)
+            HIDDEN // scale, device=device, dtype=torch.bfloat16
+        )
     return out

@@ -7,8 +7,12 @@ import os
 import sys
 import time
 
-LABELS = {"lora_ipc": "lora_ipc (one slab, kept mapping)", "disk_shm": "safetensors via /dev/shm",
-          "ipc_per_tensor": "torch IPC, one handle per tensor", "d2d_floor": "one device-to-device copy (floor)"}
+LABELS = {
+    "lora_ipc": "lora_ipc (one slab, kept mapping)",
+    "disk_shm": "safetensors via /dev/shm",
+    "ipc_per_tensor": "torch IPC, one handle per tensor",
+    "d2d_floor": "one device-to-device copy (floor)",
+}
 
 
 def plot(results: dict, path: str) -> None:
@@ -23,8 +27,9 @@ def plot(results: dict, path: str) -> None:
         xs = [results["ranks"][r]["bytes"] / 1e6 for r in ranks]
         p50 = [results["ranks"][r]["paths"][key]["p50_ms"] for r in ranks]
         p90 = [results["ranks"][r]["paths"][key]["p90_ms"] for r in ranks]
-        ax.errorbar(xs, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p90)]], marker="o", capsize=3,
-                    label=LABELS[key])
+        ax.errorbar(
+            xs, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p90)]], marker="o", capsize=3, label=LABELS[key]
+        )
         for x, y, r in zip(xs, p50, ranks):
             if key == "lora_ipc":
                 ax.annotate(f"r{r}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
@@ -39,8 +44,11 @@ def plot(results: dict, path: str) -> None:
     ax.set_xlabel("adapter size (MB, Llama-7B LoRA shapes, bf16)")
     ax.set_ylabel("publish → consumer owns tensors (ms, p50; bar to p90)")
     where = results["gpu"] or "CPU"
-    ax.set_title(f"Adapter hand-off latency, {where}, {results['layers']} layers\n"
-                 f"torch {results['torch']}, {results.get('date', '')}", fontsize=10)
+    ax.set_title(
+        f"Adapter hand-off latency, {where}, {results['layers']} layers\n"
+        f"torch {results['torch']}, {results.get('date', '')}",
+        fontsize=10,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -63,10 +71,28 @@ def run_bench(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     json_path, png_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.png")
     # a fresh interpreter, so OpenMP settings the benchmark needs apply before torch loads
-    subprocess.run([sys.executable, "-m", "lora_ipc.benchmarks.transport", "--device", device, "--ranks", ranks,
-                    "--layers", str(layers), "--iters", str(args.iters), "--warmup", str(args.warmup),
-                    "--json", json_path, "--quiet"],
-                   check=True, env={**os.environ, **OMP_ENV})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_ipc.benchmarks.transport",
+            "--device",
+            device,
+            "--ranks",
+            ranks,
+            "--layers",
+            str(layers),
+            "--iters",
+            str(args.iters),
+            "--warmup",
+            str(args.warmup),
+            "--json",
+            json_path,
+            "--quiet",
+        ],
+        check=True,
+        env={**os.environ, **OMP_ENV},
+    )
     with open(json_path) as f:
         results = json.load(f)
     results["date"] = time.strftime("%Y-%m-%d")

@@ -79,8 +79,14 @@ def run(device: str, ranks: list[int], layers: int, iters: int, warmup: int, dty
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=consumer, args=(child, device), daemon=True)
     proc.start()
-    results: dict[str, Any] = {"device": device, "layers": layers, "iters": iters, "torch": torch.__version__,
-               "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None, "ranks": {}}
+    results: dict[str, Any] = {
+        "device": device,
+        "layers": layers,
+        "iters": iters,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "ranks": {},
+    }
     shm_dir = tempfile.mkdtemp(prefix="lora-bench-", dir="/dev/shm")
     exporter = AdapterExporter(keep=2)
     try:
@@ -132,9 +138,16 @@ def run(device: str, ranks: list[int], layers: int, iters: int, warmup: int, dty
                         per_path[path].append((t1 - t0) * 1e3)
             disk_p50 = statistics.median(per_path["disk_shm"])
             results["ranks"][rank] = {
-                "tensors": len(tensors), "bytes": nbytes,
-                "paths": {p: {"p50_ms": statistics.median(v), "p90_ms": percentile(v, 90),
-                              "speedup_vs_disk": disk_p50 / statistics.median(v)} for p, v in per_path.items()},
+                "tensors": len(tensors),
+                "bytes": nbytes,
+                "paths": {
+                    p: {
+                        "p50_ms": statistics.median(v),
+                        "p90_ms": percentile(v, 90),
+                        "speedup_vs_disk": disk_p50 / statistics.median(v),
+                    }
+                    for p, v in per_path.items()
+                },
             }
             del tensors
     finally:
@@ -146,13 +159,17 @@ def run(device: str, ranks: list[int], layers: int, iters: int, warmup: int, dty
 
 
 def table(results: dict) -> str:
-    lines = [f"device={results['device']} gpu={results['gpu']} torch={results['torch']} layers={results['layers']} "
-             f"iters={results['iters']}",
-             f"{'rank':>4} {'tensors':>7} {'MB':>7}  {'path':<15} {'p50 ms':>9} {'p90 ms':>9} {'x disk':>8}"]
+    lines = [
+        f"device={results['device']} gpu={results['gpu']} torch={results['torch']} layers={results['layers']} "
+        f"iters={results['iters']}",
+        f"{'rank':>4} {'tensors':>7} {'MB':>7}  {'path':<15} {'p50 ms':>9} {'p90 ms':>9} {'x disk':>8}",
+    ]
     for rank, r in results["ranks"].items():
         for path, s in r["paths"].items():
-            lines.append(f"{rank:>4} {r['tensors']:>7} {r['bytes'] / 1e6:>7.1f}  {path:<15} {s['p50_ms']:>9.3f} "
-                         f"{s['p90_ms']:>9.3f} {s['speedup_vs_disk']:>8.1f}")
+            lines.append(
+                f"{rank:>4} {r['tensors']:>7} {r['bytes'] / 1e6:>7.1f}  {path:<15} {s['p50_ms']:>9.3f} "
+                f"{s['p90_ms']:>9.3f} {s['speedup_vs_disk']:>8.1f}"
+            )
     return "\n".join(lines)
 
 

@@ -54,8 +54,9 @@ class FloorExtension:
         held[version] = Adapter("floor", version, load(safetensors_bytes), peft_config)
         if not getattr(loader, "_floor_installed", False):
             real, client = loader.with_shared_client, HeldClient(held)
-            loader.with_shared_client = lambda endpoint, call: call(client) if endpoint == FLOOR_ENDPOINT \
-                else real(endpoint, call)
+            loader.with_shared_client = lambda endpoint, call: (
+                call(client) if endpoint == FLOOR_ENDPOINT else real(endpoint, call)
+            )
             loader._floor_installed = True  # type: ignore[attr-defined]  # marks the module patched
         return len(held)
 
@@ -90,13 +91,25 @@ def main(argv=None) -> dict:
     with scratch_dirs("lora-bench-vllm-") as (work, shm):
         model_dir = write_model_dir(os.path.join(work, "base"), args.hidden, args.layers)
         print("starting the vLLM engine (CPU, ~30-60 s)...", flush=True)
-        llm = LLM(model=model_dir, tokenizer=model_dir, dtype="bfloat16", enable_lora=True,
-                  max_lora_rank=max(16, args.rank), max_loras=2, max_cpu_loras=4, max_model_len=128, max_num_seqs=8,
-                  enforce_eager=True, seed=0, enable_prefix_caching=True,
-                  worker_extension_cls="lora_ipc.benchmarks.vllm_lora.FloorExtension")
-        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
-                              LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGET_MODULES,
-                                         init_lora_weights=False))
+        llm = LLM(
+            model=model_dir,
+            tokenizer=model_dir,
+            dtype="bfloat16",
+            enable_lora=True,
+            max_lora_rank=max(16, args.rank),
+            max_loras=2,
+            max_cpu_loras=4,
+            max_model_len=128,
+            max_num_seqs=8,
+            enforce_eager=True,
+            seed=0,
+            enable_prefix_caching=True,
+            worker_extension_cls="lora_ipc.benchmarks.vllm_lora.FloorExtension",
+        )
+        peft = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
+            LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGET_MODULES, init_lora_weights=False),
+        )
         times: dict[str, list[float]] = {"lora_ipc": [], "floor": [], "disk_shm": []}
         with AdapterExporter(keep=2) as exporter:
             for i in range(args.warmup + args.iters):
@@ -108,8 +121,9 @@ def main(argv=None) -> dict:
                 exporter.publish("policy", peft)
                 add_lora(llm, "policy", exporter.endpoint)
                 t1 = time.perf_counter()
-                llm.llm_engine.add_lora(LoRARequest(f"floor-v{i}", 700_000 + i,
-                                                    str(AdapterURI("floor", i + 1, FLOOR_ENDPOINT, "f1002"))))
+                llm.llm_engine.add_lora(
+                    LoRARequest(f"floor-v{i}", 700_000 + i, str(AdapterURI("floor", i + 1, FLOOR_ENDPOINT, "f1002")))
+                )
                 t2 = time.perf_counter()
                 out = os.path.join(shm, f"v{i}")
                 peft.save_pretrained(out)
@@ -122,20 +136,28 @@ def main(argv=None) -> dict:
                     times["disk_shm"].append((t3 - t2) * 1e3)
         llm.llm_engine.engine_core.shutdown()
         nbytes = sum(p.numel() * p.element_size() for n, p in peft.named_parameters() if "lora_" in n)
-        res = {"hidden": args.hidden, "layers": args.layers, "rank": args.rank, "adapter_bytes": nbytes,
-               **{k: {"p50_ms": statistics.median(v), "p90_ms": percentile(v, 90)}
-                  for k, v in times.items()}}
+        res = {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "rank": args.rank,
+            "adapter_bytes": nbytes,
+            **{k: {"p50_ms": statistics.median(v), "p90_ms": percentile(v, 90)} for k, v in times.items()},
+        }
         res["ratio_disk_over_ipc"] = res["disk_shm"]["p50_ms"] / res["lora_ipc"]["p50_ms"]
         floor = res["floor"]["p50_ms"]
         res["overhead_over_floor_ms"] = {k: res[k]["p50_ms"] - floor for k in ("lora_ipc", "disk_shm")}
-        print(f"vLLM CPU engine, hidden={args.hidden} layers={args.layers} r={args.rank} "
-              f"adapter={nbytes / 1e6:.2f} MB, {args.iters} iterations")
+        print(
+            f"vLLM CPU engine, hidden={args.hidden} layers={args.layers} r={args.rank} "
+            f"adapter={nbytes / 1e6:.2f} MB, {args.iters} iterations"
+        )
         for k in times:
             over = "" if k == "floor" else f"   over the floor p50 +{res['overhead_over_floor_ms'][k]:.2f} ms"
             print(f"  {k:<9} request -> active  p50 {res[k]['p50_ms']:8.2f} ms   p90 {res[k]['p90_ms']:8.2f} ms{over}")
-        print(f"  lora-ipc is {res['ratio_disk_over_ipc']:.1f}x faster than save_pretrained + load from /dev/shm; "
-              f"its transport adds {res['overhead_over_floor_ms']['lora_ipc']:.2f} ms to vLLM's own load "
-              f"({floor:.2f} ms)")
+        print(
+            f"  lora-ipc is {res['ratio_disk_over_ipc']:.1f}x faster than save_pretrained + load from /dev/shm; "
+            f"its transport adds {res['overhead_over_floor_ms']['lora_ipc']:.2f} ms to vLLM's own load "
+            f"({floor:.2f} ms)"
+        )
         save_json(args.json, res)
         return res
 

@@ -27,10 +27,21 @@ from .timing import save_json
 def model_config(vocab: int, hidden: int, layers: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-                       num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
-                       head_dim=64, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 256,
+        head_dim=64,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def main(argv=None) -> dict:
@@ -61,20 +72,36 @@ def main(argv=None) -> dict:
     with scratch_dirs("bench-refit-") as (base_dir, shm_dir):
         model.save_pretrained(base_dir)
         write_tokenizer(base_dir, args.vocab)
-        print(f"model: {n_params / 1e6:.1f}M parameters, {n_bytes / 2**20:.0f} MiB bf16, "
-              f"{len(list(model.parameters()))} tensors")
+        print(
+            f"model: {n_params / 1e6:.1f}M parameters, {n_bytes / 2**20:.0f} MiB bf16, "
+            f"{len(list(model.parameters()))} tensors"
+        )
         started = time.perf_counter()
-        llm = LLM(model=base_dir, tokenizer=base_dir, dtype="bfloat16", max_model_len=128, max_num_seqs=4,
-                  enforce_eager=True, seed=0, weight_transfer_config={"backend": "lora_ipc"},
-                  worker_extension_cls="lora_ipc.vllm.WorkerExtension")
+        llm = LLM(
+            model=base_dir,
+            tokenizer=base_dir,
+            dtype="bfloat16",
+            max_model_len=128,
+            max_num_seqs=4,
+            enforce_eager=True,
+            seed=0,
+            weight_transfer_config={"backend": "lora_ipc"},
+            worker_extension_cls="lora_ipc.vllm.WorkerExtension",
+        )
         print(f"engine started in {time.perf_counter() - started:.1f} s")
         client: Any = OfflineLLMClient(llm)  # offline LLM: vLLM's client protocol, duck-typed
         step = 0
-        results = {"model_params": n_params, "model_bytes": n_bytes, "torch_threads": torch.get_num_threads(),
-                   "disk_shm": [], "lora_ipc": {}}
+        results = {
+            "model_params": n_params,
+            "model_bytes": n_bytes,
+            "torch_threads": torch.get_num_threads(),
+            "disk_shm": [],
+            "lora_ipc": {},
+        }
         for mib in args.bucket_mib:
             transfer: Any = WeightTransferTrainerFactory.trainer_init(  # ours: LoraIpcTrainerEngine
-                LoraIpcTrainerInitInfo(rank=0, bucket_bytes=mib << 20), client=client, source=ModuleSource(model))
+                LoraIpcTrainerInitInfo(rank=0, bucket_bytes=mib << 20), client=client, source=ModuleSource(model)
+            )
             times_ipc, worker = [], []
             for _ in range(args.iters + 1):  # the first update maps slabs and plans: dropped from the median
                 step += 1
@@ -100,23 +127,33 @@ def main(argv=None) -> dict:
                 assert via_ipc != via_disk
             buckets = transfer.sender.plan([(m.name, m.dtype, tuple(m.shape)) for m in transfer.source.metadata()])
             status = transfer.sender.exporter.store.status()
-            results["lora_ipc"][mib] = {"buckets": len(buckets), "first_s": times_ipc[0],
-                                        "median_s": statistics.median(times_ipc[1:]),
-                                        "worker": {k: statistics.median(w[k] for w in worker[1:])
-                                                   for k in ("fetch_ms", "load_weights_ms", "finalize_ms")},
-                                        "slabs_live": status["slabs"]["live"], "slab_bytes": status["slabs"]["bytes"]}
+            results["lora_ipc"][mib] = {
+                "buckets": len(buckets),
+                "first_s": times_ipc[0],
+                "median_s": statistics.median(times_ipc[1:]),
+                "worker": {
+                    k: statistics.median(w[k] for w in worker[1:])
+                    for k in ("fetch_ms", "load_weights_ms", "finalize_ms")
+                },
+                "slabs_live": status["slabs"]["live"],
+                "slab_bytes": status["slabs"]["bytes"],
+            }
             transfer.shutdown()
         disk = statistics.median(r["total_s"] for r in results["disk_shm"][1:] or results["disk_shm"])
         results["disk_shm_median_s"] = disk
-        print(f"disk_shm: save_pretrained + vLLM reload_weights, median {disk * 1e3:.0f} ms "
-              f"(save {statistics.median(r['save_s'] for r in results['disk_shm']) * 1e3:.0f} ms, "
-              f"reload {statistics.median(r['reload_s'] for r in results['disk_shm']) * 1e3:.0f} ms)")
+        print(
+            f"disk_shm: save_pretrained + vLLM reload_weights, median {disk * 1e3:.0f} ms "
+            f"(save {statistics.median(r['save_s'] for r in results['disk_shm']) * 1e3:.0f} ms, "
+            f"reload {statistics.median(r['reload_s'] for r in results['disk_shm']) * 1e3:.0f} ms)"
+        )
         for mib, r in results["lora_ipc"].items():
             r["speedup_vs_disk_shm"] = disk / r["median_s"]
-            print(f"lora_ipc bucket {mib:4d} MiB: {r['buckets']:3d} buckets, median {r['median_s'] * 1e3:.0f} ms "
-                  f"(first {r['first_s'] * 1e3:.0f} ms), {r['speedup_vs_disk_shm']:.2f}x faster than disk_shm, "
-                  f"trainer slabs {r['slabs_live']} ({r['slab_bytes'] / 2**20:.0f} MiB); in the worker: "
-                  + ", ".join(f"{k} {v:.0f}" for k, v in r["worker"].items()))
+            print(
+                f"lora_ipc bucket {mib:4d} MiB: {r['buckets']:3d} buckets, median {r['median_s'] * 1e3:.0f} ms "
+                f"(first {r['first_s'] * 1e3:.0f} ms), {r['speedup_vs_disk_shm']:.2f}x faster than disk_shm, "
+                f"trainer slabs {r['slabs_live']} ({r['slab_bytes'] / 2**20:.0f} MiB); in the worker: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in r["worker"].items())
+            )
         save_json(args.json, results)
         llm.llm_engine.engine_core.shutdown()
         return results

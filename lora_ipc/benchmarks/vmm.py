@@ -46,8 +46,14 @@ def _consumer(conn) -> None:
 def run(ranks: list[int], layers: int, iters: int, warmup: int) -> dict:
     from .. import AdapterExporter, native
 
-    results: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "vmm": native.status()[1],
-                     "layers": layers, "iters": iters, "ranks": {}}
+    results: dict = {
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(),
+        "vmm": native.status()[1],
+        "layers": layers,
+        "iters": iters,
+        "ranks": {},
+    }
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_consumer, args=(child,), daemon=True)
@@ -81,13 +87,18 @@ def run(ranks: list[int], layers: int, iters: int, warmup: int) -> dict:
                     torch.cuda.synchronize()
                     exporter_growth = torch.cuda.memory_allocated() - exporter_before
                 per_rank[mode] = {
-                    "publish_p50_ms": statistics.median(publish), "fetch_p50_ms": statistics.median(fetch),
+                    "publish_p50_ms": statistics.median(publish),
+                    "fetch_p50_ms": statistics.median(fetch),
                     "first_fetch_p50_ms": statistics.median(first) if first else None,
-                    "exporter_allocated_growth": exporter_growth, "importer_allocated_last": importer_allocated,
+                    "exporter_allocated_growth": exporter_growth,
+                    "importer_allocated_last": importer_allocated,
                 }
-                print(f"r{rank} {mode:5s} publish {per_rank[mode]['publish_p50_ms']:.3f} ms  fetch "
-                      f"{per_rank[mode]['fetch_p50_ms']:.3f} ms  first fetch {per_rank[mode]['first_fetch_p50_ms']}"
-                      f" ms  exporter allocated +{exporter_growth}", flush=True)
+                print(
+                    f"r{rank} {mode:5s} publish {per_rank[mode]['publish_p50_ms']:.3f} ms  fetch "
+                    f"{per_rank[mode]['fetch_p50_ms']:.3f} ms  first fetch {per_rank[mode]['first_fetch_p50_ms']}"
+                    f" ms  exporter allocated +{exporter_growth}",
+                    flush=True,
+                )
             del tensors
     finally:
         parent.send(("stop",))

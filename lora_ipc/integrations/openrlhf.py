@@ -73,15 +73,17 @@ def _actor_class(adapter: str, engine_args: dict[str, Any]):
             await super().__init__(*args, **kwargs)
             self.llm: Any = _GenerateWithAdapter(self.llm, self)
 
-        async def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (),
-                                 kwargs: dict | None = None):
+        async def collective_rpc(
+            self, method: str, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None
+        ):
             result = await self.llm.collective_rpc(method, timeout, args, kwargs)
             if method == "lora_ipc_load" and args and args[0] == self._lora_ipc_adapter and result:
                 from vllm.lora.request import LoRARequest
 
                 first = result[0]
-                self._lora_ipc_request = LoRARequest(lora_name=first["name"], lora_int_id=first["lora_int_id"],
-                                                     lora_path=first["lora_path"])
+                self._lora_ipc_request = LoRARequest(
+                    lora_name=first["name"], lora_int_id=first["lora_int_id"], lora_path=first["lora_path"]
+                )
             return result
 
         def lora_ipc_use(self, lora_request=None) -> None:
@@ -96,8 +98,9 @@ def _actor_class(adapter: str, engine_args: dict[str, Any]):
     return LoraRolloutActor
 
 
-def install(adapter: str, max_lora_rank: int, max_loras: int = 1, max_cpu_loras: int | None = None,
-            **engine_args: Any) -> None:
+def install(
+    adapter: str, max_lora_rank: int, max_loras: int = 1, max_cpu_loras: int | None = None, **engine_args: Any
+) -> None:
     """Make OpenRLHF's ``create_vllm_engines`` build LoRA engines served by lora_ipc (driver, before it).
 
     ``adapter`` is the name the policy publishes under (``lora_ipc.ray.publish``); extra keyword

@@ -57,13 +57,13 @@ def gather_lora_state(model: Any, adapter_name: str | None = None) -> tuple[dict
     for key, tensor in state.items():
         gathered = _full(tensor.detach())
         if rank == 0:
-            full[key] = gathered.clone() if gathered is tensor or gathered.data_ptr() == tensor.data_ptr() \
-                else gathered
+            full[key] = gathered.clone() if gathered is tensor or gathered.data_ptr() == tensor.data_ptr() else gathered
     return (full if rank == 0 else None), config_to_dict(model.peft_config[name])
 
 
-def publish_sharded(name: str, model: Any, *, publish: Callable[..., int] | None = None,
-                    adapter_name: str | None = None) -> int | None:
+def publish_sharded(
+    name: str, model: Any, *, publish: Callable[..., int] | None = None, adapter_name: str | None = None
+) -> int | None:
     """Gather ``model``'s LoRA state (every rank calls) and publish it from rank 0; rank 0 gets the version."""
     tensors, config = gather_lora_state(model, adapter_name)
     if tensors is None:

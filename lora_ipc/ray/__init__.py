@@ -18,5 +18,14 @@ from .load import load, served_version
 from .publish import publish
 from .relay_fleet import local_endpoint, relay_endpoints, start_relays, stop_relays
 
-__all__ = ["EngineLoadError", "ReplicationError", "load", "local_endpoint", "publish", "relay_endpoints",
-           "served_version", "start_relays", "stop_relays"]
+__all__ = [
+    "EngineLoadError",
+    "ReplicationError",
+    "load",
+    "local_endpoint",
+    "publish",
+    "relay_endpoints",
+    "served_version",
+    "start_relays",
+    "stop_relays",
+]

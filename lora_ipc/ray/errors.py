@@ -23,8 +23,15 @@ class EngineLoadError(LoraIpcError):
     as the worker raised; it crossed vLLM's RPC and Ray as a typed code), else None.
     """
 
-    def __init__(self, message: str, engine: int, actor: str, loaded: list[dict], error_type: str = "",
-                 error: LoraIpcError | None = None):
+    def __init__(
+        self,
+        message: str,
+        engine: int,
+        actor: str,
+        loaded: list[dict],
+        error_type: str = "",
+        error: LoraIpcError | None = None,
+    ):
         super().__init__(message)
         self.error = error
         self.engine = engine

@@ -22,8 +22,15 @@ def served_version(name: str) -> int:
     return max(common)
 
 
-def load(engines: Sequence, name: str, version: int | None = None, lora_int_id: int | None = None,
-         *, timeout_s: float | None = None, rpc: str | Callable = "collective_rpc") -> list[dict]:
+def load(
+    engines: Sequence,
+    name: str,
+    version: int | None = None,
+    lora_int_id: int | None = None,
+    *,
+    timeout_s: float | None = None,
+    rpc: str | Callable = "collective_rpc",
+) -> list[dict]:
     """Load ``name`` (``version``, default the newest every relay serves) into every engine actor.
 
     Each engine actor must forward ``collective_rpc(method, args=...)`` to its ``LLM``/``AsyncLLM``
@@ -72,8 +79,14 @@ def load(engines: Sequence, name: str, version: int | None = None, lora_int_id: 
         typed = carried(cause)
         error_type = type(typed).__name__ if typed is not None else type(cause).__name__
         why = str(typed) if typed is not None else _last_line(cause)
-        raise EngineLoadError(f"engine {i} (actor {actor}) failed to load {name} v{version}: {error_type}: {why}",
-                              i, actor, [r for r in results if r is not None], error_type, typed) from typed or cause
+        raise EngineLoadError(
+            f"engine {i} (actor {actor}) failed to load {name} v{version}: {error_type}: {why}",
+            i,
+            actor,
+            [r for r in results if r is not None],
+            error_type,
+            typed,
+        ) from typed or cause
     return results  # type: ignore[return-value]
 
 
@@ -91,19 +104,27 @@ def _call(engine, rpc, call):
         return rpc(engine, method, args)
     remote = getattr(engine, rpc, None)
     if remote is None or not hasattr(remote, "remote"):
-        raise NoSuchMethod(f"the engine actor has no method {rpc!r} to reach its workers "
-                            "(pass rpc='its name' or rpc=callable to lora_ipc.ray.load)")
+        raise NoSuchMethod(
+            f"the engine actor has no method {rpc!r} to reach its workers "
+            "(pass rpc='its name' or rpc=callable to lora_ipc.ray.load)"
+        )
     return remote.remote(method, args=args)
 
 
 def _entry(answer, name: str, version: int, lora_int_id: int | None) -> dict:
     if answer is None:  # the RPC ran on every worker (no exception) but hands nothing back
         return {"name": name, "version": version, "lora_int_id": lora_int_id, "workers": None}
-    if (isinstance(answer, (list, tuple)) and answer and all(isinstance(w, dict) for w in answer)
-            and {"name", "version", "lora_int_id"} <= set(answer[0])):
+    if (
+        isinstance(answer, (list, tuple))
+        and answer
+        and all(isinstance(w, dict) for w in answer)
+        and {"name", "version", "lora_int_id"} <= set(answer[0])
+    ):
         return {**answer[0], "workers": len(answer)}
-    raise UnreadableResult(f"the engine's RPC answered {type(answer).__name__} "
-                           f"{str(answer)[:120]!r}, not None nor one lora_ipc_load result per worker")
+    raise UnreadableResult(
+        f"the engine's RPC answered {type(answer).__name__} "
+        f"{str(answer)[:120]!r}, not None nor one lora_ipc_load result per worker"
+    )
 
 
 def _actor_id(engine) -> str:

@@ -48,8 +48,9 @@ def publish(name: str, adapter: Any, peft_config: Any = None, *, wait: bool = Tr
         forget_local_relay()
         raise
     if report.failed:
-        raise ReplicationError(f"{name} v{version} is not served on {len(report.failed)} node(s): {report.failed}",
-                               report.failed)
+        raise ReplicationError(
+            f"{name} v{version} is not served on {len(report.failed)} node(s): {report.failed}", report.failed
+        )
     return version
 
 

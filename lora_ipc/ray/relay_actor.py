@@ -50,9 +50,18 @@ def relay_handle(node_id: str):
 
 
 class Relay:
-    def __init__(self, node_id: str, *, keep: int = 2, device: str = "cpu", lease_timeout_s: float = 30.0,
-                 check_finite: bool = False, endpoint_dir: str | None = None, catch_up_timeout_s: float = 20.0,
-                 epoch: str | None = None):
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        keep: int = 2,
+        device: str = "cpu",
+        lease_timeout_s: float = 30.0,
+        check_finite: bool = False,
+        endpoint_dir: str | None = None,
+        catch_up_timeout_s: float = 20.0,
+        epoch: str | None = None,
+    ):
         here = ray.get_runtime_context().get_node_id()
         if here != node_id:  # node affinity is hard; this would mean two relays claim one node
             raise RuntimeError(f"relay for node {node_id} was placed on node {here}")
@@ -98,8 +107,13 @@ class Relay:
         self._ready.set()
         for handle in self._peers(cached=False).values():  # so they replicate to this relay from now on
             handle.forget_peers.remote()
-        log.info("relay %s serving on %s (restarted=%s, caught up %s)", self.node_id[:8], self.endpoint,
-                 self.restarted, self._caught_up)
+        log.info(
+            "relay %s serving on %s (restarted=%s, caught up %s)",
+            self.node_id[:8],
+            self.endpoint,
+            self.restarted,
+            self._caught_up,
+        )
 
     def _catch_up(self) -> None:
         """Copy, from the other relays, the newest version of each adapter they serve."""
@@ -107,8 +121,9 @@ class Relay:
         if not peers:
             return
         epochs = set()
-        for ref in ray.wait([h.epoch.remote() for h in peers], num_returns=len(peers),
-                            timeout=self._catch_up_timeout_s)[0]:
+        for ref in ray.wait(
+            [h.epoch.remote() for h in peers], num_returns=len(peers), timeout=self._catch_up_timeout_s
+        )[0]:
             try:
                 epochs.add(ray.get(ref))
             except ray.exceptions.RayError as exc:
@@ -116,8 +131,12 @@ class Relay:
         if len(epochs) == 1:
             self.store.epoch = epochs.pop()
         elif epochs:
-            log.warning("relay %s: peers serve under different epochs %s; keeping %s", self.node_id[:8],
-                        sorted(epochs), self.store.epoch)
+            log.warning(
+                "relay %s: peers serve under different epochs %s; keeping %s",
+                self.node_id[:8],
+                sorted(epochs),
+                self.store.epoch,
+            )
         refs = [h.newest_replicas.remote() for h in peers]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._catch_up_timeout_s)
         best: dict[str, tuple[ReplicaMeta, ray.ObjectRef]] = {}
@@ -137,9 +156,17 @@ class Relay:
     # ---- what Ray calls --------------------------------------------------------------------
 
     def info(self) -> dict:
-        return {"node_id": self.node_id, "endpoint": self.endpoint, "pid": os.getpid(), "device": str(self.device),
-                "restarted": self.restarted, "ready": self._ready.is_set() and not self._start_error,
-                "error": self._start_error, "caught_up": dict(self._caught_up), "epoch": self.store.epoch}
+        return {
+            "node_id": self.node_id,
+            "endpoint": self.endpoint,
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "restarted": self.restarted,
+            "ready": self._ready.is_set() and not self._start_error,
+            "error": self._start_error,
+            "caught_up": dict(self._caught_up),
+            "epoch": self.store.epoch,
+        }
 
     def epoch(self) -> str:
         return self.store.epoch
@@ -186,8 +213,9 @@ class Relay:
             with warnings.catch_warnings():  # read-only object-store memory: we only read it
                 warnings.simplefilter("ignore", UserWarning)
                 source = torch.from_numpy(data)
-            return self.store.publish_copy(meta.name, layout, meta.peft_config,
-                                           lambda dst: dst.copy_(source), self.device, version=meta.version)
+            return self.store.publish_copy(
+                meta.name, layout, meta.peft_config, lambda dst: dst.copy_(source), self.device, version=meta.version
+            )
 
     def replicate(self, name: str, version: int, timeout_s: float = 60.0) -> ReplicationReport:
         """Ship ``version`` of ``name`` to the relays of every other alive node; return when each serves it."""

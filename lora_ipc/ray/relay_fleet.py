@@ -19,8 +19,9 @@ _lock = threading.Lock()
 log = logging.getLogger("lora_ipc.ray")
 
 
-def start_relays(keep: int = 2, *, timeout_s: float = 120.0, actor_options: dict | None = None,
-                 **server_options) -> dict[str, str]:
+def start_relays(
+    keep: int = 2, *, timeout_s: float = 120.0, actor_options: dict | None = None, **server_options
+) -> dict[str, str]:
     """Start (idempotently) one relay per alive Ray node; return ``node_id -> ipc:// endpoint``.
 
     Each relay is a detached, restartable (``max_restarts=-1``) actor pinned to its node with hard
@@ -38,8 +39,14 @@ def start_relays(keep: int = 2, *, timeout_s: float = 120.0, actor_options: dict
     for node, handle in handles.items():
         if handle is None:
             options = dict(
-                name=relay_actor_name(node), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-                max_restarts=-1, max_task_retries=0, max_concurrency=RELAY_CONCURRENCY, num_cpus=0,
+                name=relay_actor_name(node),
+                namespace=NAMESPACE,
+                get_if_exists=True,
+                lifetime="detached",
+                max_restarts=-1,
+                max_task_retries=0,
+                max_concurrency=RELAY_CONCURRENCY,
+                num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
             )
             options.update(actor_options or {})

@@ -37,8 +37,9 @@ class ReplicaMeta(WireStruct, frozen=True):
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
             raise LayoutError(f"{self.name} v{self.version}: replica bytes must be a 1-D uint8 array")
         if data.nbytes != self.used_bytes:
-            raise LayoutError(f"{self.name} v{self.version}: {data.nbytes} bytes shipped, "
-                              f"layout says {self.used_bytes}")
+            raise LayoutError(
+                f"{self.name} v{self.version}: {data.nbytes} bytes shipped, layout says {self.used_bytes}"
+            )
         return SlabLayout.from_wire(self.entries, self.used_bytes, data.nbytes)
 
 

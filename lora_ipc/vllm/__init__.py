@@ -28,5 +28,12 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["AdapterURI", "LoraIpcTrainerInitInfo", "OfflineLLMClient", "WorkerExtension", "add_lora", "lora_int_id_for",
-           "lora_request"]
+__all__ = [
+    "AdapterURI",
+    "LoraIpcTrainerInitInfo",
+    "OfflineLLMClient",
+    "WorkerExtension",
+    "add_lora",
+    "lora_int_id_for",
+    "lora_request",
+]

@@ -40,8 +40,9 @@ def _executor_for(endpoint: str) -> ThreadPoolExecutor:
     with _lock:
         pool = _executors.get(key)
         if pool is None:
-            pool = _executors[key] = ThreadPoolExecutor(OWN_THREADS if own else SHARED_THREADS,
-                                                        thread_name_prefix=f"lora-ipc-{key}")
+            pool = _executors[key] = ThreadPoolExecutor(
+                OWN_THREADS if own else SHARED_THREADS, thread_name_prefix=f"lora-ipc-{key}"
+            )
         return pool
 
 

@@ -41,8 +41,16 @@ class UnsupportedVLLM(LoraIpcError):
 
 # What the loader passes to ``from_lora_tensors`` (by keyword) and where its value comes from in
 # ``_load_adapter``'s own call to ``from_local_checkpoint``.
-FROM_LORA_TENSORS_KWARGS = ("lora_model_id", "tensors", "peft_helper", "device", "dtype", "model_vocab_size",
-                            "weights_mapper", "skip_prefixes")
+FROM_LORA_TENSORS_KWARGS = (
+    "lora_model_id",
+    "tensors",
+    "peft_helper",
+    "device",
+    "dtype",
+    "model_vocab_size",
+    "weights_mapper",
+    "skip_prefixes",
+)
 # ``from_local_checkpoint`` keywords that only concern reading files (nothing to mirror) ...
 DISK_ONLY_KWARGS = frozenset({"lora_dir", "expected_lora_modules", "tensorizer_config_dict"})
 # ... and those the loader handles itself (``moe_ep_spec``: it refuses expert-parallel MoE adapters).
@@ -60,11 +68,28 @@ UTILS = {"parse_fine_tuned_lora_name": ("name", "weights_mapper"), "is_base_embe
 
 # The refit backend (``weight_transfer.py``) subclasses vLLM's weight-transfer engines and is
 # registered in its factories by module path. What it imports from ``vllm.distributed.weight_transfer.base``:
-REFIT_BASE_NAMES = frozenset({"TrainerInitInfo", "TrainerWeightTransferEngine", "VLLMWeightSyncClient", "WeightSource",
-                              "WeightTransferEngine", "WeightTransferInitInfo", "WeightTransferUpdateInfo"})
+REFIT_BASE_NAMES = frozenset(
+    {
+        "TrainerInitInfo",
+        "TrainerWeightTransferEngine",
+        "VLLMWeightSyncClient",
+        "WeightSource",
+        "WeightTransferEngine",
+        "WeightTransferInitInfo",
+        "WeightTransferUpdateInfo",
+    }
+)
 REFIT_ENGINE_INIT = ("config", "vllm_config", "device", "model")  # super().__init__(...), positionally
-REFIT_ENGINE_METHODS = frozenset({"parse_init_info", "init_transfer_engine", "start_weight_update", "receive_weights",
-                                  "finish_weight_update", "shutdown"})  # what the worker engine defines
+REFIT_ENGINE_METHODS = frozenset(
+    {
+        "parse_init_info",
+        "init_transfer_engine",
+        "start_weight_update",
+        "receive_weights",
+        "finish_weight_update",
+        "shutdown",
+    }
+)  # what the worker engine defines
 REFIT_ENGINE_INHERITED = frozenset({"update_weights", "reset_weight_update_target"})  # what it relies on the base for
 REFIT_TRAINER_KWARGS = ("client", "source", "is_sender")  # super().__init__(client=, source=, is_sender=[, config])
 REFIT_TRAINER_METHODS = frozenset({"trainer_init", "send_weights", "shutdown"})
@@ -86,19 +111,23 @@ class Params:
         return self.var_keyword or name in self.names
 
     def __str__(self) -> str:
-        return "(" + ", ".join(n if n in self.required else f"{n}=…" for n in self.names) + \
-            (", **kwargs" if self.var_keyword else "") + ")"
+        return (
+            "("
+            + ", ".join(n if n in self.required else f"{n}=…" for n in self.names)
+            + (", **kwargs" if self.var_keyword else "")
+            + ")"
+        )
 
 
 @dataclass
 class LoadAdapterBody:
     """What ``_load_adapter`` does, read from its source."""
 
-    checkpoint_kwargs: frozenset[str] = frozenset()   # keywords of its from_local_checkpoint call
+    checkpoint_kwargs: frozenset[str] = frozenset()  # keywords of its from_local_checkpoint call
     checkpoint_call_found: bool = False
-    worker_attrs: frozenset[str] = frozenset()        # self.<attr> it reads
-    manager_attrs: frozenset[str] = frozenset()       # self._adapter_manager.<attr> it reads
-    validations: tuple[str, ...] = ()                 # self._adapter_manager._validate_*(lora) it calls
+    worker_attrs: frozenset[str] = frozenset()  # self.<attr> it reads
+    manager_attrs: frozenset[str] = frozenset()  # self._adapter_manager.<attr> it reads
+    validations: tuple[str, ...] = ()  # self._adapter_manager._validate_*(lora) it calls
 
 
 @dataclass
@@ -109,9 +138,9 @@ class RefitSurface:
     present: bool = False
     base_names: frozenset[str] = frozenset()
     engine_init: Params | None = None
-    engine_methods: frozenset[str] = frozenset()     # methods WeightTransferEngine defines
-    engine_abstract: frozenset[str] = frozenset()    # ... of which abstract
-    trainer_init: Params | None = None               # TrainerWeightTransferEngine.__init__
+    engine_methods: frozenset[str] = frozenset()  # methods WeightTransferEngine defines
+    engine_abstract: frozenset[str] = frozenset()  # ... of which abstract
+    trainer_init: Params | None = None  # TrainerWeightTransferEngine.__init__
     trainer_abstract: frozenset[str] = frozenset()
     register_engine: dict[str, Params] = field(default_factory=dict)  # factory -> register_engine params
     loader_read: bool = False  # the two below were looked for (the worker side reads them: heavy imports)
@@ -119,10 +148,13 @@ class RefitSurface:
     mtp_check: bool = False
 
     def summary(self) -> dict:
-        return {"present": self.present, "WeightTransferEngine.__init__": str(self.engine_init),
-                "TrainerWeightTransferEngine.__init__": str(self.trainer_init),
-                "abstract": sorted(self.engine_abstract | self.trainer_abstract),
-                "register_engine": {k: str(v) for k, v in self.register_engine.items()}}
+        return {
+            "present": self.present,
+            "WeightTransferEngine.__init__": str(self.engine_init),
+            "TrainerWeightTransferEngine.__init__": str(self.trainer_init),
+            "abstract": sorted(self.engine_abstract | self.trainer_abstract),
+            "register_engine": {k: str(v) for k, v in self.register_engine.items()},
+        }
 
 
 @dataclass
@@ -133,9 +165,9 @@ class VLLMSurface:
     version: str | None = None
     load_adapter: Params | None = None
     load_adapter_body: LoadAdapterBody | None = None
-    add_adapter: dict[str, Params] = field(default_factory=dict)   # class name -> add_adapter params
+    add_adapter: dict[str, Params] = field(default_factory=dict)  # class name -> add_adapter params
     list_adapters: bool = False
-    worker_init_attrs: frozenset[str] = frozenset()   # self.<attr> set in WorkerLoRAManager.__init__
+    worker_init_attrs: frozenset[str] = frozenset()  # self.<attr> set in WorkerLoRAManager.__init__
     from_lora_tensors: Params | None = None
     lora_model_module: str | None = None
     peft_helper_methods: frozenset[str] = frozenset()
@@ -154,12 +186,16 @@ class VLLMSurface:
         """A plain description, for diffs between versions and for reports."""
         body = self.load_adapter_body or LoadAdapterBody()
         return {
-            "_load_adapter": str(self.load_adapter), "add_adapter": {k: str(v) for k, v in self.add_adapter.items()},
+            "_load_adapter": str(self.load_adapter),
+            "add_adapter": {k: str(v) for k, v in self.add_adapter.items()},
             "from_lora_tensors": f"{self.lora_model_module}.LoRAModel.from_lora_tensors{self.from_lora_tensors}",
             "from_local_checkpoint kwargs": sorted(body.checkpoint_kwargs),
-            "_load_adapter reads": sorted(body.worker_attrs), "_adapter_manager reads": sorted(body.manager_attrs),
-            "validations": list(body.validations), "PEFTHelper": sorted(self.peft_helper_methods),
-            "utils": {k: str(v) for k, v in self.utils.items()}, "LoRARequest": sorted(self.lora_request_fields),
+            "_load_adapter reads": sorted(body.worker_attrs),
+            "_adapter_manager reads": sorted(body.manager_attrs),
+            "validations": list(body.validations),
+            "PEFTHelper": sorted(self.peft_helper_methods),
+            "utils": {k: str(v) for k, v in self.utils.items()},
+            "LoRARequest": sorted(self.lora_request_fields),
             **{f"refit {k}": v for k, v in self.refit.summary().items()},
         }
 
@@ -171,19 +207,25 @@ def problems(s: VLLMSurface) -> list[str]:
         return ["vllm.lora.worker_manager.WorkerLoRAManager._load_adapter not found"]
     la = s.load_adapter
     if not la.positional or la.required - {la.positional[0]}:
-        out.append(f"WorkerLoRAManager._load_adapter{la}: expected (lora_request) (the wrapper calls it with one "
-                   "positional request)")
+        out.append(
+            f"WorkerLoRAManager._load_adapter{la}: expected (lora_request) (the wrapper calls it with one "
+            "positional request)"
+        )
     body = s.load_adapter_body
     if body is None:
-        out.append("the source of WorkerLoRAManager._load_adapter could not be read (nothing to check the loader's "
-                   "mirror of it against)")
+        out.append(
+            "the source of WorkerLoRAManager._load_adapter could not be read (nothing to check the loader's "
+            "mirror of it against)"
+        )
     else:
         if not body.checkpoint_call_found:
             out.append("WorkerLoRAManager._load_adapter no longer calls from_local_checkpoint(...)")
         unknown = body.checkpoint_kwargs - set(FROM_LORA_TENSORS_KWARGS) - DISK_ONLY_KWARGS - HANDLED_KWARGS
         if unknown:
-            out.append(f"_load_adapter passes {sorted(unknown)} to from_local_checkpoint; lora_ipc's loader does not "
-                       "mirror them")
+            out.append(
+                f"_load_adapter passes {sorted(unknown)} to from_local_checkpoint; lora_ipc's loader does not "
+                "mirror them"
+            )
         if missing := WORKER_ATTRS - body.worker_attrs:
             out.append(f"_load_adapter no longer reads self.{sorted(missing)} (renamed?); the loader does")
         if missing := MANAGER_ATTRS - body.manager_attrs:
@@ -213,7 +255,7 @@ def problems(s: VLLMSurface) -> list[str]:
         found = s.utils.get(name)
         if found is None:
             out.append(f"vllm.lora.utils.{name} not found")
-        elif found.positional[:len(expected)] != expected or found.required - set(expected):
+        elif found.positional[: len(expected)] != expected or found.required - set(expected):
             out.append(f"vllm.lora.utils.{name}{found}: expected ({', '.join(expected)})")
     if missing := LORA_REQUEST_FIELDS - s.lora_request_fields:
         out.append(f"LoRARequest has no field(s) {sorted(missing)}")
@@ -233,7 +275,8 @@ def require_compatible(surface: VLLMSurface | None = None) -> VLLMSurface:
             f"lora_ipc cannot hook vLLM {surface.version or '?'} ({surface.where}) safely:\n  - "
             + "\n  - ".join(found)
             + "\nUpgrade or downgrade lora_ipc or vLLM (docs/vllm-versions.md: versions tested), "
-            "or run vLLM without lora_ipc's plugin (VLLM_PLUGINS=<the other plugins>, or uninstall lora-ipc).")
+            "or run vLLM without lora_ipc's plugin (VLLM_PLUGINS=<the other plugins>, or uninstall lora-ipc)."
+        )
     return surface
 
 
@@ -249,9 +292,11 @@ def refit_problems(r: RefitSurface) -> list[str]:
     ei = r.engine_init
     if ei is None:
         out.append(f"{where}.WeightTransferEngine.__init__ not found")
-    elif ei.positional[:len(REFIT_ENGINE_INIT)] != REFIT_ENGINE_INIT or ei.required - set(REFIT_ENGINE_INIT):
-        out.append(f"WeightTransferEngine.__init__{ei}: expected ({', '.join(REFIT_ENGINE_INIT)}), which the "
-                   "lora_ipc engine passes on")
+    elif ei.positional[: len(REFIT_ENGINE_INIT)] != REFIT_ENGINE_INIT or ei.required - set(REFIT_ENGINE_INIT):
+        out.append(
+            f"WeightTransferEngine.__init__{ei}: expected ({', '.join(REFIT_ENGINE_INIT)}), which the "
+            "lora_ipc engine passes on"
+        )
     if unknown := r.engine_abstract - REFIT_ENGINE_METHODS:
         out.append(f"WeightTransferEngine has abstract methods {sorted(unknown)} the lora_ipc engine does not define")
     if missing := REFIT_ENGINE_INHERITED - r.engine_methods:
@@ -263,11 +308,15 @@ def refit_problems(r: RefitSurface) -> list[str]:
         if not_accepted := [k for k in REFIT_TRAINER_KWARGS if not ti.accepts(k)]:
             out.append(f"TrainerWeightTransferEngine.__init__{ti} does not accept {not_accepted}")
         if required := sorted(ti.required - set(REFIT_TRAINER_KWARGS) - {"config"}):
-            out.append(f"TrainerWeightTransferEngine.__init__{ti} requires {required}, which the lora_ipc trainer "
-                       "engine does not pass")
+            out.append(
+                f"TrainerWeightTransferEngine.__init__{ti} requires {required}, which the lora_ipc trainer "
+                "engine does not pass"
+            )
     if unknown := r.trainer_abstract - REFIT_TRAINER_METHODS:
-        out.append(f"TrainerWeightTransferEngine has abstract methods {sorted(unknown)} the lora_ipc trainer engine "
-                   "does not define")
+        out.append(
+            f"TrainerWeightTransferEngine has abstract methods {sorted(unknown)} the lora_ipc trainer engine "
+            "does not define"
+        )
     for factory in REFIT_FACTORIES:
         params = r.register_engine.get(factory)
         if params is None:
@@ -285,8 +334,11 @@ def require_refit_compatible(surface: RefitSurface | None = None, loader: bool =
     """This vLLM's weight-transfer surface, or :class:`UnsupportedVLLM` naming every difference (also when
     this vLLM has no weight-transfer framework at all: the refit backend has nothing to plug into)."""
     r = surface or refit_surface_from_runtime(loader)
-    found = refit_problems(r) if r.present else ["vllm.distributed.weight_transfer (the weight-transfer framework) "
-                                                  "not found"]
+    found = (
+        refit_problems(r)
+        if r.present
+        else ["vllm.distributed.weight_transfer (the weight-transfer framework) not found"]
+    )
     if found:
         import vllm
 
@@ -294,7 +346,8 @@ def require_refit_compatible(surface: RefitSurface | None = None, loader: bool =
             f"lora_ipc's refit backend cannot plug into vLLM {getattr(vllm, '__version__', '?')}:\n  - "
             + "\n  - ".join(found)
             + "\nUpgrade or downgrade lora_ipc or vLLM (docs/vllm-versions.md: versions tested). The LoRA plugin "
-            "does not depend on it.")
+            "does not depend on it."
+        )
     return r
 
 
@@ -316,8 +369,12 @@ def checked_refit_surface(loader: bool = False) -> RefitSurface:
 
 
 def _is_self_attr(node: ast.AST, attr: str | None = None) -> TypeGuard[ast.Attribute]:
-    return (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
-            and (attr is None or node.attr == attr))
+    return (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+        and (attr is None or node.attr == attr)
+    )
 
 
 def read_load_adapter(fn: FunctionNode) -> LoadAdapterBody:
@@ -331,7 +388,7 @@ def read_load_adapter(fn: FunctionNode) -> LoadAdapterBody:
             if node.func.attr == "from_local_checkpoint":
                 found = True
                 kwargs.update(k.arg for k in node.keywords if k.arg)
-            elif (_is_self_attr(node.func.value, "_adapter_manager") and node.func.attr.startswith("_validate")):
+            elif _is_self_attr(node.func.value, "_adapter_manager") and node.func.attr.startswith("_validate"):
                 validations.append(node.func.attr)
         if isinstance(node, ast.Attribute):
             if _is_self_attr(node):
@@ -339,15 +396,17 @@ def read_load_adapter(fn: FunctionNode) -> LoadAdapterBody:
             elif _is_self_attr(node.value, "_adapter_manager"):
                 manager_attrs.add(node.attr)
     manager_attrs -= set(validations)
-    return LoadAdapterBody(frozenset(kwargs), found, frozenset(worker_attrs), frozenset(manager_attrs),
-                           tuple(dict.fromkeys(validations)))
+    return LoadAdapterBody(
+        frozenset(kwargs), found, frozenset(worker_attrs), frozenset(manager_attrs), tuple(dict.fromkeys(validations))
+    )
 
 
 def _self_assignments(fn: FunctionNode) -> frozenset[str]:
     names: set[str] = set()
     for node in ast.walk(fn):
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
-            if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
         names.update(t.attr for t in targets if _is_self_attr(t))
     return frozenset(names)
 
@@ -366,12 +425,13 @@ def _parse_function(fn) -> FunctionNode | None:
 
 def params_of(fn, drop_first: bool) -> Params:
     sig = inspect.signature(inspect.unwrap(fn))
-    ps = list(sig.parameters.values())[1 if drop_first else 0:]
+    ps = list(sig.parameters.values())[1 if drop_first else 0 :]
     kinds = inspect.Parameter
     names = tuple(p.name for p in ps if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD))
     positional = tuple(p.name for p in ps if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD))
-    required = frozenset(p.name for p in ps if p.default is p.empty
-                         and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD))
+    required = frozenset(
+        p.name for p in ps if p.default is p.empty and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
+    )
     return Params(names, positional, required, any(p.kind is kinds.VAR_KEYWORD for p in ps))
 
 
@@ -413,8 +473,11 @@ def surface_from_runtime() -> VLLMSurface:
     if callable(getattr(worker, "_load_adapter", None)):
         node = _own_load_adapter(wm, worker)
         replaced = getattr(inspect.unwrap(worker._load_adapter), "__module__", None) != wm.__name__
-        s.load_adapter = _params_from_ast(node, drop_first=True) if replaced and node is not None \
+        s.load_adapter = (
+            _params_from_ast(node, drop_first=True)
+            if replaced and node is not None
             else params_of(worker._load_adapter, drop_first=True)
+        )
         s.load_adapter_body = read_load_adapter(node) if node is not None else None
     init = _parse_function(worker.__init__)
     s.worker_init_attrs = _self_assignments(init) if init is not None else frozenset()
@@ -430,15 +493,19 @@ def surface_from_runtime() -> VLLMSurface:
         from vllm.lora.peft_helper import PEFTHelper
 
         s.peft_helper_methods = frozenset(m for m in PEFT_HELPER_METHODS if callable(getattr(PEFTHelper, m, None)))
-        s.peft_helper_fields = frozenset(f.name for f in dataclasses.fields(PEFTHelper)) \
-            if dataclasses.is_dataclass(PEFTHelper) else frozenset()
+        s.peft_helper_fields = (
+            frozenset(f.name for f in dataclasses.fields(PEFTHelper))
+            if dataclasses.is_dataclass(PEFTHelper)
+            else frozenset()
+        )
     except ImportError:  # left empty: problems() names it as missing
         pass
     try:
         from vllm.lora import utils
 
-        s.utils = {n: params_of(getattr(utils, n), drop_first=False)
-                   for n in UTILS if callable(getattr(utils, n, None))}
+        s.utils = {
+            n: params_of(getattr(utils, n), drop_first=False) for n in UTILS if callable(getattr(utils, n, None))
+        }
     except ImportError:  # left empty: problems() names it as missing
         pass
     try:
@@ -491,8 +558,10 @@ def refit_surface_from_runtime(loader: bool = True) -> RefitSurface:
     if not loader:
         return r
     r.loader_read = True
-    for module, names, attr in (("vllm.model_executor.model_loader.reload", REFIT_RELOAD, "reload_names"),
-                                ("vllm.model_executor.model_loader.mtp_validation", {REFIT_MTP}, "mtp_check")):
+    for module, names, attr in (
+        ("vllm.model_executor.model_loader.reload", REFIT_RELOAD, "reload_names"),
+        ("vllm.model_executor.model_loader.mtp_validation", {REFIT_MTP}, "mtp_check"),
+    ):
         try:
             found = frozenset(n for n in names if callable(getattr(importlib.import_module(module), n, None)))
         except ImportError:  # reported as missing by refit_problems
@@ -521,8 +590,9 @@ def _decorators(fn: FunctionNode) -> set[str]:
 
 
 def _method(cls: ast.ClassDef, name: str) -> FunctionNode | None:
-    return next((n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name),
-                None)
+    return next(
+        (n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name), None
+    )
 
 
 def _method_params(cls: ast.ClassDef, name: str) -> Params | None:
@@ -538,7 +608,7 @@ def _top_level(tree: ast.Module) -> dict[str, ast.AST]:
         if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
             out[node.name] = node
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
                 if isinstance(t, ast.Name):
                     out[t.id] = node
     return out
@@ -574,18 +644,21 @@ def surface_from_source(root: str | Path, version: str | None = None) -> VLLMSur
     helper = modules.get("peft_helper", {}).get("PEFTHelper")
     if isinstance(helper, ast.ClassDef):
         s.peft_helper_methods = frozenset(m for m in PEFT_HELPER_METHODS if _method(helper, m) is not None)
-        s.peft_helper_fields = frozenset(n.target.id for n in helper.body
-                                         if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
+        s.peft_helper_fields = frozenset(
+            n.target.id for n in helper.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+        )
     for name in UTILS:
         util = modules.get("utils", {}).get(name)
         if isinstance(util, ast.FunctionDef):
             s.utils[name] = _params_from_ast(util, drop_first=False)
     request = modules.get("request", {}).get("LoRARequest")
     if isinstance(request, ast.ClassDef):
-        s.lora_request_is_struct = any((getattr(b, "attr", None) or getattr(b, "id", None)) == "Struct"
-                                       for b in request.bases)
-        s.lora_request_fields = frozenset(n.target.id for n in request.body
-                                          if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
+        s.lora_request_is_struct = any(
+            (getattr(b, "attr", None) or getattr(b, "id", None)) == "Struct" for b in request.bases
+        )
+        s.lora_request_fields = frozenset(
+            n.target.id for n in request.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+        )
     s.resolver_names = frozenset(modules.get("resolver", {}))
     s.refit = refit_surface_from_source(root)
     return s
@@ -599,8 +672,11 @@ def _parse_module(path: Path) -> dict[str, ast.AST] | None:
 
 
 def _ast_abstract(cls: ast.ClassDef) -> frozenset[str]:
-    return frozenset(n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-                     and "abstractmethod" in _decorators(n))
+    return frozenset(
+        n.name
+        for n in cls.body
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and "abstractmethod" in _decorators(n)
+    )
 
 
 def _exported(tree: dict[str, ast.AST], path: Path) -> frozenset[str]:
@@ -628,8 +704,9 @@ def refit_surface_from_source(root: str | Path) -> RefitSurface:
     engine, trainer = base.get("WeightTransferEngine"), base.get("TrainerWeightTransferEngine")
     if isinstance(engine, ast.ClassDef):
         r.engine_init = _method_params(engine, "__init__")
-        r.engine_methods = frozenset(n.name for n in engine.body if isinstance(n, (ast.FunctionDef,
-                                                                                   ast.AsyncFunctionDef)))
+        r.engine_methods = frozenset(
+            n.name for n in engine.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+        )
         r.engine_abstract = _ast_abstract(engine)
     if isinstance(trainer, ast.ClassDef):
         r.trainer_init = _method_params(trainer, "__init__")

@@ -23,6 +23,7 @@ from .uri import AdapterURI
 
 log = logging.getLogger("lora_ipc.vllm")
 
+
 def expected_lora_modules(adapter_manager: Any) -> set[str]:
     """The module names vLLM's own loader accepts (same computation as ``_load_adapter``)."""
     packed = adapter_manager.packed_modules_mapping
@@ -51,7 +52,7 @@ def unexpected_modules(tensor_names, expected: set[str], peft_helper, weights_ma
             bad.append(name)
             continue
         if ".experts" in module_name:
-            if module_name[module_name.find(".experts") + 1:] not in expected:
+            if module_name[module_name.find(".experts") + 1 :] not in expected:
                 bad.append(module_name)
         elif module_name.rsplit(".", 1)[-1] not in expected | keep_full:
             bad.append(module_name)
@@ -76,11 +77,13 @@ def load_adapter(worker_manager: Any, lora_request: Any):
     source = "kept copy" if adapter is not None else "exporter"
     if adapter is None:  # only a version this worker never loaded (or no longer keeps) is fetched
         adapter = with_shared_client(
-            uri.endpoint, lambda client: client.fetch(uri.name, uri.version, device=device, epoch=uri.epoch,
-                                        max_bytes=fetch_bound(worker_manager)))
+            uri.endpoint,
+            lambda client: client.fetch(
+                uri.name, uri.version, device=device, epoch=uri.epoch, max_bytes=fetch_bound(worker_manager)
+            ),
+        )
     # vLLM scales lora_b in place when it activates an adapter: it gets copies of what is kept
-    tensors = {k: t.to(device, copy=True) for k, t in adapter.tensors.items()} if key is not None \
-        else adapter.tensors
+    tensors = {k: t.to(device, copy=True) for k, t in adapter.tensors.items()} if key is not None else adapter.tensors
 
     config = dict(adapter.peft_config)
     config["vllm_max_position_embeddings"] = getattr(worker_manager, "max_position_embeddings", None)
@@ -101,21 +104,38 @@ def load_adapter(worker_manager: Any, lora_request: Any):
     if bad:
         raise AdapterRejected(
             f"{uri.name} v{adapter.version}: modules {sorted(set(bad))[:8]} are not LoRA targets of this "
-            f"model (expected modules: {sorted(expected)})")
+            f"model (expected modules: {sorted(expected)})"
+        )
 
     lora_cls = getattr(worker_manager, "_lora_model_cls", None) or lora_model_class()
     lora = lora_cls.from_lora_tensors(
-        lora_model_id=lora_request.lora_int_id, tensors=tensors, peft_helper=peft_helper,
-        device=str(device), dtype=worker_manager.lora_config.lora_dtype, model_vocab_size=worker_manager.vocab_size,
-        weights_mapper=mapper, skip_prefixes=skip_prefixes,
+        lora_model_id=lora_request.lora_int_id,
+        tensors=tensors,
+        peft_helper=peft_helper,
+        device=str(device),
+        dtype=worker_manager.lora_config.lora_dtype,
+        model_vocab_size=worker_manager.vocab_size,
+        weights_mapper=mapper,
+        skip_prefixes=skip_prefixes,
     )
     lora.is_3d_lora_weight = getattr(lora_request, "is_3d_lora_weight", False)
     for check in surface.validations:  # the same post-load checks vLLM's _load_adapter runs
         getattr(adapter_manager, check)(lora)
     if key is not None and source == "exporter":  # kept in host memory, outside what vLLM budgets on a GPU
-        kept.put(key, adapter if all(t.device.type == "cpu" for t in adapter.tensors.values()) else
-                 Adapter(adapter.name, adapter.version, {k: t.cpu() for k, t in adapter.tensors.items()},
-                         adapter.peft_config))
-    log.info("loaded %s v%d as LoRA id %d from the %s in %.2f ms", uri.name, adapter.version,
-             lora_request.lora_int_id, source, (time.perf_counter() - started) * 1e3)
+        kept.put(
+            key,
+            adapter
+            if all(t.device.type == "cpu" for t in adapter.tensors.values())
+            else Adapter(
+                adapter.name, adapter.version, {k: t.cpu() for k, t in adapter.tensors.items()}, adapter.peft_config
+            ),
+        )
+    log.info(
+        "loaded %s v%d as LoRA id %d from the %s in %.2f ms",
+        uri.name,
+        adapter.version,
+        lora_request.lora_int_id,
+        source,
+        (time.perf_counter() - started) * 1e3,
+    )
     return lora

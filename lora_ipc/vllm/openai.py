@@ -23,8 +23,12 @@ from .request import resolve
 from .resolver import FOLLOWING
 from .uri import AdapterURI
 
-STATUS_OF = {AdapterNotFound: HTTPStatus.NOT_FOUND, VersionNotFound: HTTPStatus.NOT_FOUND,
-             BadAdapterURI: HTTPStatus.BAD_REQUEST, ExporterUnavailable: HTTPStatus.SERVICE_UNAVAILABLE}
+STATUS_OF = {
+    AdapterNotFound: HTTPStatus.NOT_FOUND,
+    VersionNotFound: HTTPStatus.NOT_FOUND,
+    BadAdapterURI: HTTPStatus.BAD_REQUEST,
+    ExporterUnavailable: HTTPStatus.SERVICE_UNAVAILABLE,
+}
 
 
 def status_of(exc: LoraIpcError) -> HTTPStatus:
@@ -95,8 +99,14 @@ async def _refresh(models, model_name: str):
         return None
     follows = FOLLOWING.get(entry.lora_path) == model_name  # a bare name: the newest version
     try:
-        version, epoch = await api_io.call(uri.endpoint, resolve, uri.name, uri.endpoint,
-                                           None if follows else uri.version, None if follows else uri.epoch)
+        version, epoch = await api_io.call(
+            uri.endpoint,
+            resolve,
+            uri.name,
+            uri.endpoint,
+            None if follows else uri.version,
+            None if follows else uri.epoch,
+        )
         at_exporter = True
     except LoraIpcError as exc:
         if follows and isinstance(exc, AdapterNotFound):
@@ -121,8 +131,9 @@ async def _refresh(models, model_name: str):
         return None
     if models.lora_requests.get(model_name) is entry:
         models.lora_requests.pop(model_name, None)
-    return _error(HTTPStatus.NOT_FOUND, f"{model_name!r} ({entry.lora_path}) can no longer be served: {reason}",
-                  "model")
+    return _error(
+        HTTPStatus.NOT_FOUND, f"{model_name!r} ({entry.lora_path}) can no longer be served: {reason}", "model"
+    )
 
 
 def check_model_wrapper(original):

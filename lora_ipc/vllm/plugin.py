@@ -101,7 +101,8 @@ def guard(manager) -> None:
     except AttributeError:
         raise LoaderBypassed(
             f"lora-ipc:// adapters cannot reach lora_ipc's loader in {type(manager).__qualname__}: its "
-            f"_load_adapter is {_class_loader_name(manager)} and the manager has no instance dict") from None
+            f"_load_adapter is {_class_loader_name(manager)} and the manager has no instance dict"
+        ) from None
 
 
 def _init_wrapper(original):
@@ -130,9 +131,12 @@ def _add_adapter_wrapper(original):
         guard(self)  # a manager whose class's __init__ did not run ours (a subclass's own __init__)
         if AdapterURI.matches(getattr(lora_request, "lora_path", None)):
             _touch_kept(self, lora_request.lora_path)
-        if (getattr(lora_request, "load_inplace", False) and AdapterURI.matches(lora_request.lora_path)
-                and lora_request.lora_int_id in self.list_adapters()
-                and loaded_paths(self).get(lora_request.lora_int_id) == lora_request.lora_path):
+        if (
+            getattr(lora_request, "load_inplace", False)
+            and AdapterURI.matches(lora_request.lora_path)
+            and lora_request.lora_int_id in self.list_adapters()
+            and loaded_paths(self).get(lora_request.lora_int_id) == lora_request.lora_path
+        ):
             import msgspec
 
             lora_request = msgspec.structs.replace(lora_request, load_inplace=False)
@@ -148,10 +152,15 @@ def _install_openai_check() -> None:
     from .openai import check_model_wrapper, check_wrapper
 
     for module, cls_name, attr, wrapper in (
-            ("vllm.entrypoints.openai.models.serving", "OpenAIServingModels", "_check_load_lora_adapter_request",
-             check_wrapper),
-            ("vllm.entrypoints.serve.engine.serving", "BaseServing", "_check_model", check_model_wrapper),
-            ("vllm.entrypoints.pooling.base.serving", "PoolingBaseServing", "_check_model", check_model_wrapper)):
+        (
+            "vllm.entrypoints.openai.models.serving",
+            "OpenAIServingModels",
+            "_check_load_lora_adapter_request",
+            check_wrapper,
+        ),
+        ("vllm.entrypoints.serve.engine.serving", "BaseServing", "_check_model", check_model_wrapper),
+        ("vllm.entrypoints.pooling.base.serving", "PoolingBaseServing", "_check_model", check_model_wrapper),
+    ):
         try:
             cls = getattr(importlib.import_module(module), cls_name)
         except (ImportError, AttributeError):
@@ -182,13 +191,19 @@ def register_weight_transfer() -> bool:
         except ImportError:  # a vLLM without the weight-transfer framework: nothing to register into
             return False
         module = "lora_ipc.vllm.weight_transfer"
-        for factory, cls_name in ((WeightTransferEngineFactory, "LoraIpcWeightTransferEngine"),
-                                  (WeightTransferTrainerFactory, "LoraIpcTrainerWeightTransferEngine")):
+        for factory, cls_name in (
+            (WeightTransferEngineFactory, "LoraIpcWeightTransferEngine"),
+            (WeightTransferTrainerFactory, "LoraIpcTrainerWeightTransferEngine"),
+        ):
             try:
                 factory.register_engine(BACKEND, module, cls_name)
             except ValueError as exc:  # the name is taken, not by this process's lora_ipc (it registers once)
-                log.warning("%s: the %r backend was registered by someone else; left as it is (%s)",
-                            factory.__name__, BACKEND, exc)
+                log.warning(
+                    "%s: the %r backend was registered by someone else; left as it is (%s)",
+                    factory.__name__,
+                    BACKEND,
+                    exc,
+                )
         _registered = True
         return True
 

@@ -24,8 +24,10 @@ def resolve(name: str, endpoint: str, version: int | None, epoch: str | None = N
     catalog = with_shared_client(endpoint, lambda client: client.catalog())
     versions: list[int] = next((a.versions for a in catalog.adapters if a.name == name), [])
     if epoch is not None and version is not None and catalog.epoch != epoch:
-        raise StaleEpoch(f"{name!r} v{version} of epoch {epoch} is gone: {endpoint} now serves epoch "
-                         f"{catalog.epoch or '?'} (it restarted; its version numbers started again)")
+        raise StaleEpoch(
+            f"{name!r} v{version} of epoch {epoch} is gone: {endpoint} now serves epoch "
+            f"{catalog.epoch or '?'} (it restarted; its version numbers started again)"
+        )
     if not versions:
         raise AdapterNotFound(f"no adapter named {name!r} at {endpoint}")
     if version is None:
@@ -39,8 +41,9 @@ def resolve_version(name: str, endpoint: str, version: int | None, epoch: str | 
     return resolve(name, endpoint, version, epoch)[0]
 
 
-def lora_request(name: str, endpoint: str | None = None, version: int | None = None,
-                 lora_int_id: int | None = None, **kwargs):
+def lora_request(
+    name: str, endpoint: str | None = None, version: int | None = None, lora_int_id: int | None = None, **kwargs
+):
     """A ``LoRARequest`` whose ``lora_path`` is ``lora-ipc://name/v<version>?endpoint=…``.
 
     The version (newest when omitted) is resolved now and pinned in the path with the exporter's
@@ -56,13 +59,18 @@ def lora_request(name: str, endpoint: str | None = None, version: int | None = N
     version, epoch = resolve(name, endpoint, version)
     uri = str(AdapterURI(name, version, endpoint, epoch or None))
     if lora_int_id is None:
-        return LoRARequest(lora_name=f"{name}@v{version}", lora_int_id=lora_int_id_for(name, version, epoch or None),
-                           lora_path=uri, **kwargs)
+        return LoRARequest(
+            lora_name=f"{name}@v{version}",
+            lora_int_id=lora_int_id_for(name, version, epoch or None),
+            lora_path=uri,
+            **kwargs,
+        )
     return LoRARequest(lora_name=name, lora_int_id=lora_int_id, lora_path=uri, load_inplace=True, **kwargs)
 
 
-def add_lora(llm, name: str, endpoint: str | None = None, version: int | None = None,
-             lora_int_id: int | None = None, **kwargs):
+def add_lora(
+    llm, name: str, endpoint: str | None = None, version: int | None = None, lora_int_id: int | None = None, **kwargs
+):
     """Load an adapter version into an offline ``vllm.LLM`` now and return its ``LoRARequest``.
 
     Errors (unknown module names, rank above ``max_lora_rank``, a missing version, a gone exporter)

@@ -57,8 +57,9 @@ class LoraIpcResolver(LoRAResolver):
         path = str(AdapterURI(name, version, self.endpoint, epoch or None))
         if pinned is None:
             FOLLOWING.put(path, lora_name)
-        return LoRARequest(lora_name=lora_name, lora_int_id=lora_int_id_for(name, version, epoch or None),
-                           lora_path=path)
+        return LoRARequest(
+            lora_name=lora_name, lora_int_id=lora_int_id_for(name, version, epoch or None), lora_path=path
+        )
 
 
 def register_resolver(endpoint: str) -> None:

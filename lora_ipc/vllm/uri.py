@@ -38,7 +38,7 @@ class AdapterURI:
     @staticmethod
     def matches(path: object) -> bool:
         """One rule with :meth:`parse`: the scheme is case-insensitive (RFC 3986 §3.1)."""
-        return isinstance(path, str) and path[:len(SCHEME) + 3].lower() == f"{SCHEME}://"
+        return isinstance(path, str) and path[: len(SCHEME) + 3].lower() == f"{SCHEME}://"
 
     @classmethod
     def parse(cls, uri: str) -> AdapterURI:
@@ -70,6 +70,8 @@ class AdapterURI:
         except LoraIpcError as exc:  # what ipc_path raises for a tcp:// or unusable endpoint
             raise BadAdapterURI(str(exc)) from None
         if m.group(1) and epoch is None:
-            raise BadAdapterURI(f"{uri!r:.200}: a pinned version needs the exporter's epoch (&epoch=..., see "
-                                "lora_ipc.vllm.lora_request): version numbers start again when an exporter restarts")
+            raise BadAdapterURI(
+                f"{uri!r:.200}: a pinned version needs the exporter's epoch (&epoch=..., see "
+                "lora_ipc.vllm.lora_request): version numbers start again when an exporter restarts"
+            )
         return cls(name, version, endpoint, epoch)

@@ -209,8 +209,10 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
         super().__init__(config, vllm_config, device, model)
         self._worker = _owning_worker()
         if self._worker is None:
-            log.warning("lora_ipc weight transfer: vLLM's worker was not found; an abandoned update will keep "
-                        "vLLM refusing start_weight_update until update_weights or finish_weight_update is called")
+            log.warning(
+                "lora_ipc weight transfer: vLLM's worker was not found; an abandoned update will keep "
+                "vLLM refusing start_weight_update until update_weights or finish_weight_update is called"
+            )
         self._cond = threading.Condition()  # guards everything below; the reaper waits on it
         self._receiver: WeightReceiver | None = None
         self._info: LoraIpcInitInfo | None = None
@@ -232,8 +234,9 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
             if self._receiver is not None:
                 self._receiver.close()
             limit = init_info.max_update_bytes or STAGE_LIMIT_FACTOR * _load_format_bytes(self.model)
-            self._receiver = WeightReceiver(init_info.endpoint, init_info.stream, timeout_s=init_info.timeout_s,
-                                            max_update_bytes=limit)
+            self._receiver = WeightReceiver(
+                init_info.endpoint, init_info.stream, timeout_s=init_info.timeout_s, max_update_bytes=limit
+            )
             self._info = init_info
         log.info("lora_ipc weight transfer: stream %s at %s", init_info.stream, init_info.endpoint)
 
@@ -274,9 +277,12 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
                 if not isinstance(exc, Exception):
                     raise
                 cls = type(exc) if isinstance(exc, RefitError) else RefitError
-                raise tagged(cls, f"lora_ipc weight update {update_info.update} failed at bucket "
-                                  f"{update_info.bucket + 1} of {update_info.buckets}: {type(exc).__name__}: {exc}. "
-                                  "Rolled back: the engine serves the weights of the last complete update") from exc
+                raise tagged(
+                    cls,
+                    f"lora_ipc weight update {update_info.update} failed at bucket "
+                    f"{update_info.bucket + 1} of {update_info.buckets}: {type(exc).__name__}: {exc}. "
+                    "Rolled back: the engine serves the weights of the last complete update",
+                ) from exc
             update.staged.extend(weights)
             update.bytes += sum(t.numel() * t.element_size() for _, t in weights)
             update.update, update.buckets, update.total = update_info.update, update.buckets + 1, update_info.buckets
@@ -295,8 +301,9 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
                     self._require_receiver()[0].end()
                 except RefitError as exc:
                     self._roll_back(update, str(exc))
-                    raise tagged(type(exc), f"{exc}. Rolled back: the engine serves the weights of the last "
-                                            "complete update") from exc
+                    raise tagged(
+                        type(exc), f"{exc}. Rolled back: the engine serves the weights of the last complete update"
+                    ) from exc
                 self._apply(update)
             except BaseException:
                 self._end_session()  # vLLM ends its session only when finish returns (Ctrl-C re-raised as is)
@@ -327,12 +334,19 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
             staged.clear()
             finalize_layerwise_reload(self.model, self.model_config)
         if failure is not None:
-            raise tagged(RefitError, f"the model refused lora_ipc weight update {update.update} "
-                                     f"({type(failure).__name__}: {failure}); layers loaded before the refused "
-                                     "tensor hold the new weights: send a complete, matching update") from failure
+            raise tagged(
+                RefitError,
+                f"the model refused lora_ipc weight update {update.update} "
+                f"({type(failure).__name__}: {failure}); layers loaded before the refused "
+                "tensor hold the new weights: send a complete, matching update",
+            ) from failure
         self.last_update.update(
-            buckets=update.buckets, bytes=update.bytes, fetch_ms=update.fetch_s * 1e3,
-            load_weights_ms=(loaded - started) * 1e3, finalize_ms=(time.perf_counter() - loaded) * 1e3)
+            buckets=update.buckets,
+            bytes=update.bytes,
+            fetch_ms=update.fetch_s * 1e3,
+            load_weights_ms=(loaded - started) * 1e3,
+            finalize_ms=(time.perf_counter() - loaded) * 1e3,
+        )
         log.info("lora_ipc weight update complete: %s", self.last_update)
 
     def _roll_back(self, update: _Update, reason: str) -> None:
@@ -341,10 +355,19 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
         if self._receiver is not None:
             self._receiver.begin()
         self.last_update["rollbacks"] = self.last_update.get("rollbacks", 0) + 1
-        self.last_update["last_rollback"] = {"update": update.update, "buckets": update.buckets,
-                                             "of": update.total, "reason": reason}
-        log.warning("lora_ipc weight update %s rolled back after %d of %d buckets: %s",
-                    update.update, update.buckets, update.total, reason)
+        self.last_update["last_rollback"] = {
+            "update": update.update,
+            "buckets": update.buckets,
+            "of": update.total,
+            "reason": reason,
+        }
+        log.warning(
+            "lora_ipc weight update %s rolled back after %d of %d buckets: %s",
+            update.update,
+            update.buckets,
+            update.total,
+            reason,
+        )
 
     def _discard_open(self, reason: str) -> None:
         """Roll back the open update unless the reaper already did. Caller holds ``_cond``."""
@@ -375,9 +398,11 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
                     self._cond.wait(left)
                     continue
                 idle = self._info.idle_timeout_s if self._info is not None else 0.0
-                update.expired = (f"lora_ipc weight update {update.update} got no call for {idle:g} s after "
-                                  f"{update.buckets} of {update.total or '?'} buckets and was rolled back: the "
-                                  "engine serves the weights of the last complete update")
+                update.expired = (
+                    f"lora_ipc weight update {update.update} got no call for {idle:g} s after "
+                    f"{update.buckets} of {update.total or '?'} buckets and was rolled back: the "
+                    "engine serves the weights of the last complete update"
+                )
                 self._roll_back(update, f"idle for {idle:g} s")
 
     def shutdown(self) -> None:
@@ -415,8 +440,15 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
 
     init_info_cls = LoraIpcTrainerInitInfo
 
-    def __init__(self, config: Any = None, *, client: VLLMWeightSyncClient, source: WeightSource | None,
-                 is_sender: bool = True, sender: WeightSender | None = None) -> None:
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        client: VLLMWeightSyncClient,
+        source: WeightSource | None,
+        is_sender: bool = True,
+        sender: WeightSender | None = None,
+    ) -> None:
         # vLLM's base took a ``config`` first in some releases (Generic[TConfig, TInitInfo]) and not in others
         if _BASE_TAKES_CONFIG:
             super().__init__(config, client=client, source=source, is_sender=is_sender)  # type: ignore[misc]
@@ -426,24 +458,39 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
         self.sender = sender
 
     @classmethod
-    def trainer_init(cls, *args: Any, client: VLLMWeightSyncClient, source: WeightSource | None = None,
-                     **named: Any) -> LoraIpcTrainerWeightTransferEngine:
+    def trainer_init(
+        cls, *args: Any, client: VLLMWeightSyncClient, source: WeightSource | None = None, **named: Any
+    ) -> LoraIpcTrainerWeightTransferEngine:
         """``trainer_init(init_info, *, client, source)``, or vLLM's other form ``trainer_init(config,
         init_info, *, client, source)`` (also by keyword); ``config`` is kept, lora_ipc needs nothing from it."""
         config, init_info = _config_and_init_info(args, named)
         if source is None:
             raise ValueError("the lora_ipc trainer engine needs a WeightSource (e.g. ModuleSource(model))")
         if not isinstance(init_info, LoraIpcTrainerInitInfo):
-            raise TypeError(f"the lora_ipc trainer engine takes a LoraIpcTrainerInitInfo, not "
-                            f"{type(init_info).__name__}")
+            raise TypeError(
+                f"the lora_ipc trainer engine takes a LoraIpcTrainerInitInfo, not {type(init_info).__name__}"
+            )
         if not init_info.is_sender:
             return cls(config, client=client, source=source, is_sender=False)
-        sender = WeightSender(init_info.endpoint, bucket_bytes=init_info.bucket_bytes, device=init_info.device,
-                              lease_timeout_s=max(60.0, 2 * init_info.timeout_s))
+        sender = WeightSender(
+            init_info.endpoint,
+            bucket_bytes=init_info.bucket_bytes,
+            device=init_info.device,
+            lease_timeout_s=max(60.0, 2 * init_info.timeout_s),
+        )
         try:
-            client.init_weight_transfer_engine(asdict(LoraIpcInitInfo(
-                sender.endpoint, sender.stream, float(init_info.timeout_s), float(init_info.idle_timeout_s),
-                bool(init_info.stage_on_host), int(init_info.max_update_bytes))))
+            client.init_weight_transfer_engine(
+                asdict(
+                    LoraIpcInitInfo(
+                        sender.endpoint,
+                        sender.stream,
+                        float(init_info.timeout_s),
+                        float(init_info.idle_timeout_s),
+                        bool(init_info.stage_on_host),
+                        int(init_info.max_update_bytes),
+                    )
+                )
+            )
         except BaseException:  # cleanup, then the same exception (Ctrl-C included) goes on
             sender.close()
             raise
@@ -466,7 +513,7 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
         try:
             self.client.start_weight_update()
         except Exception as exc:  # vLLM refuses a start while an update is open: one this trainer left
-            self._abandon()       # unfinished (e.g. Ctrl-C inside send_weights). End it, then start once more.
+            self._abandon()  # unfinished (e.g. Ctrl-C inside send_weights). End it, then start once more.
             # (Exception, not BaseException: a Ctrl-C here propagates as is, as everywhere in the refit path.)
             try:
                 self.client.start_weight_update()

@@ -30,8 +30,13 @@ from .request import lora_request
 
 
 def _public_methods(cls) -> set[str]:
-    return {n for klass in cls.__mro__ if klass is not object for n, v in vars(klass).items()
-            if not n.startswith("__") and callable(v)}
+    return {
+        n
+        for klass in cls.__mro__
+        if klass is not object
+        for n, v in vars(klass).items()
+        if not n.startswith("__") and callable(v)
+    }
 
 
 class WorkerExtension:
@@ -52,8 +57,9 @@ class WorkerExtension:
             raise RuntimeError("this engine was started without enable_lora=True")
         return manager
 
-    def lora_ipc_load(self, name: str, endpoint: str | None = None, version: int | None = None,
-                      lora_int_id: int | None = None) -> dict:
+    def lora_ipc_load(
+        self, name: str, endpoint: str | None = None, version: int | None = None, lora_int_id: int | None = None
+    ) -> dict:
         """Load (or hot-swap) an adapter version into this worker; returns what was loaded and how long it took."""
         from .uri import AdapterURI
 
@@ -64,9 +70,14 @@ class WorkerExtension:
         except LoraIpcError as exc:  # vLLM passes only str(exc) back: the typed code goes in front (errors.carried)
             raise tagged(type(exc), str(exc)) from exc
         uri = AdapterURI.parse(request.lora_path)
-        return {"name": request.lora_name, "version": uri.version, "endpoint": uri.endpoint,
-                "lora_int_id": request.lora_int_id, "lora_path": request.lora_path,
-                "load_ms": round((time.perf_counter() - started) * 1e3, 3)}
+        return {
+            "name": request.lora_name,
+            "version": uri.version,
+            "endpoint": uri.endpoint,
+            "lora_int_id": request.lora_int_id,
+            "lora_path": request.lora_path,
+            "load_ms": round((time.perf_counter() - started) * 1e3, 3),
+        }
 
     def lora_ipc_unload(self, lora_int_id: int) -> bool:
         return self._lora_ipc_manager().remove_adapter(lora_int_id)
