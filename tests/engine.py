@@ -15,12 +15,10 @@ PROMPTS = [[1, 17, 42, 99, 7, 8], [1, 200, 3, 150, 23], [1, 5, 6, 7, 8, 9, 10, 1
 
 
 def engine_env() -> None:
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+    """What a vLLM CPU engine over a local tiny model needs, set where unset (the benchmarks' own list)."""
+    from lora_ipc.benchmarks.cpu_engine import cpu_engine_env
+
+    cpu_engine_env()
 
 
 def make_llm(model_dir: str, max_lora_rank: int = 16, max_loras: int = 2, max_cpu_loras: int = 3, **kw):
