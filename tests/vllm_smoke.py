@@ -12,7 +12,6 @@ vllm = pytest.importorskip("vllm")
 
 from .test_vllm import (  # noqa: E402, F401  (pytest collects the imported tests and fixtures)
     llm,
-    model_dir,
     reference,
     server,
     test_bad_adapters_get_clear_errors_and_engine_keeps_serving,
