@@ -15,6 +15,7 @@ import torch
 
 from ..layout import SlabLayout
 from ..protocol import SlabHandle
+from ..shm import GenerationReader
 
 
 class ExportedSlab(ABC):
@@ -65,6 +66,10 @@ class ImportedSlab(ABC):
     nbytes: int
     device: torch.device  # where the mapping lives in this process
     handle: SlabHandle
+    # the reader of the exporter's generation table that came with this slab by the descriptor channel: this
+    # slab's own (a process-wide cache keyed by the pid/fd/name a handle states could be filled by another
+    # server's descriptor, imports.py); None: read through /proc
+    _generations: GenerationReader | None = None
 
     def consume(self, handle: SlabHandle) -> None:  # noqa: B027 - a no-op by default, on purpose
         """Account for a surplus handle of this already-open slab (CUDA: release its ref counter)."""
@@ -74,9 +79,16 @@ class ImportedSlab(ABC):
         slot = self.handle.generation
         if slot is None:
             return None
+        if self._generations is not None:
+            return self._generations.read(slot.slot)
         from ..shm import generation_reader
 
         return generation_reader(slot.pid, slot.fd, slot.table).read(slot.slot)
+
+    def _close_generations(self) -> None:
+        if self._generations is not None:
+            self._generations.close()
+            self._generations = None
 
     @abstractmethod
     def copy_into(self, dst: torch.Tensor) -> None:

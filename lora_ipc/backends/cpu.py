@@ -59,9 +59,6 @@ class CpuImportedSlab(ImportedSlab):
 
     def __init__(self, handle: CpuSlabHandle, receive=None):
         received = _receive_memfd(handle, receive) if handle.token is not None and receive is not None else None
-        # the table's reader that came with the slab is this slab's own: a process-wide cache keyed by the
-        # pid/fd/name a handle states could be filled by another server's descriptor (imports.py)
-        self._generations: GenerationReader | None = None
         if received is None:
             fd = open_sealed(handle.pid, handle.fd, handle.slab_id, handle.nbytes)  # read-only, checked
         else:
@@ -70,12 +67,6 @@ class CpuImportedSlab(ImportedSlab):
         self.slab_id = handle.slab_id
         self.nbytes = handle.nbytes
         self.handle = handle
-
-    def generation_now(self) -> int | None:
-        slot = self.handle.generation
-        if self._generations is None or slot is None:  # a reader came only with a slot (_receive_memfd)
-            return super().generation_now()
-        return self._generations.read(slot.slot)
 
     def read_into(self, dst: torch.Tensor, offset: int = 0) -> None:
         """Fill ``dst`` (uint8, 1-D, contiguous, in host memory) with the slab's bytes from ``offset``."""
@@ -98,9 +89,7 @@ class CpuImportedSlab(ImportedSlab):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self._generations is not None:
-            self._generations.close()
-            self._generations = None
+        self._close_generations()
 
 
 def _receive_memfd(handle: CpuSlabHandle, receive) -> tuple[int, GenerationReader | None] | None:

@@ -141,10 +141,6 @@ class VmmImportedSlab(CudaImportedSlab):
         ext = native.vmm()
         index = local_device_for_uuid(handle.device_uuid)
         fds = receive(handle.token)
-        # the generation table's reader that came with the slab is this slab's own, as for CPU slabs: a
-        # process-wide cache keyed by the pid/fd/name a handle states could be filled by another server's
-        # descriptor (imports.py)
-        self._generations: GenerationReader | None = None
         try:
             if len(fds) > 1:
                 slot = handle.generation
@@ -155,9 +151,7 @@ class VmmImportedSlab(CudaImportedSlab):
                 self._generations = GenerationReader(slot.pid, slot.fd, slot.table, table_fd)  # checks, owns it
             mapping = native.call(ext.import_fd, fds[0], handle.nbytes, index, False)
         except BaseException:
-            if self._generations is not None:
-                self._generations.close()
-                self._generations = None
+            self._close_generations()
             raise
         finally:
             for fd in fds:
@@ -175,17 +169,9 @@ class VmmImportedSlab(CudaImportedSlab):
     def consume(self, handle) -> None:
         pass  # no ref counters: a surplus handle holds nothing (its token simply expires)
 
-    def generation_now(self) -> int | None:
-        slot = self.handle.generation
-        if self._generations is None or slot is None:
-            return super().generation_now()
-        return self._generations.read(slot.slot)
-
     def close(self) -> None:
         super().close()
-        if self._generations is not None:
-            self._generations.close()
-            self._generations = None
+        self._close_generations()
 
 
 class VmmBackend(Backend):
