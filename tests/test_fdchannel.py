@@ -45,6 +45,21 @@ def pid_namespace_command() -> list[str]:
     return ns
 
 
+def run_child(script: str, arg: str, timeout: float, prefix: tuple[str, ...] = ()) -> dict:
+    """Run ``script`` (python -c) with ``arg`` in a child process (under ``prefix``, e.g. a pid namespace):
+    it must exit 0; returns the JSON object it printed last."""
+    out = subprocess.run(
+        [*prefix, sys.executable, "-c", script, arg],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def assert_no_new_fds(before: set[str], within_s: float = 5.0) -> None:
     """No descriptor beyond ``before`` stays open: an in-process server thread closes the connection it
     accepted for a request shortly after the requester returns, so wait for it (up to ``within_s``)."""
@@ -303,15 +318,7 @@ EXHAUSTED = textwrap.dedent("""
 
 
 def test_a_receiver_out_of_descriptors_gets_a_typed_error(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-c", EXHAUSTED, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout)
+    got = run_child(EXHAUSTED, str(tmp_path), timeout=120)
     assert got["results"][0].startswith("BackendError: cannot open the descriptor channel"), got
     assert got["results"][1].startswith("BackendError: descriptor not delivered"), got
     assert got["after"] == 1 and got["leaks"] == [[], []], got
@@ -454,16 +461,7 @@ def test_cpu_slabs_cross_pid_namespaces(tmp_path):
             assert exporter.poll() is None, exporter.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "exporter did not start"
             time.sleep(0.1)
-        out = subprocess.run(
-            [*ns, sys.executable, "-c", CLIENT, str(tmp_path)],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        got = json.loads(out.stdout.strip().splitlines()[-1])
+        got = run_child(CLIENT, str(tmp_path), timeout=120, prefix=tuple(ns))
     finally:
         (tmp_path / "client.done").touch()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -624,16 +622,7 @@ def test_a_daemon_in_another_pid_namespace_takes_publishes_and_serves_fetches(tm
             assert daemon.poll() is None, daemon.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "daemon did not start"
             time.sleep(0.1)
-        out = subprocess.run(
-            [*ns, sys.executable, "-c", PUBLISH_AND_FETCH, endpoint],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert json.loads(out.stdout.strip().splitlines()[-1]) == {"version": 1, "equal": True}
+        assert run_child(PUBLISH_AND_FETCH, endpoint, timeout=180, prefix=tuple(ns)) == {"version": 1, "equal": True}
     finally:
         daemon.terminate()
         try:
