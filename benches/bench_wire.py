@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import msgspec
 import torch
 
 from lora_ipc import protocol as p
@@ -21,16 +22,22 @@ def _layout(n: int) -> SlabLayout:
     )
 
 
+def _summary(*fields):
+    return (getattr(p, "TensorSetSummary", None) or p.AdapterSummary)(*fields)  # named AdapterSummary before
+
+
 def _status_report() -> dict:
     """A real store's report, with what a server adds (a plain dict: any protocol version encodes it)."""
-    from lora_ipc.store import AdapterStore
+    from lora_ipc import store as stores
 
-    store = AdapterStore()
+    store = getattr(stores, "TensorSetStore", None) or stores.AdapterStore  # AdapterStore: its name before
+    store = store()
     try:
         for i in range(16):
             store.publish(f"adapter-{i}", {"w": torch.ones(4, 4)}, {"r": 4})
             store.lease(f"adapter-{i}", None, b"\x00k", client=f"client-{i}")
-        return store.status() | {
+        report = store.status()
+        return (report if isinstance(report, dict) else msgspec.to_builtins(report)) | {
             "endpoint": "ipc:///tmp/x.sock",
             "pid": 42,
             "server": dict(connections=1, connection_cap=64, peak_connections=2, dropped_connections=0, requests=9),
@@ -55,7 +62,7 @@ def cases() -> list[tuple[str, object]]:
     digest = b"c" * 16
     return [
         ("list", p.ListRequest()),
-        ("list_reply (64 adapters)", p.ListReply([p.AdapterSummary(f"a{i}", [1, 2], 4096) for i in range(64)])),
+        ("list_reply (64 adapters)", p.ListReply([_summary(f"a{i}", [1, 2], 4096) for i in range(64)])),
         ("fetch", p.FetchRequest("policy", None, "client-1", ["1.ab.1"], [digest], [digest])),
         (
             "fetch_reply (steady state)",

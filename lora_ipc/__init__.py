@@ -1,6 +1,10 @@
-"""lora_ipc: move LoRA adapters from a trainer into a running vLLM engine through shared memory."""
+"""lora_ipc: move LoRA adapters from a trainer into a running vLLM engine through shared memory.
 
-from .client import Adapter, AdapterClient
+The core moves versioned tensor sets (``TensorSetExporter`` -> ``TensorSetClient``); the LoRA layer
+(``AdapterExporter``, ``AdapterClient``) and the refit layer (``lora_ipc.refit``) use it under their names."""
+
+from .adapters import Adapter, AdapterClient, AdapterExporter, RemoteExporter
+from .client import TensorSet, TensorSetClient
 from .errors import (
     AdapterNotFound,
     AdapterRejected,
@@ -17,7 +21,7 @@ from .errors import (
     SlabRecycled,
     VersionNotFound,
 )
-from .exporter import AdapterExporter, RemoteExporter
+from .exporter import RemoteTensorSetExporter, TensorSetExporter
 from .store import Limits
 
 
@@ -51,6 +55,10 @@ __all__ = [
     "LoraIpcError",
     "ProtocolError",
     "RemoteExporter",
+    "RemoteTensorSetExporter",
     "SlabRecycled",
+    "TensorSet",
+    "TensorSetClient",
+    "TensorSetExporter",
     "VersionNotFound",
 ]

@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from .endpoint import daemon_endpoint
 from .errors import EndpointInUse, EndpointNotTrusted
+
+if TYPE_CHECKING:
+    from .protocol import StatusReport
 
 
 def _cmd_serve(args) -> int:
@@ -42,50 +46,51 @@ def _human_bytes(n: float) -> str:
     return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
 
 
-def format_status(report: dict) -> str:
-    m = report["metrics"]
+def format_status(report: StatusReport) -> str:
+    m, slabs = report.metrics, report.slabs
     lines = [
-        f"lora-ipc server pid {report.get('pid')} on {report.get('endpoint')}, up {report['uptime_s']:.0f} s, "
-        f"keep={report['keep']}",
-        f"slabs: {report['slabs']['live']} ({_human_bytes(report['slabs']['bytes'])}), free {report['slabs']['free']}",
+        f"lora-ipc server pid {report.pid} on {report.endpoint}, up {report.uptime_s:.0f} s, keep={report.keep}",
+        f"slabs: {slabs.live} ({_human_bytes(slabs.bytes)}), free {slabs.free}",
         "",
-        f"{'adapter':<24} {'version':>7} {'size':>10} {'tensors':>7} {'leases':>6}  published",
+        f"{'name':<24} {'version':>7} {'size':>10} {'tensors':>7} {'leases':>6}  published",
     ]
-    for a in report["adapters"]:
-        when = time.strftime("%H:%M:%S", time.localtime(a["published_at"]))
+    for v in report.versions:
+        when = time.strftime("%H:%M:%S", time.localtime(v.published_at))
         lines.append(
-            f"{a['name']:<24} {a['version']:>7} {_human_bytes(a['bytes']):>10} {a['tensors']:>7} "
-            f"{a['leases']:>6}  {when}{'  (retiring)' if a['retiring'] else ''}"
+            f"{v.name:<24} {v.version:>7} {_human_bytes(v.bytes):>10} {v.tensors:>7} "
+            f"{v.leases:>6}  {when}{'  (retiring)' if v.retiring else ''}"
         )
-    if not report["adapters"]:
-        lines.append("(no adapters published)")
-    lines += ["", f"live leases: {report.get('lease_count', len(report['leases']))}"]
-    for lease in report["leases"]:
+    if not report.versions:
+        lines.append("(nothing published)")
+    lines += ["", f"live leases: {report.lease_count}"]
+    for lease in report.leases:
         lines.append(
-            f"  #{lease['lease_id']} {lease['name']}@v{lease['version']} held by {lease['holder']}, "
-            f"expires in {lease['expires_in_s']:.1f} s"
+            f"  #{lease.lease_id} {lease.name}@v{lease.version} held by {lease.holder}, "
+            f"expires in {lease.expires_in_s:.1f} s"
         )
-    h = m["fetch_latency"]
-    mean = f"{h['sum_ms'] / h['count']:.3f} ms mean" if h["count"] else "none yet"
+    h = m.fetch_latency
+    mean = f"{h.sum_ms / h.count:.3f} ms mean" if h.count else "none yet"
     lines += [
         "",
-        f"publishes {m['publishes']}, fetches {m['fetches']}, bytes moved {_human_bytes(m['bytes_served'])}, "
-        f"errors {m['errors']}, leases expired {m['leases_expired']}, fetch latency {mean}",
+        f"publishes {m.publishes}, fetches {m.fetches}, bytes moved {_human_bytes(m.bytes_served)}, "
+        f"errors {m.errors}, leases expired {m.leases_expired}, fetch latency {mean}",
     ]
     return "\n".join(lines)
 
 
 def _cmd_status(args) -> int:
-    from .client import AdapterClient
+    import msgspec
+
+    from .client import TensorSetClient
     from .errors import ExporterUnavailable
 
     try:
-        with AdapterClient(args.endpoint, timeout_s=args.timeout) as client:
+        with TensorSetClient(args.endpoint, timeout_s=args.timeout) as client:
             report = client.status()
     except (ExporterUnavailable, EndpointNotTrusted) as exc:
         print(f"lora-ipc status: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    print(json.dumps(msgspec.to_builtins(report), indent=2) if args.json else format_status(report))
     return 0
 
 
@@ -127,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check-finite", action="store_true", help="reject adapters holding NaN/Inf at publish time")
     s.set_defaults(fn=_cmd_serve)
 
-    s = sub.add_parser("status", help="what a server holds: adapters, versions, leases, metrics")
+    s = sub.add_parser("status", help="what a server holds: names, versions, leases, metrics")
     s.add_argument("--endpoint", default=daemon_endpoint(), help="ipc:// endpoint (default: %(default)s)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--timeout", type=float, default=3.0)

@@ -1,4 +1,4 @@
-"""AdapterClient: fetch a published adapter into tensors this process owns.
+"""TensorSetClient: fetch a published tensor set (an adapter, a refit bucket) into tensors this process owns.
 
 One fetch is one round trip: ``FetchRequest`` -> ``FetchReply`` (a lease). The slab is imported the
 first time and kept open; the layout is validated the first time and cached by digest, so a steady
@@ -16,8 +16,8 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Self
 
-import msgspec
 import torch
 import zmq
 
@@ -43,7 +43,6 @@ from .lru import BoundedLRU
 
 MAX_CACHED_LAYOUTS = 32
 MAX_CACHED_SLABS = 32
-MAX_SHARED_CLIENTS = 8
 ENV_TRANSPORT = "LORA_IPC_TRANSPORT"
 TRANSPORTS = ("auto", "cuda", "host")
 ENV_MAX_FETCH_BYTES = "LORA_IPC_MAX_FETCH_BYTES"
@@ -89,16 +88,17 @@ class _DeviceImportFailed(Exception):
 
 
 @dataclass
-class Adapter:
-    """A fetched adapter. ``tensors`` are owned by this process (views of one owned buffer)."""
+class TensorSet:
+    """One fetched version. ``tensors`` are owned by this process (views of one owned buffer); ``config``
+    is what the publisher attached (a LoRA config; empty for a refit bucket)."""
 
     name: str
     version: int
     tensors: dict[str, torch.Tensor]
-    peft_config: dict
+    config: dict
 
 
-class AdapterClient:
+class TensorSetClient:
     """``connect_wait_s``: how long a request waits for a server to appear on an endpoint where nothing
     listens (default ``timeout_s``: a trainer may start after its engine); 0 fails at once."""
 
@@ -149,11 +149,11 @@ class AdapterClient:
                 self._shutdown()
             self._lock.release()
 
-    def list(self) -> list[p.AdapterSummary]:
-        return self.catalog().adapters
+    def list(self) -> list[p.TensorSetSummary]:
+        return self.catalog().sets
 
     def catalog(self) -> p.ListReply:
-        """The adapters, their kept versions, and the store's ``epoch`` (what the version numbers are of)."""
+        """The names, their kept versions, and the store's ``epoch`` (what the version numbers are of)."""
         with self._locked():
             return self._conn.request(p.ListRequest(), p.ListReply)
 
@@ -163,10 +163,10 @@ class AdapterClient:
                 return summary.versions
         return []
 
-    def status(self) -> dict:
-        """The server's :class:`~lora_ipc.protocol.StatusReport`, as plain data."""
+    def status(self) -> p.StatusReport:
+        """The server's operator view (``msgspec.to_builtins`` makes it plain data, keyed as on the wire)."""
         with self._locked():
-            return msgspec.to_builtins(self._conn.request(p.StatusRequest(), p.StatusReply).report)
+            return self._conn.request(p.StatusRequest(), p.StatusReply).report
 
     def fetch(
         self,
@@ -176,7 +176,7 @@ class AdapterClient:
         epoch: str | None = None,
         *,
         max_bytes: int | None = None,
-    ) -> Adapter:
+    ) -> TensorSet:
         """Lease ``version`` (newest if None), copy it into owned memory on ``device``, release the lease.
 
         ``epoch`` (from :meth:`catalog` or a ``lora-ipc://`` URI): the version must be of that store
@@ -186,7 +186,7 @@ class AdapterClient:
         copied (the lease expired or was revoked), the copy is discarded and the newest version is
         fetched again; a pinned ``version`` raises ``SlabRecycled`` instead.
         On CUDA, ``device`` defaults to the local GPU that is the exporter's (matched by UUID).
-        A reply for another adapter or version is refused, and so is one larger than ``max_bytes``
+        A reply for another name or version is refused, and so is one larger than ``max_bytes``
         (default: this client's ``max_fetch_bytes``), before anything is allocated (``LimitExceeded``).
         """
         limit = self.max_fetch_bytes if max_bytes is None else fetch_bytes_limit(max_bytes)
@@ -217,7 +217,7 @@ class AdapterClient:
 
     def _fetch_once(
         self, name: str, version: int | None, device: torch.device | str | None, epoch: str | None, limit: int
-    ) -> Adapter:
+    ) -> TensorSet:
         with self._locked():
             started = time.perf_counter()
             host = self._host_only
@@ -265,7 +265,7 @@ class AdapterClient:
                 except LoraIpcError:
                     pass  # the lease expires on its own
             self._forget_dead_slabs(server, reply.live_slabs)
-        return Adapter(reply.name, reply.version, layout.unpack(owned), dict(config))
+        return TensorSet(reply.name, reply.version, layout.unpack(owned), dict(config))
 
     def close(self) -> None:
         """Close the client; never waits: a request in flight finishes and then closes the socket.
@@ -282,7 +282,7 @@ class AdapterClient:
             self._slabs.clear()  # releases this client's hold on each import
             self._conn.close()
 
-    def __enter__(self) -> AdapterClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -306,11 +306,11 @@ class AdapterClient:
     def _config_for(self, reply: p.FetchReply) -> dict:
         config = self._configs.get(reply.config_digest)
         if config is None:
-            if reply.peft_config is None:
-                raise ProtocolError("reply omits a LoRA config this client does not have")
-            if p.digest_of(reply.peft_config) != reply.config_digest:
+            if reply.config is None:
+                raise ProtocolError("reply omits a config this client does not have")
+            if p.digest_of(reply.config) != reply.config_digest:
                 raise ProtocolError("config digest does not match the config")
-            config = self._configs.put(reply.config_digest, reply.peft_config)
+            config = self._configs.put(reply.config_digest, reply.config)
         return config
 
     def _layout_for(self, reply: p.FetchReply, slab: ImportedSlab) -> SlabLayout:
@@ -348,42 +348,3 @@ def _check_reply(reply: p.FetchReply, name: str, version: int | None, limit: int
             f"{name!r} v{reply.version} needs {reply.used_bytes} bytes, more than this client "
             f"copies in one fetch ({limit}; max_fetch_bytes / ${ENV_MAX_FETCH_BYTES})"
         )
-
-
-_shared: BoundedLRU[str, AdapterClient] = BoundedLRU(MAX_SHARED_CLIENTS)
-_shared_lock = threading.Lock()  # guards the dict only: never held across I/O or a close()
-
-
-def shared_client(endpoint: str) -> AdapterClient:
-    """One client per endpoint per process, so slab mappings and validated layouts are reused.
-
-    At most ``MAX_SHARED_CLIENTS`` stay open (least recently used closed first, after the cache's lock
-    is released): endpoints come from ``lora_path`` strings, which API users may choose. A client
-    closed by eviction while a caller still holds it raises ``ClientClosed`` (an ``ExporterUnavailable``);
-    :func:`with_shared_client` retries such a call once with a fresh client. Nothing listening on an
-    endpoint fails at once (``$LORA_IPC_CONNECT_WAIT_S``, default 0): these clients serve requests
-    that users name, and a dead endpoint must cost only its own requests.
-    """
-    evicted: list[AdapterClient] = []
-    with _shared_lock:
-        client = _shared.get(endpoint)
-        if client is None or client._closed:
-            timeout_s = float(os.environ.get("LORA_IPC_TIMEOUT_S", 10))
-            wait_s = float(os.environ.get("LORA_IPC_CONNECT_WAIT_S", 0))
-            client = AdapterClient(endpoint, timeout_s=timeout_s, connect_wait_s=wait_s)
-            _shared.on_evict = lambda _, old: evicted.append(old)
-            try:
-                _shared.put(endpoint, client)
-            finally:
-                _shared.on_evict = None
-    for old in evicted:
-        old.close()
-    return client
-
-
-def with_shared_client(endpoint: str, call):
-    """``call(shared_client(endpoint))``, once more with a fresh client if that one was closed under it."""
-    try:
-        return call(shared_client(endpoint))
-    except ClientClosed:
-        return call(shared_client(endpoint))

@@ -8,8 +8,8 @@ import threading
 import time
 
 from .metrics import serve_metrics
-from .server import AdapterServer
-from .store import AdapterStore
+from .server import TensorSetServer
+from .store import TensorSetStore
 
 log = logging.getLogger("lora_ipc.daemon")
 
@@ -24,8 +24,8 @@ def serve(
     check_finite: bool = False,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain. Everything it says goes through the ``lora_ipc.daemon`` logger."""
-    store = AdapterStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite)
-    server = AdapterServer(store, endpoint)  # raises EndpointInUse if another server holds it
+    store = TensorSetStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite)
+    server = TensorSetServer(store, endpoint)  # raises EndpointInUse if another server holds it
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -46,11 +46,11 @@ def serve(
         time.sleep(0.05)
     held = store.lease_count()
     if held:
-        leases = store.status()["leases"]
+        leases = store.status().leases
         log.warning(
             "%d lease(s) still held at shutdown: %s%s",
             held,
-            ", ".join(f"{lease['holder']}:{lease['name']}@v{lease['version']}" for lease in leases[:10]),
+            ", ".join(f"{lease.holder}:{lease.name}@v{lease.version}" for lease in leases[:10]),
             " …" if held > 10 else "",
         )
     server.stop()

@@ -27,11 +27,12 @@ class LayoutError(ProtocolError):
 
 
 class AdapterNotFound(LoraIpcError):
-    """No adapter of that name has been published."""
+    """Nothing of that name (an adapter, a refit stream) has been published. Error codes are wire names:
+    this one keeps the name protocol version 2 gave it."""
 
 
 class VersionNotFound(LoraIpcError):
-    """The adapter exists but that version is not (or no longer) kept."""
+    """The name exists but that version is not (or no longer) kept."""
 
 
 class StaleEpoch(VersionNotFound):
@@ -49,7 +50,7 @@ class ExporterUnavailable(LoraIpcError):
 
 class ClientClosed(ExporterUnavailable):
     """The client was closed (or evicted from the shared-client cache) before or while it was used.
-    Asking :func:`lora_ipc.client.shared_client` again gives a fresh one."""
+    Asking :func:`lora_ipc.adapters.shared_client` again gives a fresh one."""
 
 
 class BackendError(LoraIpcError):
@@ -57,7 +58,7 @@ class BackendError(LoraIpcError):
 
 
 class LimitExceeded(LoraIpcError):
-    """A documented cap was reached (leases per holder, adapter names, slab bytes, ...); nothing was changed."""
+    """A documented cap was reached (leases per holder, names, slab bytes, ...); nothing was changed."""
 
 
 class SlabRecycled(LoraIpcError):
@@ -78,7 +79,8 @@ class BadAdapterURI(LoraIpcError, ValueError):
 
 
 class AdapterRejected(LoraIpcError):
-    """The adapter was refused at publish time or by the engine (NaN/Inf, unknown module names, rank too large)."""
+    """A version was refused at publish time (NaN/Inf) or an adapter by the engine (unknown module names,
+    rank too large)."""
 
 
 class StoreClosed(LoraIpcError):

@@ -1,10 +1,12 @@
-"""Trainer side: ``AdapterExporter`` (store + server thread in this process) and ``RemoteExporter``
-(publish into a ``lora-ipc serve`` daemon, which keeps its own copy)."""
+"""Trainer side: ``TensorSetExporter`` (store + server thread in this process) and ``RemoteTensorSetExporter``
+(publish into a ``lora-ipc serve`` daemon, which keeps its own copy). Both publish named tensor sets:
+adapters.py publishes LoRA adapters through them, refit.py weight buckets."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Self
 
 import msgspec
 import torch
@@ -13,18 +15,18 @@ from .backends import ExportedSlab, backend_for, slab_device
 from .connection import Connection
 from .endpoint import daemon_endpoint, default_endpoint
 from .layout_cache import LayoutCache
-from .peft import adapter_from
 from .protocol import CpuSlabHandle, PublishReply, PublishRequest, SlabHandle, VmmSlabHandle
-from .server import AdapterServer
-from .store import AdapterStore, Limits
+from .server import TensorSetServer
+from .store import Limits, TensorSetStore
 
 
-class AdapterExporter:
-    """Publish adapter versions from this process; engines fetch them with :class:`AdapterClient`.
+class TensorSetExporter:
+    """Publish versions of named tensor sets from this process; readers fetch them with a
+    :class:`~lora_ipc.client.TensorSetClient`.
 
-    ``keep`` newest versions of each adapter stay fetchable. ``device`` is where slabs live (default:
+    ``keep`` newest versions of each name stay fetchable. ``device`` is where slabs live (default:
     where the published tensors are). ``check_finite`` rejects NaN/Inf at publish time (one extra read
-    of the adapter and one synchronize).
+    of the slab and one synchronize).
     """
 
     def __init__(
@@ -39,13 +41,14 @@ class AdapterExporter:
     ):
         self.endpoint = endpoint or default_endpoint()
         self.device = device
-        self.store = AdapterStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite, limits=limits)
-        self._server = AdapterServer(self.store, self.endpoint).start()
+        self.store = TensorSetStore(
+            keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite, limits=limits
+        )
+        self._server = TensorSetServer(self.store, self.endpoint).start()
         self._closed = False
 
-    def publish(self, name: str, adapter: Any, peft_config: Any = None) -> int:
-        """Pack ``adapter`` (a PeftModel, or a dict of tensors with ``peft_config``) as the next version of ``name``."""
-        tensors, config = adapter_from(adapter, peft_config)
+    def publish(self, name: str, tensors: Mapping[str, torch.Tensor], config: dict | None = None) -> int:
+        """Pack ``tensors`` (and ``config``, a JSON-like map) as the next version of ``name``."""
         return self.store.publish(name, tensors, config, device=self.device)
 
     def close(self) -> None:
@@ -54,15 +57,15 @@ class AdapterExporter:
             self._server.stop()
             self.store.close()
 
-    def __enter__(self) -> AdapterExporter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-class RemoteExporter:
-    """Publish into a ``lora-ipc serve`` daemon: same ``publish``/``close`` as :class:`AdapterExporter`.
+class RemoteTensorSetExporter:
+    """Publish into a ``lora-ipc serve`` daemon: same ``publish``/``close`` as :class:`TensorSetExporter`.
 
     Each publish packs into a staging slab this process exports (reused across publishes), and the
     daemon copies it into a slab of its own (device to device on GPU) before answering, so the version
@@ -85,15 +88,14 @@ class RemoteExporter:
         self._staging: ExportedSlab | None = None
         self._layouts = LayoutCache()
 
-    def publish(self, name: str, adapter: Any, peft_config: Any = None) -> int:
-        tensors, config = adapter_from(adapter, peft_config)
+    def publish(self, name: str, tensors: Mapping[str, torch.Tensor], config: dict | None = None) -> int:
         layout = self._layouts.layout_for(tensors)
         slab = self._staging_slab(slab_device(self.device, tensors), layout.used_bytes)
         slab.pack(layout, tensors)
         slab.mark_ready()
         handle = self._handle_for_daemon(slab)
         reply = self._conn.request(
-            PublishRequest(name, config, handle, layout.to_wire(), layout.used_bytes), PublishReply
+            PublishRequest(name, config or {}, handle, layout.to_wire(), layout.used_bytes), PublishReply
         )
         return reply.version
 
@@ -132,7 +134,7 @@ class RemoteExporter:
             self._staging.close()
             self._staging = None
 
-    def __enter__(self) -> RemoteExporter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

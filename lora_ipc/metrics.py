@@ -1,14 +1,14 @@
-"""Prometheus metrics for a server, read from ``AdapterStore.status()`` at scrape time."""
+"""Prometheus metrics for a server, read from ``TensorSetStore.status()`` at scrape time."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .store import AdapterStore
+from .store import TensorSetStore
 
 
 class StoreCollector:
-    def __init__(self, store: AdapterStore, prefix: str = "lora_ipc"):
+    def __init__(self, store: TensorSetStore, prefix: str = "lora_ipc"):
         self.store = store
         self.prefix = prefix
 
@@ -16,7 +16,7 @@ class StoreCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
         s = self.store.status()
-        m, pfx = s["metrics"], self.prefix
+        m, pfx = s.metrics, self.prefix
         for key, doc in (
             ("publishes", "versions published"),
             ("fetches", "fetches served"),
@@ -25,33 +25,33 @@ class StoreCollector:
             ("leases_expired", "leases reclaimed after their timeout"),
             ("errors", "requests rejected"),
         ):
-            yield CounterMetricFamily(f"{pfx}_{key}", doc, value=m[key])
-        yield GaugeMetricFamily(f"{pfx}_live_leases", "leases currently held", value=s["lease_count"])
-        yield GaugeMetricFamily(f"{pfx}_slab_bytes", "bytes of slab memory held", value=s["slabs"]["bytes"])
+            yield CounterMetricFamily(f"{pfx}_{key}", doc, value=getattr(m, key))
+        yield GaugeMetricFamily(f"{pfx}_live_leases", "leases currently held", value=s.lease_count)
+        yield GaugeMetricFamily(f"{pfx}_slab_bytes", "bytes of slab memory held", value=s.slabs.bytes)
         versions = GaugeMetricFamily(f"{pfx}_adapter_version", "newest kept version per adapter", labels=["adapter"])
         newest: dict[str, int] = {}
-        for a in s["adapters"]:
-            newest[a["name"]] = max(newest.get(a["name"], 0), a["version"])
-        for name, v in newest.items():
-            versions.add_metric([name], v)
+        for kept in s.versions:
+            newest[kept.name] = max(newest.get(kept.name, 0), kept.version)
+        for name, version in newest.items():
+            versions.add_metric([name], version)
         yield versions
         for key, doc in (
             ("fetch_latency", "client-measured fetch latency (request -> owned copy)"),
             ("publish_latency", "publish latency (pack into a slab)"),
         ):
-            h = m[key]
+            h = getattr(m, key)
             buckets, running = [], 0
-            for bound, count in zip(h["buckets_ms"], h["counts"]):
+            for bound, count in zip(h.buckets_ms, h.counts):
                 running += count
                 buckets.append(("+Inf" if bound == "+Inf" else str(bound / 1e3), running))
-            yield HistogramMetricFamily(f"{pfx}_{key}_seconds", doc, buckets=buckets, sum_value=h["sum_ms"] / 1e3)
+            yield HistogramMetricFamily(f"{pfx}_{key}_seconds", doc, buckets=buckets, sum_value=h.sum_ms / 1e3)
 
 
 MAX_SCRAPERS = 8  # connections served at once; more are closed at accept
 SCRAPE_TIMEOUT_S = 5.0  # a connection must send its request (and take its reply) within this
 
 
-def serve_metrics(store: AdapterStore, port: int, addr: str = "127.0.0.1"):
+def serve_metrics(store: TensorSetStore, port: int, addr: str = "127.0.0.1"):
     """Expose the store's metrics over HTTP (a thread of its own); the server, or None (and nothing
     started) without prometheus_client.
 

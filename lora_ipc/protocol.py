@@ -6,19 +6,24 @@ carries its bounds (``msgspec.Meta``: string, bytes and array lengths, integer r
 are refused (``forbid_unknown_fields``), and msgspec checks each container's declared length before it
 builds anything, so a frame costs no more to refuse than the largest legal message of its type costs
 to accept. Each message type also has its own frame-size limit (``MAX_FRAME``); the only untyped
-values (a PEFT config) are JSON-like trees of bounded depth, bytes and node count. Nothing here
+values (a tensor set's config) are JSON-like trees of bounded depth, bytes and node count. Nothing here
 pickles and nothing here imports torch.
+
+What moves is a *tensor set*: a named, versioned set of tensors with a config (a LoRA config for an
+adapter, empty for a refit bucket). A few keys keep the names protocol version 2 gave them when it moved
+adapters only: a field declared ``config = field(name="peft_config")`` is ``config`` in Python and
+``peft_config`` on the wire (likewise ``sets``/``versions`` for ``adapters``).
 
 Requests (client -> server) and their replies:
 
 =====================  ===================  ==========================================
 request                reply                purpose
 =====================  ===================  ==========================================
-``ListRequest``        ``ListReply``        adapters and their kept versions
+``ListRequest``        ``ListReply``        tensor sets and their kept versions
 ``FetchRequest``       ``FetchReply``       lease a version, get handle + layout
 ``ReleaseRequest``     ``ReleaseReply``     drop a lease (the client sends it, and does not wait)
 ``PublishRequest``     ``PublishReply``     a remote trainer asks a daemon to copy a slab in
-``StatusRequest``      ``StatusReply``      operator view: adapters, leases, metrics
+``StatusRequest``      ``StatusReply``      operator view: versions, leases, metrics
 any                    ``ErrorReply``       typed error, named by class
 =====================  ===================  ==========================================
 
@@ -51,7 +56,7 @@ MAX_DIMS = 8  # dimensions of one tensor
 MAX_KNOWN = 64  # slab ids / layout digests a fetch request may list
 MAX_KNOWN_CONFIGS = 16
 MAX_VERSIONS_LISTED = 1024
-MAX_ADAPTERS_LISTED = 4096
+MAX_SETS_LISTED = 4096
 MAX_LIVE_SLABS = 4096
 MAX_BYTE_OFFSET = 1 << 62
 MAX_CONFIG_NODES = 4096
@@ -89,7 +94,7 @@ Number = Annotated[float, Meta(ge=-sys.float_info.max)]
 
 
 def tree(depth: int = MAX_TREE_DEPTH, max_chars: int = MAX_TREE_CHARS) -> Any:
-    """A JSON-like map (adapter_config.json): str keys; None, bool, int, float (not NaN), str, arrays
+    """A JSON-like map (a LoRA adapter_config.json): str keys; None, bool, int, float (not NaN), str, arrays
     and maps as values, at most ``depth`` levels below the root (deeper is refused as it is read, before
     it is built). Node counts: :func:`check_tree`."""
     text = Annotated[str, Meta(min_length=0, max_length=max_chars)]
@@ -272,7 +277,7 @@ class Message(WireStruct, frozen=True):
         for name, (_, max_nodes) in self.TREES.items():
             value = getattr(self, name)
             if value is not None:
-                check_tree(value, max_nodes, name)
+                check_tree(value, max_nodes, wire_name(type(self), name))
 
 
 class ListRequest(Message, frozen=True):
@@ -280,16 +285,16 @@ class ListRequest(Message, frozen=True):
     MAX_FRAME: ClassVar[int] = 256
 
 
-class AdapterSummary(WireStruct, frozen=True):
+class TensorSetSummary(WireStruct, frozen=True):
     name: Name
     versions: Annotated[list[Positive], Meta(max_length=MAX_VERSIONS_LISTED)]
     nbytes: Count
 
 
 class ListReply(Message, frozen=True):
-    adapters: Annotated[list[AdapterSummary], Meta(max_length=MAX_ADAPTERS_LISTED)]
+    sets: Annotated[list[TensorSetSummary], Meta(max_length=MAX_SETS_LISTED)] = msgspec.field(name="adapters")
     epoch: Epoch = ""  # the store's epoch: its version numbers mean these bytes only in it
-    left_out: Count = 0  # adapters not listed (the server bounds a reply in bytes)
+    left_out: Count = 0  # names not listed (the server bounds a reply in bytes)
     TYPE: ClassVar[str] = "list_reply"
     MAX_FRAME: ClassVar[int] = 8 << 20
 
@@ -298,7 +303,7 @@ class FetchRequest(Message, frozen=True):
     """Lease ``version`` (newest when None) of ``name`` (of store epoch ``epoch`` when not None).
 
     ``known_slabs`` / ``known_layouts`` / ``known_configs`` list what the client has cached, so the
-    reply can leave out the slab handle, the per-tensor layout (names, dtypes, shapes) and the LoRA
+    reply can leave out the slab handle, the per-tensor layout (names, dtypes, shapes) and the
     config when the client already has them: a steady-state reply is a few scalars.
     ``transport="host"`` asks for the version staged in host shared memory (the fallback where CUDA
     IPC cannot be imported); the exporter stages each version at most once.
@@ -317,7 +322,7 @@ class FetchRequest(Message, frozen=True):
 
 
 class FetchReply(Message, frozen=True):
-    """A leased version. ``slab`` / ``entries`` / ``peft_config`` are None when the request said the
+    """A leased version. ``slab`` / ``entries`` / ``config`` are None when the request said the
     client knows them (by slab id, layout digest, config digest).
 
     ``generation`` is the slab's reuse count when this version was packed into it; the client checks
@@ -328,7 +333,7 @@ class FetchReply(Message, frozen=True):
     version: Positive
     lease_id: Positive
     config_digest: Digest
-    peft_config: Config | None
+    config: Config | None = msgspec.field(name="peft_config")
     slab_id: SlabId
     slab: SlabHandle | None
     generation: Count
@@ -339,7 +344,7 @@ class FetchReply(Message, frozen=True):
     epoch: Epoch = ""
     TYPE: ClassVar[str] = "fetch_reply"
     MAX_FRAME: ClassVar[int] = MAX_FRAME_BYTES
-    TREES: ClassVar[dict[str, tuple[int, int]]] = {"peft_config": (MAX_CONFIG_BYTES, MAX_CONFIG_NODES)}
+    TREES: ClassVar[dict[str, tuple[int, int]]] = {"config": (MAX_CONFIG_BYTES, MAX_CONFIG_NODES)}
 
 
 class ReleaseRequest(Message, frozen=True):
@@ -362,13 +367,13 @@ class PublishRequest(Message, frozen=True):
     """Ask a daemon to take its own copy of a slab the sender exported, as a new version of ``name``."""
 
     name: Name
-    peft_config: Config
+    config: Config = msgspec.field(name="peft_config")
     slab: SlabHandle
     entries: Entries
     used_bytes: Count
     TYPE: ClassVar[str] = "publish"
     MAX_FRAME: ClassVar[int] = MAX_FRAME_BYTES
-    TREES: ClassVar[dict[str, tuple[int, int]]] = {"peft_config": (MAX_CONFIG_BYTES, MAX_CONFIG_NODES)}
+    TREES: ClassVar[dict[str, tuple[int, int]]] = {"config": (MAX_CONFIG_BYTES, MAX_CONFIG_NODES)}
 
 
 class PublishReply(Message, frozen=True):
@@ -383,7 +388,7 @@ class StatusRequest(Message, frozen=True):
     MAX_FRAME: ClassVar[int] = 256
 
 
-class AdapterStatus(WireStruct, frozen=True):
+class VersionStatus(WireStruct, frozen=True):
     name: Name
     version: Positive
     bytes: Count
@@ -443,15 +448,15 @@ class ServerStatus(WireStruct, frozen=True):
 
 
 class StatusReport(WireStruct, frozen=True):
-    """The operator view: what ``AdapterStore.status`` returns, plus ``endpoint``/``pid``/``server`` from
+    """The operator view: what ``TensorSetStore.status`` returns, plus ``endpoint``/``pid``/``server`` from
     the server. Read by the CLI, the Prometheus exporter and the daemon."""
 
     uptime_s: Number
     epoch: Epoch
     keep: Count
     # bounded in bytes when asked (the server does)
-    adapters: Annotated[list[AdapterStatus], Meta(max_length=MAX_ADAPTERS_LISTED)]
-    adapters_left_out: Count  # versions not listed in ``adapters``
+    versions: Annotated[list[VersionStatus], Meta(max_length=MAX_SETS_LISTED)] = msgspec.field(name="adapters")
+    versions_left_out: Count = msgspec.field(name="adapters_left_out")  # versions not listed in ``versions``
     lease_count: Count
     leases: Annotated[list[LeaseStatus], Meta(max_length=MAX_STATUS_LEASES)]
     limits: Annotated[dict[Annotated[str, Meta(min_length=1, max_length=64)], Count], Meta(max_length=64)]
@@ -648,9 +653,15 @@ def _check_keys(cls: type[Message], body: Raw) -> None:
         raise ProtocolError(f"field 'body': {keys} keys, at most {fields} allowed")
 
 
+def wire_name(cls: type, name: str) -> str:
+    """The key field ``name`` of Struct ``cls`` has on the wire."""
+    return next((f.encode_name for f in msgspec.structs.fields(cls) if f.name == name), name)
+
+
 def _sized_trees(cls: type[Message]) -> msgspec.msgpack.Decoder:
     """A decoder for ``cls`` with its tree-valued fields left undecoded (``Raw``), derived from ``cls``."""
     fields: list[Any] = []
+    rename = {f.name: f.encode_name for f in msgspec.structs.fields(cls) if f.name != f.encode_name}
     for f in msgspec.structs.fields(cls):
         kind = Raw if f.name in cls.TREES else f.type
         if f.default is not msgspec.NODEFAULT:
@@ -659,7 +670,8 @@ def _sized_trees(cls: type[Message]) -> msgspec.msgpack.Decoder:
             fields.append((f.name, kind, msgspec.field(default_factory=f.default_factory)))
         else:
             fields.append((f.name, kind))
-    return msgspec.msgpack.Decoder(msgspec.defstruct(f"{cls.__name__}Sized", fields, forbid_unknown_fields=True))
+    sized = msgspec.defstruct(f"{cls.__name__}Sized", fields, rename=rename or None, forbid_unknown_fields=True)
+    return msgspec.msgpack.Decoder(sized)
 
 
 def _decode_large(cls: type[Message], body: Raw) -> Message:
@@ -668,13 +680,13 @@ def _decode_large(cls: type[Message], body: Raw) -> Message:
     sized = _SIZED[cls].decode(body)
     values = {name: getattr(sized, name) for name in cls.__struct_fields__}
     for name, (max_bytes, _) in cls.TREES.items():
-        raw = values[name]
+        raw, wire = values[name], wire_name(cls, name)
         if len(raw) > max_bytes:
-            raise ProtocolError(f"field {name!r}: {len(raw)} bytes, at most {max_bytes} allowed")
+            raise ProtocolError(f"field {wire!r}: {len(raw)} bytes, at most {max_bytes} allowed")
         try:
             values[name] = _TREES[cls, name].decode(raw)
         except msgspec.ValidationError as exc:  # its path, as if decoded in place
-            raise ProtocolError(_explain(str(exc).replace("`$", f"`$.{name}", 1))) from None
+            raise ProtocolError(_explain(str(exc).replace("`$", f"`$.{wire}", 1))) from None
     try:
         return cls(**values)
     except ValueError as exc:  # __post_init__: a tree of too many values

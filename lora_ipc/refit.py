@@ -40,9 +40,9 @@ from typing import Annotated
 import torch
 from msgspec import Meta
 
-from .client import AdapterClient
+from .client import TensorSetClient
 from .errors import LoraIpcError, ProtocolError, wire_error
-from .exporter import AdapterExporter
+from .exporter import TensorSetExporter
 from .layout import ALIGN, DTYPE_NAMES, DTYPES, align_up
 from .protocol import MAX_DIMS, MAX_ENTRIES, Count, Name, Positive, check_fields
 
@@ -234,7 +234,7 @@ class WeightSender:
         stream: str | None = None,
     ):
         self.bucket_bytes = check_bucket_bytes(bucket_bytes)
-        self.exporter = AdapterExporter(endpoint, keep=2, device=device, lease_timeout_s=lease_timeout_s)
+        self.exporter = TensorSetExporter(endpoint, keep=2, device=device, lease_timeout_s=lease_timeout_s)
         self.stream = stream or f"weights-{uuid.uuid4().hex[:12]}"
         self.updates = 0
         self._plans: tuple[tuple, list[BucketPlan]] | None = None
@@ -267,7 +267,7 @@ class WeightSender:
         pending: concurrent.futures.Future | None = None
         try:
             for index, bucket in enumerate(_fill(plans, iter(tensors))):
-                version = self.exporter.publish(self.stream, bucket, {})
+                version = self.exporter.publish(self.stream, bucket)
                 if pending is not None:
                     pending.result()  # bucket index-1 loaded: the next publish may retire it
                 ref = BucketRef.for_bucket(self.stream, version, update, index, plans)
@@ -358,7 +358,7 @@ class WeightReceiver:
     def __init__(self, endpoint: str, stream: str, *, timeout_s: float = 60.0, max_update_bytes: int | None = None):
         self.stream = stream
         self.max_update_bytes = max_update_bytes  # whole parameters returned + split ones allocated, per update
-        self.client = AdapterClient(endpoint, timeout_s=timeout_s)
+        self.client = TensorSetClient(endpoint, timeout_s=timeout_s)
         self._partial: dict[str, _Partial] = {}
         self._complete: set[str] = set()
         self.begin()
@@ -385,14 +385,14 @@ class WeightReceiver:
             raise RefitError(
                 f"bucket {ref.bucket} says the update has {ref.buckets} buckets, bucket 0 said {self._total}"
             )
-        adapter = self.client.fetch(ref.stream, ref.version, device=device)
-        if adapter.version != ref.version:
-            raise RefitError(f"asked for version {ref.version}, got {adapter.version}")
-        placed = self._place(ref, adapter.tensors)
-        self._bytes += self._new_bytes(placed, adapter.tensors)
+        bucket = self.client.fetch(ref.stream, ref.version, device=device)
+        if bucket.version != ref.version:
+            raise RefitError(f"asked for version {ref.version}, got {bucket.version}")
+        placed = self._place(ref, bucket.tensors)
+        self._bytes += self._new_bytes(placed, bucket.tensors)
         out: list[tuple[str, torch.Tensor]] = []
         for item in placed:  # checked: nothing below can refuse the bucket half-way
-            tensor = adapter.tensors[item.entry]
+            tensor = bucket.tensors[item.entry]
             if not item.piece:
                 self._complete.add(item.param)
                 out.append((item.param, tensor))

@@ -1,4 +1,4 @@
-"""The ZeroMQ loop over an :class:`AdapterStore`: a thread inside a trainer, or the daemon's main loop.
+"""The ZeroMQ loop over a :class:`TensorSetStore`: a thread inside a trainer, or the daemon's main loop.
 
 One ROUTER socket. Each request is answered on its own from the store (no request waits for another
 client), every frame is validated by ``protocol.decode`` and every failure becomes an ``ErrorReply``
@@ -29,7 +29,7 @@ from .fdchannel import FdServer
 from .guard import ConnectionGuard
 from .layout import SlabLayout
 from .lru import BoundedLRU
-from .store import AdapterStore
+from .store import TensorSetStore
 
 log = logging.getLogger("lora_ipc.server")
 POLL_MS = 50
@@ -71,10 +71,10 @@ def publish_source_key(peer: bytes, handle: p.SlabHandle) -> tuple:
     return (peer, handle)
 
 
-class AdapterServer:
+class TensorSetServer:
     def __init__(
         self,
-        store: AdapterStore,
+        store: TensorSetStore,
         endpoint: str,
         *,
         context: zmq.Context | None = None,
@@ -229,7 +229,7 @@ class AdapterServer:
     def _on_list(self, msg: p.ListRequest, peer: bytes) -> p.ListReply:
         listed, left_out = self.store.summaries(max_bytes=MAX_LISTED_BYTES)
         return p.ListReply(
-            listed[: p.MAX_ADAPTERS_LISTED], self.store.epoch, left_out + max(0, len(listed) - p.MAX_ADAPTERS_LISTED)
+            listed[: p.MAX_SETS_LISTED], self.store.epoch, left_out + max(0, len(listed) - p.MAX_SETS_LISTED)
         )
 
     def _on_fetch(self, msg: p.FetchRequest, peer: bytes) -> p.FetchReply:
@@ -252,7 +252,7 @@ class AdapterServer:
             version=pv.version,
             lease_id=lease.lease_id,
             config_digest=pv.config_digest,
-            peft_config=None if pv.config_digest in msg.known_configs else pv.peft_config,
+            config=None if pv.config_digest in msg.known_configs else pv.config,
             slab_id=slab.slab_id,
             slab=None if handle is None else self._fds.attach(slab, handle),
             generation=generation,
@@ -287,26 +287,18 @@ class AdapterServer:
         finally:
             for fd in pushed:  # not taken (the slab was open already, or the import failed first)
                 os.close(fd)
-        version = self.store.publish_copy(msg.name, layout, msg.peft_config, source.copy_into, source.device)
+        version = self.store.publish_copy(msg.name, layout, msg.config, source.copy_into, source.device)
         return p.PublishReply(msg.name, version)
 
     def _on_status(self, msg: p.StatusRequest, peer: bytes) -> p.StatusReply:
-        report = self.store.status(max_listed_bytes=MAX_LISTED_BYTES)
-        report["endpoint"] = self.endpoint
-        report["pid"] = os.getpid()
         g = self.guard
-        report["server"] = {
-            "connections": g.live,
-            "connection_cap": g.cap,
-            "peak_connections": g.peak,
-            "dropped_connections": g.dropped,
-            "requests": self.requests,
-        }
-        return p.StatusReply(msgspec.convert(report, p.StatusReport))  # the contract, checked where it is made
+        server = p.ServerStatus(g.live, g.cap, g.peak, g.dropped, self.requests)
+        report = self.store.status(max_listed_bytes=MAX_LISTED_BYTES)
+        return p.StatusReply(msgspec.structs.replace(report, endpoint=self.endpoint, pid=os.getpid(), server=server))
 
     # ---- thread ----------------------------------------------------------------------------
 
-    def start(self) -> AdapterServer:
+    def start(self) -> TensorSetServer:
         self._thread = threading.Thread(target=self.serve_forever, name="lora-ipc-server", daemon=True)
         self._thread.start()
         return self

@@ -1,4 +1,7 @@
-"""Versions, the keep policy, leases and their expiry. No sockets here: the server drives this.
+"""Versions of named tensor sets, the keep policy, leases and their expiry. No sockets here: the server drives this.
+
+A *tensor set* is what lora_ipc moves: named tensors and a config (a LoRA adapter and its config, or a
+refit bucket with none). Each ``publish`` of a name makes its next version.
 
 Life of a version: ``publish`` takes a slab from the store's :class:`~lora_ipc.slab_pool.SlabPool` (a
 recycled one when a free slab fits), packs the version into it and makes it the newest. Once more
@@ -9,11 +12,11 @@ complete, or reclaimed after ``lease_timeout_s`` if the client vanished.
 Note [leases bound nothing on their own]
     A client that leases every new version and never releases would pin one slab per version, so
     every kind of state has a cap (:class:`Limits`), each enforced with ``LimitExceeded``. Past
-    ``max_retiring_per_adapter`` pinned old versions, the oldest one's leases are *revoked* and its
+    ``max_retiring_per_name`` pinned old versions, the oldest one's leases are *revoked* and its
     slab reused. That is safe because every slab has a reuse counter bumped before each write (Note
     [a generation bump before every write] in slab_pool.py): a client whose lease was revoked or
     expired sees the counter moved after its copy and discards the copy (``SlabRecycled``) instead
-    of returning a torn adapter.
+    of returning a torn version.
     Leases are bound to the connection that took them and their ids are random, so nobody else can
     release them. Expiry pops a heap: its cost does not grow with the number of leases.
 """
@@ -31,26 +34,27 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import protocol as p
 from .backends import ExportedSlab, slab_device
 from .errors import AdapterNotFound, AdapterRejected, LeaseError, LimitExceeded, StaleEpoch, VersionNotFound
 from .layout import SlabLayout
 from .layout_cache import LayoutCache
-from .protocol import MAX_STATUS_LEASES, AdapterSummary, digest_of
+from .protocol import MAX_STATUS_LEASES, TensorSetSummary, digest_of
 from .slab_pool import SlabPool
 
-_STATUS_ENTRY_BYTES = 160  # msgpack size of one status adapter entry, its name aside (upper estimate)
+_STATUS_ENTRY_BYTES = 160  # msgpack size of one status version entry, its name aside (upper estimate)
 
 
 @dataclass(frozen=True)
 class Limits:
     """Caps on what peers can make a store hold. Each is enforced with ``LimitExceeded``."""
 
-    max_adapters: int = 1024  # distinct adapter names
+    max_names: int = 1024  # distinct names (adapters, refit streams)
     max_slab_bytes: int = 64 << 30  # all slabs together (kept, retiring, free)
     max_slabs: int = 4096  # slabs in all (one generation counter each)
     max_leases: int = 1 << 16  # live leases in all
     max_leases_per_holder: int = 64  # live leases per connection
-    max_retiring_per_adapter: int = 2  # old versions pinned by leases; past it the oldest is revoked
+    max_retiring_per_name: int = 2  # old versions pinned by leases; past it the oldest is revoked
 
 
 @dataclass
@@ -59,7 +63,7 @@ class PublishedVersion:
     version: int
     slab: ExportedSlab
     layout: SlabLayout
-    peft_config: dict
+    config: dict  # the publisher's (a LoRA config; empty for a refit bucket)
     published_at: float
     generation: int
     leases: set[int] = field(default_factory=set)  # lease ids
@@ -100,13 +104,8 @@ class LatencyHistogram:
         self.total_ms += ms
         self.n += 1
 
-    def report(self) -> dict:
-        return {
-            "buckets_ms": list(LATENCY_BUCKETS_MS) + ["+Inf"],
-            "counts": list(self.counts),
-            "sum_ms": round(self.total_ms, 3),
-            "count": self.n,
-        }
+    def report(self) -> p.LatencyStatus:
+        return p.LatencyStatus([*LATENCY_BUCKETS_MS, "+Inf"], list(self.counts), round(self.total_ms, 3), self.n)
 
 
 @dataclass
@@ -123,14 +122,30 @@ class StoreMetrics:
     fetch_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     publish_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
+    def report(self, slabs_allocated: int) -> p.MetricsStatus:
+        return p.MetricsStatus(
+            publishes=self.publishes,
+            fetches=self.fetches,
+            bytes_published=self.bytes_published,
+            bytes_served=self.bytes_served,
+            leases_expired=self.leases_expired,
+            leases_revoked=self.leases_revoked,
+            host_stagings=self.host_stagings,
+            errors=self.errors,
+            errors_by_type=dict(self.errors_by_type),
+            slabs_allocated=slabs_allocated,
+            fetch_latency=self.fetch_latency.report(),
+            publish_latency=self.publish_latency.report(),
+        )
+
 
 def new_epoch() -> str:
     """8 random hex digits: two stores share one with probability 2**-32."""
     return secrets.token_hex(4)
 
 
-class AdapterStore:
-    """Versions of named adapters, each in a slab of :attr:`pool`, and the leases readers hold on them."""
+class TensorSetStore:
+    """Versions of named tensor sets, each in a slab of :attr:`pool`, and the leases readers hold on them."""
 
     def __init__(
         self,
@@ -174,20 +189,20 @@ class AdapterStore:
         self,
         name: str,
         tensors: Mapping[str, torch.Tensor],
-        peft_config: dict,
+        config: dict | None = None,
         device: torch.device | str | None = None,
     ) -> int:
         """Pack ``tensors`` into a slab on ``device`` (default: where the tensors are) as the next version."""
         layout = self._layouts.layout_for(tensors)
         return self._publish_into(
-            name, layout, peft_config, slab_device(device, tensors), lambda slab: slab.pack(layout, tensors)
+            name, layout, config or {}, slab_device(device, tensors), lambda slab: slab.pack(layout, tensors)
         )
 
     def publish_copy(
         self,
         name: str,
         layout: SlabLayout,
-        peft_config: dict,
+        config: dict,
         copy_into: Callable[[torch.Tensor], object],
         device: torch.device,
         version: int | None = None,
@@ -196,12 +211,12 @@ class AdapterStore:
 
         ``version``: keep another store's version number (a Ray relay serving a replica of what the
         publishing node's relay numbered). It must be newer than every version of ``name`` here, so
-        numbers stay increasing and one number never names two different adapters in one store.
+        numbers stay increasing and one number never names two different versions in one store.
         """
         if version is not None:
             self._check_newer(name, version)
         return self._publish_into(
-            name, layout, peft_config, device, lambda slab: copy_into(slab.tensor[: layout.used_bytes]), version
+            name, layout, config, device, lambda slab: copy_into(slab.tensor[: layout.used_bytes]), version
         )
 
     def newest_version(self, name: str) -> int:
@@ -217,22 +232,22 @@ class AdapterStore:
         self,
         name: str,
         layout: SlabLayout,
-        peft_config: dict,
+        config: dict,
         device: torch.device,
         write: Callable[[ExportedSlab], object],
         version: int | None = None,
     ) -> int:
         started = time.perf_counter()
         with self._lock:
-            if name not in self._versions and len(self._versions) >= self.limits.max_adapters:
-                raise LimitExceeded(f"already {len(self._versions)} adapters (max_adapters); {name!r} refused")
+            if name not in self._versions and len(self._versions) >= self.limits.max_names:
+                raise LimitExceeded(f"already {len(self._versions)} names (max_names); {name!r} refused")
         slab, generation = self.pool.take(device, layout.used_bytes)  # generation bumped before any write
         try:
             write(slab)
             if self.check_finite:
                 _reject_non_finite(layout, slab.tensor)
             slab.mark_ready()
-            version = self._add(name, slab, layout, peft_config, generation, version)
+            version = self._add(name, slab, layout, config, generation, version)
         except BaseException:
             self.pool.give_back(slab)
             raise
@@ -244,7 +259,7 @@ class AdapterStore:
         name: str,
         slab: ExportedSlab,
         layout: SlabLayout,
-        peft_config: dict,
+        config: dict,
         generation: int,
         version: int | None = None,
     ) -> int:
@@ -260,10 +275,10 @@ class AdapterStore:
                 version,
                 slab,
                 layout,
-                peft_config,
+                config,
                 time.time(),
                 generation,
-                config_digest=self._config_digest(peft_config),
+                config_digest=self._config_digest(config),
             )
             self.metrics.publishes += 1
             self.metrics.bytes_published += layout.used_bytes
@@ -274,17 +289,17 @@ class AdapterStore:
                 else:
                     self._free_version(old)
             retiring = [pv for pv in self._retiring.values() if pv.name == name]
-            for pv in retiring[: max(0, len(retiring) - self.limits.max_retiring_per_adapter)]:
+            for pv in retiring[: max(0, len(retiring) - self.limits.max_retiring_per_name)]:
                 self._revoke(pv)
             return version
 
-    def _config_digest(self, peft_config: dict) -> bytes:
+    def _config_digest(self, config: dict) -> bytes:
         """Digest of a config, remembered for the last config object seen (a training loop republishes one)."""
         last = self._last_config
-        if last is not None and last[0] is peft_config:
+        if last is not None and last[0] is config:
             return last[1]
-        digest = digest_of(peft_config)
-        self._last_config = (peft_config, digest)
+        digest = digest_of(config)
+        self._last_config = (config, digest)
         return digest
 
     def _revoke(self, pv: PublishedVersion) -> None:
@@ -332,7 +347,7 @@ class AdapterStore:
             self.expire_leases()
             versions = self._versions.get(name)
             if not versions:
-                raise AdapterNotFound(f"no adapter named {name!r} has been published")
+                raise AdapterNotFound(f"nothing named {name!r} has been published")
             if version is None:
                 version = next(reversed(versions))
             pv = versions.get(version)
@@ -412,12 +427,12 @@ class AdapterStore:
 
     # ---- views -----------------------------------------------------------------------------
 
-    def summaries(self, max_bytes: int | None = None) -> tuple[list[AdapterSummary], int]:
-        """One summary per adapter name, and how many were left out to keep the list's wire size
+    def summaries(self, max_bytes: int | None = None) -> tuple[list[TensorSetSummary], int]:
+        """One summary per name, and how many were left out to keep the list's wire size
         under ``max_bytes`` (an upper estimate per entry; None: all)."""
         with self._lock:
             out = [
-                AdapterSummary(name, list(vs), sum(pv.layout.used_bytes for pv in vs.values()))
+                TensorSetSummary(name, list(vs), sum(pv.layout.used_bytes for pv in vs.values()))
                 for name, vs in self._versions.items()
             ]
         listed = _within_bytes(out, lambda s: len(s.name.encode()) + 9 * len(s.versions) + 48, max_bytes)
@@ -426,61 +441,46 @@ class AdapterStore:
     def live_slab_ids(self) -> list[str]:
         return [s.slab_id for s in self.pool.slabs()]
 
-    def status(self, max_listed_bytes: int | None = None) -> dict:
-        """The operator view: a :class:`~lora_ipc.protocol.StatusReport` as plain data (the server
-        sends it as one, checked). ``max_listed_bytes`` bounds the wire size of the adapter list (an upper
-        estimate per entry); those left out are counted in ``adapters_left_out``."""
+    def status(self, max_listed_bytes: int | None = None) -> p.StatusReport:
+        """The operator view. ``max_listed_bytes`` bounds the wire size of the version list (an upper
+        estimate per entry); those left out are counted in ``versions_left_out``."""
         with self._lock:
             now = self.clock()
-            m = self.metrics
             slabs = self.pool.counts()
-            pvs = [*(p for vs in self._versions.values() for p in vs.values()), *self._retiring.values()]
+            pvs = [*(pv for vs in self._versions.values() for pv in vs.values()), *self._retiring.values()]
             listed = _within_bytes(pvs, lambda pv: len(pv.name.encode()) + _STATUS_ENTRY_BYTES, max_listed_bytes)
-            return {
-                "uptime_s": round(time.time() - self.started_at, 3),
-                "epoch": self.epoch,
-                "keep": self.keep,
-                "adapters": [
-                    {
-                        "name": pv.name,
-                        "version": pv.version,
-                        "bytes": pv.layout.used_bytes,
-                        "tensors": len(pv.layout.entries),
-                        "leases": len(pv.leases),
-                        "retiring": (pv.name, pv.version) in self._retiring,
-                        "published_at": pv.published_at,
-                    }
+            return p.StatusReport(
+                uptime_s=round(time.time() - self.started_at, 3),
+                epoch=self.epoch,
+                keep=self.keep,
+                versions=[
+                    p.VersionStatus(
+                        name=pv.name,
+                        version=pv.version,
+                        bytes=pv.layout.used_bytes,
+                        tensors=len(pv.layout.entries),
+                        leases=len(pv.leases),
+                        retiring=(pv.name, pv.version) in self._retiring,
+                        published_at=pv.published_at,
+                    )
                     for pv in listed
                 ],
-                "adapters_left_out": len(pvs) - len(listed),
-                "lease_count": len(self._leases),
-                "leases": [
-                    {
-                        "lease_id": lease.lease_id,
-                        "name": lease.name,
-                        "version": lease.version,
-                        "holder": lease.client or lease.holder.hex(),
-                        "expires_in_s": round(lease.expires_at - now, 3),
-                    }
+                versions_left_out=len(pvs) - len(listed),
+                lease_count=len(self._leases),
+                leases=[
+                    p.LeaseStatus(
+                        lease_id=lease.lease_id,
+                        name=lease.name,
+                        version=lease.version,
+                        holder=lease.client or lease.holder.hex(),
+                        expires_in_s=round(lease.expires_at - now, 3),
+                    )
                     for lease in itertools.islice(self._leases.values(), MAX_STATUS_LEASES)
                 ],
-                "limits": dataclasses.asdict(self.limits),
-                "slabs": {"live": slabs.live, "free": slabs.free, "bytes": slabs.bytes},
-                "metrics": {
-                    "publishes": m.publishes,
-                    "fetches": m.fetches,
-                    "bytes_published": m.bytes_published,
-                    "bytes_served": m.bytes_served,
-                    "leases_expired": m.leases_expired,
-                    "leases_revoked": m.leases_revoked,
-                    "host_stagings": m.host_stagings,
-                    "errors": m.errors,
-                    "errors_by_type": dict(m.errors_by_type),
-                    "slabs_allocated": slabs.allocated,
-                    "fetch_latency": m.fetch_latency.report(),
-                    "publish_latency": m.publish_latency.report(),
-                },
-            }
+                limits=dataclasses.asdict(self.limits),
+                slabs=p.SlabStatus(live=slabs.live, free=slabs.free, bytes=slabs.bytes),
+                metrics=self.metrics.report(slabs.allocated),
+            )
 
     def count_error(self, exc: BaseException) -> None:
         with self._lock:
@@ -499,7 +499,7 @@ class AdapterStore:
 
 
 def _reject_non_finite(layout: SlabLayout, slab: torch.Tensor) -> None:
-    """Refuse a packed version holding NaN/Inf (costs one read of the adapter and one synchronize)."""
+    """Refuse a packed version holding NaN/Inf (costs one read of the slab and one synchronize)."""
     bad = layout.non_finite_names(slab)
     if bad:
         raise AdapterRejected(f"non-finite values (NaN/Inf) in {bad[:5]}{' …' if len(bad) > 5 else ''}")

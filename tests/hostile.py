@@ -78,7 +78,7 @@ def hostile_main(
         slab_id, nbytes = base.slab_id, base.slab.nbytes
         fd = _sealed(slab_id, nbytes, True)
         _fill(fd, nbytes)
-        entries, used, config = base.entries, base.used_bytes, base.peft_config
+        entries, used, config = base.entries, base.used_bytes, base.config
         name, version = base.name, base.version
     else:
         slab_id = f"{os.getpid()}.hostile.1"
@@ -116,7 +116,7 @@ def hostile_main(
                 version=version or msg.version or 1,
                 lease_id=7,
                 config_digest=p.digest_of(config),
-                peft_config=config,
+                config=config,
                 slab_id=slab_id,
                 slab=None if slab_id in msg.known_slabs else handle,
                 generation=table.read(slot) if generation else 0,

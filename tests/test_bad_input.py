@@ -208,7 +208,7 @@ class FakeExporter:
             version=1,
             lease_id=1,
             config_digest=p.digest_of({}),
-            peft_config={},
+            config={},
             slab_id=self.slab.slab_id,
             slab=self.handle,
             generation=0,

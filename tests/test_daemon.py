@@ -126,7 +126,7 @@ def test_prometheus_metrics(tmp_path):
             client.fetch("policy")
             client.fetch("policy")
             deadline = time.monotonic() + 30  # the second release travels after the fetch returns
-            while client.status()["leases"]:
+            while client.status().leases:
                 assert time.monotonic() < deadline, "the daemon never saw the release"
                 time.sleep(0.01)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()

@@ -536,11 +536,11 @@ def test_random_requests_never_redeem_anything(fuzzed_server):
 
 def test_a_publisher_pushes_its_staging_slab_and_the_daemon_never_uses_proc(tmp_path, monkeypatch):
     from lora_ipc import RemoteExporter
-    from lora_ipc.server import AdapterServer
-    from lora_ipc.store import AdapterStore
+    from lora_ipc.server import TensorSetServer
+    from lora_ipc.store import TensorSetStore
 
     endpoint = f"ipc://{tmp_path}/d.sock"
-    server = AdapterServer(AdapterStore(), endpoint).start()
+    server = TensorSetServer(TensorSetStore(), endpoint).start()
     try:
 
         def no_proc(*a, **kw):

@@ -154,7 +154,7 @@ def test_inprocess_exporter_survives_a_connection_flood_past_its_fd_limit(sock_d
             # the flood's 1,650 connections pass the cap as libzmq connects them (in the background): the
             # cap is then held by dropping. Asked too early (a fast machine), the count is still below it
             deadline = time.monotonic() + 120
-            while (server := client.status()["server"])["dropped_connections"] == 0:
+            while (server := client.status().server).dropped_connections == 0:
                 assert time.monotonic() < deadline, server
                 time.sleep(0.2)
         print(f"flood: {server}")
@@ -236,8 +236,9 @@ def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
             while True:  # until the server has read every request (or dropped their senders)
                 peak = max(peak, _rss(exporter.pid) - base)
                 assert peak < RSS_BOUND, f"server RSS grew by {peak >> 20} MiB (bound {RSS_BOUND >> 20} MiB)"
-                server = client.status().get("server", {})
-                if server.get("requests", 0) >= expected or server.get("dropped_connections", 0) >= NON_READERS:
+                server = client.status().server
+                assert server is not None  # a server's report names its connections
+                if server.requests >= expected or server.dropped_connections >= NON_READERS:
                     break
                 assert time.monotonic() < deadline, server
                 time.sleep(0.1)
@@ -246,22 +247,22 @@ def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
                 proc.join(10)
             readers = []
             deadline = time.monotonic() + 30
-            while client.status()["server"]["connections"] > 1:  # our own
+            while client.status().server.connections > 1:  # our own
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
             after = _rss(exporter.pid) - base
             assert after < RSS_BOUND, f"{after >> 20} MiB stayed after the peers left"
             # status and list replies are bounded in bytes and say how many entries they left out
             report = client.status()
-            assert report["adapters_left_out"] > 0
-            assert len(report["adapters"]) + report["adapters_left_out"] == 2 * NAMES + 1
+            assert report.versions_left_out > 0
+            assert len(report.versions) + report.versions_left_out == 2 * NAMES + 1
             assert len(p.encode(p.StatusReply(report))) < MAX_LISTED_BYTES + (16 << 10)
             conn = Connection(endpoint, 60)
             try:
                 listed = conn.request(p.ListRequest(), p.ListReply)
             finally:
                 conn.close()
-            assert listed.left_out > 0 and len(listed.adapters) + listed.left_out == NAMES + 1
+            assert listed.left_out > 0 and len(listed.sets) + listed.left_out == NAMES + 1
             assert len(p.encode(listed)) < MAX_LISTED_BYTES + (16 << 10)
             print(
                 f"RSS growth: peak {peak / 2**20:.1f} MiB, after disconnect {after / 2**20:.1f} MiB, "
@@ -333,7 +334,7 @@ def test_peers_that_read_every_reply_are_never_dropped_by_a_busy_server(sock_dir
             proc.start()
         missing = [lost.get(timeout=120) for _ in peers]
         with AdapterClient(endpoint, timeout_s=30) as client:
-            dropped = client.status()["server"]["dropped_connections"]
+            dropped = client.status().server.dropped_connections
         print(f"\nunanswered requests per peer: {missing}; connections dropped: {dropped}")
         assert missing == [0] * len(peers) and dropped == 0
     finally:

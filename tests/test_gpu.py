@@ -447,4 +447,4 @@ def test_host_fallback_when_cuda_ipc_cannot_be_imported(gpu_exporter, monkeypatc
             adapter = client.fetch("fb", device="cuda")
             assert_same_adapter(adapter.tensors, {k: v.cuda() for k, v in models.random_adapter(2).items()})
         assert client.host_fallbacks == 3
-    assert gpu_exporter.call("status")["metrics"]["host_stagings"] >= 1
+    assert gpu_exporter.call("status").metrics.host_stagings >= 1

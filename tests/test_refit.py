@@ -67,8 +67,8 @@ def test_round_trip_is_bitwise_split_parameters_reassembled_and_slabs_bounded():
                 assert bitwise_equal(received[name], tensor), name
             assert any(ref.pieces for ref in refs)
             status = sender.exporter.store.status()
-            assert status["slabs"]["live"] <= 4, status["slabs"]
-            assert status["slabs"]["bytes"] <= 4 * (BUCKET + (64 << 10))
+            assert status.slabs.live <= 4, status.slabs
+            assert status.slabs.bytes <= 4 * (BUCKET + (64 << 10))
     finally:
         receiver.close()
         sender.close()

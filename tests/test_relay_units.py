@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_ipc.layout import SlabLayout
-from lora_ipc.store import AdapterStore
+from lora_ipc.store import TensorSetStore
 
 from . import models
 from .helpers import assert_same_adapter
@@ -22,7 +22,7 @@ def _replica_bytes(tensors):
 def test_store_keeps_a_given_version_number_and_refuses_an_older_one():
     tensors = models.random_adapter(3)
     layout, buf = _replica_bytes(tensors)
-    store = AdapterStore(keep=2)
+    store = TensorSetStore(keep=2)
     try:
         assert (
             store.publish_copy(
@@ -41,7 +41,7 @@ def test_store_keeps_a_given_version_number_and_refuses_an_older_one():
                     torch.device("cpu"),
                     version=stale,
                 )
-        assert store.status()["slabs"]["live"] == 1  # the refused copies took no slab with them
+        assert store.status().slabs.live == 1  # the refused copies took no slab with them
         assert store.publish("p", tensors, models.RANDOM_ADAPTER_CONFIG) == 8  # numbering continues
         lease, pv = store.lease("p", 7, b"t")
         assert_same_adapter(pv.layout.unpack(pv.slab.tensor[: pv.layout.used_bytes].clone()), tensors)

@@ -63,10 +63,10 @@ def test_soak_publish_fetch_memory_flat():
             f"\nsoak: {SOAK_CYCLES} publish->fetch cycles in {elapsed:.1f}s after {warmup} warm-up; "
             f"growth {growth}; RSS growth exporter {rss_growth[0] / 1024:.0f} KiB, "
             f"client {rss_growth[1] / 1024:.0f} KiB; "
-            f"slabs allocated {status['metrics']['slabs_allocated']}"
+            f"slabs allocated {status.metrics.slabs_allocated}"
         )
         assert growth == {k: 0 for k in warm}
-        assert status["metrics"]["slabs_allocated"] <= 3  # steady state recycles, never allocates
+        assert status.metrics.slabs_allocated <= 3  # steady state recycles, never allocates
         assert max(rss_growth) < 16 << 20
     finally:
         client.close()
@@ -117,13 +117,13 @@ def test_client_sigkill_while_holding_a_lease_is_reclaimed():
         holder = ClientProcess(exporter.endpoint)
         holder.call("hold_lease", "a")
         holder.kill()
-        assert len(exporter.call("status")["leases"]) == 1
+        assert len(exporter.call("status").leases) == 1
         for seed in range(2, 6):  # keep=2: version 1 is retired but its slab stays leased
             exporter.call("publish_random", "a", seed)
         status = exporter.call("status")
-        assert any(a["version"] == 1 and a["retiring"] for a in status["adapters"])
+        assert any(v.version == 1 and v.retiring for v in status.versions)
         started = time.monotonic()
-        while exporter.call("status")["leases"]:
+        while exporter.call("status").leases:
             assert time.monotonic() - started < 5
             time.sleep(0.05)
         print(
@@ -132,9 +132,9 @@ def test_client_sigkill_while_holding_a_lease_is_reclaimed():
         for seed in range(6, 12):
             exporter.call("publish_random", "a", seed)
         status = exporter.call("status")
-        assert status["metrics"]["leases_expired"] == 1
-        assert not any(a["retiring"] for a in status["adapters"])
-        assert status["metrics"]["slabs_allocated"] <= 4  # the reclaimed slab went back into use
+        assert status.metrics.leases_expired == 1
+        assert not any(v.retiring for v in status.versions)
+        assert status.metrics.slabs_allocated <= 4  # the reclaimed slab went back into use
         with AdapterClient(exporter.endpoint) as client:
             assert_same_adapter(client.fetch("a").tensors, models.random_adapter(11))
     finally:
@@ -192,7 +192,7 @@ def test_slow_client_blocks_neither_other_clients_nor_publishing():
                 f"{time.monotonic() - started:.2f}s"
             )
         started = time.monotonic()
-        while exporter.call("status")["leases"]:  # the slow client's leases expire
+        while exporter.call("status").leases:  # the slow client's leases expire
             assert time.monotonic() - started < 5
             time.sleep(0.1)
     finally:
@@ -297,12 +297,12 @@ def test_non_finite_adapters_are_rejected_at_publish_and_never_replace_the_last_
                         publisher.publish("a", bad, models.RANDOM_ADAPTER_CONFIG)
                 with AdapterClient(publisher.endpoint) as client:
                     adapter = client.fetch("a")
-                    assert [a["version"] for a in client.status()["adapters"]] == [1]
+                    assert [v.version for v in client.status().versions] == [1]
                 assert adapter.version == 1
                 assert_same_adapter(adapter.tensors, good)
                 assert torch.isfinite(torch.cat([t.float().flatten() for t in adapter.tensors.values()])).all()
                 if status is not None:
-                    assert [a["version"] for a in status()["adapters"]] == [1]
+                    assert [v.version for v in status().versions] == [1]
     finally:
         daemon.terminate()
         daemon.wait(20)

@@ -19,7 +19,7 @@ import zmq
 
 from lora_ipc import LimitExceeded, Limits
 from lora_ipc import protocol as p
-from lora_ipc.store import AdapterStore
+from lora_ipc.store import TensorSetStore
 
 from . import models
 from .helpers import open_fds, shm_fds
@@ -65,7 +65,7 @@ def test_a_hostile_frame_costs_little(exporter_proc, kind):
 
 
 def test_leases_per_connection_are_capped_and_expiry_does_not_scan():
-    store = AdapterStore(limits=Limits(max_leases_per_holder=8))
+    store = TensorSetStore(limits=Limits(max_leases_per_holder=8))
     store.publish("a", models.random_adapter(1), models.RANDOM_ADAPTER_CONFIG)
     for _ in range(8):
         store.lease("a", None, b"greedy")
@@ -95,33 +95,33 @@ def test_keep_bounds_slabs_even_when_a_client_pins_every_version():
             assert sock.poll(5000)
             sock.recv_multipart()  # leased, never released
         status = exporter.call("status")
-        # keep=2 + max_retiring_per_adapter=2 pinned + max_free_slabs=2 free
-        assert status["slabs"]["live"] <= 6, status["slabs"]
+        # keep=2 + max_retiring_per_name=2 pinned + max_free_slabs=2 free
+        assert status.slabs.live <= 6, status.slabs
         assert len(shm_fds(exporter.pid)) <= 7  # those slabs + the generation table
-        assert status["metrics"]["leases_revoked"] >= 30
+        assert status.metrics.leases_revoked >= 30
     finally:
         sock.close(0)
         exporter.close()
 
 
 def test_adapter_names_and_slab_bytes_are_capped_and_failures_leave_nothing():
-    store = AdapterStore(limits=Limits(max_adapters=20, max_slab_bytes=24 << 20))
+    store = TensorSetStore(limits=Limits(max_names=20, max_slab_bytes=24 << 20))
     fds = open_fds(os.getpid())
     for i in range(20):
         store.publish(f"n{i}", models.random_adapter(1), models.RANDOM_ADAPTER_CONFIG)
-    with pytest.raises(LimitExceeded, match="max_adapters"):
+    with pytest.raises(LimitExceeded, match="max_names"):
         store.publish("one-too-many", models.random_adapter(1), models.RANDOM_ADAPTER_CONFIG)
     with pytest.raises(LimitExceeded, match="max_slab_bytes"):
         store.publish("n0", {"w": torch.zeros(8 << 20)}, models.RANDOM_ADAPTER_CONFIG)
-    assert [a["name"] for a in store.status()["adapters"]][:1] == ["n0"]
-    assert store.status()["slabs"]["live"] == 20
+    assert [v.name for v in store.status().versions][:1] == ["n0"]
+    assert store.status().slabs.live == 20
     assert open_fds(os.getpid()) - fds == 2 * 20 + 2  # 20 slabs and the generation table (fd + mmap's dup)
     store.close()
     assert open_fds(os.getpid()) == fds
 
 
 def test_shared_clients_are_bounded(tmp_path):
-    from lora_ipc.client import MAX_SHARED_CLIENTS, _shared, shared_client
+    from lora_ipc.adapters import MAX_SHARED_CLIENTS, _shared, shared_client
 
     for i in range(MAX_SHARED_CLIENTS):  # the context's own descriptors exist before we count
         shared_client(f"ipc://{tmp_path}/warm-{i}.sock")

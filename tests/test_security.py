@@ -40,9 +40,9 @@ from lora_ipc import protocol as p
 from lora_ipc.backends import open_slab
 from lora_ipc.backends.cpu import CpuBackend
 from lora_ipc.protocol import CpuSlabHandle
-from lora_ipc.server import AdapterServer
+from lora_ipc.server import TensorSetServer
 from lora_ipc.shm import create_sealed
-from lora_ipc.store import AdapterStore
+from lora_ipc.store import TensorSetStore
 from lora_ipc.vllm.uri import AdapterURI
 
 from . import models
@@ -94,7 +94,7 @@ def _impostor(conn, endpoint):
         if sock.poll(50):
             identity, *_, payload = sock.recv_multipart()
             seen += 1
-            fake = p.ListReply([p.AdapterSummary("policy", [41, 42], 1)])
+            fake = p.ListReply([p.TensorSetSummary("policy", [41, 42], 1)])
             sock.send_multipart([identity, b"", p.encode(fake, p.decode(payload).request_id)])
     conn.recv()
     conn.send(seen)
@@ -128,10 +128,10 @@ def test_network_endpoints_are_refused(endpoint):
 
 
 def test_peers_of_another_uid_are_refused(tmp_path):
-    store = AdapterStore()
+    store = TensorSetStore()
     store.publish("a", models.random_adapter(1), models.RANDOM_ADAPTER_CONFIG)
     endpoint = f"ipc://{tmp_path}/other-user.sock"
-    server = AdapterServer(store, endpoint, allowed_uids={os.getuid() + 12345}).start()
+    server = TensorSetServer(store, endpoint, allowed_uids={os.getuid() + 12345}).start()
     try:
         assert server.peer_check
         with AdapterClient(endpoint, timeout_s=1.0) as client, pytest.raises(ExporterUnavailable):
@@ -364,7 +364,7 @@ def test_leases_are_bound_to_their_connection_and_unguessable():
         assert other.poll(5000)
         reply = p.decode(other.recv_multipart()[-1]).message
         assert isinstance(reply, p.ErrorReply) and reply.error == "LeaseError"
-        assert exporter.call("status")["lease_count"] == 5  # nobody else dropped them
+        assert exporter.call("status").lease_count == 5  # nobody else dropped them
         sock.send_multipart([b"", p.encode(p.ReleaseRequest(ids[0]), 10)])
         assert sock.poll(5000) and isinstance(p.decode(sock.recv_multipart()[-1]).message, p.ReleaseReply)
         sock.close(0)

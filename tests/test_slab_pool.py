@@ -8,8 +8,9 @@ import torch
 from lora_ipc import LimitExceeded, Limits
 from lora_ipc.backends import Backend
 from lora_ipc.backends.cpu import CpuBackend
+from lora_ipc.protocol import SlabStatus
 from lora_ipc.slab_pool import SlabCounts, SlabPool
-from lora_ipc.store import AdapterStore
+from lora_ipc.store import TensorSetStore
 
 from . import models
 from .helpers import open_fds
@@ -125,22 +126,22 @@ def test_slab_bytes_stay_exact_when_the_backend_rounds_sizes_up_further(monkeypa
     total drift below zero, and max_slab_bytes stopped refusing anything."""
     granule = 1 << 20
     monkeypatch.setattr(CpuBackend, "allocate", lambda self, n: self._allocate(-(-n // granule) * granule))
-    store = AdapterStore(keep=1, max_free_slabs=0, limits=Limits(max_slab_bytes=4 * granule))
+    store = TensorSetStore(keep=1, max_free_slabs=0, limits=Limits(max_slab_bytes=4 * granule))
     try:
         for i in range(8):  # each version closes the one before: one slab live at the end
             store.publish("churn", {"w": torch.full((1000,), float(i))}, models.RANDOM_ADAPTER_CONFIG)
-        assert store.status()["slabs"] == {"live": 1, "free": 0, "bytes": granule}
+        assert store.status().slabs == SlabStatus(live=1, free=0, bytes=granule)
         for i in range(3):
             store.publish(f"kept{i}", {"w": torch.zeros(1000)}, models.RANDOM_ADAPTER_CONFIG)
         with pytest.raises(LimitExceeded, match="max_slab_bytes"):
             store.publish("one-too-many", {"w": torch.zeros(1000)}, models.RANDOM_ADAPTER_CONFIG)
-        assert store.status()["slabs"]["bytes"] == 4 * granule
+        assert store.status().slabs.bytes == 4 * granule
     finally:
         store.close()
 
 
 def test_a_store_reports_the_pool_and_intact_follows_the_slab():
-    store = AdapterStore(keep=1, max_free_slabs=0)
+    store = TensorSetStore(keep=1, max_free_slabs=0)
     try:
         store.publish("a", models.random_adapter(1), models.RANDOM_ADAPTER_CONFIG)
         lease, first = store.lease("a", None, b"reader")
@@ -149,7 +150,7 @@ def test_a_store_reports_the_pool_and_intact_follows_the_slab():
         store.publish("a", models.random_adapter(2), models.RANDOM_ADAPTER_CONFIG)  # v1's slab closed
         assert not store.intact(first)
         status = store.status()
-        assert status["slabs"]["live"] == 1 and status["metrics"]["slabs_allocated"] == 2
+        assert status.slabs.live == 1 and status.metrics.slabs_allocated == 2
         assert store.live_slab_ids() == [s.slab_id for s in store.pool.slabs()]
     finally:
         store.close()

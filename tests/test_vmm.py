@@ -49,7 +49,7 @@ def test_vmm_handles_travel_the_protocol_and_bad_ones_are_refused():
             version=1,
             lease_id=1,
             config_digest=b"c" * 16,
-            peft_config=None,
+            config=None,
             slab_id="vmm.1.ab.1",
             slab=slab,
             generation=1,

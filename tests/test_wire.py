@@ -35,7 +35,7 @@ def sample_messages():
     }
     return [
         p.ListRequest(),
-        p.ListReply([p.AdapterSummary("policy", [1, 2], 4096)], "ep0ch", 3),
+        p.ListReply([p.TensorSetSummary("policy", [1, 2], 4096)], "ep0ch", 3),
         p.FetchRequest("policy", 3, "c", ["s1"], [b"\0" * 16], [b"\1" * 16], "host", "ep0ch"),
         p.FetchRequest("policy", None, "c"),
         p.FetchReply(
@@ -68,20 +68,22 @@ def sample_messages():
 
 def status_report() -> p.StatusReport:
     """A real store's report (one adapter, one lease) with what a server adds."""
-    from lora_ipc.store import AdapterStore
+    from lora_ipc.store import TensorSetStore
 
-    store = AdapterStore()
+    store = TensorSetStore()
     try:
         store.publish("a", {"w": torch.ones(4, 4)}, {"r": 4})
         store.lease("a", None, b"\x00k", client="c1")
-        report = store.status() | {
-            "endpoint": "ipc:///tmp/x.sock",
-            "pid": 42,
-            "server": dict(connections=1, connection_cap=64, peak_connections=2, dropped_connections=0, requests=9),
-        }
+        return msgspec.structs.replace(
+            store.status(),
+            endpoint="ipc:///tmp/x.sock",
+            pid=42,
+            server=p.ServerStatus(
+                connections=1, connection_cap=64, peak_connections=2, dropped_connections=0, requests=9
+            ),
+        )
     finally:
         store.close()
-    return msgspec.convert(report, p.StatusReport)
 
 
 def plain(message) -> dict:
@@ -115,7 +117,7 @@ def test_every_wire_struct_refuses_unknown_keys():
         p.CudaSlabHandle,
         p.VmmSlabHandle,
         p.GenerationSlot,
-        p.AdapterSummary,
+        p.TensorSetSummary,
         p.LayoutEntry,
     ]
     for cls in structs:
@@ -232,11 +234,11 @@ def test_relay_metadata_is_checked_like_a_message():
         dict(version=0),
         dict(name=""),
         dict(name=7),
-        dict(peft_config={"r": float("nan")}),
-        dict(peft_config={"x": b"bytes"}),
+        dict(config={"r": float("nan")}),
+        dict(config={"x": b"bytes"}),
         dict(used_bytes=-1),
     ]:
-        fields = dict(name="p", version=1, entries=lay.to_wire(), used_bytes=lay.used_bytes, peft_config={}) | bad
+        fields = dict(name="p", version=1, entries=lay.to_wire(), used_bytes=lay.used_bytes, config={}) | bad
         with pytest.raises(ProtocolError):
             ReplicaMeta(**fields).layout_for(data)
 
@@ -250,7 +252,7 @@ def test_configs_decode_alike_in_small_and_large_frames(tensors):
     frame = p.encode(message, 3)
     assert (len(frame) > p.SMALL_FRAME) == (tensors > 8)
     decoded = p.decode(frame).message
-    assert decoded.peft_config == config and p.encode(decoded, 3) == frame
+    assert decoded.config == config and p.encode(decoded, 3) == frame
     for bad, needle in [
         ({"x": list(range(p.MAX_CONFIG_NODES))}, "more than 4096 values"),
         ({"x": float("nan")}, "peft_config"),

@@ -870,7 +870,7 @@ def check_fast_publish(lab, ws, seconds=6.0, control_seconds=3.0):
         publishes=stats["publishes"],
         publisher_error=stats["error"],
         consumers=results,
-        store=ex.store.status()["metrics"] | {"slabs": ex.store.status()["slabs"]},
+        store=__import__("msgspec").to_builtins(ex.store.status())["metrics"],  # lora_ipc: status is a Struct now
         max_exports_per_slab=max((s._exports for s in lab.slabs_of(ex)), default=None) if lab.cuda else None,
         allocated_mib_during=mib(lab.settle()[0] - base[0]),
     )

@@ -150,8 +150,8 @@ def main(argv=None) -> dict:
             "median_s": round(median, 4),
             "gbps": round(total / median / 1e9, 2),
             "fraction_of_floor": round(floor_s / median, 3),
-            "slabs_live": status["slabs"]["live"],
-            "slab_bytes": status["slabs"]["bytes"],
+            "slabs_live": status.slabs.live,
+            "slab_bytes": status.slabs.bytes,
         }
         report["buckets"].append(row)
         print(

@@ -47,7 +47,7 @@ class FloorExtension:
     def floor_hold(self, version: int, safetensors_bytes: bytes, peft_config: dict) -> int:
         from safetensors.torch import load
 
-        from ..client import Adapter
+        from ..adapters import Adapter
         from ..vllm import loader
 
         held = self.__dict__.setdefault("_floor_held", {})

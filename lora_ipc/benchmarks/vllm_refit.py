@@ -135,8 +135,8 @@ def main(argv=None) -> dict:
                     k: statistics.median(w[k] for w in worker[1:])
                     for k in ("fetch_ms", "load_weights_ms", "finalize_ms")
                 },
-                "slabs_live": status["slabs"]["live"],
-                "slab_bytes": status["slabs"]["bytes"],
+                "slabs_live": status.slabs.live,
+                "slab_bytes": status.slabs.bytes,
             }
             transfer.shutdown()
         disk = statistics.median(r["total_s"] for r in results["disk_shm"][1:] or results["disk_shm"])

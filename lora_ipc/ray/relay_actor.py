@@ -7,7 +7,7 @@ buffer in Ray's object store, to every other relay (:meth:`Relay.replicate`), wh
 the same version number (:meth:`Relay.accept`).
 
 A relay that Ray restarts (``max_restarts=-1``) binds the same endpoint, first copies the newest
-version of every adapter from a peer relay (so its version numbers continue where the cluster is),
+version of every name from a peer relay (so its version numbers continue where the cluster is),
 and only then starts answering on its socket; publishers and engines wait for it within their
 timeouts. The Ray methods run on a small thread pool (``max_concurrency``), so relays replicating to
 each other at the same time never wait on one another.
@@ -26,8 +26,9 @@ import ray
 import torch
 
 from ..errors import SlabRecycled
-from ..server import AdapterServer
-from ..store import AdapterStore
+from ..protocol import StatusReport
+from ..server import TensorSetServer
+from ..store import TensorSetStore
 from .naming import NAMESPACE, relay_actor_name, relay_endpoint
 from .replica import ReplicaMeta, ReplicationReport
 
@@ -74,7 +75,7 @@ class Relay:
         with warnings.catch_warnings():  # Ray's property warns about an internal use of actor_id
             warnings.simplefilter("ignore", DeprecationWarning)
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        self.store = AdapterStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite)
+        self.store = TensorSetStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite)
         # Note [one epoch per relay set]: every relay of a set serves under the epoch start_relays drew, so a
         # pinned URI made against one node's relay names the same bytes on every node. A relay Ray restarts
         # takes its peers' epoch only if it can continue their numbering (_catch_up); with no peer to copy
@@ -82,7 +83,7 @@ class Relay:
         if epoch is not None and not self.restarted:
             self.store.epoch = epoch
         self._accept_lock = threading.Lock()
-        self._server: AdapterServer | None = None
+        self._server: TensorSetServer | None = None
         self._ready = threading.Event()
         self._caught_up: dict[str, int] = {}
         self._catch_up_timeout_s = catch_up_timeout_s
@@ -98,7 +99,7 @@ class Relay:
         except Exception:  # a relay with nothing is still a relay: the next publish fills it
             log.exception("relay %s: catching up from peers failed", self.node_id[:8])
         try:
-            self._server = AdapterServer(self.store, self.endpoint).start()
+            self._server = TensorSetServer(self.store, self.endpoint).start()
         except Exception as exc:  # e.g. EndpointInUse: say so to whoever waits, instead of never being ready
             self._start_error = f"{type(exc).__name__}: {exc}"
             log.error("relay %s cannot serve on %s: %s", self.node_id[:8], self.endpoint, self._start_error)
@@ -116,7 +117,7 @@ class Relay:
         )
 
     def _catch_up(self) -> None:
-        """Copy, from the other relays, the newest version of each adapter they serve."""
+        """Copy, from the other relays, the newest version of each name they serve."""
         peers = list(self._peers(cached=False).values())
         if not peers:
             return
@@ -180,7 +181,7 @@ class Relay:
     def versions(self) -> dict[str, list[int]]:
         return {s.name: list(s.versions) for s in self.store.summaries()[0]}
 
-    def status(self) -> dict:
+    def status(self) -> StatusReport:
         return self.store.status()
 
     def replica(self, name: str, version: int | None = None) -> tuple[ReplicaMeta, ray.ObjectRef]:
@@ -196,7 +197,7 @@ class Relay:
                 raise SlabRecycled(f"{name!r} v{pv.version} was reused while it was copied; ask again")
         finally:
             self.store.release(lease.lease_id, HOLDER)
-        return ReplicaMeta(pv.name, pv.version, pv.layout.to_wire(), used, dict(pv.peft_config)), ref
+        return ReplicaMeta(pv.name, pv.version, pv.layout.to_wire(), used, dict(pv.config)), ref
 
     def newest_replicas(self) -> list[tuple[ReplicaMeta, ray.ObjectRef]]:
         return [self.replica(name) for name in self.versions()]
@@ -214,7 +215,7 @@ class Relay:
                 warnings.simplefilter("ignore", UserWarning)
                 source = torch.from_numpy(data)
             return self.store.publish_copy(
-                meta.name, layout, meta.peft_config, lambda dst: dst.copy_(source), self.device, version=meta.version
+                meta.name, layout, meta.config, lambda dst: dst.copy_(source), self.device, version=meta.version
             )
 
     def replicate(self, name: str, version: int, timeout_s: float = 60.0) -> ReplicationReport:

@@ -24,14 +24,14 @@ class ReplicaMeta(WireStruct, frozen=True):
     version: Positive
     entries: Entries  # SlabLayout.to_wire() (lists) on the sending side
     used_bytes: Count
-    peft_config: Config
+    config: Config
 
     def layout_for(self, data: np.ndarray) -> SlabLayout:
         """The validated layout of ``data`` (the version's used bytes, as shipped); the fields are checked
         first, as a server checks a decoded message's."""
         check_fields(self, f"replica of {self.name!r:.80}:")
         try:
-            check_tree(self.peft_config, MAX_CONFIG_NODES, "peft_config")
+            check_tree(self.config, MAX_CONFIG_NODES, "config")
         except ValueError as exc:
             raise ProtocolError(f"replica of {self.name!r:.80}: {exc}") from None
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:

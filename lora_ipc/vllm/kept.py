@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import threading
 
-from ..client import Adapter
+from ..adapters import Adapter
 from ..lru import BoundedLRU
 from .uri import AdapterURI
 

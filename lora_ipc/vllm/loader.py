@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from ..client import Adapter, with_shared_client
+from ..adapters import Adapter, with_shared_client
 from ..errors import AdapterRejected
 from .bounds import fetch_bound
 from .compat import checked_surface, lora_model_class

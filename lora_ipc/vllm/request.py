@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from ..client import with_shared_client
+from ..adapters import with_shared_client
 from ..endpoint import daemon_endpoint
 from ..errors import AdapterNotFound, StaleEpoch, VersionNotFound
 from .uri import AdapterURI
@@ -22,7 +22,7 @@ def resolve(name: str, endpoint: str, version: int | None, epoch: str | None = N
     """(version, epoch) the exporter serves now: the newest when ``version`` is None. A pinned
     ``version`` must be kept, and of ``epoch`` when that is given (else ``StaleEpoch``)."""
     catalog = with_shared_client(endpoint, lambda client: client.catalog())
-    versions: list[int] = next((a.versions for a in catalog.adapters if a.name == name), [])
+    versions: list[int] = next((a.versions for a in catalog.sets if a.name == name), [])
     if epoch is not None and version is not None and catalog.epoch != epoch:
         raise StaleEpoch(
             f"{name!r} v{version} of epoch {epoch} is gone: {endpoint} now serves epoch "

@@ -1,0 +1,95 @@
+"""The LoRA layer of the core: tensor sets whose config is a LoRA config, under the names PEFT and vLLM
+users know. ``AdapterExporter.publish`` takes a ``PeftModel`` (or a dict of tensors and its LoRA config),
+``AdapterClient.fetch`` returns an :class:`Adapter`, and the vLLM loader fetches through
+:func:`shared_client`. The moving (store, wire, slabs) is the core's: exporter.py and client.py."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from .client import TensorSet, TensorSetClient
+from .errors import ClientClosed
+from .exporter import RemoteTensorSetExporter, TensorSetExporter
+from .lru import BoundedLRU
+from .peft import adapter_from
+
+MAX_SHARED_CLIENTS = 8
+
+
+@dataclass
+class Adapter(TensorSet):
+    """A fetched LoRA adapter: ``tensors`` as ``save_pretrained`` writes them, ``config`` (also
+    ``peft_config``) its adapter_config.json."""
+
+    @property
+    def peft_config(self) -> dict:
+        return self.config
+
+
+class AdapterExporter(TensorSetExporter):
+    """Publish LoRA adapter versions from this process; engines fetch them with :class:`AdapterClient` or
+    a ``lora-ipc://`` URI. The options are :class:`~lora_ipc.exporter.TensorSetExporter`'s."""
+
+    def publish(self, name: str, adapter: Any, peft_config: Any = None) -> int:
+        """Pack ``adapter`` (a PeftModel, or a dict of tensors with ``peft_config``) as the next version of ``name``."""
+        tensors, config = adapter_from(adapter, peft_config)
+        return super().publish(name, tensors, config)
+
+
+class RemoteExporter(RemoteTensorSetExporter):
+    """Publish LoRA adapter versions into a ``lora-ipc serve`` daemon: ``publish`` as :class:`AdapterExporter`'s."""
+
+    def publish(self, name: str, adapter: Any, peft_config: Any = None) -> int:
+        tensors, config = adapter_from(adapter, peft_config)
+        return super().publish(name, tensors, config)
+
+
+class AdapterClient(TensorSetClient):
+    """Fetch LoRA adapters: :meth:`fetch` as :class:`~lora_ipc.client.TensorSetClient`'s, returning
+    an :class:`Adapter`."""
+
+    def fetch(self, *args: Any, **kwargs: Any) -> Adapter:  # the arguments are TensorSetClient.fetch's
+        fetched = super().fetch(*args, **kwargs)
+        return Adapter(fetched.name, fetched.version, fetched.tensors, fetched.config)
+
+
+_shared: BoundedLRU[str, AdapterClient] = BoundedLRU(MAX_SHARED_CLIENTS)
+_shared_lock = threading.Lock()  # guards the dict only: never held across I/O or a close()
+
+
+def shared_client(endpoint: str) -> AdapterClient:
+    """One client per endpoint per process, so slab mappings and validated layouts are reused.
+
+    At most ``MAX_SHARED_CLIENTS`` stay open (least recently used closed first, after the cache's lock
+    is released): endpoints come from ``lora_path`` strings, which API users may choose. A client
+    closed by eviction while a caller still holds it raises ``ClientClosed`` (an ``ExporterUnavailable``);
+    :func:`with_shared_client` retries such a call once with a fresh client. Nothing listening on an
+    endpoint fails at once (``$LORA_IPC_CONNECT_WAIT_S``, default 0): these clients serve requests
+    that users name, and a dead endpoint must cost only its own requests.
+    """
+    evicted: list[AdapterClient] = []
+    with _shared_lock:
+        client = _shared.get(endpoint)
+        if client is None or client._closed:
+            timeout_s = float(os.environ.get("LORA_IPC_TIMEOUT_S", 10))
+            wait_s = float(os.environ.get("LORA_IPC_CONNECT_WAIT_S", 0))
+            client = AdapterClient(endpoint, timeout_s=timeout_s, connect_wait_s=wait_s)
+            _shared.on_evict = lambda _, old: evicted.append(old)
+            try:
+                _shared.put(endpoint, client)
+            finally:
+                _shared.on_evict = None
+    for old in evicted:
+        old.close()
+    return client
+
+
+def with_shared_client(endpoint: str, call):
+    """``call(shared_client(endpoint))``, once more with a fresh client if that one was closed under it."""
+    try:
+        return call(shared_client(endpoint))
+    except ClientClosed:
+        return call(shared_client(endpoint))
