@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .client import TensorSet, TensorSetClient
 from .errors import ClientClosed
@@ -51,9 +51,11 @@ class AdapterClient(TensorSetClient):
     """Fetch LoRA adapters: :meth:`fetch` as :class:`~lora_ipc.client.TensorSetClient`'s, returning
     an :class:`Adapter`."""
 
-    def fetch(self, *args: Any, **kwargs: Any) -> Adapter:  # the arguments are TensorSetClient.fetch's
-        fetched = super().fetch(*args, **kwargs)
-        return Adapter(fetched.name, fetched.version, fetched.tensors, fetched.config)
+    fetched_as = Adapter
+
+    if TYPE_CHECKING:  # what fetch returns here; its arguments are TensorSetClient.fetch's
+
+        def fetch(self, *args: Any, **kwargs: Any) -> Adapter: ...
 
 
 _shared: BoundedLRU[str, AdapterClient] = BoundedLRU(MAX_SHARED_CLIENTS)

@@ -99,8 +99,13 @@ class TensorSet:
 
 
 class TensorSetClient:
-    """``connect_wait_s``: how long a request waits for a server to appear on an endpoint where nothing
+    """A client of one endpoint; :meth:`fetch` returns a ``fetched_as`` (a :class:`TensorSet`; the LoRA
+    layer's client, an ``Adapter``).
+
+    ``connect_wait_s``: how long a request waits for a server to appear on an endpoint where nothing
     listens (default ``timeout_s``: a trainer may start after its engine); 0 fails at once."""
+
+    fetched_as: type[TensorSet] = TensorSet
 
     def __init__(
         self,
@@ -265,7 +270,7 @@ class TensorSetClient:
                 except LoraIpcError:
                     pass  # the lease expires on its own
             self._forget_dead_slabs(server, reply.live_slabs)
-        return TensorSet(reply.name, reply.version, layout.unpack(owned), dict(config))
+        return self.fetched_as(reply.name, reply.version, layout.unpack(owned), dict(config))
 
     def close(self) -> None:
         """Close the client; never waits: a request in flight finishes and then closes the socket.

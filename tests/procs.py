@@ -83,6 +83,15 @@ def _publish_random(s, name, seed):
     return s.exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG)
 
 
+def _publish_tensor_set(s, name, seed):
+    """The core's publish (no LoRA config), as the refit layer publishes its buckets."""
+    from lora_ipc import TensorSetExporter
+
+    from . import models
+
+    return TensorSetExporter.publish(s.exporter, name, models.random_adapter(seed))
+
+
 def _stream(s, name):
     """Publish a new version continuously until the process is killed."""
     from . import models
@@ -139,6 +148,15 @@ def _publish_constant_behind_work(s, name, value, cycles):
     return s.exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG)
 
 
+def _publish_tensor_set(s, name, seed):
+    """The core's publish (no LoRA config), as the refit layer publishes its buckets."""
+    from lora_ipc import TensorSetExporter
+
+    from . import models
+
+    return TensorSetExporter.publish(s.exporter, name, models.random_adapter(seed))
+
+
 def _publish_constant_on_side_stream(s, name, value, cycles):
     """Packed on a side stream behind ``cycles`` of GPU work."""
     from . import models
@@ -149,6 +167,15 @@ def _publish_constant_on_side_stream(s, name, value, cycles):
     with torch.cuda.stream(side):
         torch.cuda._sleep(cycles)
         return s.exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG)
+
+
+def _publish_tensor_set(s, name, seed):
+    """The core's publish (no LoRA config), as the refit layer publishes its buckets."""
+    from lora_ipc import TensorSetExporter
+
+    from . import models
+
+    return TensorSetExporter.publish(s.exporter, name, models.random_adapter(seed))
 
 
 def _queue_work(s, cycles):
@@ -213,6 +240,7 @@ EXPORTER_COMMANDS = {
     "publish_peft": _publish_peft,
     "train_and_publish": _train_and_publish,
     "publish_random": _publish_random,
+    "publish_tensor_set": _publish_tensor_set,
     "stream": _stream,
     "stream_constant": _stream_constant,
     "stall_next_fetch": _stall_next_fetch,

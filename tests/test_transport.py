@@ -7,7 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_ipc import AdapterClient, AdapterNotFound, ExporterUnavailable, VersionNotFound
+from lora_ipc import (
+    Adapter,
+    AdapterClient,
+    AdapterNotFound,
+    ExporterUnavailable,
+    TensorSet,
+    TensorSetClient,
+    VersionNotFound,
+)
 
 from . import models
 from .helpers import assert_same_adapter, bitwise_equal, footprint, shm_fds, shm_files
@@ -31,6 +39,28 @@ def test_peft_round_trip_is_bitwise_equal_to_save_pretrained(exporter_proc, tmp_
     for key in ("r", "lora_alpha", "peft_type", "bias", "use_dora"):
         assert adapter.peft_config[key] == saved[key]
     assert sorted(adapter.peft_config["target_modules"]) == sorted(saved["target_modules"])
+
+
+def test_the_core_moves_tensor_sets_and_the_lora_layer_reads_them_as_adapters(exporter_proc):
+    """A tensor set published with no config (what refit sends) and an adapter, each read by the core
+    client and by the LoRA one: same bytes, same config, each under its layer's name."""
+    bucket = exporter_proc.call("publish_tensor_set", "core-weights", 21)
+    policy = exporter_proc.call("publish_random", "core-policy", 22)
+    with TensorSetClient(exporter_proc.endpoint) as core, AdapterClient(exporter_proc.endpoint) as lora:
+        fetched = core.fetch("core-weights")
+        assert type(fetched) is TensorSet and (fetched.name, fetched.version, fetched.config) == (
+            "core-weights",
+            bucket,
+            {},
+        )
+        assert_same_adapter(fetched.tensors, models.random_adapter(21))
+        as_adapter = lora.fetch("core-weights")
+        assert type(as_adapter) is Adapter and as_adapter.peft_config == {}
+        assert_same_adapter(as_adapter.tensors, fetched.tensors)
+        core_policy, adapter = core.fetch("core-policy", policy), lora.fetch("core-policy", policy)
+        assert core_policy.config == adapter.peft_config == adapter.config == models.RANDOM_ADAPTER_CONFIG
+        assert_same_adapter(adapter.tensors, models.random_adapter(22))
+        assert {"core-weights", "core-policy"} <= {summary.name for summary in core.list()}
 
 
 def test_tensors_are_owned_not_views_of_the_slab(exporter_proc):
