@@ -1,6 +1,6 @@
 """One import per slab per server per process, shared by every client in it (Note [one export per import], cuda.py).
 
-Two ``AdapterClient``s in one process (or a client and the daemon's publish path) must not open the
+Two clients in one process (or a client and the daemon's publish path) must not open the
 same slab twice: each CUDA import consumes one export's ref counter. The registry counts the users
 of each open slab and closes it when the last one lets go.
 

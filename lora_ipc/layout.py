@@ -110,7 +110,7 @@ class SlabLayout:
     def plan(cls, tensors: Mapping[str, torch.Tensor]) -> SlabLayout:
         """Place ``tensors``: grouped by (dtype, shape) in order of first appearance, each 256-byte aligned."""
         if not tensors:
-            raise LayoutError("an adapter needs at least one tensor")
+            raise LayoutError("a tensor set needs at least one tensor")
         by_kind: dict[tuple, list[str]] = {}
         for name, t in tensors.items():
             if not isinstance(name, str) or not name:
@@ -228,7 +228,7 @@ class SlabLayout:
         extremes = torch.stack([torch.stack([v.amax(), v.amin()]).float() for _, v in floating])
         if bool(extremes.isfinite().all()):
             return []
-        bad = []  # the slow path only runs for a bad adapter: find which tensors
+        bad = []  # the slow path only runs for a bad version: find which tensors
         for g, v in floating:
             bad += [name for name, t in zip(g.names, v.unbind(0)) if not bool(t.isfinite().all())]
         return bad

@@ -5,7 +5,7 @@ policy, leases); this pool decides what memory that is. ``take`` hands out a rec
 (at least the bytes asked, at most about twice) or allocates one, within ``max_bytes`` and
 ``max_slabs`` (``LimitExceeded``; unused free slabs are closed first to make room). ``give_back``
 keeps at most ``max_free`` slabs for reuse, oldest closed first; a worn-out slab (CUDA: too many
-exports on it) is closed instead. A training loop republishing one adapter reaches a steady state
+exports on it) is closed instead. A training loop republishing one name reaches a steady state
 that allocates nothing.
 
 Note [a generation bump before every write]

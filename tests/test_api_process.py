@@ -124,12 +124,12 @@ def test_one_stuck_endpoint_holds_at_most_its_pending_cap(short_dir, monkeypatch
 
 
 def test_evicting_a_shared_client_never_waits_for_its_request_in_flight(short_dir, monkeypatch):
-    from lora_ipc import client as client_mod
+    from lora_ipc import adapters
 
     monkeypatch.setenv("LORA_IPC_TIMEOUT_S", "4")
     ep, sock = hung_endpoint(short_dir, "x")
     try:
-        stuck = client_mod.shared_client(ep)
+        stuck = adapters.shared_client(ep)
         errors = []
         worker = threading.Thread(target=lambda: errors.append(_raises(stuck.list)))
         worker.start()
@@ -137,8 +137,8 @@ def test_evicting_a_shared_client_never_waits_for_its_request_in_flight(short_di
         while not stuck._lock.locked():  # until the request is in flight, holding its client's lock
             assert time.monotonic() < deadline, "the request never started"
             time.sleep(0.001)
-        for i in range(client_mod.MAX_SHARED_CLIENTS):  # evicts `stuck`
-            client_mod.shared_client(f"ipc://{short_dir}/other-{i}.sock")
+        for i in range(adapters.MAX_SHARED_CLIENTS):  # evicts `stuck`
+            adapters.shared_client(f"ipc://{short_dir}/other-{i}.sock")
         assert worker.is_alive()  # eviction returned while the stuck request still waits for its reply
         worker.join()
     finally:
@@ -157,14 +157,14 @@ def _raises(call):
 
 
 def test_a_client_evicted_before_use_fails_typed_and_a_fresh_one_works(exporter, short_dir):
-    from lora_ipc import client as client_mod
+    from lora_ipc import adapters
 
-    held = client_mod.shared_client(exporter.endpoint)
-    for i in range(client_mod.MAX_SHARED_CLIENTS):
-        client_mod.shared_client(f"ipc://{short_dir}/other-{i}.sock")
+    held = adapters.shared_client(exporter.endpoint)
+    for i in range(adapters.MAX_SHARED_CLIENTS):
+        adapters.shared_client(f"ipc://{short_dir}/other-{i}.sock")
     with pytest.raises(ClientClosed):  # was a raw zmq.error.ZMQError
         held.versions("policy")
-    assert client_mod.with_shared_client(exporter.endpoint, lambda c: c.versions("policy")) == [1]
+    assert adapters.with_shared_client(exporter.endpoint, lambda c: c.versions("policy")) == [1]
 
 
 def test_a_closed_client_raises_a_lora_ipc_error(exporter):
