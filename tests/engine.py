@@ -25,21 +25,10 @@ def make_llm(model_dir: str, max_lora_rank: int = 16, max_loras: int = 2, max_cp
     engine_env()
     from vllm import LLM
 
-    return LLM(
-        model=model_dir,
-        tokenizer=model_dir,
-        dtype="bfloat16",
-        enable_lora=True,
-        max_lora_rank=max_lora_rank,
-        max_loras=max_loras,
-        max_cpu_loras=max_cpu_loras,
-        max_model_len=128,
-        max_num_seqs=8,
-        enforce_eager=True,
-        seed=0,
-        enable_prefix_caching=True,
-        **kw,
-    )
+    from lora_ipc.tiny import tiny_engine_kwargs
+
+    kw = dict(max_loras=max_loras, max_cpu_loras=max_cpu_loras, enable_prefix_caching=True, **kw)
+    return LLM(**tiny_engine_kwargs(model_dir, max_lora_rank, **kw))
 
 
 def generate(llm, lora_request=None, prompts=PROMPTS, max_tokens=12) -> list[list[int]]:

@@ -1,9 +1,11 @@
 """Helpers shared by the test modules (fixtures live in conftest.py)."""
 
 import os
+import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from lora_ipc.shm import memfds_of
@@ -115,3 +117,14 @@ def start_daemon(endpoint, *extra):
     line = proc.stdout.readline()
     assert "serving on" in line, line + proc.stderr.read()
     return proc
+
+
+def skip_unless_loopback_only(runner: str) -> None:
+    """Skip the calling module unless this process's network namespace has nothing but ``lo``: Ray must
+    only ever bind loopback, so its suites run only where ``runner`` starts them (``unshare -n``)."""
+    if [name for _, name in socket.if_nameindex()] != ["lo"]:
+        pytest.skip(
+            f"Ray tests run only in a private network namespace with nothing but loopback "
+            f"({runner} starts them with unshare -n)",
+            allow_module_level=True,
+        )
