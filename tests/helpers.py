@@ -1,14 +1,40 @@
 """Helpers shared by the test modules (fixtures live in conftest.py)."""
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from lora_ipc.shm import memfds_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """This environment with this checkout first on PYTHONPATH (so a child process, and vLLM's worker
+    processes under it, import this lora_ipc and ``tests``), plus ``extra``."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def run_in_checkout(cmd, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``cmd`` run to its end in this checkout's root with :func:`checkout_env` (or ``env``), its output
+    captured as text; the caller checks its return code."""
+    return subprocess.run(
+        [str(c) for c in cmd],
+        cwd=ROOT,
+        env=checkout_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -128,3 +154,25 @@ def skip_unless_loopback_only(runner: str) -> None:
             f"({runner} starts them with unshare -n)",
             allow_module_level=True,
         )
+
+
+@contextlib.contextmanager
+def running(cmd, ready: Callable[[], bool], what: str, timeout: float = 120, stop=None, **popen):
+    """``cmd`` in a subprocess (stdout and stderr together in one text pipe) for the ``with`` block,
+    entered once ``ready()`` holds: the process must stay alive until then, within ``timeout`` seconds.
+    On the way out ``stop(proc)`` (default: terminate), a 30 s wait, then a kill if it is still there."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, f"{what} exited: {proc.communicate()[0][-3000:]}"
+            assert time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.1)
+        yield proc
+    finally:
+        (stop or subprocess.Popen.terminate)(proc)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
