@@ -127,6 +127,17 @@ def footprint(exporter_pid: int) -> dict:
     }
 
 
+def publish_fetch_cycles(exporter, client, cycles: int, name: str = "soak"):
+    """``cycles`` rounds of: the exporter process publishes random adapter ``i % 5`` as ``name``, the client
+    fetches it (the version just published). Returns the last adapter fetched."""
+    adapter = None
+    for i in range(cycles):
+        version = exporter.call("publish_random", name, i % 5)
+        adapter = client.fetch(name)
+        assert adapter.version == version
+    return adapter
+
+
 def cli(*args, timeout=60):
     """``python -m lora_ipc ARGS`` in a subprocess."""
     return subprocess.run([sys.executable, "-m", "lora_ipc", *args], capture_output=True, text=True, timeout=timeout)
@@ -176,3 +187,24 @@ def running(cmd, ready: Callable[[], bool], what: str, timeout: float = 120, sto
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@contextlib.contextmanager
+def cuda_round_trip(exporter, tmp_path, name: str, dtype: str):
+    """``exporter`` (a CUDA ExporterProcess) publishes a real PEFT adapter in ``dtype`` and saves it in
+    ``tmp_path``; a client fetches it onto the GPU, bitwise the saved one, twice: scaling the first copy in
+    place must not reach the exporter. Yields that client for the caller's own checks."""
+    from safetensors.torch import load_file
+
+    from lora_ipc import AdapterClient
+
+    exporter.call("publish_peft", name, dtype, 3, str(tmp_path))
+    reference = load_file(tmp_path / "adapter_model.safetensors")
+    with AdapterClient(exporter.endpoint) as client:
+        adapter = client.fetch(name)
+        assert all(t.is_cuda for t in adapter.tensors.values())
+        assert_same_adapter(adapter.tensors, reference)
+        for t in adapter.tensors.values():  # owned copies: writing them cannot reach the exporter
+            t.mul_(0)
+        assert_same_adapter(client.fetch(name).tensors, reference)
+        yield client
