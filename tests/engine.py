@@ -27,8 +27,11 @@ def make_llm(model_dir: str, max_lora_rank: int = 16, max_loras: int = 2, max_cp
 
     from lora_ipc.tiny import tiny_engine_kwargs
 
-    kw = dict(max_loras=max_loras, max_cpu_loras=max_cpu_loras, enable_prefix_caching=True, **kw)
-    return LLM(**tiny_engine_kwargs(model_dir, max_lora_rank, **kw))
+    return LLM(
+        **tiny_engine_kwargs(
+            model_dir, max_lora_rank, max_loras=max_loras, max_cpu_loras=max_cpu_loras, enable_prefix_caching=True, **kw
+        )
+    )
 
 
 def generate(llm, lora_request=None, prompts=PROMPTS, max_tokens=12) -> list[list[int]]:
