@@ -60,6 +60,24 @@ def cases() -> list[tuple[str, object]]:
     }
     small, large = _layout(8), _layout(1 << 15)
     digest = b"c" * 16
+
+    def first_reply(layout):  # a client's first fetch: the config, the slab handle and the whole layout
+        return p.FetchReply(
+            "policy",
+            3,
+            9,
+            digest,
+            config,
+            "1.ab.1",
+            cpu,
+            4,
+            layout.digest,
+            layout.to_wire(),
+            layout.used_bytes,
+            ["1.ab.1"],
+            "ep0ch",
+        )
+
     return [
         ("list", p.ListRequest()),
         ("list_reply (64 adapters)", p.ListReply([_summary(f"a{i}", [1, 2], 4096) for i in range(64)])),
@@ -70,42 +88,8 @@ def cases() -> list[tuple[str, object]]:
                 "policy", 3, 9, digest, None, "1.ab.1", None, 4, digest, None, small.used_bytes, ["1.ab.1"], "ep0ch"
             ),
         ),
-        (
-            "fetch_reply (8 tensors, all sent)",
-            p.FetchReply(
-                "policy",
-                3,
-                9,
-                digest,
-                config,
-                "1.ab.1",
-                cpu,
-                4,
-                small.digest,
-                small.to_wire(),
-                small.used_bytes,
-                ["1.ab.1"],
-                "ep0ch",
-            ),
-        ),
-        (
-            "fetch_reply (32k tensors)",
-            p.FetchReply(
-                "policy",
-                3,
-                9,
-                digest,
-                config,
-                "1.ab.1",
-                cpu,
-                4,
-                large.digest,
-                large.to_wire(),
-                large.used_bytes,
-                ["1.ab.1"],
-                "ep0ch",
-            ),
-        ),
+        ("fetch_reply (8 tensors, all sent)", first_reply(small)),
+        ("fetch_reply (32k tensors)", first_reply(large)),
         ("release", p.ReleaseRequest(5, 0.25)),
         ("release_reply", p.ReleaseReply(5)),
         ("publish (8 tensors)", p.PublishRequest("policy", config, cpu, small.to_wire(), small.used_bytes)),

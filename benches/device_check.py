@@ -43,80 +43,30 @@ BUDGET_S = 350  # every step's timeout together (the run's limit: 6 device-minut
 MISSING_EXIT = 3
 
 
+# each device's sizes: the review probe's, ``lora-ipc bench``'s and benches/bench_bucket_transport.py's options
+SIZES = {
+    "cpu": {
+        "probe": ["--selftest-cpu"],
+        "bench": ["--ranks", "4", "--layers", "1", "--iters", "2", "--warmup", "1"],
+        "bucket": ["--layers", "1", "--scale", "16", "--bucket-mib", "1", "--iters", "1"],
+    },
+    "cuda": {
+        "probe": [],
+        "bench": ["--ranks", "16,64", "--layers", "32", "--iters", "20", "--warmup", "3"],
+        "bucket": ["--layers", "8", "--bucket-mib", "256", "1024", "--iters", "5"],
+    },
+}
+
+
 def steps(cpu: bool, out: str) -> list[tuple[str, list[str], int]]:
     """(name, argv, timeout_s) of each step after ``deps``."""
     py = sys.executable
-    if cpu:
-        probe = [py, "benches/gpu/review_probe.py", "--repo", ROOT, "--selftest-cpu", "--deadline", "110"]
-        bench = [
-            py,
-            "-m",
-            "lora_ipc",
-            "bench",
-            "--device",
-            "cpu",
-            "--ranks",
-            "4",
-            "--layers",
-            "1",
-            "--iters",
-            "2",
-            "--warmup",
-            "1",
-            "--out",
-            out,
-        ]
-        bucket = [
-            py,
-            "benches/bench_bucket_transport.py",
-            "--device",
-            "cpu",
-            "--layers",
-            "1",
-            "--scale",
-            "16",
-            "--bucket-mib",
-            "1",
-            "--iters",
-            "1",
-            "--json",
-            os.path.join(out, "bucket.json"),
-        ]
-    else:
-        probe = [py, "benches/gpu/review_probe.py", "--repo", ROOT, "--deadline", "110"]
-        bench = [
-            py,
-            "-m",
-            "lora_ipc",
-            "bench",
-            "--device",
-            "cuda",
-            "--ranks",
-            "16,64",
-            "--layers",
-            "32",
-            "--iters",
-            "20",
-            "--warmup",
-            "3",
-            "--out",
-            out,
-        ]
-        bucket = [
-            py,
-            "benches/bench_bucket_transport.py",
-            "--device",
-            "cuda",
-            "--layers",
-            "8",
-            "--bucket-mib",
-            "256",
-            "1024",
-            "--iters",
-            "5",
-            "--json",
-            os.path.join(out, "bucket.json"),
-        ]
+    device = "cpu" if cpu else "cuda"
+    size = SIZES[device]
+    probe = [py, "benches/gpu/review_probe.py", "--repo", ROOT, *size["probe"], "--deadline", "110"]
+    bench = [py, "-m", "lora_ipc", "bench", "--device", device, *size["bench"], "--out", out]
+    bucket_json = os.path.join(out, "bucket.json")
+    bucket = [py, "benches/bench_bucket_transport.py", "--device", device, *size["bucket"], "--json", bucket_json]
     tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_gpu.py"]
     return [("probe", probe, 120), ("gpu_tests", tests, 135), ("bench", bench, 55), ("bucket", bucket, 40)]
 

@@ -45,16 +45,11 @@ def reexec_in_private_netns() -> None:
 
 
 def engine_environment() -> None:
-    for key, value in {
-        "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        # the engine core runs inside the actor's process: one process per engine, not two
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    }.items():
-        os.environ.setdefault(key, value)
+    from lora_ipc.benchmarks.cpu_engine import cpu_engine_env
+
+    cpu_engine_env()
+    # the engine core runs inside the actor's process: one process per engine, not two
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 class Trainer:
@@ -108,19 +103,10 @@ class Engine:
         engine_environment()
         from vllm import LLM
 
+        from lora_ipc.tiny import tiny_engine_kwargs
+
         self.llm = LLM(
-            model=model_dir,
-            tokenizer=model_dir,
-            dtype="bfloat16",
-            enable_lora=True,
-            max_lora_rank=rank,
-            max_loras=2,
-            max_cpu_loras=4,
-            max_model_len=128,
-            max_num_seqs=4,
-            enforce_eager=True,
-            seed=0,
-            worker_extension_cls="lora_ipc.vllm.WorkerExtension",
+            **tiny_engine_kwargs(model_dir, rank, max_num_seqs=4, worker_extension_cls="lora_ipc.vllm.WorkerExtension")
         )
 
     def node_id(self) -> str:

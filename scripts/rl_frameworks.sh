@@ -8,24 +8,21 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then source scripts/python.sh || exit 1; fi
-CACHE=${LORA_IPC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lora-ipc}
+source scripts/overlay_venv.sh
 PINS="openrlhf==0.11.2 verl==0.9.1 pylatexenc==2.11 tensordict==0.15.3 pyvers==0.2.3 omegaconf==2.4.0 codetiming==1.4.0"
 venv="$CACHE/rl-frameworks"
 key="$PINS $("$PY" -c 'import sys, vllm; print(sys.executable, sys.version.split()[0], vllm.__version__)' 2>/dev/null)"
-t0=$(date +%s)
-if [ ! -f "$venv/.lora-ipc-ready" ] || [ "$(cat "$venv/.lora-ipc-ready")" != "$key" ]; then
-  echo "rl frameworks: building $venv" >&2
-  rm -rf "$venv"
-  # shellcheck disable=SC2086
-  if ! "$PY" scripts/overlay_venv.py "$venv" >/dev/null \
-     || ! "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps $PINS; then
-    echo "rl frameworks: INSTALL FAILED" >&2; exit 1
-  fi
-  vllm_version=$("$PY" -c 'import vllm; print(vllm.__version__)')
-  site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+vllm_metadata() {  # the metadata-only "vllm" distribution verl asks for
+  local vllm_version site
+  vllm_version=$("$PY" -c 'import vllm; print(vllm.__version__)') || return 1
+  site=$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || return 1
   mkdir -p "$site/vllm-$vllm_version.dist-info"
   printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$vllm_version" > "$site/vllm-$vllm_version.dist-info/METADATA"
-  echo "$key" > "$venv/.lora-ipc-ready"
+}
+t0=$(date +%s)
+# shellcheck disable=SC2086
+if ! overlay_venv "$venv" "$key" vllm_metadata --no-deps $PINS; then
+  echo "rl frameworks: INSTALL FAILED" >&2; exit 1
 fi
 t1=$(date +%s)
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_integrations.py

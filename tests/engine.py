@@ -25,20 +25,12 @@ def make_llm(model_dir: str, max_lora_rank: int = 16, max_loras: int = 2, max_cp
     engine_env()
     from vllm import LLM
 
+    from lora_ipc.tiny import tiny_engine_kwargs
+
     return LLM(
-        model=model_dir,
-        tokenizer=model_dir,
-        dtype="bfloat16",
-        enable_lora=True,
-        max_lora_rank=max_lora_rank,
-        max_loras=max_loras,
-        max_cpu_loras=max_cpu_loras,
-        max_model_len=128,
-        max_num_seqs=8,
-        enforce_eager=True,
-        seed=0,
-        enable_prefix_caching=True,
-        **kw,
+        **tiny_engine_kwargs(
+            model_dir, max_lora_rank, max_loras=max_loras, max_cpu_loras=max_cpu_loras, enable_prefix_caching=True, **kw
+        )
     )
 
 

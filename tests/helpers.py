@@ -1,12 +1,40 @@
 """Helpers shared by the test modules (fixtures live in conftest.py)."""
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
+import pytest
 import torch
 
 from lora_ipc.shm import memfds_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """This environment with this checkout first on PYTHONPATH (so a child process, and vLLM's worker
+    processes under it, import this lora_ipc and ``tests``), plus ``extra``."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def run_in_checkout(cmd, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``cmd`` run to its end in this checkout's root with :func:`checkout_env` (or ``env``), its output
+    captured as text; the caller checks its return code."""
+    return subprocess.run(
+        [str(c) for c in cmd],
+        cwd=ROOT,
+        env=checkout_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -99,6 +127,17 @@ def footprint(exporter_pid: int) -> dict:
     }
 
 
+def publish_fetch_cycles(exporter, client, cycles: int, name: str = "soak"):
+    """``cycles`` rounds of: the exporter process publishes random adapter ``i % 5`` as ``name``, the client
+    fetches it (the version just published). Returns the last adapter fetched."""
+    adapter = None
+    for i in range(cycles):
+        version = exporter.call("publish_random", name, i % 5)
+        adapter = client.fetch(name)
+        assert adapter.version == version
+    return adapter
+
+
 def cli(*args, timeout=60):
     """``python -m lora_ipc ARGS`` in a subprocess."""
     return subprocess.run([sys.executable, "-m", "lora_ipc", *args], capture_output=True, text=True, timeout=timeout)
@@ -115,3 +154,57 @@ def start_daemon(endpoint, *extra):
     line = proc.stdout.readline()
     assert "serving on" in line, line + proc.stderr.read()
     return proc
+
+
+def skip_unless_loopback_only(runner: str) -> None:
+    """Skip the calling module unless this process's network namespace has nothing but ``lo``: Ray must
+    only ever bind loopback, so its suites run only where ``runner`` starts them (``unshare -n``)."""
+    if [name for _, name in socket.if_nameindex()] != ["lo"]:
+        pytest.skip(
+            f"Ray tests run only in a private network namespace with nothing but loopback "
+            f"({runner} starts them with unshare -n)",
+            allow_module_level=True,
+        )
+
+
+@contextlib.contextmanager
+def running(cmd, ready: Callable[[], bool], what: str, timeout: float = 120, stop=None, **popen):
+    """``cmd`` in a subprocess (stdout and stderr together in one text pipe) for the ``with`` block,
+    entered once ``ready()`` holds: the process must stay alive until then, within ``timeout`` seconds.
+    On the way out ``stop(proc)`` (default: terminate), a 30 s wait, then a kill if it is still there."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, f"{what} exited: {proc.communicate()[0][-3000:]}"
+            assert time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.1)
+        yield proc
+    finally:
+        (stop or subprocess.Popen.terminate)(proc)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def cuda_round_trip(exporter, tmp_path, name: str, dtype: str):
+    """``exporter`` (a CUDA ExporterProcess) publishes a real PEFT adapter in ``dtype`` and saves it in
+    ``tmp_path``; a client fetches it onto the GPU, bitwise the saved one, twice: scaling the first copy in
+    place must not reach the exporter. Yields that client for the caller's own checks."""
+    from safetensors.torch import load_file
+
+    from lora_ipc import AdapterClient
+
+    exporter.call("publish_peft", name, dtype, 3, str(tmp_path))
+    reference = load_file(tmp_path / "adapter_model.safetensors")
+    with AdapterClient(exporter.endpoint) as client:
+        adapter = client.fetch(name)
+        assert all(t.is_cuda for t in adapter.tensors.values())
+        assert_same_adapter(adapter.tensors, reference)
+        for t in adapter.tensors.values():  # owned copies: writing them cannot reach the exporter
+            t.mul_(0)
+        assert_same_adapter(client.fetch(name).tensors, reference)
+        yield client

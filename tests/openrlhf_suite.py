@@ -6,32 +6,22 @@ cached venv that has openrlhf (scripts/rl_frameworks.sh). Ray gets one fake GPU:
 asks for ``{"GPU": 1, "CPU": 1}`` bundles; the engine is vLLM's CPU build all the same.
 """
 
-import socket
-
 import pytest
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("vllm")
 pytest.importorskip("openrlhf")
 
-if [name for _, name in socket.if_nameindex()] != ["lo"]:
-    pytest.skip(
-        "Ray tests run only in a private network namespace with nothing but loopback "
-        "(tests/test_integrations.py starts them with unshare -n)",
-        allow_module_level=True,
-    )
+from .helpers import skip_unless_loopback_only  # noqa: E402
 
+skip_unless_loopback_only("tests/test_integrations.py")
+
+
+from lora_ipc.benchmarks.cpu_engine import ENGINE_ENV  # noqa: E402
 
 from . import ray_actors  # noqa: E402
 from .engine import PROMPTS  # noqa: E402
 
-ENGINE_ENV = {
-    "VLLM_TARGET_DEVICE": "cpu",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}
 TEXT = [" ".join(f"w{t}" for t in p[1:]) for p in PROMPTS]  # the tiny tokenizer's words for the test prompts
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,16 +133,11 @@ def steps(mode, out, ipc, disk, disk_loader, llm, endpoint, v1, v2) -> None:
 
 def run_engine(python: str, mode: str, endpoint: str, model_dir: str, versions: dict, timeout: float = 900) -> dict:
     """Run ``main`` in a new process of ``python``; its result."""
+    from .helpers import run_in_checkout
+
     (v1, d1), (v2, d2) = sorted(versions.items())
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run(
-        [python, "-m", "tests.patched_loader_engine", mode, endpoint, model_dir, str(v1), d1, str(v2), d2],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+    proc = run_in_checkout(
+        [python, "-m", "tests.patched_loader_engine", mode, endpoint, model_dir, v1, d1, v2, d2], timeout
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"engine script failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

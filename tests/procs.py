@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -284,16 +285,8 @@ class ExporterProcess:
             args=(child, endpoint, keep, lease_timeout_s, device, self.fetch_stalled),
             daemon=True,
         )
-        saved = {k: os.environ.get(k) for k in (env or {})}
-        os.environ.update(env or {})
-        try:
+        with mock.patch.dict(os.environ, env or {}):  # the spawned child inherits ``env``; this process keeps its own
             self.proc.start()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         if not self._conn.poll(120):
             raise RuntimeError("exporter process did not start")
         self.endpoint, self.pid = self._conn.recv()

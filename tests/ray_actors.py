@@ -83,20 +83,10 @@ class AsyncEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from lora_ipc.tiny import tiny_engine_kwargs
+
         args = AsyncEngineArgs(
-            model=model_dir,
-            tokenizer=model_dir,
-            dtype="bfloat16",
-            enable_lora=True,
-            max_lora_rank=16,
-            max_loras=2,
-            max_cpu_loras=4,
-            max_model_len=128,
-            max_num_seqs=8,
-            enforce_eager=True,
-            seed=0,
-            enable_prefix_caching=True,
-            worker_extension_cls=extension,
+            **tiny_engine_kwargs(model_dir, enable_prefix_caching=True, worker_extension_cls=extension)
         )
         self.llm = AsyncLLM.from_engine_args(args)
         self.prompts = engine.PROMPTS

@@ -6,7 +6,6 @@ compared with vLLM's own disk load of the same adapter (``save_pretrained`` by t
 bitwise with the trainer's tensors.
 """
 
-import socket
 import time
 
 import pytest
@@ -14,12 +13,9 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("vllm")
 
-if [name for _, name in socket.if_nameindex()] != ["lo"]:
-    pytest.skip(
-        "Ray tests run only in a private network namespace with nothing but loopback "
-        "(tests/test_ray.py starts them with unshare -n)",
-        allow_module_level=True,
-    )
+from .helpers import assert_same_adapter, skip_unless_loopback_only  # noqa: E402
+
+skip_unless_loopback_only("tests/test_ray.py")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
@@ -29,7 +25,6 @@ from lora_ipc.ray import EngineLoadError  # noqa: E402
 from lora_ipc.ray.naming import NAMESPACE, relay_actor_name  # noqa: E402
 
 from . import ray_actors  # noqa: E402
-from .helpers import assert_same_adapter  # noqa: E402
 
 NAME = "policy"
 ENGINE_TIMEOUT_S = 3.0  # the engine workers' lora_ipc client timeout (LORA_IPC_TIMEOUT_S)

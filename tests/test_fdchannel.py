@@ -3,7 +3,6 @@
 either side (replayed or guessed tokens, descriptors sent unasked, descriptors of the wrong kind, size
 or name, a peer of another uid, a receiver out of descriptors): a typed error each, nothing leaked."""
 
-import contextlib
 import fcntl
 import json
 import os
@@ -25,7 +24,7 @@ from lora_ipc.fdchannel import REQUEST, FdReceiver, FdServer, fd_socket_path
 from lora_ipc.protocol import CpuSlabHandle
 
 from . import models
-from .helpers import assert_same_adapter, open_fds
+from .helpers import assert_same_adapter, checkout_env, open_fds, run_in_checkout, running
 from .procs import ExporterProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,14 +47,7 @@ def pid_namespace_command() -> list[str]:
 def run_child(script: str, arg: str, timeout: float, prefix: tuple[str, ...] = ()) -> dict:
     """Run ``script`` (python -c) with ``arg`` in a child process (under ``prefix``, e.g. a pid namespace):
     it must exit 0; returns the JSON object it printed last."""
-    out = subprocess.run(
-        [*prefix, sys.executable, "-c", script, arg],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    out = run_in_checkout([*prefix, sys.executable, "-c", script, arg], timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -376,13 +368,7 @@ SQUEEZED_SERVER = textwrap.dedent("""
 
 
 def test_a_server_out_of_descriptors_recovers(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-c", SQUEEZED_SERVER, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    out = run_in_checkout([sys.executable, "-c", SQUEEZED_SERVER, tmp_path], timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"fds": 1, "refused": 0, "alive": True}, (got, out.stderr[-2000:])
@@ -445,30 +431,16 @@ CLIENT = textwrap.dedent("""
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare")
 def test_cpu_slabs_cross_pid_namespaces(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ns = pid_namespace_command()
-    exporter = subprocess.Popen(
+    with running(
         [*ns, sys.executable, "-c", EXPORTER, str(tmp_path)],
-        env=env,
+        (tmp_path / "exporter.ready").exists,
+        "exporter",
+        stop=lambda _: (tmp_path / "client.done").touch(),  # the exporter closes and exits
+        env=checkout_env(),
         cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "exporter.ready").exists():
-            assert exporter.poll() is None, exporter.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "exporter did not start"
-            time.sleep(0.1)
+    ):
         got = run_child(CLIENT, str(tmp_path), timeout=120, prefix=tuple(ns))
-    finally:
-        (tmp_path / "client.done").touch()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            exporter.wait(30)
-        if exporter.poll() is None:
-            exporter.kill()
-            exporter.wait(10)
     exporter_pid = int((tmp_path / "exporter.ready").read_text())
     assert got["equal"], got
     assert not got["used_proc"], got  # the descriptor came by SCM_RIGHTS
@@ -605,31 +577,16 @@ PUBLISH_AND_FETCH = textwrap.dedent("""
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="no unshare")
 def test_a_daemon_in_another_pid_namespace_takes_publishes_and_serves_fetches(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ns = pid_namespace_command()
     endpoint = f"ipc://{tmp_path}/d.sock"
-    daemon = subprocess.Popen(
+    with running(
         [*ns, sys.executable, "-m", "lora_ipc", "serve", "--endpoint", endpoint],
-        env=env,
+        lambda: os.path.exists(fd_socket_path(endpoint)),
+        "daemon",
+        env=checkout_env(),
         cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not os.path.exists(fd_socket_path(endpoint)):
-            assert daemon.poll() is None, daemon.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "daemon did not start"
-            time.sleep(0.1)
+    ):
         assert run_child(PUBLISH_AND_FETCH, endpoint, timeout=180, prefix=tuple(ns)) == {"version": 1, "equal": True}
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait(10)
 
 
 def test_a_slab_freed_before_its_descriptor_is_taken_is_fetched_again_not_a_failed_import(monkeypatch):

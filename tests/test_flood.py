@@ -6,6 +6,7 @@ flooded by 2-3 other processes, and must stay alive, bounded and serving real fe
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import resource
@@ -97,16 +98,39 @@ def _exporter_main(endpoint, limit_fds, names, q):
         time.sleep(600)  # until killed
 
 
+def _start_peers(n: int, target, args: tuple, timeout: float) -> list:
+    """``n`` processes ``target(*args, event)``, each once it set its event (all killed if one did not)."""
+    procs, events = [], []
+    try:
+        for _ in range(n):
+            events.append(CTX.Event())
+            procs.append(CTX.Process(target=target, args=(*args, events[-1]), daemon=True))
+            procs[-1].start()
+        for event in events:
+            assert event.wait(timeout), f"{target.__name__} did not get going"
+    except BaseException:
+        _kill_all(procs)
+        raise
+    return procs
+
+
 def _start_flood(endpoint):
-    procs = []
-    for _ in range(FLOODERS):
-        ready = CTX.Event()
-        proc = CTX.Process(target=_flooder, args=(endpoint, PER_FLOODER, ready), daemon=True)
-        proc.start()
-        procs.append((proc, ready))
-    for _proc, ready in procs:
-        assert ready.wait(120), "flooder did not start"
-    return [proc for proc, _ in procs]
+    return _start_peers(FLOODERS, _flooder, (endpoint, PER_FLOODER), 120)
+
+
+@contextlib.contextmanager
+def _exporter_and_peers(endpoint, limit_fds: bool, names: int, start_timeout: float):
+    """An exporter process (``_exporter_main``), up, and a list for the processes started against it: on
+    the way out all of them and the exporter are killed."""
+    q = CTX.Queue()
+    exporter = CTX.Process(target=_exporter_main, args=(endpoint, limit_fds, names, q), daemon=True)
+    exporter.start()
+    peers: list = []
+    try:
+        assert q.get(timeout=start_timeout) == "up"
+        yield exporter, peers
+    finally:
+        _kill_all(peers + [exporter])
 
 
 def _wait_connections(pid: int, at_least: int, alive) -> None:
@@ -140,13 +164,9 @@ def _kill_all(procs):
 
 def test_inprocess_exporter_survives_a_connection_flood_past_its_fd_limit(sock_dir):
     endpoint = f"ipc://{sock_dir}/exporter.sock"
-    q = CTX.Queue()
-    exporter = CTX.Process(target=_exporter_main, args=(endpoint, True, 0, q), daemon=True)
-    exporter.start()
-    flood = []
-    try:
-        assert q.get(timeout=120) == "up"
+    with _exporter_and_peers(endpoint, True, 0, 120) as (exporter, peers):
         flood = _start_flood(endpoint)
+        peers += flood
         _wait_connections(exporter.pid, 300, exporter.is_alive)
         assert exporter.is_alive(), f"exporter died under the flood (exit code {exporter.exitcode})"
         _fetch_policy(endpoint)  # while the flood still holds its connections
@@ -159,11 +179,8 @@ def test_inprocess_exporter_survives_a_connection_flood_past_its_fd_limit(sock_d
                 time.sleep(0.2)
         print(f"flood: {server}")
         _kill_all(flood)
-        flood = []
         assert exporter.is_alive()
         _fetch_policy(endpoint)
-    finally:
-        _kill_all(flood + [exporter])
 
 
 def test_daemon_survives_a_connection_flood_past_its_fd_limit(sock_dir):
@@ -213,23 +230,13 @@ RSS_BOUND = NON_READERS * SEND_HWM * (MAX_LISTED_BYTES + (16 << 10)) + (32 << 20
 
 def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
     endpoint = f"ipc://{sock_dir}/exporter.sock"
-    q = CTX.Queue()
-    exporter = CTX.Process(target=_exporter_main, args=(endpoint, False, NAMES, q), daemon=True)
-    exporter.start()
-    readers = []
-    try:
-        assert q.get(timeout=240) == "up"
+    with _exporter_and_peers(endpoint, False, NAMES, 240) as (exporter, peers):
         # every request of this client is answered while the non-readers are dropped (it was not, in 2 runs
         # of 4, when the server judged a full queue by libzmq's stale count: see the test below)
         with AdapterClient(endpoint, timeout_s=60) as client:
             base = _rss(exporter.pid)
-            for _ in range(NON_READERS):
-                sent = CTX.Event()
-                proc = CTX.Process(target=_non_reader, args=(endpoint, REQUESTS_EACH, sent), daemon=True)
-                proc.start()
-                readers.append((proc, sent))
-            for _proc, sent in readers:
-                assert sent.wait(60)
+            readers = _start_peers(NON_READERS, _non_reader, (endpoint, REQUESTS_EACH), 60)
+            peers += readers
             expected = NON_READERS * REQUESTS_EACH
             deadline = time.monotonic() + 300
             peak = 0
@@ -242,10 +249,7 @@ def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
                     break
                 assert time.monotonic() < deadline, server
                 time.sleep(0.1)
-            for proc, _ in readers:
-                proc.kill()
-                proc.join(10)
-            readers = []
+            _kill_all(readers)
             deadline = time.monotonic() + 30
             while client.status().server.connections > 1:  # our own
                 assert time.monotonic() < deadline
@@ -269,8 +273,6 @@ def test_peers_that_never_read_cannot_grow_the_server(sock_dir):
                 f"bound {RSS_BOUND / 2**20:.1f} MiB"
             )
         _fetch_policy(endpoint)
-    finally:
-        _kill_all([proc for proc, _ in readers] + [exporter])
 
 
 if __name__ == "__main__":
@@ -321,14 +323,9 @@ def test_peers_that_read_every_reply_are_never_dropped_by_a_busy_server(sock_dir
     processes those notices lazily): peers that pipeline a few requests, and clients that fetch as fast
     as they can, must not be taken for non-readers (before: ~50 drops in 25 s, each a lost request)."""
     endpoint = f"ipc://{sock_dir}/exporter.sock"
-    q = CTX.Queue()
-    exporter = CTX.Process(target=_exporter_main, args=(endpoint, False, 0, q), daemon=True)
-    exporter.start()
-    peers = []
-    try:
-        assert q.get(timeout=240) == "up"
+    with _exporter_and_peers(endpoint, False, 0, 240) as (exporter, peers):
         lost = CTX.Queue()
-        peers = [CTX.Process(target=_pipelining_reader, args=(endpoint, 15, lost), daemon=True) for _ in range(6)]
+        peers += [CTX.Process(target=_pipelining_reader, args=(endpoint, 15, lost), daemon=True) for _ in range(6)]
         peers += [CTX.Process(target=_fetch_loop, args=(endpoint, 15, lost), daemon=True) for _ in range(2)]
         for proc in peers:
             proc.start()
@@ -337,8 +334,6 @@ def test_peers_that_read_every_reply_are_never_dropped_by_a_busy_server(sock_dir
             dropped = client.status().server.dropped_connections
         print(f"\nunanswered requests per peer: {missing}; connections dropped: {dropped}")
         assert missing == [0] * len(peers) and dropped == 0
-    finally:
-        _kill_all(peers + [exporter])
 
 
 def _socket_at_emfile(q):

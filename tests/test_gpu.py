@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from lora_ipc import AdapterClient
 
 from . import models
-from .helpers import assert_same_adapter
+from .helpers import assert_same_adapter, cuda_round_trip
 from .procs import ExporterProcess
 
 pytestmark = pytest.mark.gpu
@@ -22,15 +22,7 @@ def gpu_exporter():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_cuda_round_trip_is_bitwise_equal(gpu_exporter, tmp_path, dtype):
-    gpu_exporter.call("publish_peft", f"p-{dtype}", dtype, 3, str(tmp_path))
-    reference = load_file(tmp_path / "adapter_model.safetensors")
-    with AdapterClient(gpu_exporter.endpoint) as client:
-        adapter = client.fetch(f"p-{dtype}")
-        assert all(t.is_cuda for t in adapter.tensors.values())
-        assert_same_adapter(adapter.tensors, reference)
-        for t in adapter.tensors.values():  # owned: scaling in place must not reach the exporter
-            t.mul_(0)
-        assert_same_adapter(client.fetch(f"p-{dtype}").tensors, reference)
+    with cuda_round_trip(gpu_exporter, tmp_path, f"p-{dtype}", dtype) as client:
         on_cpu = client.fetch(f"p-{dtype}", device="cpu")
         assert all(t.device.type == "cpu" for t in on_cpu.tensors.values())
 

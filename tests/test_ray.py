@@ -17,8 +17,9 @@ import pytest
 pytest.importorskip("ray")
 pytest.importorskip("vllm")
 
+from .helpers import run_in_checkout  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 SUITE = os.path.join(HERE, "ray_cluster_suite.py")
 
 
@@ -39,11 +40,8 @@ def run_suite_in_private_netns(suite: str, label: str) -> None:
     why_not = _unshare_works()
     if why_not:
         pytest.skip(f"Ray tests not run: {why_not}")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     cmd = f"ip link set lo up && exec {sys.executable} -m pytest -q -rA -p no:cacheprovider {suite}"
-    proc = subprocess.run(
-        ["unshare", "-n", "sh", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500, check=False
-    )
+    proc = run_in_checkout(["unshare", "-n", "sh", "-c", cmd], timeout=1500)
     report = proc.stdout[-20000:]
     print(report)
     assert proc.returncode == 0, f"{label} failed (rc {proc.returncode}):\n{report}\n{proc.stderr[-5000:]}"

@@ -1,6 +1,7 @@
 """Full-weight refit transport without an engine: bucket plans, split parameters, bounded slabs,
 the JSON-safe bucket reference, and clear errors (see test_weight_transfer.py for the vLLM engine)."""
 
+import contextlib
 import json
 import math
 import time
@@ -176,6 +177,18 @@ class Buckets:
 OTHER = ("other", torch.ones(16), None)
 
 
+@contextlib.contextmanager
+def exporter_and_receiver(**receiver_kw):
+    """An exporter (keep=4), a WeightReceiver of its "weights" (timeout 10 s, ``receiver_kw``) and the
+    Buckets that feed it: ``(buckets, receiver)``, closed on the way out."""
+    with AdapterExporter(keep=4) as exporter:
+        receiver = WeightReceiver(exporter.endpoint, "weights", timeout_s=10, **receiver_kw)
+        try:
+            yield Buckets(exporter, receiver), receiver
+        finally:
+            receiver.close()
+
+
 @pytest.mark.parametrize(
     "first, bad, extra_rows",
     [
@@ -192,54 +205,40 @@ OTHER = ("other", torch.ones(16), None)
     ],
 )
 def test_pieces_that_do_not_tile_are_refused_and_nothing_received_changes(first, bad, extra_rows):
-    with AdapterExporter(keep=4) as exporter:
-        receiver = WeightReceiver(exporter.endpoint, "weights", timeout_s=10)
-        try:
-            buckets = Buckets(exporter, receiver)
-            assert [n for n, _ in buckets.send([OTHER, *first], buckets=2)] == ["other"]
-            with pytest.raises(RefitPieceError):
-                buckets.send(bad, buckets=2, extra_rows=extra_rows)
-            buckets.index = 1  # the same bucket again, right this time: the refused one left no trace
-            ((name, got),) = buckets.send(FIX if first else [piece(0, 4096), piece(4096, 4096)], buckets=2)
-            assert name == "w" and bitwise_equal(got, FULL.view(64, 128))
-            assert receiver.end() == 2
-        finally:
-            receiver.close()
+    with exporter_and_receiver() as (buckets, receiver):
+        assert [n for n, _ in buckets.send([OTHER, *first], buckets=2)] == ["other"]
+        with pytest.raises(RefitPieceError):
+            buckets.send(bad, buckets=2, extra_rows=extra_rows)
+        buckets.index = 1  # the same bucket again, right this time: the refused one left no trace
+        ((name, got),) = buckets.send(FIX if first else [piece(0, 4096), piece(4096, 4096)], buckets=2)
+        assert name == "w" and bitwise_equal(got, FULL.view(64, 128))
+        assert receiver.end() == 2
 
 
 def test_an_update_is_complete_only_when_every_element_arrived_exactly_once():
-    with AdapterExporter(keep=4) as exporter:
-        receiver = WeightReceiver(exporter.endpoint, "weights", timeout_s=10)
-        try:
-            buckets = Buckets(exporter, receiver)  # a gap: [2048, 4096) never arrives
-            assert buckets.send([piece(0, 2048)], buckets=2) == []
-            assert buckets.send([piece(4096, 4096)], buckets=2) == []
-            with pytest.raises(RefitError, match="missing pieces"):
-                receiver.end()
-            receiver.begin()
-            buckets.index = 0  # pieces in any order that tile the parameter complete it, bitwise
-            assert [n for n, _ in buckets.send([piece(6000, 2192), OTHER, piece(0, 1000)], buckets=2)] == ["other"]
-            ((name, got),) = buckets.send([piece(1000, 5000)], buckets=2)
-            assert name == "w" and bitwise_equal(got, FULL.view(64, 128))
-            assert receiver.end() == 2
-        finally:
-            receiver.close()
+    with exporter_and_receiver() as (buckets, receiver):  # a gap: [2048, 4096) never arrives
+        assert buckets.send([piece(0, 2048)], buckets=2) == []
+        assert buckets.send([piece(4096, 4096)], buckets=2) == []
+        with pytest.raises(RefitError, match="missing pieces"):
+            receiver.end()
+        receiver.begin()
+        buckets.index = 0  # pieces in any order that tile the parameter complete it, bitwise
+        assert [n for n, _ in buckets.send([piece(6000, 2192), OTHER, piece(0, 1000)], buckets=2)] == ["other"]
+        ((name, got),) = buckets.send([piece(1000, 5000)], buckets=2)
+        assert name == "w" and bitwise_equal(got, FULL.view(64, 128))
+        assert receiver.end() == 2
 
 
 def test_an_update_past_max_update_bytes_is_refused_before_anything_is_allocated():
-    with AdapterExporter(keep=4) as exporter:
-        receiver = WeightReceiver(exporter.endpoint, "weights", timeout_s=10, max_update_bytes=FULL.numel() * 4 + 64)
-        try:
-            buckets = Buckets(exporter, receiver)  # "other" (64 bytes) + all of "w" (split, counted in full)
-            assert [n for n, _ in buckets.send([OTHER, piece(0, 4096)], buckets=2)] == ["other"]
-            with pytest.raises(RefitError, match="over its limit"):  # one more parameter would pass the limit
-                buckets.send([("more", torch.ones(1), None), *FIX], buckets=2)
-            with pytest.raises(RefitError, match="over its limit"):  # a split parameter claiming 4 GiB
-                buckets.send([("huge#0", torch.ones(16), ["huge#0", "huge", 0, [1 << 30]]), *FIX], buckets=2)
-            ((name, _),) = buckets.send(FIX, buckets=2)
-            assert name == "w" and receiver.end() == 2
-        finally:
-            receiver.close()
+    # "other" (64 bytes) + all of "w" (split, counted in full)
+    with exporter_and_receiver(max_update_bytes=FULL.numel() * 4 + 64) as (buckets, receiver):
+        assert [n for n, _ in buckets.send([OTHER, piece(0, 4096)], buckets=2)] == ["other"]
+        with pytest.raises(RefitError, match="over its limit"):  # one more parameter would pass the limit
+            buckets.send([("more", torch.ones(1), None), *FIX], buckets=2)
+        with pytest.raises(RefitError, match="over its limit"):  # a split parameter claiming 4 GiB
+            buckets.send([("huge#0", torch.ones(16), ["huge#0", "huge", 0, [1 << 30]]), *FIX], buckets=2)
+        ((name, _),) = buckets.send(FIX, buckets=2)
+        assert name == "w" and receiver.end() == 2
 
 
 class RecordingClient:

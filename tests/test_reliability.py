@@ -25,7 +25,7 @@ from lora_ipc import (
 from lora_ipc import protocol as p
 
 from . import models
-from .helpers import assert_same_adapter, footprint, start_daemon
+from .helpers import assert_same_adapter, footprint, publish_fetch_cycles, start_daemon
 from .procs import ClientProcess, ExporterProcess
 
 LONG = os.environ.get("LORA_IPC_LONG") == "1"
@@ -41,21 +41,14 @@ def test_soak_publish_fetch_memory_flat():
     exporter = ExporterProcess(keep=2)
     client = AdapterClient(exporter.endpoint)
 
-    def measure():
-        return footprint(exporter.pid)
-
     try:
         warmup = 200
-        for i in range(warmup):
-            exporter.call("publish_random", "soak", i % 5)
-            client.fetch("soak")
-        warm, warm_rss = measure(), (rss_bytes(exporter.pid), rss_bytes(os.getpid()))
+        publish_fetch_cycles(exporter, client, warmup)
+        warm, warm_rss = footprint(exporter.pid), (rss_bytes(exporter.pid), rss_bytes(os.getpid()))
         started = time.monotonic()
-        for i in range(SOAK_CYCLES):
-            v = exporter.call("publish_random", "soak", i % 5)
-            assert client.fetch("soak").version == v
+        publish_fetch_cycles(exporter, client, SOAK_CYCLES)
         elapsed = time.monotonic() - started
-        after, after_rss = measure(), (rss_bytes(exporter.pid), rss_bytes(os.getpid()))
+        after, after_rss = footprint(exporter.pid), (rss_bytes(exporter.pid), rss_bytes(os.getpid()))
         growth = {k: after[k] - warm[k] for k in warm}
         rss_growth = (after_rss[0] - warm_rss[0], after_rss[1] - warm_rss[1])
         status = exporter.call("status")

@@ -18,7 +18,7 @@ from lora_ipc import (
 )
 
 from . import models
-from .helpers import assert_same_adapter, bitwise_equal, footprint, shm_fds, shm_files
+from .helpers import assert_same_adapter, bitwise_equal, footprint, publish_fetch_cycles, shm_fds, shm_files
 from .procs import ExporterProcess
 
 
@@ -99,19 +99,11 @@ def test_thousand_cycles_leave_memory_and_fds_flat():
     exporter = ExporterProcess(keep=2)
     client = AdapterClient(exporter.endpoint)
 
-    def measure():
-        return footprint(exporter.pid)
-
     try:
-        for i in range(100):  # warm-up: slab pool and caches reach steady state
-            exporter.call("publish_random", "soak", i % 5)
-            client.fetch("soak")
-        warm = measure()
-        for i in range(900):
-            v = exporter.call("publish_random", "soak", i % 5)
-            adapter = client.fetch("soak")
-            assert adapter.version == v
-        after = measure()
+        publish_fetch_cycles(exporter, client, 100)  # warm-up: slab pool and caches reach steady state
+        warm = footprint(exporter.pid)
+        adapter = publish_fetch_cycles(exporter, client, 900)
+        after = footprint(exporter.pid)
         assert_same_adapter(adapter.tensors, models.random_adapter(899 % 5))
         growth = {k: after[k] - warm[k] for k in warm}
         print("after warm-up", warm, "growth over 900 cycles", growth)

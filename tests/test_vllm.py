@@ -21,7 +21,6 @@ from lora_ipc import (  # noqa: E402
 from lora_ipc.vllm import AdapterURI, add_lora, lora_request  # noqa: E402
 
 from . import engine, models  # noqa: E402
-from .procs import ExporterProcess  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -34,10 +33,9 @@ def llm(model_dir):
 
 
 @pytest.fixture(scope="module")
-def trainer():
-    proc = ExporterProcess(keep=3)
-    yield proc
-    proc.close()
+def trainer(exporter_proc):
+    """The trainer process: conftest's exporter process (keep=3)."""
+    return exporter_proc
 
 
 @pytest.fixture(scope="module")

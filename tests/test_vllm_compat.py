@@ -1,7 +1,6 @@
 """Feature detection of vLLM (``lora_ipc.vllm.compat``): the installed vLLM passes; a vLLM that moved
 what we hook is named precisely and refused at plugin registration, through vLLM's own plugin loader."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import pytest
 vllm = pytest.importorskip("vllm")
 
 from lora_ipc.vllm import compat  # noqa: E402
+
+from .helpers import checkout_env, run_in_checkout  # noqa: E402
 
 VLLM_DIR = Path(vllm.__file__).parent
 FROM_TENSORS_TAIL = '        {}: list[str] | None = None,\n    ) -> "LoRAModel":\n        """Create a LoRAModel from'
@@ -123,11 +124,7 @@ def test_registration_refuses_an_incompatible_vllm_through_vllms_plugin_loader()
         from vllm.plugins import load_general_plugins
         load_general_plugins()
     """)
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
-    )
-    env.pop("VLLM_PLUGINS", None)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    proc = _run(code)
     assert proc.returncode != 0
     assert "UnsupportedVLLM" in proc.stderr and "_load_adapter(lora_request, extra)" in proc.stderr, proc.stderr[-2000:]
 
@@ -199,13 +196,9 @@ def test_vllms_config_first_trainer_engine_is_accepted(refit_copy):
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
-    )
+    env = checkout_env()
     env.pop("VLLM_PLUGINS", None)
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600, env=env
-    )
+    return run_in_checkout([sys.executable, "-c", textwrap.dedent(code)], timeout=600, env=env)
 
 
 def test_the_refit_backend_refuses_a_vllm_whose_weight_transfer_surface_differs():

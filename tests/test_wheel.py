@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 import zipfile
 from pathlib import Path
 
@@ -19,52 +18,62 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import overlay_venv  # noqa: E402
 
+from .helpers import running  # noqa: E402
+
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "lora_ipc", "csrc")
+
+
+def copy_sources(dest: Path, names=SOURCES) -> None:
+    """This checkout's ``names`` (committed or not, no caches or built extensions) into ``dest``, replacing
+    what is there."""
+    for name in names:
+        if (ROOT / name).is_dir():
+            shutil.rmtree(dest / name, ignore_errors=True)
+            shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        else:
+            shutil.copy(ROOT / name, dest / name)
+
+
+def build_wheel(tmp: Path, env: dict | None = None) -> Path:
+    """The wheel, built in ``tmp`` from a copy of the sources, so the checkout gets no build/ or egg-info."""
+    src = tmp / "src"
+    src.mkdir()
+    copy_sources(src)
+    wheel_cmd = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"), str(src)]
+    out = subprocess.run([sys.executable, "-m", *wheel_cmd], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [whl] = (tmp / "dist").glob("lora_ipc-*.whl")
+    return whl
+
+
+def install_wheel(whl: Path, venv_dir: Path) -> Path:
+    """The python of a venv in ``venv_dir`` layered over this interpreter's packages, ``whl`` installed."""
+    python = overlay_venv.create(venv_dir)
+    # --force-reinstall: the editable install this venv sees below it would otherwise "already satisfy" it
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q", str(whl)],
+        check=True,
+        timeout=300,
+    )
+    return python
+
+
+def clean_env(*drop: str) -> dict:
+    """This environment without PYTHONPATH/PYTHONHOME (the checkout's lora_ipc must not be importable)
+    nor ``drop``."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", *drop)}
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """Built from a copy of the sources, so the checkout gets no build/ or egg-info."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
-    src.mkdir()
-    for name in SOURCES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-        else:
-            shutil.copy(ROOT / name, src / name)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp / "dist"),
-            str(src),
-        ],
-        check=True,
-        timeout=300,
-    )
-    [whl] = (tmp / "dist").glob("lora_ipc-*.whl")
-    return whl
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="module")
 def venv(wheel, tmp_path_factory):
     """(python, bin dir, env): the wheel installed into a venv layered over this interpreter's packages."""
-    python = overlay_venv.create(tmp_path_factory.mktemp("venv") / "v")
-    # --force-reinstall: the editable install this venv sees below it would otherwise "already satisfy" it
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q", str(wheel)],
-        check=True,
-        timeout=300,
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    return python, python.parent, env
+    python = install_wheel(wheel, tmp_path_factory.mktemp("venv") / "v")
+    return python, python.parent, clean_env()
 
 
 def run(venv, *cmd, timeout=120, **kw):
@@ -122,43 +131,9 @@ def test_the_wheels_native_extension_loads_and_reports_the_missing_driver(venv):
 
 def test_a_failed_native_build_does_not_fail_the_install(tmp_path):
     """No working compiler: the wheel still builds (pure Python) and lora_ipc says why VMM is unavailable."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in SOURCES:
-        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
-        copy(
-            ROOT / name,
-            src / name,
-            **({"ignore": shutil.ignore_patterns("__pycache__", "*.so")} if (ROOT / name).is_dir() else {}),
-        )
-    env = {**os.environ, "CC": "false", "LDSHARED": "false"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path / "dist"),
-            str(src),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    [whl] = (tmp_path / "dist").glob("lora_ipc-*.whl")
+    whl = build_wheel(tmp_path, env={**os.environ, "CC": "false", "LDSHARED": "false"})
     assert not [n for n in zipfile.ZipFile(whl).namelist() if n.endswith(".so")]
-    python = overlay_venv.create(tmp_path / "v")
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q", str(whl)],
-        check=True,
-        timeout=300,
-    )
+    python = install_wheel(whl, tmp_path / "v")
     # as on a machine with only the wheel: the editable install below this venv serves submodules the wheel
     # lacks (its finder maps lora_ipc._native to the checkout's build), so its finder is taken out first
     probe = (
@@ -167,9 +142,8 @@ def test_a_failed_native_build_does_not_fail_the_install(tmp_path):
         "import json, lora_ipc; from lora_ipc import native; "
         "print(json.dumps([lora_ipc.__file__, native.status()[1]]))"
     )
-    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     got = subprocess.run(
-        [str(python), "-c", probe], capture_output=True, text=True, env=clean, cwd=tmp_path, timeout=120
+        [str(python), "-c", probe], capture_output=True, text=True, env=clean_env(), cwd=tmp_path, timeout=120
     )
     assert got.returncode == 0, got.stderr
     package, why = json.loads(got.stdout)
@@ -181,25 +155,24 @@ def test_an_editable_install_of_a_fresh_clone_builds_the_extension(tmp_path):
     """``pip install -e .`` from a clone of the committed tree (what scripts/setup.sh does)."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
-    for name in ("setup.py", "csrc", "lora_ipc"):  # this checkout's sources, committed or not
-        if (ROOT / name).is_dir():
-            shutil.rmtree(clone / name)
-            shutil.copytree(ROOT / name, clone / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-        else:
-            shutil.copy(ROOT / name, clone / name)
+    copy_sources(clone, ("setup.py", "csrc", "lora_ipc"))  # this checkout's sources, committed or not
     python = overlay_venv.create(tmp_path / "v")
     subprocess.run(
         [str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", "-e", str(clone)],
         check=True,
         timeout=300,
     )
-    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "LORA_IPC_LIBCUDA")}
     probe = (
         "import json, lora_ipc; from lora_ipc import native; print(json.dumps([lora_ipc.__file__, "
         "native.extension().__file__, native.status()]))"
     )
     out = subprocess.run(
-        [str(python), "-c", probe], capture_output=True, text=True, env=clean, cwd=tmp_path, timeout=120
+        [str(python), "-c", probe],
+        capture_output=True,
+        text=True,
+        env=clean_env("LORA_IPC_LIBCUDA"),
+        cwd=tmp_path,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     package, extension, (ok, _why) = json.loads(out.stdout)
@@ -241,19 +214,8 @@ def test_bench_runs_from_the_wheel(venv, tmp_path):
 def test_publish_fetch_round_trip_between_two_processes(venv, tmp_path):
     python, bindir, env = venv
     endpoint = f"ipc://{tmp_path}/daemon.sock"
-    daemon = subprocess.Popen(
-        [str(bindir / "lora-ipc"), "serve", "--endpoint", endpoint],
-        env=env,
-        cwd=bindir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "daemon.sock").exists():
-            assert daemon.poll() is None and time.monotonic() < deadline, daemon.stdout.read() if daemon.poll() else ""
-            time.sleep(0.1)
+    serve = [str(bindir / "lora-ipc"), "serve", "--endpoint", endpoint]
+    with running(serve, (tmp_path / "daemon.sock").exists, "daemon", timeout=60, env=env, cwd=bindir):
         client = textwrap.dedent(f"""
             import torch, lora_ipc
             from lora_ipc import AdapterClient, RemoteExporter
@@ -276,6 +238,3 @@ def test_publish_fetch_round_trip_between_two_processes(venv, tmp_path):
         status = run(venv, bindir / "lora-ipc", "status", "--endpoint", endpoint, "--json")
         assert status.returncode == 0, status.stderr
         assert [(a["name"], a["version"]) for a in json.loads(status.stdout)["adapters"]] == [("policy", 1)]
-    finally:
-        daemon.terminate()
-        daemon.wait(30)

@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
 
     from .. import AdapterExporter
     from ..peft import adapter_from
-    from ..tiny import TARGET_MODULES, write_model_dir
+    from ..tiny import TARGET_MODULES, tiny_engine_kwargs, write_model_dir
     from ..vllm import AdapterURI, add_lora
 
     # the engine's worker imports FloorExtension from this lora_ipc (a source checkout's too)
@@ -92,19 +92,12 @@ def main(argv=None) -> dict:
         model_dir = write_model_dir(os.path.join(work, "base"), args.hidden, args.layers)
         print("starting the vLLM engine (CPU, ~30-60 s)...", flush=True)
         llm = LLM(
-            model=model_dir,
-            tokenizer=model_dir,
-            dtype="bfloat16",
-            enable_lora=True,
-            max_lora_rank=max(16, args.rank),
-            max_loras=2,
-            max_cpu_loras=4,
-            max_model_len=128,
-            max_num_seqs=8,
-            enforce_eager=True,
-            seed=0,
-            enable_prefix_caching=True,
-            worker_extension_cls="lora_ipc.benchmarks.vllm_lora.FloorExtension",
+            **tiny_engine_kwargs(
+                model_dir,
+                max(16, args.rank),
+                enable_prefix_caching=True,
+                worker_extension_cls="lora_ipc.benchmarks.vllm_lora.FloorExtension",
+            )
         )
         peft = get_peft_model(
             AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),

@@ -24,26 +24,6 @@ from .cpu_engine import cpu_engine_env, greedy, perturb, scratch_dirs
 from .timing import save_json
 
 
-def model_config(vocab: int, hidden: int, layers: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 256,
-        head_dim=64,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vocab", type=int, default=16000)
@@ -61,11 +41,13 @@ def main(argv=None) -> dict:
     from vllm.distributed.weight_transfer.base import ModuleSource
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-    from ..tiny import write_tokenizer
+    from ..tiny import tiny_engine_kwargs, tiny_llama_config, write_tokenizer
     from ..vllm.weight_transfer import LoraIpcTrainerInitInfo, OfflineLLMClient
 
     torch.manual_seed(0)
-    model: Any = LlamaForCausalLM(model_config(args.vocab, args.hidden, args.layers))
+    # a Llama-like MLP, 8/3 as wide as the hidden size (rounded down to 64)
+    config = tiny_llama_config(args.vocab, args.hidden, args.layers, intermediate=int(args.hidden * 8 / 3) // 64 * 64)
+    model: Any = LlamaForCausalLM(config)
     model = model.to(torch.bfloat16).eval()
     n_params = sum(p.numel() for p in model.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -78,15 +60,13 @@ def main(argv=None) -> dict:
         )
         started = time.perf_counter()
         llm = LLM(
-            model=base_dir,
-            tokenizer=base_dir,
-            dtype="bfloat16",
-            max_model_len=128,
-            max_num_seqs=4,
-            enforce_eager=True,
-            seed=0,
-            weight_transfer_config={"backend": "lora_ipc"},
-            worker_extension_cls="lora_ipc.vllm.WorkerExtension",
+            **tiny_engine_kwargs(
+                base_dir,
+                lora_rank=None,
+                max_num_seqs=4,
+                weight_transfer_config={"backend": "lora_ipc"},
+                worker_extension_cls="lora_ipc.vllm.WorkerExtension",
+            )
         )
         print(f"engine started in {time.perf_counter() - started:.1f} s")
         client: Any = OfflineLLMClient(llm)  # offline LLM: vLLM's client protocol, duck-typed
