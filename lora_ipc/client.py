@@ -76,7 +76,9 @@ def transport_mode(value: str | None = None) -> str:
     return mode
 
 
-FETCH_ATTEMPTS = 3  # a copy invalidated by a slab reuse is retried (newest version only) this many times
+# A copy invalidated by a slab reuse is fetched again (the newest version only) at least this many times, and on
+# until the client's timeout_s has passed: under a publisher that outpaces busy readers a few tries can all lose.
+FETCH_ATTEMPTS = 3
 
 
 class _DeviceImportFailed(Exception):
@@ -189,13 +191,17 @@ class TensorSetClient:
 
         Returns exactly the bytes of one version or raises: if the slab was reused while it was being
         copied (the lease expired or was revoked), the copy is discarded and the newest version is
-        fetched again; a pinned ``version`` raises ``SlabRecycled`` instead.
+        fetched again (``SlabRecycled`` once ``timeout_s`` has passed); a pinned ``version`` raises
+        ``SlabRecycled`` at once.
         On CUDA, ``device`` defaults to the local GPU that is the exporter's (matched by UUID).
         A reply for another name or version is refused, and so is one larger than ``max_bytes``
         (default: this client's ``max_fetch_bytes``), before anything is allocated (``LimitExceeded``).
         """
         limit = self.max_fetch_bytes if max_bytes is None else fetch_bytes_limit(max_bytes)
-        for attempt in range(FETCH_ATTEMPTS):
+        retry_until = time.monotonic() + self.timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return self._fetch_once(name, version, device, epoch, limit)
             except _DeviceImportFailed as failed:
@@ -212,9 +218,8 @@ class TensorSetClient:
                 self._fell_back = True
                 return self._fetch_once(name, version, device, epoch, limit)
             except SlabRecycled:
-                if version is not None or attempt == FETCH_ATTEMPTS - 1:
+                if version is not None or (attempt >= FETCH_ATTEMPTS and time.monotonic() >= retry_until):
                     raise
-        raise AssertionError("unreachable")
 
     @property
     def _host_only(self) -> bool:

@@ -272,6 +272,40 @@ def test_a_copy_overtaken_by_slab_reuse_is_never_returned(monkeypatch):
     assert recycled >= 1  # the attack really happened (and was caught)
 
 
+def test_the_newest_version_is_fetched_again_until_the_timeout_not_just_three_times(exporter_proc, monkeypatch):
+    """Churn: a publisher that outpaces a busy reader can recycle the slab under each of its first tries (its
+    lease revoked past ``max_retiring_per_name``). The newest version is fetched again until ``timeout_s``
+    has passed; before, the third loss raised ``SlabRecycled`` (seen under load in
+    test_publishing_during_concurrent_fetches_never_tears). A pinned version still raises at once."""
+    from lora_ipc.backends.cpu import CpuImportedSlab
+
+    version = exporter_proc.call("publish_random", "retried", 5)
+    real, losses = CpuImportedSlab.generation_now, {"left": 5, "copies": 0}
+
+    def reused_during_the_copy(self):  # the counter moved: the copy is discarded
+        now = real(self)
+        losses["copies"] += 1
+        if now is None or losses["left"] == 0:
+            return now
+        losses["left"] -= 1
+        return now + 1
+
+    monkeypatch.setattr(CpuImportedSlab, "generation_now", reused_during_the_copy)
+    with AdapterClient(exporter_proc.endpoint, timeout_s=60) as client:
+        got = client.fetch("retried")  # five copies lost, the sixth kept
+        assert (got.version, losses["left"], losses["copies"]) == (version, 0, 6)
+        assert_same_adapter(got.tensors, models.random_adapter(5))
+        losses.update(left=1, copies=0)
+        with pytest.raises(SlabRecycled):
+            client.fetch("retried", version)
+        assert losses["copies"] == 1
+    with AdapterClient(exporter_proc.endpoint, timeout_s=0.5) as client:
+        losses.update(left=1 << 30, copies=0)
+        with pytest.raises(SlabRecycled):  # never a good copy: it gives up once timeout_s has passed
+            client.fetch("retried")
+        assert losses["copies"] >= 3
+
+
 def test_non_finite_adapters_are_rejected_at_publish_and_never_replace_the_last_good_one(tmp_path):
     """``check_finite`` where it is switched on: an in-process AdapterExporter (``check_finite=True``, the
     store's switch) and the daemon (``lora-ipc serve --check-finite``, published into by a RemoteExporter).
