@@ -144,7 +144,10 @@ _TAG = re.compile(r"\[lora_ipc:([A-Za-z][A-Za-z0-9_]{0,63}):([0-9]{1,7})\] ")
 
 
 def tag(cls: type[LoraIpcError], message: str) -> str:
-    """``message`` prefixed with the code of ``cls``: what :func:`carried` reads back on the other side."""
+    """``message`` prefixed with the code of ``cls``: what :func:`carried` reads back on the other side.
+    A message tagged already is left as it is (an error re-raised on its way out keeps its one tag)."""
+    if _TAG.match(message):
+        return message
     return f"[lora_ipc:{error_code(cls)}:{len(message)}] {message}"
 
 

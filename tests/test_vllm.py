@@ -153,6 +153,25 @@ def test_failed_load_never_replaces_the_last_good_adapter(llm, trainer, versions
     assert engine.generate(llm, good) == reference[v1]  # slot 777 still holds the good version
 
 
+def test_a_worker_error_crosses_vllm_as_its_own_type(llm, reference, monkeypatch):
+    """vLLM hands a worker's error back as text; the loader's error keeps its class across it, and
+    ``add_lora`` raises that class (before: an AdapterRejected for whatever the worker raised)."""
+    from lora_ipc.errors import carried
+    from lora_ipc.vllm import request as requests
+
+    with AdapterExporter() as exporter:
+        exporter.publish("gone-before-load", models.random_adapter(4), models.RANDOM_ADAPTER_CONFIG)
+        stale = lora_request("gone-before-load", exporter.endpoint)  # resolved while the exporter lived
+    with pytest.raises(Exception) as info:  # vLLM's own wrapper: a plain Exception
+        llm.llm_engine.add_lora(stale)
+    found = carried(info.value)
+    assert isinstance(found, ExporterUnavailable) and "[lora_ipc:" not in str(found), info.value
+    monkeypatch.setattr(requests, "lora_request", lambda *args, **kwargs: stale)  # the exporter goes in between
+    with pytest.raises(ExporterUnavailable):
+        add_lora(llm, "gone-before-load")
+    assert engine.generate(llm) == reference["base"]  # the engine kept serving
+
+
 def add_lora_existing(llm, request):
     try:
         llm.llm_engine.add_lora(request)

@@ -22,7 +22,7 @@ import os
 import threading
 
 from ..endpoint import ENV_ENDPOINT
-from ..errors import LoaderBypassed
+from ..errors import LoaderBypassed, LoraIpcError, tagged
 from .uri import AdapterURI
 
 log = logging.getLogger("lora_ipc.vllm")
@@ -51,7 +51,10 @@ def _install(cls, attr: str, make_wrapper) -> None:
 def _serve(manager, lora_request):
     from .loader import load_adapter
 
-    lora = load_adapter(manager, lora_request)
+    try:
+        lora = load_adapter(manager, lora_request)
+    except LoraIpcError as exc:  # vLLM hands a worker's error back as text: the typed code goes in front
+        raise tagged(type(exc), str(exc)) from exc
     loaded_paths(manager)[lora_request.lora_int_id] = lora_request.lora_path
     manager._lora_ipc_loads = getattr(manager, "_lora_ipc_loads", 0) + 1
     return lora

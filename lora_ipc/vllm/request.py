@@ -76,12 +76,14 @@ def add_lora(
     Errors (unknown module names, rank above ``max_lora_rank``, a missing version, a gone exporter)
     are raised here as :class:`~lora_ipc.errors.LoraIpcError` subclasses, and the engine keeps
     serving; a bad request handed straight to ``generate`` would fail inside vLLM's step loop instead.
+    The worker's own error class comes back (its code crosses vLLM's RPC, see ``errors.carried``);
+    what vLLM itself refuses is an ``AdapterRejected``.
     """
-    from ..errors import AdapterRejected
+    from ..errors import AdapterRejected, carried
 
     request = lora_request(name, endpoint, version, lora_int_id, **kwargs)
     try:
         llm.llm_engine.add_lora(request)
     except Exception as exc:  # vLLM wraps the worker's error in a plain Exception
-        raise AdapterRejected(f"vLLM refused {request.lora_path}: {exc}") from None
+        raise (carried(exc) or AdapterRejected(f"vLLM refused {request.lora_path}: {exc}")) from None
     return request
