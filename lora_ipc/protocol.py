@@ -31,6 +31,7 @@ The on-wire shape is the one protocol version 2 always had (any msgpack peer can
 and handles are maps, a handle's ``backend`` tag comes first, layout entries are 5-item arrays.
 """
 
+import functools
 import hashlib
 import re
 import sys
@@ -653,6 +654,7 @@ def _check_keys(cls: type[Message], body: Raw) -> None:
         raise ProtocolError(f"field 'body': {keys} keys, at most {fields} allowed")
 
 
+@functools.cache  # msgspec.structs.fields costs about a millisecond, and every message with a config asks
 def wire_name(cls: type, name: str) -> str:
     """The key field ``name`` of Struct ``cls`` has on the wire."""
     return next((f.encode_name for f in msgspec.structs.fields(cls) if f.name == name), name)
@@ -661,8 +663,9 @@ def wire_name(cls: type, name: str) -> str:
 def _sized_trees(cls: type[Message]) -> msgspec.msgpack.Decoder:
     """A decoder for ``cls`` with its tree-valued fields left undecoded (``Raw``), derived from ``cls``."""
     fields: list[Any] = []
-    rename = {f.name: f.encode_name for f in msgspec.structs.fields(cls) if f.name != f.encode_name}
-    for f in msgspec.structs.fields(cls):
+    declared = msgspec.structs.fields(cls)
+    rename = {f.name: f.encode_name for f in declared if f.name != f.encode_name}
+    for f in declared:
         kind = Raw if f.name in cls.TREES else f.type
         if f.default is not msgspec.NODEFAULT:
             fields.append((f.name, kind, f.default))
