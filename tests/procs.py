@@ -149,15 +149,6 @@ def _publish_constant_behind_work(s, name, value, cycles):
     return s.exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG)
 
 
-def _publish_tensor_set(s, name, seed):
-    """The core's publish (no LoRA config), as the refit layer publishes its buckets."""
-    from lora_ipc import TensorSetExporter
-
-    from . import models
-
-    return TensorSetExporter.publish(s.exporter, name, models.random_adapter(seed))
-
-
 def _publish_constant_on_side_stream(s, name, value, cycles):
     """Packed on a side stream behind ``cycles`` of GPU work."""
     from . import models
@@ -168,15 +159,6 @@ def _publish_constant_on_side_stream(s, name, value, cycles):
     with torch.cuda.stream(side):
         torch.cuda._sleep(cycles)
         return s.exporter.publish(name, tensors, models.RANDOM_ADAPTER_CONFIG)
-
-
-def _publish_tensor_set(s, name, seed):
-    """The core's publish (no LoRA config), as the refit layer publishes its buckets."""
-    from lora_ipc import TensorSetExporter
-
-    from . import models
-
-    return TensorSetExporter.publish(s.exporter, name, models.random_adapter(seed))
 
 
 def _queue_work(s, cycles):
