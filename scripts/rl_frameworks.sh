@@ -9,7 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then source scripts/python.sh || exit 1; fi
 source scripts/overlay_venv.sh
-PINS="openrlhf==0.11.2 verl==0.9.1 pylatexenc==2.11 tensordict==0.15.3 pyvers==0.2.3 omegaconf==2.4.0 codetiming==1.4.0"
+PINS=$(grep -v "^#" requirements/rl-frameworks.txt | tr "\n" " ")
 venv="$CACHE/rl-frameworks"
 key="$PINS $("$PY" -c 'import sys, vllm; print(sys.executable, sys.version.split()[0], vllm.__version__)' 2>/dev/null)"
 vllm_metadata() {  # the metadata-only "vllm" distribution verl asks for

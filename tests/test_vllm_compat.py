@@ -112,6 +112,32 @@ def test_renamed_validations_are_followed_not_refused(vllm_copy):
     assert "_validate_modules_to_save" not in surface.validations
 
 
+def test_vllm_034s_unsupported_lora_modules_is_mirrored_not_refused(vllm_copy):
+    """vLLM 0.34's ``_load_adapter`` passes ``unsupported_lora_modules`` (layers that end like a LoRA target but
+    are not wrapped): the loader refuses LoRA weights on them, as the disk loader does, so the check accepts it."""
+    _edit(
+        vllm_copy,
+        "worker_manager",
+        "skip_prefixes=lora_skip_prefixes,",
+        "skip_prefixes=lora_skip_prefixes,\n                unsupported_lora_modules=self._adapter_manager.unsupported_lora_modules,",
+    )
+    surface = compat.surface_from_source(vllm_copy)
+    assert "unsupported_lora_modules" in surface.load_adapter_body.checkpoint_kwargs
+    assert compat.problems(surface) == []
+
+
+def test_the_loader_refuses_lora_weights_on_unsupported_layers():
+    from vllm.lora.peft_helper import PEFTHelper
+
+    from lora_ipc.vllm.loader import unexpected_modules
+
+    names = ["base_model.model.pooler.dense.lora_A.weight", "base_model.model.layers.0.mlp.dense.lora_A.weight"]
+    helper = PEFTHelper.from_dict({"r": 4, "lora_alpha": 8, "target_modules": ["dense"]})
+    assert unexpected_modules(names, {"dense"}, helper, None, None) == []
+    found = unexpected_modules(names, {"dense"}, helper, None, None, unsupported={"pooler.dense"})
+    assert found == ["pooler.dense (not a LoRA layer)"], found
+
+
 def test_registration_refuses_an_incompatible_vllm_through_vllms_plugin_loader():
     """The plugin runs inside vLLM's load_general_plugins; its error must stop vLLM, not be logged and
     skipped (a lora-ipc:// path would then reach the disk loader)."""
@@ -184,6 +210,27 @@ def test_a_moved_weight_transfer_framework_is_named_exactly(refit_copy, rel, old
     _edit_file(refit_copy / rel, old, new)
     found = compat.refit_problems(compat.refit_surface_from_source(refit_copy))
     assert expected in "\n".join(found) and len(found) <= 2, found  # register_engine: one line per factory
+
+
+def test_a_vllm_without_the_mtp_completeness_check_is_accepted(refit_copy):
+    """vLLM 0.34 dropped ``mtp_validation`` (nothing to disable around ``load_weights``): accepted. A module that
+    is still there but lost the function is a rename, named exactly."""
+    mtp = refit_copy / REFIT_FILES[3]
+    text = mtp.read_text()
+    mtp.unlink()
+    surface = compat.refit_surface_from_source(refit_copy)
+    assert not surface.mtp_module and compat.refit_problems(surface) == []
+    mtp.write_text(text.replace("def disable_mtp_completeness_check(", "def skip_mtp_check("))
+    found = compat.refit_problems(compat.refit_surface_from_source(refit_copy))
+    assert found == ["vllm.model_executor.model_loader.mtp_validation.disable_mtp_completeness_check not found"]
+
+
+def test_vllm_034s_trainer_engine_rank_is_passed_on(refit_copy):
+    """vLLM 0.34's ``TrainerWeightTransferEngine.__init__`` takes ``rank`` (a default): accepted."""
+    with_rank = TRAINER_INIT + "\n        rank: int = 0,"
+    _edit_file(refit_copy / REFIT_FILES[0], TRAINER_INIT, with_rank)
+    surface = compat.refit_surface_from_source(refit_copy)
+    assert "rank" in surface.trainer_init.names and compat.refit_problems(surface) == []
 
 
 def test_vllms_config_first_trainer_engine_is_accepted(refit_copy):

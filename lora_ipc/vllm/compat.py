@@ -53,8 +53,9 @@ FROM_LORA_TENSORS_KWARGS = (
 )
 # ``from_local_checkpoint`` keywords that only concern reading files (nothing to mirror) ...
 DISK_ONLY_KWARGS = frozenset({"lora_dir", "expected_lora_modules", "tensorizer_config_dict"})
-# ... and those the loader handles itself (``moe_ep_spec``: it refuses expert-parallel MoE adapters).
-HANDLED_KWARGS = frozenset({"moe_ep_spec"})
+# ... and those the loader handles itself (``moe_ep_spec``: it refuses expert-parallel MoE adapters;
+# ``unsupported_lora_modules`` (vLLM 0.34): it refuses LoRA weights on those layers, as the disk loader does).
+HANDLED_KWARGS = frozenset({"moe_ep_spec", "unsupported_lora_modules"})
 # Attributes of the worker manager and of its adapter manager the loader reads; ``_load_adapter``
 # must read them too, or they may have been renamed.
 WORKER_ATTRS = frozenset({"_adapter_manager", "lora_config", "vocab_size", "max_position_embeddings"})
@@ -95,7 +96,9 @@ REFIT_TRAINER_KWARGS = ("client", "source", "is_sender")  # super().__init__(cli
 REFIT_TRAINER_METHODS = frozenset({"trainer_init", "send_weights", "shutdown"})
 REFIT_FACTORIES = ("WeightTransferEngineFactory", "WeightTransferTrainerFactory")  # register_engine(name, module, cls)
 REFIT_RELOAD = frozenset({"initialize_layerwise_reload", "finalize_layerwise_reload"})  # ...model_loader.reload
-REFIT_MTP = "disable_mtp_completeness_check"  # vllm.model_executor.model_loader.mtp_validation
+# vllm.model_executor.model_loader.mtp_validation (vLLM 0.32-0.33; 0.34 has no MTP completeness check, so
+# there is nothing to disable and the module is gone): present module without it = a rename to look at
+REFIT_MTP = "disable_mtp_completeness_check"
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,8 @@ class RefitSurface:
     register_engine: dict[str, Params] = field(default_factory=dict)  # factory -> register_engine params
     loader_read: bool = False  # the two below were looked for (the worker side reads them: heavy imports)
     reload_names: frozenset[str] = frozenset()
-    mtp_check: bool = False
+    mtp_module: bool = False  # vllm.model_executor.model_loader.mtp_validation exists
+    mtp_check: bool = False  # ... and defines REFIT_MTP
 
     def summary(self) -> dict:
         return {
@@ -325,7 +329,7 @@ def refit_problems(r: RefitSurface) -> list[str]:
             out.append(f"{factory}.register_engine{params}: expected (name, module_path, class_name)")
     if r.loader_read and (missing := REFIT_RELOAD - r.reload_names):
         out.append(f"vllm.model_executor.model_loader.reload lacks {sorted(missing)} (how an update is applied)")
-    if r.loader_read and not r.mtp_check:
+    if r.loader_read and r.mtp_module and not r.mtp_check:
         out.append(f"vllm.model_executor.model_loader.mtp_validation.{REFIT_MTP} not found")
     return out
 
@@ -558,15 +562,17 @@ def refit_surface_from_runtime(loader: bool = True) -> RefitSurface:
     if not loader:
         return r
     r.loader_read = True
-    for module, names, attr in (
-        ("vllm.model_executor.model_loader.reload", REFIT_RELOAD, "reload_names"),
-        ("vllm.model_executor.model_loader.mtp_validation", {REFIT_MTP}, "mtp_check"),
-    ):
-        try:
-            found = frozenset(n for n in names if callable(getattr(importlib.import_module(module), n, None)))
-        except ImportError:  # reported as missing by refit_problems
-            found = frozenset()
-        setattr(r, attr, found if attr == "reload_names" else bool(found))
+    try:
+        reload = importlib.import_module("vllm.model_executor.model_loader.reload")
+        r.reload_names = frozenset(n for n in REFIT_RELOAD if callable(getattr(reload, n, None)))
+    except ImportError:  # reported as missing by refit_problems
+        pass
+    try:
+        mtp = importlib.import_module("vllm.model_executor.model_loader.mtp_validation")
+    except ImportError:
+        return r
+    r.mtp_module = True
+    r.mtp_check = callable(getattr(mtp, REFIT_MTP, None))
     return r
 
 
@@ -721,5 +727,6 @@ def refit_surface_from_source(root: str | Path) -> RefitSurface:
     if reload is not None:
         r.reload_names = REFIT_RELOAD & _exported(reload, loader / "reload" / "__init__.py")
     mtp = _parse_module(loader / "mtp_validation.py")
+    r.mtp_module = mtp is not None
     r.mtp_check = mtp is not None and isinstance(mtp.get(REFIT_MTP), ast.FunctionDef)
     return r

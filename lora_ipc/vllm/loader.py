@@ -35,8 +35,12 @@ def expected_lora_modules(adapter_manager: Any) -> set[str]:
     return expected
 
 
-def unexpected_modules(tensor_names, expected: set[str], peft_helper, weights_mapper, skip_prefixes) -> list[str]:
-    """Names ``from_lora_tensors`` would silently drop; ``from_local_checkpoint`` refuses them."""
+def unexpected_modules(
+    tensor_names, expected: set[str], peft_helper, weights_mapper, skip_prefixes, unsupported: set[str] = frozenset()
+) -> list[str]:
+    """Names ``from_lora_tensors`` would silently drop; ``from_local_checkpoint`` refuses them. ``unsupported``:
+    layers whose name ends like a LoRA target but that vLLM does not wrap (vLLM 0.34's
+    ``unsupported_lora_modules``, e.g. BERT's ``pooler.dense``)."""
     from vllm.lora.utils import is_base_embedding_weights, parse_fine_tuned_lora_name
 
     bad = []
@@ -56,6 +60,8 @@ def unexpected_modules(tensor_names, expected: set[str], peft_helper, weights_ma
                 bad.append(module_name)
         elif module_name.rsplit(".", 1)[-1] not in expected | keep_full:
             bad.append(module_name)
+        elif module_name in unsupported:
+            bad.append(f"{module_name} (not a LoRA layer)")
     return bad
 
 
@@ -100,7 +106,8 @@ def load_adapter(worker_manager: Any, lora_request: Any):
     skip_prefixes = getattr(model, "lora_skip_prefixes", None)
 
     expected = expected_lora_modules(adapter_manager)
-    bad = unexpected_modules(tensors, expected, peft_helper, mapper, skip_prefixes)
+    unsupported = set(getattr(adapter_manager, "unsupported_lora_modules", ()) or ())  # vLLM 0.34
+    bad = unexpected_modules(tensors, expected, peft_helper, mapper, skip_prefixes, unsupported)
     if bad:
         raise AdapterRejected(
             f"{uri.name} v{adapter.version}: modules {sorted(set(bad))[:8]} are not LoRA targets of this "

@@ -35,6 +35,7 @@ version); adapters added with ``add_lora`` must be re-added after each refit.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import sys
 import threading
@@ -311,8 +312,9 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
 
     def _apply(self, update: _Update) -> None:
         """Load every staged tensor inside one layerwise reload; finalize always runs (nothing stays on meta)."""
-        from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+        mtp_off = _mtp_completeness_check_disabled()
 
         staged = collections.deque(update.staged)
         update.staged = []
@@ -325,7 +327,7 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
         failure: Exception | None = None
         initialize_layerwise_reload(self.model)
         try:
-            with disable_mtp_completeness_check():
+            with mtp_off:
                 cast(Any, self.model).load_weights(drain())  # vLLM's model classes, not nn.Module's API
         except Exception as exc:  # any refusal of the model's loader becomes the typed RefitError below
             failure = exc
@@ -418,7 +420,19 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
 
 # ---- trainer side ----------------------------------------------------------------------------
 
-_BASE_TAKES_CONFIG = "config" in params_of(TrainerWeightTransferEngine.__init__, drop_first=True).names
+_TRAINER_BASE_PARAMS = params_of(TrainerWeightTransferEngine.__init__, drop_first=True)
+_BASE_TAKES_CONFIG = "config" in _TRAINER_BASE_PARAMS.names
+_BASE_TAKES_RANK = "rank" in _TRAINER_BASE_PARAMS.names  # vLLM 0.34
+
+
+def _mtp_completeness_check_disabled() -> contextlib.AbstractContextManager:
+    """vLLM 0.32-0.33 check after ``load_weights`` that an MTP draft model got every weight (a partial
+    update is legal here); 0.34 has no such check (checked at registration: :mod:`.compat`)."""
+    try:
+        from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
+    except ImportError:
+        return contextlib.nullcontext()
+    return disable_mtp_completeness_check()
 
 
 def _config_and_init_info(args: tuple, named: dict) -> tuple[Any, Any]:
@@ -448,12 +462,18 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
         source: WeightSource | None,
         is_sender: bool = True,
         sender: WeightSender | None = None,
+        rank: int = 0,
     ) -> None:
-        # vLLM's base took a ``config`` first in some releases (Generic[TConfig, TInitInfo]) and not in others
+        # vLLM's base took a ``config`` first in some releases (Generic[TConfig, TInitInfo]) and not in others;
+        # 0.34's takes the trainer rank
+        named: dict[str, Any] = {"client": client, "source": source, "is_sender": is_sender}
+        if _BASE_TAKES_RANK:
+            named["rank"] = rank
         if _BASE_TAKES_CONFIG:
-            super().__init__(config, client=client, source=source, is_sender=is_sender)  # type: ignore[misc]
+            super().__init__(config, **named)  # type: ignore[misc]
         else:
-            super().__init__(client=client, source=source, is_sender=is_sender)
+            super().__init__(**named)
+        self.rank = rank
         self.config = config
         self.sender = sender
 
@@ -471,7 +491,7 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
                 f"the lora_ipc trainer engine takes a LoraIpcTrainerInitInfo, not {type(init_info).__name__}"
             )
         if not init_info.is_sender:
-            return cls(config, client=client, source=source, is_sender=False)
+            return cls(config, client=client, source=source, is_sender=False, rank=int(getattr(init_info, "rank", 0)))
         sender = WeightSender(
             init_info.endpoint,
             bucket_bytes=init_info.bucket_bytes,
@@ -494,7 +514,7 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
         except BaseException:  # cleanup, then the same exception (Ctrl-C included) goes on
             sender.close()
             raise
-        return cls(config, client=client, source=source, sender=sender)
+        return cls(config, client=client, source=source, sender=sender, rank=int(getattr(init_info, "rank", 0)))
 
     def send_weights(self, weight_version: str | None = None) -> None:
         """One full update: start, one ``update_weights`` per bucket, finish (with ``weight_version``).
