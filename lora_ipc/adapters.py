@@ -5,11 +5,11 @@ users know. ``AdapterExporter.publish`` takes a ``PeftModel`` (or a dict of tens
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from . import settings
 from .client import TensorSet, TensorSetClient
 from .errors import ClientClosed
 from .exporter import RemoteTensorSetExporter, TensorSetExporter
@@ -76,8 +76,8 @@ def shared_client(endpoint: str) -> AdapterClient:
     with _shared_lock:
         client = _shared.get(endpoint)
         if client is None or client._closed:
-            timeout_s = float(os.environ.get("LORA_IPC_TIMEOUT_S", 10))
-            wait_s = float(os.environ.get("LORA_IPC_CONNECT_WAIT_S", 0))
+            timeout_s = cast(float, settings.value("LORA_IPC_TIMEOUT_S"))
+            wait_s = cast(float, settings.value("LORA_IPC_CONNECT_WAIT_S"))
             client = AdapterClient(endpoint, timeout_s=timeout_s, connect_wait_s=wait_s)
             _shared.on_evict = lambda _, old: evicted.append(old)
             try:

@@ -16,18 +16,20 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, cast
 
 import torch
 import zmq
 
 from . import protocol as p
+from . import settings
 from .backends import ImportedSlab
 from .connection import Connection
 from .endpoint import daemon_endpoint
 from .errors import (
     BackendError,
     ClientClosed,
+    ConfigError,
     ExporterUnavailable,
     LayoutError,
     LimitExceeded,
@@ -57,11 +59,7 @@ def fetch_bytes_limit(value: int | None = None) -> int:
     allocated: the exporter sizes a fetch, the client decides what it can afford.
     """
     if value is None:
-        env = os.environ.get(ENV_MAX_FETCH_BYTES)
-        try:
-            value = int(env) if env else DEFAULT_MAX_FETCH_BYTES
-        except ValueError:
-            raise LoraIpcError(f"${ENV_MAX_FETCH_BYTES}={env!r:.40}: expected a number of bytes") from None
+        value = cast(int | None, settings.value(ENV_MAX_FETCH_BYTES)) or DEFAULT_MAX_FETCH_BYTES
     if type(value) is not int or value <= 0:
         raise LoraIpcError(f"max_fetch_bytes {value!r:.40}: expected a positive number of bytes")
     return value
@@ -70,9 +68,11 @@ def fetch_bytes_limit(value: int | None = None) -> int:
 def transport_mode(value: str | None = None) -> str:
     """``auto`` (CUDA IPC, falling back to a host-staged copy where it cannot be imported), ``cuda``
     (never fall back) or ``host`` (always the host copy); default ``$LORA_IPC_TRANSPORT`` or auto."""
-    mode = (value or os.environ.get(ENV_TRANSPORT) or "auto").lower()
+    if value is None:
+        return cast(str, settings.value(ENV_TRANSPORT))
+    mode = value.lower()
     if mode not in TRANSPORTS:
-        raise LoraIpcError(f"transport {mode!r}: expected one of {TRANSPORTS} (${ENV_TRANSPORT})")
+        raise ConfigError(f"transport {mode!r}: expected one of {TRANSPORTS} (${ENV_TRANSPORT})")
     return mode
 
 

@@ -20,6 +20,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 
+from . import settings
 from .errors import EndpointInUse, EndpointNotTrusted, ExporterUnavailable, LoraIpcError
 
 ENV_ENDPOINT = "LORA_IPC_ENDPOINT"
@@ -51,17 +52,17 @@ def default_endpoint() -> str:
     """Where a new in-process exporter listens: ``$LORA_IPC_ENDPOINT``, else a socket in a fresh
     private (0700) directory. Clients never use this (it would invent a path nobody serves); they
     default to :func:`daemon_endpoint`."""
-    env = os.environ.get(ENV_ENDPOINT)
+    env = settings.value(ENV_ENDPOINT)
     if env:
-        return env
+        return str(env)
     return "ipc://" + os.path.join(tempfile.mkdtemp(prefix="lora-ipc-"), "exporter.sock")
 
 
 def daemon_endpoint() -> str:
     """Where ``lora-ipc serve`` listens by default: ``$LORA_IPC_ENDPOINT``, else a per-user private path."""
-    env = os.environ.get(ENV_ENDPOINT)
+    env = settings.value(ENV_ENDPOINT)
     if env:
-        return env
+        return str(env)
     base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(tempfile.gettempdir(), f"lora-ipc-{os.getuid()}")
     return "ipc://" + os.path.join(base, "lora-ipc", "daemon.sock")
 

@@ -74,6 +74,10 @@ class EndpointInUse(LoraIpcError):
     """Another live server already listens on this endpoint."""
 
 
+class ConfigError(LoraIpcError, ValueError):
+    """A ``LORA_IPC_*`` setting (:mod:`lora_ipc.settings`) or a configuration argument that does not parse."""
+
+
 class BadAdapterURI(LoraIpcError, ValueError):
     """A ``lora-ipc://`` URI that cannot be parsed."""
 
@@ -98,6 +102,7 @@ WIRE_ERRORS: dict[str, type[LoraIpcError]] = {
     cls.__name__: cls
     for cls in (
         LoraIpcError,
+        ConfigError,
         ProtocolError,
         LayoutError,
         AdapterNotFound,

@@ -39,8 +39,41 @@ def daemons():
             proc.wait(10)
 
 
+# The unit tier (`-m unit`, the command to run while editing; under a minute): modules whose tests start no
+# child process and no vLLM engine. A unit test that starts one fails (no_child_processes below).
+UNIT_MODULES = frozenset(
+    {
+        "test_bad_input",
+        "test_refcount",
+        "test_relay_units",
+        "test_settings",
+        "test_slab_pool",
+        "test_transport_selection",
+        "test_wire",
+    }
+)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if item.module.__name__.rsplit(".", 1)[-1] in UNIT_MODULES and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def no_child_processes(request, monkeypatch):
+    """Holds the unit tier to its definition: a unit test that forks or runs a program fails."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refused(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} is in the unit tier but started a child process")
+
+    import os
+    import subprocess
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refused)
+    monkeypatch.setattr(os, "fork", refused)

@@ -119,7 +119,8 @@ def test_vllm_034s_unsupported_lora_modules_is_mirrored_not_refused(vllm_copy):
         vllm_copy,
         "worker_manager",
         "skip_prefixes=lora_skip_prefixes,",
-        "skip_prefixes=lora_skip_prefixes,\n                unsupported_lora_modules=self._adapter_manager.unsupported_lora_modules,",
+        "skip_prefixes=lora_skip_prefixes,\n"
+        "                unsupported_lora_modules=self._adapter_manager.unsupported_lora_modules,",
     )
     surface = compat.surface_from_source(vllm_copy)
     assert "unsupported_lora_modules" in surface.load_adapter_body.checkpoint_kwargs

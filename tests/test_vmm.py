@@ -18,7 +18,7 @@ from lora_ipc import AdapterClient, AdapterExporter, native
 from lora_ipc import protocol as p
 from lora_ipc.backends import backend_for, open_slab
 from lora_ipc.endpoint import ServerIdentity
-from lora_ipc.errors import BackendError
+from lora_ipc.errors import BackendError, ConfigError
 from lora_ipc.imports import REGISTRY
 
 from . import models
@@ -68,7 +68,7 @@ def test_vmm_handles_travel_the_protocol_and_bad_ones_are_refused():
 
 def test_an_unknown_export_mode_is_refused(monkeypatch):
     monkeypatch.setenv("LORA_IPC_CUDA_EXPORT", "magic")
-    with pytest.raises(BackendError, match="expected one of"):
+    with pytest.raises(ConfigError, match="LORA_IPC_CUDA_EXPORT.*expected one of"):
         backend_for("cuda:0")
 
 

@@ -25,11 +25,12 @@ import itertools
 import logging
 import os
 import secrets
+from typing import cast
 
 import torch
 
-from .. import native
-from ..errors import BackendError
+from .. import native, settings
+from ..errors import BackendError, ConfigError
 from ..protocol import VmmSlabHandle
 from ..shm import GenerationReader
 from .base import Backend, ExportedSlab
@@ -43,9 +44,11 @@ _said: set[str] = set()
 
 
 def cuda_export_mode(value: str | None = None) -> str:
-    mode = (value or os.environ.get(ENV_CUDA_EXPORT) or "torch").lower()
+    if value is None:
+        return cast(str, settings.value(ENV_CUDA_EXPORT))
+    mode = value.lower()
     if mode not in CUDA_EXPORTS:
-        raise BackendError(f"CUDA export {mode!r}: expected one of {CUDA_EXPORTS} (${ENV_CUDA_EXPORT})")
+        raise ConfigError(f"CUDA export {mode!r}: expected one of {CUDA_EXPORTS} (${ENV_CUDA_EXPORT})")
     return mode
 
 

@@ -15,12 +15,12 @@ must cost only its own requests:
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .. import settings
 from ..endpoint import ENV_ENDPOINT
 from ..errors import ExporterUnavailable
 
@@ -35,7 +35,7 @@ _executors: dict[str, ThreadPoolExecutor] = {}
 
 
 def _executor_for(endpoint: str) -> ThreadPoolExecutor:
-    own = endpoint == os.environ.get(ENV_ENDPOINT)
+    own = endpoint == settings.value(ENV_ENDPOINT)
     key = "own" if own else "shared"
     with _lock:
         pool = _executors.get(key)
@@ -49,7 +49,7 @@ def _executor_for(endpoint: str) -> ThreadPoolExecutor:
 def _take(endpoint: str) -> None:
     with _lock:
         pending = _pending.get(endpoint, 0)
-        cap = MAX_PENDING_OWN if endpoint == os.environ.get(ENV_ENDPOINT) else MAX_PENDING_PER_ENDPOINT
+        cap = MAX_PENDING_OWN if endpoint == settings.value(ENV_ENDPOINT) else MAX_PENDING_PER_ENDPOINT
         if pending >= cap:
             raise ExporterUnavailable(f"{endpoint}: {pending} requests to it are still pending; try again later")
         _pending[endpoint] = pending + 1

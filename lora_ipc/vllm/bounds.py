@@ -11,11 +11,11 @@ allocated. ``$LORA_IPC_MAX_FETCH_BYTES`` overrides the derived bound; where the 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
+from .. import settings
 from ..client import ENV_MAX_FETCH_BYTES
 
 WIDEST_DTYPE_BYTES = 8
@@ -35,7 +35,7 @@ def _stacked_tensors(module: Any) -> list[torch.Tensor]:
 
 def fetch_bound(worker_manager: Any) -> int | None:
     """The most bytes one adapter fetch may copy in this worker, or None to use the client's default."""
-    if os.environ.get(ENV_MAX_FETCH_BYTES):
+    if settings.is_set(ENV_MAX_FETCH_BYTES):
         return None  # the operator's setting wins (the client reads it)
     try:
         manager = worker_manager._adapter_manager

@@ -18,9 +18,10 @@ budgets). A reload of a kept version copies the kept tensors onto the worker's d
 
 from __future__ import annotations
 
-import os
 import threading
+from typing import cast
 
+from .. import settings
 from ..adapters import Adapter
 from ..lru import BoundedLRU
 from .uri import AdapterURI
@@ -94,7 +95,7 @@ def kept_adapters(lora_config=None) -> KeptAdapters:
     with _kept_lock:
         if _kept is None:
             max_cpu = getattr(lora_config, "max_cpu_loras", None) or getattr(lora_config, "max_loras", None) or 2
-            entries = int(os.environ.get(ENV_KEEP) or max(8, 4 * int(max_cpu)))
-            max_bytes = int(os.environ.get(ENV_KEEP_BYTES) or DEFAULT_KEEP_BYTES)
+            entries = cast(int | None, settings.value(ENV_KEEP)) or max(8, 4 * int(max_cpu))
+            max_bytes = cast(int, settings.value(ENV_KEEP_BYTES))
             _kept = KeptAdapters(max(1, entries), max_bytes)
         return _kept

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 
+from .. import settings
 from ..endpoint import ENV_ENDPOINT
 from ..errors import LoaderBypassed, LoraIpcError, tagged
 from .uri import AdapterURI
@@ -226,7 +226,7 @@ def register() -> None:
         if cls is not None and "add_adapter" in cls.__dict__:
             _install(cls, "add_adapter", _add_adapter_wrapper)
     _install_openai_check()
-    if os.environ.get(ENV_ENDPOINT):
+    if settings.is_set(ENV_ENDPOINT):
         from .resolver import register_resolver
 
-        register_resolver(os.environ[ENV_ENDPOINT])
+        register_resolver(str(settings.value(ENV_ENDPOINT)))

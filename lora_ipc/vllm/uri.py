@@ -11,11 +11,11 @@ at load time (of whatever epoch); without ``endpoint`` it uses ``$LORA_IPC_ENDPO
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from .. import settings
 from ..endpoint import ENV_ENDPOINT, ipc_path
 from ..errors import BadAdapterURI, LoraIpcError
 
@@ -62,7 +62,7 @@ class AdapterURI:
         epoch = query.get("epoch", [None])[0]
         if epoch is not None and not EPOCH_RE.fullmatch(epoch):
             raise BadAdapterURI(f"{uri!r:.200}: epoch must be 1-16 hex digits")
-        endpoint = query.get("endpoint", [os.environ.get(ENV_ENDPOINT, "")])[0]
+        endpoint = query.get("endpoint", [str(settings.value(ENV_ENDPOINT) or "")])[0]
         if not endpoint:
             raise BadAdapterURI(f"{uri!r:.200} names no endpoint and ${ENV_ENDPOINT} is not set in the engine")
         try:
