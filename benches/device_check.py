@@ -3,14 +3,14 @@
     python3 benches/device_check.py                # on the GPU machine (via benches/device_check.sh)
     python3 benches/device_check.py --cpu          # the same steps, same modules, CPU tensors, tiny sizes
 
-Steps: ``deps`` (every module the later steps import; stops the run at once, exit 3, naming what is
-missing), ``probe`` (benches/gpu/review_probe.py, the source review's checks as JSON lines), ``gpu_tests``
-(tests/test_gpu.py; collected and skipped on CPU), ``bench`` (``lora-ipc bench``: lora_ipc against
-/dev/shm safetensors, torch IPC per tensor and the one-copy floor; JSON + PNG), ``bucket`` (full-weight
-refit buckets against the device's own copy floor). Each later step runs even if an earlier one failed.
+Steps: ``deps`` (every module the later steps import; stops the run at once, exit 3, naming what is missing),
+``gpu_tests`` (``pytest -m gpu``: every GPU test; collected and skipped on CPU), ``bench`` (``lora-ipc
+bench``: lora_ipc against /dev/shm safetensors, torch IPC per tensor and the one-copy floor; JSON + PNG),
+``bucket`` (full-weight refit buckets against the device's own copy floor). Each later step runs even if an
+earlier one failed.
 Writes under ``--out`` (default $OUT, else bench-results), at most 8 files:
 ``summary.json`` (every step's exit code and seconds), ``device_check.log`` (all output),
-``review_probe.jsonl``, ``bench.json``, ``bench.png``, ``bucket.json``. Exit 0 iff every step passed.
+``bench.json``, ``bench.png``, ``bucket.json``. Exit 0 iff every step passed.
 """
 
 from __future__ import annotations
@@ -43,15 +43,13 @@ BUDGET_S = 350  # every step's timeout together (the run's limit: 6 device-minut
 MISSING_EXIT = 3
 
 
-# each device's sizes: the review probe's, ``lora-ipc bench``'s and benches/bench_bucket_transport.py's options
+# each device's sizes: ``lora-ipc bench``'s and benches/bench_bucket_transport.py's options
 SIZES = {
     "cpu": {
-        "probe": ["--selftest-cpu"],
         "bench": ["--ranks", "4", "--layers", "1", "--iters", "2", "--warmup", "1"],
         "bucket": ["--layers", "1", "--scale", "16", "--bucket-mib", "1", "--iters", "1"],
     },
     "cuda": {
-        "probe": [],
         "bench": ["--ranks", "16,64", "--layers", "32", "--iters", "20", "--warmup", "3"],
         "bucket": ["--layers", "8", "--bucket-mib", "256", "1024", "--iters", "5"],
     },
@@ -63,12 +61,11 @@ def steps(cpu: bool, out: str) -> list[tuple[str, list[str], int]]:
     py = sys.executable
     device = "cpu" if cpu else "cuda"
     size = SIZES[device]
-    probe = [py, "benches/gpu/review_probe.py", "--repo", ROOT, *size["probe"], "--deadline", "110"]
     bench = [py, "-m", "lora_ipc", "bench", "--device", device, *size["bench"], "--out", out]
     bucket_json = os.path.join(out, "bucket.json")
     bucket = [py, "benches/bench_bucket_transport.py", "--device", device, *size["bucket"], "--json", bucket_json]
-    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_gpu.py"]
-    return [("probe", probe, 120), ("gpu_tests", tests, 135), ("bench", bench, 55), ("bucket", bucket, 40)]
+    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "gpu", "tests"]
+    return [("gpu_tests", tests, 240), ("bench", bench, 65), ("bucket", bucket, 45)]
 
 
 def check_deps(modules, log) -> list[str]:
@@ -183,17 +180,12 @@ def main(argv=None) -> int:
         if args.only is not None and name not in args.only:
             continue
         log(f"==== {name} (timeout {timeout_s} s): {' '.join(step_argv[1:])}")
-        jsonl = os.path.join(args.out, "review_probe.jsonl") if name == "probe" else None
-        rc, seconds = run_step(step_argv, timeout_s, log_file, jsonl)
+        rc, seconds = run_step(step_argv, timeout_s, log_file)
         summary["steps"][name] = {"rc": rc, "seconds": seconds, "timed_out": rc == 124}
         log(f"==== {name}: rc {rc} in {seconds} s")
         failed |= rc != 0
         write_summary()
     summary["seconds"] = round(time.monotonic() - started, 1)
-    if os.path.exists(os.path.join(args.out, "review_probe.jsonl")):
-        with open(os.path.join(args.out, "review_probe.jsonl")) as f:
-            verdicts = [json.loads(line) for line in f if line.startswith("{")]
-        summary["probe_verdicts"] = {v["check"]: v["verdict"] for v in verdicts if "check" in v}
     write_summary()
     log(f"device_check: {'FAILED' if failed else 'ok'} in {summary['seconds']} s; results in {args.out}")
     log_file.close()

@@ -21,10 +21,9 @@ def test_device_script_runs_every_step_on_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["mode"] == "cpu"
-    assert set(summary["steps"]) == {"deps", "probe", "gpu_tests", "bench", "bucket"}
+    assert set(summary["steps"]) == {"deps", "gpu_tests", "bench", "bucket"}
     assert all(step["rc"] == 0 for step in summary["steps"].values()), summary
-    assert summary["probe_verdicts"]["summary"] == "info"
-    assert not [c for c, v in summary["probe_verdicts"].items() if v in ("fail", "error")], summary
+    assert "skipped" in (tmp_path / "device_check.log").read_text()  # the GPU tests were collected, and skipped here
     assert json.loads((tmp_path / "bench.json").read_text())["ranks"]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bucket = json.loads((tmp_path / "bucket.json").read_text())

@@ -37,6 +37,32 @@ def test_cuda_expandable_segments_trainer(tmp_path):
         proc.close()
 
 
+def test_an_expandable_segments_trainer_sigkilled_under_an_importer_leaves_owned_tensors_intact(tmp_path):
+    """The trainer (expandable segments on) dies by SIGKILL while this process holds its slab imported and owns a
+    copy: the owned tensors stay bitwise equal, the next fetch is a typed ExporterUnavailable within the client's
+    timeout (no hang), closing the import frees it, and CUDA still works in this process."""
+    from lora_ipc import ExporterUnavailable
+
+    proc = ExporterProcess(device="cuda", env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    try:
+        proc.call("publish_peft", "k", "bfloat16", 1, str(tmp_path))
+        expected = load_file(tmp_path / "adapter_model.safetensors")
+        client = AdapterClient(proc.endpoint, timeout_s=2.0)
+        owned = client.fetch("k").tensors
+        assert_same_adapter(owned, expected)
+        proc.kill()
+        with pytest.raises(ExporterUnavailable):
+            client.fetch("k")
+        assert_same_adapter(owned, expected)  # the copy is ours: the dead trainer's memory is not behind it
+        client.close()
+        del owned
+        torch.cuda.synchronize()
+        probe = torch.arange(1 << 20, device="cuda")
+        assert int(probe.sum()) == (1 << 20) * ((1 << 20) - 1) // 2  # the context is not poisoned
+    finally:
+        proc.close()
+
+
 def test_cuda_memory_flat_over_cycles(gpu_exporter):
     with AdapterClient(gpu_exporter.endpoint) as client:
 

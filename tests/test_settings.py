@@ -12,7 +12,6 @@ from lora_ipc.errors import ConfigError, LoraIpcError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 def test_docs_configuration_is_the_table():
     assert (ROOT / "docs" / "configuration.md").read_text() == settings.markdown(), (
         "docs/configuration.md is stale: python -m lora_ipc.settings > docs/configuration.md"
