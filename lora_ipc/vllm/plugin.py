@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import weakref
+from typing import Any
 
 from .. import settings
 from ..endpoint import ENV_ENDPOINT
@@ -30,12 +32,15 @@ _MARK = "__lora_ipc_wrapped__"
 BACKEND = "lora_ipc"
 
 
+# lora_ipc's state per vLLM worker LoRA manager, beside it rather than as attributes on vLLM's object
+_loaded_paths: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
+_loaded_paths_lock = threading.Lock()
+
+
 def loaded_paths(worker_manager) -> dict[int, str]:
     """``lora_int_id -> lora-ipc:// path`` of what this worker loaded through lora_ipc."""
-    paths = worker_manager.__dict__.get("_lora_ipc_paths")
-    if paths is None:
-        paths = worker_manager._lora_ipc_paths = {}
-    return paths
+    with _loaded_paths_lock:
+        return _loaded_paths.setdefault(worker_manager, {})
 
 
 def _install(cls, attr: str, make_wrapper) -> None:
@@ -56,7 +61,6 @@ def _serve(manager, lora_request):
     except LoraIpcError as exc:  # vLLM hands a worker's error back as text: the typed code goes in front
         raise tagged(type(exc), str(exc)) from exc
     loaded_paths(manager)[lora_request.lora_int_id] = lora_request.lora_path
-    manager._lora_ipc_loads = getattr(manager, "_lora_ipc_loads", 0) + 1
     return lora
 
 
