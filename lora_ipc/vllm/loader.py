@@ -36,7 +36,12 @@ def expected_lora_modules(adapter_manager: Any) -> set[str]:
 
 
 def unexpected_modules(
-    tensor_names, expected: set[str], peft_helper, weights_mapper, skip_prefixes, unsupported: set[str] = frozenset()
+    tensor_names,
+    expected: set[str],
+    peft_helper,
+    weights_mapper,
+    skip_prefixes,
+    unsupported: frozenset[str] | set[str] = frozenset(),
 ) -> list[str]:
     """Names ``from_lora_tensors`` would silently drop; ``from_local_checkpoint`` refuses them. ``unsupported``:
     layers whose name ends like a LoRA target but that vLLM does not wrap (vLLM 0.34's

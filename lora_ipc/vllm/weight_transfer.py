@@ -470,7 +470,7 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
         if _BASE_TAKES_RANK:
             named["rank"] = rank
         if _BASE_TAKES_CONFIG:
-            super().__init__(config, **named)  # type: ignore[misc]
+            super().__init__(config, **named)  # type: ignore[call-arg]
         else:
             super().__init__(**named)
         self.rank = rank
