@@ -3,7 +3,7 @@
 #   here, once:        bash scripts/device_wheels.sh          (pyzmq wheels into the git-ignored .whl/)
 #   device run:        bash benches/device_check.sh           (run(..., carry=[".whl"], timeout_s=420))
 #   CPU rehearsal:     bash benches/device_check.sh --cpu     (same steps, CPU tensors, tiny sizes; CI runs it)
-# Stops at once, exit 3, naming the module, when a dependency is missing. See docs/cuda-path.md.
+# Stops at once, exit 3, naming the module, when a dependency is missing. See docs/design/cuda.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-results}; mkdir -p "$OUT"; export OUT

@@ -36,7 +36,7 @@ POLL_MS = 50
 # Replies queued per peer. A client has one request in flight plus a few fire-and-forget release
 # replies it reads later; a peer whose queue is full does not read its replies and is disconnected.
 # Bytes queued per peer <= SEND_HWM x the largest reply: MAX_LISTED_BYTES (+ a few KiB) for list and
-# status, one layout for a fetch (see docs/hardening-limits.md).
+# status, one layout for a fetch (see docs/design/security-internals.md).
 SEND_HWM = 8
 MAX_LISTED_BYTES = 64 << 10  # what a list or status reply lists one by one; the rest is counted
 TRIM_INTERVAL_S = 1.0  # after peers went away, give freed heap back to the OS at most this often

@@ -1,5 +1,5 @@
 """OpenRLHF 0.11.2's real ``create_vllm_engines`` + ``RolloutRayActor`` + ``WorkerWrap`` on the real vLLM CPU
-engine, with ``lora_ipc.integrations.openrlhf`` installed: the code of docs/integrations.md.
+engine, with ``lora_ipc.integrations.openrlhf`` installed: the code of docs/guides/rl-frameworks.md.
 
 Run by tests/test_integrations.py inside a private network namespace (only ``lo``), with the Python of the
 cached venv that has openrlhf (scripts/rl_frameworks.sh). Ray gets one fake GPU: ``create_vllm_engines``
@@ -44,7 +44,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def engines(cluster, model_dir):
-    # ---- what an OpenRLHF user writes (docs/integrations.md) ----
+    # ---- what an OpenRLHF user writes (docs/guides/rl-frameworks.md) ----
     from openrlhf.trainer.ray import create_vllm_engines
 
     import lora_ipc.integrations.openrlhf as lora_openrlhf

@@ -1,5 +1,5 @@
 """lora_ipc.settings: the one table of LORA_IPC_* variables. Every read goes through it, every bad value is a
-ConfigError naming the variable, and docs/configuration.md is the table."""
+ConfigError naming the variable, and docs/reference/configuration.md is the table."""
 
 import ast
 from pathlib import Path
@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_docs_configuration_is_the_table():
-    assert (ROOT / "docs" / "configuration.md").read_text() == settings.markdown(), (
-        "docs/configuration.md is stale: python -m lora_ipc.settings > docs/configuration.md"
+    assert (ROOT / "docs" / "reference" / "configuration.md").read_text() == settings.markdown(), (
+        "docs/reference/configuration.md is stale: python -m lora_ipc.settings > docs/reference/configuration.md"
     )
 
 

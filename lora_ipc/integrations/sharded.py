@@ -9,7 +9,7 @@ publishes (``publish``: :func:`lora_ipc.ray.publish` by default, or e.g. ``Adapt
 returns the version; the other ranks return None. Plain tensors (replicated, or DDP) are taken as they are.
 
 DeepSpeed ZeRO-3 keeps parameters partitioned outside DTensor; gather them with DeepSpeed's own context
-on every rank and publish on rank 0 (see docs/integrations.md)::
+on every rank and publish on rank 0 (see docs/guides/rl-frameworks.md)::
 
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     with deepspeed.zero.GatheredParameters(lora, modifier_rank=None):

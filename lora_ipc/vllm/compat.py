@@ -278,7 +278,7 @@ def require_compatible(surface: VLLMSurface | None = None) -> VLLMSurface:
         raise UnsupportedVLLM(
             f"lora_ipc cannot hook vLLM {surface.version or '?'} ({surface.where}) safely:\n  - "
             + "\n  - ".join(found)
-            + "\nUpgrade or downgrade lora_ipc or vLLM (docs/vllm-versions.md: versions tested), "
+            + "\nUpgrade or downgrade lora_ipc or vLLM (docs/guides/vllm.md: versions tested), "
             "or run vLLM without lora_ipc's plugin (VLLM_PLUGINS=<the other plugins>, or uninstall lora-ipc)."
         )
     return surface
@@ -349,7 +349,7 @@ def require_refit_compatible(surface: RefitSurface | None = None, loader: bool =
         raise UnsupportedVLLM(
             f"lora_ipc's refit backend cannot plug into vLLM {getattr(vllm, '__version__', '?')}:\n  - "
             + "\n  - ".join(found)
-            + "\nUpgrade or downgrade lora_ipc or vLLM (docs/vllm-versions.md: versions tested). The LoRA plugin "
+            + "\nUpgrade or downgrade lora_ipc or vLLM (docs/guides/vllm.md: versions tested). The LoRA plugin "
             "does not depend on it."
         )
     return r
