@@ -213,6 +213,47 @@ def test_a_bare_name_follows_after_any_number_of_moves_elsewhere(short_dir, monk
     assert served.engine_client.loaded[-1] == served.lora_requests["idle"].lora_path
 
 
+class _Refusing(_Engine):
+    """An engine whose worker refuses the next loads with these errors (as vLLM hands them back: text)."""
+
+    def __init__(self, *errors):
+        super().__init__()
+        self.errors = list(errors)
+
+    async def add_lora(self, request):
+        if self.errors:
+            from lora_ipc.errors import tag
+
+            cls = self.errors.pop(0)
+            raise Exception(f"Call to add_lora failed: {tag(cls, 'refused by the worker')}")
+        await super().add_lora(request)
+
+
+def test_a_bare_name_whose_newest_cannot_be_loaded_fails_instead_of_serving_an_older_one(short_dir):
+    pytest.importorskip("vllm")
+    from lora_ipc.errors import AdapterRejected, VersionNotFound
+    from lora_ipc.vllm.openai import refresh
+    from lora_ipc.vllm.resolver import LoraIpcResolver
+
+    with TensorSetExporter(f"ipc://{short_dir}/e.sock") as exp:
+        exp.publish("p", {"w": torch.zeros(1)})
+
+        async def scenario(engine):
+            served = _Models()
+            served.engine_client = engine
+            served.lora_requests["p"] = first = await LoraIpcResolver(exp.endpoint).resolve_lora("base", "p")
+            exp.publish("p", {"w": torch.ones(1)})
+            return first, served, await refresh(served, "p")
+
+        first, served, error = asyncio.run(scenario(_Refusing(AdapterRejected)))
+        assert error is not None and error.error.code == 400 and "AdapterRejected" in error.error.message
+        assert served.lora_requests["p"] is first and served.engine_client.loaded == []  # nothing moved
+        # the newest vanished before it loaded (a publisher outpacing keep): looked up again, then served
+        _, served, error = asyncio.run(scenario(_Refusing(VersionNotFound)))
+        assert error is None
+        assert AdapterURI.parse(served.lora_requests["p"].lora_path).version == 3
+
+
 def test_a_pinned_name_is_not_marked_to_follow(short_dir):
     pytest.importorskip("vllm")
     from lora_ipc.vllm.resolver import LoraIpcResolver
