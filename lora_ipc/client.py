@@ -159,13 +159,17 @@ class TensorSetClient:
     def list(self) -> list[p.TensorSetSummary]:
         return self.catalog().sets
 
-    def catalog(self) -> p.ListReply:
-        """The names, their kept versions, and the store's ``epoch`` (what the version numbers are of)."""
+    def catalog(self, name: str | None = None) -> p.ListReply:
+        """The names, their kept versions, and the store's ``epoch`` (what the version numbers are of).
+
+        A full catalog is cut to what fits the server's reply bound (``left_out`` counts the rest); with
+        ``name``, only that name's entry (none if it was never published), which is never cut: look a
+        name up this way."""
         with self._locked():
-            return self._conn.request(p.ListRequest(), p.ListReply)
+            return self._conn.request(p.ListRequest(name), p.ListReply)
 
     def versions(self, name: str) -> builtins.list[int]:  # `list` is a method here
-        for summary in self.list():
+        for summary in self.catalog(name).sets:
             if summary.name == name:
                 return summary.versions
         return []

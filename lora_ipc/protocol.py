@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 import msgspec
 from msgspec import Meta, Raw, Struct
 
-from .errors import WIRE_ERRORS, LoraIpcError, ProtocolError
+from .errors import WIRE_ERRORS, LoraIpcError, ProtocolError, wire_error
 
 PROTOCOL_VERSION = 2
 
@@ -80,6 +80,40 @@ def digest_of(obj: Any) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+
+
+@wire_error
+class BadName(LoraIpcError, ValueError):
+    """A name refused at publish: see :func:`check_name`."""
+
+
+#: the end of a pinned model name, ``<name>@v<N>``: vLLM's OpenAI server reads ``"exp@v2"`` as version 2 of
+#: ``exp`` (``lora_ipc.vllm.resolver``), so no tensor set may be published under a name that ends like this
+PINNED_SUFFIX = re.compile(r"@v[0-9]+\Z")
+
+
+def check_name(name: object) -> str:
+    """``name`` when it may be published; else ``BadName`` saying why. The rules (docs/naming.md): a str of
+    1 to ``MAX_NAME_CHARS`` characters that is valid UTF-8 (no lone surrogates: it must cross the wire and a
+    ``lora-ipc://`` URI), and does not end in ``@v<digits>`` (it would read as a pinned version)."""
+    if type(name) is not str:
+        raise BadName(f"a name is a str, not {type(name).__name__}")
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        raise BadName(f"a name has 1 to {MAX_NAME_CHARS} characters, not {len(name)}")
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadName(f"{name!r:.80} is not valid UTF-8 (a lone surrogate)") from None
+    pinned = PINNED_SUFFIX.search(name)
+    if pinned:
+        raise BadName(
+            f"{name!r:.80} ends in '@v<digits>', which reads as a pinned version of "
+            f"{name[: pinned.start()]!r:.80} (docs/naming.md); choose another name"
+        )
+    return name
+
+
 SlabId = Annotated[str, Meta(min_length=1, max_length=128)]
 Digest = Annotated[bytes, Meta(min_length=16, max_length=16)]
 Token = Annotated[bytes, Meta(min_length=16, max_length=16)]
@@ -281,9 +315,14 @@ class Message(WireStruct, frozen=True):
                 check_tree(value, max_nodes, wire_name(type(self), name))
 
 
-class ListRequest(Message, frozen=True):
+class ListRequest(Message, frozen=True, omit_defaults=True):
+    """The catalog; with ``name``, only that name's entry (none if it was never published): a full list
+    is cut to ``MAX_LISTED_BYTES`` on the server (``ListReply.left_out``), a named one never is. Without
+    ``name`` the request is the empty map it always was."""
+
+    name: Name | None = None
     TYPE: ClassVar[str] = "list"
-    MAX_FRAME: ClassVar[int] = 256
+    MAX_FRAME: ClassVar[int] = 4 << 10  # a name of MAX_NAME_CHARS 4-byte characters
 
 
 class TensorSetSummary(WireStruct, frozen=True):

@@ -227,6 +227,9 @@ class TensorSetServer:
     # ---- handlers --------------------------------------------------------------------------
 
     def _on_list(self, msg: p.ListRequest, peer: bytes) -> p.ListReply:
+        if msg.name is not None:  # one name: never cut, whatever the catalog's size
+            found = self.store.summary(msg.name)
+            return p.ListReply([] if found is None else [found], self.store.epoch)
         listed, left_out = self.store.summaries(max_bytes=MAX_LISTED_BYTES)
         return p.ListReply(
             listed[: p.MAX_SETS_LISTED], self.store.epoch, left_out + max(0, len(listed) - p.MAX_SETS_LISTED)

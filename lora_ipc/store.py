@@ -238,6 +238,7 @@ class TensorSetStore:
         version: int | None = None,
     ) -> int:
         started = time.perf_counter()
+        p.check_name(name)  # every way in (exporter, daemon, relay): names that round-trip and mean one thing
         with self._lock:
             if name not in self._versions and len(self._versions) >= self.limits.max_names:
                 raise LimitExceeded(f"already {len(self._versions)} names (max_names); {name!r} refused")
@@ -431,12 +432,16 @@ class TensorSetStore:
         """One summary per name, and how many were left out to keep the list's wire size
         under ``max_bytes`` (an upper estimate per entry; None: all)."""
         with self._lock:
-            out = [
-                TensorSetSummary(name, list(vs), sum(pv.layout.used_bytes for pv in vs.values()))
-                for name, vs in self._versions.items()
-            ]
+            out = [_summary(name, vs) for name, vs in self._versions.items()]
         listed = _within_bytes(out, lambda s: len(s.name.encode()) + 9 * len(s.versions) + 48, max_bytes)
         return listed, len(out) - len(listed)
+
+    def summary(self, name: str) -> TensorSetSummary | None:
+        """``name``'s summary (None if it was never published): what a named list request answers, whatever
+        the size of the catalog."""
+        with self._lock:
+            vs = self._versions.get(name)
+            return None if vs is None else _summary(name, vs)
 
     def live_slab_ids(self) -> list[str]:
         return [s.slab_id for s in self.pool.slabs()]
@@ -496,6 +501,11 @@ class TensorSetStore:
             self._leases.clear()
             self._leases_by_holder.clear()
             self._lease_heap.clear()
+
+
+def _summary(name: str, vs: dict[int, PublishedVersion]) -> TensorSetSummary:
+    """The newest ``MAX_VERSIONS_LISTED`` kept versions (a store's ``keep`` may be larger)."""
+    return TensorSetSummary(name, list(vs)[-p.MAX_VERSIONS_LISTED :], sum(pv.layout.used_bytes for pv in vs.values()))
 
 
 def _reject_non_finite(layout: SlabLayout, slab: torch.Tensor) -> None:

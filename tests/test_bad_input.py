@@ -74,7 +74,7 @@ def still_serving(exporter_proc):
             "unknown key",
         ),
         (fetch_frame(name=msgpack.ExtType(5, b"x")), "undecodable"),
-        (msgpack.packb([p.PROTOCOL_VERSION, "list", 1, {"x": [[]] * 300}]), "exceeds its limit"),
+        (msgpack.packb([p.PROTOCOL_VERSION, "list", 1, {"x": [[]] * p.ListRequest.MAX_FRAME}]), "exceeds its limit"),
         (msgpack.packb([p.PROTOCOL_VERSION + 1, "fetch", 1, {}]), "protocol version"),
         (msgpack.packb([p.PROTOCOL_VERSION, "exec", 1, {}]), "unknown message type"),
         (msgpack.packb([p.PROTOCOL_VERSION, "fetch", -1, {}]), "request_id"),

@@ -5,11 +5,17 @@
   inside a worker. Wraps ``OpenAIServingModels._check_load_lora_adapter_request``.
 - Every request whose model is a ``lora-ipc`` adapter (``_check_model``): vLLM caches a name's
   ``LoRARequest`` forever and reloads it inside an engine step after evicting it, where an error
-  kills the engine. So before the request is admitted, :func:`refresh` makes sure what it will use
-  can be served: a bare adapter name moves to the newest version (loaded into the engine now, where
-  a failure is this request's error), and a pinned version the exporter no longer keeps is loaded
-  (or touched) now, which the worker serves from what it keeps (:mod:`.kept`); if it cannot, this
-  request alone gets a 404 and the name is forgotten.
+  kills the engine. So before the request is admitted, :func:`refresh` makes the entry mean what its
+  name means now (docs/naming.md), loading into the engine now whatever it must (a failure there is
+  this request's error):
+
+  - a bare name (its entry's path is marked ``&follow=1``) moves to the newest version;
+  - ``name@vN`` is version N of the exporter's current epoch: after the exporter restarted, the entry
+    moves to the new run's version N, or the request gets a 404 (the name is forgotten) — never the
+    previous run's bytes;
+  - a path loaded through ``/v1/load_lora_adapter`` names its exact (epoch, version): a version the
+    exporter no longer keeps (or an earlier epoch's) is loaded or touched now, which the worker serves
+    from what it keeps (:mod:`.kept`); if it cannot, this request alone gets a 404 and the name is forgotten.
 """
 
 from __future__ import annotations
@@ -17,10 +23,18 @@ from __future__ import annotations
 import asyncio
 from http import HTTPStatus
 
-from ..errors import AdapterNotFound, BadAdapterURI, ExporterUnavailable, LoraIpcError, VersionNotFound
+from ..errors import (
+    AdapterNotFound,
+    BadAdapterURI,
+    ExporterUnavailable,
+    LoraIpcError,
+    StaleEpoch,
+    VersionNotFound,
+    carried,
+)
 from . import api_io
 from .request import resolve
-from .resolver import FOLLOWING
+from .resolver import parse_model_name
 from .uri import AdapterURI
 
 STATUS_OF = {
@@ -65,12 +79,13 @@ def check_wrapper(original):
     return _check_load_lora_adapter_request
 
 
-async def _add_to_engine(models, lora_request) -> str | None:
-    """Load (or touch) ``lora_request`` in the engine now; the reason when it cannot be."""
+async def _add_to_engine(models, lora_request) -> tuple[HTTPStatus, str] | None:
+    """Load (or touch) ``lora_request`` in the engine now; (status, reason) when it cannot be."""
     try:
         await models.engine_client.add_lora(lora_request)
     except Exception as exc:  # the engine's utility call reports the worker's error; the engine lives on
-        return f"{type(exc).__name__}: {exc}"
+        typed = carried(exc)
+        return (HTTPStatus.BAD_REQUEST if typed is None else status_of(typed)), f"{type(exc).__name__}: {exc}"
     return None
 
 
@@ -97,43 +112,83 @@ async def _refresh(models, model_name: str):
         uri = AdapterURI.parse(entry.lora_path)
     except LoraIpcError:
         return None
-    follows = FOLLOWING.get(entry.lora_path) == model_name  # a bare name: the newest version
+    if uri.follow:
+        return await _follow(models, model_name, entry, uri)
     try:
-        version, epoch = await api_io.call(
-            uri.endpoint,
-            resolve,
-            uri.name,
-            uri.endpoint,
-            None if follows else uri.version,
-            None if follows else uri.epoch,
-        )
-        at_exporter = True
-    except LoraIpcError as exc:
-        if follows and isinstance(exc, AdapterNotFound):
-            return _error(HTTPStatus.NOT_FOUND, f"{type(exc).__name__}: {exc}", "model")
-        version, epoch, at_exporter = uri.version, uri.epoch, False
-    if follows and at_exporter and (version, epoch or None) != (uri.version, uri.epoch):
-        from vllm.lora.request import LoRARequest
+        await api_io.call(uri.endpoint, resolve, uri.name, uri.endpoint, uri.version, uri.epoch)
+        return None  # at the exporter: a reload in a step can fetch it (or use the kept copy)
+    except StaleEpoch:
+        if uri.version is not None and parse_model_name(model_name) == (uri.name, uri.version):
+            return await _repin(models, model_name, entry, uri)
+    except LoraIpcError:
+        pass
+    return await _serve_entry(models, model_name, entry)
 
-        path = str(AdapterURI(uri.name, version, uri.endpoint, epoch or None))
-        newer = LoRARequest(lora_name=model_name, lora_int_id=models.lora_id_counter.inc(1), lora_path=path)
-        reason = await _add_to_engine(models, newer)
-        if reason is None:
-            FOLLOWING.put(path, model_name)
-            if models.lora_requests.get(model_name) is entry:  # not replaced meanwhile by a concurrent request
-                models.lora_requests[model_name] = newer
+
+FOLLOW_TRIES = 3
+
+
+async def _follow(models, model_name: str, entry, uri: AdapterURI):
+    """A bare name: the newest version the exporter keeps now, or this request's error (never an older one
+    while the exporter serves a newer). A newest version that is gone before it loaded (a publisher
+    outpacing the exporter's ``keep``) is looked up again, ``FOLLOW_TRIES`` times in all."""
+    problem = None
+    for _ in range(FOLLOW_TRIES):
+        try:
+            version, epoch = await api_io.call(uri.endpoint, resolve, uri.name, uri.endpoint, None)
+        except AdapterNotFound as exc:  # e.g. a restarted exporter that has not published it yet
+            return _error(HTTPStatus.NOT_FOUND, f"{type(exc).__name__}: {exc}", "model")
+        except LoraIpcError:  # the exporter cannot say: the version the name has, if the engine can still serve it
+            return await _serve_entry(models, model_name, entry)
+        if (version, epoch or None) == (uri.version, uri.epoch):
             return None
-        # the newest could not be loaded: keep serving the entry the name has, checked below
-    if at_exporter and (not follows or (version, epoch or None) == (uri.version, uri.epoch)):
-        return None  # the entry's version is at the exporter: a reload in a step can fetch it (or use the kept copy)
-    reason = await _add_to_engine(models, entry)  # the worker still has it (kept), or this request fails here
-    if reason is None:
+        target = AdapterURI(uri.name, version, uri.endpoint, epoch or None, follow=True)
+        problem = await _move(models, model_name, entry, target)
+        if problem is None or problem[0] != HTTPStatus.NOT_FOUND:
+            break
+    return None if problem is None else _error(*problem, "model")
+
+
+async def _repin(models, model_name: str, entry, uri: AdapterURI):
+    """``name@vN`` after its exporter restarted: version N of the new run, or 404 (and the name is forgotten)."""
+    try:
+        version, epoch = await api_io.call(uri.endpoint, resolve, uri.name, uri.endpoint, uri.version)
+    except LoraIpcError as exc:
+        _forget(models, model_name, entry)
+        reason = f"{model_name!r} was v{uri.version} of epoch {uri.epoch}, and the exporter restarted: {exc}"
+        return _error(status_of(exc), f"{type(exc).__name__}: {reason}", "model")
+    problem = await _move(models, model_name, entry, AdapterURI(uri.name, version, uri.endpoint, epoch or None))
+    return None if problem is None else _error(*problem, "model")
+
+
+async def _move(models, model_name: str, entry, target: AdapterURI) -> tuple[HTTPStatus, str] | None:
+    """Point ``model_name`` at ``target``, loaded into the engine now under a new ``lora_int_id`` (requests
+    already admitted keep what they were admitted with); (status, reason) if it cannot be loaded."""
+    from vllm.lora.request import LoRARequest
+
+    newer = LoRARequest(lora_name=model_name, lora_int_id=models.lora_id_counter.inc(1), lora_path=str(target))
+    problem = await _add_to_engine(models, newer)
+    if problem is not None:
+        return problem[0], f"{model_name!r} ({target}) could not be loaded: {problem[1]}"
+    if models.lora_requests.get(model_name) is entry:  # not replaced meanwhile by a concurrent request
+        models.lora_requests[model_name] = newer
+    return None
+
+
+async def _serve_entry(models, model_name: str, entry):
+    """The exact version the entry names, which the exporter no longer serves: the worker's kept copy, or 404."""
+    problem = await _add_to_engine(models, entry)
+    if problem is None:
         return None
+    _forget(models, model_name, entry)
+    return _error(
+        HTTPStatus.NOT_FOUND, f"{model_name!r} ({entry.lora_path}) can no longer be served: {problem[1]}", "model"
+    )
+
+
+def _forget(models, model_name: str, entry) -> None:
     if models.lora_requests.get(model_name) is entry:
         models.lora_requests.pop(model_name, None)
-    return _error(
-        HTTPStatus.NOT_FOUND, f"{model_name!r} ({entry.lora_path}) can no longer be served: {reason}", "model"
-    )
 
 
 def check_model_wrapper(original):

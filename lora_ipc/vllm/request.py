@@ -21,7 +21,7 @@ def lora_int_id_for(name: str, version: int, epoch: str | None = None) -> int:
 def resolve(name: str, endpoint: str, version: int | None, epoch: str | None = None) -> tuple[int, str]:
     """(version, epoch) the exporter serves now: the newest when ``version`` is None. A pinned
     ``version`` must be kept, and of ``epoch`` when that is given (else ``StaleEpoch``)."""
-    catalog = with_shared_client(endpoint, lambda client: client.catalog())
+    catalog = with_shared_client(endpoint, lambda client: client.catalog(name))  # never cut, unlike a full list
     versions: list[int] = next((a.versions for a in catalog.sets if a.name == name), [])
     if epoch is not None and version is not None and catalog.epoch != epoch:
         raise StaleEpoch(

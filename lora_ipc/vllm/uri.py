@@ -6,7 +6,11 @@ versions. ``epoch`` is the exporter's store epoch (random per start): version nu
 a daemon restarts, so a pinned version is only meaningful with its epoch, and a URI of an earlier
 epoch is refused (``StaleEpoch``) instead of being served other bytes. A pinned version without an
 epoch is refused here (``BadAdapterURI``). Without ``/v<version>`` the worker loads the newest version
-at load time (of whatever epoch); without ``endpoint`` it uses ``$LORA_IPC_ENDPOINT``. No vLLM import here.
+at load time (of whatever epoch); without ``endpoint`` it uses ``$LORA_IPC_ENDPOINT``. ``&follow=1``
+marks the entry the OpenAI server made for a bare model name: the worker loads the version the path
+names, and the API process moves the entry to the newest version on every request (:mod:`.openai`).
+Every name the store accepts (``protocol.check_name``) and every endpoint ``ipc_path`` accepts make a URI
+within ``MAX_URI_CHARS`` that parses back to them (docs/naming.md). No vLLM import here.
 """
 
 from __future__ import annotations
@@ -18,9 +22,14 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from .. import settings
 from ..endpoint import ENV_ENDPOINT, ipc_path
 from ..errors import BadAdapterURI, LoraIpcError
+from ..protocol import MAX_NAME_CHARS
 
 SCHEME = "lora-ipc"
 EPOCH_RE = re.compile(r"[0-9a-f]{1,16}")
+MAX_ENDPOINT_CHARS = len("ipc://") + 100  # what endpoint.ipc_path accepts
+#: the longest URI a legal name and endpoint make: a character percent-encodes to at most 12 (4 UTF-8
+#: bytes, "%XX" each); the rest (scheme, /v<18 digits>, the query's keys, an epoch) is under 128
+MAX_URI_CHARS = 128 + 12 * (MAX_NAME_CHARS + MAX_ENDPOINT_CHARS)
 
 
 @dataclass(frozen=True)
@@ -29,11 +38,15 @@ class AdapterURI:
     version: int | None
     endpoint: str
     epoch: str | None = None
+    follow: bool = False  # a bare model name's entry: the API process moves it to the newest version
 
     def __str__(self) -> str:
         version = "" if self.version is None else f"/v{self.version}"
         epoch = "" if self.epoch is None else f"&epoch={self.epoch}"
-        return f"{SCHEME}://{quote(self.name, safe='')}{version}?endpoint={quote(self.endpoint, safe='')}{epoch}"
+        follow = "&follow=1" if self.follow else ""
+        return (
+            f"{SCHEME}://{quote(self.name, safe='')}{version}?endpoint={quote(self.endpoint, safe='')}{epoch}{follow}"
+        )
 
     @staticmethod
     def matches(path: object) -> bool:
@@ -43,7 +56,7 @@ class AdapterURI:
     @classmethod
     def parse(cls, uri: str) -> AdapterURI:
         """Parse a URI; anything malformed (including a tcp:// endpoint) raises ``BadAdapterURI``."""
-        if not cls.matches(uri) or len(uri) > 4096:
+        if not cls.matches(uri) or len(uri) > MAX_URI_CHARS:
             raise BadAdapterURI(f"not a {SCHEME}:// adapter URI: {uri!r:.200}")
         try:
             parts = urlsplit(uri)
@@ -52,13 +65,15 @@ class AdapterURI:
             query = parse_qs(parts.query, strict_parsing=bool(parts.query), max_num_fields=8)
         except ValueError as exc:
             raise BadAdapterURI(f"{uri!r:.200}: {exc}") from None
-        if not name:
-            raise BadAdapterURI(f"{uri!r:.200} names no adapter")
+        if not 1 <= len(name) <= MAX_NAME_CHARS:
+            raise BadAdapterURI(f"{uri!r:.200}: an adapter name has 1 to {MAX_NAME_CHARS} characters")
         if not m:
             raise BadAdapterURI(f"{uri!r:.200}: the path must be /v<version>, got {parts.path!r:.60}")
         version = int(m.group(1)) if m.group(1) else None
-        if set(query) - {"endpoint", "epoch"} or any(len(v) > 1 for v in query.values()):
-            raise BadAdapterURI(f"{uri!r:.200}: the query parameters are one endpoint= and one epoch=")
+        if set(query) - {"endpoint", "epoch", "follow"} or any(len(v) > 1 for v in query.values()):
+            raise BadAdapterURI(f"{uri!r:.200}: the query parameters are one endpoint=, epoch= and follow=")
+        if query.get("follow", ["1"])[0] != "1":
+            raise BadAdapterURI(f"{uri!r:.200}: follow= is 1 or absent")
         epoch = query.get("epoch", [None])[0]
         if epoch is not None and not EPOCH_RE.fullmatch(epoch):
             raise BadAdapterURI(f"{uri!r:.200}: epoch must be 1-16 hex digits")
@@ -74,4 +89,4 @@ class AdapterURI:
                 f"{uri!r:.200}: a pinned version needs the exporter's epoch (&epoch=..., see "
                 "lora_ipc.vllm.lora_request): version numbers start again when an exporter restarts"
             )
-        return cls(name, version, endpoint, epoch)
+        return cls(name, version, endpoint, epoch, "follow" in query)
