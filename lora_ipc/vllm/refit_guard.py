@@ -5,21 +5,22 @@ vLLM's layerwise reload writes a layer as soon as all of its weights have arrive
 model refuses (a transposed shape in layer 2, say) is found after layers 0 and 1 already hold the new
 weights. Two guards make the apply whole or nothing:
 
-- :func:`check_update`: a dry run of the model's own ``load_weights`` on the ``meta`` device. Every
-  layer is put back into its load format on ``meta`` (the shapes vLLM recorded at load time), each
-  weight loader is the original one, and the staged tensors go in as ``meta`` tensors of their shapes
-  and dtypes: every name, shape and narrowing check the real apply would make runs, and no byte is
-  copied. A tensor no parameter takes, a shape a loader rejects, or a floating tensor for a
-  non-floating parameter (or the reverse) is refused here, before the model is touched. The layers are
-  restored exactly as they were afterwards (their tensors, attributes and the loaders' attributes).
+- :func:`check_update`: a dry run of the real apply's path with the staged tensors as ``meta`` tensors
+  of their shapes and dtypes. vLLM's own ``initialize_layerwise_reload`` puts every layer on ``meta`` in
+  its load format and wraps its weight loaders, which run the original loaders on the ``meta``
+  parameters as weights arrive: every name, shape and narrowing check of the real apply runs, and the
+  step that would write a completed layer is held back. A tensor no parameter takes, a shape a loader
+  rejects, or a floating tensor for a non-floating parameter (or the reverse) is refused here, before the
+  model is touched. Every layer then gets its own tensors back, as vLLM's finalize does for a layer that
+  received nothing.
 - :class:`LayerUndo`: before the real apply, every module is recorded: its parameter and buffer
   objects, a host copy of their bytes, and its other attributes (on the CPU backend the packed GEMM
   weights live in a closure attribute, not in a parameter). If the apply still fails
   (a loader's data-dependent check, memory), every recorded layer is put back: the old objects, bytes
   and attributes. The engine then serves the complete old weights.
 
-Both read vLLM's layerwise-reload records (``LAYERWISE_INFO``); where they are missing the dry run is
-skipped (logged) and the undo records every module.
+The dry run uses vLLM's layerwise-reload module (``initialize_layerwise_reload``, ``_layerwise_process``,
+``_place_kernel_tensors``); where it differs the dry run is skipped (logged) and the undo still holds.
 """
 
 from __future__ import annotations
@@ -39,13 +40,16 @@ log = logging.getLogger("lora_ipc.vllm")
 _STATE_KEYS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
 
 
-def _reload_internals() -> tuple[Any, Any, Any] | None:
+def _layerwise():
+    """vLLM's layerwise-reload module, with what the dry run needs from it; None where it differs."""
     try:
-        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO, _get_original_loader
-        from vllm.model_executor.model_loader.reload.meta import restore_layer_on_meta
+        from vllm.model_executor.model_loader.reload import layerwise
     except ImportError:
         return None
-    return LAYERWISE_INFO, _get_original_loader, restore_layer_on_meta
+    needed = ("LAYERWISE_INFO", "LOADING_LAYERS", "initialize_layerwise_reload", "_layerwise_process")
+    if not all(hasattr(layerwise, n) for n in (*needed, "_place_kernel_tensors")):
+        return None
+    return layerwise
 
 
 @dataclass
@@ -97,56 +101,47 @@ def _kind(dtype: torch.dtype) -> str:
     return "floating" if dtype.is_floating_point or dtype.is_complex else str(dtype)
 
 
-def check_update(
-    model: torch.nn.Module, staged: Iterable[tuple[str, torch.Tensor]], update: int
-) -> set[torch.nn.Module] | None:
-    """Dry-run ``model.load_weights`` over ``staged`` on ``meta``; RefitError (model untouched) if it refuses.
+def _dtype_problems(module: torch.nn.Module, info: Any) -> list[str]:
+    out = []
+    for name, args in info.loaded_weights:
+        param, loaded = args.arguments.get("param"), args.arguments.get("loaded_weight")
+        if not (isinstance(param, torch.Tensor) and isinstance(loaded, torch.Tensor)):
+            continue
+        if _kind(param.dtype) != _kind(loaded.dtype):
+            out.append(f"{type(module).__name__}.{name} is {param.dtype}, the update sends {loaded.dtype}")
+    return out
 
-    Returns the modules whose weight loaders were called (what the real apply will write), or None when
-    this vLLM has no layerwise-reload records to run the dry run with.
+
+def check_update(model: torch.nn.Module, staged: list[tuple[str, torch.Tensor]], update: int) -> bool:
+    """Dry-run the real apply's path over ``staged`` as ``meta`` tensors; RefitError (model untouched) if the
+    model refuses any of it. Returns False where this vLLM's layerwise reload cannot be dry-run (logged).
+
+    vLLM's own ``initialize_layerwise_reload`` puts every layer on ``meta`` in its load format and wraps its
+    weight loaders; each wrapped loader runs the original one on the ``meta`` parameter at once (to count
+    what it loads), so every name, shape and narrowing check runs. The step that writes a completed layer
+    (``_layerwise_process``) is held back for the dry run, and afterwards every layer gets its own tensors
+    back exactly as ``finalize_layerwise_reload`` does for a layer that received nothing.
     """
-    internals = _reload_internals()
-    if internals is None:
-        log.warning("lora_ipc refit: vLLM's layerwise reload records are missing; update %s not dry-run", update)
-        return None
-    layerwise_info, original_loader, restore_layer_on_meta = internals
-    layers = []
-    for module in model.modules():
-        info = layerwise_info.get(module)
-        if info is not None and (info.restore_metadata[0] or info.restore_metadata[1]):
-            layers.append((module, info))
-    if not layers:
-        log.warning("lora_ipc refit: the model has no layerwise reload records; update %s not dry-run", update)
-        return None
-    touched: set[torch.nn.Module] = set()
-    saved = [_Saved.of(module) for module, _ in layers]
-    loaders: list[tuple[torch.Tensor, dict]] = []
-    refused: list[str] = []
+    layerwise = _layerwise()
+    if layerwise is None:
+        log.warning("lora_ipc refit: vLLM's layerwise reload differs; update %s is applied unchecked", update)
+        return False
+    infos = layerwise.LAYERWISE_INFO
+    problems: list[str] = []
+    process = layerwise._layerwise_process
 
-    def checker(module: torch.nn.Module, name: str, original):
-        def check(*args, **kwargs):
-            param = args[0] if args else kwargs.get("param")
-            loaded = args[1] if len(args) > 1 else kwargs.get("loaded_weight")
-            if isinstance(param, torch.Tensor) and isinstance(loaded, torch.Tensor):
-                if _kind(param.dtype) != _kind(loaded.dtype):
-                    refused.append(f"{type(module).__name__}.{name} is {param.dtype}, the update sends {loaded.dtype}")
-                    raise RefitError(refused[-1])
-            touched.add(module)
-            return original(*args, **kwargs)
+    def hold(layer: torch.nn.Module, info: Any) -> None:  # a layer got all its weights: check, write nothing
+        problems.extend(_dtype_problems(layer, info))
 
-        return check
-
+    loaded_any = False
+    layerwise._layerwise_process = hold
     try:
-        for module, info in layers:
-            restore_layer_on_meta(module, info)
-            for name, tensor in (*module._parameters.items(), *module._buffers.items()):
-                if tensor is None or not tensor.is_meta:
-                    continue
-                loaders.append((tensor, dict(tensor.__dict__)))
-                tensor.__dict__["weight_loader"] = checker(module, name, original_loader(tensor))
+        layerwise.initialize_layerwise_reload(model)
         meta = ((name, torch.empty(t.shape, dtype=t.dtype, device="meta")) for name, t in staged)
         try:
             cast(Any, model).load_weights(meta)
+            if problems:
+                raise RefitError("; ".join(problems[:5]))
         except Exception as exc:
             raise tagged(
                 RefitError,
@@ -154,12 +149,31 @@ def check_update(
                 "checked before any weight was written: the engine serves the weights of the last complete update",
             ) from exc
     finally:
-        for tensor, attrs in loaders:
-            tensor.__dict__.clear()
-            tensor.__dict__.update(attrs)
-        for state in saved:
-            state.restore()
-    return touched
+        layerwise._layerwise_process = process
+        for module in model.modules():
+            info = infos.get(module)
+            if info is None or not info.can_load():
+                continue
+            problems.extend(_dtype_problems(module, info))
+            loaded_any = loaded_any or bool(info.load_numel)
+            if info.kernel_tensors is not None:
+                layerwise._place_kernel_tensors(module, info)
+            info.reset()
+        if hasattr(model, "_original_do_torchao_reload"):
+            model._do_torchao_reload = model._original_do_torchao_reload
+        layerwise.LOADING_LAYERS.clear()
+    if problems:
+        raise tagged(
+            RefitError,
+            f"the served model refuses lora_ipc weight update {update} ({'; '.join(problems[:5])}); checked "
+            "before any weight was written: the engine serves the weights of the last complete update",
+        )
+    if not loaded_any and staged:
+        raise tagged(
+            RefitError,
+            f"no parameter of the served model takes lora_ipc weight update {update}; the model was not touched",
+        )
+    return True
 
 
 class LayerUndo:
@@ -170,10 +184,10 @@ class LayerUndo:
         self.bytes = sum(t.numel() * t.element_size() for s in self._saved for t in s.data.values())
 
     def restore(self) -> None:
-        internals = _reload_internals()
+        layerwise = _layerwise()
         for saved in self._saved:
             saved.restore()
-            if internals is not None:
-                info = internals[0].get(saved.module)
+            if layerwise is not None:
+                info = layerwise.LAYERWISE_INFO.get(saved.module)
                 if info is not None:
                     info.reset()  # nothing half-loaded stays recorded for the next reload
