@@ -24,8 +24,14 @@ Until then the engine serves the previous weights, unchanged. An update that fai
 cannot be fetched or is refused) or goes ``idle_timeout_s`` without a call (the trainer died) is
 rolled back by the worker: the staged tensors are dropped, the model is never touched, the late
 caller gets :class:`~lora_ipc.refit.RefitTimeout`, and the next ``trainer_init`` + ``send_weights``
-works. Cost: up to one checkpoint-format copy of the model, held from the first bucket to ``finish``
-(on the model's device, or in host memory with ``stage_on_host``). See docs/refit-recovery.md.
+works. An update the model itself refuses is refused whole: ``finish`` first dry-runs the apply on
+``meta`` tensors (:mod:`.refit_guard`), and puts every layer back from a host copy if the real apply
+still fails half-way. A worker serves one controller (the stream of the last init): another
+controller's init while an update is open is refused (``RefitBusy``) unless it asks to take over, and
+a bucket of another stream or a ``finish`` of an incomplete update leaves the open update alone. Cost:
+up to one checkpoint-format copy of the model, held from the first bucket to ``finish`` (on the
+model's device, or in host memory with ``stage_on_host``), and one host copy of the served model
+during ``finish`` (``restore_on_refusal``). See docs/refit-recovery.md.
 
 LoRA: vLLM's ``finish_weight_update`` removes every loaded adapter (``reset_lora_state``). Requests
 that name a ``lora-ipc://`` adapter load it again on first use (the exporter must still serve that
