@@ -39,13 +39,8 @@ def claim_version(epoch: str, name: str, at_least: int, holder: str) -> int:
     raise ReplicationError(f"{name!r}: no free version number from {at_least} on in epoch {epoch}")
 
 
-def holder_of(epoch: str, name: str, version: int) -> str | None:
-    """The relay (node id) that issued ``version`` of ``name`` in ``epoch``; None if none did."""
-    held = _internal_kv_get(_key("v", epoch, name, version), namespace=KV_NAMESPACE)
-    return held.decode() if held is not None else None
-
-
 def remembered_dir(node_id: str) -> str | None:
+    """The directory ``node_id``'s relay bound in (so a restarted relay binds the same path), if recorded."""
     held = _internal_kv_get(_key("relay-dir", node_id), namespace=KV_NAMESPACE)
     return held.decode() if held is not None else None
 
