@@ -33,6 +33,7 @@ __all__ = [
     "default_endpoint",
     "ipc_path",
     "prepare_ipc_path",
+    "private_runtime_dir",
     "server_identity",
     "server_uid",
 ]
@@ -65,6 +66,49 @@ def daemon_endpoint() -> str:
         return str(env)
     base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(tempfile.gettempdir(), f"lora-ipc-{os.getuid()}")
     return "ipc://" + os.path.join(base, "lora-ipc", "daemon.sock")
+
+
+def user_runtime_dir() -> str | None:
+    """``$XDG_RUNTIME_DIR`` when it is a directory of this uid that nobody else can enter (mode 0700, in a
+    trusted chain), else None."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if not base or not os.path.isabs(base):
+        return None
+    try:
+        st = os.lstat(base)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            return None
+        _check_ancestors(os.path.dirname(base), base, {os.getuid()})
+    except (OSError, EndpointNotTrusted):
+        return None
+    return base
+
+
+def private_runtime_dir(name: str) -> str:
+    """A directory for this uid's sockets that no other user can create first or enter: ``name`` inside
+    :func:`user_runtime_dir` (made 0700), else a fresh random one (``mkdtemp``, 0700). Never a predictable
+    path in a shared directory such as /tmp: another user could make it first and deny every server that
+    expects it (see Note [who may stand behind an endpoint]). Whoever needs the path learns it from the
+    server that made it (e.g. a Ray relay's ``info()``)."""
+    base = user_runtime_dir()
+    if base is not None:
+        directory = os.path.join(base, name)
+        try:
+            _make_private_dirs(directory)
+            _check_dir_chain(directory, {os.getuid()})
+            return directory
+        except (OSError, EndpointNotTrusted):
+            pass  # e.g. a stale entry of another kind there: a random directory instead
+    return tempfile.mkdtemp(prefix=f"{name}-")
+
+
+def trusted_dir(directory: str) -> bool:
+    """Whether ``directory`` may hold this uid's sockets (the check a server makes before binding there)."""
+    try:
+        _check_dir_chain(directory, {os.getuid()})
+    except (OSError, EndpointNotTrusted):
+        return False
+    return True
 
 
 def ipc_path(endpoint: str) -> str:

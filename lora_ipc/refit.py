@@ -69,6 +69,24 @@ class RefitPieceError(RefitError):
     slab lacks, or a parameter delivered twice. The bucket was refused before any of it was copied."""
 
 
+@wire_error
+class RefitBusy(RefitError):
+    """Another controller's update is open on this engine: a second ``init_weight_transfer_engine`` is
+    refused while it is (unless it asks to take over). Nothing of the open update was touched."""
+
+
+@wire_error
+class RefitTakenOver(RefitError):
+    """Another controller (another stream) initialized this engine since this controller did: its calls
+    are refused, and the other controller's update is left as it was."""
+
+
+@wire_error
+class RefitStrayBucket(RefitError):
+    """A bucket of a stream this engine was not initialized for: refused before anything was fetched,
+    and the open update of the engine's own controller is left as it was."""
+
+
 # ---- planning --------------------------------------------------------------------------------
 
 
@@ -468,6 +486,19 @@ class WeightReceiver:
             placed.append(_Placed(name, param, shape, start, end, True))
         order = {name: i for i, name in enumerate(tensors)}
         return sorted(placed, key=lambda p: order[p.entry])  # slab order: parameters complete in model order
+
+    @property
+    def buckets_received(self) -> int:
+        return self._buckets
+
+    def missing(self) -> str | None:
+        """What the update still lacks (None when complete); changes nothing."""
+        received, total = self._buckets, self._total
+        if received == 0 or received != total:
+            return f"the update has {received} of {total or 'its'} buckets"
+        if self._partial:
+            return f"parameters missing pieces: {sorted(self._partial)[:5]}"
+        return None
 
     def end(self) -> int:
         """Check the update was complete; returns how many buckets it had."""

@@ -21,6 +21,7 @@ from .helpers import run_in_checkout  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUITE = os.path.join(HERE, "ray_cluster_suite.py")
+AUTHORITY_SUITE = os.path.join(HERE, "ray_authority_suite.py")
 
 
 def _unshare_works() -> str | None:
@@ -50,3 +51,8 @@ def run_suite_in_private_netns(suite: str, label: str) -> None:
 
 def test_ray_suite_in_private_network_namespace():
     run_suite_in_private_netns(SUITE, "Ray suite")
+
+
+def test_ray_authority_suite_in_private_network_namespace():
+    """Version numbers and relay directories across nodes (no engine: a cluster of two relays, ~15 s)."""
+    run_suite_in_private_netns(AUTHORITY_SUITE, "Ray authority suite")

@@ -264,8 +264,13 @@ class RecordingClient:
     def update_weights(self, update_info):
         from lora_ipc.vllm.weight_transfer import LoraIpcUpdateInfo
 
+        info = LoraIpcUpdateInfo(**json.loads(json.dumps(update_info)))
+        if info.abort:  # the controller ends its own update (the worker rolls it back)
+            self.calls.append("abort")
+            self.receiver.begin()
+            return
         self.calls.append("update")
-        for name, tensor in self.receiver.receive(LoraIpcUpdateInfo(**json.loads(json.dumps(update_info)))):
+        for name, tensor in self.receiver.receive(info):
             self.received[name] = tensor.clone()
 
     def finish_weight_update(self, weight_version=None):
@@ -335,6 +340,9 @@ def test_controller_errors_are_typed_a_failed_update_is_ended_and_ctrl_c_stays_c
             self.exc = exc
 
         def update_weights(self, update_info):
+            if update_info.get("abort"):
+                self.calls.append("abort")
+                return
             self.calls.append("update")
             raise self.exc
 
@@ -346,12 +354,12 @@ def test_controller_errors_are_typed_a_failed_update_is_ended_and_ctrl_c_stays_c
                 raise RuntimeError("start_weight_update called while a weight update is already active")
             super().start_weight_update()
 
-        def finish_weight_update(self, weight_version=None):
-            if self.stale:
+        def update_weights(self, update_info):
+            if self.stale and update_info.get("abort"):  # this trainer's abort ends the update it left open
                 self.stale = False
                 self.calls.append("ended")
-                raise RuntimeError("RefitError: the update ended after 1 of 7 buckets")
-            super().finish_weight_update(weight_version)
+                return
+            super().update_weights(update_info)
 
     model = tiny_llama(0, torch.bfloat16)
     timeout = Failing(RuntimeError(f"Worker failed with error '{tag(RefitTimeout, '... rolled back')}'"))
@@ -372,8 +380,8 @@ def test_controller_errors_are_typed_a_failed_update_is_ended_and_ctrl_c_stays_c
         finally:
             sender.shutdown()
             client.receiver.close()
-        if expected is RefitTimeout:  # the failed update is ended at once (finish), not left to the idle timeout
-            assert client.calls == ["init", "start", "update", ("finish", None)]
+        if expected is RefitTimeout:  # the failed update is ended at once (its abort), not left to the idle timeout
+            assert client.calls == ["init", "start", "update", "abort"]
         elif expected is KeyboardInterrupt:  # not caught, not turned into a RefitError
             assert client.calls == ["init", "start", "update"]
         else:

@@ -32,7 +32,9 @@ INIT = {"bucket_bytes": BUCKET, "timeout_s": 5.0}
 @pytest.fixture(scope="module")
 def llm(model_dir):
     llm = engine.make_llm(
-        model_dir, worker_extension_cls="lora_ipc.vllm.WorkerExtension", weight_transfer_config={"backend": "lora_ipc"}
+        model_dir,
+        worker_extension_cls="tests.refit_extension.FaultyRefitExtension",  # lora_ipc's, plus a fault to inject
+        weight_transfer_config={"backend": "lora_ipc"},
     )
     yield llm
     llm.llm_engine.engine_core.shutdown()
@@ -331,6 +333,175 @@ def test_a_workers_typed_error_reaches_the_caller_as_its_class_with_its_own_mess
         found = errors.carried(raw.value)
         assert type(found) is errors.AdapterNotFound, raw.value
         assert str(found) == f"no adapter named 'no-such-adapter' at {exporter.endpoint}", str(found)
+
+
+# ---- issue 23: whole or nothing, and bound to its controller ---------------------------------------
+
+
+def full_weights(seed: int) -> dict[str, torch.Tensor]:
+    """Every weight of a tiny Llama the served model's shape (HF names), distinct per seed."""
+    return {n: p.detach().clone() for n, p in tiny_llama(seed, torch.bfloat16).named_parameters()}
+
+
+def served_tokens(llm):
+    llm.reset_prefix_cache()  # what the weights give now, not KV blocks cached from earlier ones
+    return engine.generate(llm)
+
+
+class Controller:
+    """A hand-driven refit controller: its own exporter and stream, buckets sent one call at a time."""
+
+    def __init__(self, client, stream: str, **init):
+        from lora_ipc.vllm.weight_transfer import LoraIpcInitInfo
+
+        self.client, self.stream, self.init_info, self.updates = client, stream, init, 0
+        self.exporter = AdapterExporter()
+        self.info = LoraIpcInitInfo(self.exporter.endpoint, stream, 5.0, **init)
+
+    def init(self, **override):
+        from dataclasses import asdict, replace
+
+        self.client.init_weight_transfer_engine(asdict(replace(self.info, **override)))
+
+    def buckets(self, weights: dict, count: int = 1) -> list[dict]:
+        """``weights`` published as ``count`` buckets of whole tensors; their update infos."""
+        from dataclasses import asdict
+
+        from lora_ipc.refit import BucketRef
+
+        self.updates += 1
+        names = list(weights)
+        parts = [names[i::count] for i in range(count)]
+        return [
+            asdict(
+                BucketRef(
+                    self.stream,
+                    self.exporter.publish(self.stream, {n: weights[n] for n in part}, {}),
+                    self.updates,
+                    i,
+                    count,
+                )
+            )
+            for i, part in enumerate(parts)
+        ]
+
+    def send(self, weights: dict, version: str | None = None) -> None:
+        self.client.start_weight_update()
+        for ref in self.buckets(weights):
+            self.client.update_weights(ref)
+        self.client.finish_weight_update(version)
+
+    def close(self):
+        self.exporter.close()
+
+
+@pytest.fixture
+def controllers(client):
+    made = []
+
+    def make(stream, **init):
+        made.append(Controller(client, stream, **init))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def test_an_update_the_model_refuses_leaves_the_complete_old_weights(llm, client, controllers):
+    """Issue 23 (9): a transposed tensor in the last layer used to leave the layers before it on the new
+    weights under the old version name; a refusal only the apply sees (injected) is undone from the host
+    copy; NaN weights are refused when asked. Each time: the old tokens, the old version, and the next
+    complete update works and round-trips exactly."""
+    from lora_ipc.refit import RefitError
+
+    trainer = controllers("atomic", check_finite=True)
+    trainer.init()
+    old, new = full_weights(11), full_weights(12)
+    trainer.send(old, "atomic-old")
+    before = served_tokens(llm)
+
+    transposed = dict(new)
+    name = "model.layers.1.mlp.down_proj.weight"
+    transposed[name] = new[name].t().contiguous()
+    assert transposed[name].shape != new[name].shape
+    with pytest.raises(RefitError, match="refuses lora_ipc weight update") as info:
+        trainer.send(transposed, "never")
+    assert "before any weight was written" in str(info.value)
+    assert served_tokens(llm) == before and llm.get_weight_version() == "atomic-old"
+
+    nan = dict(new)
+    nan["model.layers.0.self_attn.q_proj.weight"] = new["model.layers.0.self_attn.q_proj.weight"].clone()
+    nan["model.layers.0.self_attn.q_proj.weight"][3, 5] = float("nan")
+    with pytest.raises(RefitError, match="NaN or inf"):
+        trainer.send(nan, "never")
+    assert served_tokens(llm) == before and llm.get_weight_version() == "atomic-old"
+
+    restored = llm.collective_rpc("lora_ipc_refit_stats")[0].get("restored", 0)
+    llm.collective_rpc("lora_ipc_test_fail_next_processing", args=("model.layers.1.mlp.down_proj",))
+    with pytest.raises(RefitError, match="restored from the copy") as info:
+        trainer.send(new, "never")
+    assert "injected" in str(info.value)
+    assert llm.collective_rpc("lora_ipc_refit_stats")[0]["restored"] == restored + 1
+    assert served_tokens(llm) == before and llm.get_weight_version() == "atomic-old"
+
+    trainer.send(new, "atomic-new")  # the same update, now applied whole
+    after = served_tokens(llm)
+    assert after != before and llm.get_weight_version() == "atomic-new"
+    trainer.send(old, "atomic-old-again")
+    assert served_tokens(llm) == before  # exactly the old weights: nothing of the refused updates stayed
+
+
+def test_a_refit_is_bound_to_its_controller(llm, client, controllers):
+    """Issue 23 (19, 20): a second controller's init while an update is open is refused, or takes over
+    explicitly and the first controller is told; a finish or a stray bucket of another stream never touches
+    the open update; each controller's weights are applied only by its own complete update."""
+    from lora_ipc.refit import RefitBusy, RefitError, RefitTakenOver
+
+    first, second = controllers("first"), controllers("second")
+    w1, w2 = full_weights(21), full_weights(22)
+    first.init()
+    first.send(w1, "first-1")
+    tokens_1 = served_tokens(llm)
+    second.init()
+    second.send(w2, "second-1")
+    tokens_2 = served_tokens(llm)
+    assert tokens_1 != tokens_2
+
+    first.init()  # first is the engine's controller again, mid-update
+    client.start_weight_update()
+    b1 = first.buckets(w1, 2)
+    client.update_weights(b1[0])
+    with pytest.raises(RefitBusy, match="refused"):
+        second.init()
+    client.update_weights(b1[1])  # the refused init touched nothing: first's update goes on
+    client.finish_weight_update("first-2")
+    assert served_tokens(llm) == tokens_1 and llm.get_weight_version() == "first-2"
+
+    client.start_weight_update()
+    client.update_weights(first.buckets(w2, 2)[0])
+    second.init(take_over=True)  # explicit: first's open update is discarded
+    client.start_weight_update()
+    b2 = second.buckets(w2, 2)
+    client.update_weights(b2[0])
+    with pytest.raises(RefitTakenOver, match="took over"):
+        client.update_weights(first.buckets(w1, 1)[0])  # first's next bucket: told, second's update untouched
+    with pytest.raises(RefitError, match="incomplete"):
+        client.finish_weight_update("first-3")  # a finish while second's update is incomplete: left alone
+    assert llm.get_weight_version() == "first-2"
+    client.update_weights(b2[1])
+    client.finish_weight_update("second-2")  # second's update, whole, by second's finish
+    assert served_tokens(llm) == tokens_2 and llm.get_weight_version() == "second-2"
+
+    client.start_weight_update()  # a stray bucket of a stream never initialized here
+    b3 = second.buckets(w1, 2)
+    client.update_weights(b3[0])
+    stray = controllers("stray")
+    with pytest.raises(RefitError, match="stream 'stray' refused before anything was fetched"):
+        client.update_weights(stray.buckets(w2, 1)[0])
+    client.update_weights(b3[1])
+    client.finish_weight_update("second-3")
+    assert served_tokens(llm) == tokens_1 and llm.get_weight_version() == "second-3"
 
 
 def test_openai_server_refit_through_the_rl_routes(model_dir, refits, tmp_path_factory):

@@ -1,17 +1,23 @@
 """Where relays are found: one named, detached actor per Ray node, and its node-local endpoint.
 
-The endpoint is a function of the node id alone, so a relay that Ray restarts binds the same
-``ipc://`` path, and engines and trainers on that node reconnect to it without being told. Simulated
-nodes of one machine (``ray.cluster_utils.Cluster``) share ``/tmp`` and still get distinct paths.
+A relay's socket lives in a directory no other user can create first or enter
+(:func:`~lora_ipc.endpoint.private_runtime_dir`: ``$XDG_RUNTIME_DIR/lora-ipc-ray`` when that is ours
+and 0700, else a fresh ``mkdtemp`` directory), never at a predictable path in /tmp. Trainers and
+engines learn the endpoint from the relay's ``info()`` (``start_relays``, ``local_endpoint``). The
+relay records its directory in Ray's GCS key-value store per node, so a relay that Ray restarts binds
+the same ``ipc://`` path and engines on that node reconnect without being told. Simulated nodes of one
+machine (``ray.cluster_utils.Cluster``) get distinct paths (the socket is named after the node).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+
+from ..endpoint import private_runtime_dir
 
 NAMESPACE = "lora_ipc"
 ACTOR_PREFIX = "relay-"
+RUNTIME_DIR_NAME = "lora-ipc-ray"
 
 
 def relay_actor_name(node_id: str) -> str:
@@ -19,5 +25,6 @@ def relay_actor_name(node_id: str) -> str:
 
 
 def relay_endpoint(node_id: str, endpoint_dir: str | None = None) -> str:
-    base = endpoint_dir or os.path.join(tempfile.gettempdir(), f"lora-ipc-ray-{os.getuid()}")
+    """The endpoint of ``node_id``'s relay in ``endpoint_dir`` (default: a fresh private directory)."""
+    base = endpoint_dir or private_runtime_dir(RUNTIME_DIR_NAME)
     return "ipc://" + os.path.join(base, f"{node_id[:24]}.sock")

@@ -6,9 +6,14 @@ vLLM plugin. Across nodes, the publishing node's relay ships each version once, 
 buffer in Ray's object store, to every other relay (:meth:`Relay.replicate`), which serves it under
 the same version number (:meth:`Relay.accept`).
 
-A relay that Ray restarts (``max_restarts=-1``) binds the same endpoint, first copies the newest
-version of every name from a peer relay (so its version numbers continue where the cluster is),
-and only then starts answering on its socket; publishers and engines wait for it within their
+Version numbers come from one authority for the whole set (:mod:`.numbering`: Ray's GCS), so a
+(name, version, epoch) names one byte set on every node: a second publisher of a name on another
+node gets its own numbers (and its replication reports the newer version the other node serves), and
+a relay Ray restarted never issues a number it issued before it died.
+
+A relay that Ray restarts (``max_restarts=-1``) binds the same endpoint (its directory is recorded
+in the GCS), first copies the newest version of every name from a peer relay, and only then starts
+answering on its socket; publishers and engines wait for it within their
 timeouts. The Ray methods run on a small thread pool (``max_concurrency``), so relays replicating to
 each other at the same time never wait on one another.
 """
@@ -25,11 +30,13 @@ import numpy as np
 import ray
 import torch
 
+from ..endpoint import private_runtime_dir, trusted_dir
 from ..errors import SlabRecycled
 from ..protocol import StatusReport
 from ..server import TensorSetServer
 from ..store import TensorSetStore
-from .naming import NAMESPACE, relay_actor_name, relay_endpoint
+from . import numbering
+from .naming import NAMESPACE, RUNTIME_DIR_NAME, relay_actor_name, relay_endpoint
 from .replica import ReplicaMeta, ReplicationReport
 
 log = logging.getLogger("lora_ipc.ray")
@@ -48,6 +55,34 @@ def relay_handle(node_id: str):
         return ray.get_actor(relay_actor_name(node_id), namespace=NAMESPACE)
     except ValueError:
         return None
+
+
+class _NumberedStore(TensorSetStore):
+    """A store whose own publishes take their version numbers from ``claim(name, at_least)`` (the relay
+    set's authority); a replica keeps the number its origin was given (``publish_copy(version=...)``)."""
+
+    def __init__(self, claim, **options):
+        super().__init__(**options)
+        self._claim = claim
+        self._numbering = threading.Lock()  # one claim and add at a time: numbers stay increasing here
+
+    def _add(self, name, slab, layout, config, generation, version=None):
+        if version is not None:
+            return super()._add(name, slab, layout, config, generation, version)
+        with self._numbering:
+            version = self._claim(name, self.newest_version(name) + 1)
+            return super()._add(name, slab, layout, config, generation, version)
+
+
+def _endpoint_dir(node_id: str) -> str:
+    """This node's relay directory: the one recorded in the GCS if it is still a private directory of ours
+    (a relay Ray restarted binds the same path), else a new private one, recorded."""
+    known = numbering.remembered_dir(node_id)
+    if known is not None and trusted_dir(known):
+        return known
+    directory = private_runtime_dir(RUNTIME_DIR_NAME)
+    numbering.remember_dir(node_id, directory)
+    return directory
 
 
 class Relay:
@@ -71,15 +106,16 @@ class Relay:
         torch.set_num_threads(1)
         self.node_id = node_id
         self.device = torch.device(device)
-        self.endpoint = relay_endpoint(node_id, endpoint_dir)
+        self.endpoint = relay_endpoint(node_id, endpoint_dir or _endpoint_dir(node_id))
         with warnings.catch_warnings():  # Ray's property warns about an internal use of actor_id
             warnings.simplefilter("ignore", DeprecationWarning)
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        self.store = TensorSetStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite)
+        self.store = _NumberedStore(self._claim, keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite)
         # Note [one epoch per relay set]: every relay of a set serves under the epoch start_relays drew, so a
         # pinned URI made against one node's relay names the same bytes on every node. A relay Ray restarts
         # takes its peers' epoch only if it can continue their numbering (_catch_up); with no peer to copy
-        # from, it starts numbering at 1 again and so keeps the fresh epoch its new store drew.
+        # from, it keeps the fresh epoch its new store drew. Within an epoch every number is claimed from the
+        # set's authority (numbering.py) before it is used, so a restarted relay never issues one again.
         if epoch is not None and not self.restarted:
             self.store.epoch = epoch
         self._accept_lock = threading.Lock()
@@ -90,6 +126,9 @@ class Relay:
         self._peer_cache: tuple[float, dict] = (0.0, {})
         self._start_error: str | None = None
         threading.Thread(target=self._catch_up_then_serve, name="lora-ipc-relay-start", daemon=True).start()
+
+    def _claim(self, name: str, at_least: int) -> int:
+        return numbering.claim_version(self.store.epoch, name, at_least, self.node_id)
 
     # ---- start -----------------------------------------------------------------------------
 

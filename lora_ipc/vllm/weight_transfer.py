@@ -24,8 +24,14 @@ Until then the engine serves the previous weights, unchanged. An update that fai
 cannot be fetched or is refused) or goes ``idle_timeout_s`` without a call (the trainer died) is
 rolled back by the worker: the staged tensors are dropped, the model is never touched, the late
 caller gets :class:`~lora_ipc.refit.RefitTimeout`, and the next ``trainer_init`` + ``send_weights``
-works. Cost: up to one checkpoint-format copy of the model, held from the first bucket to ``finish``
-(on the model's device, or in host memory with ``stage_on_host``). See docs/refit-recovery.md.
+works. An update the model itself refuses is refused whole: ``finish`` first dry-runs the apply on
+``meta`` tensors (:mod:`.refit_guard`), and puts every layer back from a host copy if the real apply
+still fails half-way. A worker serves one controller (the stream of the last init): another
+controller's init while an update is open is refused (``RefitBusy``) unless it asks to take over, and
+a bucket of another stream or a ``finish`` of an incomplete update leaves the open update alone. Cost:
+up to one checkpoint-format copy of the model, held from the first bucket to ``finish`` (on the
+model's device, or in host memory with ``stage_on_host``), and one host copy of the served model
+during ``finish`` (``restore_on_refusal``). See docs/refit-recovery.md.
 
 LoRA: vLLM's ``finish_weight_update`` removes every loaded adapter (``reset_lora_state``). Requests
 that name a ``lora-ipc://`` adapter load it again on first use (the exporter must still serve that
@@ -68,17 +74,22 @@ from ..protocol import Count, Name, check_fields  # noqa: E402
 from ..refit import (  # noqa: E402
     DEFAULT_BUCKET_BYTES,
     BucketRef,
+    RefitBusy,
     RefitError,
+    RefitStrayBucket,
+    RefitTakenOver,
     RefitTimeout,
     WeightReceiver,
     WeightSender,
 )
 from .plugin import BACKEND, register_weight_transfer  # noqa: E402
+from .refit_guard import LayerUndo, check_update  # noqa: E402
 
 log = logging.getLogger("lora_ipc.vllm")
 
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 STAGE_LIMIT_FACTOR = 4  # default cap on what one update stages: this many times the served model's bytes
+SUPERSEDED_KEPT = 16  # streams an engine remembers as taken over, to tell their controllers so
 
 
 def refit_error(exc: Exception) -> RefitError:
@@ -103,6 +114,9 @@ class LoraIpcInitInfo(WeightTransferInitInfo):
     idle_timeout_s: Annotated[float, Meta(gt=0, le=86400)] = DEFAULT_IDLE_TIMEOUT_S
     stage_on_host: bool = False
     max_update_bytes: Count = 0  # 0: STAGE_LIMIT_FACTOR x the served model's parameter and buffer bytes
+    check_finite: bool = False  # refuse a bucket holding NaN or inf
+    take_over: bool = False  # discard another controller's open update (it is told at its next call)
+    restore_on_refusal: bool = True  # host copy of the served weights during finish, to undo a refused apply
 
     def __post_init__(self):
         check_fields(self, "init info")
@@ -111,7 +125,10 @@ class LoraIpcInitInfo(WeightTransferInitInfo):
 
 @dataclass
 class LoraIpcUpdateInfo(WeightTransferUpdateInfo, BucketRef):
-    """One bucket of one update (fields and checks: :class:`~lora_ipc.refit.BucketRef`)."""
+    """One bucket of one update (fields and checks: :class:`~lora_ipc.refit.BucketRef`); with ``abort``,
+    no bucket: the controller of ``stream`` ends its open update (rolled back, vLLM's session ended)."""
+
+    abort: bool = False
 
 
 @dataclass
@@ -129,6 +146,12 @@ class LoraIpcTrainerInitInfo(TrainerInitInfo):
     up to one model's worth of GPU memory during an update, costs a host round trip).
     ``max_update_bytes``: the most one update may stage on a worker (default 0: four times the served
     model's parameter and buffer bytes); an update past it is refused and rolled back.
+    ``check_finite``: workers refuse a bucket holding NaN or inf (the update is rolled back).
+    ``take_over``: discard an update another controller has open on the engine (default: this
+    controller's ``trainer_init`` is refused with :class:`~lora_ipc.refit.RefitBusy` while one is open).
+    ``restore_on_refusal``: workers keep a host copy of the served weights while ``finish`` applies an
+    update, and put it back if the model refuses the update half-way (default True; False saves one
+    model's worth of host memory and a copy per update, and leaves such an update half-applied).
     """
 
     backend: ClassVar[str] = BACKEND
@@ -139,6 +162,9 @@ class LoraIpcTrainerInitInfo(TrainerInitInfo):
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     stage_on_host: bool = False
     max_update_bytes: int = 0
+    check_finite: bool = False
+    take_over: bool = False
+    restore_on_refusal: bool = True
 
 
 # ---- worker side -----------------------------------------------------------------------------
@@ -149,6 +175,7 @@ class _Update:
     """One open update on this worker: what arrived so far, staged until ``finish`` applies it."""
 
     deadline: float
+    stream: str = ""  # the controller's stream (the engine's init stream when the update was started)
     staged: list = field(default_factory=list)  # (name, owned tensor) in arrival order
     update: int = 0
     buckets: int = 0
@@ -219,6 +246,8 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
         self._info: LoraIpcInitInfo | None = None
         self._open: _Update | None = None
         self._reaper: threading.Thread | None = None
+        self._superseded: collections.OrderedDict[str, str] = collections.OrderedDict()  # old stream -> by whom
+        self._keep_session = False  # a stray bucket was refused: vLLM's session of the open update goes on
         self.last_update: dict = {"rollbacks": 0}  # the last complete update, plus rollbacks so far
 
     def parse_init_info(self, init_dict: dict[str, Any]) -> LoraIpcInitInfo:
@@ -229,9 +258,27 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
 
     def init_transfer_engine(self, init_info: LoraIpcInitInfo) -> None:
         with self._cond:
-            if self._open is not None:  # the previous trainer's update will never finish: a new trainer took over
-                self._discard_open("a trainer called init_weight_transfer_engine during it")
+            update = self._open
+            if update is not None and update.expired is None and update.buckets > 0:
+                if not init_info.take_over:  # another controller is mid-update: it keeps the engine
+                    raise tagged(
+                        RefitBusy,
+                        f"lora_ipc weight update {update.update} of stream {update.stream!r} is open "
+                        f"({update.buckets} of {update.total} buckets): init for stream {init_info.stream!r} "
+                        "refused, the open update is untouched. Wait for it to finish or to be rolled back "
+                        "(idle timeout), or pass take_over=True",
+                    )
+                reason = f"stream {init_info.stream!r} took over (take_over=True)"
+            else:  # nothing open, an empty update, or one the reaper already rolled back (a dead trainer)
+                reason = f"stream {init_info.stream!r} called init_weight_transfer_engine"
+            if update is not None:
+                self._discard_open(f"{reason} during it")
                 self._end_session()
+            if self._info is not None and self._info.stream != init_info.stream:
+                self._superseded[self._info.stream] = reason
+                while len(self._superseded) > SUPERSEDED_KEPT:
+                    self._superseded.popitem(last=False)
+            self._superseded.pop(init_info.stream, None)
             if self._receiver is not None:
                 self._receiver.close()
             limit = init_info.max_update_bytes or STAGE_LIMIT_FACTOR * _load_format_bytes(self.model)
@@ -253,25 +300,64 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
             if self._open is not None:  # vLLM let a start through: its own session ended (e.g. Ctrl-C mid-bucket)
                 self._discard_open("a new update started")
             receiver.begin()
-            self._open = _Update(deadline=time.monotonic() + info.idle_timeout_s)
+            self._open = _Update(deadline=time.monotonic() + info.idle_timeout_s, stream=info.stream)
             if self._reaper is None:
                 self._reaper = threading.Thread(target=self._reap, name="lora-ipc-refit-reaper", daemon=True)
                 self._reaper.start()
             self._cond.notify_all()
 
+    def _refuse_stray(self, update: _Update | None, stream: str, what: str) -> BaseException:
+        """The error for a call of a stream this engine is not initialized for. The open update is left as
+        it was, and so is vLLM's session of it (restored in ``reset_weight_update_target``, which vLLM calls
+        when ``update_weights`` raises). Caller holds ``_cond``."""
+        if update is not None and update.buckets > 0:
+            self._keep_session = True
+        elif update is not None:  # an empty update: vLLM's session ends, so does ours
+            self._open = None
+        mine = self._info.stream if self._info is not None else None
+        if stream in self._superseded:
+            return tagged(
+                RefitTakenOver,
+                f"{what} of stream {stream!r} refused: {self._superseded[stream]} on this engine since; "
+                f"the engine's own update is untouched",
+            )
+        return tagged(
+            RefitStrayBucket,
+            f"{what} of stream {stream!r} refused before anything was fetched: this engine was initialized "
+            f"for stream {mine!r}; its open update is untouched",
+        )
+
+    def reset_weight_update_target(self) -> None:
+        super().reset_weight_update_target()
+        if self._keep_session:  # vLLM ended its session for a refused stray bucket: the open update goes on
+            self._keep_session = False
+            worker = self._worker() if self._worker is not None else None
+            if worker is not None:
+                worker._weight_update_active = True
+
     def receive_weights(self, update_info: LoraIpcUpdateInfo) -> None:
         with self._cond:
+            self._keep_session = False
             update = self._open
+            receiver, info = self._require_receiver()
+            if update_info.stream != info.stream:
+                raise self._refuse_stray(update, update_info.stream, "abort" if update_info.abort else "a bucket")
+            if update_info.abort:
+                self._abort(update)
+                return
             if update is None:
                 raise tagged(RefitError, "no lora_ipc update is open on this worker (call start_weight_update)")
             if update.expired is not None:  # vLLM ends its session when this raises
                 self._open = None
                 raise tagged(RefitTimeout, update.expired)
-            receiver, info = self._require_receiver()
             try:
                 started = time.perf_counter()
                 weights = receiver.receive(update_info, "cpu" if info.stage_on_host else self.device)
                 update.fetch_s += time.perf_counter() - started
+                if info.check_finite:
+                    bad = [n for n, t in weights if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+                    if bad:
+                        raise RefitError(f"NaN or inf in {len(bad)} tensor(s), e.g. {bad[:3]} (check_finite)")
             except BaseException as exc:  # Ctrl-C included: roll back first, then let it through untouched
                 self._roll_back(update, f"bucket {update_info.bucket + 1} of {update_info.buckets} failed")
                 self._open = None
@@ -290,9 +376,29 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
             update.deadline = time.monotonic() + info.idle_timeout_s
             self._cond.notify_all()
 
+    def _abort(self, update: _Update | None) -> None:
+        """The controller ends its own open update: rolled back, vLLM's session ended. Caller holds ``_cond``."""
+        if update is not None:
+            self._discard_open(f"its controller aborted it (stream {update.stream!r})")
+        self._end_session()
+        if self._worker is None:  # vLLM's session can only be ended by raising
+            raise tagged(RefitError, "lora_ipc weight update aborted by its controller and rolled back")
+
     def finish_weight_update(self) -> None:
         with self._cond:
-            update, self._open = self._open, None
+            update = self._open
+            receiver = self._receiver
+            if update is not None and update.expired is None and update.buckets > 0 and receiver is not None:
+                missing = receiver.missing()
+                if missing is not None:  # vLLM's finish names no stream: an incomplete update is left alone
+                    raise tagged(
+                        RefitError,
+                        f"lora_ipc weight update {update.update} of stream {update.stream!r} is incomplete "
+                        f"({missing}): not applied, and left open for its controller to complete or abort "
+                        "(rolled back after its idle timeout); the engine serves the weights of the last "
+                        "complete update",
+                    )
+            self._open = None
             try:
                 if update is None:
                     raise tagged(RefitError, "no lora_ipc update is open on this worker")
@@ -311,9 +417,15 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
                 raise
 
     def _apply(self, update: _Update) -> None:
-        """Load every staged tensor inside one layerwise reload; finalize always runs (nothing stays on meta)."""
+        """Check the staged update against the model (a dry run on ``meta``: refused with the model untouched),
+        then load every staged tensor inside one layerwise reload; finalize always runs (nothing stays on
+        meta). If the model refuses half-way, the layers are put back from a host copy taken just before."""
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
+        info = self._require_receiver()[1]
+        with _mtp_completeness_check_disabled():
+            check_update(self.model, update.staged, update.update)
+        undo = LayerUndo(self.model.modules()) if info.restore_on_refusal else None
         mtp_off = _mtp_completeness_check_disabled()
 
         staged = collections.deque(update.staged)
@@ -324,23 +436,39 @@ class LoraIpcWeightTransferEngine(WeightTransferEngine[LoraIpcInitInfo, LoraIpcU
                 yield staged.popleft()
 
         started = time.perf_counter()
-        failure: Exception | None = None
+        failure: BaseException | None = None
         initialize_layerwise_reload(self.model)
         try:
             with mtp_off:
                 cast(Any, self.model).load_weights(drain())  # vLLM's model classes, not nn.Module's API
-        except Exception as exc:  # any refusal of the model's loader becomes the typed RefitError below
+        except BaseException as exc:  # any refusal of the model's loader becomes the typed RefitError below
             failure = exc
         finally:
             loaded = time.perf_counter()
             staged.clear()
-            finalize_layerwise_reload(self.model, self.model_config)
+            try:
+                finalize_layerwise_reload(self.model, self.model_config)
+            except BaseException as exc:
+                failure = failure or exc
         if failure is not None:
+            if undo is None:
+                if not isinstance(failure, Exception):
+                    raise failure
+                raise tagged(
+                    RefitError,
+                    f"the model refused lora_ipc weight update {update.update} "
+                    f"({type(failure).__name__}: {failure}); layers loaded before the refused "
+                    "tensor hold the new weights (restore_on_refusal=False): send a complete, matching update",
+                ) from failure
+            undo.restore()
+            self.last_update["restored"] = self.last_update.get("restored", 0) + 1
+            if not isinstance(failure, Exception):  # Ctrl-C: the old weights are back, then it goes on as is
+                raise failure
             raise tagged(
                 RefitError,
-                f"the model refused lora_ipc weight update {update.update} "
-                f"({type(failure).__name__}: {failure}); layers loaded before the refused "
-                "tensor hold the new weights: send a complete, matching update",
+                f"the model refused lora_ipc weight update {update.update} while applying it "
+                f"({type(failure).__name__}: {failure}); every layer was restored from the copy taken "
+                "before: the engine serves the weights of the last complete update",
             ) from failure
         self.last_update.update(
             buckets=update.buckets,
@@ -504,10 +632,13 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
                     LoraIpcInitInfo(
                         sender.endpoint,
                         sender.stream,
-                        float(init_info.timeout_s),
-                        float(init_info.idle_timeout_s),
-                        bool(init_info.stage_on_host),
-                        int(init_info.max_update_bytes),
+                        timeout_s=float(init_info.timeout_s),
+                        idle_timeout_s=float(init_info.idle_timeout_s),
+                        stage_on_host=bool(init_info.stage_on_host),
+                        max_update_bytes=int(init_info.max_update_bytes),
+                        check_finite=bool(init_info.check_finite),
+                        take_over=bool(init_info.take_over),
+                        restore_on_refusal=bool(init_info.restore_on_refusal),
                     )
                 )
             )
@@ -547,12 +678,15 @@ class LoraIpcTrainerWeightTransferEngine(TrainerWeightTransferEngine[LoraIpcTrai
             raise refit_error(exc) from exc
 
     def _abandon(self) -> None:
-        """End a failed update on the engine now rather than at its idle timeout: ``finish`` on an
-        incomplete update rolls it back (and fails, as expected); if the engine already ended it, it fails too."""
+        """End this trainer's failed update on the engine now rather than at its idle timeout: an abort
+        bound to this trainer's stream (another controller's update is never touched). If the engine
+        already ended it, the abort only ends vLLM's session, or fails (vLLM: no session open)."""
+        assert self.sender is not None
+        abort = LoraIpcUpdateInfo(self.sender.stream, 1, max(1, self.sender.updates), 0, 1, abort=True)
         try:
-            self.client.finish_weight_update(None)
-        except Exception as exc:  # expected: finishing an incomplete update fails by design
-            log.debug("finishing the failed update: %s", exc)
+            self.client.update_weights(asdict(abort))
+        except Exception as exc:  # expected where the engine already ended the update
+            log.debug("aborting the failed update: %s", exc)
 
     def shutdown(self) -> None:
         if self.sender is not None:
