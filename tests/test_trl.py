@@ -253,8 +253,9 @@ def test_grpo_colocate_mode(model_dir, tmp_path, monkeypatch):
         assert isinstance(llm, lora_trl._AdapterLLM)
         engine = llm._llm
         # TRL's colocated sampling parameters (VLLMGeneration.generate), with GRPOConfig's generation_kwargs
-        params = SamplingParams(n=1, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, max_tokens=8, logprobs=0)
-        params.seed = SEED
+        params = SamplingParams(
+            n=1, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, max_tokens=8, logprobs=0, seed=SEED
+        )
         replays = {}
         for version, path in recorder.saved.items():
             request = LoRARequest(f"disk-v{version}", 1000 + version, path)
