@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -127,6 +128,7 @@ def main(argv=None) -> dict:
     finally:
         server.terminate()
         server.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
     nbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
     results = {
         "what": "TRL server-mode sync per step (ms): lora_ipc publish + load vs AsyncGRPO's save + load",
@@ -136,7 +138,8 @@ def main(argv=None) -> dict:
         "adapter_bytes": nbytes,
         "iters": args.iters,
     }
-    print(f"adapter {nbytes / 1e6:.2f} MB (hidden {args.hidden}, {args.layers} layers, r={args.rank}), {args.iters} steps")
+    shape = f"hidden {args.hidden}, {args.layers} layers, r={args.rank}"
+    print(f"adapter {nbytes / 1e6:.2f} MB ({shape}), {args.iters} steps")
     for key, xs in rows.items():
         results[key] = {"p50_ms": statistics.median(xs), "p90_ms": percentile(xs, 90)}
         print(f"  {key:10s} p50 {statistics.median(xs):8.1f} ms   p90 {percentile(xs, 90):8.1f} ms")
