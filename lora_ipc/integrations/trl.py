@@ -33,7 +33,7 @@ Refused with an error: colocate sleep mode (its level 2 discards the base weight
 path re-pushes), FSDP1, colocate without ``max_lora_rank``, a server without LoRA or with a smaller
 ``--max-lora-rank``.
 
-``install_async_grpo()`` (part of ``install``) does the same for ``trl.experimental.async_grpo``: its
+``install`` also does the same for ``trl.experimental.async_grpo``: its
 ``_sync_weight_lora`` publishes through lora_ipc and loads ``trl-policy-<tag>-v<N>`` from the pinned URI
 instead of saving to ``output_dir/.vllm_lora`` and loading from disk (``trl-policy-<random>`` per trainer,
 so a restarted trainer never meets a previous run's names); its version numbers, its unloads of stale
