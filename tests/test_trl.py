@@ -419,3 +419,25 @@ def _completion_tokens(base, model):
     )
     assert status == 200, body
     return [c["token_ids"] for c in body["choices"]]
+
+
+def test_exporter_uri_names_a_published_version_with_its_epoch():
+    from lora_ipc import AdapterExporter, VersionNotFound
+    from lora_ipc.vllm.uri import AdapterURI
+
+    from .models import RANDOM_ADAPTER_CONFIG as config
+    from .models import random_adapter
+
+    tensors = random_adapter(0)
+    with AdapterExporter() as a, AdapterExporter() as b:
+        assert a.publish("p", tensors, config) == 1 and b.publish("p", tensors, config) == 1
+        ua, ub = AdapterURI.parse(a.uri("p", 1)), AdapterURI.parse(b.uri("p", 1))
+        assert (ua.name, ua.version, ua.endpoint) == ("p", 1, a.endpoint)
+        assert ua.epoch and ub.epoch and ua.epoch != ub.epoch  # a restarted exporter's v1 is another URI
+        with pytest.raises(VersionNotFound):
+            a.uri("p", 2)
+        with pytest.raises(VersionNotFound):
+            a.uri("q", 1)
+        for name, version in (("", 1), ("p", 0), ("p", True), ("p", "1"), (None, 1)):
+            with pytest.raises(ValueError):
+                a.uri(name, version)
