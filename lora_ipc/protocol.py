@@ -93,7 +93,7 @@ PINNED_SUFFIX = re.compile(r"@v[0-9]+\Z")
 
 
 def check_name(name: object) -> str:
-    """``name`` when it may be published; else ``BadName`` saying why. The rules (docs/naming.md): a str of
+    """``name`` when it may be published; else ``BadName`` saying why. The rules (docs/guides/naming.md): a str of
     1 to ``MAX_NAME_CHARS`` characters that is valid UTF-8 (no lone surrogates: it must cross the wire and a
     ``lora-ipc://`` URI), and does not end in ``@v<digits>`` (it would read as a pinned version)."""
     if type(name) is not str:
@@ -109,7 +109,7 @@ def check_name(name: object) -> str:
     if pinned:
         raise BadName(
             f"{name!r:.80} ends in '@v<digits>', which reads as a pinned version of "
-            f"{name[: pinned.start()]!r:.80} (docs/naming.md); choose another name"
+            f"{name[: pinned.start()]!r:.80} (docs/guides/naming.md); choose another name"
         )
     return name
 

@@ -1,4 +1,4 @@
-"""A name always means what the user thinks (issue 23, items 4-8; docs/naming.md).
+"""A name always means what the user thinks (issue 23, items 4-8; docs/guides/naming.md).
 
 - a bare model name serves the newest version at request time, however many other names moved;
 - ``name@vN`` serves version N of the exporter's current run, or 404s: never a previous run's bytes;

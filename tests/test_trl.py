@@ -1,4 +1,4 @@
-"""TRL 1.16's real GRPOTrainer with lora_ipc.integrations.trl, on the real vLLM CPU engine (docs/trl.md).
+"""TRL 1.16's real GRPOTrainer with lora_ipc.integrations.trl, on the real vLLM CPU engine (docs/guides/trl.md).
 
 Runs in the cached venv scripts/rl_frameworks.sh builds (trl installed ``--no-deps`` over the main
 environment); elsewhere it skips. Each rollout TRL generated is replayed on the same engine with that step's
@@ -125,7 +125,7 @@ class Recorder:
 
 
 def train(model_dir, args, before_train=None):
-    # ---- what a TRL user writes (docs/trl.md), less the install ----
+    # ---- what a TRL user writes (docs/guides/trl.md), less the install ----
     from trl import GRPOTrainer
 
     from lora_ipc.tiny import lora_config

@@ -4,6 +4,6 @@
   ``create_vllm_engines``.
 - :mod:`.verl` — verl 0.9: ``ColocateExtension`` (lora_ipc's worker extension composed with verl's).
 - :mod:`.trl` — TRL 1.16: ``install(adapter=...)`` before building a GRPOTrainer (server or colocate) or
-  AsyncGRPOTrainer: adapter-only sync through lora_ipc (docs/trl.md).
+  AsyncGRPOTrainer: adapter-only sync through lora_ipc (docs/guides/trl.md).
 - :mod:`.sharded` — gather a sharded (FSDP2 / DTensor) PeftModel's LoRA state on rank 0 and publish it.
 """

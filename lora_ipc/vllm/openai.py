@@ -6,7 +6,7 @@
 - Every request whose model is a ``lora-ipc`` adapter (``_check_model``): vLLM caches a name's
   ``LoRARequest`` forever and reloads it inside an engine step after evicting it, where an error
   kills the engine. So before the request is admitted, :func:`refresh` makes the entry mean what its
-  name means now (docs/naming.md), loading into the engine now whatever it must (a failure there is
+  name means now (docs/guides/naming.md), loading into the engine now whatever it must (a failure there is
   this request's error):
 
   - a bare name (its entry's path is marked ``&follow=1``) moves to the newest version;

@@ -1,5 +1,5 @@
 """A vLLM ``LoRAResolver``: the OpenAI server resolves ``"model": "<adapter>"`` or ``"<adapter>@v<N>"``
-to a ``lora-ipc://`` request (what each means: docs/naming.md).
+to a ``lora-ipc://`` request (what each means: docs/guides/naming.md).
 
 - ``<adapter>@v<N>`` is version N of the exporter's current epoch. No adapter can be named so (the
   store refuses names ending in ``@v<digits>`` at publish, ``protocol.check_name``), so the reading is

@@ -10,7 +10,7 @@ at load time (of whatever epoch); without ``endpoint`` it uses ``$LORA_IPC_ENDPO
 marks the entry the OpenAI server made for a bare model name: the worker loads the version the path
 names, and the API process moves the entry to the newest version on every request (:mod:`.openai`).
 Every name the store accepts (``protocol.check_name``) and every endpoint ``ipc_path`` accepts make a URI
-within ``MAX_URI_CHARS`` that parses back to them (docs/naming.md). No vLLM import here.
+within ``MAX_URI_CHARS`` that parses back to them (docs/guides/naming.md). No vLLM import here.
 """
 
 from __future__ import annotations

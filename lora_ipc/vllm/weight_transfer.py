@@ -31,7 +31,7 @@ controller's init while an update is open is refused (``RefitBusy``) unless it a
 a bucket of another stream or a ``finish`` of an incomplete update leaves the open update alone. Cost:
 up to one checkpoint-format copy of the model, held from the first bucket to ``finish`` (on the
 model's device, or in host memory with ``stage_on_host``), and one host copy of the served model
-during ``finish`` (``restore_on_refusal``). See docs/refit-recovery.md.
+during ``finish`` (``restore_on_refusal``). See docs/guides/refit.md.
 
 LoRA: vLLM's ``finish_weight_update`` removes every loaded adapter (``reset_lora_state``). Requests
 that name a ``lora-ipc://`` adapter load it again on first use (the exporter must still serve that
