@@ -129,7 +129,7 @@ class PeftAdapterView:
             self.params[name] = param
             path, module, attr = owner
             links[(id(module._parameters), attr)] = (module._parameters, param)
-            parent: torch.nn.Module = model
+            parent: Any = model
             for part in path.split(".")[:-1]:
                 child = parent._modules[part]
                 links[(id(parent._modules), part)] = (parent._modules, child)

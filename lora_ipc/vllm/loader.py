@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from ..adapters import Adapter, with_shared_client
@@ -73,8 +74,8 @@ def unexpected_modules(
     peft_helper,
     weights_mapper,
     skip_prefixes,
-    unsupported: set[str] = frozenset(),
-    layers: set[str] | None = None,
+    unsupported: AbstractSet[str] = frozenset(),
+    layers: AbstractSet[str] | None = None,
     has_layer=None,
 ) -> list[str]:
     """Names ``from_lora_tensors`` would silently drop; ``from_local_checkpoint`` refuses them. ``unsupported``:
