@@ -4,9 +4,14 @@ vLLM preallocates, per LoRA slot, stacked buffers for every LoRA-able module (``
 ``lora_b_stacked``, ``full_weight_stacked`` …, shaped ``(max_loras, …)``). An adapter this worker can
 load holds at most one slot's worth of elements, times the tensor-parallel degree (the buffers hold
 one rank's shard, a fetch brings the whole adapter), in a wire dtype of at most 8 bytes, plus the
-layout's 256-byte alignment per tensor. A reply larger than that is refused before anything is
-allocated. ``$LORA_IPC_MAX_FETCH_BYTES`` overrides the derived bound; where the buffers cannot be read
-(another vLLM), the client's default applies.
+layout's 256-byte alignment per tensor. Embedding deltas (``lora_embedding_A``: rank × vocabulary) and
+a classifier's full ``modules_to_save`` weight have stacked buffers of their own and are counted with
+them; the base embedding matrices PEFT saves beside an embedding LoRA are discarded by vLLM and never
+published (:func:`lora_ipc.peft.vllm_discards`). An engine whose LoRA ``target_modules`` are restricted
+leaves layers unwrapped that adapters may still carry (vLLM loads and ignores them): those count too, at
+``max_lora_rank``. A reply larger than that is refused before anything is allocated.
+``$LORA_IPC_MAX_FETCH_BYTES`` overrides the derived bound; where the buffers cannot be read (another
+vLLM), the client's default applies.
 """
 
 from __future__ import annotations
@@ -33,6 +38,30 @@ def _stacked_tensors(module: Any) -> list[torch.Tensor]:
     return found
 
 
+def _unwrapped_elements(manager: Any) -> tuple[int, int]:
+    """(elements, tensors) of one adapter's largest LoRA weights for the layers a deployment-time
+    ``target_modules`` restriction left unwrapped: full sizes (an adapter is whole), every packed part's A."""
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    rank = int(manager.lora_config.max_lora_rank)
+    supported = set(manager.supported_lora_modules)
+    packed = manager.packed_modules_mapping or {}
+    total = tensors = 0
+    for name, module in manager.model.named_modules():
+        suffix = name.rsplit(".", 1)[-1]
+        if name in manager.modules or suffix not in supported:
+            continue
+        if isinstance(module, LinearBase):
+            parts = max(1, len(packed.get(suffix, [suffix])))
+            total += rank * (parts * int(module.input_size) + int(module.output_size))
+            tensors += 2 * parts
+        elif isinstance(module, VocabParallelEmbedding):
+            total += rank * (int(module.org_vocab_size) + int(module.embedding_dim))
+            tensors += 2
+    return total, tensors
+
+
 def fetch_bound(worker_manager: Any) -> int | None:
     """The most bytes one adapter fetch may copy in this worker, or None to use the client's default."""
     if settings.is_set(ENV_MAX_FETCH_BYTES):
@@ -51,4 +80,11 @@ def fetch_bound(worker_manager: Any) -> int | None:
         return None
     if not elements:
         return None
+    if getattr(getattr(manager, "lora_config", None), "target_modules", None) is not None:
+        try:
+            more_elements, more_tensors = _unwrapped_elements(manager)
+        except (AttributeError, ImportError, TypeError, ValueError):
+            return None  # cannot tell what the unwrapped layers may carry: the client's default
+        elements += more_elements
+        tensors += more_tensors
     return max(MIN_BOUND, tp * elements * WIDEST_DTYPE_BYTES + tensors * ALIGN_SLACK)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from ..adapters import Adapter, with_shared_client
@@ -35,17 +36,56 @@ def expected_lora_modules(adapter_manager: Any) -> set[str]:
     return expected
 
 
+def lora_layer_names(adapter_manager: Any) -> set[str] | None:
+    """Full names of the modules this model's adapters may name: every module vLLM wrapped with a LoRA
+    layer, and the parts of each packed one (``qkv_proj`` -> ``q_proj``, ``k_proj``, ``v_proj``; MoE
+    experts). None where this vLLM does not expose them (the suffix check alone then applies)."""
+    modules = getattr(adapter_manager, "modules", None)
+    packed = getattr(adapter_manager, "packed_modules", None)
+    if not isinstance(modules, dict) or not modules:
+        return None
+    names = set(modules)
+    for parts in (packed or {}).values():
+        names.update(parts)
+    return names
+
+
+def _model_has(model: Any, module_name: str, packed_mapping: dict) -> bool:
+    """Whether ``model`` has a layer of that name (maybe packed into its parent): for engines started with
+    LoRA ``target_modules`` restricted, whose unwrapped layers vLLM's disk loader accepts and ignores."""
+    if model is None:
+        return False
+    prefix, _, last = module_name.rpartition(".")
+    candidates = [module_name] + [
+        f"{prefix}.{parent}" if prefix else parent for parent, parts in packed_mapping.items() if last in parts
+    ]
+    for candidate in candidates:
+        try:
+            model.get_submodule(candidate)
+        except (AttributeError, TypeError, ValueError):
+            continue
+        return True
+    return False
+
+
 def unexpected_modules(
     tensor_names,
     expected: set[str],
     peft_helper,
     weights_mapper,
     skip_prefixes,
-    unsupported: frozenset[str] | set[str] = frozenset(),
+    unsupported: AbstractSet[str] = frozenset(),
+    layers: AbstractSet[str] | None = None,
+    has_layer=None,
 ) -> list[str]:
     """Names ``from_lora_tensors`` would silently drop; ``from_local_checkpoint`` refuses them. ``unsupported``:
     layers whose name ends like a LoRA target but that vLLM does not wrap (vLLM 0.34's
-    ``unsupported_lora_modules``, e.g. BERT's ``pooler.dense``)."""
+    ``unsupported_lora_modules``, e.g. BERT's ``pooler.dense``). ``layers`` (:func:`lora_layer_names`):
+    the full module names of this model's LoRA layers; vLLM's own check reads only the last part of a
+    name, so ``_orig_mod.base_model.model.model.layers.0.self_attn.q_proj`` (a ``torch.compile``d
+    PeftModel's state dict) would load under a name no layer has, with no effect. ``has_layer(name)``:
+    whether a name outside ``layers`` is still a layer of the model (one a deployment-time target
+    restriction left unwrapped: vLLM ignores those)."""
     from vllm.lora.utils import is_base_embedding_weights, parse_fine_tuned_lora_name
 
     bad = []
@@ -63,10 +103,22 @@ def unexpected_modules(
         if ".experts" in module_name:
             if module_name[module_name.find(".experts") + 1 :] not in expected:
                 bad.append(module_name)
+                continue
         elif module_name.rsplit(".", 1)[-1] not in expected | keep_full:
             bad.append(module_name)
+            continue
         elif module_name in unsupported:
             bad.append(f"{module_name} (not a LoRA layer)")
+            continue
+        if layers is None or module_name in keep_full:  # full modules: vLLM's _validate_modules_to_save
+            continue
+        if module_name in layers or f"model.{module_name}" in layers:  # pooling models may drop "model."
+            continue
+        if ".experts" in module_name and module_name[: module_name.find(".experts") + 8] in layers:
+            continue
+        if has_layer is not None and has_layer(module_name):
+            continue
+        bad.append(f"{module_name} (no such layer)")
     return bad
 
 
@@ -112,7 +164,19 @@ def load_adapter(worker_manager: Any, lora_request: Any):
 
     expected = expected_lora_modules(adapter_manager)
     unsupported = set(getattr(adapter_manager, "unsupported_lora_modules", ()) or ())  # vLLM 0.34
-    bad = unexpected_modules(tensors, expected, peft_helper, mapper, skip_prefixes, unsupported)
+    layers = lora_layer_names(adapter_manager)
+    restricted = getattr(worker_manager.lora_config, "target_modules", None) is not None
+    packed_mapping = getattr(adapter_manager, "packed_modules_mapping", None) or {}
+    bad = unexpected_modules(
+        tensors,
+        expected,
+        peft_helper,
+        mapper,
+        skip_prefixes,
+        unsupported,
+        layers,
+        (lambda name: _model_has(model, name, packed_mapping)) if restricted else None,
+    )
     if bad:
         raise AdapterRejected(
             f"{uri.name} v{adapter.version}: modules {sorted(set(bad))[:8]} are not LoRA targets of this "
