@@ -11,7 +11,8 @@ LABELS = {
     "lora_ipc": "lora_ipc (one slab, kept mapping)",
     "disk_shm": "safetensors via /dev/shm",
     "ipc_per_tensor": "torch IPC, one handle per tensor",
-    "d2d_floor": "one device-to-device copy (floor)",
+    "copy_floor": "one copy into a warm buffer (floor)",
+    "two_copy_floor": "pack + copy out, warm buffers (two-copy floor)",
 }
 
 
