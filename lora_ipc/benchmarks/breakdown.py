@@ -36,6 +36,7 @@ import sys
 import time
 from typing import Any
 
+from ..host_buffers import HOST_BUFFERS
 from .timing import now, percentile, save_json
 
 _lora_ids = itertools.count(1)  # every LoRA id this process gives the engine: never one twice
@@ -174,9 +175,10 @@ class BreakdownExtension:
         client = self.__dict__.get("_bd_client")
         if client is None or client.endpoint != endpoint:
             client = self.__dict__["_bd_client"] = AdapterClient(endpoint)
-        slabs = len(client._slabs)
+        slabs, hits = len(client._slabs), HOST_BUFFERS.hits
         adapter = client.fetch(name, version, device=self._bd_manager().device)
         stages: dict[str, Any] = dict(client.last_stages, new_slab=len(client._slabs) > slabs)
+        stages["recycled"] = HOST_BUFFERS.hits > hits  # the copy went into a warm pooled buffer
         self._bd_load(adapter.tensors, adapter.config, lora_id, stages)
         stages["worker_ms"] = (time.perf_counter() - started) * 1e3
         return stages
@@ -225,6 +227,7 @@ def _engine_config(llm, hidden: int, layers: int, rank: int, iters: int, warmup:
     llm.collective_rpc("bd_hold", args=(save({k: v.detach().contiguous() for k, v in tensors.items()}), config))
     samples: dict[str, dict[str, list[float]]] = {p: {} for p in (*STAGES, "lora_ipc_e2e", "disk_e2e")}
     first_fetch: list[float] = []
+    recycled: list[bool] = []
 
     def add(path: str, stages: dict) -> None:
         for k, v in stages.items():
@@ -251,6 +254,7 @@ def _engine_config(llm, hidden: int, layers: int, rank: int, iters: int, warmup:
                     stages = llm.collective_rpc("bd_ipc", args=(exporter.endpoint, name, version, lora_id))[0]
                     stages["publish_ms"] = (t1 - t0) * 1e3
                     rpc_ms = (time.perf_counter() - t1) * 1e3
+                    recycled.append(stages.pop("recycled"))
                     if stages.pop("new_slab"):
                         first_fetch.append(stages["import_ms"])
                         stages["import_ms"] = 0.0  # steady state: a kept import; the first fetch is reported apart
@@ -299,6 +303,7 @@ def _engine_config(llm, hidden: int, layers: int, rank: int, iters: int, warmup:
         "tensors": len(tensors),
         "bytes": nbytes,
         "first_fetch_import_ms": first_fetch,
+        "recycled_destinations": f"{sum(recycled)}/{len(recycled)}",
         "paths": paths,
     }
 
@@ -370,7 +375,7 @@ def _consumer(conn, device: str) -> None:
             return
         endpoint, name, version = msg
         client = client or AdapterClient(endpoint)
-        slabs = len(client._slabs)
+        slabs, hits = len(client._slabs), HOST_BUFFERS.hits
         t0 = time.perf_counter()
         tensors = client.fetch(name, version, device=device).tensors
         if device.startswith("cuda"):
@@ -378,7 +383,8 @@ def _consumer(conn, device: str) -> None:
 
             torch.cuda.synchronize()
         fetch_ms = (time.perf_counter() - t0) * 1e3
-        conn.send((now(), fetch_ms, dict(client.last_stages), len(client._slabs) > slabs, len(tensors)))
+        stages = dict(client.last_stages, recycled=HOST_BUFFERS.hits > hits)
+        conn.send((now(), fetch_ms, stages, len(client._slabs) > slabs, len(tensors)))
         del tensors
 
 
@@ -409,6 +415,7 @@ def run_transport(args) -> dict:
                 views = layout.destination_views(warm_slab)
                 samples: dict[str, dict[str, list[float]]] = {"lora_ipc": {}, "two_copy_floor": {}}
                 first: list[float] = []
+                recycled: list[bool] = []
                 name = f"t-r{rank}-l{layers}"
                 for i in range(args.warmup + args.iters):
                     for path in ("lora_ipc", "two_copy_floor") if i % 2 else ("two_copy_floor", "lora_ipc"):
@@ -431,6 +438,7 @@ def run_transport(args) -> dict:
                             stages["publish_ms"] = (t1 - t0) * 1e3
                             stages["handoff_ms"] = max(0.0, (t2 - t1) * 1e3 - fetch_ms)
                             stages["e2e_ms"] = (t2 - t0) * 1e3
+                            recycled.append(stages.pop("recycled"))
                             if new_slab:
                                 first.append(stages["import_ms"])
                                 stages["import_ms"] = 0.0
@@ -448,6 +456,7 @@ def run_transport(args) -> dict:
                     "tensors": len(tensors),
                     "bytes": layout.used_bytes,
                     "first_fetch_import_ms": first,
+                    "recycled_destinations": f"{sum(recycled)}/{len(recycled)}",
                     "paths": paths,
                     "ratio_to_two_copies": paths["lora_ipc"]["total_ms"]["p50_ms"] / statistics.median(floor),
                 }
@@ -471,7 +480,8 @@ def transport_table(c: dict) -> str:
             f"(p10-p90 {ipc['total_ms']['p10_ms']:.2f}-{ipc['total_ms']['p90_ms']:.2f}) = {parts}",
             f"  two warm copies {floor['total_ms']['p50_ms']:.2f} = pack {floor['pack_ms']['p50_ms']:.2f} + "
             f"copy out {floor['copy_out_ms']['p50_ms']:.2f}",
-            f"  ratio to the two-copy floor (this run): {c['ratio_to_two_copies']:.2f}x",
+            f"  ratio to the two-copy floor (this run): {c['ratio_to_two_copies']:.2f}x; destinations recycled "
+            f"{c['recycled_destinations']}",
         ]
     )
 
