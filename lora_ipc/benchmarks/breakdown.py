@@ -285,6 +285,8 @@ def _engine_config(llm, hidden: int, layers: int, rank: int, iters: int, warmup:
             llm.llm_engine.add_lora(LoRARequest(f"bd-e2e-{disk_id}", disk_id, out))
             t2 = time.perf_counter()
             shutil.rmtree(out)
+            for done in (lora_id, disk_id):  # a hot swap retires the old version: its memory comes back
+                llm.llm_engine.remove_lora(done)
             if timed:
                 samples["lora_ipc_e2e"].setdefault("total_ms", []).append((t1 - t0) * 1e3)
                 samples["disk_e2e"].setdefault("total_ms", []).append((t2 - t1) * 1e3)
@@ -313,6 +315,9 @@ def run_engine(args) -> dict:
 
     if args.device == "cpu":
         cpu_engine_env()  # before vLLM loads
+    # the worker keeps one pinned version to reload (vllm/kept.py; default 4 x max_cpu_loras): with the default,
+    # its first 16 fetches each stay kept and the next fetch lands in fresh memory until the kept cache is full
+    os.environ.setdefault("LORA_IPC_WORKER_KEEP", "1")
     from vllm import LLM
 
     from ..tiny import tiny_engine_kwargs, write_model_dir
