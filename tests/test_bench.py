@@ -126,3 +126,14 @@ def test_vllm_bench_floor_client_takes_every_fetch_argument():
     real = inspect.signature(AdapterClient.fetch).parameters
     stand_in = inspect.signature(HeldClient.fetch).parameters
     assert [(p.name, p.kind) for p in real.values()] == [(p.name, p.kind) for p in stand_in.values()]
+
+
+def test_destinations_compares_fresh_huge_page_and_recycled_buffers(tmp_path):
+    from lora_ipc.benchmarks import destinations
+
+    results = destinations.main(["--mb", "1,3", "--iters", "3", "--warmup", "1", "--json", str(tmp_path / "d.json")])
+    assert json.loads((tmp_path / "d.json").read_text())["sizes"].keys() == {"1", "3"}
+    for per in results["sizes"].values():
+        for variant in destinations.VARIANTS:
+            _positive(per[variant])
+        assert per["pool_hits"] >= 3  # every timed pooled read reused the buffer the previous one gave back
