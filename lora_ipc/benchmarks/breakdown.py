@@ -199,9 +199,9 @@ class BreakdownExtension:
         self.__dict__["_bd_held"] = (load(safetensors_bytes), config)
 
     def bd_floor(self, lora_id: int) -> dict:
+        started = time.perf_counter()  # the worker's time, the clone included: not the engine's RPC
         held, config = self.__dict__["_bd_held"]
-        tensors = {k: v.clone() for k, v in held.items()}  # untimed: vLLM scales lora_b in place
-        started = time.perf_counter()
+        tensors = {k: v.clone() for k, v in held.items()}  # in no stage: vLLM scales lora_b in place
         stages: dict[str, Any] = {}
         self._bd_load(tensors, config, lora_id, stages)
         stages["worker_ms"] = (time.perf_counter() - started) * 1e3
@@ -502,10 +502,13 @@ def plot(results: dict, path: str) -> None:
 
     engine = results["mode"] == "engine"
     bars: list[tuple[str, dict, tuple[str, ...]]] = []
+    ends: list[tuple[int, float]] = []  # (bar, the public path's end-to-end p50)
     for c in results["configs"]:
         tag = f"r{c['rank']}/{c['layers']}L\n{c['bytes'] / 1e6:.1f} MB"
         if engine:
             for p in STAGES:
+                if p in ("lora_ipc", "disk"):
+                    ends.append((len(bars), c["paths"][f"{p}_e2e"]["total_ms"]["p50_ms"]))
                 bars.append((f"{tag}\n{p}", c["paths"][p], STAGES[p]))
         else:
             bars.append((f"{tag}\nlora_ipc", c["paths"]["lora_ipc"], TRANSPORT_STAGES))
@@ -520,6 +523,15 @@ def plot(results: dict, path: str) -> None:
                 h = per[k]["p50_ms"]
                 ax.bar(x, h, bottom=bottom, color=colors[k], label=LABELS.get(k, k), width=0.7)
                 bottom += h
+    if ends:
+        ax.plot(
+            [x for x, _ in ends],
+            [y for _, y in ends],
+            "k_",
+            markersize=22,
+            markeredgewidth=2,
+            label="public path end to end (add_lora), p50",
+        )
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
     ax.set_ylabel("ms (p50 of each stage, stacked)")
     hw = results["hardware"]
