@@ -116,7 +116,10 @@ def check_sealed(opened: int, name: str, min_bytes: int) -> None:
 
 
 READ_CHUNK = 1 << 30  # a single read(2) returns at most ~2 GiB
-PARALLEL_READ_BYTES = 16 << 20  # reads this large are split across threads (pread releases the GIL)
+# reads this large are split across threads (pread releases the GIL). A fetch reads into a recycled, warm
+# buffer (host_buffers.py): at 20 MB one thread was as fast or faster on a busy 2-core machine (the hand-off
+# costs what it saves), at 80 MB two threads took 66 ms p50 against one thread's 90 ms
+PARALLEL_READ_BYTES = 48 << 20
 _read_pool: ThreadPoolExecutor | None = None
 _read_pool_lock = threading.Lock()
 
@@ -133,15 +136,14 @@ def _read_range(fd: int, dst: memoryview, offset: int) -> None:
         done += n
 
 
-def read_exact(fd: int, dst: memoryview, offset: int, *, parallel: bool = True) -> None:
+def read_exact(fd: int, dst: memoryview, offset: int) -> None:
     """Fill ``dst`` (a writable byte view) from ``fd`` at ``offset`` with ``pread``; a short file is a BackendError.
 
-    A large read into fresh memory is split across a few threads: most of its time goes to faulting in
-    ``dst``'s pages (the kernel's copy into newly allocated memory), which parallelises; measured on 2 cores
-    for 80 MiB into a fresh buffer, 53 ms on one thread, 31 ms on two. Into a warm buffer (``parallel=False``,
-    host_buffers.py) one thread is as fast or faster on a busy 2-core machine (20 MB: 3.1 ms vs 8.9 ms p50)."""
+    A large read is split across a few threads: most of its time goes to faulting in ``dst``'s fresh pages
+    (the kernel's copy into newly allocated memory), which parallelises; measured on 2 cores for 80 MiB
+    into a fresh buffer, 53 ms on one thread, 31 ms on two."""
     parts = min(4, os.cpu_count() or 1)
-    if not parallel or len(dst) < PARALLEL_READ_BYTES or parts < 2:
+    if len(dst) < PARALLEL_READ_BYTES or parts < 2:
         _read_range(fd, dst, offset)
         return
     global _read_pool

@@ -52,9 +52,6 @@ class CpuExportedSlab(ExportedSlab):
             self.fd = -1
 
 
-# into a warm buffer, a read this large is still split across threads (as torch's copy_ is): 80 MB took 10.8 ms
-# on two threads, 14.4 ms on one; 20 MB was faster on one (2.6 ms; the thread hand-off costs more than it saves)
-PARALLEL_WARM_BYTES = 48 << 20
 BOUNCE_BYTES = 16 << 20  # one chunk of a host-staged copy into device memory (two are in flight)
 
 
@@ -72,14 +69,12 @@ class CpuImportedSlab(ImportedSlab):
         self.nbytes = handle.nbytes
         self.handle = handle
 
-    def read_into(self, dst: torch.Tensor, offset: int = 0, *, warm: bool = False) -> None:
-        """Fill ``dst`` (uint8, 1-D, contiguous, in host memory) with the slab's bytes from ``offset``;
-        ``warm``: its pages are faulted in already (one reading thread is enough, shm.read_exact)."""
+    def read_into(self, dst: torch.Tensor, offset: int = 0) -> None:
+        """Fill ``dst`` (uint8, 1-D, contiguous, in host memory) with the slab's bytes from ``offset``."""
         if offset < 0 or offset + dst.numel() > self.nbytes:
             raise BackendError(f"bytes [{offset}, {offset + dst.numel()}) lie outside slab {self.slab_id}")
         if dst.numel():
-            view = memoryview(dst.numpy())  # type: ignore[arg-type]  # numpy: 3.12+ buffer
-            read_exact(self.fd, view, offset, parallel=not warm or dst.numel() >= PARALLEL_WARM_BYTES)
+            read_exact(self.fd, memoryview(dst.numpy()), offset)  # type: ignore[arg-type]  # numpy: 3.12+ buffer
 
     def copy_out(self, used_bytes: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Host memory: a recycled buffer of this process (Note [a fetch's destination is recycled, not fresh]);
@@ -89,15 +84,15 @@ class CpuImportedSlab(ImportedSlab):
             return super().copy_out(used_bytes, target)
         if used_bytes > self.nbytes:
             raise BackendError(f"{used_bytes} bytes asked of slab {self.slab_id} ({self.nbytes} bytes)")
-        owned, recycled = HOST_BUFFERS.acquire(used_bytes)
-        self.read_into(owned, warm=recycled)
+        owned = HOST_BUFFERS.take(used_bytes)
+        self.copy_into(owned)
         return owned
 
     def copy_into(self, dst: torch.Tensor) -> None:
         if dst.device.type == "cpu" and dst.is_contiguous():
             self.read_into(dst)
             return
-        copy_staged(lambda part, offset: self.read_into(part, offset, warm=True), dst)  # bounces are recycled
+        copy_staged(self.read_into, dst)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -27,7 +27,6 @@ VARIANTS = ("fresh_empty", "fresh_thp", "pooled", "copy_warm")
 def run(mbs: list[int], iters: int, warmup: int) -> dict:
     import torch
 
-    from ..backends.cpu import PARALLEL_WARM_BYTES
     from ..host_buffers import HostBufferPool, map_anonymous
     from ..shm import create_sealed, map_fd, read_exact
 
@@ -48,13 +47,11 @@ def run(mbs: list[int], iters: int, warmup: int) -> dict:
                 else:
                     if variant == "fresh_empty":
                         dst = torch.empty(n, dtype=torch.uint8)
-                        warm = False
                     elif variant == "fresh_thp":
                         dst = torch.frombuffer(map_anonymous(n, True), dtype=torch.uint8)
-                        warm = False
                     else:
-                        dst, warm = pool.acquire(n)
-                    read_exact(fd, memoryview(dst.numpy()), 0, parallel=not warm or n >= PARALLEL_WARM_BYTES)
+                        dst = pool.take(n)
+                    read_exact(fd, memoryview(dst.numpy()), 0)
                     del dst  # the pooled buffer goes back, as a fetch's tensors do once freed
                 if i >= warmup:
                     samples[variant].append((time.perf_counter() - t0) * 1e3)
