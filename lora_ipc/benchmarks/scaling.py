@@ -11,7 +11,8 @@ Three sweeps, one run, Llama-7B LoRA shapes (bf16), publish -> every consumer ow
   consumers  1, 2, 4 consumer processes fetching one version at once (TP workers): time until the last
              one owns its copy
 
-Each point is the median of ``--iters`` (p10/p90 kept); variants of one sweep are interleaved.
+Each point is the median of ``--iters`` (p10/p90 kept), its hand-offs interleaved with the memcpy beside them;
+the points of a sweep run one after the other (one adapter republished, as a trainer does).
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def run(args) -> dict:
         return (max(t for t, _ in done) - t0) * 1e3
 
     def sweep(points: list[tuple[Any, dict, dict, int]]) -> dict:
-        """``points``: (key, tensors, config, readers); interleaved, warmup first."""
+        """``points``: (key, tensors, config, readers), one after the other, each hand-off beside a memcpy of
+        its bytes. Points are not interleaved with each other: a trainer republishes one adapter, whose slab
+        the exporter recycles; many sizes in turn would outrun its two free slabs and time fresh allocations."""
         samples: dict[Any, list[float]] = {key: [] for key, *_ in points}
         memcpy: dict[Any, list[float]] = {key: [] for key, *_ in points}
         bufs = {}
@@ -88,9 +91,8 @@ def run(args) -> dict:
                 torch.ones(nbytes, dtype=torch.uint8, device=device),
                 torch.ones(nbytes, dtype=torch.uint8, device=device),
             )
-        for i in range(args.warmup + args.iters):
-            order = points if i % 2 else points[::-1]
-            for key, tensors, config, readers in order:
+        for key, tensors, config, readers in points:
+            for i in range(args.warmup + args.iters):
                 ms = hand_off(f"s-{key}", tensors, config, readers)
                 src, dst = bufs[key]
                 sync(device)
