@@ -218,7 +218,14 @@ def plot(results: dict, path: str) -> None:
     axes[1].set_title("latency vs tensor count", fontsize=9)
     c = results["consumers"]
     axes[2].bar(
-        [str(p["consumers"]) for p in c["points"]], [p["lora_ipc"]["p50_ms"] for p in c["points"]], color="tab:green"
+        [str(p["consumers"]) for p in c["points"]],
+        [p["lora_ipc"]["p50_ms"] for p in c["points"]],
+        yerr=[
+            [p["lora_ipc"]["p50_ms"] - p["lora_ipc"]["p10_ms"] for p in c["points"]],
+            [p["lora_ipc"]["p90_ms"] - p["lora_ipc"]["p50_ms"] for p in c["points"]],
+        ],
+        capsize=4,
+        color="tab:green",
     )
     axes[2].set(
         xlabel=f"consumers fetching one version (r{c['rank']}, {c['mb']:.0f} MB)",
