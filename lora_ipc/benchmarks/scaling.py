@@ -229,7 +229,7 @@ def plot(results: dict, path: str) -> None:
     )
     axes[2].set(
         xlabel=f"consumers fetching one version (r{c['rank']}, {c['mb']:.0f} MB)",
-        ylabel="ms until the last owns it (p50)",
+        ylabel="ms until the last owns it (p50, bars p10-p90)",
     )
     axes[2].set_title("concurrent consumers", fontsize=9)
     for ax in axes[:2]:
