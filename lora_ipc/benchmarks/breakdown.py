@@ -310,6 +310,14 @@ def _engine_config(llm, hidden: int, layers: int, rank: int, iters: int, warmup:
     }
 
 
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's LoRAConfig accepts as max_lora_rank (and 1)
+
+
+def engine_rank(rank: int) -> int:
+    """The engine's ``max_lora_rank`` for adapters up to ``rank``: the smallest value vLLM accepts."""
+    return next((r for r in VLLM_RANKS if r >= rank), rank)
+
+
 def run_engine(args) -> dict:
     from .cpu_engine import cpu_engine_env, scratch_dirs
 
@@ -334,7 +342,7 @@ def run_engine(args) -> dict:
             llm = LLM(
                 **tiny_engine_kwargs(
                     model_dir,
-                    max(args.ranks),
+                    engine_rank(max(args.ranks)),
                     enable_prefix_caching=True,
                     worker_extension_cls="lora_ipc.benchmarks.breakdown.BreakdownExtension",
                 )
