@@ -69,7 +69,9 @@ class HostBufferPool:
         self.max_bytes = max_bytes
         self.max_per_size = max_per_size
         self.advise_huge = thp_mode() in ("madvise", "always")
-        self._lock = threading.Lock()
+        # reentrant: a buffer comes back from a finalizer, which the garbage collector may run on any thread at
+        # any allocation, this pool's own included
+        self._lock = threading.RLock()
         self._idle: dict[int, list[mmap.mmap]] = {}  # size class -> idle buffers, most recent last
         self._idle_bytes = 0
         self.hits = 0
@@ -101,8 +103,9 @@ class HostBufferPool:
 
     def _give_back(self, size: int, mm: mmap.mmap) -> None:
         """The last tensor over ``mm`` was freed: keep it for the next ``take`` of ``size``, or let it go."""
+        fresh: list[mmap.mmap] = []  # allocated outside the lock (an allocation can run the collector)
         with self._lock:
-            idle = self._idle.setdefault(size, [])
+            idle = self._idle.setdefault(size, fresh)
             if len(idle) < self.max_per_size and self._idle_bytes + size <= self.max_bytes:
                 idle.append(mm)
                 self._idle_bytes += size
