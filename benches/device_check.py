@@ -5,12 +5,15 @@
 
 Steps: ``deps`` (every module the later steps import; stops the run at once, exit 3, naming what is missing),
 ``gpu_tests`` (``pytest -m gpu``: every GPU test; collected and skipped on CPU), ``bench`` (``lora-ipc
-bench``: lora_ipc against /dev/shm safetensors, torch IPC per tensor and the one-copy floor; JSON + PNG),
-``bucket`` (full-weight refit buckets against the device's own copy floor). Each later step runs even if an
+bench``: lora_ipc against /dev/shm safetensors, torch IPC per tensor and the one- and two-copy floors; JSON +
+PNG), ``bucket`` (full-weight refit buckets against the device's own copy floor), ``breakdown`` (``lora-ipc
+bench --breakdown --engine none``: each transport stage of a swap beside the two-copy floor; the stages inside a
+vLLM engine need vLLM and an engine start, more than this run's minutes). Each later step runs even if an
 earlier one failed.
 Writes under ``--out`` (default $OUT, else bench-results), at most 8 files:
 ``summary.json`` (every step's exit code and seconds), ``device_check.log`` (all output),
-``bench.json``, ``bench.png``, ``bucket.json``. Exit 0 iff every step passed.
+``bench.json``, ``bench.png``, ``bucket.json``, ``breakdown.json``, ``breakdown.png``. Exit 0 iff every step
+passed.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ REQUIRED = (
     "lora_ipc.backends.cuda",
     "lora_ipc.refit",
     "lora_ipc.benchmarks.transport",
+    "lora_ipc.benchmarks.breakdown",
     "tests.models",
 )
 BUDGET_S = 350  # every step's timeout together (the run's limit: 6 device-minutes with the wheel install)
@@ -48,11 +52,21 @@ SIZES = {
     "cpu": {
         "bench": ["--ranks", "4", "--layers", "1", "--iters", "2", "--warmup", "1"],
         "bucket": ["--layers", "1", "--scale", "16", "--bucket-mib", "1", "--iters", "1"],
+        "breakdown": ["--engine", "none", "--ranks", "4", "--layers", "1", "--iters", "2", "--warmup", "1"],
     },
     "cuda": {
         "bench": ["--ranks", "16,64", "--layers", "32", "--iters", "20", "--warmup", "3"],
         "bucket": ["--layers", "8", "--bucket-mib", "256", "1024", "--iters", "5"],
+        "breakdown": ["--engine", "none", "--ranks", "16,64", "--layers", "32", "--iters", "20", "--warmup", "3"],
     },
+}
+
+
+# each step's timeout (s) per device; each device's together stay within BUDGET_S. The CPU rehearsal's GPU tests are
+# only collected and skipped, and its benches run on a loaded 2-core machine: its time goes to them instead.
+TIMEOUTS = {
+    "cpu": {"gpu_tests": 150, "bench": 75, "bucket": 45, "breakdown": 80},
+    "cuda": {"gpu_tests": 220, "bench": 60, "bucket": 40, "breakdown": 30},
 }
 
 
@@ -64,8 +78,11 @@ def steps(cpu: bool, out: str) -> list[tuple[str, list[str], int]]:
     bench = [py, "-m", "lora_ipc", "bench", "--device", device, *size["bench"], "--out", out]
     bucket_json = os.path.join(out, "bucket.json")
     bucket = [py, "benches/bench_bucket_transport.py", "--device", device, *size["bucket"], "--json", bucket_json]
+    breakdown = [py, "-m", "lora_ipc", "bench", "--breakdown", "--device", device, *size["breakdown"], "--out", out]
     tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "gpu", "tests"]
-    return [("gpu_tests", tests, 240), ("bench", bench, 65), ("bucket", bucket, 45)]
+    timeout = TIMEOUTS[device]
+    plan = [("gpu_tests", tests), ("bench", bench), ("bucket", bucket), ("breakdown", breakdown)]
+    return [(name, argv, timeout[name]) for name, argv in plan]
 
 
 def check_deps(modules, log) -> list[str]:

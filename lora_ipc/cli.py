@@ -112,6 +112,10 @@ def _cmd_demo(args) -> int:
 
 def _cmd_bench(args) -> int:
     _require("bench", ("safetensors", "matplotlib"), "bench")
+    if args.breakdown or args.scaling:
+        from .benchmarks.sweep import run_breakdown
+
+        return run_breakdown(args)
     from .benchmarks.sweep import run_bench
 
     return run_bench(args)
@@ -149,10 +153,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--ranks", default=None, help="comma-separated LoRA ranks (default: 4,8,16,32,64 on GPU, 4,16,64 on CPU)"
     )
-    s.add_argument("--layers", type=int, default=None, help="Llama layers (default: 32 on GPU, 8 on CPU)")
+    s.add_argument(
+        "--layers",
+        default=None,
+        help="Llama layers (default: 32 on GPU, 8 on CPU); --breakdown: comma-separated layer counts (default 2,8)",
+    )
     s.add_argument("--iters", type=int, default=20)
     s.add_argument("--warmup", type=int, default=3)
     s.add_argument("--out", default="bench-results", help="folder for bench.json and bench.png")
+    s.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="time each stage of one swap into a vLLM engine beside the disk path and the floor "
+        "(breakdown.json, breakdown.png; see lora_ipc/benchmarks/breakdown.py)",
+    )
+    s.add_argument(
+        "--engine",
+        choices=("auto", "vllm", "none"),
+        default="auto",
+        help="--breakdown: a real vLLM engine (auto: where vLLM is installed) or the transport stages only",
+    )
+    s.add_argument(
+        "--scaling",
+        action="store_true",
+        help="latency against adapter bytes, tensor count and concurrent consumers, beside memcpy "
+        "(scaling.json, scaling.png; --ranks sets the bytes sweep)",
+    )
+    s.add_argument("--hidden", type=int, default=1024, help="--breakdown: the engine's tiny Llama's hidden size")
     s.set_defaults(fn=_cmd_bench)
     return ap
 

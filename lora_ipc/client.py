@@ -136,6 +136,9 @@ class TensorSetClient:
         )  # this client's holds on imports
         self._layouts: BoundedLRU[bytes, SlabLayout] = BoundedLRU(MAX_CACHED_LAYOUTS)
         self._configs: BoundedLRU[bytes, dict] = BoundedLRU(16)
+        # the last fetch's stages in ms (request round trip, slab import incl. descriptor passing, copy into
+        # owned memory, lease release, unpack): what ``lora-ipc bench --breakdown`` reports
+        self.last_stages: dict[str, float] = {}
 
     # ---- API -------------------------------------------------------------------------------
 
@@ -249,6 +252,7 @@ class TensorSetClient:
                 ),
                 p.FetchReply,
             )
+            replied = time.perf_counter()
             server = self._conn.server
             fetch_ms = 0.0
             try:
@@ -265,6 +269,7 @@ class TensorSetClient:
                 if host and self.transport == "auto":
                     self.host_fallbacks += 1
                 layout = self._layout_for(reply, slab)
+                imported = time.perf_counter()
                 owned = slab.copy_out(layout.used_bytes, device)
                 now = slab.generation_now()
                 if now is not None and now != reply.generation:
@@ -272,14 +277,24 @@ class TensorSetClient:
                         f"{name!r} v{reply.version}: slab {reply.slab_id} was reused during the copy "
                         f"(generation {reply.generation} -> {now}); copy discarded"
                     )
-                fetch_ms = (time.perf_counter() - started) * 1e3
+                copied = time.perf_counter()
+                fetch_ms = (copied - started) * 1e3
             finally:
                 try:
                     self._conn.send(p.ReleaseRequest(reply.lease_id, fetch_ms))
                 except LoraIpcError:
                     pass  # the lease expires on its own
             self._forget_dead_slabs(server, reply.live_slabs)
-        return self.fetched_as(reply.name, reply.version, layout.unpack(owned), dict(config))
+        released = time.perf_counter()
+        tensors = layout.unpack(owned)
+        self.last_stages = {
+            "request_ms": (replied - started) * 1e3,
+            "import_ms": (imported - replied) * 1e3,
+            "copy_ms": (copied - imported) * 1e3,
+            "release_ms": (released - copied) * 1e3,
+            "unpack_ms": (time.perf_counter() - released) * 1e3,
+        }
+        return self.fetched_as(reply.name, reply.version, tensors, dict(config))
 
     def close(self) -> None:
         """Close the client; never waits: a request in flight finishes and then closes the socket.

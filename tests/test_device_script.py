@@ -21,11 +21,13 @@ def test_device_script_runs_every_step_on_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["mode"] == "cpu"
-    assert set(summary["steps"]) == {"deps", "gpu_tests", "bench", "bucket"}
+    assert set(summary["steps"]) == {"deps", "gpu_tests", "bench", "bucket", "breakdown"}
     assert all(step["rc"] == 0 for step in summary["steps"].values()), summary
     assert "skipped" in (tmp_path / "device_check.log").read_text()  # the GPU tests were collected, and skipped here
     assert json.loads((tmp_path / "bench.json").read_text())["ranks"]
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "breakdown.json").read_text())["configs"][0]["ratio_to_two_copies"] > 0
+    assert (tmp_path / "breakdown.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bucket = json.loads((tmp_path / "bucket.json").read_text())
     assert bucket["buckets"] and bucket["buckets"][0]["gbps"] > 0
     assert len([p for p in tmp_path.rglob("*") if p.is_file()]) <= 8  # what comes back from the device

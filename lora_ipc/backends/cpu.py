@@ -15,6 +15,7 @@ import secrets
 import torch
 
 from ..errors import BackendError
+from ..host_buffers import HOST_BUFFERS, pinned_bounce
 from ..protocol import CpuSlabHandle
 from ..shm import GenerationReader, check_sealed, create_sealed, map_fd, open_sealed, read_exact
 from .base import Backend, ExportedSlab, ImportedSlab
@@ -51,7 +52,7 @@ class CpuExportedSlab(ExportedSlab):
             self.fd = -1
 
 
-BOUNCE_BYTES = 64 << 20  # host buffer for copies into device memory
+BOUNCE_BYTES = 16 << 20  # one chunk of a host-staged copy into device memory (two are in flight)
 
 
 class CpuImportedSlab(ImportedSlab):
@@ -75,21 +76,56 @@ class CpuImportedSlab(ImportedSlab):
         if dst.numel():
             read_exact(self.fd, memoryview(dst.numpy()), offset)  # type: ignore[arg-type]  # numpy: 3.12+ buffer
 
+    def copy_out(self, used_bytes: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Host memory: a recycled buffer of this process (Note [a fetch's destination is recycled, not fresh]);
+        elsewhere fresh memory there, filled through :meth:`copy_into`."""
+        target = torch.device("cpu") if device is None else torch.device(device)
+        if target.type != "cpu":
+            return super().copy_out(used_bytes, target)
+        if used_bytes > self.nbytes:
+            raise BackendError(f"{used_bytes} bytes asked of slab {self.slab_id} ({self.nbytes} bytes)")
+        owned = HOST_BUFFERS.take(used_bytes)
+        self.copy_into(owned)
+        return owned
+
     def copy_into(self, dst: torch.Tensor) -> None:
         if dst.device.type == "cpu" and dst.is_contiguous():
             self.read_into(dst)
             return
-        bounce = torch.empty(min(dst.numel(), BOUNCE_BYTES), dtype=torch.uint8)
-        for start in range(0, dst.numel(), BOUNCE_BYTES):
-            part = bounce[: min(BOUNCE_BYTES, dst.numel() - start)]
-            self.read_into(part, start)
-            dst[start : start + part.numel()].copy_(part)  # from pageable memory: done with `part` on return
+        copy_staged(self.read_into, dst)
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
         self._close_generations()
+
+
+def copy_staged(read_into, dst: torch.Tensor, chunk: int = BOUNCE_BYTES) -> None:
+    """Fill ``dst`` (uint8, 1-D: device memory, or a host tensor ``pread`` cannot fill in place) through host
+    bounce buffers: ``read_into(part, offset)`` fills one, ``copy_`` moves it on. Into CUDA memory the two
+    bounces are page-locked (:func:`~lora_ipc.host_buffers.pinned_bounce`), so each chunk's copy is a DMA
+    queued behind the previous one while the next chunk is read: one pass over the bytes on each side.
+    Complete on return."""
+    total = dst.numel()
+    if not total:
+        return
+    size = min(total, chunk)
+    bounces = [pinned_bounce(size, dst.device) for _ in range(2 if total > size else 1)]
+    overlapped = dst.is_cuda and bounces[0].is_pinned()
+    done: list = [None] * len(bounces)  # the event after the DMA out of each bounce
+    for i, start in enumerate(range(0, total, size)):
+        slot = i % len(bounces)
+        if done[slot] is not None:
+            done[slot].synchronize()  # that bounce's previous DMA has read it
+        part = bounces[slot][: min(size, total - start)]
+        read_into(part, start)
+        dst[start : start + part.numel()].copy_(part, non_blocking=overlapped)
+        if overlapped:
+            done[slot] = torch.cuda.Event()
+            done[slot].record(torch.cuda.current_stream(dst.device))
+    if overlapped:
+        torch.cuda.current_stream(dst.device).synchronize()  # complete on return, as every copy_into
 
 
 def _receive_memfd(handle: CpuSlabHandle, receive) -> tuple[int, GenerationReader | None] | None:

@@ -11,7 +11,8 @@ LABELS = {
     "lora_ipc": "lora_ipc (one slab, kept mapping)",
     "disk_shm": "safetensors via /dev/shm",
     "ipc_per_tensor": "torch IPC, one handle per tensor",
-    "d2d_floor": "one device-to-device copy (floor)",
+    "copy_floor": "one copy into a warm buffer (floor)",
+    "two_copy_floor": "pack + copy out, warm buffers (two-copy floor)",
 }
 
 
@@ -67,7 +68,7 @@ def run_bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
     ranks = args.ranks or ("4,8,16,32,64" if on_gpu else "4,16,64")
-    layers = args.layers or (32 if on_gpu else 8)
+    layers = int(args.layers or (32 if on_gpu else 8))
     os.makedirs(args.out, exist_ok=True)
     json_path, png_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.png")
     # a fresh interpreter, so OpenMP settings the benchmark needs apply before torch loads
@@ -100,5 +101,33 @@ def run_bench(args) -> int:
         json.dump(results, f, indent=2)
     plot(results, png_path)
     print(table(results))
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def run_breakdown(args) -> int:
+    """``lora-ipc bench --breakdown`` (:mod:`.breakdown`; breakdown.json and .png) or ``--scaling``
+    (:mod:`.scaling`; scaling.json and .png), in a fresh interpreter."""
+    import subprocess
+
+    import torch
+
+    from .timing import OMP_ENV
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    what = "scaling" if args.scaling else "breakdown"
+    os.makedirs(args.out, exist_ok=True)
+    json_path, png_path = os.path.join(args.out, f"{what}.json"), os.path.join(args.out, f"{what}.png")
+    argv = [sys.executable, "-m", f"lora_ipc.benchmarks.{what}", "--device", device]
+    argv += ["--iters", str(args.iters), "--warmup", str(args.warmup), "--json", json_path, "--png", png_path]
+    if args.ranks:
+        argv += ["--ranks", args.ranks]
+    if what == "breakdown":
+        argv += ["--engine", args.engine, "--hidden", str(args.hidden)]
+        if args.layers:
+            argv += ["--layers", str(args.layers)]
+    elif args.layers:  # the tensor-count sweep; its first count is the other sweeps' layers
+        argv += ["--tensor-layers", str(args.layers), "--layers", str(args.layers).split(",")[0]]
+    subprocess.run(argv, check=True, env={**os.environ, **OMP_ENV})
     print(f"wrote {json_path} and {png_path}")
     return 0

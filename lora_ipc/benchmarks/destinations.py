@@ -1,0 +1,83 @@
+"""Where a host fetch's bytes should land: the remedies for a fresh destination's page faults, measured.
+
+    python -m lora_ipc.benchmarks.destinations --mb 20,80 --iters 20
+
+``pread`` of N MB from a sealed memfd (what a CPU fetch does), interleaved, into:
+
+  fresh_empty     a fresh ``torch.empty`` (a page fault per 4 KiB on first touch)
+  fresh_thp       a fresh anonymous mapping advised ``MADV_HUGEPAGE`` (one fault per 2 MiB where THP is
+                  ``madvise``)
+  pooled          a buffer of ``host_buffers.HostBufferPool`` returned by the previous fetch's tensors (what
+                  a fetch uses now; its pages are warm)
+  copy_warm       ``copy_`` between two warm buffers (memcpy, the floor beside them)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from .breakdown import hardware, summary
+from .timing import save_json
+
+VARIANTS = ("fresh_empty", "fresh_thp", "pooled", "copy_warm")
+
+
+def run(mbs: list[int], iters: int, warmup: int) -> dict:
+    import torch
+
+    from ..host_buffers import HostBufferPool, map_anonymous
+    from ..shm import create_sealed, map_fd, read_exact
+
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware(), "iters": iters, "sizes": {}}
+    for mb in mbs:
+        n = mb << 20
+        fd = create_sealed(f"bench-dst-{mb}", n)
+        src = map_fd(fd, n, writable=True)
+        src.fill_(7)
+        pool = HostBufferPool()
+        warm_src, warm_dst = torch.ones(n, dtype=torch.uint8), torch.ones(n, dtype=torch.uint8)
+        samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for i in range(warmup + iters):
+            for variant in VARIANTS if i % 2 else VARIANTS[::-1]:
+                t0 = time.perf_counter()
+                if variant == "copy_warm":
+                    warm_dst.copy_(warm_src)
+                else:
+                    if variant == "fresh_empty":
+                        dst = torch.empty(n, dtype=torch.uint8)
+                    elif variant == "fresh_thp":
+                        dst = torch.frombuffer(map_anonymous(n, True), dtype=torch.uint8)
+                    else:
+                        dst = pool.take(n)
+                    read_exact(fd, memoryview(dst.numpy()), 0)
+                    del dst  # the pooled buffer goes back, as a fetch's tensors do once freed
+                if i >= warmup:
+                    samples[variant].append((time.perf_counter() - t0) * 1e3)
+        del src
+        os.close(fd)
+        results["sizes"][mb] = {v: summary(s) for v, s in samples.items()} | {"pool_hits": pool.hits}
+    return results
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", default="20,80")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    results = run([int(m) for m in args.mb.split(",")], args.iters, args.warmup)
+    print(f"pread from a sealed memfd, p50 (p10-p90) ms, {args.iters} interleaved iterations")
+    for mb, per in results["sizes"].items():
+        cells = "  ".join(
+            f"{v} {per[v]['p50_ms']:.2f} ({per[v]['p10_ms']:.1f}-{per[v]['p90_ms']:.1f})" for v in VARIANTS
+        )
+        print(f"{mb:>4} MB  {cells}")
+    save_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
