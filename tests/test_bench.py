@@ -1,5 +1,5 @@
 """``lora-ipc bench``: the benchmarks' commands run and write the JSON fields and PNGs the docs are made of.
-Speed is never asserted here (benches/, docs/benchmarks.md)."""
+Speed is never asserted here (benches/, docs/development/benchmarks.md)."""
 
 import json
 import subprocess
