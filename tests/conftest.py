@@ -44,6 +44,7 @@ def daemons():
 UNIT_MODULES = frozenset(
     {
         "test_bad_input",
+        "test_host_buffers",
         "test_docs",
         "test_refcount",
         "test_relay_units",
