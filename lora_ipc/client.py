@@ -36,7 +36,7 @@ from .errors import (
     SlabRecycled,
     StaleEpoch,
 )
-from .fdchannel import FdReceiver
+from .fdchannel import ChannelFailed, FdReceiver
 from .imports import REGISTRY, ImportKey
 from .layout import SlabLayout
 from .lru import BoundedLRU
@@ -76,9 +76,9 @@ def transport_mode(value: str | None = None) -> str:
     return mode
 
 
-# A copy invalidated by a slab reuse is fetched again (the newest version only) at least this many times, and on
-# until the client's timeout_s has passed: under a publisher that outpaces busy readers a few tries can all lose.
-FETCH_ATTEMPTS = 3
+# A copy invalidated by a slab reuse is fetched again (the newest version only) until the client's timeout_s has
+# passed: under a publisher that outpaces busy readers a few tries can all lose; past it, whatever the peer does,
+# the fetch ends (SlabRecycled).
 
 
 class _DeviceImportFailed(Exception):
@@ -198,12 +198,10 @@ class TensorSetClient:
         (default: this client's ``max_fetch_bytes``), before anything is allocated (``LimitExceeded``).
         """
         limit = self.max_fetch_bytes if max_bytes is None else fetch_bytes_limit(max_bytes)
-        retry_until = time.monotonic() + self.timeout_s
-        attempt = 0
+        deadline = time.monotonic() + self.timeout_s  # the whole fetch, retries and fallback included
         while True:
-            attempt += 1
             try:
-                return self._fetch_once(name, version, device, epoch, limit)
+                return self._fetch_once(name, version, device, epoch, limit, deadline)
             except _DeviceImportFailed as failed:
                 if self.transport != "auto":
                     raise failed.error from None
@@ -216,9 +214,9 @@ class TensorSetClient:
                         ENV_TRANSPORT,
                     )
                 self._fell_back = True
-                return self._fetch_once(name, version, device, epoch, limit)
+                return self._fetch_once(name, version, device, epoch, limit, deadline)
             except SlabRecycled:
-                if version is not None or (attempt >= FETCH_ATTEMPTS and time.monotonic() >= retry_until):
+                if version is not None or time.monotonic() >= deadline:
                     raise
 
     @property
@@ -226,7 +224,13 @@ class TensorSetClient:
         return self.transport == "host" or self._fell_back
 
     def _fetch_once(
-        self, name: str, version: int | None, device: torch.device | str | None, epoch: str | None, limit: int
+        self,
+        name: str,
+        version: int | None,
+        device: torch.device | str | None,
+        epoch: str | None,
+        limit: int,
+        deadline: float,
     ) -> TensorSet:
         with self._locked():
             started = time.perf_counter()
@@ -244,6 +248,7 @@ class TensorSetClient:
                     epoch,
                 ),
                 p.FetchReply,
+                deadline=deadline,
             )
             server = self._conn.server
             fetch_ms = 0.0
@@ -253,9 +258,11 @@ class TensorSetClient:
                 _check_reply(reply, name, version, limit)
                 config = self._config_for(reply)
                 try:
-                    slab = self._slab_for(server, reply)
+                    slab = self._slab_for(server, reply, deadline)
                 except BackendError as exc:
-                    if host or reply.slab is None:
+                    # a host copy of a CPU slab is that same slab, and a channel that did not answer is not
+                    # a slab this process cannot import: neither falls back (nor doubles the fetch's time)
+                    if host or isinstance(reply.slab, p.CpuSlabHandle | None) or isinstance(exc, ChannelFailed):
                         raise
                     raise _DeviceImportFailed(exc) from None
                 if host and self.transport == "auto":
@@ -300,7 +307,7 @@ class TensorSetClient:
 
     # ---- caches ----------------------------------------------------------------------------
 
-    def _slab_for(self, server, reply: p.FetchReply) -> ImportedSlab:
+    def _slab_for(self, server, reply: p.FetchReply, deadline: float | None = None) -> ImportedSlab:
         """The import of the reply's slab, as served by ``server`` (Note [imports are keyed by who served them])."""
         if server is None:
             raise ProtocolError(f"cannot tell which process serves {self.endpoint}; reply refused")
@@ -310,7 +317,7 @@ class TensorSetClient:
             if reply.slab is not None:
                 REGISTRY.consume_surplus(server, reply.slab_id, reply.slab, slab)
             return slab
-        key, slab = REGISTRY.acquire(server, reply.slab_id, reply.slab, self._receive_fds)
+        key, slab = REGISTRY.acquire(server, reply.slab_id, reply.slab, self._receive_fds, deadline)
         return self._slabs.put(key, slab)
 
     def _config_for(self, reply: p.FetchReply) -> dict:

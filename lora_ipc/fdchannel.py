@@ -359,6 +359,18 @@ class FdChannelUnavailable(BackendError):
     """The exporter has no descriptor channel (an older exporter): importers fall back to /proc."""
 
 
+class ChannelFailed(BackendError):
+    """The descriptor channel did not deliver within the fetch's time (no answer, refused, reset): a
+    property of the exporter's channel, not of the slab, so no reason to fall back to host copies."""
+
+
+def _remaining(deadline: float, path: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ChannelFailed(f"descriptor channel {path}: no descriptor within the fetch's timeout")
+    return left
+
+
 class FdReceiver:
     """Redeems tokens at the descriptor socket beside ``endpoint``; the caller owns the fds returned."""
 
@@ -367,10 +379,14 @@ class FdReceiver:
         self.trusted_uids = {os.getuid()} if trusted_uids is None else set(trusted_uids)
         self.timeout_s = timeout_s
 
-    def __call__(self, token: bytes, expected_pid: int | None = None) -> list[int]:
+    def __call__(self, token: bytes, expected_pid: int | None = None, deadline: float | None = None) -> list[int]:
         """The descriptors ``token`` names. ``expected_pid``: the pid the kernel reports for the ZeroMQ
-        server the token came from; the channel must be served by that same process (imports.py)."""
+        server the token came from; the channel must be served by that same process (imports.py).
+        ``deadline`` (``time.monotonic()``): the whole exchange (connect, send, receive) ends by then, and
+        by ``timeout_s`` from now at the latest, whatever the peer does (``ChannelFailed``)."""
         path = fd_socket_path(self.endpoint)
+        end = time.monotonic() + self.timeout_s
+        end = end if deadline is None else min(end, deadline)
         try:
             st = os.lstat(path)
         except OSError as exc:
@@ -383,8 +399,8 @@ class FdReceiver:
         except OSError as exc:
             raise BackendError(f"cannot open the descriptor channel: {exc}") from None
         with sock:
-            sock.settimeout(self.timeout_s)
             try:
+                sock.settimeout(_remaining(end, path))
                 sock.connect(path)
                 pid, uid = _peer_cred(sock)
                 if uid not in self.trusted_uids:
@@ -394,10 +410,14 @@ class FdReceiver:
                         f"{path} is served by process {pid}, but {self.endpoint} by process "
                         f"{expected_pid}: descriptor refused"
                     )
+                sock.settimeout(_remaining(end, path))
                 sock.send(REQUEST + bytes(token))
+                sock.settimeout(_remaining(end, path))
                 data, fds = _recv(sock, MAX_FDS)
+            except TimeoutError:
+                raise ChannelFailed(f"descriptor channel {path}: no answer within the fetch's timeout") from None
             except OSError as exc:
-                raise BackendError(f"descriptor channel {path}: {exc}") from None
+                raise ChannelFailed(f"descriptor channel {path}: {exc}") from None
         if data[:1] == OK and len(data) == 2 and data[1] == len(fds) and 1 <= len(fds) <= MAX_FDS:
             return fds
         _close_all(fds)

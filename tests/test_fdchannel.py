@@ -99,9 +99,9 @@ def test_a_channel_served_by_another_process_than_the_zmq_server_is_refused(tmp_
     asked = []
     original = FdReceiver.__call__
 
-    def claiming_another_server(self, token, expected_pid=None):
+    def claiming_another_server(self, token, expected_pid=None, **kw):
         asked.append(expected_pid)
-        return original(self, token, expected_pid=os.getpid() + 1)  # what a channel of another process reports
+        return original(self, token, expected_pid=os.getpid() + 1, **kw)  # what a channel of another process reports
 
     monkeypatch.setattr(FdReceiver, "__call__", claiming_another_server)
     with AdapterExporter(endpoint) as exporter:
