@@ -106,6 +106,10 @@ class TensorSetServer:
         self._trimmed_at = (0.0, 0)
         # routing id -> the connection it came on (Note [a message names its connection late])
         self._peers: BoundedLRU[bytes, tuple[int, int | None]] = BoundedLRU(4 * self.guard.cap)
+        # routing ids holding leases -> their connection (Note [leases die with their connection], store.py)
+        self._fetchers: dict[bytes, tuple[int, int | None]] = {}
+        self._asking: tuple[int, int | None] = (-1, None)  # the connection of the request being served
+        store.holder_alive = self._holder_alive
         self.requests = 0
         # (publishing connection, its handle) -> import: see _on_publish
         self._publish_sources: BoundedLRU[tuple[bytes, p.SlabHandle], ImportedSlab] = BoundedLRU(
@@ -129,6 +133,7 @@ class TensorSetServer:
         poller.register(self._sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
+                self._release_closed()
                 if not poller.poll(POLL_MS):
                     self.store.expire_leases()
                     self._trim_after_disconnects()
@@ -171,9 +176,40 @@ class TensorSetServer:
             connection and is never dropped for not reading (the guard's cap still sheds it).
         """
         pinned = self._peers.get(identity)
-        if pinned is None or pinned[0] != fd:
+        if pinned is None or pinned[0] != fd or not self.guard.is_open(pinned[1]):
+            # a connection the guard had not seen yet (or one it saw close) is named by what it knows now
             pinned = self._peers.put(identity, (fd, self.guard.connection(fd)))
         return pinned
+
+    def _release_closed(self) -> None:
+        """Leases of connections the guard saw close are released now (Note [leases die with their
+        connection], store.py), not ``lease_timeout_s`` later. A holder pinned before the guard knew its
+        connection (serial None) goes with the next connection that closes on its fd."""
+        closed = self.guard.closed
+        if not closed:
+            return
+        gone: set[tuple[int, int | None]] = set()
+        while closed:
+            fd, serial = closed.popleft()
+            gone.add((fd, serial))
+            gone.add((fd, None))
+        for holder, connection in list(self._fetchers.items()):
+            if connection in gone or not self.store.holds_leases(holder):
+                del self._fetchers[holder]
+                self.store.release_holder(holder)
+
+    def _holder_alive(self, holder: bytes) -> bool:
+        """Whether the connection that took ``holder``'s leases is still open (True for holders that are
+        not this server's peers, such as a relay's own)."""
+        connection = self._fetchers.get(holder)
+        if connection is None:
+            return True
+        fd, serial = connection
+        if serial is None:  # pinned before the guard saw its accept: the connection now on its fd, if any
+            serial = self.guard.connection(fd)
+            if serial is not None:
+                self._fetchers[holder] = (fd, serial)
+        return self.guard.is_open(serial)
 
     def _serve_one(self, frames: list[bytes], connection: tuple[int, int | None] = (-1, None)) -> None:
         # DEALER peers send [identity, b"", payload]; anything else is answered with an error if addressable
@@ -182,6 +218,7 @@ class TensorSetServer:
             return
         identity, payload = frames[0], frames[-1]
         request_id = 0
+        self._asking = connection
         try:
             frame = p.decode(payload, p.REQUEST_TYPES)
             request_id = frame.request_id
@@ -234,6 +271,7 @@ class TensorSetServer:
 
     def _on_fetch(self, msg: p.FetchRequest, peer: bytes) -> p.FetchReply:
         lease, pv = self.store.lease(msg.name, msg.version, peer, msg.client_id, msg.epoch)
+        self._fetchers[peer] = self._asking  # its leases go with this connection
         if msg.transport == "host":
             try:
                 self.store.stage_to_host(pv)

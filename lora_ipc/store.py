@@ -19,6 +19,14 @@ Note [leases bound nothing on their own]
     of returning a torn version.
     Leases are bound to the connection that took them and their ids are random, so nobody else can
     release them. Expiry pops a heap: its cost does not grow with the number of leases.
+
+Note [leases die with their connection]
+    A lease outliving its connection by ``lease_timeout_s`` let a flood of fetches on throwaway sockets
+    fill ``max_leases`` for everyone (issue 23, item 15). The server releases a connection's leases as
+    soon as its guard sees it close (``release_holder``), and at ``max_leases`` the leases of every
+    holder it no longer sees connected (``holder_alive``) go before a fetch is refused. Live
+    connections hold at most ``max_leases_per_holder`` each and the guard caps their number, so what
+    stays is bounded by what live peers hold: 512 x 64 by default, half of ``max_leases``.
 """
 
 from __future__ import annotations
@@ -175,7 +183,10 @@ class TensorSetStore:
         self._retiring: dict[tuple[str, int], PublishedVersion] = {}  # past `keep`, still leased
         self._leases: dict[int, Lease] = {}
         self._lease_heap: list[tuple[float, int]] = []  # (expires_at, lease_id); stale entries skipped
-        self._leases_by_holder: dict[bytes, int] = {}
+        self._leases_by_holder: dict[bytes, set[int]] = {}  # holder -> its lease ids
+        # set by the server: False for a holder whose connection is gone (Note [leases die with their connection])
+        self.holder_alive: Callable[[bytes], bool] | None = None
+        self.leases_dropped_with_connection = 0
         # every slab the versions live in: allocation, recycling, generation slots, byte accounting
         self.pool = SlabPool(
             max_bytes=self.limits.max_slab_bytes, max_slabs=self.limits.max_slabs, max_free=max_free_slabs
@@ -353,17 +364,19 @@ class TensorSetStore:
             pv = versions.get(version)
             if pv is None:
                 raise VersionNotFound(f"{name!r} version {version} is not kept (kept: {list(versions)})")
-            held = self._leases_by_holder.get(holder, 0)
+            held = len(self._leases_by_holder.get(holder, ()))
             if held >= self.limits.max_leases_per_holder:
                 raise LimitExceeded(
                     f"this connection already holds {held} leases (max_leases_per_holder); "
                     "release them before fetching again"
                 )
             if len(self._leases) >= self.limits.max_leases:
+                self._drop_leases_of_gone_holders()
+            if len(self._leases) >= self.limits.max_leases:
                 raise LimitExceeded(f"{len(self._leases)} leases are live (max_leases)")
             lease = Lease(secrets.randbits(62) + 1, name, version, holder, client, self.clock() + self.lease_timeout_s)
             self._leases[lease.lease_id] = lease
-            self._leases_by_holder[holder] = held + 1
+            self._leases_by_holder.setdefault(holder, set()).add(lease.lease_id)
             heapq.heappush(self._lease_heap, (lease.expires_at, lease.lease_id))
             pv.leases.add(lease.lease_id)
             self.metrics.fetches += 1
@@ -380,12 +393,32 @@ class TensorSetStore:
             if fetch_ms > 0:
                 self.metrics.fetch_latency.observe(fetch_ms)
 
+    def release_holder(self, holder: bytes) -> int:
+        """Drop every lease of ``holder`` (its connection went away: Note [leases die with their
+        connection]); how many there were."""
+        with self._lock:
+            leases = [self._leases[lease_id] for lease_id in self._leases_by_holder.get(holder, ())]
+            for lease in leases:
+                self._forget_lease(lease)
+                self._drop(lease)
+            self.leases_dropped_with_connection += len(leases)
+            return len(leases)
+
+    def holds_leases(self, holder: bytes) -> bool:
+        return holder in self._leases_by_holder
+
+    def _drop_leases_of_gone_holders(self) -> None:
+        """At ``max_leases``: the leases of holders whose connection is gone go first (lock held)."""
+        if self.holder_alive is None:
+            return
+        for holder in [h for h in self._leases_by_holder if not self.holder_alive(h)]:
+            self.release_holder(holder)
+
     def _forget_lease(self, lease: Lease) -> None:
         del self._leases[lease.lease_id]
-        left = self._leases_by_holder[lease.holder] - 1
-        if left:
-            self._leases_by_holder[lease.holder] = left
-        else:
+        ids = self._leases_by_holder[lease.holder]
+        ids.discard(lease.lease_id)
+        if not ids:
             del self._leases_by_holder[lease.holder]
         if len(self._lease_heap) > 2 * len(self._leases) + 64:  # drop stale heap entries, amortized O(1)
             self._lease_heap = [(lz.expires_at, lz.lease_id) for lz in self._leases.values()]
