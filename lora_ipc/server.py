@@ -41,6 +41,7 @@ SEND_HWM = 8
 MAX_LISTED_BYTES = 64 << 10  # what a list or status reply lists one by one; the rest is counted
 TRIM_INTERVAL_S = 1.0  # after peers went away, give freed heap back to the OS at most this often
 MAX_PUBLISH_SOURCES = 8  # publishers' staging slabs a daemon keeps mapped (CUDA IPC handles must not be re-opened)
+UNSEEN_GRACE_S = 0.5  # a lease holder on a connection the guard had not seen is taken for alive this long
 
 
 def _filter_peers(sock: zmq.Socket, uids: set[int]) -> bool:
@@ -106,8 +107,9 @@ class TensorSetServer:
         self._trimmed_at = (0.0, 0)
         # routing id -> the connection it came on (Note [a message names its connection late])
         self._peers: BoundedLRU[bytes, tuple[int, int | None]] = BoundedLRU(4 * self.guard.cap)
-        # routing ids holding leases -> their connection (Note [leases die with their connection], store.py)
-        self._fetchers: dict[bytes, tuple[int, int | None]] = {}
+        # routing ids holding leases -> their connection and when it was first named so (Note [leases die with
+        # their connection], store.py)
+        self._fetchers: dict[bytes, tuple[tuple[int, int | None], float]] = {}
         self._asking: tuple[int, int | None] = (-1, None)  # the connection of the request being served
         store.holder_alive = self._holder_alive
         self.requests = 0
@@ -176,8 +178,7 @@ class TensorSetServer:
             connection and is never dropped for not reading (the guard's cap still sheds it).
         """
         pinned = self._peers.get(identity)
-        if pinned is None or pinned[0] != fd or not self.guard.is_open(pinned[1]):
-            # a connection the guard had not seen yet (or one it saw close) is named by what it knows now
+        if pinned is None or pinned[0] != fd:
             pinned = self._peers.put(identity, (fd, self.guard.connection(fd)))
         return pinned
 
@@ -193,7 +194,7 @@ class TensorSetServer:
             fd, serial = closed.popleft()
             gone.add((fd, serial))
             gone.add((fd, None))
-        for holder, connection in list(self._fetchers.items()):
+        for holder, (connection, _) in list(self._fetchers.items()):
             if connection in gone or not self.store.holds_leases(holder):
                 del self._fetchers[holder]
                 self.store.release_holder(holder)
@@ -201,14 +202,15 @@ class TensorSetServer:
     def _holder_alive(self, holder: bytes) -> bool:
         """Whether the connection that took ``holder``'s leases is still open (True for holders that are
         not this server's peers, such as a relay's own)."""
-        connection = self._fetchers.get(holder)
-        if connection is None:
+        entry = self._fetchers.get(holder)
+        if entry is None:
             return True
-        fd, serial = connection
-        if serial is None:  # pinned before the guard saw its accept: the connection now on its fd, if any
-            serial = self.guard.connection(fd)
-            if serial is not None:
-                self._fetchers[holder] = (fd, serial)
+        (_fd, serial), since = entry
+        if serial is None:
+            # named when the guard knew no connection on its fd: one not seen yet (alive, and seen within
+            # moments) or one already closed (its message read late). Which, no one can tell later: the fd
+            # may carry another connection by then. Given the benefit of the doubt for a while only.
+            return time.monotonic() - since < UNSEEN_GRACE_S
         return self.guard.is_open(serial)
 
     def _serve_one(self, frames: list[bytes], connection: tuple[int, int | None] = (-1, None)) -> None:
@@ -271,7 +273,9 @@ class TensorSetServer:
 
     def _on_fetch(self, msg: p.FetchRequest, peer: bytes) -> p.FetchReply:
         lease, pv = self.store.lease(msg.name, msg.version, peer, msg.client_id, msg.epoch)
-        self._fetchers[peer] = self._asking  # its leases go with this connection
+        known = self._fetchers.get(peer)
+        if known is None or known[0] != self._asking:  # its leases go with this connection
+            self._fetchers[peer] = (self._asking, time.monotonic())
         if msg.transport == "host":
             try:
                 self.store.stage_to_host(pv)

@@ -23,10 +23,12 @@ Note [leases bound nothing on their own]
 Note [leases die with their connection]
     A lease outliving its connection by ``lease_timeout_s`` let a flood of fetches on throwaway sockets
     fill ``max_leases`` for everyone (issue 23, item 15). The server releases a connection's leases as
-    soon as its guard sees it close (``release_holder``), and at ``max_leases`` the leases of every
-    holder it no longer sees connected (``holder_alive``) go before a fetch is refused. Live
-    connections hold at most ``max_leases_per_holder`` each and the guard caps their number, so what
-    stays is bounded by what live peers hold: 512 x 64 by default, half of ``max_leases``.
+    soon as its guard sees it close (``release_holder``). At ``max_leases`` the leases of every holder
+    it does not see connected (``holder_alive``) go first, and then, rather than refusing the fetch,
+    the oldest lease of the holder with the most: the guard sees a closing connection late under load,
+    so "connected" is only a first filter, and a revoked lease costs its reader at most a
+    ``SlabRecycled`` (the slab's generation still guards its copy; a lease of a version still kept
+    pins nothing). A flood can churn the table, never fill it against another holder.
 """
 
 from __future__ import annotations
@@ -371,9 +373,7 @@ class TensorSetStore:
                     "release them before fetching again"
                 )
             if len(self._leases) >= self.limits.max_leases:
-                self._drop_leases_of_gone_holders()
-            if len(self._leases) >= self.limits.max_leases:
-                raise LimitExceeded(f"{len(self._leases)} leases are live (max_leases)")
+                self._make_room_for(holder)
             lease = Lease(secrets.randbits(62) + 1, name, version, holder, client, self.clock() + self.lease_timeout_s)
             self._leases[lease.lease_id] = lease
             self._leases_by_holder.setdefault(holder, set()).add(lease.lease_id)
@@ -407,12 +407,22 @@ class TensorSetStore:
     def holds_leases(self, holder: bytes) -> bool:
         return holder in self._leases_by_holder
 
-    def _drop_leases_of_gone_holders(self) -> None:
-        """At ``max_leases``: the leases of holders whose connection is gone go first (lock held)."""
-        if self.holder_alive is None:
-            return
-        for holder in [h for h in self._leases_by_holder if not self.holder_alive(h)]:
-            self.release_holder(holder)
+    def _make_room_for(self, holder: bytes) -> None:
+        """At ``max_leases`` (lock held): the leases of holders whose connection is gone go first; if that
+        is not enough, the oldest lease of the holder with the most is revoked (Note [leases die with
+        their connection]). ``LimitExceeded`` only when every lease is the asker's own."""
+        if self.holder_alive is not None:
+            for gone in [h for h in self._leases_by_holder if not self.holder_alive(h)]:
+                self.release_holder(gone)
+        while len(self._leases) >= self.limits.max_leases:
+            others = [(len(ids), h) for h, ids in self._leases_by_holder.items() if h != holder]
+            if not others:
+                raise LimitExceeded(f"{len(self._leases)} leases are live (max_leases)")
+            heaviest = max(others, key=lambda item: item[0])[1]
+            oldest = min((self._leases[i] for i in self._leases_by_holder[heaviest]), key=lambda lz: lz.expires_at)
+            self._forget_lease(oldest)
+            self._drop(oldest)  # its reader's copy is still checked by the slab's generation (SlabRecycled)
+            self.metrics.leases_revoked += 1
 
     def _forget_lease(self, lease: Lease) -> None:
         del self._leases[lease.lease_id]
