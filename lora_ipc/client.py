@@ -76,9 +76,11 @@ def transport_mode(value: str | None = None) -> str:
     return mode
 
 
-# A copy invalidated by a slab reuse is fetched again (the newest version only) until the client's timeout_s has
-# passed: under a publisher that outpaces busy readers a few tries can all lose; past it, whatever the peer does,
-# the fetch ends (SlabRecycled).
+# A copy invalidated by a slab reuse is fetched again (the newest version only) at least this many times, and on
+# until the client's timeout_s has passed: under a publisher that outpaces busy readers a few tries can all lose.
+# One deadline covers a try's request, descriptor channel and host fallback (a peer that never answers costs a
+# fetch its timeout once); a try again after a lost copy gets a timeout of its own.
+FETCH_ATTEMPTS = 3
 
 
 class _DeviceImportFailed(Exception):
@@ -198,8 +200,11 @@ class TensorSetClient:
         (default: this client's ``max_fetch_bytes``), before anything is allocated (``LimitExceeded``).
         """
         limit = self.max_fetch_bytes if max_bytes is None else fetch_bytes_limit(max_bytes)
-        deadline = time.monotonic() + self.timeout_s  # the whole fetch, retries and fallback included
+        retry_until = time.monotonic() + self.timeout_s
+        attempt = 0
         while True:
+            attempt += 1
+            deadline = time.monotonic() + self.timeout_s  # one try: its request, descriptor channel and fallback
             try:
                 return self._fetch_once(name, version, device, epoch, limit, deadline)
             except _DeviceImportFailed as failed:
@@ -216,7 +221,7 @@ class TensorSetClient:
                 self._fell_back = True
                 return self._fetch_once(name, version, device, epoch, limit, deadline)
             except SlabRecycled:
-                if version is not None or time.monotonic() >= deadline:
+                if version is not None or (attempt >= FETCH_ATTEMPTS and time.monotonic() >= retry_until):
                     raise
 
     @property

@@ -402,6 +402,7 @@ class TensorSetStore:
                 self._forget_lease(lease)
                 self._drop(lease)
             self.leases_dropped_with_connection += len(leases)
+            self.metrics.leases_expired += len(leases)  # reclaimed without a release, as an expiry is
             return len(leases)
 
     def holds_leases(self, holder: bytes) -> bool:
