@@ -10,11 +10,12 @@ Note [a fork cannot buy a bigger share]
 
     - ``uid``: the kernel's, from ``SO_PEERCRED``;
     - ``group``: the cgroup of the connecting process, by its id (``SO_PEERPIDFD`` and
-      ``PIDFD_GET_INFO``, which work across pid namespaces; else ``/proc/<pid>/cgroup``). A process
-      cannot leave its cgroup without write access to another one, which a container or a batch job
-      does not grant. A connector that already exited when the server looks is ``gone`` (a socket
-      passed on: the fork trick); one that can be neither seen nor asked is ``hidden``: each of those
-      is one group, however many processes are in it.
+      ``PIDFD_GET_INFO``, Linux 6.13; else ``/proc/<pid>/cgroup``). A process cannot leave its cgroup
+      without write access to another one, which a container or a batch job does not grant. A
+      connector that already exited when the server looks is ``gone`` (a socket passed on: the fork
+      trick); one in a pid namespace the server cannot see (``SO_PEERCRED`` pid 0; the kernel answers
+      no pidfd question about it either) is ``hidden``: each of those is one group, however many
+      processes are in it, and within a group the guard goes by activity (guard.py).
 
     ``proc`` names the process within its group (its pidfd's inode where pidfds have their own, Linux
     6.9, else its pid) for what is held per process; a process can fork, so no share is counted by it.
