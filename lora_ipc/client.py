@@ -265,9 +265,9 @@ class TensorSetClient:
                 try:
                     slab = self._slab_for(server, reply, deadline)
                 except BackendError as exc:
-                    # a host copy of a CPU slab is that same slab, and a channel that did not answer is not
-                    # a slab this process cannot import: neither falls back (nor doubles the fetch's time)
-                    if host or isinstance(reply.slab, p.CpuSlabHandle | None) or isinstance(exc, ChannelFailed):
+                    # a channel that did not answer is not a slab this process cannot import: no fallback (that
+                    # doubled the fetch's time and made the client fall back for life)
+                    if host or reply.slab is None or isinstance(exc, ChannelFailed):
                         raise
                     raise _DeviceImportFailed(exc) from None
                 if host and self.transport == "auto":

@@ -470,6 +470,8 @@ class FdReceiver:
         if data[:1] == OK and len(data) == 2 and data[1] == len(fds) and 1 <= len(fds) <= MAX_FDS:
             return fds
         _close_all(fds)
+        if not data and not fds:  # closed on us (a server out of room, or gone): the channel, not the slab
+            raise ChannelFailed(f"descriptor channel {path}: closed without an answer")
         if data[:1] == GONE:  # the slab was freed after the fetch reply: fetch again (not a failing import)
             raise SlabRecycled(f"slab freed before its descriptor was taken: {data[1:].decode(errors='replace')[:300]}")
         if data[:1] == ERR:
