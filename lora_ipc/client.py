@@ -38,7 +38,7 @@ from .errors import (
     SlabRecycled,
     StaleEpoch,
 )
-from .fdchannel import FdReceiver
+from .fdchannel import ChannelFailed, FdReceiver
 from .imports import REGISTRY, ImportKey
 from .layout import SlabLayout
 from .lru import BoundedLRU
@@ -78,6 +78,8 @@ def transport_mode(value: str | None = None) -> str:
 
 # A copy invalidated by a slab reuse is fetched again (the newest version only) at least this many times, and on
 # until the client's timeout_s has passed: under a publisher that outpaces busy readers a few tries can all lose.
+# One deadline covers a try's request, descriptor channel and host fallback (a peer that never answers costs a
+# fetch its timeout once); a try again after a lost copy gets a timeout of its own.
 FETCH_ATTEMPTS = 3
 
 
@@ -209,8 +211,9 @@ class TensorSetClient:
         attempt = 0
         while True:
             attempt += 1
+            deadline = time.monotonic() + self.timeout_s  # one try: its request, descriptor channel and fallback
             try:
-                return self._fetch_once(name, version, device, epoch, limit)
+                return self._fetch_once(name, version, device, epoch, limit, deadline)
             except _DeviceImportFailed as failed:
                 if self.transport != "auto":
                     raise failed.error from None
@@ -223,7 +226,7 @@ class TensorSetClient:
                         ENV_TRANSPORT,
                     )
                 self._fell_back = True
-                return self._fetch_once(name, version, device, epoch, limit)
+                return self._fetch_once(name, version, device, epoch, limit, deadline)
             except SlabRecycled:
                 if version is not None or (attempt >= FETCH_ATTEMPTS and time.monotonic() >= retry_until):
                     raise
@@ -233,7 +236,13 @@ class TensorSetClient:
         return self.transport == "host" or self._fell_back
 
     def _fetch_once(
-        self, name: str, version: int | None, device: torch.device | str | None, epoch: str | None, limit: int
+        self,
+        name: str,
+        version: int | None,
+        device: torch.device | str | None,
+        epoch: str | None,
+        limit: int,
+        deadline: float,
     ) -> TensorSet:
         with self._locked():
             started = time.perf_counter()
@@ -251,6 +260,7 @@ class TensorSetClient:
                     epoch,
                 ),
                 p.FetchReply,
+                deadline=deadline,
             )
             replied = time.perf_counter()
             server = self._conn.server
@@ -261,9 +271,11 @@ class TensorSetClient:
                 _check_reply(reply, name, version, limit)
                 config = self._config_for(reply)
                 try:
-                    slab = self._slab_for(server, reply)
+                    slab = self._slab_for(server, reply, deadline)
                 except BackendError as exc:
-                    if host or reply.slab is None:
+                    # a channel that did not answer is not a slab this process cannot import: no fallback (that
+                    # doubled the fetch's time and made the client fall back for life)
+                    if host or reply.slab is None or isinstance(exc, ChannelFailed):
                         raise
                     raise _DeviceImportFailed(exc) from None
                 if host and self.transport == "auto":
@@ -319,7 +331,7 @@ class TensorSetClient:
 
     # ---- caches ----------------------------------------------------------------------------
 
-    def _slab_for(self, server, reply: p.FetchReply) -> ImportedSlab:
+    def _slab_for(self, server, reply: p.FetchReply, deadline: float | None = None) -> ImportedSlab:
         """The import of the reply's slab, as served by ``server`` (Note [imports are keyed by who served them])."""
         if server is None:
             raise ProtocolError(f"cannot tell which process serves {self.endpoint}; reply refused")
@@ -329,7 +341,7 @@ class TensorSetClient:
             if reply.slab is not None:
                 REGISTRY.consume_surplus(server, reply.slab_id, reply.slab, slab)
             return slab
-        key, slab = REGISTRY.acquire(server, reply.slab_id, reply.slab, self._receive_fds)
+        key, slab = REGISTRY.acquire(server, reply.slab_id, reply.slab, self._receive_fds, deadline)
         return self._slabs.put(key, slab)
 
     def _config_for(self, reply: p.FetchReply) -> dict:

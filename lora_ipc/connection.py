@@ -110,8 +110,11 @@ class Connection:
         self._zmq(self._sock.send_multipart, [b"", p.encode(message, request_id)], zmq.NOBLOCK)
         return request_id
 
-    def request(self, message: p.Message, reply_type: type[T]) -> T:
-        deadline = time.monotonic() + self.timeout_s
+    def request(self, message: p.Message, reply_type: type[T], deadline: float | None = None) -> T:
+        """One request and its reply, within ``timeout_s`` (and by ``deadline``, a ``time.monotonic()``
+        value, when given: a fetch's whole time)."""
+        own = time.monotonic() + self.timeout_s
+        deadline = own if deadline is None else min(own, deadline)
         if not self._connected:
             self._ensure_trusted()
         request_id = self.send(message)

@@ -25,7 +25,22 @@ Note [why descriptors travel by a side socket]
     ancillary data (``MSG_CMSG_CLOEXEC``), closes what it did not ask for, and treats a truncated
     control message (``MSG_CTRUNC``: the receiver ran out of descriptors) as an error.
     The importer still checks every descriptor it gets exactly as it checks one it opened itself
-    (shm.check_sealed: sealed, our name, owner, size; mapped read-only).
+    (shm.check_sealed: sealed, our name, owner, size; mapped read-only), before it opens anything
+    through it (Note [open nothing a peer chose before knowing what it is], shm.py).
+
+Note [shares of the channel]
+    A same-uid peer can connect and say nothing (for ``CONNECTION_TIMEOUT_S``), or push descriptors it
+    never publishes. Neither may cost another peer its turn (peers.py: Note [a fork cannot buy a bigger
+    share]):
+
+    - connections: at ``MAX_CONNECTIONS`` a new connection is still accepted, and the oldest connection
+      of the heaviest peer (group, then process) is dropped to make room. A squatter holding many
+      connections, from one process, from many of one group, or through exited connectors, loses its
+      own; a client that connects and asks at once is never the one dropped while it is not the heaviest.
+    - pushes: each is held for the process that pushed it (its pidfd), at most ``PUSHED_PER_PROCESS``
+      per process (its own oldest makes room), ``MAX_PUSHED`` in all. A push of another process is never
+      evicted: when the table is full, entries of processes that exited and expired entries go first,
+      and if none did the new push is refused (its publisher gets a typed error, nobody loses theirs).
 """
 
 from __future__ import annotations
@@ -41,7 +56,7 @@ import stat
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import cast
 
@@ -49,6 +64,7 @@ import msgspec
 
 from .endpoint import _check_dir_chain, ipc_path
 from .errors import BackendError, EndpointNotTrusted, SlabRecycled
+from .peers import Peer, Process, heaviest, peer_of_socket
 
 log = logging.getLogger("lora_ipc.fdchannel")
 
@@ -57,12 +73,13 @@ TOKEN_BYTES = 16
 TOKEN_TTL_S = 60.0
 MAX_TOKENS = 1024  # outstanding tokens per server; the oldest is dropped first
 MAX_FDS = 2  # a slab and its generation table
-MAX_CONNECTIONS = 64  # open connections on the server at once; more are closed at accept
+MAX_CONNECTIONS = 64  # open connections on the server at once; past it the heaviest peer's oldest is dropped
 CONNECTION_TIMEOUT_S = 5.0  # a peer must send its request within this (a same-uid peer; bounded by MAX_CONNECTIONS)
 REQUEST = b"F"
 PUSH = b"P"  # a publisher hands its staging slab's descriptor to a daemon (RemoteExporter)
 OK, ERR, GONE = b"K", b"E", b"G"  # GONE: the memory was freed after the token was issued (churn, not an error)
-MAX_PUSHED = 16  # pushed descriptors a server holds until their PublishRequest arrives; the oldest is closed
+MAX_PUSHED = 128  # pushed descriptors a server holds until their PublishRequest arrives (Note [shares of the channel])
+PUSHED_PER_PROCESS = 2  # of them, per pushing process: its own oldest makes room for its next
 PUSHED_TTL_S = 30.0
 MAX_REPLY = 512
 
@@ -164,7 +181,7 @@ class FdServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._starved = False
-        self._pushed: OrderedDict[bytes, tuple[float, int]] = OrderedDict()
+        self._pushed: OrderedDict[bytes, tuple[float, int, Process]] = OrderedDict()  # token -> deadline, fd, pusher
         self._pushed_lock = threading.Lock()
 
     def take_pushed(self, token: bytes) -> list[int]:
@@ -173,22 +190,42 @@ class FdServer:
             entry = self._pushed.pop(bytes(token), None)
         if entry is None:
             raise BackendError("no descriptor was pushed with this token (or it expired)")
-        if entry[0] < time.monotonic():
-            os.close(entry[1])
+        deadline, fd, pusher = entry
+        pusher.close()
+        if deadline < time.monotonic():
+            os.close(fd)
             raise BackendError("the pushed descriptor expired before its publish request arrived")
-        return [entry[1]]
+        return [fd]
 
-    def _keep_pushed(self, token: bytes, fd: int) -> None:
+    def _keep_pushed(self, token: bytes, fd: int, pusher: Process) -> None:
+        """Hold ``fd`` for ``pusher`` (Note [shares of the channel]); BackendError (nothing kept) if it
+        cannot be held without evicting another process's push. Owns ``fd`` and ``pusher`` either way."""
         now = time.monotonic()
-        with self._pushed_lock:
-            if token in self._pushed:
-                raise BackendError("a descriptor was already pushed with this token")
-            stale = [t for t, (deadline, _) in self._pushed.items() if deadline < now]
-            dropped = [self._pushed.pop(t)[1] for t in stale]
-            self._pushed[token] = (now + PUSHED_TTL_S, fd)
-            while len(self._pushed) > MAX_PUSHED:
-                dropped.append(self._pushed.popitem(last=False)[1][1])
-        _close_all(dropped)
+        dropped: list[tuple[float, int, Process]] = []
+        try:
+            with self._pushed_lock:
+                if token in self._pushed:
+                    raise BackendError("a descriptor was already pushed with this token")
+                mine = [t for t, (_, _, p) in self._pushed.items() if p.key == pusher.key]
+                while len(mine) >= PUSHED_PER_PROCESS:  # its own oldest makes room
+                    dropped.append(self._pushed.pop(mine.pop(0)))
+                if len(self._pushed) >= MAX_PUSHED:  # expired entries, and those of exited processes
+                    for t in [t for t, (d, _, p) in self._pushed.items() if d < now or not p.alive()]:
+                        dropped.append(self._pushed.pop(t))
+                if len(self._pushed) >= MAX_PUSHED:
+                    raise BackendError(
+                        f"{len(self._pushed)} pushed descriptors of other processes are waiting for their publish "
+                        "requests; try again"
+                    )
+                self._pushed[token] = (now + PUSHED_TTL_S, fd, pusher)
+        except BaseException:
+            _close_all([fd])
+            pusher.close()
+            raise
+        finally:
+            for _, old_fd, old_pusher in dropped:
+                _close_all([old_fd])
+                old_pusher.close()
 
     def offer(self, provider: Provider) -> bytes:
         return self.tokens.issue(provider)
@@ -209,14 +246,16 @@ class FdServer:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         with self._pushed_lock:
-            _close_all(fd for _, fd in self._pushed.values())
+            for _, fd, pusher in self._pushed.values():
+                _close_all([fd])
+                pusher.close()
             self._pushed.clear()
 
     # ---- loop ------------------------------------------------------------------------------
 
     def _serve(self) -> None:
         sel = self._sel
-        deadlines: dict[socket.socket, float] = {}
+        deadlines: dict[socket.socket, float] = {}  # in accept order: the oldest first
         paused_until = 0.0
         try:
             while not self._stop.is_set():
@@ -252,18 +291,28 @@ class FdServer:
         if self._starved:
             self._starved = False
             log.warning("descriptor channel: accepting again")
-        try:
-            uid = _peer_uid(conn)
-        except OSError:
-            uid = -1
-        if uid not in self.allowed_uids or len(deadlines) >= MAX_CONNECTIONS:
+        who = peer_of_socket(conn)
+        if who.uid not in self.allowed_uids:
             self.refused += 1
             conn.close()
             return True
+        if len(deadlines) >= MAX_CONNECTIONS:  # Note [shares of the channel]
+            self.refused += 1
+            self._drop(sel, deadlines, self._heaviest_oldest(sel, deadlines))
         conn.setblocking(False)
-        sel.register(conn, selectors.EVENT_READ, True)
+        sel.register(conn, selectors.EVENT_READ, who)
         deadlines[conn] = time.monotonic() + CONNECTION_TIMEOUT_S
         return True
+
+    @staticmethod
+    def _heaviest_oldest(sel, deadlines: dict[socket.socket, float]) -> socket.socket:
+        """The oldest connection of the process holding the most connections within the group holding the most."""
+        peers = {conn: cast(Peer, sel.get_key(conn).data) for conn in deadlines}
+        shares = Counter(who.share for who in peers.values())
+        share = heaviest(shares)
+        processes = Counter(who.proc for who in peers.values() if who.share == share)
+        proc = heaviest(processes)
+        return next(conn for conn, who in peers.items() if who.share == share and who.proc == proc)
 
     @staticmethod
     def _drop(sel, deadlines, conn) -> None:
@@ -281,7 +330,7 @@ class FdServer:
             return
         try:
             if data[:1] == PUSH and len(data) == 1 + TOKEN_BYTES and len(unasked) == 1:
-                self._keep_pushed(data[1:], unasked.pop())  # owned by the table now
+                self._keep_pushed(data[1:], unasked.pop(), Process(conn))  # owned by the table now (or closed)
                 conn.send(OK + b"\x00")
                 return
             if unasked:
@@ -359,6 +408,18 @@ class FdChannelUnavailable(BackendError):
     """The exporter has no descriptor channel (an older exporter): importers fall back to /proc."""
 
 
+class ChannelFailed(BackendError):
+    """The descriptor channel did not deliver within the fetch's time (no answer, refused, reset): a
+    property of the exporter's channel, not of the slab, so no reason to fall back to host copies."""
+
+
+def _remaining(deadline: float, path: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ChannelFailed(f"descriptor channel {path}: no descriptor within the fetch's timeout")
+    return left
+
+
 class FdReceiver:
     """Redeems tokens at the descriptor socket beside ``endpoint``; the caller owns the fds returned."""
 
@@ -367,10 +428,14 @@ class FdReceiver:
         self.trusted_uids = {os.getuid()} if trusted_uids is None else set(trusted_uids)
         self.timeout_s = timeout_s
 
-    def __call__(self, token: bytes, expected_pid: int | None = None) -> list[int]:
+    def __call__(self, token: bytes, expected_pid: int | None = None, deadline: float | None = None) -> list[int]:
         """The descriptors ``token`` names. ``expected_pid``: the pid the kernel reports for the ZeroMQ
-        server the token came from; the channel must be served by that same process (imports.py)."""
+        server the token came from; the channel must be served by that same process (imports.py).
+        ``deadline`` (``time.monotonic()``): the whole exchange (connect, send, receive) ends by then, and
+        by ``timeout_s`` from now at the latest, whatever the peer does (``ChannelFailed``)."""
         path = fd_socket_path(self.endpoint)
+        end = time.monotonic() + self.timeout_s
+        end = end if deadline is None else min(end, deadline)
         try:
             st = os.lstat(path)
         except OSError as exc:
@@ -383,8 +448,8 @@ class FdReceiver:
         except OSError as exc:
             raise BackendError(f"cannot open the descriptor channel: {exc}") from None
         with sock:
-            sock.settimeout(self.timeout_s)
             try:
+                sock.settimeout(_remaining(end, path))
                 sock.connect(path)
                 pid, uid = _peer_cred(sock)
                 if uid not in self.trusted_uids:
@@ -394,13 +459,19 @@ class FdReceiver:
                         f"{path} is served by process {pid}, but {self.endpoint} by process "
                         f"{expected_pid}: descriptor refused"
                     )
+                sock.settimeout(_remaining(end, path))
                 sock.send(REQUEST + bytes(token))
+                sock.settimeout(_remaining(end, path))
                 data, fds = _recv(sock, MAX_FDS)
+            except TimeoutError:
+                raise ChannelFailed(f"descriptor channel {path}: no answer within the fetch's timeout") from None
             except OSError as exc:
-                raise BackendError(f"descriptor channel {path}: {exc}") from None
+                raise ChannelFailed(f"descriptor channel {path}: {exc}") from None
         if data[:1] == OK and len(data) == 2 and data[1] == len(fds) and 1 <= len(fds) <= MAX_FDS:
             return fds
         _close_all(fds)
+        if not data and not fds:  # closed on us (a server out of room, or gone): the channel, not the slab
+            raise ChannelFailed(f"descriptor channel {path}: closed without an answer")
         if data[:1] == GONE:  # the slab was freed after the fetch reply: fetch again (not a failing import)
             raise SlabRecycled(f"slab freed before its descriptor was taken: {data[1:].decode(errors='replace')[:300]}")
         if data[:1] == ERR:

@@ -16,10 +16,14 @@ Note [why a guard]
        a dup of their fd (after checking the fd is still a socket accepted on our path): libzmq
        then reads EOF, closes its fd and reports DISCONNECTED. ``ZMQ_BACKLOG`` is small, so few
        connections wait in the kernel queue.
-    4. Whom to drop: a connection of the peer process (``SO_PEERCRED`` pid, taken at accept) that
-       holds the most connections, and of its connections the least recently active (``touch(fd)``,
-       called by the server with each request's ``SRCFD``). A client process holds one or two
-       connections, so a flood from a few processes is dropped first, however it reconnects.
+    4. Whom to drop: a connection of the peer (peers.py, Note [a fork cannot buy a bigger share]: its
+       uid and cgroup, taken at accept; connectors that exited are one peer, and so are those that
+       can be neither seen nor asked) that holds the most connections, and of its connections first
+       one that never sent a request (oldest first), then the least recently active (``touch(fd)``,
+       called by the server with each request's ``SRCFD``). Forking a child per connection buys an
+       attacker nothing (before, each child was a "peer" of its own and a legitimate client with two
+       connections looked the heaviest), and a flood that reconnects as fast as it is dropped arrives
+       as never-active connections, dropped before any connection that asked something.
 
     Not done: unbinding the listener at the cap. libzmq's listener owns the sessions it accepted,
     so ``zmq_unbind`` closes every connection accepted on it, the legitimate ones included.
@@ -45,9 +49,11 @@ import socket
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import zmq
+
+from .peers import heaviest, peer_of_fd
 
 log = logging.getLogger("lora_ipc.guard")
 
@@ -120,6 +126,36 @@ def _peer_pid_if_ours(fd: int, path: bytes, shutdown: bool) -> int | None:
     return cred[0]
 
 
+class _Held:
+    """One peer's connections: those that never sent a request (accept order), then the others (least
+    recently active first). The first is the one to drop."""
+
+    __slots__ = ("idle", "active")
+
+    def __init__(self):
+        self.idle: OrderedDict[int, None] = OrderedDict()
+        self.active: OrderedDict[int, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.idle) + len(self.active)
+
+    def __contains__(self, fd: int) -> bool:
+        return fd in self.idle or fd in self.active
+
+    def touch(self, fd: int) -> None:
+        if self.idle.pop(fd, 0) is None:  # its first request
+            self.active[fd] = None
+        elif fd in self.active:
+            self.active.move_to_end(fd)
+
+    def remove(self, fd: int) -> None:
+        self.idle.pop(fd, None)
+        self.active.pop(fd, None)
+
+    def first(self) -> int:
+        return next(iter(self.idle or self.active))
+
+
 class ConnectionGuard:
     """Counts and caps the connections of one ROUTER. Create it before ``bind`` (the monitor must
     see every connection); the socket's owner thread calls :meth:`close` before closing the socket."""
@@ -142,10 +178,13 @@ class ConnectionGuard:
         self._mon.connect(self._inproc)
         self._lock = threading.Lock()
         self._active: dict[int, float] = {}  # fd -> last activity (monotonic)
-        self._pid_of: dict[int, int] = {}  # fd -> peer pid (0: unknown)
-        self._by_pid: dict[int, OrderedDict[int, None]] = {}  # peer pid -> its fds not being dropped, LRU first
+        self._share_of: dict[int, tuple] = {}  # fd -> the peer it counts for (peers.Peer.share)
+        self._by_share: dict[tuple, _Held] = {}  # peer -> its fds not being dropped, the first to drop first
+        # (fd, serial) of connections that went away, for the server to drain (bounded: one it missed is only late)
+        self.closed: deque[tuple[int, int]] = deque(maxlen=1 << 16)
         self._dropping: set[int] = set()  # shut down, DISCONNECTED not seen yet
         self._serial: dict[int, int] = {}  # fd -> which connection accepted on it (numbers are reused)
+        self._live_serials: set[int] = set()
         self._accepted = 0
         self.dropped = 0
         self.sheds = 0
@@ -167,13 +206,17 @@ class ConnectionGuard:
             with self._lock:
                 if fd in self._active:
                     self._active[fd] = time.monotonic()
-                    fds = self._by_pid.get(self._pid_of.get(fd, 0))  # set with _active: always there
-                    if fds is not None and fd in fds:
-                        fds.move_to_end(fd)
+                    held = self._by_share.get(self._share_of.get(fd, ()))  # set with _active: always there
+                    if held is not None:
+                        held.touch(fd)
 
     def connection(self, fd: int) -> int | None:
         """Which connection ``fd`` is now (a serial number, new with each accept), None if not one of ours."""
         return self._serial.get(fd)
+
+    def is_open(self, connection: int | None) -> bool:
+        """Whether the connection with this serial is still open (as far as the guard has seen)."""
+        return connection is not None and connection in self._live_serials
 
     def drop(self, fd: int, connection: int | None) -> bool:
         """Disconnect the peer on ``fd`` (e.g. one that does not read its replies), if ``fd`` still is
@@ -226,10 +269,12 @@ class ConnectionGuard:
                 self._forget(fd)  # a reused number: the old connection is gone
                 self._accepted += 1
                 self._serial[fd] = self._accepted
-                pid = _peer_pid_if_ours(fd, self._path, False)
+                self._live_serials.add(self._accepted)
+                ours = _peer_pid_if_ours(fd, self._path, False) is not None  # else: closed again, DISCONNECTED follows
+                share = peer_of_fd(fd).share if ours else (-1, "gone")
                 self._active[fd] = time.monotonic()
-                self._pid_of[fd] = pid or 0  # None: already closed again, DISCONNECTED follows
-                self._by_pid.setdefault(pid or 0, OrderedDict())[fd] = None
+                self._share_of[fd] = share
+                self._by_share.setdefault(share, _Held()).idle[fd] = None
                 self.peak = max(self.peak, len(self._active))
                 if len(self._active) - len(self._dropping) > self.cap + 64:
                     self._shed()  # far behind: do not wait for the end of the batch
@@ -239,18 +284,21 @@ class ConnectionGuard:
 
     def _forget(self, fd: int) -> None:
         self._active.pop(fd, None)
-        self._serial.pop(fd, None)
+        serial = self._serial.pop(fd, None)
+        if serial is not None:
+            self._live_serials.discard(serial)
+            self.closed.append((fd, serial))
         self._dropping.discard(fd)
-        self._unlist(fd, self._pid_of.pop(fd, None))
+        self._unlist(fd, self._share_of.pop(fd, None))
 
-    def _unlist(self, fd: int, pid: int | None) -> None:
-        if pid is None:
+    def _unlist(self, fd: int, share: tuple | None) -> None:
+        if share is None:
             return
-        fds = self._by_pid.get(pid)
-        if fds is not None:
-            fds.pop(fd, None)
-            if not fds:
-                del self._by_pid[pid]
+        held = self._by_share.get(share)
+        if held is not None:
+            held.remove(fd)
+            if not held:
+                del self._by_share[share]
 
     def _shed(self) -> None:
         """Over ``cap``: drop connections of the process holding the most, least recently active first."""
@@ -258,19 +306,24 @@ class ConnectionGuard:
         if excess <= 0:
             return
         self.sheds += 1
-        if self.sheds in (1, 10, 100, 1000, 10000, 100000):
-            pid, fds = max(self._by_pid.items(), key=lambda kv: len(kv[1]))
+        sizes = {share: len(held) for share, held in self._by_share.items()}
+        if self.sheds in (1, 10, 100, 1000, 10000, 100000) and sizes:
+            share = heaviest(sizes)
             log.warning(
-                "%d connections (cap %d): dropping those of pid %d (%d) first (round %d)",
+                "%d connections (cap %d): dropping those of uid %d, group %s (%d) first (round %d)",
                 len(self._active),
                 self.cap,
-                pid,
-                len(fds),
+                share[0],
+                share[1],
+                sizes[share],
                 self.sheds,
             )
-        while excess > 0 and self._by_pid:
-            _pid, fds = max(self._by_pid.items(), key=lambda kv: len(kv[1]))
-            victim = next(iter(fds))  # its least recently active
+        while excess > 0 and sizes:
+            share = heaviest(sizes)
+            victim = self._by_share[share].first()  # never active, else least recently active
+            sizes[share] -= 1
+            if not sizes[share]:
+                del sizes[share]
             if not self._drop(victim):  # not (any more) a connection of ours: forget it
                 self._forget(victim)
             excess -= 1
@@ -280,6 +333,6 @@ class ConnectionGuard:
         if _peer_pid_if_ours(fd, self._path, True) is None:
             return False
         self._dropping.add(fd)
-        self._unlist(fd, self._pid_of.get(fd))
+        self._unlist(fd, self._share_of.get(fd))
         self.dropped += 1
         return True

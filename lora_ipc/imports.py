@@ -18,11 +18,12 @@ Note [imports are keyed by who served them]
 from __future__ import annotations
 
 import threading
+import time
 from typing import NamedTuple
 
 from .backends import ImportedSlab, open_slab
 from .endpoint import ServerIdentity
-from .errors import ProtocolError
+from .errors import ExporterUnavailable, ProtocolError
 from .protocol import MAX_KNOWN, CpuSlabHandle, CudaSlabHandle, SlabHandle, VmmSlabHandle
 
 MAX_KNOWN_SENT = MAX_KNOWN  # slab ids a fetch request may list
@@ -78,11 +79,12 @@ def check_owned_by(handle: SlabHandle, server: ServerIdentity) -> None:
         )
 
 
-def _bound_channel(receive, handle: SlabHandle, server: ServerIdentity):
+def _bound_channel(receive, handle: SlabHandle, server: ServerIdentity, deadline: float | None = None):
     """``receive`` held to the answering server: the descriptor channel must be served by the process the
     kernel reports for the ZeroMQ reply (pids as this process sees them, so this holds across pid
     namespaces, where the handle's own pids are the exporter's). Where the channel is unavailable and the
-    backend falls back to ``/proc``, the handle's pids must be the server's as without a channel."""
+    backend falls back to ``/proc``, the handle's pids must be the server's as without a channel.
+    ``deadline``: the fetch's (fdchannel.FdReceiver)."""
     from .fdchannel import FdChannelUnavailable
 
     if handle.generation is None:
@@ -90,7 +92,7 @@ def _bound_channel(receive, handle: SlabHandle, server: ServerIdentity):
 
     def receive_from_server(token: bytes) -> list[int]:
         try:
-            return receive(token, expected_pid=server.pid)
+            return receive(token, expected_pid=server.pid, deadline=deadline)
         except FdChannelUnavailable:
             check_owned_by(handle, server)
             raise
@@ -99,56 +101,96 @@ def _bound_channel(receive, handle: SlabHandle, server: ServerIdentity):
 
 
 class ImportRegistry:
+    """Note [no lock across I/O in the import path]
+    Opening a slab talks to its exporter (the descriptor channel) and opens what it names; a hostile
+    or stuck exporter can make that take until the fetch's deadline. The registry's lock is only ever
+    held for bookkeeping: the first fetch of a slab marks it as being opened and opens it without the
+    lock; fetches of that same slab of that same server wait for it (until their own deadline), and
+    every other fetch of the process goes on."""
+
     def __init__(self):
         self._lock = threading.Lock()
         self._open: dict[ImportKey, list] = {}  # key -> [ImportedSlab, users]
+        self._opening: dict[ImportKey, threading.Event] = {}  # keys being opened now (without the lock)
 
     def acquire(
-        self, server: ServerIdentity, slab_id: str, handle: SlabHandle | None, receive=None
+        self,
+        server: ServerIdentity,
+        slab_id: str,
+        handle: SlabHandle | None,
+        receive=None,
+        deadline: float | None = None,
     ) -> tuple[ImportKey, ImportedSlab]:
         """The process's import of ``slab_id`` as served by ``server`` (opened from ``handle`` if this
         process has none yet); a handle for a slab already open is consumed, not opened twice.
-        ``receive``: the endpoint's descriptor channel (fdchannel.FdReceiver)."""
+        ``receive``: the endpoint's descriptor channel (fdchannel.FdReceiver); ``deadline``
+        (``time.monotonic()``): the fetch's, for the channel and for waiting on another thread's open."""
         key = key_for(server, slab_id)
         if handle is not None:
-            receive = self._checked(server, slab_id, handle, receive)
-        with self._lock:
-            entry = self._open.get(key)
-            if entry is not None:
-                if handle is not None:
-                    self._consume(entry[0], server, slab_id, handle)
-                entry[1] += 1
-                return key, entry[0]
-            if handle is None:
-                raise ProtocolError(f"reply names slab {slab_id!r} but carries no handle for it")
+            receive = self._checked(server, slab_id, handle, receive, deadline)
+        while True:
+            with self._lock:
+                entry = self._open.get(key)
+                if entry is not None:
+                    if handle is not None:
+                        _same_memory(entry[0], server, slab_id, handle)
+                    entry[1] += 1
+                    slab = entry[0]
+                    break
+                if handle is None:
+                    raise ProtocolError(f"reply names slab {slab_id!r} but carries no handle for it")
+                busy = self._opening.get(key)
+                if busy is None:
+                    self._opening[key] = threading.Event()
+            if busy is None:
+                return key, self._open_new(key, handle, receive)
+            left = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or not busy.wait(left):
+                raise ExporterUnavailable(
+                    f"slab {slab_id!r} of {server.endpoint} is still being opened by another fetch of this "
+                    "process past this fetch's timeout"
+                )
+        if handle is not None:
+            self._consume_held(key, slab, handle)
+        return key, slab
+
+    def _open_new(self, key: ImportKey, handle: SlabHandle, receive) -> ImportedSlab:
+        """Open ``key``'s slab without the lock (Note [no lock across I/O in the import path])."""
+        try:
             slab = open_slab(handle, receive)
+        except BaseException:
+            with self._lock:
+                self._opening.pop(key).set()
+            raise
+        with self._lock:
             self._open[key] = [slab, 1]
-            return key, slab
+            self._opening.pop(key).set()
+        return slab
+
+    def _consume_held(self, key: ImportKey, slab: ImportedSlab, handle: SlabHandle) -> None:
+        """A surplus handle of a slab this caller now holds: consumed outside the lock (CUDA: a ref
+        counter file is written); the hold is given back if that fails."""
+        try:
+            slab.consume(handle)
+        except BaseException:
+            self.release(key)
+            raise
 
     def consume_surplus(self, server: ServerIdentity, slab_id: str, handle: SlabHandle, slab: ImportedSlab) -> None:
         """A handle for ``slab``, which this client already holds, came again (the server did not know we
         have it): checked like a new one, then consumed (a CUDA export's reference is given back)."""
         self._checked(server, slab_id, handle, None)
-        with self._lock:
-            self._consume(slab, server, slab_id, handle)
+        _same_memory(slab, server, slab_id, handle)
+        slab.consume(handle)
 
     @staticmethod
-    def _checked(server: ServerIdentity, slab_id: str, handle: SlabHandle, receive):
+    def _checked(server: ServerIdentity, slab_id: str, handle: SlabHandle, receive, deadline: float | None = None):
         if handle.slab_id != slab_id:
             raise ProtocolError(f"reply names slab {slab_id!r} but its handle is for {handle.slab_id!r}")
         if getattr(handle, "token", None) is not None and receive is not None:
-            return _bound_channel(receive, handle, server)
+            return _bound_channel(receive, handle, server, deadline)
         check_owned_by(handle, server)
         return receive
-
-    @staticmethod
-    def _consume(slab: ImportedSlab, server: ServerIdentity, slab_id: str, handle: SlabHandle) -> None:
-        if memory_of(handle) != memory_of(slab.handle):
-            raise ProtocolError(
-                f"{server.endpoint} sent a handle for slab {slab_id!r} that names "
-                "other memory than the one already open"
-            )
-        slab.consume(handle)
 
     def release(self, key: ImportKey) -> None:
         with self._lock:
@@ -179,6 +221,13 @@ class ImportRegistry:
                 entry = self._open.get(slab)
                 return 0 if entry is None else entry[1]
             return sum(entry[1] for key, entry in self._open.items() if key.slab_id == slab)
+
+
+def _same_memory(slab: ImportedSlab, server: ServerIdentity, slab_id: str, handle: SlabHandle) -> None:
+    if memory_of(handle) != memory_of(slab.handle):
+        raise ProtocolError(
+            f"{server.endpoint} sent a handle for slab {slab_id!r} that names other memory than the one already open"
+        )
 
 
 REGISTRY = ImportRegistry()

@@ -41,6 +41,7 @@ SEND_HWM = 8
 MAX_LISTED_BYTES = 64 << 10  # what a list or status reply lists one by one; the rest is counted
 TRIM_INTERVAL_S = 1.0  # after peers went away, give freed heap back to the OS at most this often
 MAX_PUBLISH_SOURCES = 8  # publishers' staging slabs a daemon keeps mapped (CUDA IPC handles must not be re-opened)
+UNSEEN_GRACE_S = 0.5  # a lease holder on a connection the guard had not seen is taken for alive this long
 
 
 def _filter_peers(sock: zmq.Socket, uids: set[int]) -> bool:
@@ -106,6 +107,11 @@ class TensorSetServer:
         self._trimmed_at = (0.0, 0)
         # routing id -> the connection it came on (Note [a message names its connection late])
         self._peers: BoundedLRU[bytes, tuple[int, int | None]] = BoundedLRU(4 * self.guard.cap)
+        # routing ids holding leases -> their connection and when it was first named so (Note [leases die with
+        # their connection], store.py)
+        self._fetchers: dict[bytes, tuple[tuple[int, int | None], float]] = {}
+        self._asking: tuple[int, int | None] = (-1, None)  # the connection of the request being served
+        store.holder_alive = self._holder_alive
         self.requests = 0
         # (publishing connection, its handle) -> import: see _on_publish
         self._publish_sources: BoundedLRU[tuple[bytes, p.SlabHandle], ImportedSlab] = BoundedLRU(
@@ -129,6 +135,7 @@ class TensorSetServer:
         poller.register(self._sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
+                self._release_closed()
                 if not poller.poll(POLL_MS):
                     self.store.expire_leases()
                     self._trim_after_disconnects()
@@ -175,6 +182,37 @@ class TensorSetServer:
             pinned = self._peers.put(identity, (fd, self.guard.connection(fd)))
         return pinned
 
+    def _release_closed(self) -> None:
+        """Leases of connections the guard saw close are released now (Note [leases die with their
+        connection], store.py), not ``lease_timeout_s`` later. A holder pinned before the guard knew its
+        connection (serial None) goes with the next connection that closes on its fd."""
+        closed = self.guard.closed
+        if not closed:
+            return
+        gone: set[tuple[int, int | None]] = set()
+        while closed:
+            fd, serial = closed.popleft()
+            gone.add((fd, serial))
+            gone.add((fd, None))
+        for holder, (connection, _) in list(self._fetchers.items()):
+            if connection in gone or not self.store.holds_leases(holder):
+                del self._fetchers[holder]
+                self.store.release_holder(holder)
+
+    def _holder_alive(self, holder: bytes) -> bool:
+        """Whether the connection that took ``holder``'s leases is still open (True for holders that are
+        not this server's peers, such as a relay's own)."""
+        entry = self._fetchers.get(holder)
+        if entry is None:
+            return True
+        (_fd, serial), since = entry
+        if serial is None:
+            # named when the guard knew no connection on its fd: one not seen yet (alive, and seen within
+            # moments) or one already closed (its message read late). Which, no one can tell later: the fd
+            # may carry another connection by then. Given the benefit of the doubt for a while only.
+            return time.monotonic() - since < UNSEEN_GRACE_S
+        return self.guard.is_open(serial)
+
     def _serve_one(self, frames: list[bytes], connection: tuple[int, int | None] = (-1, None)) -> None:
         # DEALER peers send [identity, b"", payload]; anything else is answered with an error if addressable
         self.requests += 1
@@ -182,6 +220,7 @@ class TensorSetServer:
             return
         identity, payload = frames[0], frames[-1]
         request_id = 0
+        self._asking = connection
         try:
             frame = p.decode(payload, p.REQUEST_TYPES)
             request_id = frame.request_id
@@ -237,6 +276,9 @@ class TensorSetServer:
 
     def _on_fetch(self, msg: p.FetchRequest, peer: bytes) -> p.FetchReply:
         lease, pv = self.store.lease(msg.name, msg.version, peer, msg.client_id, msg.epoch)
+        known = self._fetchers.get(peer)
+        if known is None or known[0] != self._asking:  # its leases go with this connection
+            self._fetchers[peer] = (self._asking, time.monotonic())
         if msg.transport == "host":
             try:
                 self.store.stage_to_host(pv)

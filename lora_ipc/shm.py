@@ -71,19 +71,70 @@ def map_fd(fd: int, nbytes: int, *, writable: bool) -> torch.Tensor:
         return torch.frombuffer(mm, dtype=torch.uint8)
 
 
-def open_sealed(pid: int, fd: int, name: str, min_bytes: int) -> int:
-    """Open another process's sealed memfd ``lora-ipc.<name>`` read-only; every check is on the opened fd."""
-    path = f"/proc/{pid}/fd/{fd}"
+def open_regular(path: str, flags: int = os.O_RDONLY, *, follow: bool = True) -> int:
+    """Open ``path`` (a name a peer chose) only if it is a regular file of this user; never blocks.
+
+    Note [open nothing a peer chose before knowing what it is]
+        ``open`` of a FIFO without a writer blocks for ever, and opening a device runs its driver. A path
+        or ``/proc/<pid>/fd/<n>`` named by a peer is therefore first opened with ``O_PATH`` (which opens
+        nothing: no driver, no FIFO wait), checked with ``fstat`` (a regular file owned by this user),
+        and only then reopened through our own ``/proc/self/fd`` entry of that very inode, with
+        ``O_NONBLOCK`` as a second guard. BackendError for anything else. ``follow=False``: a symlink is
+        refused too (``/proc/<pid>/fd`` entries are links that must be followed)."""
     try:
-        opened = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        pinned = os.open(path, os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
     except OSError as exc:
-        raise BackendError(f"shared memory {name!r} of process {pid} is gone or not ours: {exc}") from None
+        raise BackendError(f"{path} is gone or not ours: {exc}") from None
+    try:
+        check_regular(pinned, path)
+        try:
+            return os.open(f"/proc/self/fd/{pinned}", flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BackendError(f"cannot open {path}: {exc}") from None
+    finally:
+        os.close(pinned)
+
+
+def check_regular(fd: int, what: str) -> None:
+    """``fd`` is a regular file (a memfd is one) owned by this user: never a FIFO, socket or device."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise BackendError(f"cannot inspect {what}: {exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BackendError(f"{what} is not a regular file ({stat.filemode(st.st_mode)[0]!r}): refused")
+    if st.st_uid != os.getuid():
+        raise BackendError(f"{what} is not owned by this user (uid {st.st_uid})")
+
+
+def open_sealed(pid: int, fd: int, name: str, min_bytes: int) -> int:
+    """Open another process's sealed memfd ``lora-ipc.<name>`` read-only; every check is on the opened fd
+    (Note [open nothing a peer chose before knowing what it is])."""
+    try:
+        opened = open_regular(f"/proc/{pid}/fd/{fd}")
+    except BackendError as exc:
+        raise BackendError(f"shared memory {name!r} of process {pid}: {exc}") from None
     try:
         check_sealed(opened, name, min_bytes)
     except BaseException:
         os.close(opened)
         raise
     return opened
+
+
+def reopen_sealed(fd: int, name: str, min_bytes: int) -> int:
+    """A read-only descriptor of the memfd ``fd`` (one that came by SCM_RIGHTS, possibly writable), after
+    checking that ``fd`` is our sealed memfd ``lora-ipc.<name>``: nothing is opened before that. ``fd``
+    is closed once this worked (left to the caller otherwise)."""
+    check_sealed(fd, name, min_bytes)
+    read_only = open_regular(f"/proc/self/fd/{fd}")
+    try:
+        check_sealed(read_only, name, min_bytes)
+    except BaseException:
+        os.close(read_only)
+        raise
+    os.close(fd)
+    return read_only
 
 
 def check_sealed(opened: int, name: str, min_bytes: int) -> None:

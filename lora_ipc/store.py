@@ -19,6 +19,16 @@ Note [leases bound nothing on their own]
     of returning a torn version.
     Leases are bound to the connection that took them and their ids are random, so nobody else can
     release them. Expiry pops a heap: its cost does not grow with the number of leases.
+
+Note [leases die with their connection]
+    A lease outliving its connection by ``lease_timeout_s`` let a flood of fetches on throwaway sockets
+    fill ``max_leases`` for everyone (issue 23, item 15). The server releases a connection's leases as
+    soon as its guard sees it close (``release_holder``). At ``max_leases`` the leases of every holder
+    it does not see connected (``holder_alive``) go first, and then, rather than refusing the fetch,
+    the oldest lease of the holder with the most: the guard sees a closing connection late under load,
+    so "connected" is only a first filter, and a revoked lease costs its reader at most a
+    ``SlabRecycled`` (the slab's generation still guards its copy; a lease of a version still kept
+    pins nothing). A flood can churn the table, never fill it against another holder.
 """
 
 from __future__ import annotations
@@ -175,7 +185,10 @@ class TensorSetStore:
         self._retiring: dict[tuple[str, int], PublishedVersion] = {}  # past `keep`, still leased
         self._leases: dict[int, Lease] = {}
         self._lease_heap: list[tuple[float, int]] = []  # (expires_at, lease_id); stale entries skipped
-        self._leases_by_holder: dict[bytes, int] = {}
+        self._leases_by_holder: dict[bytes, set[int]] = {}  # holder -> its lease ids
+        # set by the server: False for a holder whose connection is gone (Note [leases die with their connection])
+        self.holder_alive: Callable[[bytes], bool] | None = None
+        self.leases_dropped_with_connection = 0
         # every slab the versions live in: allocation, recycling, generation slots, byte accounting
         self.pool = SlabPool(
             max_bytes=self.limits.max_slab_bytes, max_slabs=self.limits.max_slabs, max_free=max_free_slabs
@@ -354,17 +367,17 @@ class TensorSetStore:
             pv = versions.get(version)
             if pv is None:
                 raise VersionNotFound(f"{name!r} version {version} is not kept (kept: {list(versions)})")
-            held = self._leases_by_holder.get(holder, 0)
+            held = len(self._leases_by_holder.get(holder, ()))
             if held >= self.limits.max_leases_per_holder:
                 raise LimitExceeded(
                     f"this connection already holds {held} leases (max_leases_per_holder); "
                     "release them before fetching again"
                 )
             if len(self._leases) >= self.limits.max_leases:
-                raise LimitExceeded(f"{len(self._leases)} leases are live (max_leases)")
+                self._make_room_for(holder)
             lease = Lease(secrets.randbits(62) + 1, name, version, holder, client, self.clock() + self.lease_timeout_s)
             self._leases[lease.lease_id] = lease
-            self._leases_by_holder[holder] = held + 1
+            self._leases_by_holder.setdefault(holder, set()).add(lease.lease_id)
             heapq.heappush(self._lease_heap, (lease.expires_at, lease.lease_id))
             pv.leases.add(lease.lease_id)
             self.metrics.fetches += 1
@@ -381,12 +394,43 @@ class TensorSetStore:
             if fetch_ms > 0:
                 self.metrics.fetch_latency.observe(fetch_ms)
 
+    def release_holder(self, holder: bytes) -> int:
+        """Drop every lease of ``holder`` (its connection went away: Note [leases die with their
+        connection]); how many there were."""
+        with self._lock:
+            leases = [self._leases[lease_id] for lease_id in self._leases_by_holder.get(holder, ())]
+            for lease in leases:
+                self._forget_lease(lease)
+                self._drop(lease)
+            self.leases_dropped_with_connection += len(leases)
+            self.metrics.leases_expired += len(leases)  # reclaimed without a release, as an expiry is
+            return len(leases)
+
+    def holds_leases(self, holder: bytes) -> bool:
+        return holder in self._leases_by_holder
+
+    def _make_room_for(self, holder: bytes) -> None:
+        """At ``max_leases`` (lock held): the leases of holders whose connection is gone go first; if that
+        is not enough, the oldest lease of the holder with the most is revoked (Note [leases die with
+        their connection]). ``LimitExceeded`` only when every lease is the asker's own."""
+        if self.holder_alive is not None:
+            for gone in [h for h in self._leases_by_holder if not self.holder_alive(h)]:
+                self.release_holder(gone)
+        while len(self._leases) >= self.limits.max_leases:
+            others = [(len(ids), h) for h, ids in self._leases_by_holder.items() if h != holder]
+            if not others:
+                raise LimitExceeded(f"{len(self._leases)} leases are live (max_leases)")
+            heaviest = max(others, key=lambda item: item[0])[1]
+            oldest = min((self._leases[i] for i in self._leases_by_holder[heaviest]), key=lambda lz: lz.expires_at)
+            self._forget_lease(oldest)
+            self._drop(oldest)  # its reader's copy is still checked by the slab's generation (SlabRecycled)
+            self.metrics.leases_revoked += 1
+
     def _forget_lease(self, lease: Lease) -> None:
         del self._leases[lease.lease_id]
-        left = self._leases_by_holder[lease.holder] - 1
-        if left:
-            self._leases_by_holder[lease.holder] = left
-        else:
+        ids = self._leases_by_holder[lease.holder]
+        ids.discard(lease.lease_id)
+        if not ids:
             del self._leases_by_holder[lease.holder]
         if len(self._lease_heap) > 2 * len(self._leases) + 64:  # drop stale heap entries, amortized O(1)
             self._lease_heap = [(lz.expires_at, lz.lease_id) for lz in self._leases.values()]

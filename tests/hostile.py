@@ -213,3 +213,109 @@ def attacker_publish_main(conn, endpoint: str, victim_id: str, evictions: int) -
     conn.send(answers)
     conn.recv()  # hold the memfds until told
     sock.close(0)
+
+
+# ---- a hostile descriptor channel (issue 23, items 10, 11, 16) ----------------------------------
+
+
+def _channel_listener(endpoint: str, mode: str, fds: list[int], conn) -> None:
+    """The hostile server's descriptor channel: ``fifo_table`` answers every request with a real sealed
+    slab and a FIFO as its generation table, ``fifo_slab`` with a FIFO as the slab, ``silent`` accepts and
+    never answers (each accept is reported on ``conn``)."""
+    import socket
+    import threading
+
+    from lora_ipc.fdchannel import OK, fd_socket_path
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(fd_socket_path(endpoint))
+    os.chmod(fd_socket_path(endpoint), 0o600)
+    listener.listen(64)
+    held = []
+
+    def serve():
+        while True:
+            sock, _ = listener.accept()
+            held.append(sock)  # never closed: a silent channel keeps its peers waiting
+            conn.send(("accepted", len(held)))
+            if mode != "silent":
+                sock.recv(512)
+                socket.send_fds(sock, [OK + bytes([len(fds)])], fds)
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def channel_main(conn, endpoint: str, mode: str, fifo_path: str) -> None:
+    """A same-uid server whose every fetch reply names one slab of its own: through its descriptor channel
+    (a token; modes of ``_channel_listener``), or, in mode ``proc_fifo``, through ``/proc/<pid>/fd/<fd>``
+    where that fd is a FIFO without a writer."""
+    from lora_ipc import protocol as p
+    from lora_ipc.layout import SlabLayout
+    from lora_ipc.shm import GenerationTable
+
+    table = GenerationTable(16)
+    slot = table.take_slot()
+    table.bump(slot)
+    gen = p.GenerationSlot(os.getpid(), table.fd, slot, table.name)
+    nbytes = 64 << 10
+    slab_id = f"{os.getpid()}.hostile.1"
+    slab = _sealed(slab_id, nbytes, True)
+    os.mkfifo(fifo_path, 0o600)
+    fifo = os.open(fifo_path, os.O_RDONLY | os.O_NONBLOCK)  # no writer, ever
+    if mode != "proc_fifo":
+        _channel_listener(endpoint, mode, {"fifo_table": [slab, fifo], "fifo_slab": [fifo]}.get(mode, []), conn)
+    entries = [["w", "uint8", [nbytes], 0, nbytes]]
+    layout = SlabLayout.from_wire(entries, nbytes, nbytes)
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    conn.send(("ready", os.getpid(), slab_id))
+    while True:
+        identity, *_, payload = sock.recv_multipart()
+        frame = p.decode(payload, p.REQUEST_TYPES)
+        msg = frame.message
+        if isinstance(msg, p.FetchRequest):
+            token = None if mode == "proc_fifo" else os.urandom(16)
+            handle = p.CpuSlabHandle(slab_id, nbytes, os.getpid(), fifo if mode == "proc_fifo" else slab, gen, token)
+            reply = p.FetchReply(
+                name=msg.name,
+                version=msg.version or 1,
+                lease_id=7,
+                config_digest=p.digest_of(CONFIG),
+                config=CONFIG,
+                slab_id=slab_id,
+                slab=handle,
+                generation=table.read(slot),
+                layout_digest=layout.digest,
+                entries=entries,
+                used_bytes=nbytes,
+                live_slabs=[slab_id],
+            )
+        elif isinstance(msg, p.ReleaseRequest):
+            reply = p.ReleaseReply(msg.lease_id)
+        else:
+            reply = p.ErrorReply("LoraIpcError", "no")
+        sock.send_multipart([identity, b"", p.encode(reply, frame.request_id)])
+
+
+class HostileChannel:
+    """``channel_main`` in a process of its own; ``accepted()`` waits for its channel's next accept."""
+
+    def __init__(self, endpoint: str, mode: str, fifo_path: str):
+        from .procs import SPAWN
+
+        self.endpoint = endpoint
+        self._conn, child = SPAWN.Pipe()
+        self.proc = SPAWN.Process(target=channel_main, args=(child, endpoint, mode, fifo_path), daemon=True)
+        self.proc.start()
+        if not self._conn.poll(120):
+            raise RuntimeError("hostile server did not start")
+        _, self.pid, self.slab_id = self._conn.recv()
+
+    def accepted(self, timeout: float = 60) -> int:
+        assert self._conn.poll(timeout), "the hostile channel saw no connection"
+        return self._conn.recv()[1]
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(10)

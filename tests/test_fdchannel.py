@@ -99,9 +99,9 @@ def test_a_channel_served_by_another_process_than_the_zmq_server_is_refused(tmp_
     asked = []
     original = FdReceiver.__call__
 
-    def claiming_another_server(self, token, expected_pid=None):
+    def claiming_another_server(self, token, expected_pid=None, **kw):
         asked.append(expected_pid)
-        return original(self, token, expected_pid=os.getpid() + 1)  # what a channel of another process reports
+        return original(self, token, expected_pid=os.getpid() + 1, **kw)  # what a channel of another process reports
 
     monkeypatch.setattr(FdReceiver, "__call__", claiming_another_server)
     with AdapterExporter(endpoint) as exporter:
@@ -530,17 +530,17 @@ def test_a_publisher_pushes_its_staging_slab_and_the_daemon_never_uses_proc(tmp_
 
 
 def test_pushes_are_bounded_single_use_and_one_descriptor_each(tmp_path):
-    from lora_ipc.fdchannel import MAX_PUSHED, PUSH, push_fd
+    from lora_ipc.fdchannel import PUSH, PUSHED_PER_PROCESS, push_fd
 
     endpoint = f"ipc://{tmp_path}/e.sock"
     server = FdServer(endpoint, {os.getuid()}).start()
     try:
         r, w = os.pipe()
-        tokens = [push_fd(endpoint, r) for _ in range(MAX_PUSHED + 5)]
+        tokens = [push_fd(endpoint, r) for _ in range(PUSHED_PER_PROCESS + 5)]
         deadline = time.monotonic() + 10
-        while len(server._pushed) != MAX_PUSHED and time.monotonic() < deadline:
+        while len(server._pushed) != PUSHED_PER_PROCESS and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(server._pushed) == MAX_PUSHED  # the oldest were closed
+        assert len(server._pushed) == PUSHED_PER_PROCESS  # this process's oldest were closed
         with pytest.raises(BackendError, match="no descriptor was pushed"):
             server.take_pushed(tokens[0])
         [fd] = server.take_pushed(tokens[-1])

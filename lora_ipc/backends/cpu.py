@@ -17,7 +17,7 @@ import torch
 from ..errors import BackendError
 from ..host_buffers import HOST_BUFFERS, pinned_bounce
 from ..protocol import CpuSlabHandle
-from ..shm import GenerationReader, check_sealed, create_sealed, map_fd, open_sealed, read_exact
+from ..shm import GenerationReader, create_sealed, map_fd, open_sealed, read_exact, reopen_sealed
 from .base import Backend, ExportedSlab, ImportedSlab
 
 
@@ -140,14 +140,15 @@ def _receive_memfd(handle: CpuSlabHandle, receive) -> tuple[int, GenerationReade
         return None
     fd, extra = fds[0], fds[1:]
     try:
-        check_sealed(fd, handle.slab_id, handle.nbytes)
-        fd = reopen_read_only(fd)  # what arrived may be writable; this process only ever reads
+        # checked before anything is opened: what arrived may be a FIFO (Note [open nothing a peer chose
+        # before knowing what it is], shm.py) or writable; this process only ever reads
+        fd = reopen_sealed(fd, handle.slab_id, handle.nbytes)
         reader = None
         if extra:
             slot = handle.generation
             if slot is None or len(extra) != 1:
                 raise BackendError(f"exporter sent {len(extra)} descriptors beside slab {handle.slab_id!r} unasked")
-            table_fd = reopen_read_only(extra[0])
+            table_fd = reopen_sealed(extra[0], slot.table, 8)
             extra = []
             reader = GenerationReader(slot.pid, slot.fd, slot.table, table_fd)  # checks it, owns it
     except BaseException:
@@ -155,17 +156,6 @@ def _receive_memfd(handle: CpuSlabHandle, receive) -> tuple[int, GenerationReade
             os.close(other)
         raise
     return fd, reader
-
-
-def reopen_read_only(fd: int) -> int:
-    """A read-only descriptor of the same memfd (through our own /proc entry, visible in every pid
-    namespace); ``fd`` is closed once that worked (left to the caller otherwise)."""
-    try:
-        read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise BackendError(f"cannot reopen a received slab read-only: {exc}") from None
-    os.close(fd)
-    return read_only
 
 
 class CpuBackend(Backend):

@@ -33,9 +33,12 @@ def _map(handle: bytes | str, offset: int):
     path = _path(handle)
     if path is None or offset < 0:
         return None, None
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
+    from ..errors import BackendError
+    from ..shm import open_regular
+
+    try:  # a name the exporter chose: nothing but a regular file of ours is opened (no FIFO, no device)
+        fd = open_regular(path, os.O_RDWR, follow=False)
+    except BackendError:
         return None, None
     try:
         size = os.fstat(fd).st_size

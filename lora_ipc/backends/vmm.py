@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import secrets
+import stat
 from typing import cast
 
 import torch
@@ -32,9 +33,8 @@ import torch
 from .. import native, settings
 from ..errors import BackendError, ConfigError
 from ..protocol import VmmSlabHandle
-from ..shm import GenerationReader
+from ..shm import GenerationReader, reopen_sealed
 from .base import Backend, ExportedSlab
-from .cpu import reopen_read_only
 from .cuda import CudaImportedSlab, device_uuid, local_device_for_uuid
 
 log = logging.getLogger("lora_ipc.vmm")
@@ -135,6 +135,17 @@ class VmmExportedSlab(ExportedSlab):
             self._fd = -1
 
 
+def _check_allocation_fd(fd: int, slab_id: str) -> None:
+    """What the driver exports is never a FIFO, socket or directory: such a descriptor from a hostile exporter
+    is refused before the driver sees it (the driver imports by descriptor; nothing is opened by path)."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise BackendError(f"VMM slab {slab_id}: cannot inspect its descriptor: {exc}") from None
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISDIR(mode):
+        raise BackendError(f"VMM slab {slab_id}: the exporter sent a {stat.filemode(mode)[0]!r} descriptor: refused")
+
+
 class VmmImportedSlab(CudaImportedSlab):
     """Mapped read-only from the descriptor the exporter sent; copies as the CUDA IPC import does."""
 
@@ -149,9 +160,11 @@ class VmmImportedSlab(CudaImportedSlab):
                 slot = handle.generation
                 if slot is None or len(fds) != 2:
                     raise BackendError(f"exporter sent {len(fds) - 1} descriptors beside slab {handle.slab_id!r}")
-                table_fd = reopen_read_only(fds[1])  # what arrived may be writable; closed once reopened
+                # checked before it is opened (a FIFO would block: shm.py), then reopened read-only
+                table_fd = reopen_sealed(fds[1], slot.table, 8)
                 fds.pop()
                 self._generations = GenerationReader(slot.pid, slot.fd, slot.table, table_fd)  # checks, owns it
+            _check_allocation_fd(fds[0], handle.slab_id)
             mapping = native.call(ext.import_fd, fds[0], handle.nbytes, index, False)
         except BaseException:
             self._close_generations()
