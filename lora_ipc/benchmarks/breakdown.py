@@ -522,7 +522,7 @@ def plot(results: dict, path: str) -> None:
             bars.append((f"{tag}\nlora_ipc", c["paths"]["lora_ipc"], TRANSPORT_STAGES))
             bars.append((f"{tag}\n2 copies", c["paths"]["two_copy_floor"], ("pack_ms", "copy_out_ms")))
     keys = list(dict.fromkeys(k for _, _, ks in bars for k in ks))
-    colors = dict(zip(keys, plt.get_cmap("tab20").colors))
+    colors = dict(zip(keys, plt.get_cmap("tab20")(range(20))))
     fig, ax = plt.subplots(figsize=(max(7.5, 0.75 * len(bars) + 2), 5.5), dpi=120)
     for x, (_, per, ks) in enumerate(bars):
         bottom = 0.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any, cast
 
 from .breakdown import hardware, summary
 from .timing import save_json
@@ -51,7 +52,7 @@ def run(mbs: list[int], iters: int, warmup: int) -> dict:
                         dst = torch.frombuffer(map_anonymous(n, True), dtype=torch.uint8)
                     else:
                         dst = pool.take(n)
-                    read_exact(fd, memoryview(dst.numpy()), 0)
+                    read_exact(fd, memoryview(cast(Any, dst.numpy())), 0)
                     del dst  # the pooled buffer goes back, as a fetch's tensors do once freed
                 if i >= warmup:
                     samples[variant].append((time.perf_counter() - t0) * 1e3)
