@@ -25,6 +25,15 @@ FALLOC_FL_PUNCH_HOLE = 2
 CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 
+def _not_a_fetch(msg):
+    """What the hostile servers answer to anything but a fetch: a release is acknowledged, the rest refused."""
+    from lora_ipc import protocol as p
+
+    if isinstance(msg, p.ReleaseRequest):
+        return p.ReleaseReply(msg.lease_id)
+    return p.ErrorReply("LoraIpcError", "no")
+
+
 def _fill(fd: int, nbytes: int) -> None:
     mm = mmap.mmap(fd, nbytes)
     mm[:] = bytes([ATTACKER_BYTE]) * nbytes
@@ -125,10 +134,8 @@ def hostile_main(
                 used_bytes=used,
                 live_slabs=[slab_id],
             )
-        elif isinstance(msg, p.ReleaseRequest):
-            reply = p.ReleaseReply(msg.lease_id)
         else:
-            reply = p.ErrorReply("LoraIpcError", "no")
+            reply = _not_a_fetch(msg)
         sock.send_multipart([identity, b"", p.encode(reply, frame.request_id)])
 
 
@@ -290,10 +297,8 @@ def channel_main(conn, endpoint: str, mode: str, fifo_path: str) -> None:
                 used_bytes=nbytes,
                 live_slabs=[slab_id],
             )
-        elif isinstance(msg, p.ReleaseRequest):
-            reply = p.ReleaseReply(msg.lease_id)
         else:
-            reply = p.ErrorReply("LoraIpcError", "no")
+            reply = _not_a_fetch(msg)
         sock.send_multipart([identity, b"", p.encode(reply, frame.request_id)])
 
 

@@ -55,10 +55,9 @@ def random_reward(completions, **_):
     return [_RNG.random() for _ in completions]
 
 
-def grpo_args(tmp_path, **kwargs):
-    from trl import GRPOConfig
-
-    return GRPOConfig(
+def common_args(tmp_path) -> dict:
+    """What every trainer config of these tests shares: two CPU steps of 4 prompts x 4 completions of 8 tokens."""
+    return dict(
         output_dir=str(tmp_path / "out"),
         use_cpu=True,
         bf16=False,
@@ -66,6 +65,14 @@ def grpo_args(tmp_path, **kwargs):
         per_device_train_batch_size=4,
         num_generations=4,
         max_completion_length=8,
+    )
+
+
+def grpo_args(tmp_path, **kwargs):
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        **common_args(tmp_path),
         learning_rate=0.05,
         beta=0.0,
         logging_steps=1,
@@ -358,13 +365,7 @@ def test_async_grpo_syncs_through_lora_ipc(server, model_dir, tmp_path, monkeypa
         monkeypatch.setattr(async_client.VLLMClient, "load_lora_adapter", spy_load)
         monkeypatch.setattr(async_grpo_trainer, "save_lora_adapter", lambda *a, **k: loads.append(("disk", "")))
         args = AsyncGRPOConfig(
-            output_dir=str(tmp_path / "out"),
-            use_cpu=True,
-            bf16=False,
-            max_steps=2,
-            per_device_train_batch_size=4,
-            num_generations=4,
-            max_completion_length=8,
+            **common_args(tmp_path),
             max_staleness=0,
             report_to="none",
             save_strategy="no",
