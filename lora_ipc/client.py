@@ -76,11 +76,11 @@ def transport_mode(value: str | None = None) -> str:
     return mode
 
 
-# A copy invalidated by a slab reuse is fetched again (the newest version only) at least this many times, and on
-# until the client's timeout_s has passed: under a publisher that outpaces busy readers a few tries can all lose.
-# One deadline covers a try's request, descriptor channel and host fallback (a peer that never answers costs a
-# fetch its timeout once); a try again after a lost copy gets a timeout of its own.
-FETCH_ATTEMPTS = 3
+# One deadline, the client's timeout_s, covers a whole fetch: every try's request, descriptor channel and host
+# fallback, and the tries again after a copy lost to a slab reuse (the newest version only: under a publisher that
+# outpaces busy readers a few tries can all lose). Whatever a peer does, a fetch ends within timeout_s plus the
+# copy in flight.
+DEADLINE_SLACK_S = 0.01  # a wait that ran to the deadline may wake this much early (poll rounds to milliseconds)
 
 
 class _DeviceImportFailed(Exception):
@@ -207,29 +207,38 @@ class TensorSetClient:
         (default: this client's ``max_fetch_bytes``), before anything is allocated (``LimitExceeded``).
         """
         limit = self.max_fetch_bytes if max_bytes is None else fetch_bytes_limit(max_bytes)
-        retry_until = time.monotonic() + self.timeout_s
-        attempt = 0
+        deadline = time.monotonic() + self.timeout_s  # the whole fetch: every try, channel and fallback
+        lost: SlabRecycled | None = None
         while True:
-            attempt += 1
-            deadline = time.monotonic() + self.timeout_s  # one try: its request, descriptor channel and fallback
             try:
-                return self._fetch_once(name, version, device, epoch, limit, deadline)
-            except _DeviceImportFailed as failed:
-                if self.transport != "auto":
-                    raise failed.error from None
-                if not self._host_only:
-                    log.warning(
-                        "lora-ipc: importing a slab of %s failed (%s); falling back to host-staged copies "
-                        "for this client (set %s=host to skip the attempt)",
-                        self.endpoint,
-                        failed.error,
-                        ENV_TRANSPORT,
-                    )
-                self._fell_back = True
-                return self._fetch_once(name, version, device, epoch, limit, deadline)
-            except SlabRecycled:
-                if version is not None or (attempt >= FETCH_ATTEMPTS and time.monotonic() >= retry_until):
+                return self._fetch_or_fall_back(name, version, device, epoch, limit, deadline)
+            except SlabRecycled as exc:
+                if version is not None or time.monotonic() >= deadline:
                     raise
+                lost = exc
+            except ExporterUnavailable:
+                if lost is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S:
+                    raise lost from None  # the deadline ran out in a try again: the copies lost are the reason
+                raise
+
+    def _fetch_or_fall_back(self, name, version, device, epoch, limit: int, deadline: float) -> TensorSet:
+        """One try; where a device slab cannot be imported (``auto``), the host-staged copy, and that copy for
+        every later fetch of this client."""
+        try:
+            return self._fetch_once(name, version, device, epoch, limit, deadline)
+        except _DeviceImportFailed as failed:
+            if self.transport != "auto":
+                raise failed.error from None
+            if not self._host_only:
+                log.warning(
+                    "lora-ipc: importing a slab of %s failed (%s); falling back to host-staged copies "
+                    "for this client (set %s=host to skip the attempt)",
+                    self.endpoint,
+                    failed.error,
+                    ENV_TRANSPORT,
+                )
+            self._fell_back = True
+            return self._fetch_once(name, version, device, epoch, limit, deadline)
 
     @property
     def _host_only(self) -> bool:

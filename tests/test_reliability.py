@@ -304,6 +304,31 @@ def test_the_newest_version_is_fetched_again_until_the_timeout_not_just_three_ti
         assert losses["copies"] >= 3
 
 
+def test_a_peer_that_spoils_every_slow_copy_costs_a_fetch_its_timeout_once(exporter_proc, monkeypatch):
+    """Each copy takes most of the timeout and is then invalidated (the generation moved): the fetch gives up
+    with SlabRecycled once its one deadline has passed — not after several tries of a timeout each (before:
+    at least three tries, each with a timeout of its own, 3x the timeout and more)."""
+    from lora_ipc.backends.cpu import CpuImportedSlab
+
+    exporter_proc.call("publish_random", "slow", 2)
+    real = CpuImportedSlab.generation_now
+    copies = []
+
+    def slow_and_spoiled(self):
+        copies.append(time.monotonic())
+        time.sleep(1.5)
+        now = real(self)
+        return None if now is None else now + 1
+
+    monkeypatch.setattr(CpuImportedSlab, "generation_now", slow_and_spoiled)
+    with AdapterClient(exporter_proc.endpoint, timeout_s=2.0) as client:
+        started = time.monotonic()
+        with pytest.raises(SlabRecycled):
+            client.fetch("slow")
+        took = time.monotonic() - started
+    assert len(copies) <= 2 and took < 4.2, (len(copies), took)  # old code: 3 copies, >= 4.5 s
+
+
 def test_non_finite_adapters_are_rejected_at_publish_and_never_replace_the_last_good_one(tmp_path):
     """``check_finite`` where it is switched on: an in-process AdapterExporter (``check_finite=True``, the
     store's switch) and the daemon (``lora-ipc serve --check-finite``, published into by a RemoteExporter).
