@@ -96,6 +96,7 @@ def test_random_bytes(data):
     must_decode_or_reject(data)
 
 
+@pytest.mark.slow  # 100-240 s on 2 cores: the full suite and CI run it; `-m "not slow"` leaves it out
 @fuzz_settings("frames")
 @given(
     st.sampled_from([p.PROTOCOL_VERSION, p.PROTOCOL_VERSION, 0, 2, -1, "1"]),
