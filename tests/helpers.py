@@ -70,6 +70,18 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def memfd_fds(pid: int) -> int:
+    """Descriptors of ``pid`` open on lora_ipc memfds (others in the process — a finalizer closing an earlier
+    test's socket — do not move the count)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:lora-ipc")
+        except OSError:  # closed meanwhile
+            pass
+    return count
+
+
 def shm_mappings(pid: int) -> int:
     with open(f"/proc/{pid}/maps") as f:
         return sum(1 for line in f if "/memfd:lora-ipc." in line)

@@ -22,7 +22,7 @@ from lora_ipc import protocol as p
 from lora_ipc.store import TensorSetStore
 
 from . import models
-from .helpers import open_fds, shm_fds
+from .helpers import memfd_fds, open_fds, shm_fds
 from .procs import ExporterProcess
 
 # ---- memory amplification by hostile frames ----------------------------------------------------------
@@ -106,7 +106,7 @@ def test_keep_bounds_slabs_even_when_a_client_pins_every_version():
 
 def test_adapter_names_and_slab_bytes_are_capped_and_failures_leave_nothing():
     store = TensorSetStore(limits=Limits(max_names=20, max_slab_bytes=24 << 20))
-    fds = open_fds(os.getpid())
+    fds = memfd_fds(os.getpid())
     for i in range(20):
         store.publish(f"n{i}", models.random_adapter(1), models.RANDOM_ADAPTER_CONFIG)
     with pytest.raises(LimitExceeded, match="max_names"):
@@ -115,9 +115,9 @@ def test_adapter_names_and_slab_bytes_are_capped_and_failures_leave_nothing():
         store.publish("n0", {"w": torch.zeros(8 << 20)}, models.RANDOM_ADAPTER_CONFIG)
     assert [v.name for v in store.status().versions][:1] == ["n0"]
     assert store.status().slabs.live == 20
-    assert open_fds(os.getpid()) - fds == 2 * 20 + 2  # 20 slabs and the generation table (fd + mmap's dup)
+    assert memfd_fds(os.getpid()) - fds == 2 * 20 + 2  # 20 slabs and the generation table (fd + mmap's dup)
     store.close()
-    assert open_fds(os.getpid()) == fds
+    assert memfd_fds(os.getpid()) == fds
 
 
 def test_shared_clients_are_bounded(tmp_path):

@@ -207,7 +207,9 @@ def test_bench_runs_from_the_wheel(venv, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "bench.json").read_text())
-    assert set(results["ranks"]["4"]["paths"]) == {"lora_ipc", "disk_shm", "ipc_per_tensor"}
+    # lora_ipc, the /dev/shm path, torch IPC per tensor, and the one- and two-copy floors timed in the same run
+    paths = {"lora_ipc", "disk_shm", "ipc_per_tensor", "copy_floor", "two_copy_floor"}
+    assert set(results["ranks"]["4"]["paths"]) == paths
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -20,6 +20,7 @@ import functools
 import logging
 import threading
 import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import settings
@@ -32,15 +33,26 @@ _MARK = "__lora_ipc_wrapped__"
 BACKEND = "lora_ipc"
 
 
-# lora_ipc's state per vLLM worker LoRA manager, beside it rather than as attributes on vLLM's object
-_loaded_paths: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
-_loaded_paths_lock = threading.Lock()
+@dataclass
+class ManagerState:
+    """lora_ipc's state per vLLM worker LoRA manager, kept beside it (not as attributes on vLLM's object)."""
+
+    paths: dict[int, str] = field(default_factory=dict)  # lora_int_id -> the lora-ipc:// path loaded under it
+    loads: int = 0  # adapters loaded through lora_ipc (each a fetch or kept copy + from_lora_tensors)
+
+
+_states: weakref.WeakKeyDictionary[Any, ManagerState] = weakref.WeakKeyDictionary()
+_states_lock = threading.Lock()
+
+
+def state_of(worker_manager) -> ManagerState:
+    with _states_lock:
+        return _states.setdefault(worker_manager, ManagerState())
 
 
 def loaded_paths(worker_manager) -> dict[int, str]:
     """``lora_int_id -> lora-ipc:// path`` of what this worker loaded through lora_ipc."""
-    with _loaded_paths_lock:
-        return _loaded_paths.setdefault(worker_manager, {})
+    return state_of(worker_manager).paths
 
 
 def _install(cls, attr: str, make_wrapper) -> None:
@@ -60,7 +72,9 @@ def _serve(manager, lora_request):
         lora = load_adapter(manager, lora_request)
     except LoraIpcError as exc:  # vLLM hands a worker's error back as text: the typed code goes in front
         raise tagged(type(exc), str(exc)) from exc
-    loaded_paths(manager)[lora_request.lora_int_id] = lora_request.lora_path
+    state = state_of(manager)
+    state.paths[lora_request.lora_int_id] = lora_request.lora_path
+    state.loads += 1
     return lora
 
 

@@ -84,7 +84,9 @@ class WorkerExtension:
 
     def lora_ipc_load_count(self) -> int:
         """How many times this worker has loaded an adapter through lora_ipc (each fetch + from_lora_tensors)."""
-        return getattr(self._lora_ipc_manager(), "_lora_ipc_loads", 0)
+        from .plugin import state_of
+
+        return state_of(self._lora_ipc_manager()).loads
 
     def lora_ipc_loaded(self) -> list[dict]:
         from .plugin import loaded_paths
