@@ -29,7 +29,6 @@ from .endpoint import daemon_endpoint
 from .errors import (
     BackendError,
     ClientClosed,
-    ConfigError,
     ExporterUnavailable,
     LayoutError,
     LimitExceeded,
@@ -46,7 +45,6 @@ from .lru import BoundedLRU
 MAX_CACHED_LAYOUTS = 32
 MAX_CACHED_SLABS = 32
 ENV_TRANSPORT = "LORA_IPC_TRANSPORT"
-TRANSPORTS = ("auto", "cuda", "host")
 ENV_MAX_FETCH_BYTES = "LORA_IPC_MAX_FETCH_BYTES"
 DEFAULT_MAX_FETCH_BYTES = 4 << 30
 log = logging.getLogger("lora_ipc.client")
@@ -70,10 +68,7 @@ def transport_mode(value: str | None = None) -> str:
     (never fall back) or ``host`` (always the host copy); default ``$LORA_IPC_TRANSPORT`` or auto."""
     if value is None:
         return cast(str, settings.value(ENV_TRANSPORT))
-    mode = value.lower()
-    if mode not in TRANSPORTS:
-        raise ConfigError(f"transport {mode!r}: expected one of {TRANSPORTS} (${ENV_TRANSPORT})")
-    return mode
+    return cast(str, settings.SETTINGS[ENV_TRANSPORT].parse(value, given_as="transport"))
 
 
 # One deadline, the client's timeout_s, covers a whole fetch: every try's request, descriptor channel and host

@@ -25,21 +25,22 @@ class Setting:
     positive: bool = False  # int/float settings: must be > 0 (else >= 0)
     side: str = "both"  # where it is read: trainer, engine (vLLM worker / server) or both
 
-    def parse(self, raw: str) -> str | int | float:
+    def parse(self, raw: str, given_as: str | None = None) -> str | int | float:
+        """``raw`` as this setting's type; ``given_as`` names an argument that carried it instead of the
+        variable (``transport=...``), for the error."""
+        where = f"{given_as or '$' + self.name}={raw!r:.40}"
         if self.kind is str:
             if self.choices:
                 raw = raw.lower()
                 if raw not in self.choices:
-                    raise ConfigError(f"${self.name}={raw!r:.40}: expected one of {self.choices}")
+                    raise ConfigError(f"{where}: expected one of {self.choices} (${self.name})")
             return raw
         try:
             parsed = self.kind(raw)
         except ValueError:
-            raise ConfigError(f"${self.name}={raw!r:.40}: expected a {self.kind.__name__}") from None
+            raise ConfigError(f"{where}: expected a {self.kind.__name__}") from None
         if parsed != parsed or parsed < 0 or (self.positive and parsed == 0):  # NaN, negative, zero
-            raise ConfigError(
-                f"${self.name}={raw!r:.40}: expected a {'positive' if self.positive else 'non-negative'} number"
-            )
+            raise ConfigError(f"{where}: expected a {'positive' if self.positive else 'non-negative'} number")
         return parsed
 
 

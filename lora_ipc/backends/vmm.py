@@ -31,7 +31,7 @@ from typing import cast
 import torch
 
 from .. import native, settings
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError
 from ..protocol import VmmSlabHandle
 from ..shm import GenerationReader, reopen_sealed
 from .base import Backend, ExportedSlab
@@ -39,17 +39,13 @@ from .cuda import CudaImportedSlab, device_uuid, local_device_for_uuid
 
 log = logging.getLogger("lora_ipc.vmm")
 ENV_CUDA_EXPORT = "LORA_IPC_CUDA_EXPORT"
-CUDA_EXPORTS = ("torch", "vmm", "auto")
 _said: set[str] = set()
 
 
 def cuda_export_mode(value: str | None = None) -> str:
     if value is None:
         return cast(str, settings.value(ENV_CUDA_EXPORT))
-    mode = value.lower()
-    if mode not in CUDA_EXPORTS:
-        raise ConfigError(f"CUDA export {mode!r}: expected one of {CUDA_EXPORTS} (${ENV_CUDA_EXPORT})")
-    return mode
+    return cast(str, settings.SETTINGS[ENV_CUDA_EXPORT].parse(value, given_as="CUDA export"))
 
 
 def cuda_backend(device: torch.device, mode: str | None = None) -> Backend:
