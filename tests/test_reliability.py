@@ -315,18 +315,17 @@ def test_a_peer_that_spoils_every_slow_copy_costs_a_fetch_its_timeout_once(expor
     copies = []
 
     def slow_and_spoiled(self):
-        copies.append(time.monotonic())
+        copies.append(self)
         time.sleep(1.5)
         now = real(self)
         return None if now is None else now + 1
 
     monkeypatch.setattr(CpuImportedSlab, "generation_now", slow_and_spoiled)
     with AdapterClient(exporter_proc.endpoint, timeout_s=2.0) as client:
-        started = time.monotonic()
         with pytest.raises(SlabRecycled):
             client.fetch("slow")
-        took = time.monotonic() - started
-    assert len(copies) <= 2 and took < 4.2, (len(copies), took)  # old code: 3 copies, >= 4.5 s
+    # each copy takes 1.5 s of the 2 s deadline: a second try may start, a third never (old code: three tries)
+    assert len(copies) <= 2, len(copies)
 
 
 def test_non_finite_adapters_are_rejected_at_publish_and_never_replace_the_last_good_one(tmp_path):
