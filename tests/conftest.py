@@ -1,5 +1,9 @@
 """Fixtures and collection rules; shared helper functions live in helpers.py."""
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
@@ -11,6 +15,25 @@ def exporter_proc():
     proc = ExporterProcess(keep=3)
     yield proc
     proc.close()
+
+
+@pytest.fixture
+def short_dir():
+    """A fresh directory with a short path, for ipc:// sockets (a socket path must fit in 108 bytes, which
+    pytest's tmp_path does not promise). Only sockets are expected in it: anything else fails the teardown."""
+    d = tempfile.mkdtemp(prefix="lic-")
+    yield d
+    for f in os.listdir(d):
+        os.unlink(os.path.join(d, f))
+    os.rmdir(d)
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    """One module's exporter endpoint (a socket in a fresh short directory), shared by its servers."""
+    root = tempfile.mkdtemp(prefix="lic-")
+    yield f"ipc://{root}/exporter.sock"
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

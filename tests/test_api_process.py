@@ -5,7 +5,6 @@ the resolver treats any malformed version as not found, and a store's epoch pins
 import asyncio
 import os
 import socket
-import tempfile
 import threading
 import time
 
@@ -19,15 +18,6 @@ from lora_ipc.vllm.uri import AdapterURI
 from . import models
 
 CONFIG = models.RANDOM_ADAPTER_CONFIG
-
-
-@pytest.fixture
-def short_dir():
-    d = tempfile.mkdtemp(prefix="lic-")
-    yield d
-    for f in os.listdir(d):
-        os.unlink(os.path.join(d, f))
-    os.rmdir(d)
 
 
 @pytest.fixture

@@ -10,8 +10,6 @@ The engine-free tests run the real exporter, client, resolver and the API proces
 stand-in for vLLM's ``OpenAIServingModels``); the last test starts the real OpenAI server once."""
 
 import asyncio
-import shutil
-import tempfile
 import threading
 
 import pytest
@@ -27,13 +25,6 @@ from . import models
 
 CONFIG = models.RANDOM_ADAPTER_CONFIG
 WIDE = "\U0001d538"  # 𝔸: four UTF-8 bytes, twelve characters percent-encoded
-
-
-@pytest.fixture
-def short_dir():
-    d = tempfile.mkdtemp(prefix="lic-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 # ---- 6. a name that reads as name@vN is refused at publish -----------------------------------------
@@ -269,13 +260,6 @@ def test_a_pinned_name_is_not_marked_to_follow(short_dir):
 
 
 # ---- 4. after a trainer restart, name@vN is the new run's vN or 404 (the real OpenAI server) -----------
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    root = tempfile.mkdtemp(prefix="lic-")
-    yield f"ipc://{root}/trainer.sock"
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

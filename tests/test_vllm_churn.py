@@ -1,9 +1,6 @@
 """The real vLLM OpenAI server under ordinary churn: adapters evicted by vLLM and dropped by the
 exporter, a daemon restarted. One server and one daemon for the whole module (engine start is slow)."""
 
-import shutil
-import tempfile
-
 import pytest
 
 vllm = pytest.importorskip("vllm")
@@ -18,13 +15,6 @@ from .helpers import start_daemon  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 PROMPT = [1, 17, 42, 99, 7, 8]
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    root = tempfile.mkdtemp(prefix="lic-")
-    yield f"ipc://{root}/d.sock"
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
