@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 PROMPTS = [[1, 17, 42, 99, 7, 8], [1, 200, 3, 150, 23], [1, 5, 6, 7, 8, 9, 10, 11]]
 
@@ -132,7 +133,8 @@ class Server:
         with open(self.log_path) as f:
             return f.read()[-n:]
 
-    def complete(self, model, prompt, max_tokens=12) -> list[int]:
+    def try_complete(self, model, prompt, max_tokens=12, timeout=60) -> tuple[int, Any]:
+        """A greedy completion: (200, its token ids), or (the HTTP status, the error body)."""
         status, body = post(
             self.base + "/v1/completions",
             {
@@ -143,9 +145,14 @@ class Server:
                 "ignore_eos": True,
                 "return_token_ids": True,
             },
+            timeout=timeout,
         )
-        assert status == 200, body
-        return list(body["choices"][0]["token_ids"])
+        return status, (list(body["choices"][0]["token_ids"]) if status == 200 else body)
+
+    def complete(self, model, prompt, max_tokens=12) -> list[int]:
+        status, tokens = self.try_complete(model, prompt, max_tokens)
+        assert status == 200, tokens
+        return tokens
 
     def stop(self) -> None:
         self.proc.terminate()

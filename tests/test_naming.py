@@ -278,21 +278,7 @@ def server(endpoint, model_dir, tmp_path_factory):
 
 
 def _complete(server, model):
-    from . import engine
-
-    status, body = engine.post(
-        server.base + "/v1/completions",
-        {
-            "model": model,
-            "prompt": [1, 17, 42, 99, 7],
-            "max_tokens": 8,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        },
-        timeout=300,
-    )
-    return status, (list(body["choices"][0]["token_ids"]) if status == 200 else body)
+    return server.try_complete(model, [1, 17, 42, 99, 7], max_tokens=8, timeout=300)
 
 
 @pytest.mark.vllm

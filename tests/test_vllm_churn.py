@@ -49,19 +49,7 @@ def publish(endpoint, name, seed):
 
 
 def complete(server, model):
-    status, body = engine.post(
-        server.base + "/v1/completions",
-        {
-            "model": model,
-            "prompt": PROMPT,
-            "max_tokens": 8,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        },
-        timeout=300,
-    )
-    return status, (list(body["choices"][0]["token_ids"]) if status == 200 else body)
+    return server.try_complete(model, PROMPT, max_tokens=8, timeout=300)
 
 
 def test_reload_of_a_version_the_exporter_dropped_never_kills_the_server(server, endpoint):
