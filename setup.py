@@ -2,7 +2,7 @@
 
 The extension needs only a C compiler: no CUDA toolkit, no torch headers (the driver is loaded at run
 time, see csrc/vmm.c). It is optional: where it does not compile, the install goes on without it and
-lora_ipc says once, at run time, that the CUDA VMM backend is unavailable (lora_ipc/native.py).
+lora_ipc says once, at run time, that the CUDA VMM backend is unavailable (lora_ipc/core/memory/native.py).
 """
 
 from setuptools import Extension, setup

@@ -12,8 +12,8 @@ import time
 import msgspec
 import torch
 
-from lora_ipc import protocol as p
-from lora_ipc.layout import SlabLayout
+from lora_ipc.core import protocol as p
+from lora_ipc.core.memory.layout import SlabLayout
 
 
 def _layout(n: int) -> SlabLayout:
@@ -28,7 +28,7 @@ def _summary(*fields):
 
 def _status_report() -> dict:
     """A real store's report, with what a server adds (a plain dict: any protocol version encodes it)."""
-    from lora_ipc import store as stores
+    from lora_ipc.core.serving import store as stores
 
     store = getattr(stores, "TensorSetStore", None) or stores.AdapterStore  # AdapterStore: its name before
     store = store()

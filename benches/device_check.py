@@ -37,7 +37,7 @@ REQUIRED = (
     "peft",
     "pytest",
     "lora_ipc",
-    "lora_ipc.backends.cuda",
+    "lora_ipc.core.backends.cuda",
     "lora_ipc.refit",
     "lora_ipc.benchmarks.transport",
     "lora_ipc.benchmarks.breakdown",

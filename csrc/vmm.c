@@ -295,7 +295,7 @@ static PyType_Slot mapping_slots[] = {
     {Py_tp_dealloc, (void *)mapping_dealloc},
     {Py_tp_methods, mapping_methods},
     {Py_tp_getset, mapping_getset},
-    {Py_tp_doc, (void *)"A mapped CUDA VMM address range (see lora_ipc.native)."},
+    {Py_tp_doc, (void *)"A mapped CUDA VMM address range (see lora_ipc.core.memory.native)."},
     {0, NULL},
 };
 

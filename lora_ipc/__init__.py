@@ -3,9 +3,7 @@
 The core moves versioned tensor sets (``TensorSetExporter`` -> ``TensorSetClient``); the LoRA layer
 (``AdapterExporter``, ``AdapterClient``) and the refit layer (``lora_ipc.refit``) use it under their names."""
 
-from .adapters import Adapter, AdapterClient, AdapterExporter, RemoteExporter
-from .client import TensorSet, TensorSetClient
-from .errors import (
+from .core.errors import (
     AdapterNotFound,
     AdapterRejected,
     BackendError,
@@ -22,8 +20,10 @@ from .errors import (
     SlabRecycled,
     VersionNotFound,
 )
-from .exporter import RemoteTensorSetExporter, TensorSetExporter
-from .store import Limits
+from .core.fetching.client import TensorSet, TensorSetClient
+from .core.serving.exporter import RemoteTensorSetExporter, TensorSetExporter
+from .core.serving.store import Limits
+from .lora.adapters import Adapter, AdapterClient, AdapterExporter, RemoteExporter
 
 
 def _version() -> str:

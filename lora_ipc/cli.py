@@ -8,17 +8,17 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .endpoint import daemon_endpoint
-from .errors import EndpointInUse, EndpointNotTrusted
+from .core.channels.endpoint import daemon_endpoint
+from .core.errors import EndpointInUse, EndpointNotTrusted
 
 if TYPE_CHECKING:
-    from .protocol import StatusReport
+    from .core.protocol import StatusReport
 
 
 def _cmd_serve(args) -> int:
     import logging
 
-    from .daemon import serve
+    from .core.serving.daemon import serve
 
     # the daemon's one output channel: logging, to stdout, one line per event
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="lora-ipc: %(message)s", force=True)
@@ -81,8 +81,8 @@ def format_status(report: StatusReport) -> str:
 def _cmd_status(args) -> int:
     import msgspec
 
-    from .client import TensorSetClient
-    from .errors import ExporterUnavailable
+    from .core.errors import ExporterUnavailable
+    from .core.fetching.client import TensorSetClient
 
     try:
         with TensorSetClient(args.endpoint, timeout_s=args.timeout) as client:

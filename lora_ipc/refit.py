@@ -40,11 +40,11 @@ from typing import Annotated
 import torch
 from msgspec import Meta
 
-from .client import TensorSetClient
-from .errors import LoraIpcError, ProtocolError, wire_error
-from .exporter import TensorSetExporter
-from .layout import ALIGN, DTYPE_NAMES, DTYPES, align_up
-from .protocol import MAX_DIMS, MAX_ENTRIES, Count, Name, Positive, check_fields
+from .core.errors import LoraIpcError, ProtocolError, wire_error
+from .core.fetching.client import TensorSetClient
+from .core.memory.layout import ALIGN, DTYPE_NAMES, DTYPES, align_up
+from .core.protocol import MAX_DIMS, MAX_ENTRIES, Count, Name, Positive, check_fields
+from .core.serving.exporter import TensorSetExporter
 
 DEFAULT_BUCKET_BYTES = 256 << 20
 MIN_BUCKET_BYTES = 4 << 10

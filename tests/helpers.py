@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from lora_ipc.shm import memfds_of
+from lora_ipc.core.memory.shm import memfds_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +93,7 @@ def shm_fds(pid: int) -> list[str]:
 
 
 def shm_files(*pids: int) -> list[str]:
-    """lora-ipc files in /dev/shm: there must never be any (slabs are memfds, see lora_ipc/shm.py).
+    """lora-ipc files in /dev/shm: there must never be any (slabs are memfds, see lora_ipc/core/memory/shm.py).
 
     With ``pids``: files named after those processes. Without: files of processes this test run
     started, or of no live process (files of another live lora_ipc on the machine are not ours)."""

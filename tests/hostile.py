@@ -27,7 +27,7 @@ CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 def _not_a_fetch(msg):
     """What the hostile servers answer to anything but a fetch: a release is acknowledged, the rest refused."""
-    from lora_ipc import protocol as p
+    from lora_ipc.core import protocol as p
 
     if isinstance(msg, p.ReleaseRequest):
         return p.ReleaseReply(msg.lease_id)
@@ -41,7 +41,7 @@ def _fill(fd: int, nbytes: int) -> None:
 
 
 def _sealed(name: str, nbytes: int, reserve: bool) -> int:
-    from lora_ipc.shm import MEMFD_PREFIX, SEALS, create_sealed
+    from lora_ipc.core.memory.shm import MEMFD_PREFIX, SEALS, create_sealed
 
     if reserve:
         return create_sealed(name, nbytes)
@@ -59,7 +59,7 @@ def punch_holes(fd: int, nbytes: int) -> None:
 
 
 def _legit_reply(legit: str):
-    from lora_ipc import protocol as p
+    from lora_ipc.core import protocol as p
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(legit)
@@ -74,9 +74,9 @@ def _legit_reply(legit: str):
 def hostile_main(
     conn, endpoint: str, mode: str, nbytes: int = 0, legit: str | None = None, generation: bool = True
 ) -> None:
-    from lora_ipc import protocol as p
-    from lora_ipc.layout import SlabLayout
-    from lora_ipc.shm import GenerationTable
+    from lora_ipc.core import protocol as p
+    from lora_ipc.core.memory.layout import SlabLayout
+    from lora_ipc.core.memory.shm import GenerationTable
 
     table = GenerationTable(16)
     slot = table.take_slot()
@@ -185,7 +185,7 @@ def trainer_main(conn, endpoint: str) -> None:
 
 def staging_ids(pid: int) -> list[str]:
     """Slab ids of the lora-ipc memfds process ``pid`` holds, read from /proc as an attacker would."""
-    from lora_ipc.shm import MEMFD_PREFIX, memfds_of
+    from lora_ipc.core.memory.shm import MEMFD_PREFIX, memfds_of
 
     prefix = f"/memfd:{MEMFD_PREFIX}"
     return sorted({m[len(prefix) :].removesuffix(" (deleted)") for m in memfds_of(pid)})
@@ -196,9 +196,9 @@ def attacker_publish_main(conn, endpoint: str, victim_id: str, evictions: int) -
     victim's staging slab; every value 0x41 as float32 (65.0). Reports the daemon's answers."""
     import torch
 
-    from lora_ipc import protocol as p
-    from lora_ipc.layout import SlabLayout
-    from lora_ipc.shm import create_sealed, map_fd
+    from lora_ipc.core import protocol as p
+    from lora_ipc.core.memory.layout import SlabLayout
+    from lora_ipc.core.memory.shm import create_sealed, map_fd
 
     from . import models
 
@@ -232,7 +232,7 @@ def _channel_listener(endpoint: str, mode: str, fds: list[int], conn) -> None:
     import socket
     import threading
 
-    from lora_ipc.fdchannel import OK, fd_socket_path
+    from lora_ipc.core.channels.fdchannel import OK, fd_socket_path
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(fd_socket_path(endpoint))
@@ -256,9 +256,9 @@ def channel_main(conn, endpoint: str, mode: str, fifo_path: str) -> None:
     """A same-uid server whose every fetch reply names one slab of its own: through its descriptor channel
     (a token; modes of ``_channel_listener``), or, in mode ``proc_fifo``, through ``/proc/<pid>/fd/<fd>``
     where that fd is a FIFO without a writer."""
-    from lora_ipc import protocol as p
-    from lora_ipc.layout import SlabLayout
-    from lora_ipc.shm import GenerationTable
+    from lora_ipc.core import protocol as p
+    from lora_ipc.core.memory.layout import SlabLayout
+    from lora_ipc.core.memory.shm import GenerationTable
 
     table = GenerationTable(16)
     slot = table.take_slot()

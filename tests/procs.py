@@ -17,7 +17,7 @@ from unittest import mock
 
 import torch
 
-from lora_ipc.errors import LoraIpcError, tag
+from lora_ipc.core.errors import LoraIpcError, tag
 
 SPAWN = mp.get_context("spawn")
 
@@ -168,7 +168,7 @@ def _queue_work(s, cycles):
 
 
 def _set_allocator_settings(s, *settings):
-    from lora_ipc.backends.cuda import _set_allocator_settings as set_settings
+    from lora_ipc.core.backends.cuda import _set_allocator_settings as set_settings
 
     for one in settings:
         set_settings(one)
@@ -176,19 +176,19 @@ def _set_allocator_settings(s, *settings):
 
 
 def _effective_settings(s):
-    from lora_ipc.backends.cuda import allocator_settings, effective_allocator_settings
+    from lora_ipc.core.backends.cuda import allocator_settings, effective_allocator_settings
 
     return allocator_settings(), effective_allocator_settings()
 
 
 def _allocator_settings(s):
-    from lora_ipc.backends.cuda import allocator_settings
+    from lora_ipc.core.backends.cuda import allocator_settings
 
     return allocator_settings()
 
 
 def _handle_kinds(s):
-    from lora_ipc.backends.cuda import HANDLE_KIND_OFFSET
+    from lora_ipc.core.backends.cuda import HANDLE_KIND_OFFSET
 
     return sorted(
         {
@@ -320,7 +320,7 @@ def _fetch_checking_constant(client, name, count):
 
 def _hold_lease(client, name):
     """Lease the newest version and never release it."""
-    from lora_ipc import protocol as p
+    from lora_ipc.core import protocol as p
 
     return client._conn.request(p.FetchRequest(name, None, client.client_id), p.FetchReply).lease_id
 

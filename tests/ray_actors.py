@@ -53,7 +53,7 @@ class Trainer:
 
     def adapter(self) -> dict:
         """The tensors the trainer publishes (names and dtypes as packed)."""
-        from lora_ipc.peft import adapter_from
+        from lora_ipc.lora.peft import adapter_from
 
         tensors, _ = adapter_from(self.model, None)
         return {k: v.detach().clone() for k, v in tensors.items()}
@@ -183,7 +183,7 @@ class BrokenEngine:
     """An engine actor whose every worker RPC fails the way a worker's lora_ipc error comes back from vLLM."""
 
     def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
-        from lora_ipc.errors import ExporterUnavailable, tag
+        from lora_ipc.core.errors import ExporterUnavailable, tag
 
         raise Exception(
             "Call to collective_rpc method failed: Worker failed with error "

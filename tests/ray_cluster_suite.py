@@ -149,7 +149,7 @@ def test_load_failure_names_the_engine_and_it_keeps_serving(cluster, engine, pub
 def test_a_workers_typed_error_reaches_the_driver_as_its_class_with_its_own_message(cluster, engine, published):
     """A vLLM worker's lora_ipc error crosses vLLM's text-only RPC and Ray as a typed code: the driver gets
     the worker's class with the worker's message (``EngineLoadError.error``, also its ``__cause__``)."""
-    from lora_ipc.errors import ExporterUnavailable, VersionNotFound
+    from lora_ipc.core.errors import ExporterUnavailable, VersionNotFound
 
     missing = max(published) + 100
     with pytest.raises(EngineLoadError) as info:

@@ -26,9 +26,9 @@ vllm = pytest.importorskip("vllm")
 from vllm.lora.request import LoRARequest  # noqa: E402
 
 from lora_ipc import AdapterClient, AdapterExporter, AdapterRejected  # noqa: E402
-from lora_ipc.errors import LoraIpcError  # noqa: E402
-from lora_ipc.exporter import TensorSetExporter  # noqa: E402
-from lora_ipc.peft import adapter_from, config_to_dict, vllm_discards  # noqa: E402
+from lora_ipc.core.errors import LoraIpcError  # noqa: E402
+from lora_ipc.core.serving.exporter import TensorSetExporter  # noqa: E402
+from lora_ipc.lora.peft import adapter_from, config_to_dict, vllm_discards  # noqa: E402
 from lora_ipc.vllm import add_lora  # noqa: E402
 
 from . import engine, models  # noqa: E402

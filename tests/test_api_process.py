@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lora_ipc import AdapterClient, AdapterExporter, LoraIpcError
-from lora_ipc.errors import ClientClosed, StaleEpoch
-from lora_ipc.vllm.uri import AdapterURI
+from lora_ipc.core.errors import ClientClosed, StaleEpoch
+from lora_ipc.lora.uri import AdapterURI
 
 from . import models
 
@@ -114,7 +114,7 @@ def test_one_stuck_endpoint_holds_at_most_its_pending_cap(short_dir, monkeypatch
 
 
 def test_evicting_a_shared_client_never_waits_for_its_request_in_flight(short_dir, monkeypatch):
-    from lora_ipc import adapters
+    from lora_ipc.lora import adapters
 
     monkeypatch.setenv("LORA_IPC_TIMEOUT_S", "4")
     ep, sock = hung_endpoint(short_dir, "x")
@@ -147,7 +147,7 @@ def _raises(call):
 
 
 def test_a_client_evicted_before_use_fails_typed_and_a_fresh_one_works(exporter, short_dir):
-    from lora_ipc import adapters
+    from lora_ipc.lora import adapters
 
     held = adapters.shared_client(exporter.endpoint)
     for i in range(adapters.MAX_SHARED_CLIENTS):

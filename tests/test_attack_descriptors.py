@@ -18,10 +18,10 @@ import time
 import pytest
 
 from lora_ipc import AdapterClient, AdapterExporter, RemoteExporter
-from lora_ipc import protocol as p
-from lora_ipc.connection import Connection
-from lora_ipc.errors import BackendError, LoraIpcError
-from lora_ipc.layout import SlabLayout
+from lora_ipc.core import protocol as p
+from lora_ipc.core.channels.connection import Connection
+from lora_ipc.core.errors import BackendError, LoraIpcError
+from lora_ipc.core.memory.layout import SlabLayout
 
 from . import models
 from .helpers import assert_same_adapter

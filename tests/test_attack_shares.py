@@ -19,8 +19,8 @@ import time
 import zmq
 
 from lora_ipc import AdapterClient, AdapterExporter, Limits, RemoteExporter
-from lora_ipc import protocol as p
-from lora_ipc.fdchannel import MAX_CONNECTIONS, fd_socket_path
+from lora_ipc.core import protocol as p
+from lora_ipc.core.channels.fdchannel import MAX_CONNECTIONS, fd_socket_path
 
 from . import models
 from .helpers import assert_same_adapter
@@ -129,7 +129,7 @@ def test_a_squatted_descriptor_channel_still_serves_publishes_and_fetches(tmp_pa
 
 def _pusher(path: str, fork: bool, ready) -> None:
     """Push descriptors (one of our own memfds each time) as fast as the daemon takes them, until killed."""
-    from lora_ipc.fdchannel import PUSH
+    from lora_ipc.core.channels.fdchannel import PUSH
 
     fd = os.memfd_create("lora-ipc.x", os.MFD_CLOEXEC)
     ready.set()
@@ -163,7 +163,7 @@ GUARD_CAP = 32
 
 
 def _small_exporter(endpoint: str, ready) -> None:
-    from lora_ipc import guard
+    from lora_ipc.core.channels import guard
 
     guard.connection_cap = lambda *a, **k: GUARD_CAP  # the flood passes it without a thousand descriptors
     with AdapterExporter(endpoint) as exporter:

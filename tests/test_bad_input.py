@@ -8,9 +8,9 @@ import torch
 import zmq
 
 from lora_ipc import AdapterClient, LayoutError, ProtocolError
-from lora_ipc import protocol as p
-from lora_ipc.backends.cpu import CpuBackend
-from lora_ipc.layout import SlabLayout
+from lora_ipc.core import protocol as p
+from lora_ipc.core.backends.cpu import CpuBackend
+from lora_ipc.core.memory.layout import SlabLayout
 
 from . import models
 from .helpers import assert_same_adapter
@@ -194,7 +194,7 @@ class FakeExporter:
 
         import msgspec
 
-        from lora_ipc.shm import GenerationTable
+        from lora_ipc.core.memory.shm import GenerationTable
 
         self.table = GenerationTable(4)
         slot = p.GenerationSlot(os.getpid(), self.table.fd, self.table.take_slot(), self.table.name)
@@ -267,7 +267,7 @@ def test_layout_validator_unit():
 
 def test_large_frames_take_the_streaming_path_with_the_same_rules():
     """Frames over 64 KiB are walked as a stream: the same refusals, without building the frame first."""
-    from lora_ipc.protocol import SMALL_FRAME
+    from lora_ipc.core.protocol import SMALL_FRAME
 
     big_name = "x" * 500
     entries = [[f"{big_name}{i}", "float32", [4], i * 256, 16] for i in range(200)]

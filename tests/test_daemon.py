@@ -14,7 +14,7 @@ import zmq
 from safetensors.torch import load_file
 
 from lora_ipc import AdapterClient, RemoteExporter
-from lora_ipc import protocol as p
+from lora_ipc.core import protocol as p
 
 from . import models
 from .helpers import assert_same_adapter, cli, shm_fds, shm_files, start_daemon

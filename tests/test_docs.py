@@ -1,4 +1,4 @@
-"""The docs name only what exists: every LORA_IPC_* variable is a row of lora_ipc.settings, every repository
+"""The docs name only what exists: every LORA_IPC_* variable is a row of lora_ipc.core.settings, every repository
 path and relative link resolves, every `bash scripts/…`, `lora-ipc …` and `python -m …` command exists, and
 no page cites an internal issue number (history lives in CHANGELOG.md)."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_ipc import settings
+from lora_ipc.core import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "requirements").glob("*.md")])

@@ -1,5 +1,5 @@
 """CPU slabs travel as descriptors (SCM_RIGHTS) over the channel beside each server's ZeroMQ socket
-(lora_ipc/fdchannel.py): across pid namespaces, with one-time tokens, and against hostile peers on
+(lora_ipc/core/channels/fdchannel.py): across pid namespaces, with one-time tokens, and against hostile peers on
 either side (replayed or guessed tokens, descriptors sent unasked, descriptors of the wrong kind, size
 or name, a peer of another uid, a receiver out of descriptors): a typed error each, nothing leaked."""
 
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_ipc import AdapterClient, AdapterExporter, shm
-from lora_ipc.errors import BackendError, EndpointNotTrusted
-from lora_ipc.fdchannel import REQUEST, FdReceiver, FdServer, fd_socket_path
-from lora_ipc.protocol import CpuSlabHandle
+from lora_ipc import AdapterClient, AdapterExporter
+from lora_ipc.core.channels.fdchannel import REQUEST, FdReceiver, FdServer, fd_socket_path
+from lora_ipc.core.errors import BackendError, EndpointNotTrusted
+from lora_ipc.core.memory import shm
+from lora_ipc.core.protocol import CpuSlabHandle
 
 from . import models
 from .helpers import assert_same_adapter, checkout_env, open_fds, run_in_checkout, running
@@ -224,7 +225,7 @@ def _memfd(name: str, nbytes: int, seal: bool = True) -> int:
     ],
 )
 def test_wrong_descriptors_from_the_exporter_are_refused_and_closed(tmp_path, case, message):
-    from lora_ipc.backends.cpu import CpuImportedSlab
+    from lora_ipc.core.backends.cpu import CpuImportedSlab
 
     endpoint = f"ipc://{tmp_path}/e.sock"
     server = FdServer(endpoint, {os.getuid()}).start()
@@ -267,8 +268,8 @@ def test_an_untrusted_descriptor_socket_is_refused(tmp_path):
 
 EXHAUSTED = textwrap.dedent("""
     import json, os, resource, sys
-    from lora_ipc.errors import BackendError
-    from lora_ipc.fdchannel import FdReceiver, FdServer
+    from lora_ipc.core.errors import BackendError
+    from lora_ipc.core.channels.fdchannel import FdReceiver, FdServer
     from tests.helpers import fill_descriptor_holes
     endpoint = f"ipc://{sys.argv[1]}/e.sock"
     ask_r, ask_w = os.pipe()
@@ -318,7 +319,7 @@ def test_a_receiver_out_of_descriptors_gets_a_typed_error(tmp_path):
 
 SQUEEZED_SERVER = textwrap.dedent("""
     import json, logging, os, resource, sys, threading
-    from lora_ipc.fdchannel import FdReceiver, FdServer
+    from lora_ipc.core.channels.fdchannel import FdReceiver, FdServer
     from tests.helpers import fill_descriptor_holes
     endpoint = f"ipc://{sys.argv[1]}/e.sock"
     ask_r, ask_w = os.pipe()
@@ -334,7 +335,7 @@ SQUEEZED_SERVER = textwrap.dedent("""
                 if "cannot accept" in record.getMessage():
                     refused.set()
 
-        logging.getLogger("lora_ipc.fdchannel").addHandler(Refusals())
+        logging.getLogger("lora_ipc.core.channels.fdchannel").addHandler(Refusals())
         server = FdServer(endpoint, {os.getuid()}).start()
         token = server.offer(lambda: [os.open("/dev/null", os.O_RDONLY)])
         top, fillers = fill_descriptor_holes()
@@ -396,8 +397,9 @@ EXPORTER = textwrap.dedent("""
 CLIENT = textwrap.dedent("""
     import json, os, sys
     from safetensors.torch import load_file
-    from lora_ipc import AdapterClient, shm
-    from lora_ipc.errors import BackendError
+    from lora_ipc import AdapterClient
+    from lora_ipc.core.memory import shm
+    from lora_ipc.core.errors import BackendError
     out = sys.argv[1]
     seen = {}
     original = shm.open_sealed
@@ -508,8 +510,8 @@ def test_random_requests_never_redeem_anything(fuzzed_server):
 
 def test_a_publisher_pushes_its_staging_slab_and_the_daemon_never_uses_proc(tmp_path, monkeypatch):
     from lora_ipc import RemoteExporter
-    from lora_ipc.server import TensorSetServer
-    from lora_ipc.store import TensorSetStore
+    from lora_ipc.core.serving.server import TensorSetServer
+    from lora_ipc.core.serving.store import TensorSetStore
 
     endpoint = f"ipc://{tmp_path}/d.sock"
     server = TensorSetServer(TensorSetStore(), endpoint).start()
@@ -530,7 +532,7 @@ def test_a_publisher_pushes_its_staging_slab_and_the_daemon_never_uses_proc(tmp_
 
 
 def test_pushes_are_bounded_single_use_and_one_descriptor_each(tmp_path):
-    from lora_ipc.fdchannel import PUSH, PUSHED_PER_PROCESS, push_fd
+    from lora_ipc.core.channels.fdchannel import PUSH, PUSHED_PER_PROCESS, push_fd
 
     endpoint = f"ipc://{tmp_path}/e.sock"
     server = FdServer(endpoint, {os.getuid()}).start()
@@ -559,7 +561,8 @@ def test_pushes_are_bounded_single_use_and_one_descriptor_each(tmp_path):
 
 PUBLISH_AND_FETCH = textwrap.dedent("""
     import json, sys
-    from lora_ipc import AdapterClient, RemoteExporter, shm
+    from lora_ipc import AdapterClient, RemoteExporter
+    from lora_ipc.core.memory import shm
     from tests import models
     endpoint = sys.argv[1]
     def no_proc(*a, **kw):
@@ -593,8 +596,8 @@ def test_a_slab_freed_before_its_descriptor_is_taken_is_fetched_again_not_a_fail
     """Churn: between a fetch reply and the client's redeeming its token, the store may free the slab (its
     version evicted, the lease revoked). The channel says so (``G``), the client fetches again; before, it
     took this for a broken import and fell back to host-staged copies for the rest of its life."""
-    from lora_ipc.errors import SlabRecycled
-    from lora_ipc.fdchannel import SlabGone
+    from lora_ipc.core.channels.fdchannel import SlabGone
+    from lora_ipc.core.errors import SlabRecycled
 
     with AdapterExporter() as exporter:
         exporter.publish("a", models.random_adapter(1), models.RANDOM_ADAPTER_CONFIG)

@@ -20,10 +20,10 @@ import pytest
 import zmq
 
 from lora_ipc import AdapterClient, RemoteExporter
-from lora_ipc import protocol as p
-from lora_ipc.connection import Connection
-from lora_ipc.errors import ExporterUnavailable
-from lora_ipc.server import MAX_LISTED_BYTES, SEND_HWM
+from lora_ipc.core import protocol as p
+from lora_ipc.core.channels.connection import Connection
+from lora_ipc.core.errors import ExporterUnavailable
+from lora_ipc.core.serving.server import MAX_LISTED_BYTES, SEND_HWM
 
 from . import models
 from .helpers import assert_same_adapter
@@ -337,8 +337,8 @@ def test_peers_that_read_every_reply_are_never_dropped_by_a_busy_server(sock_dir
 
 
 def _socket_at_emfile(q):
-    from lora_ipc.connection import Connection
-    from lora_ipc.errors import LoraIpcError
+    from lora_ipc.core.channels.connection import Connection
+    from lora_ipc.core.errors import LoraIpcError
 
     zmq.Context.instance()  # its own fds first
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
@@ -381,7 +381,7 @@ def test_idle_connections_to_the_metrics_port_are_bounded():
 
     pytest.importorskip("prometheus_client")
     from lora_ipc import AdapterExporter
-    from lora_ipc.metrics import MAX_SCRAPERS, SCRAPE_TIMEOUT_S, serve_metrics
+    from lora_ipc.core.serving.metrics import MAX_SCRAPERS, SCRAPE_TIMEOUT_S, serve_metrics
 
     with AdapterExporter() as exporter:
         exporter.publish("policy", models.random_adapter(7), models.RANDOM_ADAPTER_CONFIG)

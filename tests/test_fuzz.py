@@ -13,9 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_ipc import protocol as p
-from lora_ipc.errors import LayoutError, ProtocolError
-from lora_ipc.layout import DTYPES, SlabLayout
+from lora_ipc.core import protocol as p
+from lora_ipc.core.errors import LayoutError, ProtocolError
+from lora_ipc.core.memory.layout import DTYPES, SlabLayout
 
 LONG = os.environ.get("LORA_IPC_LONG") == "1"
 CASES = (

@@ -140,8 +140,9 @@ def test_many_importers_then_close_returns_exporter_memory(tmp_path):
 def test_exports_nobody_imported_do_not_pin_the_slab(monkeypatch):
     """P1: versions never fetched (no export made for them), a host-fallback consumer whose CUDA import failed,
     and handles that never reached an importer (a dropped reply): after close, memory is back at baseline."""
-    from lora_ipc import BackendError, imports
-    from lora_ipc.backends.cuda import CudaBackend
+    from lora_ipc import BackendError
+    from lora_ipc.core.backends.cuda import CudaBackend
+    from lora_ipc.core.fetching import imports
 
     base = torch.cuda.memory_allocated()
     backend = CudaBackend("cuda")
@@ -252,7 +253,7 @@ def test_the_first_import_does_not_make_the_callers_stream_wait_for_the_exporter
 
 def test_lora_ipc_stream_is_its_own_not_one_of_torchs_pooled_streams():
     """P6: torch.cuda.Stream() hands out a pool of 32 streams round robin; lora_ipc's must not be among them."""
-    from lora_ipc.backends.cuda import copy_stream
+    from lora_ipc.core.backends.cuda import copy_stream
 
     own = copy_stream(torch.cuda.current_device())
     others = [torch.cuda.Stream() for _ in range(64)]
@@ -295,7 +296,7 @@ def test_worn_out_slab_refuses_without_leaking_the_lease_and_is_not_recycled(mon
     """P7: past the export cap a slab refuses importers (LimitExceeded) without leaking the lease taken for
     the fetch, and a worn-out slab is closed when freed instead of going back to the free pool."""
     from lora_ipc import AdapterExporter, LoraIpcError
-    from lora_ipc.backends import cuda as cuda_backend
+    from lora_ipc.core.backends import cuda as cuda_backend
 
     monkeypatch.setattr(cuda_backend, "MAX_EXPORTS_PER_SLAB", 2)
     monkeypatch.setattr(cuda_backend, "HARD_MAX_EXPORTS_PER_SLAB", 3)
@@ -347,8 +348,8 @@ def test_remote_exporter_sends_a_fresh_export_each_publish_and_the_daemon_consum
 @pytest.fixture
 def imported_random_slab():
     """(exported slab of 64 MiB of random bytes, its import in this process): the import of a daemon's publish."""
-    from lora_ipc.backends import open_slab
-    from lora_ipc.backends.cuda import CudaBackend
+    from lora_ipc.core.backends import open_slab
+    from lora_ipc.core.backends.cuda import CudaBackend
 
     slab = CudaBackend().allocate(64 << 20)
     slab.tensor.copy_(torch.randint(0, 256, (slab.nbytes,), dtype=torch.uint8, device=slab.device))
@@ -410,7 +411,7 @@ def _torn_reads(proc, client, packs):
 def test_the_ready_event_orders_the_copy_after_the_pack(monkeypatch):
     """Item 4: 20 packs, each behind ~0.1 s of queued producer work: 0 torn reads; without the event
     wait the same run sees torn reads (so the test can fail)."""
-    from lora_ipc.backends import cuda as cuda_backend
+    from lora_ipc.core.backends import cuda as cuda_backend
 
     proc = ExporterProcess(keep=1, device="cuda")
     try:
@@ -428,7 +429,7 @@ def test_a_refused_handle_is_a_backend_error_naming_torch():
     import msgspec
 
     from lora_ipc import BackendError
-    from lora_ipc.backends import open_slab
+    from lora_ipc.core.backends import open_slab
 
     proc = ExporterProcess(device="cuda")
     try:
@@ -449,7 +450,8 @@ def test_a_refused_handle_is_a_backend_error_naming_torch():
 
 def test_host_fallback_when_cuda_ipc_cannot_be_imported(gpu_exporter, monkeypatch):
     """Item 6: a forced import failure -> one warning, host-staged copy (once per version), correct bytes."""
-    from lora_ipc import BackendError, imports
+    from lora_ipc import BackendError
+    from lora_ipc.core.fetching import imports
 
     real = imports.open_slab
 

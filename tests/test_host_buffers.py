@@ -1,4 +1,4 @@
-"""The host copy's destinations (lora_ipc/host_buffers.py) and the host-staged copy into other memory
+"""The host copy's destinations (lora_ipc/core/memory/host_buffers.py) and the host-staged copy into other memory
 (backends/cpu.py copy_staged): recycled only once no tensor reaches them, bounded, private to the reader."""
 
 import gc
@@ -6,8 +6,8 @@ import gc
 import pytest
 import torch
 
-from lora_ipc.backends.cpu import CpuBackend, CpuImportedSlab, copy_staged
-from lora_ipc.host_buffers import GRANULE, HostBufferPool, pinned_bounce, size_class, thp_mode
+from lora_ipc.core.backends.cpu import CpuBackend, CpuImportedSlab, copy_staged
+from lora_ipc.core.memory.host_buffers import GRANULE, HostBufferPool, pinned_bounce, size_class, thp_mode
 
 
 def test_a_buffer_comes_back_only_when_its_last_view_is_freed():

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from lora_ipc import AdapterClient, LimitExceeded, LoraIpcError, ProtocolError
-from lora_ipc import protocol as p
-from lora_ipc.endpoint import ServerIdentity
-from lora_ipc.errors import LayoutError
-from lora_ipc.imports import check_owned_by
-from lora_ipc.layout import SlabLayout
+from lora_ipc.core import protocol as p
+from lora_ipc.core.channels.endpoint import ServerIdentity
+from lora_ipc.core.errors import LayoutError
+from lora_ipc.core.fetching.imports import check_owned_by
+from lora_ipc.core.memory.layout import SlabLayout
 
 from . import models
 from .helpers import bitwise_equal
@@ -209,7 +209,7 @@ def test_a_copy_costs_the_client_its_own_copy_even_if_the_exporter_punches_holes
 
 
 def test_the_default_cap_is_configurable_and_validated(monkeypatch):
-    from lora_ipc.client import DEFAULT_MAX_FETCH_BYTES, fetch_bytes_limit
+    from lora_ipc.core.fetching.client import DEFAULT_MAX_FETCH_BYTES, fetch_bytes_limit
 
     monkeypatch.delenv("LORA_IPC_MAX_FETCH_BYTES", raising=False)
     assert fetch_bytes_limit() == DEFAULT_MAX_FETCH_BYTES
@@ -236,7 +236,7 @@ def test_a_reply_for_another_adapter_or_version_is_refused():
 def test_a_pinned_fetch_refuses_a_reply_of_another_version(exporter_proc):
     exporter_proc.call("publish_random", "pinned", 1)
     exporter_proc.call("publish_random", "pinned", 2)
-    from lora_ipc.client import _check_reply
+    from lora_ipc.core.fetching.client import _check_reply
 
     with AdapterClient(exporter_proc.endpoint) as client:
         assert client.fetch("pinned", 1).version == 1
@@ -318,7 +318,7 @@ def test_a_client_follows_a_restarted_daemon_by_its_kernel_pid(daemons):
     """libzmq reconnects to a new daemon on the same path by itself: the client sees the new process in
     the reply's kernel credentials, keeps nothing of the old one and serves the new bytes."""
     from lora_ipc import RemoteExporter
-    from lora_ipc.imports import REGISTRY
+    from lora_ipc.core.fetching.imports import REGISTRY
 
     endpoint = private_endpoint("restart")
     first = daemons(endpoint)
@@ -350,7 +350,7 @@ def test_a_listener_that_never_accepts_cannot_hang_a_client():
     import socket
     import threading
 
-    from lora_ipc.errors import ExporterUnavailable
+    from lora_ipc.core.errors import ExporterUnavailable
 
     endpoint = private_endpoint("never-accepts")
     path = endpoint[len("ipc://") :]

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from lora_ipc import AdapterClient, AdapterExporter, RemoteExporter
-from lora_ipc.exporter import TensorSetExporter
-from lora_ipc.protocol import MAX_NAME_CHARS, BadName
+from lora_ipc.core.protocol import MAX_NAME_CHARS, BadName
+from lora_ipc.core.serving.exporter import TensorSetExporter
+from lora_ipc.lora.uri import MAX_ENDPOINT_CHARS, MAX_URI_CHARS, AdapterURI
 from lora_ipc.vllm.request import resolve
-from lora_ipc.vllm.uri import MAX_ENDPOINT_CHARS, MAX_URI_CHARS, AdapterURI
 
 from . import models
 
@@ -213,7 +213,7 @@ class _Refusing(_Engine):
 
     async def add_lora(self, request):
         if self.errors:
-            from lora_ipc.errors import tag
+            from lora_ipc.core.errors import tag
 
             cls = self.errors.pop(0)
             raise Exception(f"Call to add_lora failed: {tag(cls, 'refused by the worker')}")
@@ -222,7 +222,7 @@ class _Refusing(_Engine):
 
 def test_a_bare_name_whose_newest_cannot_be_loaded_fails_instead_of_serving_an_older_one(short_dir):
     pytest.importorskip("vllm")
-    from lora_ipc.errors import AdapterRejected, VersionNotFound
+    from lora_ipc.core.errors import AdapterRejected, VersionNotFound
     from lora_ipc.vllm.openai import refresh
     from lora_ipc.vllm.resolver import LoraIpcResolver
 
@@ -315,7 +315,7 @@ def test_a_pinned_name_never_serves_a_previous_runs_bytes(server, endpoint):
 def test_a_list_request_without_a_name_is_the_empty_map_it_always_was():
     import msgspec
 
-    from lora_ipc import protocol as p
+    from lora_ipc.core import protocol as p
 
     assert msgspec.msgpack.encode(p.ListRequest()) == msgspec.msgpack.encode({})
     named = p.ListRequest(WIDE * MAX_NAME_CHARS)

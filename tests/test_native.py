@@ -77,14 +77,14 @@ def test_missing_driver_is_reported_once_as_a_backend_error(built, tmp_path):
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(not_a_driver), "-x", "c", "-"], input=b"int x;\n", check=True)
     code = """
         import json, logging
-        from lora_ipc import native
-        from lora_ipc.errors import BackendError
+        from lora_ipc.core.memory import native
+        from lora_ipc.core.errors import BackendError
         records = []
         class Keep(logging.Handler):
             def emit(self, record):
                 records.append(record.getMessage())
-        logging.getLogger("lora_ipc.native").addHandler(Keep())
-        logging.getLogger("lora_ipc.native").setLevel(logging.INFO)
+        logging.getLogger("lora_ipc.core.memory.native").addHandler(Keep())
+        logging.getLogger("lora_ipc.core.memory.native").setLevel(logging.INFO)
         errors = []
         for _ in range(3):
             try:
@@ -111,7 +111,7 @@ def test_failing_cuinit_is_reported_by_name(built, fake_driver):
     out = run_py(
         built,
         """
-        from lora_ipc import native
+        from lora_ipc.core.memory import native
         print(native.status()[1])
     """,
         LORA_IPC_LIBCUDA=str(fake_driver),
@@ -127,7 +127,7 @@ def test_vmm_round_trip_through_an_exported_descriptor(built, fake_driver):
         LEAKS,
         """
         import ctypes, json, os
-        from lora_ipc import native
+        from lora_ipc.core.memory import native
         n = native.vmm()
         before = leaks()
         gran = n.granularity(0)
@@ -162,7 +162,7 @@ def test_a_read_only_import_refuses_writes(built, fake_driver):
         built,
         """
         import ctypes, os, sys
-        from lora_ipc import native
+        from lora_ipc.core.memory import native
         n = native.vmm()
         slab, fd = n.create(0, 2 << 20)
         ctypes.memmove(slab.ptr, b"exporter", 8)
@@ -187,8 +187,8 @@ def test_failures_are_typed_and_unwound(built, fake_driver, tmp_path):
         LEAKS,
         """
         import json, os
-        from lora_ipc import native
-        from lora_ipc.errors import BackendError
+        from lora_ipc.core.memory import native
+        from lora_ipc.core.errors import BackendError
         n = native.vmm()
         gran = n.granularity(0)
         slab, fd = n.create(0, gran)

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from lora_ipc.errors import LoraIpcError  # noqa: E402
+from lora_ipc.core.errors import LoraIpcError  # noqa: E402
 from lora_ipc.tiny import write_model_dir  # noqa: E402
 from lora_ipc.vllm import plugin  # noqa: E402
 

@@ -5,7 +5,7 @@ slots) is torch's ``at::RefcountedMapAllocator``, which CPU file-system sharing 
 import torch
 import torch.multiprocessing as mp
 
-from lora_ipc.backends import refcount
+from lora_ipc.core.backends import refcount
 
 
 def _shared_counters(slots: int):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_ipc.layout import SlabLayout
-from lora_ipc.store import TensorSetStore
+from lora_ipc.core.memory.layout import SlabLayout
+from lora_ipc.core.serving.store import TensorSetStore
 
 from . import models
 from .helpers import assert_same_adapter
@@ -52,7 +52,7 @@ def test_store_keeps_a_given_version_number_and_refuses_an_older_one():
 
 def test_a_replica_is_validated_like_any_publish():
     pytest.importorskip("ray")
-    from lora_ipc.errors import LayoutError
+    from lora_ipc.core.errors import LayoutError
     from lora_ipc.ray.replica import ReplicaMeta
 
     layout, buf = _replica_bytes(models.random_adapter(1))
@@ -88,7 +88,7 @@ def test_a_relay_directory_no_other_user_can_pre_empt(short_tmp, monkeypatch):
     import stat
     import tempfile
 
-    from lora_ipc.endpoint import prepare_ipc_path
+    from lora_ipc.core.channels.endpoint import prepare_ipc_path
     from lora_ipc.ray.naming import relay_endpoint
 
     tmp_path = short_tmp

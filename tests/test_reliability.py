@@ -22,7 +22,7 @@ from lora_ipc import (
     SlabRecycled,
     VersionNotFound,
 )
-from lora_ipc import protocol as p
+from lora_ipc.core import protocol as p
 
 from . import models
 from .helpers import assert_same_adapter, footprint, publish_fetch_cycles, start_daemon
@@ -219,7 +219,7 @@ def test_publishing_during_concurrent_fetches_never_tears():
 
 def test_a_copy_overtaken_by_slab_reuse_is_never_returned(monkeypatch):
     """Lease expires mid-copy while the exporter recycles the slab: fetch returns one version or raises."""
-    from lora_ipc.backends.cpu import CpuImportedSlab
+    from lora_ipc.core.backends.cpu import CpuImportedSlab
 
     exporter = ExporterProcess(keep=1, lease_timeout_s=0.05)
     slow = {"n": 0}
@@ -275,7 +275,7 @@ def test_the_newest_version_is_fetched_again_until_the_timeout_not_just_three_ti
     lease revoked past ``max_retiring_per_name``). The newest version is fetched again until ``timeout_s``
     has passed; before, the third loss raised ``SlabRecycled`` (seen under load in
     test_publishing_during_concurrent_fetches_never_tears). A pinned version still raises at once."""
-    from lora_ipc.backends.cpu import CpuImportedSlab
+    from lora_ipc.core.backends.cpu import CpuImportedSlab
 
     version = exporter_proc.call("publish_random", "retried", 5)
     real, losses = CpuImportedSlab.generation_now, {"left": 5, "copies": 0}
@@ -308,7 +308,7 @@ def test_a_peer_that_spoils_every_slow_copy_costs_a_fetch_its_timeout_once(expor
     """Each copy takes most of the timeout and is then invalidated (the generation moved): the fetch gives up
     with SlabRecycled once its one deadline has passed — not after several tries of a timeout each (before:
     at least three tries, each with a timeout of its own, 3x the timeout and more)."""
-    from lora_ipc.backends.cpu import CpuImportedSlab
+    from lora_ipc.core.backends.cpu import CpuImportedSlab
 
     exporter_proc.call("publish_random", "slow", 2)
     real = CpuImportedSlab.generation_now

@@ -18,8 +18,8 @@ import torch
 import zmq
 
 from lora_ipc import LimitExceeded, Limits
-from lora_ipc import protocol as p
-from lora_ipc.store import TensorSetStore
+from lora_ipc.core import protocol as p
+from lora_ipc.core.serving.store import TensorSetStore
 
 from . import models
 from .helpers import memfd_fds, open_fds, shm_fds
@@ -121,7 +121,7 @@ def test_adapter_names_and_slab_bytes_are_capped_and_failures_leave_nothing():
 
 
 def test_shared_clients_are_bounded(tmp_path):
-    from lora_ipc.adapters import MAX_SHARED_CLIENTS, _shared, shared_client
+    from lora_ipc.lora.adapters import MAX_SHARED_CLIENTS, _shared, shared_client
 
     for i in range(MAX_SHARED_CLIENTS):  # the context's own descriptors exist before we count
         shared_client(f"ipc://{tmp_path}/warm-{i}.sock")

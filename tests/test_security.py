@@ -36,14 +36,14 @@ from lora_ipc import (
     LoraIpcError,
     RemoteExporter,
 )
-from lora_ipc import protocol as p
-from lora_ipc.backends import open_slab
-from lora_ipc.backends.cpu import CpuBackend
-from lora_ipc.protocol import CpuSlabHandle
-from lora_ipc.server import TensorSetServer
-from lora_ipc.shm import create_sealed
-from lora_ipc.store import TensorSetStore
-from lora_ipc.vllm.uri import AdapterURI
+from lora_ipc.core import protocol as p
+from lora_ipc.core.backends import open_slab
+from lora_ipc.core.backends.cpu import CpuBackend
+from lora_ipc.core.memory.shm import create_sealed
+from lora_ipc.core.protocol import CpuSlabHandle
+from lora_ipc.core.serving.server import TensorSetServer
+from lora_ipc.core.serving.store import TensorSetStore
+from lora_ipc.lora.uri import AdapterURI
 
 from . import models
 from .helpers import shm_fds
@@ -145,7 +145,7 @@ def test_clients_without_an_endpoint_use_the_daemon_path_and_create_nothing(monk
     import tempfile
 
     from lora_ipc import RemoteExporter
-    from lora_ipc.endpoint import daemon_endpoint
+    from lora_ipc.core.channels.endpoint import daemon_endpoint
 
     monkeypatch.delenv("LORA_IPC_ENDPOINT", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -219,7 +219,7 @@ def test_slabs_are_sealed_memfds_with_no_path():
     """No file under /dev/shm to pre-create, link or leave behind; no one can resize the memory."""
     import fcntl
 
-    from lora_ipc.shm import SEALS
+    from lora_ipc.core.memory.shm import SEALS
 
     slab = CpuBackend().allocate(4096)
     try:

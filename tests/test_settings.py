@@ -1,4 +1,4 @@
-"""lora_ipc.settings: the one table of LORA_IPC_* variables. Every read goes through it, every bad value is a
+"""lora_ipc.core.settings: the one table of LORA_IPC_* variables. Every read goes through it, every bad value is a
 ConfigError naming the variable, and docs/reference/configuration.md is the table."""
 
 import ast
@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from lora_ipc import settings
-from lora_ipc.errors import ConfigError, LoraIpcError
+from lora_ipc.core import settings
+from lora_ipc.core.errors import ConfigError, LoraIpcError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_docs_configuration_is_the_table():
     assert (ROOT / "docs" / "reference" / "configuration.md").read_text() == settings.markdown(), (
-        "docs/reference/configuration.md is stale: python -m lora_ipc.settings > docs/reference/configuration.md"
+        "docs/reference/configuration.md is stale: python -m lora_ipc.core.settings > docs/reference/configuration.md"
     )
 
 
@@ -89,8 +89,8 @@ def test_bad_values_are_one_error_type_naming_the_variable(monkeypatch, name, ra
 
 
 def test_readers_use_the_table(monkeypatch):
-    from lora_ipc.backends.vmm import cuda_export_mode
-    from lora_ipc.client import fetch_bytes_limit, transport_mode
+    from lora_ipc.core.backends.vmm import cuda_export_mode
+    from lora_ipc.core.fetching.client import fetch_bytes_limit, transport_mode
 
     monkeypatch.setenv("LORA_IPC_TRANSPORT", "bogus")
     monkeypatch.setenv("LORA_IPC_CUDA_EXPORT", "bogus")

@@ -51,7 +51,7 @@ def _rank_main(rank: int, port: int, results) -> None:
 
 
 def test_fsdp2_sharded_adapter_published_from_rank_0_equals_the_unsharded_one():
-    from lora_ipc.peft import adapter_from
+    from lora_ipc.lora.peft import adapter_from
 
     from . import engine, models
 

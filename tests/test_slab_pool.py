@@ -1,4 +1,5 @@
-"""The slab pool under a store (lora_ipc/slab_pool.py): recycling, generation slots, byte accounting, caps."""
+"""The slab pool under a store (lora_ipc/core/serving/slab_pool.py): recycling, generation slots, byte
+accounting, caps."""
 
 import os
 
@@ -6,11 +7,11 @@ import pytest
 import torch
 
 from lora_ipc import LimitExceeded, Limits
-from lora_ipc.backends import Backend
-from lora_ipc.backends.cpu import CpuBackend
-from lora_ipc.protocol import SlabStatus
-from lora_ipc.slab_pool import SlabCounts, SlabPool
-from lora_ipc.store import TensorSetStore
+from lora_ipc.core.backends import Backend
+from lora_ipc.core.backends.cpu import CpuBackend
+from lora_ipc.core.protocol import SlabStatus
+from lora_ipc.core.serving.slab_pool import SlabCounts, SlabPool
+from lora_ipc.core.serving.store import TensorSetStore
 
 from . import models
 from .helpers import open_fds
@@ -160,7 +161,7 @@ def test_a_closed_pool_refuses_to_publish_with_a_typed_error_and_stays_closed(mo
     """After close(), a publish is StoreClosed (before: a new generation table was made: the store reopened
     itself); a close() that lands while a slab is being allocated closes that slab too (before: AttributeError
     on the table that close() had dropped, and the new slab leaked)."""
-    from lora_ipc.errors import StoreClosed
+    from lora_ipc.core.errors import StoreClosed
 
     p = pool()
     slab, _ = p.take(CPU, 1000)

@@ -7,9 +7,10 @@ import logging
 
 import pytest
 
-from lora_ipc import AdapterClient, BackendError, LoraIpcError, imports
-from lora_ipc.backends import cuda as cuda_backend
-from lora_ipc.client import transport_mode
+from lora_ipc import AdapterClient, BackendError, LoraIpcError
+from lora_ipc.core.backends import cuda as cuda_backend
+from lora_ipc.core.fetching import imports
+from lora_ipc.core.fetching.client import transport_mode
 
 from . import models
 from .helpers import assert_same_adapter, shm_mappings
@@ -77,7 +78,10 @@ def _failing_first_import(monkeypatch):
 def test_auto_falls_back_to_the_host_copy_once_with_one_warning(exporter_proc, monkeypatch, caplog):
     exporter_proc.call("publish_random", "fallback", 3)
     calls = _failing_first_import(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="lora_ipc.client"), AdapterClient(exporter_proc.endpoint) as client:
+    with (
+        caplog.at_level(logging.WARNING, logger="lora_ipc.core.fetching.client"),
+        AdapterClient(exporter_proc.endpoint) as client,
+    ):
         assert_same_adapter(client.fetch("fallback").tensors, models.random_adapter(3))
         assert_same_adapter(client.fetch("fallback").tensors, models.random_adapter(3))
         assert client.host_fallbacks == 2 and client._host_only

@@ -424,7 +424,7 @@ def _completion_tokens(base, model):
 
 def test_exporter_uri_names_a_published_version_with_its_epoch():
     from lora_ipc import AdapterExporter, VersionNotFound
-    from lora_ipc.vllm.uri import AdapterURI
+    from lora_ipc.lora.uri import AdapterURI
 
     from .models import RANDOM_ADAPTER_CONFIG as config
     from .models import random_adapter

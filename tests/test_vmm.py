@@ -14,12 +14,13 @@ import msgspec
 import pytest
 import torch
 
-from lora_ipc import AdapterClient, AdapterExporter, native
-from lora_ipc import protocol as p
-from lora_ipc.backends import backend_for, open_slab
-from lora_ipc.endpoint import ServerIdentity
-from lora_ipc.errors import BackendError, ConfigError
-from lora_ipc.imports import REGISTRY
+from lora_ipc import AdapterClient, AdapterExporter
+from lora_ipc.core import protocol as p
+from lora_ipc.core.backends import backend_for, open_slab
+from lora_ipc.core.channels.endpoint import ServerIdentity
+from lora_ipc.core.errors import BackendError, ConfigError
+from lora_ipc.core.fetching.imports import REGISTRY
+from lora_ipc.core.memory import native
 
 from . import models
 from .helpers import assert_same_adapter, cuda_round_trip
@@ -100,7 +101,7 @@ def vmm_exporter():
 
 
 def _imported(client: AdapterClient):
-    from lora_ipc.backends.vmm import VmmImportedSlab
+    from lora_ipc.core.backends.vmm import VmmImportedSlab
 
     slabs = [client._slabs.get(s) for s in list(client._slabs.keys())]
     assert slabs and all(isinstance(s, VmmImportedSlab) for s in slabs), slabs
@@ -207,14 +208,16 @@ def test_vmm_slabs_leave_torchs_allocator_alone(vmm_exporter):
 
 def test_release_frees_a_vmm_import_once(monkeypatch):
     """The registry's accounting (no GPU needed): a VMM slab's surplus handle consumes nothing."""
-    from lora_ipc.backends.vmm import VmmImportedSlab
+    from lora_ipc.core.backends.vmm import VmmImportedSlab
 
     closed = []
     fake = VmmImportedSlab.__new__(VmmImportedSlab)
     fake.close = lambda: closed.append(True)
     fake.consume(vmm_handle())  # a no-op: no ref counter to give back
-    monkeypatch.setattr("lora_ipc.imports.open_slab", lambda handle, receive=None: fake)
-    monkeypatch.setattr("lora_ipc.imports.check_owned_by", lambda handle, server: None)  # ownership: test_identity
+    monkeypatch.setattr("lora_ipc.core.fetching.imports.open_slab", lambda handle, receive=None: fake)
+    monkeypatch.setattr(
+        "lora_ipc.core.fetching.imports.check_owned_by", lambda handle, server: None
+    )  # ownership: test_identity
     handle = vmm_handle(slab_id="vmm.reg.1")
     fake.handle = handle
     server = ServerIdentity("ipc:///nowhere/vmm.sock", os.getpid(), os.getuid())

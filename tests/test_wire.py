@@ -8,10 +8,12 @@ import msgspec
 import pytest
 import torch
 
-from lora_ipc import imports, layout, refit
-from lora_ipc import protocol as p
-from lora_ipc.errors import ProtocolError
-from lora_ipc.layout import SlabLayout
+from lora_ipc import refit
+from lora_ipc.core import protocol as p
+from lora_ipc.core.errors import ProtocolError
+from lora_ipc.core.fetching import imports
+from lora_ipc.core.memory import layout
+from lora_ipc.core.memory.layout import SlabLayout
 
 
 def sample_messages():
@@ -68,7 +70,7 @@ def sample_messages():
 
 def status_report() -> p.StatusReport:
     """A real store's report (one adapter, one lease) with what a server adds."""
-    from lora_ipc.store import TensorSetStore
+    from lora_ipc.core.serving.store import TensorSetStore
 
     store = TensorSetStore()
     try:

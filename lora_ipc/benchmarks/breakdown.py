@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Any
 
-from ..host_buffers import HOST_BUFFERS
+from ..core.memory.host_buffers import HOST_BUFFERS
 from .timing import now, percentile, save_json
 
 _lora_ids = itertools.count(1)  # every LoRA id this process gives the engine: never one twice
@@ -95,7 +95,7 @@ def hardware() -> dict:
         vllm_version: str | None = vllm.__version__
     except Exception:  # noqa: BLE001 - absent or broken: not part of this run
         vllm_version = None
-    from ..host_buffers import thp_mode
+    from ..core.memory.host_buffers import thp_mode
 
     return {
         "cpu": cpu,
@@ -169,7 +169,7 @@ class BreakdownExtension:
         adapters.remove_adapter(lora.id)  # untimed: the next swap finds a free slot, as a hot swap does
 
     def bd_ipc(self, endpoint: str, name: str, version: int, lora_id: int) -> dict:
-        from ..adapters import AdapterClient
+        from ..lora.adapters import AdapterClient
 
         started = time.perf_counter()
         client = self.__dict__.get("_bd_client")
@@ -217,7 +217,7 @@ def _engine_config(llm, hidden: int, layers: int, rank: int, iters: int, warmup:
     from vllm.lora.request import LoRARequest
 
     from .. import AdapterExporter
-    from ..peft import adapter_from
+    from ..lora.peft import adapter_from
     from ..tiny import lora_config
     from ..vllm import add_lora
 
@@ -405,7 +405,7 @@ def run_transport(args) -> dict:
     import torch
 
     from .. import AdapterExporter
-    from ..layout import SlabLayout
+    from ..core.memory.layout import SlabLayout
     from .shapes import llama7b_lora, lora_config
     from .timing import sync
 

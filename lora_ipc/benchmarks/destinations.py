@@ -28,8 +28,8 @@ VARIANTS = ("fresh_empty", "fresh_thp", "pooled", "copy_warm")
 def run(mbs: list[int], iters: int, warmup: int) -> dict:
     import torch
 
-    from ..host_buffers import HostBufferPool, map_anonymous
-    from ..shm import create_sealed, map_fd, read_exact
+    from ..core.memory.host_buffers import HostBufferPool, map_anonymous
+    from ..core.memory.shm import create_sealed, map_fd, read_exact
 
     results: dict = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware(), "iters": iters, "sizes": {}}
     for mb in mbs:

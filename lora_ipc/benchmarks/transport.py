@@ -81,7 +81,7 @@ def run(device: str, ranks: list[int], layers: int, iters: int, warmup: int, dty
     from torch.multiprocessing.reductions import reduce_tensor
 
     from lora_ipc import AdapterExporter
-    from lora_ipc.layout import SlabLayout
+    from lora_ipc.core.memory.layout import SlabLayout
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

@@ -47,7 +47,7 @@ class FloorExtension:
     def floor_hold(self, version: int, safetensors_bytes: bytes, peft_config: dict) -> int:
         from safetensors.torch import load
 
-        from ..adapters import Adapter
+        from ..lora.adapters import Adapter
         from ..vllm import loader
 
         held = self.__dict__.setdefault("_floor_held", {})
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     from vllm.lora.request import LoRARequest
 
     from .. import AdapterExporter
-    from ..peft import adapter_from
+    from ..lora.peft import adapter_from
     from ..tiny import TARGET_MODULES, tiny_engine_kwargs, write_model_dir
     from ..vllm import AdapterURI, add_lora
 

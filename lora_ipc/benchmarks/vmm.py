@@ -44,7 +44,8 @@ def _consumer(conn) -> None:
 
 
 def run(ranks: list[int], layers: int, iters: int, warmup: int) -> dict:
-    from .. import AdapterExporter, native
+    from .. import AdapterExporter
+    from ..core.memory import native
 
     results: dict = {
         "torch": torch.__version__,
@@ -114,7 +115,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    from .. import native
+    from ..core.memory import native
 
     ok, why = native.status()
     if not torch.cuda.is_available() or not ok:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..peft import config_to_dict
+from ..lora.peft import config_to_dict
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

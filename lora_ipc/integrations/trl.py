@@ -56,8 +56,8 @@ from packaging.version import Version
 from trl.generation import vllm_generation
 from trl.generation.vllm_generation import VLLMGeneration
 
-from ..adapters import AdapterExporter
-from ..vllm.uri import AdapterURI
+from ..lora.adapters import AdapterExporter
+from ..lora.uri import AdapterURI
 from .sharded import publish_sharded
 
 SUPPORTED_TRL = ("1.16.0", "1.17")  # [lowest tested, first untested): TRL releases change VLLMGeneration often

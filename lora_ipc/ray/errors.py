@@ -1,8 +1,8 @@
-"""Errors of the Ray layer (both are :class:`~lora_ipc.errors.LoraIpcError`)."""
+"""Errors of the Ray layer (both are :class:`~lora_ipc.core.errors.LoraIpcError`)."""
 
 from __future__ import annotations
 
-from ..errors import LoraIpcError
+from ..core.errors import LoraIpcError
 
 
 class ReplicationError(LoraIpcError):

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import ray
 
-from ..errors import AdapterNotFound, carried
+from ..core.errors import AdapterNotFound, carried
 from .errors import EngineLoadError
 from .relay_actor import alive_node_ids, relay_handle
 

@@ -1,7 +1,7 @@
 """Where relays are found: one named, detached actor per Ray node, and its node-local endpoint.
 
 A relay's socket lives in a directory no other user can create first or enter
-(:func:`~lora_ipc.endpoint.private_runtime_dir`: ``$XDG_RUNTIME_DIR/lora-ipc-ray`` when that is ours
+(:func:`~lora_ipc.core.channels.endpoint.private_runtime_dir`: ``$XDG_RUNTIME_DIR/lora-ipc-ray`` when that is ours
 and 0700, else a fresh ``mkdtemp`` directory), never at a predictable path in /tmp. Trainers and
 engines learn the endpoint from the relay's ``info()`` (``start_relays``, ``local_endpoint``). The
 relay records its directory in Ray's GCS key-value store per node, so a relay that Ray restarts binds
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from ..endpoint import private_runtime_dir
+from ..core.channels.endpoint import private_runtime_dir
 
 NAMESPACE = "lora_ipc"
 ACTOR_PREFIX = "relay-"

@@ -7,8 +7,8 @@ from typing import Any
 
 import ray
 
-from ..adapters import RemoteExporter
-from ..errors import ExporterUnavailable
+from ..core.errors import ExporterUnavailable
+from ..lora.adapters import RemoteExporter
 from .errors import ReplicationError
 from .relay_fleet import forget_local_relay, local_relay
 

@@ -30,11 +30,11 @@ import numpy as np
 import ray
 import torch
 
-from ..endpoint import private_runtime_dir, trusted_dir
-from ..errors import SlabRecycled
-from ..protocol import StatusReport
-from ..server import TensorSetServer
-from ..store import TensorSetStore
+from ..core.channels.endpoint import private_runtime_dir, trusted_dir
+from ..core.errors import SlabRecycled
+from ..core.protocol import StatusReport
+from ..core.serving.server import TensorSetServer
+from ..core.serving.store import TensorSetStore
 from . import numbering
 from .naming import NAMESPACE, RUNTIME_DIR_NAME, relay_actor_name, relay_endpoint
 from .replica import ReplicaMeta, ReplicationReport

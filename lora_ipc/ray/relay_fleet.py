@@ -8,7 +8,7 @@ import threading
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..store import new_epoch
+from ..core.serving.store import new_epoch
 from .naming import NAMESPACE, relay_actor_name
 from .relay_actor import Relay, alive_node_ids, relay_handle
 

@@ -12,9 +12,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import LayoutError, ProtocolError
-from ..layout import SlabLayout
-from ..protocol import MAX_CONFIG_NODES, Config, Count, Entries, Name, Positive, WireStruct, check_fields, check_tree
+from ..core.errors import LayoutError, ProtocolError
+from ..core.memory.layout import SlabLayout
+from ..core.protocol import (
+    MAX_CONFIG_NODES,
+    Config,
+    Count,
+    Entries,
+    Name,
+    Positive,
+    WireStruct,
+    check_fields,
+    check_tree,
+)
 
 
 class ReplicaMeta(WireStruct, frozen=True):

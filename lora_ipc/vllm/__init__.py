@@ -9,7 +9,7 @@
   framework (backend ``"lora_ipc"``, see :mod:`.weight_transfer`)
 """
 
-from .uri import AdapterURI
+from ..lora.uri import AdapterURI
 
 
 def __getattr__(name):

@@ -8,7 +8,7 @@ must cost only its own requests:
   with ``ExporterUnavailable`` (HTTP 503) instead of queueing behind a stuck exporter;
 - the resolver's endpoint (``$LORA_IPC_ENDPOINT``) has its own threads: requests naming other
   endpoints can never take them (they share ``SHARED_THREADS`` threads among themselves);
-- nothing listening on an endpoint fails at once (see :func:`lora_ipc.adapters.shared_client`), and
+- nothing listening on an endpoint fails at once (see :func:`lora_ipc.lora.adapters.shared_client`), and
   no lock is held across any call (the counters below are taken and dropped around it).
 """
 
@@ -20,9 +20,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .. import settings
-from ..endpoint import ENV_ENDPOINT
-from ..errors import ExporterUnavailable
+from ..core import settings
+from ..core.channels.endpoint import ENV_ENDPOINT
+from ..core.errors import ExporterUnavailable
 
 MAX_PENDING_PER_ENDPOINT = 4
 MAX_PENDING_OWN = 256

@@ -7,7 +7,7 @@ one rank's shard, a fetch brings the whole adapter), in a wire dtype of at most 
 layout's 256-byte alignment per tensor. Embedding deltas (``lora_embedding_A``: rank × vocabulary) and
 a classifier's full ``modules_to_save`` weight have stacked buffers of their own and are counted with
 them; the base embedding matrices PEFT saves beside an embedding LoRA are discarded by vLLM and never
-published (:func:`lora_ipc.peft.vllm_discards`). An engine whose LoRA ``target_modules`` are restricted
+published (:func:`lora_ipc.lora.peft.vllm_discards`). An engine whose LoRA ``target_modules`` are restricted
 leaves layers unwrapped that adapters may still carry (vLLM loads and ignores them): those count too, at
 ``max_lora_rank``. A reply larger than that is refused before anything is allocated.
 ``$LORA_IPC_MAX_FETCH_BYTES`` overrides the derived bound; where the buffers cannot be read (another
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .. import settings
-from ..client import ENV_MAX_FETCH_BYTES
+from ..core import settings
+from ..core.fetching.client import ENV_MAX_FETCH_BYTES
 
 WIDEST_DTYPE_BYTES = 8
 MIN_BOUND = 64 << 20  # small models: room for alignment and config-sized extras

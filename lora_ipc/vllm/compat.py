@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeGuard
 
-from ..errors import LoraIpcError
+from ..core.errors import LoraIpcError
 
 FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
 

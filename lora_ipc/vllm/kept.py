@@ -21,10 +21,10 @@ from __future__ import annotations
 import threading
 from typing import cast
 
-from .. import settings
-from ..adapters import Adapter
-from ..lru import BoundedLRU
-from .uri import AdapterURI
+from ..core import settings
+from ..core.lru import BoundedLRU
+from ..lora.adapters import Adapter
+from ..lora.uri import AdapterURI
 
 DEFAULT_KEEP_BYTES = 4 << 30
 ENV_KEEP = "LORA_IPC_WORKER_KEEP"

@@ -15,12 +15,12 @@ import time
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-from ..adapters import Adapter, with_shared_client
-from ..errors import AdapterRejected
+from ..core.errors import AdapterRejected
+from ..lora.adapters import Adapter, with_shared_client
+from ..lora.uri import AdapterURI
 from .bounds import fetch_bound
 from .compat import checked_surface, lora_model_class
 from .kept import kept_adapters, key_of
-from .uri import AdapterURI
 
 log = logging.getLogger("lora_ipc.vllm")
 

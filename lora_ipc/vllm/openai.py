@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from http import HTTPStatus
 
-from ..errors import (
+from ..core.errors import (
     AdapterNotFound,
     BadAdapterURI,
     ExporterUnavailable,
@@ -32,10 +32,10 @@ from ..errors import (
     VersionNotFound,
     carried,
 )
+from ..lora.uri import AdapterURI
 from . import api_io
 from .request import resolve
 from .resolver import parse_model_name
-from .uri import AdapterURI
 
 STATUS_OF = {
     AdapterNotFound: HTTPStatus.NOT_FOUND,

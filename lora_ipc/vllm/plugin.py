@@ -23,10 +23,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import settings
-from ..endpoint import ENV_ENDPOINT
-from ..errors import LoaderBypassed, LoraIpcError, tagged
-from .uri import AdapterURI
+from ..core import settings
+from ..core.channels.endpoint import ENV_ENDPOINT
+from ..core.errors import LoaderBypassed, LoraIpcError, tagged
+from ..lora.uri import AdapterURI
 
 log = logging.getLogger("lora_ipc.vllm")
 _MARK = "__lora_ipc_wrapped__"
@@ -136,7 +136,7 @@ def _init_wrapper(original):
 
 def _touch_kept(worker_manager, lora_path: str) -> None:
     """A request for an adapter marks its kept copy as used (see :mod:`.kept`)."""
-    from ..errors import LoraIpcError
+    from ..core.errors import LoraIpcError
     from .kept import kept_adapters, key_of
 
     try:

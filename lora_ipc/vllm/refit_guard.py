@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import torch
 
-from ..errors import tagged
+from ..core.errors import tagged
 from ..refit import RefitError
 
 log = logging.getLogger("lora_ipc.vllm")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-from ..adapters import with_shared_client
-from ..endpoint import daemon_endpoint
-from ..errors import AdapterNotFound, StaleEpoch, VersionNotFound
-from .uri import AdapterURI
+from ..core.channels.endpoint import daemon_endpoint
+from ..core.errors import AdapterNotFound, StaleEpoch, VersionNotFound
+from ..lora.adapters import with_shared_client
+from ..lora.uri import AdapterURI
 
 
 def lora_int_id_for(name: str, version: int, epoch: str | None = None) -> int:
@@ -74,12 +74,12 @@ def add_lora(
     """Load an adapter version into an offline ``vllm.LLM`` now and return its ``LoRARequest``.
 
     Errors (unknown module names, rank above ``max_lora_rank``, a missing version, a gone exporter)
-    are raised here as :class:`~lora_ipc.errors.LoraIpcError` subclasses, and the engine keeps
+    are raised here as :class:`~lora_ipc.core.errors.LoraIpcError` subclasses, and the engine keeps
     serving; a bad request handed straight to ``generate`` would fail inside vLLM's step loop instead.
     The worker's own error class comes back (its code crosses vLLM's RPC, see ``errors.carried``);
     what vLLM itself refuses is an ``AdapterRejected``.
     """
-    from ..errors import AdapterRejected, carried
+    from ..core.errors import AdapterRejected, carried
 
     request = lora_request(name, endpoint, version, lora_int_id, **kwargs)
     try:

@@ -19,11 +19,11 @@ import re
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-from ..errors import LoraIpcError
-from ..protocol import MAX_NAME_CHARS
+from ..core.errors import LoraIpcError
+from ..core.protocol import MAX_NAME_CHARS
+from ..lora.uri import AdapterURI
 from . import api_io
 from .request import lora_int_id_for, resolve
-from .uri import AdapterURI
 
 log = logging.getLogger("lora_ipc.vllm")
 MAX_VERSION_DIGITS = 18

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..errors import LoraIpcError, tagged
+from ..core.errors import LoraIpcError, tagged
 from .request import lora_request
 
 
@@ -61,7 +61,7 @@ class WorkerExtension:
         self, name: str, endpoint: str | None = None, version: int | None = None, lora_int_id: int | None = None
     ) -> dict:
         """Load (or hot-swap) an adapter version into this worker; returns what was loaded and how long it took."""
-        from .uri import AdapterURI
+        from ..lora.uri import AdapterURI
 
         started = time.perf_counter()
         try:

@@ -21,12 +21,13 @@ from typing import Self, cast
 import torch
 import zmq
 
-from . import protocol as p
-from . import settings
-from .backends import ImportedSlab
-from .connection import Connection
-from .endpoint import daemon_endpoint
-from .errors import (
+from .. import protocol as p
+from .. import settings
+from ..backends import ImportedSlab
+from ..channels.connection import Connection
+from ..channels.endpoint import daemon_endpoint
+from ..channels.fdchannel import ChannelFailed, FdReceiver
+from ..errors import (
     BackendError,
     ClientClosed,
     ExporterUnavailable,
@@ -37,17 +38,16 @@ from .errors import (
     SlabRecycled,
     StaleEpoch,
 )
-from .fdchannel import ChannelFailed, FdReceiver
+from ..lru import BoundedLRU
+from ..memory.layout import SlabLayout
 from .imports import REGISTRY, ImportKey
-from .layout import SlabLayout
-from .lru import BoundedLRU
 
 MAX_CACHED_LAYOUTS = 32
 MAX_CACHED_SLABS = 32
 ENV_TRANSPORT = "LORA_IPC_TRANSPORT"
 ENV_MAX_FETCH_BYTES = "LORA_IPC_MAX_FETCH_BYTES"
 DEFAULT_MAX_FETCH_BYTES = 4 << 30
-log = logging.getLogger("lora_ipc.client")
+log = logging.getLogger("lora_ipc.core.fetching.client")
 
 
 def fetch_bytes_limit(value: int | None = None) -> int:

@@ -19,10 +19,10 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from .. import settings
-from ..endpoint import ENV_ENDPOINT, ipc_path
-from ..errors import BadAdapterURI, LoraIpcError
-from ..protocol import MAX_NAME_CHARS
+from ..core import settings
+from ..core.channels.endpoint import ENV_ENDPOINT, ipc_path
+from ..core.errors import BadAdapterURI, LoraIpcError
+from ..core.protocol import MAX_NAME_CHARS
 
 SCHEME = "lora-ipc"
 EPOCH_RE = re.compile(r"[0-9a-f]{1,16}")

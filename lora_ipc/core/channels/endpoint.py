@@ -20,8 +20,8 @@ import struct
 import tempfile
 from dataclasses import dataclass
 
-from . import settings
-from .errors import EndpointInUse, EndpointNotTrusted, ExporterUnavailable, LoraIpcError
+from .. import settings
+from ..errors import EndpointInUse, EndpointNotTrusted, ExporterUnavailable, LoraIpcError
 
 ENV_ENDPOINT = "LORA_IPC_ENDPOINT"
 

@@ -20,18 +20,18 @@ from typing import Any
 import msgspec
 import zmq
 
-from . import protocol as p
-from .backends import ImportedSlab, open_slab
-from .connection import make_socket
-from .endpoint import prepare_ipc_path
-from .errors import LoraIpcError, ProtocolError
-from .fdchannel import FdServer
-from .guard import ConnectionGuard
-from .layout import SlabLayout
-from .lru import BoundedLRU
+from .. import protocol as p
+from ..backends import ImportedSlab, open_slab
+from ..channels.connection import make_socket
+from ..channels.endpoint import prepare_ipc_path
+from ..channels.fdchannel import FdServer
+from ..channels.guard import ConnectionGuard
+from ..errors import LoraIpcError, ProtocolError
+from ..lru import BoundedLRU
+from ..memory.layout import SlabLayout
 from .store import TensorSetStore
 
-log = logging.getLogger("lora_ipc.server")
+log = logging.getLogger("lora_ipc.core.serving.server")
 POLL_MS = 50
 # Replies queued per peer. A client has one request in flight plus a few fire-and-forget release
 # replies it reads later; a peer whose queue is full does not read its replies and is disconnected.

@@ -9,9 +9,9 @@ from typing import TypeVar
 
 import zmq
 
-from . import protocol as p
+from .. import protocol as p
+from ..errors import ClientClosed, EndpointNotTrusted, ExporterUnavailable, LoraIpcError, ProtocolError
 from .endpoint import ServerIdentity, ipc_path, server_identity
-from .errors import ClientClosed, EndpointNotTrusted, ExporterUnavailable, LoraIpcError, ProtocolError
 
 T = TypeVar("T", bound=p.Message)
 TRUST_POLL_S = 0.01

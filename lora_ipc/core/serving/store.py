@@ -3,7 +3,7 @@
 A *tensor set* is what lora_ipc moves: named tensors and a config (a LoRA adapter and its config, or a
 refit bucket with none). Each ``publish`` of a name makes its next version.
 
-Life of a version: ``publish`` takes a slab from the store's :class:`~lora_ipc.slab_pool.SlabPool` (a
+Life of a version: ``publish`` takes a slab from the store's :class:`~lora_ipc.core.serving.slab_pool.SlabPool` (a
 recycled one when a free slab fits), packs the version into it and makes it the newest. Once more
 than ``keep`` newer versions exist it stops being fetchable; its slab goes back to the pool as soon
 as no lease holds it. A lease is taken by every fetch and dropped by the client when its copy is
@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import protocol as p
-from .backends import ExportedSlab, slab_device
-from .errors import AdapterNotFound, AdapterRejected, LeaseError, LimitExceeded, StaleEpoch, VersionNotFound
-from .layout import SlabLayout
-from .layout_cache import LayoutCache
-from .protocol import MAX_STATUS_LEASES, TensorSetSummary, digest_of
+from .. import protocol as p
+from ..backends import ExportedSlab, slab_device
+from ..errors import AdapterNotFound, AdapterRejected, LeaseError, LimitExceeded, StaleEpoch, VersionNotFound
+from ..memory.layout import SlabLayout
+from ..memory.layout_cache import LayoutCache
+from ..protocol import MAX_STATUS_LEASES, TensorSetSummary, digest_of
 from .slab_pool import SlabPool
 
 _STATUS_ENTRY_BYTES = 160  # msgpack size of one status version entry, its name aside (upper estimate)

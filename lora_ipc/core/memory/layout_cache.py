@@ -8,8 +8,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..lru import BoundedLRU
 from .layout import SlabLayout, signature_of
-from .lru import BoundedLRU
 
 
 class LayoutCache:

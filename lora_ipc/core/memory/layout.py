@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import msgspec
 import torch
 
-from .errors import LayoutError
-from .protocol import MAX_DIMS, MAX_ENTRIES, Entries
-from .protocol import LayoutEntry as TensorEntry
+from ..errors import LayoutError
+from ..protocol import MAX_DIMS, MAX_ENTRIES, Entries
+from ..protocol import LayoutEntry as TensorEntry
 
 ALIGN = 256
 __all__ = ["ALIGN", "DTYPES", "DTYPE_NAMES", "MAX_DIMS", "MAX_ENTRIES", "SlabLayout", "TensorEntry"]

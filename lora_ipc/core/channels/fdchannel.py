@@ -62,11 +62,11 @@ from typing import cast
 
 import msgspec
 
+from ..errors import BackendError, EndpointNotTrusted, SlabRecycled
 from .endpoint import _check_dir_chain, ipc_path
-from .errors import BackendError, EndpointNotTrusted, SlabRecycled
 from .peers import Peer, Process, heaviest, peer_of_socket
 
-log = logging.getLogger("lora_ipc.fdchannel")
+log = logging.getLogger("lora_ipc.core.channels.fdchannel")
 
 SUFFIX = ".fd"
 TOKEN_BYTES = 16
@@ -378,7 +378,7 @@ class FdServer:
 def memfd_descriptor(fd: int, name: str) -> int:
     """A duplicate of ``fd`` if it is this process's memfd ``name`` (a closed store's fd number is reused);
     the caller closes it. Checked on the duplicate, so a close racing with this cannot send another file."""
-    from .shm import MEMFD_PREFIX
+    from ..memory.shm import MEMFD_PREFIX
 
     try:
         copy = os.dup(fd) if fd >= 0 else -1

@@ -21,10 +21,10 @@ import threading
 import time
 from typing import NamedTuple
 
-from .backends import ImportedSlab, open_slab
-from .endpoint import ServerIdentity
-from .errors import ExporterUnavailable, ProtocolError
-from .protocol import MAX_KNOWN, CpuSlabHandle, CudaSlabHandle, SlabHandle, VmmSlabHandle
+from ..backends import ImportedSlab, open_slab
+from ..channels.endpoint import ServerIdentity
+from ..errors import ExporterUnavailable, ProtocolError
+from ..protocol import MAX_KNOWN, CpuSlabHandle, CudaSlabHandle, SlabHandle, VmmSlabHandle
 
 MAX_KNOWN_SENT = MAX_KNOWN  # slab ids a fetch request may list
 
@@ -85,7 +85,7 @@ def _bound_channel(receive, handle: SlabHandle, server: ServerIdentity, deadline
     namespaces, where the handle's own pids are the exporter's). Where the channel is unavailable and the
     backend falls back to ``/proc``, the handle's pids must be the server's as without a channel.
     ``deadline``: the fetch's (fdchannel.FdReceiver)."""
-    from .fdchannel import FdChannelUnavailable
+    from ..channels.fdchannel import FdChannelUnavailable
 
     if handle.generation is None:
         check_owned_by(handle, server)  # refuses it, with the reason

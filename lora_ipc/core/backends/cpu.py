@@ -15,9 +15,9 @@ import secrets
 import torch
 
 from ..errors import BackendError
-from ..host_buffers import HOST_BUFFERS, pinned_bounce
+from ..memory.host_buffers import HOST_BUFFERS, pinned_bounce
+from ..memory.shm import GenerationReader, create_sealed, map_fd, open_sealed, read_exact, reopen_sealed
 from ..protocol import CpuSlabHandle
-from ..shm import GenerationReader, create_sealed, map_fd, open_sealed, read_exact, reopen_sealed
 from .base import Backend, ExportedSlab, ImportedSlab
 
 
@@ -37,7 +37,7 @@ class CpuExportedSlab(ExportedSlab):
 
     def descriptor(self) -> int:
         """A duplicate of the memfd, for the descriptor channel (fdchannel.py); BackendError once closed."""
-        from ..fdchannel import memfd_descriptor
+        from ..channels.fdchannel import memfd_descriptor
 
         return memfd_descriptor(self.fd, self.slab_id)
 
@@ -104,7 +104,7 @@ class CpuImportedSlab(ImportedSlab):
 def copy_staged(read_into, dst: torch.Tensor, chunk: int = BOUNCE_BYTES) -> None:
     """Fill ``dst`` (uint8, 1-D: device memory, or a host tensor ``pread`` cannot fill in place) through host
     bounce buffers: ``read_into(part, offset)`` fills one, ``copy_`` moves it on. Into CUDA memory the two
-    bounces are page-locked (:func:`~lora_ipc.host_buffers.pinned_bounce`), so each chunk's copy is a DMA
+    bounces are page-locked (:func:`~lora_ipc.core.memory.host_buffers.pinned_bounce`), so each chunk's copy is a DMA
     queued behind the previous one while the next chunk is read: one pass over the bytes on each side.
     Complete on return."""
     total = dst.numel()
@@ -132,7 +132,7 @@ def _receive_memfd(handle: CpuSlabHandle, receive) -> tuple[int, GenerationReade
     """The slab's memfd (read-only) and a reader of its generation table, both by the descriptor channel and
     checked as ones opened through /proc are; None when the channel is unreachable (an exporter without
     one: /proc is tried); BackendError when what came is wrong."""
-    from ..fdchannel import FdChannelUnavailable
+    from ..channels.fdchannel import FdChannelUnavailable
 
     try:
         fds = receive(handle.token)

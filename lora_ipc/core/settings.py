@@ -1,8 +1,8 @@
 """Every ``LORA_IPC_*`` environment variable lora_ipc reads, in one table: name, type, default, meaning.
 
 Code reads them only through :func:`value` (or :func:`is_set`); a value that does not parse is a
-:class:`~lora_ipc.errors.ConfigError` naming the variable, whoever asks. docs/reference/configuration.md is
-checked against this table by a test (tests/test_settings.py): ``python -m lora_ipc.settings`` writes it.
+:class:`~lora_ipc.core.errors.ConfigError` naming the variable, whoever asks. docs/reference/configuration.md is
+checked against this table by a test (tests/test_settings.py): ``python -m lora_ipc.core.settings`` writes it.
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ def markdown() -> str:
     rows = [
         "# Configuration",
         "",
-        "Every environment variable lora_ipc reads. Generated from `lora_ipc/settings.py` by",
-        "`python -m lora_ipc.settings > docs/reference/configuration.md` (a test checks the two agree).",
+        "Every environment variable lora_ipc reads. Generated from `lora_ipc/core/settings.py` by",
+        "`python -m lora_ipc.core.settings > docs/reference/configuration.md` (a test checks the two agree).",
         "A value that does not parse raises `ConfigError` naming the variable. Empty counts as unset.",
         "",
         "| variable | type | default | read by | meaning |",

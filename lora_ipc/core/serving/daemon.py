@@ -11,7 +11,7 @@ from .metrics import serve_metrics
 from .server import TensorSetServer
 from .store import TensorSetStore
 
-log = logging.getLogger("lora_ipc.daemon")
+log = logging.getLogger("lora_ipc.core.serving.daemon")
 
 
 def serve(
@@ -23,7 +23,7 @@ def serve(
     metrics_port: int | None = None,
     check_finite: bool = False,
 ) -> int:
-    """Serve until SIGTERM/SIGINT, then drain. Everything it says goes through the ``lora_ipc.daemon`` logger."""
+    """Serve until SIGTERM/SIGINT, then drain. Everything it says goes through this module's logger."""
     store = TensorSetStore(keep=keep, lease_timeout_s=lease_timeout_s, check_finite=check_finite)
     server = TensorSetServer(store, endpoint)  # raises EndpointInUse if another server holds it
     stop = threading.Event()

@@ -50,7 +50,7 @@ class ExporterUnavailable(LoraIpcError):
 
 class ClientClosed(ExporterUnavailable):
     """The client was closed (or evicted from the shared-client cache) before or while it was used.
-    Asking :func:`lora_ipc.adapters.shared_client` again gives a fresh one."""
+    Asking :func:`lora_ipc.lora.adapters.shared_client` again gives a fresh one."""
 
 
 class BackendError(LoraIpcError):
@@ -75,7 +75,7 @@ class EndpointInUse(LoraIpcError):
 
 
 class ConfigError(LoraIpcError, ValueError):
-    """A ``LORA_IPC_*`` setting (:mod:`lora_ipc.settings`) or a configuration argument that does not parse."""
+    """A ``LORA_IPC_*`` setting (:mod:`lora_ipc.core.settings`) or a configuration argument that does not parse."""
 
 
 class BadAdapterURI(LoraIpcError, ValueError):

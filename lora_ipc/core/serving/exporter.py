@@ -11,18 +11,18 @@ from typing import Self
 import msgspec
 import torch
 
-from .backends import ExportedSlab, backend_for, slab_device
-from .connection import Connection
-from .endpoint import daemon_endpoint, default_endpoint
-from .layout_cache import LayoutCache
-from .protocol import CpuSlabHandle, PublishReply, PublishRequest, SlabHandle, VmmSlabHandle
+from ..backends import ExportedSlab, backend_for, slab_device
+from ..channels.connection import Connection
+from ..channels.endpoint import daemon_endpoint, default_endpoint
+from ..memory.layout_cache import LayoutCache
+from ..protocol import CpuSlabHandle, PublishReply, PublishRequest, SlabHandle, VmmSlabHandle
 from .server import TensorSetServer
 from .store import Limits, TensorSetStore
 
 
 class TensorSetExporter:
     """Publish versions of named tensor sets from this process; readers fetch them with a
-    :class:`~lora_ipc.client.TensorSetClient`.
+    :class:`~lora_ipc.core.fetching.client.TensorSetClient`.
 
     ``keep`` newest versions of each name stay fetchable. ``device`` is where slabs live (default:
     where the published tensors are). ``check_finite`` rejects NaN/Inf at publish time (one extra read
@@ -114,7 +114,7 @@ class RemoteTensorSetExporter:
         consumes the rest: Note [one export per import] in backends/cuda.py); on CPU the staging memfd pushed to
         the daemon first (fdchannel.py: the daemon may live in another pid namespace), or the plain handle (the
         daemon opens /proc) where the daemon has no channel."""
-        from .fdchannel import FdChannelUnavailable, push_fd
+        from ..channels.fdchannel import FdChannelUnavailable, push_fd
 
         handle = slab.handle_for_import()
         if not hasattr(slab, "descriptor") or not isinstance(handle, (CpuSlabHandle, VmmSlabHandle)):  # no token

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import msgspec
 import torch
 
-from .backends import Backend, ExportedSlab, backend_for
-from .errors import LimitExceeded, StoreClosed
-from .protocol import GenerationSlot
-from .shm import GenerationTable
+from ..backends import Backend, ExportedSlab, backend_for
+from ..errors import LimitExceeded, StoreClosed
+from ..memory.shm import GenerationTable
+from ..protocol import GenerationSlot
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from . import settings
-from .client import TensorSet, TensorSetClient
-from .errors import ClientClosed, VersionNotFound
-from .exporter import RemoteTensorSetExporter, TensorSetExporter
-from .lru import BoundedLRU
+from ..core import settings
+from ..core.errors import ClientClosed, VersionNotFound
+from ..core.fetching.client import TensorSet, TensorSetClient
+from ..core.lru import BoundedLRU
+from ..core.serving.exporter import RemoteTensorSetExporter, TensorSetExporter
 from .peft import adapter_from
 
 MAX_SHARED_CLIENTS = 8
@@ -31,7 +31,7 @@ class Adapter(TensorSet):
 
 class AdapterExporter(TensorSetExporter):
     """Publish LoRA adapter versions from this process; engines fetch them with :class:`AdapterClient` or
-    a ``lora-ipc://`` URI. The options are :class:`~lora_ipc.exporter.TensorSetExporter`'s."""
+    a ``lora-ipc://`` URI. The options are :class:`~lora_ipc.core.serving.exporter.TensorSetExporter`'s."""
 
     def publish(self, name: str, adapter: Any, peft_config: Any = None) -> int:
         """Pack ``adapter`` (a PeftModel, or a dict of tensors with ``peft_config``) as the next version of ``name``."""
@@ -58,7 +58,7 @@ class RemoteExporter(RemoteTensorSetExporter):
     def uri(self, name: str, version: int) -> str:
         """The pinned ``lora-ipc://`` URI of ``version`` of ``name``, kept by the daemon now, with the daemon's
         epoch (asked of the daemon: one round trip). ``VersionNotFound`` when the daemon does not keep it."""
-        from .vllm.request import resolve
+        from ..vllm.request import resolve
 
         _check_name_version(name, version)
         _, epoch = resolve(name, self.endpoint, version)
@@ -73,13 +73,13 @@ def _check_name_version(name: Any, version: Any) -> None:
 
 
 def _pinned_uri(name: str, version: int, endpoint: str, epoch: str) -> str:
-    from .vllm.uri import AdapterURI
+    from .uri import AdapterURI
 
     return str(AdapterURI(name, version, endpoint, epoch))
 
 
 class AdapterClient(TensorSetClient):
-    """Fetch LoRA adapters: :meth:`fetch` as :class:`~lora_ipc.client.TensorSetClient`'s, returning
+    """Fetch LoRA adapters: :meth:`fetch` as :class:`~lora_ipc.core.fetching.client.TensorSetClient`'s, returning
     an :class:`Adapter`."""
 
     fetched_as = Adapter

@@ -36,8 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .errors import BackendError
-from .lru import BoundedLRU
+from ..errors import BackendError
+from ..lru import BoundedLRU
 
 MEMFD_PREFIX = "lora-ipc."
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL

@@ -34,7 +34,7 @@ def _map(handle: bytes | str, offset: int):
     if path is None or offset < 0:
         return None, None
     from ..errors import BackendError
-    from ..shm import open_regular
+    from ..memory.shm import open_regular
 
     try:  # a name the exporter chose: nothing but a regular file of ours is opened (no FIFO, no device)
         fd = open_regular(path, os.O_RDWR, follow=False)

@@ -13,9 +13,9 @@ import logging
 import threading
 from types import ModuleType
 
-from .errors import BackendError
+from ..errors import BackendError
 
-log = logging.getLogger("lora_ipc.native")
+log = logging.getLogger("lora_ipc.core.memory.native")
 _lock = threading.Lock()
 _logged: set[str] = set()
 
@@ -23,7 +23,7 @@ _logged: set[str] = set()
 def extension() -> ModuleType | None:
     """The compiled extension, or None (why is logged once)."""
     try:
-        from . import _native  # type: ignore[attr-defined]  # a C extension: no stub
+        import lora_ipc._native as _native  # the optional C extension (setup.py); by its full name
     except ImportError as exc:
         _say_once(
             f"lora_ipc native extension not built ({exc}); the CUDA VMM backend is unavailable, "

@@ -1,4 +1,4 @@
-"""CUDA VMM backend: slabs that torch's caching allocator never sees (csrc/vmm.c through lora_ipc.native).
+"""CUDA VMM backend: slabs that torch's caching allocator never sees (csrc/vmm.c through lora_ipc.core.memory.native).
 
 Note [why VMM slabs]
     The torch CUDA IPC path (cuda.py) borrows the caching allocator's sharing: a ref counter per
@@ -30,10 +30,11 @@ from typing import cast
 
 import torch
 
-from .. import native, settings
+from .. import settings
 from ..errors import BackendError
+from ..memory import native
+from ..memory.shm import GenerationReader, reopen_sealed
 from ..protocol import VmmSlabHandle
-from ..shm import GenerationReader, reopen_sealed
 from .base import Backend, ExportedSlab
 from .cuda import CudaImportedSlab, device_uuid, local_device_for_uuid
 

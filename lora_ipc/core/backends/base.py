@@ -13,9 +13,9 @@ from collections.abc import Mapping
 
 import torch
 
-from ..layout import SlabLayout
+from ..memory.layout import SlabLayout
+from ..memory.shm import GenerationReader
 from ..protocol import SlabHandle
-from ..shm import GenerationReader
 
 
 class ExportedSlab(ABC):
@@ -81,7 +81,7 @@ class ImportedSlab(ABC):
             return None
         if self._generations is not None:
             return self._generations.read(slot.slot)
-        from ..shm import generation_reader
+        from ..memory.shm import generation_reader
 
         return generation_reader(slot.pid, slot.fd, slot.table).read(slot.slot)
 
