@@ -68,6 +68,7 @@ UNIT_MODULES = frozenset(
     {
         "test_bad_input",
         "test_host_buffers",
+        "test_layers",
         "test_docs",
         "test_refcount",
         "test_relay_units",

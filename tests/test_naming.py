@@ -18,8 +18,8 @@ import torch
 from lora_ipc import AdapterClient, AdapterExporter, RemoteExporter
 from lora_ipc.core.protocol import MAX_NAME_CHARS, BadName
 from lora_ipc.core.serving.exporter import TensorSetExporter
+from lora_ipc.lora.adapters import resolve
 from lora_ipc.lora.uri import MAX_ENDPOINT_CHARS, MAX_URI_CHARS, AdapterURI
-from lora_ipc.vllm.request import resolve
 
 from . import models
 

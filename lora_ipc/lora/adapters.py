@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from ..core import settings
-from ..core.errors import ClientClosed, VersionNotFound
+from ..core.errors import AdapterNotFound, ClientClosed, StaleEpoch, VersionNotFound
 from ..core.fetching.client import TensorSet, TensorSetClient
 from ..core.lru import BoundedLRU
 from ..core.serving.exporter import RemoteTensorSetExporter, TensorSetExporter
 from .peft import adapter_from
+from .uri import AdapterURI
 
 MAX_SHARED_CLIENTS = 8
 
@@ -58,8 +59,6 @@ class RemoteExporter(RemoteTensorSetExporter):
     def uri(self, name: str, version: int) -> str:
         """The pinned ``lora-ipc://`` URI of ``version`` of ``name``, kept by the daemon now, with the daemon's
         epoch (asked of the daemon: one round trip). ``VersionNotFound`` when the daemon does not keep it."""
-        from ..vllm.request import resolve
-
         _check_name_version(name, version)
         _, epoch = resolve(name, self.endpoint, version)
         return _pinned_uri(name, version, self.endpoint, epoch)
@@ -73,8 +72,6 @@ def _check_name_version(name: Any, version: Any) -> None:
 
 
 def _pinned_uri(name: str, version: int, endpoint: str, epoch: str) -> str:
-    from .uri import AdapterURI
-
     return str(AdapterURI(name, version, endpoint, epoch))
 
 
@@ -126,3 +123,22 @@ def with_shared_client(endpoint: str, call):
         return call(shared_client(endpoint))
     except ClientClosed:
         return call(shared_client(endpoint))
+
+
+def resolve(name: str, endpoint: str, version: int | None, epoch: str | None = None) -> tuple[int, str]:
+    """(version, epoch) the exporter serves now: the newest when ``version`` is None. A pinned
+    ``version`` must be kept, and of ``epoch`` when that is given (else ``StaleEpoch``)."""
+    catalog = with_shared_client(endpoint, lambda client: client.catalog(name))  # never cut, unlike a full list
+    versions: list[int] = next((a.versions for a in catalog.sets if a.name == name), [])
+    if epoch is not None and version is not None and catalog.epoch != epoch:
+        raise StaleEpoch(
+            f"{name!r} v{version} of epoch {epoch} is gone: {endpoint} now serves epoch "
+            f"{catalog.epoch or '?'} (it restarted; its version numbers started again)"
+        )
+    if not versions:
+        raise AdapterNotFound(f"no adapter named {name!r} at {endpoint}")
+    if version is None:
+        return versions[-1], catalog.epoch
+    if version not in versions:
+        raise VersionNotFound(f"{name!r} version {version} is not kept at {endpoint} (kept: {versions})")
+    return version, catalog.epoch

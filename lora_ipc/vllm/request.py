@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from ..core.channels.endpoint import daemon_endpoint
-from ..core.errors import AdapterNotFound, StaleEpoch, VersionNotFound
-from ..lora.adapters import with_shared_client
+from ..lora.adapters import resolve
 from ..lora.uri import AdapterURI
 
 
@@ -16,29 +15,6 @@ def lora_int_id_for(name: str, version: int, epoch: str | None = None) -> int:
     key = f"{name}@{version}" if epoch is None else f"{name}@{version}#{epoch}"
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % ((1 << 31) - 1) + 1
-
-
-def resolve(name: str, endpoint: str, version: int | None, epoch: str | None = None) -> tuple[int, str]:
-    """(version, epoch) the exporter serves now: the newest when ``version`` is None. A pinned
-    ``version`` must be kept, and of ``epoch`` when that is given (else ``StaleEpoch``)."""
-    catalog = with_shared_client(endpoint, lambda client: client.catalog(name))  # never cut, unlike a full list
-    versions: list[int] = next((a.versions for a in catalog.sets if a.name == name), [])
-    if epoch is not None and version is not None and catalog.epoch != epoch:
-        raise StaleEpoch(
-            f"{name!r} v{version} of epoch {epoch} is gone: {endpoint} now serves epoch "
-            f"{catalog.epoch or '?'} (it restarted; its version numbers started again)"
-        )
-    if not versions:
-        raise AdapterNotFound(f"no adapter named {name!r} at {endpoint}")
-    if version is None:
-        return versions[-1], catalog.epoch
-    if version not in versions:
-        raise VersionNotFound(f"{name!r} version {version} is not kept at {endpoint} (kept: {versions})")
-    return version, catalog.epoch
-
-
-def resolve_version(name: str, endpoint: str, version: int | None, epoch: str | None = None) -> int:
-    return resolve(name, endpoint, version, epoch)[0]
 
 
 def lora_request(
