@@ -89,7 +89,7 @@ def test_bad_values_are_one_error_type_naming_the_variable(monkeypatch, name, ra
 
 
 def test_readers_use_the_table(monkeypatch):
-    from lora_ipc.core.backends.vmm import cuda_export_mode
+    from lora_ipc.core.backends.select import cuda_export_mode
     from lora_ipc.core.fetching.client import fetch_bytes_limit, transport_mode
 
     monkeypatch.setenv("LORA_IPC_TRANSPORT", "bogus")

@@ -26,11 +26,9 @@ import logging
 import os
 import secrets
 import stat
-from typing import cast
 
 import torch
 
-from .. import settings
 from ..errors import BackendError
 from ..memory import native
 from ..memory.shm import GenerationReader, reopen_sealed
@@ -39,31 +37,6 @@ from .base import Backend, ExportedSlab
 from .cuda import CudaImportedSlab, device_uuid, local_device_for_uuid
 
 log = logging.getLogger("lora_ipc.vmm")
-ENV_CUDA_EXPORT = "LORA_IPC_CUDA_EXPORT"
-_said: set[str] = set()
-
-
-def cuda_export_mode(value: str | None = None) -> str:
-    if value is None:
-        return cast(str, settings.value(ENV_CUDA_EXPORT))
-    return cast(str, settings.SETTINGS[ENV_CUDA_EXPORT].parse(value, given_as="CUDA export"))
-
-
-def cuda_backend(device: torch.device, mode: str | None = None) -> Backend:
-    """The exporting backend for a CUDA device: torch's CUDA IPC or VMM, per ``mode``."""
-    mode = cuda_export_mode(mode)
-    if mode != "torch":
-        try:
-            return VmmBackend(device)
-        except BackendError as exc:
-            if mode == "vmm":
-                raise
-            if str(exc) not in _said:
-                _said.add(str(exc))
-                log.info("%s=auto: %s; exporting with torch's CUDA IPC", ENV_CUDA_EXPORT, exc)
-    from .cuda import CudaBackend
-
-    return CudaBackend(device)
 
 
 class _CudaArray:
