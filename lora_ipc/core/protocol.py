@@ -46,7 +46,7 @@ from .errors import WIRE_ERRORS, LoraIpcError, ProtocolError, wire_error
 PROTOCOL_VERSION = 2
 
 # --------------------------------------------------------------------------------------------
-# limits: the one place they are set (layout.py, imports.py and refit.py read them from here)
+# limits: the one place they are set (layout.py, imports.py and the refit plans read them from here)
 # --------------------------------------------------------------------------------------------
 
 MAX_FRAME_BYTES = 32 << 20  # the largest frame any message type may have (a 32k-tensor layout)

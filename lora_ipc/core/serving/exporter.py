@@ -1,6 +1,6 @@
 """Trainer side: ``TensorSetExporter`` (store + server thread in this process) and ``RemoteTensorSetExporter``
 (publish into a ``lora-ipc serve`` daemon, which keeps its own copy). Both publish named tensor sets:
-adapters.py publishes LoRA adapters through them, refit.py weight buckets."""
+lora_ipc.lora publishes LoRA adapters through them, lora_ipc.refit weight buckets."""
 
 from __future__ import annotations
 
