@@ -78,3 +78,29 @@ def test_fsdp2_sharded_adapter_published_from_rank_0_equals_the_unsharded_one():
     assert_same_adapter(tensors, {k: v.detach() for k, v in want.items()})
     assert config["r"] == want_config["r"] and sorted(config["target_modules"]) == sorted(want_config["target_modules"])
     assert all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_the_gather_skips_the_base_embedding_matrices_vllm_discards(monkeypatch):
+    """An ``embed_tokens`` target: PEFT's state dict carries the full base embedding matrix; the sharded
+    gather never touches it (no gather of vocabulary × hidden elements per step) and publishes what
+    ``adapter_from`` publishes, bitwise."""
+    from peft import LoraConfig
+
+    import lora_ipc.integrations.sharded as sharded
+    from lora_ipc.lora.peft import adapter_from, vllm_discards
+
+    from . import models
+
+    model = models.family_peft("llama", LoraConfig(r=8, target_modules=["embed_tokens", "q_proj"]))
+    from peft import get_peft_model_state_dict
+
+    assert any(vllm_discards(k) for k in get_peft_model_state_dict(model)), "the case this test is about"
+    gathered: list[tuple[int, ...]] = []
+    real_full = sharded._full
+    monkeypatch.setattr(sharded, "_full", lambda t: (gathered.append(tuple(t.shape)), real_full(t))[1])
+    tensors, config = sharded.gather_lora_state(model)
+    want, want_config = adapter_from(model)
+    assert tensors is not None and not any(vllm_discards(k) for k in tensors)
+    assert len(gathered) == len(want)
+    assert_same_adapter(tensors, want)
+    assert config == want_config

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..lora.peft import config_to_dict
+from ..lora.peft import config_to_dict, unwrap_compiled, vllm_discards
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -47,14 +47,20 @@ def gather_lora_state(model: Any, adapter_name: str | None = None) -> tuple[dict
     """(rank 0: the adapter's full tensors, as ``save_pretrained`` names them; other ranks: None, its LoRA config).
 
     Every rank must call it (the gathers are collectives). The tensors are new memory, detached from the model.
+    The base embedding matrices PEFT's state dict carries for an ``embed_tokens`` / ``lm_head`` target are
+    skipped before any gather (vLLM's loader discards them; gathering one would cost vocabulary × hidden
+    elements per step); every rank skips the same names, so the collectives stay in step.
     """
     from peft import get_peft_model_state_dict
 
+    model = unwrap_compiled(model)
     name = adapter_name or model.active_adapter
     state = get_peft_model_state_dict(model, adapter_name=name)
     rank = _rank()
     full: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
+        if vllm_discards(key):
+            continue
         gathered = _full(tensor.detach())
         if rank == 0:
             full[key] = gathered.clone() if gathered is tensor or gathered.data_ptr() == tensor.data_ptr() else gathered
