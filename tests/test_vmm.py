@@ -8,6 +8,7 @@ trip bitwise, read-only imports, an exporter SIGKILLed under an importer, torch'
 import gc
 import multiprocessing as mp
 import os
+import signal
 import time
 
 import msgspec
@@ -165,7 +166,7 @@ def test_an_exporter_killed_under_an_importer_leaves_its_data_until_released():
         kept = slab.copy_out(slab.nbytes)  # what the mapping holds now
         torch.cuda.synchronize()
         proc.kill()
-        time.sleep(0.5)
+        assert proc.proc.exitcode == -signal.SIGKILL, proc.proc.exitcode  # dead and reaped, its context gone
         assert torch.equal(slab.copy_out(slab.nbytes), kept)  # intact after the exporter died
         want = {k: v.cuda() for k, v in models.random_adapter(9).items()}
         assert_same_adapter(first.tensors, want)
