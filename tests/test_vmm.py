@@ -215,7 +215,8 @@ def test_release_frees_a_vmm_import_once(monkeypatch):
     fake.close = lambda: closed.append(True)
     fake.consume(vmm_handle())  # a no-op: no ref counter to give back
     monkeypatch.setattr("lora_ipc.imports.open_slab", lambda handle, receive=None: fake)
-    monkeypatch.setattr("lora_ipc.imports.check_owned_by", lambda handle, server: None)  # ownership: test_identity
+    # ownership is test_attack_identity's
+    monkeypatch.setattr("lora_ipc.imports.check_owned_by", lambda handle, server: None)
     handle = vmm_handle(slab_id="vmm.reg.1")
     fake.handle = handle
     server = ServerIdentity("ipc:///nowhere/vmm.sock", os.getpid(), os.getuid())
