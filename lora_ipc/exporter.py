@@ -15,7 +15,7 @@ from .backends import ExportedSlab, backend_for, slab_device
 from .connection import Connection
 from .endpoint import daemon_endpoint, default_endpoint
 from .layout_cache import LayoutCache
-from .protocol import CpuSlabHandle, PublishReply, PublishRequest, SlabHandle, VmmSlabHandle
+from .protocol import PublishReply, PublishRequest, SlabHandle
 from .server import TensorSetServer
 from .store import Limits, TensorSetStore
 
@@ -117,7 +117,7 @@ class RemoteTensorSetExporter:
         from .fdchannel import FdChannelUnavailable, push_fd
 
         handle = slab.handle_for_import()
-        if not hasattr(slab, "descriptor") or not isinstance(handle, (CpuSlabHandle, VmmSlabHandle)):  # no token
+        if not (slab.passes_descriptor and handle.PASSES_DESCRIPTOR):
             return handle
         fd = slab.descriptor()
         try:

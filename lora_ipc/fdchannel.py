@@ -58,13 +58,17 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 
 from .endpoint import _check_dir_chain, ipc_path
 from .errors import BackendError, EndpointNotTrusted, SlabRecycled
 from .peers import Peer, Process, heaviest, peer_of_socket
+
+if TYPE_CHECKING:
+    from .backends.base import ExportedSlab
+    from .protocol import SlabHandle
 
 log = logging.getLogger("lora_ipc.fdchannel")
 
@@ -355,10 +359,10 @@ class FdServer:
         finally:
             _close_all(unasked)
 
-    def attach(self, slab, handle):
+    def attach(self, slab: ExportedSlab, handle: SlabHandle) -> SlabHandle:
         """``handle`` with a fresh token that redeems ``slab``'s descriptor (and its generation table's);
         unchanged for a slab or handle that cannot travel this way."""
-        if not hasattr(slab, "descriptor") or not hasattr(handle, "token"):
+        if not (slab.passes_descriptor and handle.PASSES_DESCRIPTOR):
             return handle
         slot = handle.generation
 
