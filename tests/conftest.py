@@ -1,7 +1,9 @@
 """Fixtures and collection rules; shared helper functions live in helpers.py."""
 
 import os
+import pwd
 import shutil
+import subprocess
 import tempfile
 
 import pytest
@@ -62,11 +64,55 @@ def daemons():
             proc.wait(10)
 
 
+ATTACKER = "loraipc-attacker"
+
+
+@pytest.fixture(scope="module")
+def attacker():
+    """(uid, gid) of a real second user."""
+    if os.getuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("needs root and useradd to create a second user")
+    try:
+        pw = pwd.getpwnam(ATTACKER)
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", ATTACKER], check=True)
+        pw = pwd.getpwnam(ATTACKER)
+    return pw.pw_uid, pw.pw_gid
+
+
+@pytest.fixture(scope="module")
+def served(exporter_proc):
+    """The module's exporter serving ``helpers.SERVED``, and a raw peer of it (``hostile.RawPeer``)."""
+    from .helpers import SERVED
+    from .hostile import RawPeer
+
+    exporter_proc.call("publish_random", *SERVED)
+    peer = RawPeer(exporter_proc.endpoint)
+    yield exporter_proc, peer
+    peer.close()
+
+
+@pytest.fixture
+def staged():
+    """A real exported CPU slab holding a valid adapter, as a RemoteExporter would send it."""
+    from lora_ipc.core.backends.cpu import CpuBackend
+    from lora_ipc.core.memory.layout import SlabLayout
+
+    from . import models
+
+    tensors = models.random_adapter(3)
+    layout = SlabLayout.plan(tensors)
+    slab = CpuBackend().allocate(1 << 16)
+    layout.pack(slab.destination_views(layout), tensors)
+    yield tensors, layout, slab
+    slab.close()
+
+
 # The unit tier (`-m unit`, the command to run while editing; under a minute): modules whose tests start no
 # child process and no vLLM engine. A unit test that starts one fails (no_child_processes below).
 UNIT_MODULES = frozenset(
     {
-        "test_bad_input",
+        "test_attack_frames",
         "test_host_buffers",
         "test_layers",
         "test_docs",

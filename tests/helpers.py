@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -220,3 +221,21 @@ def cuda_round_trip(exporter, tmp_path, name: str, dtype: str):
             t.mul_(0)
         assert_same_adapter(client.fetch(name).tensors, reference)
         yield client
+
+
+def private_endpoint(name: str) -> str:
+    """An ``ipc://`` endpoint in a fresh private directory of its own."""
+    return f"ipc://{tempfile.mkdtemp(prefix='lora-ipc-ident-')}/{name}.sock"
+
+
+SERVED = ("good", 7)  # what the ``served`` fixture publishes: the name and the seed of models.random_adapter
+
+
+def still_serving(exporter_proc) -> None:
+    """The exporter of the ``served`` fixture still serves its adapter, bitwise."""
+    from lora_ipc import AdapterClient
+
+    from . import models
+
+    with AdapterClient(exporter_proc.endpoint, timeout_s=5) as client:
+        assert_same_adapter(client.fetch(SERVED[0]).tensors, models.random_adapter(SERVED[1]))

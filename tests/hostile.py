@@ -15,9 +15,12 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import mmap
+import multiprocessing as mp
 import os
 
 import zmq
+
+from lora_ipc.core import protocol as p
 
 ATTACKER_BYTE = 0x41
 FALLOC_FL_KEEP_SIZE = 1
@@ -324,3 +327,49 @@ class HostileChannel:
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join(10)
+
+
+# ---- attackers of another uid, and raw peers ---------------------------------------------------
+
+
+FORK = mp.get_context("fork")
+
+
+def run_as(user, target, *args):
+    """Fork a process that drops to ``user`` and runs ``target(conn, *args)``; returns (process, conn)."""
+    parent, child = FORK.Pipe()
+
+    def main():
+        os.setgroups([])
+        os.setgid(user[1])
+        os.setuid(user[0])
+        target(child, *args)
+
+    proc = FORK.Process(target=main, daemon=True)
+    proc.start()
+    return proc, parent
+
+
+class RawPeer:
+    """A bare DEALER socket that sends whatever bytes a test wants."""
+
+    def __init__(self, endpoint):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send_raw(self, payload: bytes) -> p.Frame:
+        self.sock.send_multipart([b"", payload])
+        assert self.sock.poll(5000), "server did not answer"
+        return p.decode(self.sock.recv_multipart()[-1])
+
+    def expect_error(self, payload: bytes, error: str, *needles: str) -> p.ErrorReply:
+        frame = self.send_raw(payload)
+        assert isinstance(frame.message, p.ErrorReply), frame.message
+        assert frame.message.error == error, frame.message
+        for needle in needles:
+            assert needle in frame.message.message, frame.message.message
+        return frame.message
+
+    def close(self):
+        self.sock.close(0)

@@ -283,8 +283,9 @@ class ExporterProcess:
         return out
 
     def kill(self) -> None:
+        """SIGKILL, and wait until the process is reaped (its files, and a CUDA context with them, closed)."""
         os.kill(self.pid, signal.SIGKILL)
-        self.proc.join(10)
+        self.proc.join(60)
 
     def close(self) -> None:
         if self.proc.is_alive():

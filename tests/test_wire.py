@@ -1,6 +1,7 @@
 """The wire contract (protocol.py's msgspec Structs): msgpack on the wire, bounds applied before anything is
 built, one set of limits. ``msgpack`` (the reference codec) checks that any msgpack peer can speak it."""
 
+import os
 import tracemalloc
 
 import msgpack
@@ -215,6 +216,48 @@ def test_limits_are_declared_once():
     assert imports.MAX_KNOWN_SENT == p.MAX_KNOWN
     with pytest.raises(ProtocolError, match="known_slabs"):
         p.decode(p.encode(p.FetchRequest("a", None, "c", [f"s{i}" for i in range(p.MAX_KNOWN + 1)]), 1))
+
+
+def test_descriptor_passing_is_declared_by_every_handle_and_slab_kind():
+    """Who may use the descriptor channel is a declared capability, not probed with hasattr: every member of
+    the handle union says whether it carries a channel token, and the backends' exported slabs say whether
+    they have a descriptor to pass (a slab that declares none refuses to give one, typed)."""
+    import typing
+
+    from lora_ipc.core.backends.base import ExportedSlab
+    from lora_ipc.core.backends.cpu import CpuBackend, CpuExportedSlab
+    from lora_ipc.core.backends.cuda import CudaExportedSlab
+    from lora_ipc.core.backends.vmm import VmmExportedSlab
+    from lora_ipc.core.errors import BackendError
+
+    kinds = typing.get_args(p.SlabHandle)
+    assert {k.TAG for k in kinds} == {"cpu", "cuda", "vmm"}
+    for kind in kinds:
+        assert kind.PASSES_DESCRIPTOR == ("token" in kind.__struct_fields__), kind
+    slot = p.GenerationSlot(77, 12, 0, "gen.77.ab")
+    cpu = p.CpuSlabHandle("1.ab.1", 4096, pid=77, fd=12, generation=slot, token=b"t" * 16)
+    assert cpu.channel_token == b"t" * 16 and msgspec.structs.replace(cpu, token=None).channel_token is None
+    cuda = p.CudaSlabHandle("c.1", 4096, "GPU-0", b"h", 4096, 0, b"r", 0, b"e", False, b"x", slot)
+    assert cuda.channel_token is None
+    assert (CpuExportedSlab.passes_descriptor, VmmExportedSlab.passes_descriptor) == (True, True)
+    assert CudaExportedSlab.passes_descriptor is False  # torch's CUDA IPC: a memory handle, no descriptor
+    slab = CpuBackend().allocate(4096)
+    try:
+        assert type(slab.handle).PASSES_DESCRIPTOR
+        fd = slab.descriptor()
+        os.close(fd)
+    finally:
+        slab.close()
+
+    class NoDescriptor(ExportedSlab):
+        def mark_ready(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    with pytest.raises(BackendError, match="no descriptor to pass"):
+        NoDescriptor().descriptor()
 
 
 def test_refit_buckets_never_hold_more_tensors_than_a_layout_may_carry():

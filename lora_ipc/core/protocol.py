@@ -226,7 +226,18 @@ class GenerationSlot(WireStruct, frozen=True):
 
 
 class _Handle(WireStruct, frozen=True, tag_field="backend"):
-    """A slab handle: a map whose first key, ``backend``, names the class (``TAG``)."""
+    """A slab handle: a map whose first key, ``backend``, names the class (``TAG``).
+
+    What a kind of handle can do is declared here, not probed: ``PASSES_DESCRIPTOR`` says whether its
+    slab's memory may travel by the descriptor channel (fdchannel.py; such a handle has a ``token`` field),
+    ``channel_token`` is the token it carries (None: open the slab without the channel)."""
+
+    PASSES_DESCRIPTOR: ClassVar[bool] = False
+
+    @property
+    def channel_token(self) -> bytes | None:
+        """The one-time token that redeems this slab's descriptors at its server's descriptor channel."""
+        return None
 
 
 class CpuSlabHandle(_Handle, frozen=True, tag="cpu"):
@@ -245,6 +256,11 @@ class CpuSlabHandle(_Handle, frozen=True, tag="cpu"):
     #: by SCM_RIGHTS, across pid namespaces; without one, importers open ``path``
     token: Token | None = None
     TAG: ClassVar[str] = "cpu"
+    PASSES_DESCRIPTOR: ClassVar[bool] = True
+
+    @property
+    def channel_token(self) -> bytes | None:
+        return self.token
 
     @property
     def path(self) -> str:
@@ -284,6 +300,11 @@ class VmmSlabHandle(_Handle, frozen=True, tag="vmm"):
     generation: GenerationSlot | None = None
     token: Token | None = None
     TAG: ClassVar[str] = "vmm"
+    PASSES_DESCRIPTOR: ClassVar[bool] = True
+
+    @property
+    def channel_token(self) -> bytes | None:
+        return self.token
 
 
 SlabHandle = CpuSlabHandle | CudaSlabHandle | VmmSlabHandle
@@ -557,7 +578,8 @@ def encode(message: Message, request_id: int = 0) -> bytes:
 def decode(data: bytes, accept: frozenset[str] | None = None) -> Frame:
     """Decode and validate one frame whose type is in ``accept``. Raises ProtocolError for anything else."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame too large or not bytes ({len(data) if hasattr(data, '__len__') else '?'} bytes)")
+        size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else "?"
+        raise ProtocolError(f"frame too large or not bytes ({size} bytes)")
     header = _read_header(data) if len(data) > SMALL_FRAME else None
     body: Any  # a memoryview of a large frame's body, or msgspec's Raw of a small one's
     if header is not None:  # a large frame: its header is checked before its body is walked at all

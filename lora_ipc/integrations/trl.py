@@ -56,7 +56,7 @@ from packaging.version import Version
 from trl.generation import vllm_generation
 from trl.generation.vllm_generation import VLLMGeneration
 
-from ..lora.adapters import AdapterExporter
+from ..lora.adapters import AdapterExporter, RemoteExporter
 from ..lora.uri import AdapterURI
 from .sharded import publish_sharded
 
@@ -313,7 +313,7 @@ def install(
         raise ValueError(f"max_cpu_loras must be an int >= max_loras, got {max_cpu_loras!r}")
     if type(keep) is not int or keep < 2:
         raise ValueError(f"keep must be an int >= 2 (the served version and the one before), got {keep!r}")
-    if exporter is not None and not (callable(getattr(exporter, "publish", None)) and hasattr(exporter, "uri")):
+    if exporter is not None and not isinstance(exporter, (AdapterExporter, RemoteExporter)):
         raise TypeError("exporter must be a lora_ipc AdapterExporter or RemoteExporter")
     clash = {"enable_lora", "max_lora_rank", "max_loras", "max_cpu_loras"} & set(engine_args)
     if clash:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 
+from ..errors import BackendError
 from ..memory.layout import SlabLayout
 from ..memory.shm import GenerationReader
 from ..protocol import SlabHandle
@@ -25,6 +27,14 @@ class ExportedSlab(ABC):
     tensor: torch.Tensor  # uint8, 1-D, nbytes long
     handle: SlabHandle
     _views: tuple[bytes, list[torch.Tensor]] | None = None
+    #: whether the slab's memory is a descriptor that can travel by the descriptor channel (fdchannel.py):
+    #: then :meth:`descriptor` gives it, and the slab's handles declare ``PASSES_DESCRIPTOR`` too
+    passes_descriptor: ClassVar[bool] = False
+
+    def descriptor(self) -> int:
+        """A duplicate of the descriptor holding the slab's memory (the caller closes it); only where
+        ``passes_descriptor``."""
+        raise BackendError(f"a {type(self).__name__} has no descriptor to pass")
 
     def handle_for_import(self) -> SlabHandle:
         """The handle to give one importing process (CUDA: a fresh export each time, see cuda.py)."""

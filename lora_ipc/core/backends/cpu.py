@@ -23,6 +23,7 @@ from .base import Backend, ExportedSlab, ImportedSlab
 
 class CpuExportedSlab(ExportedSlab):
     device = torch.device("cpu")
+    passes_descriptor = True
 
     def __init__(self, slab_id: str, nbytes: int):
         self.fd = create_sealed(slab_id, nbytes)

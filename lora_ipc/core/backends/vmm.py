@@ -72,6 +72,8 @@ def _device_info(index: int) -> dict:
 
 
 class VmmExportedSlab(ExportedSlab):
+    passes_descriptor = True
+
     def __init__(self, slab_id: str, nbytes: int, device: torch.device, uuid: str):
         ext = native.vmm()
         self.slab_id, self.nbytes, self.device = slab_id, nbytes, device

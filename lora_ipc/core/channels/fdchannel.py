@@ -58,13 +58,25 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, ClassVar, Protocol, cast
 
 import msgspec
 
 from ..errors import BackendError, EndpointNotTrusted, SlabRecycled
 from .endpoint import _check_dir_chain, ipc_path
 from .peers import Peer, Process, heaviest, peer_of_socket
+
+if TYPE_CHECKING:
+    from ..protocol import SlabHandle
+
+
+class DescriptorSource(Protocol):
+    """What the channel needs of an exported slab (``backends.base.ExportedSlab``, a layer above): whether
+    its memory travels as a descriptor, and a duplicate of that descriptor."""
+
+    passes_descriptor: ClassVar[bool]
+
+    def descriptor(self) -> int: ...
 
 log = logging.getLogger("lora_ipc.core.channels.fdchannel")
 
@@ -355,10 +367,10 @@ class FdServer:
         finally:
             _close_all(unasked)
 
-    def attach(self, slab, handle):
+    def attach(self, slab: DescriptorSource, handle: SlabHandle) -> SlabHandle:
         """``handle`` with a fresh token that redeems ``slab``'s descriptor (and its generation table's);
         unchanged for a slab or handle that cannot travel this way."""
-        if not hasattr(slab, "descriptor") or not hasattr(handle, "token"):
+        if not (slab.passes_descriptor and handle.PASSES_DESCRIPTOR):
             return handle
         slot = handle.generation
 

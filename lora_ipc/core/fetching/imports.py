@@ -187,7 +187,7 @@ class ImportRegistry:
     def _checked(server: ServerIdentity, slab_id: str, handle: SlabHandle, receive, deadline: float | None = None):
         if handle.slab_id != slab_id:
             raise ProtocolError(f"reply names slab {slab_id!r} but its handle is for {handle.slab_id!r}")
-        if getattr(handle, "token", None) is not None and receive is not None:
+        if handle.channel_token is not None and receive is not None:
             return _bound_channel(receive, handle, server, deadline)
         check_owned_by(handle, server)
         return receive

@@ -1,6 +1,6 @@
 """Trainer side: ``TensorSetExporter`` (store + server thread in this process) and ``RemoteTensorSetExporter``
 (publish into a ``lora-ipc serve`` daemon, which keeps its own copy). Both publish named tensor sets:
-lora_ipc.lora publishes LoRA adapters through them, lora_ipc.refit weight buckets."""
+adapters.py publishes LoRA adapters through them, refit.py weight buckets."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..backends import ExportedSlab, backend_for, slab_device
 from ..channels.connection import Connection
 from ..channels.endpoint import daemon_endpoint, default_endpoint
 from ..memory.layout_cache import LayoutCache
-from ..protocol import CpuSlabHandle, PublishReply, PublishRequest, SlabHandle, VmmSlabHandle
+from ..protocol import PublishReply, PublishRequest, SlabHandle
 from .server import TensorSetServer
 from .store import Limits, TensorSetStore
 
@@ -117,7 +117,7 @@ class RemoteTensorSetExporter:
         from ..channels.fdchannel import FdChannelUnavailable, push_fd
 
         handle = slab.handle_for_import()
-        if not hasattr(slab, "descriptor") or not isinstance(handle, (CpuSlabHandle, VmmSlabHandle)):  # no token
+        if not (slab.passes_descriptor and handle.PASSES_DESCRIPTOR):
             return handle
         fd = slab.descriptor()
         try:

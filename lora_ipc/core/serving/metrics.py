@@ -86,7 +86,8 @@ def serve_metrics(store: TensorSetStore, port: int, addr: str = "127.0.0.1"):
 
         def __init__(self, address):
             self._slots = threading.BoundedSemaphore(MAX_SCRAPERS)
-            self.refused = 0
+            self.accepted = 0  # connections given a thread (its own, started)
+            self.refused = 0  # connections closed at accept, every slot taken
             super().__init__(address, Handler)
 
         def process_request(self, request, client_address):
@@ -99,6 +100,7 @@ def serve_metrics(store: TensorSetStore, port: int, addr: str = "127.0.0.1"):
             except BaseException:
                 self._slots.release()
                 raise
+            self.accepted += 1
 
         def process_request_thread(self, request, client_address):
             try:

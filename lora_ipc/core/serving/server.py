@@ -67,7 +67,7 @@ def publish_source_key(peer: bytes, handle: p.SlabHandle) -> tuple:
         handle = msgspec.structs.replace(
             handle, ref_counter_handle=b"", ref_counter_offset=0, event_handle=b"", event_sync_required=False
         )
-    elif getattr(handle, "token", None) is not None:  # a CPU staging memfd pushed again with each publish
+    elif handle.channel_token is not None:  # a CPU staging memfd pushed again with each publish
         handle = msgspec.structs.replace(handle, token=None)
     return (peer, handle)
 
@@ -320,7 +320,7 @@ class TensorSetServer:
         layout = SlabLayout.from_wire(msg.entries, msg.used_bytes, msg.slab.nbytes)
         key = publish_source_key(peer, msg.slab)
         source = self._publish_sources.get(key)
-        token = getattr(msg.slab, "token", None)  # CPU and VMM handles have one
+        token = msg.slab.channel_token
         pushed = self._fds.take_pushed(token) if token else []  # fdchannel.py
         try:
             if source is None:  # a publisher's staging slab: opened once, kept while it is in use

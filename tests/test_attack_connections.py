@@ -395,7 +395,11 @@ def test_idle_connections_to_the_metrics_port_are_bounded():
                 s.settimeout(5)
                 s.connect(("127.0.0.1", port))
                 idle.append(s)
-            time.sleep(0.5)  # let the accept loop see them
+            # until the accept loop took every one of them: each was given a thread or closed at once
+            deadline = time.monotonic() + 60
+            while server.accepted + server.refused < len(idle):
+                assert time.monotonic() < deadline, f"accepted {server.accepted}, refused {server.refused}"
+                time.sleep(0.05)
             grown = _threads_of(os.getpid()) - before
             assert grown <= MAX_SCRAPERS, f"{grown} threads for 300 idle connections"
             for s in idle:

@@ -1,6 +1,16 @@
-"""Hostile and broken peers: every bad message gets a typed error and both sides keep serving."""
+"""Attacks by frames (security.md, *Frames*; the contract is docs/reference/wire.md): hostile bytes
+on the wire, both ways. Every bad request gets a typed error (echoing its request id where it could be
+read) and both sides keep serving; a hostile frame costs no more than the frame; the client validates
+every reply; every arithmetic failure of a received layout is a ``LayoutError``; nothing decodes peer
+bytes with pickle.
+"""
 
+from __future__ import annotations
+
+import pathlib
+import random
 import re
+import time
 
 import msgpack
 import pytest
@@ -9,55 +19,21 @@ import zmq
 
 from lora_ipc import AdapterClient, LayoutError, ProtocolError
 from lora_ipc.core import protocol as p
-from lora_ipc.core.backends.cpu import CpuBackend
 from lora_ipc.core.memory.layout import SlabLayout
 
 from . import models
-from .helpers import assert_same_adapter
+from .helpers import assert_same_adapter, still_serving
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lora_ipc"
 
 
-class RawPeer:
-    """A bare DEALER socket that sends whatever bytes a test wants."""
-
-    def __init__(self, endpoint):
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-
-    def send_raw(self, payload: bytes) -> p.Frame:
-        self.sock.send_multipart([b"", payload])
-        assert self.sock.poll(5000), "server did not answer"
-        return p.decode(self.sock.recv_multipart()[-1])
-
-    def expect_error(self, payload: bytes, error: str, *needles: str) -> p.ErrorReply:
-        frame = self.send_raw(payload)
-        assert isinstance(frame.message, p.ErrorReply), frame.message
-        assert frame.message.error == error, frame.message
-        for needle in needles:
-            assert needle in frame.message.message, frame.message.message
-        return frame.message
-
-    def close(self):
-        self.sock.close(0)
-
-
-@pytest.fixture(scope="module")
-def served(exporter_proc):
-    exporter_proc.call("publish_random", "good", 7)
-    peer = RawPeer(exporter_proc.endpoint)
-    yield exporter_proc, peer
-    peer.close()
+# ---- requests: every bad message gets a typed error, and the server serves on ------------------------
 
 
 def fetch_frame(**overrides) -> bytes:
     body = {"name": "good", "version": None, "client_id": "raw", "known_slabs": [], "known_layouts": []}
     body.update(overrides)
     return msgpack.packb([p.PROTOCOL_VERSION, "fetch", 5, body])
-
-
-def still_serving(exporter_proc):
-    with AdapterClient(exporter_proc.endpoint, timeout_s=5) as client:
-        assert_same_adapter(client.fetch("good").tensors, models.random_adapter(7))
 
 
 @pytest.mark.parametrize(
@@ -98,17 +74,6 @@ def test_unknown_adapter_and_version(served):
     peer.expect_error(fetch_frame(version=999), "VersionNotFound", "999")
     peer.expect_error(msgpack.packb([p.PROTOCOL_VERSION, "release", 9, {"lease_id": 123456}]), "LeaseError")
     still_serving(exporter_proc)
-
-
-@pytest.fixture
-def staged():
-    """A real exported CPU slab holding a valid adapter, as a RemoteExporter would send it."""
-    tensors = models.random_adapter(3)
-    layout = SlabLayout.plan(tensors)
-    slab = CpuBackend().allocate(1 << 16)
-    layout.pack(slab.destination_views(layout), tensors)
-    yield tensors, layout, slab
-    slab.close()
 
 
 def publish_frame(slab, entries, used_bytes, name="pushed") -> bytes:
@@ -162,22 +127,17 @@ def test_good_publish_request_is_copied_into_the_exporter(served, staged):
         assert_same_adapter(client.fetch("pushed").tensors, tensors)
 
 
-def test_a_handle_naming_something_else_than_a_slab_is_rejected(served, staged):
-    """A handle pointing at an open regular file (not a sealed lora-ipc memfd) is refused on the opened fd."""
-    import os
+def test_version_mismatch_errors_echo_the_request_id(exporter_proc):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(exporter_proc.endpoint)
+    sock.send_multipart([b"", msgpack.packb([p.PROTOCOL_VERSION + 7, "list", 4242, {}])])
+    assert sock.poll(5000)
+    frame = p.decode(sock.recv_multipart()[-1])
+    assert frame.request_id == 4242 and "protocol version" in frame.message.message
+    sock.close(0)
 
-    import msgspec
 
-    exporter_proc, peer = served
-    tensors, layout, slab = staged
-    with open("/etc/hostname", "rb") as f:
-        handle = msgspec.structs.replace(slab.handle, fd=f.fileno())
-        frame = p.encode(p.PublishRequest("x", {}, handle, layout.to_wire(), layout.used_bytes), 4)
-        peer.expect_error(frame, "BackendError", "not lora-ipc shared memory")
-        gone = msgspec.structs.replace(slab.handle, pid=os.getpid(), fd=999_999)
-        frame = p.encode(p.PublishRequest("x", {}, gone, layout.to_wire(), layout.used_bytes), 5)
-        peer.expect_error(frame, "BackendError", "gone")
-    still_serving(exporter_proc)
+# ---- replies: the client validates what a server answers ---------------------------------------------
 
 
 class FakeExporter:
@@ -254,6 +214,9 @@ def test_client_validates_replies_and_keeps_working(tmp_path, staged, overrides,
         fake.table.close()
 
 
+# ---- layouts: every arithmetic failure is a LayoutError ----------------------------------------------
+
+
 def test_layout_validator_unit():
     t = {"a": torch.zeros(3, 5, dtype=torch.float16), "b": torch.zeros(3, 5, dtype=torch.float16), "c": torch.ones(2)}
     layout = SlabLayout.plan(t)
@@ -263,6 +226,42 @@ def test_layout_validator_unit():
     assert len(again.groups) == 2  # a and b are one group
     with pytest.raises(LayoutError):
         SlabLayout.from_wire(layout.to_wire(), layout.used_bytes, layout.used_bytes - 256)
+
+
+def test_a_layout_whose_numel_overflows_is_a_layout_error():
+    wire = [["a", "float32", [1 << 20, 1 << 20, 1 << 20, 1 << 20, 0], 0, 0]]
+    with pytest.raises(LayoutError):
+        SlabLayout.from_wire(wire, 1 << 16, 1 << 20).unpack(torch.zeros(1 << 16, dtype=torch.uint8))
+
+
+def test_fuzzed_overflowing_layouts_raise_layout_error_or_unpack():
+    rng = random.Random(15)
+    big = [0, 1, 2, 3, 255, 256, 1 << 16, (1 << 20) - 1, 1 << 20, 1 << 31, (1 << 62) - 1, 1 << 62]
+    used, slab = 1 << 16, 1 << 20
+    buf = torch.zeros(used, dtype=torch.uint8)
+    accepted = 0
+    for _ in range(3000):
+        entries = []
+        for i in range(rng.randint(1, 4)):
+            shape = [rng.choice(big) for _ in range(rng.randint(0, 8))]
+            dtype = rng.choice(["float32", "bfloat16", "int8", "float64"])
+            itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = rng.choice([numel * itemsize, rng.choice(big)])
+            entries.append([f"t{i}", dtype, shape, rng.choice([0, 256, 512, rng.choice(big)]), nbytes])
+        try:
+            layout = SlabLayout.from_wire(entries, used, slab)
+        except LayoutError:
+            continue
+        tensors = layout.unpack(buf)  # whatever was accepted unpacks
+        assert set(tensors) == {e[0] for e in entries}
+        accepted += 1
+    assert accepted > 0
+
+
+# ---- the codec: large frames, memory amplification, no pickle ----------------------------------------
 
 
 def test_large_frames_take_the_streaming_path_with_the_same_rules():
@@ -290,3 +289,51 @@ def test_large_frames_take_the_streaming_path_with_the_same_rules():
         with pytest.raises(ProtocolError, match=re.escape(needle)) as info:
             p.decode(msgpack.packb([p.PROTOCOL_VERSION, "publish", 3, bad], use_bin_type=True))
         assert info.value.request_id == 3
+
+
+def rss(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS"))
+
+
+@pytest.mark.parametrize("kind", ["list", "publish", "fetch"])
+def test_a_hostile_frame_costs_little(exporter_proc, kind):
+    nested = b"\x91" * (16 << 20)  # 16 MiB of one-element arrays nested in each other
+    empties = b"\xdd" + (8 << 20).to_bytes(4, "big") + b"\x90" * (8 << 20)  # 8M empty arrays
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(exporter_proc.endpoint)
+    before = rss(exporter_proc.pid)
+    for i, body in enumerate((nested, empties)):
+        frame = (
+            b"\x94"
+            + msgpack.packb(p.PROTOCOL_VERSION)
+            + msgpack.packb(kind)
+            + msgpack.packb(7 + i)
+            + b"\x81\xa7entries"
+            + body
+        )
+        started = time.perf_counter()
+        sock.send_multipart([b"", frame])
+        assert sock.poll(10_000)
+        reply = p.decode(sock.recv_multipart()[-1])
+        assert isinstance(reply.message, p.ErrorReply) and reply.request_id == 7 + i, reply
+        print(f"{kind}: {len(frame) >> 20} MiB hostile frame refused in {(time.perf_counter() - started) * 1e3:.1f} ms")
+    grown = rss(exporter_proc.pid) - before
+    print(f"{kind}: exporter RSS +{grown >> 10} KiB")
+    assert grown < 48 << 20  # the frames themselves are 16 MiB; nothing built from them
+    sock.close(0)
+
+
+def test_no_pickle_where_peer_bytes_are_decoded():
+    forbidden = re.compile(
+        r"\b(import pickle|from pickle|cPickle|cloudpickle|dill|recv_pyobj|send_pyobj|"
+        r"pickle\.loads?|torch\.load|ForkingPickler|marshal\.loads?)\b"
+    )
+    hits = [
+        f"{path.relative_to(PACKAGE.parent)}:{n}: {line.strip()}"
+        for path in PACKAGE.rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if forbidden.search(line)
+    ]
+    assert hits == []
+    assert len(list(PACKAGE.rglob("*.py"))) > 10  # the scan really looked at the package
