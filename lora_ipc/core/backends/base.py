@@ -16,7 +16,7 @@ import torch
 
 from ..errors import BackendError
 from ..memory.layout import SlabLayout
-from ..memory.shm import GenerationReader
+from ..memory.shm import GenerationReader, generation_reader
 from ..protocol import SlabHandle
 
 
@@ -91,7 +91,6 @@ class ImportedSlab(ABC):
             return None
         if self._generations is not None:
             return self._generations.read(slot.slot)
-        from ..memory.shm import generation_reader
 
         return generation_reader(slot.pid, slot.fd, slot.table).read(slot.slot)
 

@@ -78,6 +78,7 @@ class DescriptorSource(Protocol):
 
     def descriptor(self) -> int: ...
 
+
 log = logging.getLogger("lora_ipc.core.channels.fdchannel")
 
 SUFFIX = ".fd"

@@ -14,6 +14,7 @@ import torch
 from ..backends import ExportedSlab, backend_for, slab_device
 from ..channels.connection import Connection
 from ..channels.endpoint import daemon_endpoint, default_endpoint
+from ..channels.fdchannel import FdChannelUnavailable, push_fd
 from ..memory.layout_cache import LayoutCache
 from ..protocol import PublishReply, PublishRequest, SlabHandle
 from .server import TensorSetServer
@@ -114,7 +115,6 @@ class RemoteTensorSetExporter:
         consumes the rest: Note [one export per import] in backends/cuda.py); on CPU the staging memfd pushed to
         the daemon first (fdchannel.py: the daemon may live in another pid namespace), or the plain handle (the
         daemon opens /proc) where the daemon has no channel."""
-        from ..channels.fdchannel import FdChannelUnavailable, push_fd
 
         handle = slab.handle_for_import()
         if not (slab.passes_descriptor and handle.PASSES_DESCRIPTOR):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from .store import TensorSetStore
@@ -66,7 +67,6 @@ def serve_metrics(store: TensorSetStore, port: int, addr: str = "127.0.0.1"):
         from prometheus_client.exposition import MetricsHandler
     except ImportError:
         return None
-    import threading
     from http.server import ThreadingHTTPServer
 
     registry = CollectorRegistry()
