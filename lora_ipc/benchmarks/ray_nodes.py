@@ -252,22 +252,19 @@ def ms(stage: dict) -> float:
     return (stage["t1"] - stage["t0"]) * 1e3
 
 
-def take_lora_ipc(
-    producer, consumer, relay_a, relay_b, endpoint_b: str, name: str, check: bool
-) -> tuple[dict, str | None]:
+def take_lora_ipc(producer, consumer, relay_a, endpoint_b: str, name: str, check: bool) -> tuple[dict, str | None]:
     import ray
 
     p = ray.get(producer.publish.remote(name), timeout=600)
-    report, accepted = ray.get([relay_a.last_replication.remote(name), relay_b.last_accept.remote(name)], timeout=60)
+    report = ray.get(relay_a.last_replication.remote(name), timeout=60)
     c = ray.get(consumer.fetch.remote(endpoint_b, name, p["version"], check), timeout=600)
     stages = {"publish_ms": ms(p)}
-    if report and accepted and report["version"] == accepted["version"] == p["version"]:
-        put, ship = report["stages_ms"]["replica_put_ms"], report["stages_ms"]["ship_accept_ms"]
+    if report and report["version"] == p["version"]:
         stages |= {
             "local_publish_ms": ms(p) - report["elapsed_ms"],  # into A's relay, and Ray's calls around replicate
-            "replica_put_ms": put,
-            "transfer_ms": ship - accepted["accept_ms"],  # Ray moves the object to B (and the accept call's trip)
-            "accept_ms": accepted["accept_ms"],
+            "replica_put_ms": report["stages_ms"]["replica_put_ms"],  # A's relay: its slab into A's object store
+            # Ray moves the pieces to B while B's relay copies each into its slab, and the accept call's trips
+            "transfer_accept_ms": report["stages_ms"]["ship_accept_ms"],
         }
     stages["fetch_ms"] = ms(c)
     return stages | {"total_ms": ms(p) + ms(c), "e2e_ms": (c["t1"] - p["t0"]) * 1e3}, c["digest"]
@@ -306,7 +303,9 @@ def take_tcp_floor(producer, consumer, nbytes: int, check: bool) -> tuple[dict, 
     return {"total_ms": total, "e2e_ms": total}, c["digest"]
 
 
-def run(ranks: list[int], layers: int, iters: int, warmup: int, shared_dir: str | None) -> dict:
+def run(
+    ranks: list[int], layers: int, iters: int, warmup: int, shared_dir: str | None, piece_bytes: int | None = None
+) -> dict:
     import ray
 
     from ..ray import relay_actor
@@ -324,17 +323,19 @@ def run(ranks: list[int], layers: int, iters: int, warmup: int, shared_dir: str 
         "hardware": hardware() | {"ray": ray.__version__},
         "cluster": {"nodes": 2, "object_store_bytes": object_store, "network": "loopback only (private netns)"},
         "layers": layers,
+        "piece_bytes": relay_actor.PIECE_BYTES if piece_bytes is None else piece_bytes,
         "iters": iters,
         "warmup": warmup,
         "sizes": [],
     }
     try:
-        relays = start_relays(keep=2)
+        options: dict[str, Any] = {} if piece_bytes is None else {"piece_bytes": piece_bytes}
+        relays = start_relays(keep=2, **options)
         producer: Any = ray.remote(Producer).options(num_cpus=0, resources={NODE_A: 0.01}).remote()
         consumer: Any = ray.remote(Consumer).options(num_cpus=0, resources={NODE_B: 0.01}).remote()
         if ray.get([producer.node_id.remote(), consumer.node_id.remote()], timeout=120) != [a, b]:
             raise RuntimeError("the producer and consumer actors are not on nodes A and B")
-        relay_a, relay_b = relay_actor.relay_handle(a), relay_actor.relay_handle(b)
+        relay_a = relay_actor.relay_handle(a)
         for rank in ranks:
             name = f"r{rank}"
             info: dict = ray.get(producer.prepare.remote(rank, layers), timeout=600)
@@ -347,7 +348,7 @@ def run(ranks: list[int], layers: int, iters: int, warmup: int, shared_dir: str 
                 check = i == warmup + iters - 1  # the bytes are checked once, on the last (timed) iteration
                 for path in PATHS if i % 2 == 0 else PATHS[::-1]:
                     if path == "lora_ipc":
-                        stages, got = take_lora_ipc(producer, consumer, relay_a, relay_b, relays[b], name, check)
+                        stages, got = take_lora_ipc(producer, consumer, relay_a, relays[b], name, check)
                     elif path == "disk":
                         stages, got = take_disk(producer, consumer, os.path.join(shared, f"{name}-{i}"), check)
                     elif path == "ray_floor":
@@ -409,13 +410,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--layers", type=int, default=32, help="Llama-7B layers (32: the whole model's LoRA)")
     ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--piece-mb", type=float, help="the relays' piece size in MiB (0: one piece; default: theirs)")
     ap.add_argument("--shared-dir", help="where the disk path writes (default: the temp directory)")
     ap.add_argument("--json")
     ap.add_argument("--no-netns", action="store_true", help="stay in this network namespace (Ray binds its address)")
     args = ap.parse_args(argv)
     if not args.no_netns and not loopback_only():
         reexec_in_private_netns(argv)  # does not return
-    results = run([int(r) for r in args.ranks.split(",")], args.layers, args.iters, args.warmup, args.shared_dir)
+    piece_bytes = None if args.piece_mb is None else int(args.piece_mb * (1 << 20))
+    ranks = [int(r) for r in args.ranks.split(",")]
+    results = run(ranks, args.layers, args.iters, args.warmup, args.shared_dir, piece_bytes)
     print(f"p50 (p10-p90) ms of {args.iters} interleaved iterations, producer on node A + consumer on node B")
     for size in results["sizes"]:
         print(row(size))
