@@ -67,37 +67,6 @@ def test_a_replica_is_validated_like_any_publish():
         bad.layout_for(buf.numpy())  # an entry outside the buffer
 
 
-def test_a_replica_in_pieces_is_checked_piece_by_piece():
-    """Between nodes the used bytes travel as consecutive pieces (relay_actor: Note [replicas in pieces]): the
-    count must be what the layout's size and the piece size make, and each piece exactly its share."""
-    pytest.importorskip("ray")
-    from lora_ipc.errors import LayoutError
-    from lora_ipc.ray.replica import ReplicaMeta
-
-    layout, buf = _replica_bytes(models.random_adapter(1))
-    used, step = layout.used_bytes, 4096
-    assert used > 2 * step  # at least three pieces, the last one shorter or full
-    meta = ReplicaMeta("p", 1, layout.to_wire(), used, models.RANDOM_ADAPTER_CONFIG, step)
-    flat = buf.numpy()
-    pieces = [flat[at : at + step] for at in range(0, used, step)]
-    assert meta.layout_for_pieces(len(pieces)).to_wire() == layout.to_wire()
-    assert [meta.check_piece(i, piece).nbytes for i, piece in enumerate(pieces)] == [p.nbytes for p in pieces]
-    assert sum(p.nbytes for p in pieces) == used
-    for count in (len(pieces) - 1, len(pieces) + 1):
-        with pytest.raises(LayoutError, match="pieces shipped"):
-            meta.layout_for_pieces(count)
-    with pytest.raises(LayoutError, match="piece 0"):
-        meta.check_piece(0, flat[: step - 64])  # short
-    with pytest.raises(LayoutError, match=f"piece {len(pieces)}"):
-        meta.check_piece(len(pieces), flat[:step])  # one past the end
-    with pytest.raises(LayoutError, match="1-D uint8"):
-        meta.check_piece(1, pieces[1].view(np.int8))
-    with pytest.raises(LayoutError):
-        meta.layout_for(flat)  # the whole buffer in one piece, where the metadata says pieces of 4096
-    whole = ReplicaMeta("p", 1, layout.to_wire(), used, models.RANDOM_ADAPTER_CONFIG)  # piece_bytes 0: one piece
-    assert whole.layout_for(flat).to_wire() == layout.to_wire()
-
-
 @pytest.fixture
 def short_tmp():
     """A short temporary directory: socket paths must stay under 100 bytes."""

@@ -263,7 +263,7 @@ def take_lora_ipc(producer, consumer, relay_a, endpoint_b: str, name: str, check
         stages |= {
             "local_publish_ms": ms(p) - report["elapsed_ms"],  # into A's relay, and Ray's calls around replicate
             "replica_put_ms": report["stages_ms"]["replica_put_ms"],  # A's relay: its slab into A's object store
-            # Ray moves the pieces to B while B's relay copies each into its slab, and the accept call's trips
+            # Ray moves the object to B's store, B's relay copies it into its slab, and the accept call's trips
             "transfer_accept_ms": report["stages_ms"]["ship_accept_ms"],
         }
     stages["fetch_ms"] = ms(c)
@@ -303,9 +303,7 @@ def take_tcp_floor(producer, consumer, nbytes: int, check: bool) -> tuple[dict, 
     return {"total_ms": total, "e2e_ms": total}, c["digest"]
 
 
-def run(
-    ranks: list[int], layers: int, iters: int, warmup: int, shared_dir: str | None, piece_bytes: int | None = None
-) -> dict:
+def run(ranks: list[int], layers: int, iters: int, warmup: int, shared_dir: str | None) -> dict:
     import ray
 
     from ..ray import relay_actor
@@ -323,14 +321,12 @@ def run(
         "hardware": hardware() | {"ray": ray.__version__},
         "cluster": {"nodes": 2, "object_store_bytes": object_store, "network": "loopback only (private netns)"},
         "layers": layers,
-        "piece_bytes": relay_actor.PIECE_BYTES if piece_bytes is None else piece_bytes,
         "iters": iters,
         "warmup": warmup,
         "sizes": [],
     }
     try:
-        options: dict[str, Any] = {} if piece_bytes is None else {"piece_bytes": piece_bytes}
-        relays = start_relays(keep=2, **options)
+        relays = start_relays(keep=2)
         producer: Any = ray.remote(Producer).options(num_cpus=0, resources={NODE_A: 0.01}).remote()
         consumer: Any = ray.remote(Consumer).options(num_cpus=0, resources={NODE_B: 0.01}).remote()
         if ray.get([producer.node_id.remote(), consumer.node_id.remote()], timeout=120) != [a, b]:
@@ -410,16 +406,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--layers", type=int, default=32, help="Llama-7B layers (32: the whole model's LoRA)")
     ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--piece-mb", type=float, help="the relays' piece size in MiB (0: one piece; default: theirs)")
     ap.add_argument("--shared-dir", help="where the disk path writes (default: the temp directory)")
     ap.add_argument("--json")
     ap.add_argument("--no-netns", action="store_true", help="stay in this network namespace (Ray binds its address)")
     args = ap.parse_args(argv)
     if not args.no_netns and not loopback_only():
         reexec_in_private_netns(argv)  # does not return
-    piece_bytes = None if args.piece_mb is None else int(args.piece_mb * (1 << 20))
     ranks = [int(r) for r in args.ranks.split(",")]
-    results = run(ranks, args.layers, args.iters, args.warmup, args.shared_dir, piece_bytes)
+    results = run(ranks, args.layers, args.iters, args.warmup, args.shared_dir)
     print(f"p50 (p10-p90) ms of {args.iters} interleaved iterations, producer on node A + consumer on node B")
     for size in results["sizes"]:
         print(row(size))

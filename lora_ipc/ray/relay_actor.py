@@ -31,7 +31,7 @@ import ray
 import torch
 
 from ..endpoint import private_runtime_dir, trusted_dir
-from ..errors import LayoutError, SlabRecycled
+from ..errors import SlabRecycled
 from ..protocol import StatusReport
 from ..server import TensorSetServer
 from ..store import TensorSetStore
@@ -74,40 +74,6 @@ class _NumberedStore(TensorSetStore):
             return super()._add(name, slab, layout, config, generation, version)
 
 
-# Note [replicas in pieces]
-#     A version crosses nodes as consecutive pieces of PIECE_BYTES, one Ray object each, not as one object:
-#     the receiving relay asks Ray for every piece at once and copies each into its slab as soon as it is
-#     local, so its copy runs while Ray still moves the later pieces (one object: Ray moves it all, then the
-#     relay copies it all). Each piece is checked against the layout's size for it before it is copied.
-#     ``piece_bytes`` (a start_relays option; 0: one piece) is the sending relay's; the receiver follows the
-#     metadata.
-PIECE_BYTES = 8 << 20
-
-
-def _copy_pieces(meta: ReplicaMeta, pieces: list, dst: torch.Tensor, timeout_s: float) -> None:
-    """Copy the pieces of ``meta``'s used bytes (arrays, or refs fetched here in order) into ``dst``."""
-    refs = [p for p in pieces if isinstance(p, ray.ObjectRef)]
-    if len(refs) > 1:  # every piece is pulled at once, in the background, while the first ones are copied
-        threading.Thread(
-            target=ray.wait,
-            args=(refs,),
-            kwargs=dict(num_returns=len(refs), timeout=timeout_s, fetch_local=True),
-            name="lora-ipc-relay-prefetch",
-            daemon=True,
-        ).start()
-    deadline = time.monotonic() + timeout_s
-    at = 0
-    for i, piece in enumerate(pieces):
-        if isinstance(piece, ray.ObjectRef):
-            piece = ray.get(piece, timeout=max(0.0, deadline - time.monotonic()))
-        piece = meta.check_piece(i, piece)
-        with warnings.catch_warnings():  # read-only object-store memory: we only read it
-            warnings.simplefilter("ignore", UserWarning)
-            dst[at : at + piece.nbytes].copy_(torch.from_numpy(piece))
-        at += piece.nbytes
-        del piece  # the object-store memory is released piece by piece
-
-
 def _endpoint_dir(node_id: str) -> str:
     """This node's relay directory: the one recorded in the GCS if it is still a private directory of ours
     (a relay Ray restarted binds the same path), else a new private one, recorded."""
@@ -130,7 +96,6 @@ class Relay:
         check_finite: bool = False,
         endpoint_dir: str | None = None,
         catch_up_timeout_s: float = 20.0,
-        piece_bytes: int = PIECE_BYTES,
         epoch: str | None = None,
     ):
         here = ray.get_runtime_context().get_node_id()
@@ -158,9 +123,6 @@ class Relay:
         self._ready = threading.Event()
         self._caught_up: dict[str, int] = {}
         self._catch_up_timeout_s = catch_up_timeout_s
-        if type(piece_bytes) is not int or piece_bytes < 0:
-            raise ValueError(f"piece_bytes must be a byte count (0: one piece), got {piece_bytes!r:.40}")
-        self.piece_bytes = piece_bytes
         self._peer_cache: tuple[float, dict] = (0.0, {})
         self._last_replication: dict[str, dict] = {}  # name -> what the last replicate() of it took, per stage
         self._start_error: str | None = None
@@ -218,18 +180,19 @@ class Relay:
             )
         refs = [h.newest_replicas.remote() for h in peers]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._catch_up_timeout_s)
-        best: dict[str, tuple[ReplicaMeta, list[ray.ObjectRef]]] = {}
+        best: dict[str, tuple[ReplicaMeta, ray.ObjectRef]] = {}
         for ref in ready:
             try:
                 offers = ray.get(ref)
             except ray.exceptions.RayError as exc:  # the peer's own error arrives as a RayTaskError
                 log.warning("relay %s: a peer could not offer replicas: %s", self.node_id[:8], exc)
                 continue
-            for meta, pieces in offers:
+            for meta, data_ref in offers:
                 if meta.name not in best or meta.version > best[meta.name][0].version:
-                    best[meta.name] = (meta, pieces)
-        for meta, pieces in best.values():
-            self._caught_up[meta.name] = self.accept(meta, pieces, self._catch_up_timeout_s)
+                    best[meta.name] = (meta, data_ref)
+        for meta, data_ref in best.values():
+            [data] = ray.get([data_ref], timeout=self._catch_up_timeout_s)
+            self._caught_up[meta.name] = self.accept(meta, data)
 
     # ---- what Ray calls --------------------------------------------------------------------
 
@@ -261,51 +224,38 @@ class Relay:
     def status(self) -> StatusReport:
         return self.store.status()
 
-    def replica(self, name: str, version: int | None = None) -> tuple[ReplicaMeta, list[ray.ObjectRef]]:
-        """This relay's copy of ``name`` (newest if ``version`` is None) put into Ray's object store, as
-        consecutive pieces of ``piece_bytes`` (Note [replicas in pieces])."""
+    def replica(self, name: str, version: int | None = None) -> tuple[ReplicaMeta, ray.ObjectRef]:
+        """This relay's copy of ``name`` (newest if ``version`` is None) put into Ray's object store."""
         lease, pv = self.store.lease(name, version, HOLDER)
         try:
             used = pv.layout.used_bytes
             data = pv.slab.tensor[:used]
             if data.device.type != "cpu":
                 data = data.cpu()
-            flat = data.numpy()
-            # one copy of the used bytes into the object store
-            step = self.piece_bytes or used
-            refs = [ray.put(flat[at : at + step]) for at in range(0, used, step)]
+            ref = ray.put(data.numpy())  # one copy of the used bytes into the object store
             if not self.store.intact(pv):
                 raise SlabRecycled(f"{name!r} v{pv.version} was reused while it was copied; ask again")
         finally:
             self.store.release(lease.lease_id, HOLDER)
-        return ReplicaMeta(pv.name, pv.version, pv.layout.to_wire(), used, dict(pv.config), step), refs
+        return ReplicaMeta(pv.name, pv.version, pv.layout.to_wire(), used, dict(pv.config)), ref
 
-    def newest_replicas(self) -> list[tuple[ReplicaMeta, list[ray.ObjectRef]]]:
+    def newest_replicas(self) -> list[tuple[ReplicaMeta, ray.ObjectRef]]:
         return [self.replica(name) for name in self.versions()]
 
-    def accept(self, meta: ReplicaMeta, data: np.ndarray | list[ray.ObjectRef], timeout_s: float = 60.0) -> int:
-        """Serve ``meta.version`` from ``data``: its used bytes, or the object refs of its pieces (in order,
-        Note [replicas in pieces]); an older or known version is skipped.
+    def accept(self, meta: ReplicaMeta, data: np.ndarray) -> int:
+        """Serve ``meta.version`` from ``data`` (its used bytes); an older or known version is skipped.
 
         Returns the newest version of ``meta.name`` this relay serves afterwards.
         """
-        pieces: list
-        if isinstance(data, list):
-            if not all(isinstance(ref, ray.ObjectRef) for ref in data):
-                raise LayoutError(f"{meta.name} v{meta.version}: replica pieces must be object refs")
-            layout, pieces = meta.layout_for_pieces(len(data)), data
-        else:
-            layout, pieces = meta.layout_for(data), [data]
+        layout = meta.layout_for(data)
         with self._accept_lock:
             if meta.version <= self.store.newest_version(meta.name):
                 return self.store.newest_version(meta.name)
+            with warnings.catch_warnings():  # read-only object-store memory: we only read it
+                warnings.simplefilter("ignore", UserWarning)
+                source = torch.from_numpy(data)
             return self.store.publish_copy(
-                meta.name,
-                layout,
-                meta.config,
-                lambda dst: _copy_pieces(meta, pieces, dst, timeout_s),
-                self.device,
-                version=meta.version,
+                meta.name, layout, meta.config, lambda dst: dst.copy_(source), self.device, version=meta.version
             )
 
     def replicate(self, name: str, version: int, timeout_s: float = 60.0) -> ReplicationReport:
@@ -315,9 +265,9 @@ class Relay:
         nodes: dict[str, str] = {}
         stages: dict[str, float] = {}
         if peers:
-            meta, pieces = self.replica(name, version)
+            meta, data_ref = self.replica(name, version)
             stages["replica_put_ms"] = (time.perf_counter() - started) * 1e3
-            pending = {h.accept.remote(meta, pieces, timeout_s): node for node, h in peers.items()}
+            pending = {h.accept.remote(meta, data_ref): node for node, h in peers.items()}
             ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
             for ref in ready:
                 node = pending[ref]

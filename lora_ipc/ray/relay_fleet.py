@@ -27,7 +27,7 @@ def start_relays(
     Each relay is a detached, restartable (``max_restarts=-1``) actor pinned to its node with hard
     node affinity and no CPU reservation, so it outlives whichever trainer or driver started it.
     ``server_options`` go to :class:`~lora_ipc.ray.relay_actor.Relay` (``device``, ``lease_timeout_s``,
-    ``check_finite``, ``endpoint_dir``, ``piece_bytes``); relays already running keep the options they started with.
+    ``check_finite``, ``endpoint_dir``); relays already running keep the options they started with.
     ``actor_options`` are added to the actor's Ray options: for GPU slabs (``device="cuda"``) give the
     relay its node's GPU, e.g. ``{"num_gpus": 0.01}`` or a ``runtime_env`` setting
     ``CUDA_VISIBLE_DEVICES``. Returns once every relay answers on its socket.
