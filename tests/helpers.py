@@ -169,6 +169,21 @@ def start_daemon(endpoint, *extra):
     return proc
 
 
+def private_netns_unavailable() -> str | None:
+    """Why a private network namespace with only loopback (``unshare -n``, where Ray tests and benchmarks run)
+    cannot be made here, or None when it can."""
+    import shutil
+
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs unshare and ip (util-linux, iproute2) to run Ray in a private network namespace"
+    probe = subprocess.run(
+        ["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True, check=False
+    )
+    if probe.returncode != 0:
+        return f"cannot make a private network namespace here (unshare -n: {probe.stderr.strip()[:200]})"
+    return None
+
+
 def skip_unless_loopback_only(runner: str) -> None:
     """Skip the calling module unless this process's network namespace has nothing but ``lo``: Ray must
     only ever bind loopback, so its suites run only where ``runner`` starts them (``unshare -n``)."""

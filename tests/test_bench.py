@@ -137,3 +137,42 @@ def test_destinations_compares_fresh_huge_page_and_recycled_buffers(tmp_path):
         for variant in destinations.VARIANTS:
             _positive(per[variant])
         assert per["pool_hits"] >= 3  # every timed pooled read reused the buffer the previous one gave back
+
+
+def test_ray_nodes_times_lora_ipc_beside_disk_and_both_floors_across_two_nodes(tmp_path):
+    """Two Ray nodes on loopback in a private network namespace (the benchmark moves itself there): every path
+    is timed per stage and the consumer on node B got the producer's bytes on every path."""
+    pytest.importorskip("ray")
+    pytest.importorskip("safetensors")
+    from .helpers import private_netns_unavailable, run_in_checkout
+
+    why_not = private_netns_unavailable()
+    if why_not:
+        pytest.skip(f"the Ray benchmark needs a private network namespace: {why_not}")
+    from lora_ipc.benchmarks import ray_nodes
+
+    out_json = tmp_path / "ray-nodes.json"
+    argv = [sys.executable, "-m", "lora_ipc.benchmarks.ray_nodes", "--ranks", "4,8", "--layers", "1"]
+    out = run_in_checkout([*argv, "--iters", "2", "--warmup", "1", "--json", out_json], timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = json.loads(out_json.read_text())
+    assert results["date"] and results["hardware"]["ray"] and results["cluster"]["nodes"] == 2
+    assert [(s["rank"], s["layers"], s["tensors"]) for s in results["sizes"]] == [(4, 1, 14), (8, 1, 14)]
+    assert results["sizes"][0]["mb"] < results["sizes"][1]["mb"]
+    stages = {
+        "lora_ipc": {"publish_ms", "local_publish_ms", "replica_put_ms", "transfer_accept_ms", "fetch_ms"},
+        "disk": {"save_ms", "load_ms", "fault_in_ms", "lazy_total_ms"},
+        "ray_floor": {"put_ms", "get_ms"},
+        "tcp_floor": set(),
+    }
+    for size in results["sizes"]:
+        assert size["bytes_equal"] == dict.fromkeys(ray_nodes.PATHS, True), size["bytes_equal"]
+        assert set(size["paths"]) == set(ray_nodes.PATHS) == set(stages)
+        for path, names in stages.items():
+            assert set(size["paths"][path]) == names | {"total_ms", "e2e_ms"}, path
+            for summary in size["paths"][path].values():
+                _positive(summary)
+                assert summary["n"] == 2
+        disk = size["paths"]["disk"]["total_ms"]["p50_ms"]
+        assert size["disk_over_lora_ipc"] == pytest.approx(disk / size["paths"]["lora_ipc"]["total_ms"]["p50_ms"])
+    assert "disk/lora_ipc" in out.stdout

@@ -8,8 +8,6 @@ shared by the whole suite.
 """
 
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -17,28 +15,17 @@ import pytest
 pytest.importorskip("ray")
 pytest.importorskip("vllm")
 
-from .helpers import run_in_checkout  # noqa: E402
+from .helpers import private_netns_unavailable, run_in_checkout  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUITE = os.path.join(HERE, "ray_cluster_suite.py")
 AUTHORITY_SUITE = os.path.join(HERE, "ray_authority_suite.py")
 
 
-def _unshare_works() -> str | None:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "needs unshare and ip (util-linux, iproute2) to run Ray in a private network namespace"
-    probe = subprocess.run(
-        ["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True, check=False
-    )
-    if probe.returncode != 0:
-        return f"cannot make a private network namespace here (unshare -n: {probe.stderr.strip()[:200]})"
-    return None
-
-
 def run_suite_in_private_netns(suite: str, label: str) -> None:
     """Run the pytest module ``suite`` in its own process inside a fresh network namespace (loopback only);
     skip with the reason where that namespace cannot be made; fail, with its report, when the suite fails."""
-    why_not = _unshare_works()
+    why_not = private_netns_unavailable()
     if why_not:
         pytest.skip(f"Ray tests not run: {why_not}")
     cmd = f"ip link set lo up && exec {sys.executable} -m pytest -q -rA -p no:cacheprovider {suite}"

@@ -6,6 +6,8 @@
 - :mod:`.vmm`: CUDA export paths, torch CUDA IPC against native VMM slabs (needs a GPU)
 - :mod:`.vllm_lora`: request -> adapter active in a running vLLM engine (needs vLLM)
 - :mod:`.vllm_refit`: a full refit into a running vLLM engine against vLLM's disk reload (needs vLLM)
+- :mod:`.ray_nodes`: across two Ray nodes on loopback, lora_ipc's relays beside save + load through a shared
+  directory, a bare Ray transfer and a bare TCP stream (needs Ray, safetensors, root for ``unshare -n``)
 
 Shared parts: :mod:`.shapes` (Llama-7B LoRA and layer shapes), :mod:`.timing` (clocks, percentiles,
 the OpenMP setting), :mod:`.cpu_engine` (a vLLM CPU engine's environment, a trainer's step, greedy tokens).

@@ -124,6 +124,7 @@ class Relay:
         self._caught_up: dict[str, int] = {}
         self._catch_up_timeout_s = catch_up_timeout_s
         self._peer_cache: tuple[float, dict] = (0.0, {})
+        self._last_replication: dict[str, dict] = {}  # name -> what the last replicate() of it took, per stage
         self._start_error: str | None = None
         threading.Thread(target=self._catch_up_then_serve, name="lora-ipc-relay-start", daemon=True).start()
 
@@ -262,8 +263,10 @@ class Relay:
         started = time.perf_counter()
         peers = self._peers()
         nodes: dict[str, str] = {}
+        stages: dict[str, float] = {}
         if peers:
             meta, data_ref = self.replica(name, version)
+            stages["replica_put_ms"] = (time.perf_counter() - started) * 1e3
             pending = {h.accept.remote(meta, data_ref): node for node, h in peers.items()}
             ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
             for ref in ready:
@@ -278,7 +281,16 @@ class Relay:
                     nodes[node] = f"{type(exc).__name__}: {exc}"
             for ref in late:
                 nodes[pending[ref]] = f"no answer within {timeout_s:g}s"
-        return ReplicationReport(name, version, nodes, (time.perf_counter() - started) * 1e3)
+            stages["ship_accept_ms"] = (time.perf_counter() - started) * 1e3 - stages["replica_put_ms"]
+        report = ReplicationReport(name, version, nodes, (time.perf_counter() - started) * 1e3)
+        self._last_replication[name] = {"version": version, "elapsed_ms": report.elapsed_ms, "stages_ms": stages}
+        return report
+
+    def last_replication(self, name: str) -> dict | None:
+        """What the last :meth:`replicate` of ``name`` took: ``version``, ``elapsed_ms`` and ``stages_ms``
+        (``replica_put_ms``: the used bytes into Ray's object store; ``ship_accept_ms``: until every peer serves
+        them). For benchmarks and inspection."""
+        return self._last_replication.get(name)
 
     def shutdown(self) -> None:
         """Stop serving and free this node's copies (before the actor is killed)."""
