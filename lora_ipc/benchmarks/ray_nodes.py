@@ -163,7 +163,7 @@ class Consumer:
         self.listener: socket.socket | None = None
 
     def fetch(self, endpoint: str, name: str, version: int, check: bool = False) -> dict:
-        from ..adapters import AdapterClient
+        from ..lora.adapters import AdapterClient
 
         if self.client is None:
             self.client = AdapterClient(endpoint, timeout_s=120)
