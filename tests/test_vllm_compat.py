@@ -403,3 +403,25 @@ def test_the_refit_backend_is_registered_once_per_process():
         proc.stdout.strip().splitlines()[-1]
         == '[["WeightTransferEngineFactory", "lora_ipc"], ["WeightTransferTrainerFactory", "lora_ipc"]]'
     )
+
+
+def test_one_lora_ipc_wrapper_per_vllm_method_on_a_requests_path():
+    """A request passes at most one lora_ipc function per vLLM method, never one wrapped around another: the
+    instance guard is the only lora_ipc ``_load_adapter`` (the class-level one under it is gone), and no
+    wrapper wraps another lora_ipc wrapper."""
+    from vllm.lora import worker_manager as wm
+
+    from lora_ipc.vllm import plugin
+    from lora_ipc.vllm.compat.expectations import OPENAI_HOOKS
+
+    plugin.register()
+    plugin.register()  # idempotent: still one layer
+    methods = [(cls, "add_adapter") for cls in (wm.WorkerLoRAManager, wm.LRUCacheWorkerLoRAManager)]
+    methods += [(getattr(__import__(m, fromlist=[c]), c), a) for m, c, a in OPENAI_HOOKS]
+    for cls, name in methods:
+        fn = cls.__dict__[name]
+        assert getattr(fn, "__lora_ipc_wrapped__", False), (cls, name)
+        assert not getattr(fn.__wrapped__, "__lora_ipc_wrapped__", False), (cls, name)
+    for cls in (wm.WorkerLoRAManager, wm.LRUCacheWorkerLoRAManager):
+        assert not getattr(cls._load_adapter, "__lora_ipc_wrapped__", False), cls
+        assert getattr(cls._load_adapter, "__module__", None) == wm.__name__  # vLLM's own, untouched
