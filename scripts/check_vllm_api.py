@@ -7,11 +7,12 @@ on PyPI. Passes, or names exactly what differs.
 
 The release is installed with ``--no-deps`` into a venv layered over this environment (CPU torch;
 scripts/overlay_venv.py), cached under ~/.cache/lora-ipc/vllm-gpu-<version>. Two readings, the same
-checks (``lora_ipc.vllm.compat.problems``, what the plugin runs at registration):
+checks (``lora_ipc.vllm.compat.problems`` and ``entry_problems``, what the plugin runs at registration):
 
-1. source: ``ast`` over the installed ``vllm/lora/*.py`` (and, for the refit backend,
-   ``vllm/distributed/weight_transfer/{base,factory}.py`` and the layerwise reload it applies updates
-   with: ``compat.refit_problems``); needs nothing to import, so it always runs;
+1. source: ``ast`` over the installed ``vllm/lora/*.py`` and the OpenAI server hooks and model runner
+   (and, for the refit backend, ``vllm/distributed/weight_transfer/{base,factory}.py``, the layerwise
+   reload it applies and dry-runs updates with, and the worker's update session: ``compat.refit_problems``);
+   needs nothing to import, so it always runs;
 2. import: in the venv, ``compat.surface_from_runtime()`` on the imported classes. A GPU build may not
    import beside a CPU torch and without its dependencies; that is reported, not a failure.
 
@@ -50,7 +51,8 @@ try:
 except Exception as exc:
     print(json.dumps({{"error": f"{{type(exc).__name__}}: {{exc}}"[:600]}}))
 else:
-    print(json.dumps({{"where": s.where, "version": s.version, "problems": compat.problems(s),
+    found = compat.problems(s) + compat.entry_problems(s.entry)
+    print(json.dumps({{"where": s.where, "version": s.version, "problems": found,
                       "refit_problems": compat.refit_problems(s.refit), "summary": s.summary()}}))
 """
 
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
         return 2
 
     source = compat.surface_from_source(pkg, version)
-    source_problems = compat.problems(source)
+    source_problems = compat.problems(source) + compat.entry_problems(source.entry)
     refit_problems = compat.refit_problems(source.refit)
     ok = not source_problems and not refit_problems
     print(f"vllm {version} ({pkg})")

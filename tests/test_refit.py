@@ -444,6 +444,49 @@ def test_ctrl_c_in_a_worker_rolls_the_update_back_and_stays_ctrl_c():
         sender.close()
 
 
+def test_the_worker_engine_learns_its_worker_from_vllms_init_call_not_from_the_stack():
+    """vLLM's ``Worker.init_weight_transfer_engine`` (wrapped once the first lora_ipc engine exists) hands the
+    engine the calling worker; the engine ends and keeps that worker's update session through compat. Without
+    that call (no worker), an abort raises, which is how vLLM's own session ends."""
+    pytest.importorskip("vllm")
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from lora_ipc.vllm.compat import runtime
+    from lora_ipc.vllm.weight_transfer import LoraIpcInitInfo, LoraIpcUpdateInfo, LoraIpcWeightTransferEngine
+
+    model = tiny_llama(0, torch.bfloat16)
+    config = SimpleNamespace(parallel_config=None, model_config=None)
+    engine = LoraIpcWeightTransferEngine(None, config, torch.device("cpu"), model)
+    sender = WeightSender(bucket_bytes=BUCKET)
+
+    class Worker:  # what vLLM's init_weight_transfer_engine uses of its worker
+        weight_transfer_engine = engine
+        _weight_update_active = False
+
+        def _check_weight_transfer_engine(self):
+            pass
+
+    worker = Worker()
+    abort = asdict(LoraIpcUpdateInfo(sender.stream, 1, 1, 0, 1, abort=True))
+    try:
+        engine.init_transfer_engine(LoraIpcInitInfo(sender.endpoint, sender.stream))
+        assert engine._worker is None  # called directly, not by a worker
+        engine.start_weight_update()
+        with pytest.raises(RefitError, match="aborted by its controller"):  # vLLM ends its session on the raise
+            engine.receive_weights(LoraIpcUpdateInfo(**abort))
+
+        runtime.worker_class().init_weight_transfer_engine(worker, asdict(LoraIpcInitInfo(sender.endpoint, "s2")))
+        assert engine._worker is not None and engine._worker() is worker
+        worker._weight_update_active = True  # vLLM's start
+        engine.start_weight_update()
+        engine.receive_weights(LoraIpcUpdateInfo(**{**abort, "stream": "s2"}))  # ended here, no raise needed
+        assert worker._weight_update_active is False
+    finally:
+        engine.shutdown()
+        sender.close()
+
+
 def test_trainer_engine_takes_vllms_config_first_forms():
     """Some vLLM releases construct trainer engines as ``trainer_init(config, init_info, *, client, source)``
     (also by keyword) and ``__init__(config, *, client, source, is_sender)``; both forms work."""

@@ -90,6 +90,18 @@ def _edit(root: Path, module: str, old: str, new: str) -> None:
             "parse_fine_tuned_lora_name",
         ),
         ("request", "load_inplace: bool = False", "reload: bool = False", "no field(s) ['load_inplace']"),
+        (  # private names lora_ipc reads outside _load_adapter's mirror: declared, so a rename is named
+            "worker_manager",
+            "self._lora_model_cls = lora_model_cls",
+            "self._model_cls = lora_model_cls",
+            "no longer sets self.['_lora_model_cls']",
+        ),
+        (
+            "worker_manager",
+            "moe_ep_spec=self._adapter_manager.moe_ep_load_spec,",
+            "moe_ep_spec=self._adapter_manager.moe_ep_spec,",
+            "no longer reads self._adapter_manager.moe_ep_load_spec",
+        ),
     ],
 )
 def test_a_moved_vllm_is_named_exactly(vllm_copy, module, old, new, expected):
@@ -167,6 +179,9 @@ REFIT_FILES = (
     "distributed/weight_transfer/factory.py",
     "model_executor/model_loader/reload/__init__.py",
     "model_executor/model_loader/mtp_validation.py",
+    "model_executor/model_loader/reload/layerwise.py",
+    "model_executor/model_loader/reload/types.py",
+    "v1/worker/gpu_worker.py",
 )
 
 
@@ -180,10 +195,10 @@ def refit_copy(tmp_path):
     return root
 
 
-def _edit_file(path: Path, old: str, new: str) -> None:
+def _edit_file(path: Path, old: str, new: str, count: int = -1) -> None:
     text = path.read_text()
     assert old in text, (path, old)
-    path.write_text(text.replace(old, new))
+    path.write_text(text.replace(old, new, count))
 
 
 @pytest.mark.parametrize(
@@ -211,6 +226,110 @@ def test_a_moved_weight_transfer_framework_is_named_exactly(refit_copy, rel, old
     _edit_file(refit_copy / rel, old, new)
     found = compat.refit_problems(compat.refit_surface_from_source(refit_copy))
     assert expected in "\n".join(found) and len(found) <= 2, found  # register_engine: one line per factory
+
+
+@pytest.mark.parametrize(
+    "rel, old, new, expected",
+    [  # the private names of vLLM the refit backend touches, each declared in compat and checked
+        (REFIT_FILES[4], "def _layerwise_process(", "def _process_layer(", "lacks ['_layerwise_process']"),
+        (REFIT_FILES[4], "def _place_kernel_tensors(", "def _put_kernel_tensors(", "lacks ['_place_kernel_tensors']"),
+        (REFIT_FILES[4], "\nLOADING_LAYERS:", "\nLAYERS_LOADING:", "lacks ['LOADING_LAYERS']"),
+        (
+            REFIT_FILES[4],
+            "model._original_do_torchao_reload =",
+            "model._saved_do_torchao_reload =",
+            "no longer sets ['_original_do_torchao_reload'] on the model",
+        ),
+        (REFIT_FILES[5], "def can_load(self)", "def loadable(self)", "LayerReloadingInfo lacks ['can_load']"),
+        (
+            REFIT_FILES[6],
+            "self._weight_update_active = False",
+            "self._update_session_open = False",
+            "Worker.__init__ no longer sets self._weight_update_active",
+        ),
+        (
+            REFIT_FILES[6],
+            "    def init_weight_transfer_engine(",
+            "    def init_transfer(",
+            "Worker.init_weight_transfer_engine not found",
+        ),
+    ],
+)
+def test_a_moved_private_of_the_refit_path_is_named_exactly(refit_copy, rel, old, new, expected):
+    """refit_guard's dry run (vLLM's layerwise-reload helpers) and the worker's update session the engine
+    steers: a vLLM that moved one is refused when the worker engine is made, naming it (it used to skip the
+    dry run with a warning, or walk the stack for the worker)."""
+    assert compat.refit_problems(compat.refit_surface_from_source(refit_copy)) == []
+    _edit_file(refit_copy / rel, old, new, count=1)
+    found = compat.refit_problems(compat.refit_surface_from_source(refit_copy))
+    assert len(found) == 1 and expected in found[0], found
+
+
+# ---- where requests enter: the OpenAI server's hooks and the model runner's LoRA manager -------------
+
+ENTRY_FILES = (
+    "entrypoints/openai/models/serving.py",
+    "entrypoints/serve/engine/serving.py",
+    "entrypoints/pooling/base/serving.py",
+    "entrypoints/serve/__init__.py",
+    "v1/worker/lora_model_runner_mixin.py",
+)
+
+
+@pytest.fixture
+def entry_copy(tmp_path):
+    root = tmp_path / "vllm"
+    for rel in ENTRY_FILES:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(VLLM_DIR / rel, root / rel)
+    return root
+
+
+@pytest.mark.parametrize(
+    "rel, old, new, expected",
+    [
+        (
+            ENTRY_FILES[0],
+            "async def _check_load_lora_adapter_request(",
+            "async def _validate_load_lora_request(",
+            "OpenAIServingModels._check_load_lora_adapter_request not found",
+        ),
+        (ENTRY_FILES[1], "async def _check_model(", "async def _validate_model(", "BaseServing._check_model not found"),
+        (
+            ENTRY_FILES[2],
+            "async def _check_model(",
+            "async def _validate_model(",
+            "PoolingBaseServing._check_model not found",
+        ),
+        (
+            ENTRY_FILES[0],
+            "self.lora_id_counter = ",
+            "self.lora_ids = ",
+            "OpenAIServingModels.__init__ no longer sets self.['lora_id_counter']",
+        ),
+        (ENTRY_FILES[4], "self.lora_manager = ", "self.lora_worker = ", "no longer sets self.lora_manager"),
+    ],
+)
+def test_a_moved_openai_hook_or_runner_attribute_is_named_exactly(entry_copy, rel, old, new, expected):
+    """The OpenAI server hooks used to be skipped silently where vLLM lacked them: each is declared now, and
+    its absence is a problem at registration like any other."""
+    assert compat.entry_problems(compat.entry_surface_from_source(entry_copy)) == []
+    _edit_file(entry_copy / rel, old, new, count=1)
+    found = compat.entry_problems(compat.entry_surface_from_source(entry_copy))
+    assert len(found) == 1 and expected in found[0], found
+
+
+def test_registration_refuses_a_vllm_without_an_openai_hook():
+    """Through vLLM's own plugin loader, in a fresh process: a missing OpenAI hook stops vLLM with the
+    typed error naming it (the request path it guards would otherwise run unchecked)."""
+    proc = _run("""
+        from vllm.entrypoints.serve.engine import serving
+        del serving.BaseServing._check_model
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+    """)
+    assert proc.returncode != 0
+    assert "UnsupportedVLLM" in proc.stderr and "BaseServing._check_model not found" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_a_vllm_without_the_mtp_completeness_check_is_accepted(refit_copy):
@@ -284,3 +403,25 @@ def test_the_refit_backend_is_registered_once_per_process():
         proc.stdout.strip().splitlines()[-1]
         == '[["WeightTransferEngineFactory", "lora_ipc"], ["WeightTransferTrainerFactory", "lora_ipc"]]'
     )
+
+
+def test_one_lora_ipc_wrapper_per_vllm_method_on_a_requests_path():
+    """A request passes at most one lora_ipc function per vLLM method, never one wrapped around another: the
+    instance guard is the only lora_ipc ``_load_adapter`` (the class-level one under it is gone), and no
+    wrapper wraps another lora_ipc wrapper."""
+    from vllm.lora import worker_manager as wm
+
+    from lora_ipc.vllm import plugin
+    from lora_ipc.vllm.compat.expectations import OPENAI_HOOKS
+
+    plugin.register()
+    plugin.register()  # idempotent: still one layer
+    methods = [(cls, "add_adapter") for cls in (wm.WorkerLoRAManager, wm.LRUCacheWorkerLoRAManager)]
+    methods += [(getattr(__import__(m, fromlist=[c]), c), a) for m, c, a in OPENAI_HOOKS]
+    for cls, name in methods:
+        fn = cls.__dict__[name]
+        assert getattr(fn, "__lora_ipc_wrapped__", False), (cls, name)
+        assert not getattr(fn.__wrapped__, "__lora_ipc_wrapped__", False), (cls, name)
+    for cls in (wm.WorkerLoRAManager, wm.LRUCacheWorkerLoRAManager):
+        assert not getattr(cls._load_adapter, "__lora_ipc_wrapped__", False), cls
+        assert getattr(cls._load_adapter, "__module__", None) == wm.__name__  # vLLM's own, untouched

@@ -22,6 +22,7 @@ import torch
 
 from ..core import settings
 from ..core.fetching.client import ENV_MAX_FETCH_BYTES
+from .compat import runtime
 
 WIDEST_DTYPE_BYTES = 8
 MIN_BOUND = 64 << 20  # small models: room for alignment and config-sized extras
@@ -67,7 +68,7 @@ def fetch_bound(worker_manager: Any) -> int | None:
     if settings.is_set(ENV_MAX_FETCH_BYTES):
         return None  # the operator's setting wins (the client reads it)
     try:
-        manager = worker_manager._adapter_manager
+        manager = runtime.adapter_manager(worker_manager)
         elements = 0
         tensors = 0
         tp = 1

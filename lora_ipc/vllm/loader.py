@@ -19,7 +19,7 @@ from ..core.errors import AdapterRejected
 from ..lora.adapters import Adapter, with_shared_client
 from ..lora.uri import AdapterURI
 from .bounds import fetch_bound
-from .compat import checked_surface, lora_model_class
+from .compat import checked_surface, runtime
 from .kept import kept_adapters, key_of
 
 log = logging.getLogger("lora_ipc.vllm")
@@ -129,8 +129,8 @@ def load_adapter(worker_manager: Any, lora_request: Any):
     started = time.perf_counter()
     surface = checked_surface()
     uri = AdapterURI.parse(lora_request.lora_path)
-    adapter_manager = worker_manager._adapter_manager
-    if getattr(adapter_manager, "moe_ep_load_spec", None) is not None:
+    adapter_manager = runtime.adapter_manager(worker_manager)
+    if runtime.moe_ep_load_spec(adapter_manager) is not None:
         # vLLM's disk loader slices experts per rank (moe_ep_spec); from_lora_tensors cannot
         raise AdapterRejected(f"{uri.name}: lora_ipc does not load LoRA adapters into expert-parallel MoE models")
     device = worker_manager.device
@@ -183,7 +183,7 @@ def load_adapter(worker_manager: Any, lora_request: Any):
             f"model (expected modules: {sorted(expected)})"
         )
 
-    lora_cls = getattr(worker_manager, "_lora_model_cls", None) or lora_model_class()
+    lora_cls = runtime.lora_model_cls(worker_manager)
     lora = lora_cls.from_lora_tensors(
         lora_model_id=lora_request.lora_int_id,
         tensors=tensors,

@@ -1,10 +1,12 @@
 """The vLLM general plugin (entry point ``vllm.general_plugins``: ``lora_ipc``).
 
-vLLM calls ``register()`` in every process it starts, workers included. It wraps
-``WorkerLoRAManager._load_adapter`` so ``lora-ipc://`` paths are served by :mod:`.loader`; every
-other path goes to vLLM's own loader untouched. Every worker LoRA manager also gets an instance-level
-``_load_adapter`` (:func:`guard`), so a framework that replaces the class's method, before or after
-this plugin, never receives ``lora-ipc://`` paths. With ``$LORA_IPC_ENDPOINT`` set it also registers
+vLLM calls ``register()`` in every process it starts, workers included. Every worker LoRA manager
+gets an instance-level ``_load_adapter`` (:func:`guard`, installed by the manager's ``__init__`` and again
+by ``add_adapter``), so ``lora-ipc://`` paths are served by :mod:`.loader` even where a framework
+replaces the class's method, before or after this plugin; every other path goes to whatever the class
+has, untouched. One lora_ipc wrapper per vLLM method on a request's path, never one around another:
+``add_adapter`` (in-place reloads of an unchanged path skipped), the instance ``_load_adapter``, and in
+the API process the OpenAI checks (:mod:`.openai`). With ``$LORA_IPC_ENDPOINT`` set it also registers
 the LoRA resolver, so the OpenAI server resolves bare adapter names.
 
 Before wrapping anything it checks this vLLM offers what the wrappers and the loader use
@@ -78,20 +80,12 @@ def _serve(manager, lora_request):
     return lora
 
 
-def _load_adapter_wrapper(original):
-    def _load_adapter(self, lora_request):
-        if not AdapterURI.matches(getattr(lora_request, "lora_path", None)):
-            return original(self, lora_request)
-        return _serve(self, lora_request)
-
-    return _load_adapter
-
-
 # ---- robust against frameworks that replace _load_adapter (verl, SkyRL, ROLL, NeMo-RL, ...) -------
 #
 # They assign their own function to ``WorkerLoRAManager._load_adapter``, ``LRUCacheWorkerLoRAManager.
 # _load_adapter`` or a subclass's, before or after this plugin runs, and often do not call what was
-# there. A class-level wrapper loses to any of those. So every manager instance gets its own
+# there. A class-level wrapper loses to any of those (and would be a second layer under this one). So
+# every manager instance gets its own
 # ``_load_adapter`` (an instance attribute wins over any class's function at ``self._load_adapter``,
 # which is how vLLM's ``add_adapter`` calls it): ``lora-ipc://`` paths are served by lora_ipc, every
 # other path goes to whatever the class has at call time, patched or not.
@@ -167,27 +161,16 @@ def _add_adapter_wrapper(original):
 
 
 def _install_openai_check() -> None:
-    """The API process's checks (see :mod:`.openai`), where vLLM has the hooks."""
+    """The API process's checks (see :mod:`.openai`) on the hooks :mod:`.compat` declares (checked present
+    at registration: a vLLM without one is refused, never served unchecked)."""
     import importlib
 
+    from .compat.expectations import OPENAI_HOOKS
     from .openai import check_model_wrapper, check_wrapper
 
-    for module, cls_name, attr, wrapper in (
-        (
-            "vllm.entrypoints.openai.models.serving",
-            "OpenAIServingModels",
-            "_check_load_lora_adapter_request",
-            check_wrapper,
-        ),
-        ("vllm.entrypoints.serve.engine.serving", "BaseServing", "_check_model", check_model_wrapper),
-        ("vllm.entrypoints.pooling.base.serving", "PoolingBaseServing", "_check_model", check_model_wrapper),
-    ):
-        try:
-            cls = getattr(importlib.import_module(module), cls_name)
-        except (ImportError, AttributeError):
-            continue
-        if attr in cls.__dict__:
-            _install(cls, attr, wrapper)
+    wrappers = {"_check_load_lora_adapter_request": check_wrapper, "_check_model": check_model_wrapper}
+    for module, cls_name, attr in OPENAI_HOOKS:
+        _install(getattr(importlib.import_module(module), cls_name), attr, wrappers[attr])
 
 
 _registered = False
@@ -238,7 +221,6 @@ def register() -> None:
     from .compat import checked_surface
 
     checked_surface()
-    _install(worker_manager.WorkerLoRAManager, "_load_adapter", _load_adapter_wrapper)
     _install(worker_manager.WorkerLoRAManager, "__init__", _init_wrapper)
     for cls in (worker_manager.WorkerLoRAManager, getattr(worker_manager, "LRUCacheWorkerLoRAManager", None)):
         if cls is not None and "add_adapter" in cls.__dict__:

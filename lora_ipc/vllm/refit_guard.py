@@ -19,13 +19,14 @@ weights. Two guards make the apply whole or nothing:
   (a loader's data-dependent check, memory), every recorded layer is put back: the old objects, bytes
   and attributes. The engine then serves the complete old weights.
 
-The dry run uses vLLM's layerwise-reload module (``initialize_layerwise_reload``, ``_layerwise_process``,
-``_place_kernel_tensors``); where it differs the dry run is skipped (logged) and the undo still holds.
+The dry run uses vLLM's layerwise-reload module, private helpers included (``_layerwise_process``,
+``_place_kernel_tensors``, ``LOADING_LAYERS``, the ``LayerReloadingInfo`` record): each is declared in
+:mod:`.compat.expectations` and checked when the worker engine is made, so a vLLM that moved one is
+refused there (:class:`~.compat.UnsupportedVLLM`), never dry-run half-way.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -34,22 +35,9 @@ import torch
 
 from ..core.errors import tagged
 from ..refit import RefitError
-
-log = logging.getLogger("lora_ipc.vllm")
+from .compat import runtime
 
 _STATE_KEYS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
-
-
-def _layerwise():
-    """vLLM's layerwise-reload module, with what the dry run needs from it; None where it differs."""
-    try:
-        from vllm.model_executor.model_loader.reload import layerwise
-    except ImportError:
-        return None
-    needed = ("LAYERWISE_INFO", "LOADING_LAYERS", "initialize_layerwise_reload", "_layerwise_process")
-    if not all(hasattr(layerwise, n) for n in (*needed, "_place_kernel_tensors")):
-        return None
-    return layerwise
 
 
 @dataclass
@@ -112,9 +100,9 @@ def _dtype_problems(module: torch.nn.Module, info: Any) -> list[str]:
     return out
 
 
-def check_update(model: torch.nn.Module, staged: list[tuple[str, torch.Tensor]], update: int) -> bool:
+def check_update(model: torch.nn.Module, staged: list[tuple[str, torch.Tensor]], update: int) -> None:
     """Dry-run the real apply's path over ``staged`` as ``meta`` tensors; RefitError (model untouched) if the
-    model refuses any of it. Returns False where this vLLM's layerwise reload cannot be dry-run (logged).
+    model refuses any of it.
 
     vLLM's own ``initialize_layerwise_reload`` puts every layer on ``meta`` in its load format and wraps its
     weight loaders; each wrapped loader runs the original one on the ``meta`` parameter at once (to count
@@ -122,10 +110,7 @@ def check_update(model: torch.nn.Module, staged: list[tuple[str, torch.Tensor]],
     (``_layerwise_process``) is held back for the dry run, and afterwards every layer gets its own tensors
     back exactly as ``finalize_layerwise_reload`` does for a layer that received nothing.
     """
-    layerwise = _layerwise()
-    if layerwise is None:
-        log.warning("lora_ipc refit: vLLM's layerwise reload differs; update %s is applied unchecked", update)
-        return False
+    layerwise = runtime.layerwise()
     infos = layerwise.LAYERWISE_INFO
     problems: list[str] = []
     process = layerwise._layerwise_process
@@ -159,8 +144,7 @@ def check_update(model: torch.nn.Module, staged: list[tuple[str, torch.Tensor]],
             if info.kernel_tensors is not None:
                 layerwise._place_kernel_tensors(module, info)
             info.reset()
-        if hasattr(model, "_original_do_torchao_reload"):
-            model._do_torchao_reload = model._original_do_torchao_reload
+        runtime.undo_layerwise_init(model)
         layerwise.LOADING_LAYERS.clear()
     if problems:
         raise tagged(
@@ -173,7 +157,6 @@ def check_update(model: torch.nn.Module, staged: list[tuple[str, torch.Tensor]],
             RefitError,
             f"no parameter of the served model takes lora_ipc weight update {update}; the model was not touched",
         )
-    return True
 
 
 class LayerUndo:
@@ -184,10 +167,9 @@ class LayerUndo:
         self.bytes = sum(t.numel() * t.element_size() for s in self._saved for t in s.data.values())
 
     def restore(self) -> None:
-        layerwise = _layerwise()
+        infos = runtime.layerwise().LAYERWISE_INFO
         for saved in self._saved:
             saved.restore()
-            if layerwise is not None:
-                info = layerwise.LAYERWISE_INFO.get(saved.module)
-                if info is not None:
-                    info.reset()  # nothing half-loaded stays recorded for the next reload
+            info = infos.get(saved.module)
+            if info is not None:
+                info.reset()  # nothing half-loaded stays recorded for the next reload

@@ -52,7 +52,9 @@ class WorkerExtension:
                 seen.setdefault(name, base)
 
     def _lora_ipc_manager(self):
-        manager = getattr(self.model_runner, "lora_manager", None)
+        from .compat import runtime
+
+        manager = runtime.runner_lora_manager(self.model_runner)
         if manager is None:
             raise RuntimeError("this engine was started without enable_lora=True")
         return manager
