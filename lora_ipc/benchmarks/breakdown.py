@@ -123,13 +123,15 @@ class BreakdownExtension:
     model_runner: Any
 
     def _bd_manager(self):
-        return self.model_runner.lora_manager
+        from ..vllm.compat import runtime
+
+        return runtime.runner_lora_manager(self.model_runner)
 
     def _bd_load(self, tensors: dict, config: dict, lora_id: int, stages: dict) -> None:
         """lora_ipc's loader's vLLM calls (vllm/loader.py), each timed, then activation into a slot."""
         from vllm.lora.peft_helper import PEFTHelper
 
-        from ..vllm.compat import lora_model_class
+        from ..vllm.compat import runtime
 
         manager = self._bd_manager()
         t0 = time.perf_counter()
@@ -137,11 +139,11 @@ class BreakdownExtension:
         peft_helper = PEFTHelper.from_dict(config)
         peft_helper.validate_legal(manager.lora_config)
         t1 = time.perf_counter()
-        model = manager._adapter_manager.model
+        model = runtime.adapter_manager(manager).model
         mapper = getattr(model, "hf_to_vllm_mapper", None)
         if mapper is not None and hasattr(mapper, "get_rename_mapper"):
             mapper = mapper.get_rename_mapper()
-        lora_cls = getattr(manager, "_lora_model_cls", None) or lora_model_class()
+        lora_cls = runtime.lora_model_cls(manager)
         lora = lora_cls.from_lora_tensors(
             lora_model_id=lora_id,
             tensors=tensors,
@@ -159,7 +161,9 @@ class BreakdownExtension:
     def _bd_activate(self, lora, stages: dict) -> None:
         import torch
 
-        adapters = self._bd_manager()._adapter_manager
+        from ..vllm.compat import runtime
+
+        adapters = runtime.adapter_manager(self._bd_manager())
         t0 = time.perf_counter()
         adapters.add_adapter(lora)
         adapters.activate_adapter(lora.id)
