@@ -26,7 +26,9 @@ Note [the reader never pays for the exporter's memory]
 Note [a copy out of a mapping]
     ``pread`` out of shmem costs the kernel's per-4-KiB-page work on top of the copy (1.2-2.5x a
     user-space memcpy on a 2-core VM). A copy out of a mapping costs a fault per 16 pages (fault-around)
-    and the unmap instead, and torch's ``copy_`` runs it on several threads. Its risks and their answers:
+    and the unmap instead, and torch's ``copy_`` runs it on several threads: measured, that wins only for
+    large copies (``MAP_COPY_MIN_BYTES``; the unmap of 4-KiB pages is most of what it does not save).
+    Its risks and their answers:
 
     - SIGBUS: an access past the end of the file (a truncation) or of a page another process freed (a hole
       punched with ``fallocate``/``MADV_REMOVE``). ``F_SEAL_SHRINK`` stops the first; the second is stopped
@@ -316,9 +318,11 @@ def first_hole(fd: int, start: int) -> int:
         return start
 
 
-# below this a pread costs less than mapping, faulting and unmapping (benchmarks/destinations.py: 4 MiB took
-# 0.35 ms with pread, 0.48 ms through a mapping; 20 MiB 3.0 ms against 2.1 ms)
-MAP_COPY_MIN_BYTES = 8 << 20
+# below this a pread costs less than mapping, faulting and unmapping. Measured in one fetch loop alternating
+# the two (2-core VM, 18 runs, docs/development/benchmarks.md): at 20 MB the copy took 0.15 ms longer through
+# a mapping (median per run; pread won 10 of 18), at 80 MB 0.7 ms less (the mapping won 11 of 18; its unmap
+# alone costs 1.3-1.5 ms there). Also where reads are split across threads (PARALLEL_READ_BYTES).
+MAP_COPY_MIN_BYTES = 48 << 20
 
 
 def map_copy(fd: int, dst: torch.Tensor, offset: int) -> bool:
