@@ -8,6 +8,9 @@ Modes:
 - ``sparse``: a sealed but unreserved (sparse) memfd of ``nbytes``, one uint8 entry covering it.
 - ``reserved``: the same, reserved (``posix_fallocate``), as our exporters do.
 - ``wrong_name``: a small reserved slab, but the reply names ``someone-else`` v99.
+- ``hidden_holes``: a reserved slab full of 0x41 with its second quarter punched out before sealing, the hole's
+  blocks made up by pages reserved past the end (``st_blocks`` looks complete), sealed with every seal an
+  importer needs before it copies through a mapping (``F_SEAL_FUTURE_WRITE`` included).
 """
 
 from __future__ import annotations
@@ -54,11 +57,32 @@ def _sealed(name: str, nbytes: int, reserve: bool) -> int:
     return fd
 
 
-def punch_holes(fd: int, nbytes: int) -> None:
+def fallocate(fd: int, mode: int, offset: int, nbytes: int) -> None:
+    """fallocate(2) with a ``mode`` (os.posix_fallocate has none); OSError with the errno."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, nbytes) != 0:
-        raise OSError(ctypes.get_errno(), "fallocate(PUNCH_HOLE)")
+    if libc.fallocate(fd, mode, offset, nbytes) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"fallocate(mode {mode}): {os.strerror(errno)}")
+
+
+def punch_holes(fd: int, nbytes: int, offset: int = 0) -> None:
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
+
+
+def _hidden_holes(name: str, nbytes: int) -> int:
+    """A memfd that passes an importer's checks, reserved blocks included, with a hole in its second quarter."""
+    from lora_ipc.core.memory.shm import MAPPABLE_SEALS, MEMFD_PREFIX
+
+    fd = os.memfd_create(MEMFD_PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, nbytes)
+    os.posix_fallocate(fd, 0, nbytes)
+    _fill(fd, nbytes)
+    punch_holes(fd, nbytes // 4, offset=nbytes // 4)
+    fallocate(fd, FALLOC_FL_KEEP_SIZE, nbytes, nbytes // 4)  # blocks past the end, where no one reads
+    assert os.fstat(fd).st_blocks * 512 >= nbytes
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MAPPABLE_SEALS)
+    return fd
 
 
 def _legit_reply(legit: str):
@@ -94,9 +118,12 @@ def hostile_main(
         name, version = base.name, base.version
     else:
         slab_id = f"{os.getpid()}.hostile.1"
-        fd = _sealed(slab_id, nbytes, mode != "sparse")
-        if mode != "sparse":
-            _fill(fd, nbytes)
+        if mode == "hidden_holes":
+            fd = _hidden_holes(slab_id, nbytes)
+        else:
+            fd = _sealed(slab_id, nbytes, mode != "sparse")
+            if mode != "sparse":
+                _fill(fd, nbytes)
         entries, used, config = [["w", "uint8", [nbytes], 0, nbytes]], nbytes, CONFIG
         name, version = ("someone-else", 99) if mode == "wrong_name" else (None, None)
     layout = SlabLayout.from_wire(entries, used, nbytes)

@@ -7,8 +7,10 @@
   fresh_empty     a fresh ``torch.empty`` (a page fault per 4 KiB on first touch)
   fresh_thp       a fresh anonymous mapping advised ``MADV_HUGEPAGE`` (one fault per 2 MiB where THP is
                   ``madvise``)
-  pooled          a buffer of ``host_buffers.HostBufferPool`` returned by the previous fetch's tensors (what
-                  a fetch uses now; its pages are warm)
+  pooled          a buffer of ``host_buffers.HostBufferPool`` returned by the previous fetch's tensors (its
+                  pages are warm): what a fetch uses for a memfd without ``F_SEAL_FUTURE_WRITE``
+  pooled_map      the same buffer, filled through a transient read-only mapping of the memfd (``shm.map_copy``,
+                  torch's ``copy_``, unmapped after): what a fetch does now (Note [a copy out of a mapping])
   copy_warm       ``copy_`` between two warm buffers (memcpy, the floor beside them)
 """
 
@@ -22,20 +24,20 @@ from typing import Any, cast
 from .breakdown import hardware, summary
 from .timing import save_json
 
-VARIANTS = ("fresh_empty", "fresh_thp", "pooled", "copy_warm")
+VARIANTS = ("fresh_empty", "fresh_thp", "pooled", "pooled_map", "copy_warm")
 
 
 def run(mbs: list[int], iters: int, warmup: int) -> dict:
     import torch
 
     from ..core.memory.host_buffers import HostBufferPool, map_anonymous
-    from ..core.memory.shm import create_sealed, map_fd, read_exact
+    from ..core.memory.shm import create_mapped, map_copy, read_exact
 
     results: dict = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware(), "iters": iters, "sizes": {}}
     for mb in mbs:
         n = mb << 20
-        fd = create_sealed(f"bench-dst-{mb}", n)
-        src = map_fd(fd, n, writable=True)
+        fd, mm = create_mapped(f"bench-dst-{mb}", n)
+        src = torch.frombuffer(mm, dtype=torch.uint8)
         src.fill_(7)
         pool = HostBufferPool()
         warm_src, warm_dst = torch.ones(n, dtype=torch.uint8), torch.ones(n, dtype=torch.uint8)
@@ -46,13 +48,17 @@ def run(mbs: list[int], iters: int, warmup: int) -> dict:
                 if variant == "copy_warm":
                     warm_dst.copy_(warm_src)
                 else:
-                    if variant == "fresh_empty":
+                    if variant == "pooled_map":
+                        dst = pool.take(n)
+                        assert map_copy(fd, dst, 0)
+                    elif variant == "fresh_empty":
                         dst = torch.empty(n, dtype=torch.uint8)
                     elif variant == "fresh_thp":
                         dst = torch.frombuffer(map_anonymous(n, True), dtype=torch.uint8)
                     else:
                         dst = pool.take(n)
-                    read_exact(fd, memoryview(cast(Any, dst.numpy())), 0)
+                    if variant != "pooled_map":
+                        read_exact(fd, memoryview(cast(Any, dst.numpy())), 0)
                     del dst  # the pooled buffer goes back, as a fetch's tensors do once freed
                 if i >= warmup:
                     samples[variant].append((time.perf_counter() - t0) * 1e3)

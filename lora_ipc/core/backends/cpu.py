@@ -1,9 +1,12 @@
-"""CPU backend: one sealed memfd per slab (see :mod:`..shm`), read by importers with ``pread``.
+"""CPU backend: one sealed memfd per slab (see :mod:`..shm`), read by importers without keeping a mapping.
 
-The exporter maps its slab read-write and packs into it; an importer opens it through
-``/proc/<pid>/fd/<fd>`` read-only, checks it on the opened descriptor (sealed, ours, reserved), keeps
-that descriptor and copies out of it with ``pread`` (Note [the reader never pays for the exporter's
-memory]). The seals make a truncation impossible, so the descriptor stays valid for its whole life.
+The exporter maps its slab read-write and packs into it; once mapped, the memfd is sealed against any
+other write, resize or hole (``F_SEAL_FUTURE_WRITE``, :func:`~lora_ipc.core.memory.shm.create_mapped`). An importer
+opens it through ``/proc/<pid>/fd/<fd>`` read-only, checks it on the opened descriptor (sealed, ours,
+reserved), keeps that descriptor and copies out of it through a mapping made for that one copy (Note [a
+copy out of a mapping]), or with ``pread`` where the seals or the range do not allow one (Note [the reader
+never pays for the exporter's memory]). The seals make a truncation impossible, so the descriptor stays
+valid for its whole life.
 """
 
 from __future__ import annotations
@@ -16,7 +19,18 @@ import torch
 
 from ..errors import BackendError
 from ..memory.host_buffers import HOST_BUFFERS, pinned_bounce
-from ..memory.shm import GenerationReader, create_sealed, map_fd, open_sealed, read_exact, reopen_sealed
+from ..memory.shm import (
+    MAP_COPY_MIN_BYTES,
+    GenerationReader,
+    check_sealed,
+    create_mapped,
+    first_hole,
+    map_copy,
+    mappable,
+    open_sealed,
+    read_exact,
+    reopen_sealed,
+)
 from ..protocol import CpuSlabHandle
 from .base import Backend, ExportedSlab, ImportedSlab
 
@@ -26,12 +40,8 @@ class CpuExportedSlab(ExportedSlab):
     passes_descriptor = True
 
     def __init__(self, slab_id: str, nbytes: int):
-        self.fd = create_sealed(slab_id, nbytes)
-        try:
-            self.tensor = map_fd(self.fd, nbytes, writable=True)
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd, mm = create_mapped(slab_id, nbytes)  # this mapping is the only way to write it
+        self.tensor = torch.frombuffer(mm, dtype=torch.uint8)
         self.nbytes = nbytes
         self.slab_id = slab_id
         self.handle = CpuSlabHandle(slab_id, nbytes, os.getpid(), self.fd)
@@ -65,17 +75,35 @@ class CpuImportedSlab(ImportedSlab):
             fd = open_sealed(handle.pid, handle.fd, handle.slab_id, handle.nbytes)  # read-only, checked
         else:
             fd, self._generations = received
-        self.fd = fd  # read with pread (read_into): a hole punched later costs this process nothing
+        self.fd = fd  # read by read_into: never kept mapped
         self.slab_id = handle.slab_id
         self.nbytes = handle.nbytes
         self.handle = handle
+        try:  # seals are final once checked (F_SEAL_SEAL): whether a mapping may be used is known for good
+            self._mappable = mappable(fd, check_sealed(fd, handle.slab_id, handle.nbytes))
+        except BaseException:
+            self.close()
+            raise
+        self._hole_free_to = 0  # [0, this) was seen without holes: it stays so (Note [a copy out of a mapping])
 
     def read_into(self, dst: torch.Tensor, offset: int = 0) -> None:
         """Fill ``dst`` (uint8, 1-D, contiguous, in host memory) with the slab's bytes from ``offset``."""
         if offset < 0 or offset + dst.numel() > self.nbytes:
             raise BackendError(f"bytes [{offset}, {offset + dst.numel()}) lie outside slab {self.slab_id}")
-        if dst.numel():
-            read_exact(self.fd, memoryview(dst.numpy()), offset)  # type: ignore[arg-type]  # numpy: 3.12+ buffer
+        if not dst.numel():
+            return
+        if dst.numel() >= MAP_COPY_MIN_BYTES and self._may_map(offset + dst.numel()) and map_copy(self.fd, dst, offset):
+            return
+        read_exact(self.fd, memoryview(dst.numpy()), offset)  # type: ignore[arg-type]  # numpy: 3.12+ buffer
+
+    def _may_map(self, end: int) -> bool:
+        """Whether bytes up to ``end`` may be copied through a mapping: sealed for it, and no hole before ``end``
+        (each byte found hole-free is checked once: no hole can appear later)."""
+        if not self._mappable:
+            return False
+        if end > self._hole_free_to:  # look again from the first hole seen (a later publish may have filled it)
+            self._hole_free_to = max(self._hole_free_to, first_hole(self.fd, self._hole_free_to))
+        return end <= self._hole_free_to
 
     def copy_out(self, used_bytes: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Host memory: a recycled buffer of this process (Note [a fetch's destination is recycled, not fresh]);

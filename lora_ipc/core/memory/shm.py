@@ -8,7 +8,8 @@ Note [why memfds, not files in /dev/shm]
     ``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``: nobody, not even its creator, can change its size
     again, so every mapping of it stays valid for its whole life. An importer checks the seals, the
     owner, the size, the memfd's name and that every byte of it is reserved (``st_blocks``) on the
-    descriptor it opened, and reads it with ``pread`` (never through a mapping).
+    descriptor it opened, and reads it with ``pread`` or through a transient read-only mapping of it
+    (Note [a copy out of a mapping]).
     A memfd has no path another user could pre-create, replace by a symlink or leave behind: it goes
     away with the last process that holds it, however that process exits.
 
@@ -21,6 +22,37 @@ Note [the reader never pays for the exporter's memory]
     allocated blocks do not cover its size, and it copies with ``pread``, which reads a hole (one
     punched after that check, say) as zeros without allocating anything. A fetch costs the reader
     its own copy and nothing else.
+
+Note [a copy out of a mapping]
+    ``pread`` out of shmem costs the kernel's per-4-KiB-page work on top of the copy (1.2-2.5x a
+    user-space memcpy on a 2-core VM). A copy out of a mapping costs a fault per 16 pages (fault-around)
+    and the unmap instead, and torch's ``copy_`` runs it on several threads: measured, that wins only for
+    large copies (``MAP_COPY_MIN_BYTES``; the unmap of 4-KiB pages is most of what it does not save).
+    Its risks and their answers:
+
+    - SIGBUS: an access past the end of the file (a truncation) or of a page another process freed (a hole
+      punched with ``fallocate``/``MADV_REMOVE``). ``F_SEAL_SHRINK`` stops the first; the second is stopped
+      by ``F_SEAL_FUTURE_WRITE``, which our exporter adds once it holds its own writable mapping
+      (:func:`create_mapped`): shmem then refuses hole punching (EPERM), ``write(2)``, ``ftruncate`` and any
+      new writable mapping, to every process, the exporter included (tests/test_map_copy.py attacks each
+      from a same-uid process). With ``F_SEAL_SEAL`` the set is final, so seals read once hold for the
+      descriptor's life; :func:`check_sealed` reads them *before* it reads the size and blocks.
+    - the reader paying for the exporter's memory (Note above): a read fault on a hole allocates a page.
+      A hostile exporter could leave holes before sealing, hidden from ``st_blocks`` by pages allocated past
+      the end, so the range is checked with ``SEEK_HOLE`` (:func:`first_hole`) before it is first mapped:
+      hole-free stays true once the seals forbid punching (a fallocated page never written also reads as a
+      hole there: refused, the copy falls back to ``pread``).
+    - a hugetlbfs memfd (``MFD_HUGETLB`` has the same /proc name): a fault on a hole there is a SIGBUS when
+      the pool is empty. Only a memfd on the same internal shmem mount as one this process creates is mapped
+      (:func:`on_shmem`).
+    - bytes changing under the copy: only the exporter's own writable mapping can still write, which is how
+      it publishes; it bumps the slab's generation before each write, and the importer compares the
+      generation after its copy (client.py), exactly as for ``pread``, which reads the same page-cache
+      pages. A mapping makes no torn read acceptable that ``pread`` did not.
+
+    The mapping is read-only, covers only the bytes copied, and is unmapped before the copy returns: the
+    reader keeps no page of the exporter's. Without every one of these seals (an older exporter, a peer's
+    memfd, a kernel without ``F_SEAL_FUTURE_WRITE``) or if the mapping fails, the copy is a ``pread``.
 """
 
 from __future__ import annotations
@@ -34,6 +66,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from ..errors import BackendError
@@ -41,10 +74,13 @@ from ..lru import BoundedLRU
 
 MEMFD_PREFIX = "lora-ipc."
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux 5.1; Python names it from 3.9
+# what an importer needs before it copies through a mapping (Note [a copy out of a mapping])
+MAPPABLE_SEALS = SEALS | F_SEAL_FUTURE_WRITE
 
 
-def create_sealed(name: str, nbytes: int) -> int:
-    """A new memfd named ``lora-ipc.<name>`` of exactly ``nbytes``, reserved and sealed; returns its fd."""
+def _reserved(name: str, nbytes: int) -> int:
+    """A new memfd named ``lora-ipc.<name>`` of exactly ``nbytes``, every page reserved, not yet sealed."""
     try:
         fd = os.memfd_create(MEMFD_PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     except OSError as exc:
@@ -52,11 +88,43 @@ def create_sealed(name: str, nbytes: int) -> int:
     try:
         os.ftruncate(fd, nbytes)
         os.posix_fallocate(fd, 0, nbytes)  # reserve every page now: ENOSPC/ENOMEM here, never SIGBUS later
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     except OSError as exc:
         os.close(fd)
         raise BackendError(f"cannot reserve {nbytes} bytes of shared memory for {name!r}: {exc}") from None
     return fd
+
+
+def _seal(fd: int, name: str, seals: int) -> None:
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except OSError as exc:
+        os.close(fd)
+        raise BackendError(f"cannot seal shared memory {name!r}: {exc}") from None
+
+
+def create_sealed(name: str, nbytes: int) -> int:
+    """A new memfd named ``lora-ipc.<name>`` of exactly ``nbytes``, reserved and sealed; returns its fd."""
+    fd = _reserved(name, nbytes)
+    _seal(fd, name, SEALS)
+    return fd
+
+
+def create_mapped(name: str, nbytes: int) -> tuple[int, mmap.mmap]:
+    """:func:`create_sealed`, and a writable shared mapping of it that stays the only way to write it: sealed
+    with ``F_SEAL_FUTURE_WRITE`` too once mapped, so no other process (and no later call of this one) can
+    write, punch or map it writable, and importers may copy through a mapping (Note [a copy out of a
+    mapping]). A kernel without that seal gets the plain seals (its importers ``pread``)."""
+    fd = _reserved(name, nbytes)
+    try:
+        mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError) as exc:
+        os.close(fd)
+        raise BackendError(f"cannot map {nbytes} bytes of shared memory: {exc}") from None
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MAPPABLE_SEALS)
+    except OSError:  # EINVAL: a kernel before 5.1 does not know the seal
+        _seal(fd, name, SEALS)
+    return fd, mm
 
 
 def map_fd(fd: int, nbytes: int, *, writable: bool) -> torch.Tensor:
@@ -137,9 +205,10 @@ def reopen_sealed(fd: int, name: str, min_bytes: int) -> int:
     return read_only
 
 
-def check_sealed(opened: int, name: str, min_bytes: int) -> None:
+def check_sealed(opened: int, name: str, min_bytes: int) -> int:
     """The checks an importer makes on a descriptor it holds (opened through /proc or received by
-    SCM_RIGHTS, fdchannel.py): our memfd ``lora-ipc.<name>``, owned by this user, sealed, large enough."""
+    SCM_RIGHTS, fdchannel.py): our memfd ``lora-ipc.<name>``, owned by this user, sealed, large enough.
+    Returns its seals (final: ``F_SEAL_SEAL`` is among them)."""
     expected = f"/memfd:{MEMFD_PREFIX}{name} (deleted)"
     try:
         target = os.readlink(f"/proc/self/fd/{opened}")
@@ -149,10 +218,12 @@ def check_sealed(opened: int, name: str, min_bytes: int) -> None:
     if target != expected:
         raise BackendError(f"descriptor {target[:200]!r} is not lora-ipc shared memory {name!r}")
     try:
+        # seals first: a set that includes F_SEAL_SEAL is final, so the size and blocks read below cannot
+        # have been changed by a seal added after they were read (Note [a copy out of a mapping])
+        seals = fcntl.fcntl(opened, fcntl.F_GET_SEALS)
         st = os.fstat(opened)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
             raise BackendError(f"shared memory {name!r} is not owned by this user (uid {st.st_uid})")
-        seals = fcntl.fcntl(opened, fcntl.F_GET_SEALS)
         if seals & SEALS != SEALS:
             raise BackendError(f"shared memory {name!r} is not sealed against resizing")
         if st.st_size < min_bytes:
@@ -164,6 +235,7 @@ def check_sealed(opened: int, name: str, min_bytes: int) -> None:
             )
     except OSError as exc:
         raise BackendError(f"cannot check shared memory {name!r}: {exc}") from None
+    return seals
 
 
 READ_CHUNK = 1 << 30  # a single read(2) returns at most ~2 GiB
@@ -210,6 +282,78 @@ def read_exact(fd: int, dst: memoryview, offset: int) -> None:
         future.result()  # the first failure (BackendError) is raised once every part has finished
 
 
+_shmem_dev: int | None = None
+
+
+def on_shmem(fd: int) -> bool:
+    """``fd`` lives on the kernel's internal shmem mount, as a memfd this process creates does (a hugetlbfs
+    memfd, ``MFD_HUGETLB``, does not: a fault on a hole there can SIGBUS)."""
+    global _shmem_dev
+    try:
+        if _shmem_dev is None:
+            probe = os.memfd_create(MEMFD_PREFIX + "probe", os.MFD_CLOEXEC)
+            try:
+                _shmem_dev = os.fstat(probe).st_dev
+            finally:
+                os.close(probe)
+        return os.fstat(fd).st_dev == _shmem_dev
+    except OSError:
+        return False
+
+
+def mappable(fd: int, seals: int) -> bool:
+    """Whether copies out of ``fd`` (with the final ``seals`` :func:`check_sealed` returned) may go through
+    a transient mapping (Note [a copy out of a mapping]); the caller still checks each range with
+    :func:`first_hole`."""
+    return seals & MAPPABLE_SEALS == MAPPABLE_SEALS and on_shmem(fd)
+
+
+def first_hole(fd: int, start: int) -> int:
+    """Where the first hole (or reserved page never written) of ``fd`` at or after ``start`` begins: bytes
+    before it read through a mapping allocate nothing. Only lasting once ``F_SEAL_FUTURE_WRITE`` forbids
+    punching new holes (Note [a copy out of a mapping]); ``start`` where that cannot be told."""
+    try:
+        return os.lseek(fd, start, os.SEEK_HOLE)
+    except OSError:  # ENXIO (start at or past the end), or no SEEK_HOLE here
+        return start
+
+
+# below this a pread costs less than mapping, faulting and unmapping. Measured in one fetch loop alternating
+# the two (2-core VM, 18 runs, docs/development/benchmarks.md): at 20 MB the copy took 0.15 ms longer through
+# a mapping (median per run; pread won 10 of 18), at 80 MB 0.7 ms less (the mapping won 11 of 18; its unmap
+# alone costs 1.3-1.5 ms there). Also where reads are split across threads (PARALLEL_READ_BYTES).
+MAP_COPY_MIN_BYTES = 48 << 20
+
+
+def map_copy(fd: int, dst: torch.Tensor, offset: int) -> bool:
+    """Fill ``dst`` (uint8, 1-D, contiguous, host memory) from ``fd`` at ``offset`` through a transient
+    read-only mapping, unmapped before this returns; False (nothing copied) if the mapping was refused.
+    Only for a descriptor :func:`mappable` and a range before its :func:`first_hole` (Note [a copy out of a
+    mapping])."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    length = offset + dst.numel() - start
+    try:
+        mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=start)
+    except (OSError, ValueError):
+        return False
+    array = src = None
+    try:
+        # numpy holds a buffer export of the mapping (torch.frombuffer does not): close() below cannot unmap
+        # it while anything still reaches it, so no tensor ever points at unmapped memory
+        array = np.frombuffer(mm, dtype=np.uint8, count=dst.numel(), offset=offset - start)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "non-writable array": only read
+            src = torch.from_numpy(array)
+        dst.copy_(src)  # torch splits it across its threads; each faults in its own part
+    finally:
+        del src, array  # a traceback keeps this frame: drop the references before the unmap
+        try:
+            mm.close()
+        except BufferError:  # something still holds a view: unmapped when that goes
+            pass
+    return True
+
+
 def memfds_of(pid: int) -> dict[str, str]:
     """The lora-ipc memfds (slabs and generation tables) process ``pid`` holds, for leak checks and
     status: ``{memfd name as /proc shows it: a /proc/<pid>/fd/<fd> path to it}``, one entry per memfd
@@ -240,8 +384,9 @@ class GenerationTable:
     def __init__(self, slots: int = 4096):
         self.slots = slots
         self.name = f"gen.{os.getpid()}.{os.urandom(4).hex()}"
-        self.fd = create_sealed(self.name, slots * 8)
-        self._counters = memoryview(mmap.mmap(self.fd, slots * 8)).cast("q")
+        # only this mapping can write the counters: a same-uid process that opens the table cannot set one back
+        self.fd, mm = create_mapped(self.name, slots * 8)
+        self._counters = memoryview(mm).cast("q")
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
 
