@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import torch
 
-from ..core.errors import tagged
+from ..core.protocol import tagged
 from ..refit import RefitError
 
 log = logging.getLogger("lora_ipc.vllm")

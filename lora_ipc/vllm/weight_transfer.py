@@ -69,8 +69,7 @@ from vllm.distributed.weight_transfer.base import (  # noqa: E402
 )
 
 from ..core.channels.endpoint import ipc_path  # noqa: E402
-from ..core.errors import carried, tagged  # noqa: E402
-from ..core.protocol import Count, Name, check_fields  # noqa: E402
+from ..core.protocol import Count, Name, carried, check_fields, tagged  # noqa: E402
 from ..refit import (  # noqa: E402
     DEFAULT_BUCKET_BYTES,
     BucketRef,
@@ -94,7 +93,7 @@ SUPERSEDED_KEPT = 16  # streams an engine remembers as taken over, to tell their
 
 def refit_error(exc: Exception) -> RefitError:
     """``exc`` as a :class:`RefitError`: the one a worker raised, same class and message (it crosses vLLM's
-    RPC as a typed code, see :func:`lora_ipc.core.errors.carried`), else a RefitError with ``exc``'s text."""
+    RPC as a typed code, see :func:`lora_ipc.core.protocol.carried`), else a RefitError with ``exc``'s text."""
     found = carried(exc)
     if isinstance(found, RefitError):
         return found
