@@ -212,7 +212,7 @@ def test_the_uri_and_the_messages_share_one_epoch_grammar():
 
     epoch = new_epoch()
     assert msgspec.convert(epoch, p.Epoch) == epoch
-    for bad in ("", "E1", "0" * 17, "g"):
+    for bad in ("", "E1", "0" * 17, "g", "0f\n"):
         with pytest.raises(msgspec.ValidationError):
             msgspec.convert(bad, p.Epoch)
     text = str(AdapterURI("pol icy/é", 12, "ipc:///tmp/x.sock", epoch, follow=True))

@@ -48,7 +48,7 @@ SlabId = Annotated[str, Meta(min_length=1, max_length=128)]
 Digest = Annotated[bytes, Meta(min_length=16, max_length=16)]
 Token = Annotated[bytes, Meta(min_length=TOKEN_BYTES, max_length=TOKEN_BYTES)]  # descriptors.py
 #: A store's epoch (``store.new_epoch``): 1 to 16 lowercase hex digits, as in a ``lora-ipc://`` URI (uri.py).
-Epoch = Annotated[str, Meta(min_length=1, max_length=MAX_EPOCH_CHARS, pattern=f"^{EPOCH_PATTERN}$")]
+Epoch = Annotated[str, Meta(min_length=1, max_length=MAX_EPOCH_CHARS, pattern=rf"\A{EPOCH_PATTERN}\Z")]
 Positive = Annotated[int, Meta(ge=1, le=I64)]
 Count = Annotated[int, Meta(ge=0, le=I64)]
 Pid = Annotated[int, Meta(ge=1, le=1 << 31)]
