@@ -75,17 +75,17 @@ def cases() -> list[tuple[str, object]]:
             layout.to_wire(),
             layout.used_bytes,
             ["1.ab.1"],
-            "ep0ch",
+            "e90c4a1f",
         )
 
     return [
         ("list", p.ListRequest()),
-        ("list_reply (64 adapters)", p.ListReply([_summary(f"a{i}", [1, 2], 4096) for i in range(64)])),
+        ("list_reply (64 adapters)", p.ListReply([_summary(f"a{i}", [1, 2], 4096) for i in range(64)], "e90c4a1f")),
         ("fetch", p.FetchRequest("policy", None, "client-1", ["1.ab.1"], [digest], [digest])),
         (
             "fetch_reply (steady state)",
             p.FetchReply(
-                "policy", 3, 9, digest, None, "1.ab.1", None, 4, digest, None, small.used_bytes, ["1.ab.1"], "ep0ch"
+                "policy", 3, 9, digest, None, "1.ab.1", None, 4, digest, None, small.used_bytes, ["1.ab.1"], "e90c4a1f"
             ),
         ),
         ("fetch_reply (8 tensors, all sent)", first_reply(small)),

@@ -4,7 +4,6 @@ The core moves versioned tensor sets (``TensorSetExporter`` -> ``TensorSetClient
 (``AdapterExporter``, ``AdapterClient``) and the refit layer (``lora_ipc.refit``) use it under their names."""
 
 from .core.errors import (
-    AdapterNotFound,
     AdapterRejected,
     BackendError,
     BadAdapterURI,
@@ -18,12 +17,13 @@ from .core.errors import (
     LoraIpcError,
     ProtocolError,
     SlabRecycled,
+    TensorSetNotFound,
     VersionNotFound,
 )
 from .core.fetching.client import TensorSet, TensorSetClient
 from .core.serving.exporter import RemoteTensorSetExporter, TensorSetExporter
 from .core.serving.store import Limits
-from .lora.adapters import Adapter, AdapterClient, AdapterExporter, RemoteExporter
+from .lora.adapters import Adapter, AdapterClient, AdapterExporter, AdapterNotFound, RemoteExporter
 
 
 def _version() -> str:
@@ -62,5 +62,6 @@ __all__ = [
     "TensorSet",
     "TensorSetClient",
     "TensorSetExporter",
+    "TensorSetNotFound",
     "VersionNotFound",
 ]

@@ -29,6 +29,7 @@ ATTACKER_BYTE = 0x41
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
 CONFIG = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+FAKE_EPOCH = "0badc0de"  # the store epoch a hostile exporter names when the client pins none
 
 
 def _not_a_fetch(msg):
@@ -163,6 +164,7 @@ def hostile_main(
                 entries=entries,
                 used_bytes=used,
                 live_slabs=[slab_id],
+                epoch=msg.epoch or FAKE_EPOCH,
             )
         else:
             reply = _not_a_fetch(msg)
@@ -262,7 +264,8 @@ def _channel_listener(endpoint: str, mode: str, fds: list[int], conn) -> None:
     import socket
     import threading
 
-    from lora_ipc.core.channels.fdchannel import OK, fd_socket_path
+    from lora_ipc.core.channels.fdchannel import fd_socket_path
+    from lora_ipc.core.protocol.descriptors import OK
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(fd_socket_path(endpoint))
@@ -326,6 +329,7 @@ def channel_main(conn, endpoint: str, mode: str, fifo_path: str) -> None:
                 entries=entries,
                 used_bytes=nbytes,
                 live_slabs=[slab_id],
+                epoch=msg.epoch or FAKE_EPOCH,
             )
         else:
             reply = _not_a_fetch(msg)

@@ -17,7 +17,8 @@ from unittest import mock
 
 import torch
 
-from lora_ipc.core.errors import LoraIpcError, tag
+from lora_ipc.core.errors import LoraIpcError
+from lora_ipc.core.protocol import tag
 
 SPAWN = mp.get_context("spawn")
 

@@ -183,7 +183,8 @@ class BrokenEngine:
     """An engine actor whose every worker RPC fails the way a worker's lora_ipc error comes back from vLLM."""
 
     def collective_rpc(self, method: str, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None):
-        from lora_ipc.core.errors import ExporterUnavailable, tag
+        from lora_ipc.core.errors import ExporterUnavailable
+        from lora_ipc.core.protocol import tag
 
         raise Exception(
             "Call to collective_rpc method failed: Worker failed with error "

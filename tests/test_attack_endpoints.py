@@ -100,7 +100,7 @@ def _impostor(conn, endpoint):
         if sock.poll(50):
             identity, *_, payload = sock.recv_multipart()
             seen += 1
-            fake = p.ListReply([p.TensorSetSummary("policy", [41, 42], 1)])
+            fake = p.ListReply([p.TensorSetSummary("policy", [41, 42], 1)], "0f")
             sock.send_multipart([identity, b"", p.encode(fake, p.decode(payload).request_id)])
     conn.recv()
     conn.send(seen)

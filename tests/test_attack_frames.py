@@ -70,7 +70,7 @@ def test_malformed_frames_get_protocol_errors(served, payload, needle):
 
 def test_unknown_adapter_and_version(served):
     exporter_proc, peer = served
-    peer.expect_error(fetch_frame(name="nope"), "AdapterNotFound", "nope")
+    peer.expect_error(fetch_frame(name="nope"), "TensorSetNotFound", "nope")
     peer.expect_error(fetch_frame(version=999), "VersionNotFound", "999")
     peer.expect_error(msgpack.packb([p.PROTOCOL_VERSION, "release", 9, {"lease_id": 123456}]), "LeaseError")
     still_serving(exporter_proc)
@@ -176,6 +176,7 @@ class FakeExporter:
             entries=self.layout.to_wire(),
             used_bytes=self.layout.used_bytes,
             live_slabs=[self.slab.slab_id],
+            epoch="0f",
         )
         body.update(overrides)
         self.sock.send_multipart([identity, b"", p.encode(p.FetchReply(**body), frame.request_id)])
@@ -272,7 +273,7 @@ def test_large_frames_take_the_streaming_path_with_the_same_rules():
     entries = [[f"{big_name}{i}", "float32", [4], i * 256, 16] for i in range(200)]
     body = {
         "name": "p",
-        "peft_config": {},
+        "config": {},
         "entries": entries,
         "used_bytes": 200 * 256,
         "slab": {"backend": "cpu", "slab_id": "s", "nbytes": 1 << 20, "pid": 1, "fd": 3},

@@ -264,7 +264,7 @@ def test_a_pinned_fetch_refuses_a_reply_of_another_version(exporter_proc):
 
     with AdapterClient(exporter_proc.endpoint) as client:
         assert client.fetch("pinned", 1).version == 1
-    reply = p.FetchReply("pinned", 2, 1, b"\0" * 16, None, "s", None, 0, b"\0" * 16, None, 256, [])
+    reply = p.FetchReply("pinned", 2, 1, b"\0" * 16, None, "s", None, 0, b"\0" * 16, None, 256, [], "0f")
     _check_reply(reply, "pinned", None, 1 << 20)  # newest: any version of that name
     with pytest.raises(ProtocolError, match="v2"):
         _check_reply(reply, "pinned", 1, 1 << 20)

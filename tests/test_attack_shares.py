@@ -129,7 +129,7 @@ def test_a_squatted_descriptor_channel_still_serves_publishes_and_fetches(tmp_pa
 
 def _pusher(path: str, fork: bool, ready) -> None:
     """Push descriptors (one of our own memfds each time) as fast as the daemon takes them, until killed."""
-    from lora_ipc.core.channels.fdchannel import PUSH
+    from lora_ipc.core.protocol.descriptors import PUSH
 
     fd = os.memfd_create("lora-ipc.x", os.MFD_CLOEXEC)
     ready.set()

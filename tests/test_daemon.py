@@ -56,11 +56,11 @@ def test_status_json_reports_adapters_versions_and_leases(daemon, tmp_path):
     out = cli("status", "--endpoint", endpoint, "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert [(a["name"], a["version"]) for a in report["adapters"]] == [("policy", 1), ("policy", 2)]
+    assert [(a["name"], a["version"]) for a in report["versions"]] == [("policy", 1), ("policy", 2)]
     assert report["pid"] == proc.pid and report["uptime_s"] > 0
     [held] = report["leases"]
     assert (held["holder"], held["name"], held["version"]) == ("holder-under-test", "policy", 1)
-    assert report["adapters"][0]["leases"] == 1
+    assert report["versions"][0]["leases"] == 1
 
     human = cli("status", "--endpoint", endpoint)
     assert "policy" in human.stdout and "holder-under-test" in human.stdout

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from lora_ipc import AdapterClient, AdapterExporter
-from lora_ipc.core.channels.fdchannel import REQUEST, FdReceiver, FdServer, fd_socket_path
+from lora_ipc.core.channels.fdchannel import FdReceiver, FdServer, fd_socket_path
 from lora_ipc.core.errors import BackendError, EndpointNotTrusted
 from lora_ipc.core.memory import shm
 from lora_ipc.core.protocol import CpuSlabHandle
+from lora_ipc.core.protocol.descriptors import FETCH as REQUEST
 
 from . import models
 from .helpers import assert_same_adapter, checkout_env, open_fds, run_in_checkout, running
@@ -532,7 +533,8 @@ def test_a_publisher_pushes_its_staging_slab_and_the_daemon_never_uses_proc(tmp_
 
 
 def test_pushes_are_bounded_single_use_and_one_descriptor_each(tmp_path):
-    from lora_ipc.core.channels.fdchannel import PUSH, PUSHED_PER_PROCESS, push_fd
+    from lora_ipc.core.channels.fdchannel import PUSHED_PER_PROCESS, push_fd
+    from lora_ipc.core.protocol.descriptors import PUSH
 
     endpoint = f"ipc://{tmp_path}/e.sock"
     server = FdServer(endpoint, {os.getuid()}).start()

@@ -128,6 +128,7 @@ def _valid_frames():
                 layout.to_wire(),
                 layout.used_bytes,
                 [slab.slab_id],
+                "0f",
             ),
             7,
         ),

@@ -213,7 +213,7 @@ class _Refusing(_Engine):
 
     async def add_lora(self, request):
         if self.errors:
-            from lora_ipc.core.errors import tag
+            from lora_ipc.core.protocol import tag
 
             cls = self.errors.pop(0)
             raise Exception(f"Call to add_lora failed: {tag(cls, 'refused by the worker')}")

@@ -321,7 +321,7 @@ def test_controller_errors_are_typed_a_failed_update_is_ended_and_ctrl_c_stays_c
     from vllm.distributed.weight_transfer.base import ModuleSource
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-    from lora_ipc.core.errors import tag
+    from lora_ipc.core.protocol import tag
     from lora_ipc.refit import RefitTimeout
     from lora_ipc.vllm.weight_transfer import LoraIpcTrainerInitInfo, refit_error
 
@@ -392,7 +392,8 @@ def test_a_workers_typed_error_crosses_vllms_text_only_rpc_as_its_class_and_mess
     """vLLM hands the caller ``Exception(f"Call to ... failed: {worker's str(exc)}")``, Ray may wrap that
     again; the caller gets the worker's class back with the worker's own message, nothing of the wrapping.
     A message that names other lora_ipc errors (an adapter called 'StaleEpoch: x') does not confuse it."""
-    from lora_ipc.core.errors import StaleEpoch, VersionNotFound, carried, tagged
+    from lora_ipc.core.errors import StaleEpoch, VersionNotFound
+    from lora_ipc.core.protocol import carried, tagged
     from lora_ipc.refit import RefitTimeout
 
     message = "'StaleEpoch: x' version 3 is not kept at ipc:///e (kept: [4]); RefitTimeout: no"

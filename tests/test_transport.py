@@ -14,6 +14,7 @@ from lora_ipc import (
     ExporterUnavailable,
     TensorSet,
     TensorSetClient,
+    TensorSetNotFound,
     VersionNotFound,
 )
 
@@ -61,6 +62,12 @@ def test_the_core_moves_tensor_sets_and_the_lora_layer_reads_them_as_adapters(ex
         assert core_policy.config == adapter.peft_config == adapter.config == models.RANDOM_ADAPTER_CONFIG
         assert_same_adapter(adapter.tensors, models.random_adapter(22))
         assert {"core-weights", "core-policy"} <= {summary.name for summary in core.list()}
+        # a name never published: the core's error for the core client, the LoRA name for the LoRA one
+        with pytest.raises(TensorSetNotFound) as core_missing:
+            core.fetch("never-published")
+        assert type(core_missing.value) is TensorSetNotFound
+        with pytest.raises(AdapterNotFound):
+            lora.fetch("never-published")
 
 
 def test_tensors_are_owned_not_views_of_the_slab(exporter_proc):

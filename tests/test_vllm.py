@@ -156,7 +156,7 @@ def test_failed_load_never_replaces_the_last_good_adapter(llm, trainer, versions
 def test_a_worker_error_crosses_vllm_as_its_own_type(llm, reference, monkeypatch):
     """vLLM hands a worker's error back as text; the loader's error keeps its class across it, and
     ``add_lora`` raises that class (before: an AdapterRejected for whatever the worker raised)."""
-    from lora_ipc.core.errors import carried
+    from lora_ipc.core.protocol import carried
     from lora_ipc.vllm import request as requests
 
     with AdapterExporter() as exporter:

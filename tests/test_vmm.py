@@ -59,6 +59,7 @@ def test_vmm_handles_travel_the_protocol_and_bad_ones_are_refused():
             entries=None,
             used_bytes=10,
             live_slabs=["vmm.1.ab.1"],
+            epoch="0f",
         )
 
     good = vmm_handle()

@@ -309,10 +309,11 @@ def test_an_engine_refuses_overlapping_pieces_and_keeps_its_weights(llm, client)
 def test_a_workers_typed_error_reaches_the_caller_as_its_class_with_its_own_message(llm, client):
     """vLLM hands a worker's exception to the caller as text ("Call to ... failed: ..."); lora_ipc's typed
     code brings back the worker's class and its message, unwrapped: through the refit client, and through
-    ``collective_rpc`` with :func:`lora_ipc.core.errors.carried`."""
+    ``collective_rpc`` with :func:`lora_ipc.core.protocol.carried`."""
     from dataclasses import asdict
 
-    from lora_ipc.core import errors
+    from lora_ipc.core import protocol
+    from lora_ipc.lora.adapters import AdapterNotFound
     from lora_ipc.refit import BucketRef, RefitPieceError
     from lora_ipc.vllm.weight_transfer import LoraIpcInitInfo
 
@@ -330,8 +331,8 @@ def test_a_workers_typed_error_reaches_the_caller_as_its_class_with_its_own_mess
 
         with pytest.raises(Exception) as raw:
             llm.collective_rpc("lora_ipc_load", args=("no-such-adapter", exporter.endpoint))
-        found = errors.carried(raw.value)
-        assert type(found) is errors.AdapterNotFound, raw.value
+        found = protocol.carried(raw.value)
+        assert type(found) is AdapterNotFound, raw.value
         assert str(found) == f"no adapter named 'no-such-adapter' at {exporter.endpoint}", str(found)
 
 

@@ -239,4 +239,4 @@ def test_publish_fetch_round_trip_between_two_processes(venv, tmp_path):
         assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
         status = run(venv, bindir / "lora-ipc", "status", "--endpoint", endpoint, "--json")
         assert status.returncode == 0, status.stderr
-        assert [(a["name"], a["version"]) for a in json.loads(status.stdout)["adapters"]] == [("policy", 1)]
+        assert [(a["name"], a["version"]) for a in json.loads(status.stdout)["versions"]] == [("policy", 1)]

@@ -1,4 +1,4 @@
-"""The wire contract (protocol.py's msgspec Structs): msgpack on the wire, bounds applied before anything is
+"""The wire contract (lora_ipc.core.protocol's msgspec Structs): msgpack on the wire, bounds applied before anything is
 built, one set of limits. ``msgpack`` (the reference codec) checks that any msgpack peer can speak it."""
 
 import os
@@ -15,6 +15,8 @@ from lora_ipc.core.errors import ProtocolError
 from lora_ipc.core.fetching import imports
 from lora_ipc.core.memory import layout
 from lora_ipc.core.memory.layout import SlabLayout
+
+EPOCH = "e90c4a1f"
 
 
 def sample_messages():
@@ -38,8 +40,8 @@ def sample_messages():
     }
     return [
         p.ListRequest(),
-        p.ListReply([p.TensorSetSummary("policy", [1, 2], 4096)], "ep0ch", 3),
-        p.FetchRequest("policy", 3, "c", ["s1"], [b"\0" * 16], [b"\1" * 16], "host", "ep0ch"),
+        p.ListReply([p.TensorSetSummary("policy", [1, 2], 4096)], EPOCH, 3),
+        p.FetchRequest("policy", 3, "c", ["s1"], [b"\0" * 16], [b"\1" * 16], "host", EPOCH),
         p.FetchRequest("policy", None, "c"),
         p.FetchReply(
             "policy",
@@ -54,10 +56,12 @@ def sample_messages():
             lay.to_wire(),
             lay.used_bytes,
             [cpu.slab_id],
-            "ep0ch",
+            EPOCH,
         ),
-        p.FetchReply("policy", 3, 9, b"c" * 16, None, cuda.slab_id, cuda, 4, lay.digest, None, 512, []),
-        p.FetchReply("policy", 3, 9, b"c" * 16, None, vmm.slab_id, None, 4, lay.digest, None, 512, [vmm.slab_id]),
+        p.FetchReply("policy", 3, 9, b"c" * 16, None, cuda.slab_id, cuda, 4, lay.digest, None, 512, [], EPOCH),
+        p.FetchReply(
+            "policy", 3, 9, b"c" * 16, None, vmm.slab_id, None, 4, lay.digest, None, 512, [vmm.slab_id], EPOCH
+        ),
         p.ReleaseRequest(5, 0.25),
         p.ReleaseRequest(6),
         p.ReleaseReply(5),
@@ -171,7 +175,7 @@ def refused_cheaply(frame: bytes, needle: str = "", request_id: int = 9) -> Prot
         ("publish", "entries"),
         ("fetch_reply", "live_slabs"),
         ("fetch", "known_slabs"),
-        ("list_reply", "adapters"),
+        ("list_reply", "sets"),
         ("fetch_reply", "entries"),
     ],
 )
@@ -183,7 +187,7 @@ def test_a_huge_declared_array_length_is_refused_before_anything_is_allocated(ty
 
 @pytest.mark.parametrize(
     "type_name, field",
-    [("publish", "peft_config"), ("fetch_reply", "peft_config"), ("status_reply", "report"), ("publish", "entries")],
+    [("publish", "config"), ("fetch_reply", "config"), ("status_reply", "report"), ("publish", "entries")],
 )
 @pytest.mark.parametrize("depth", [12, 5000, 4 << 20])
 def test_deep_nesting_is_refused_cheaply(type_name, field, depth):
@@ -198,7 +202,7 @@ def test_a_tree_of_empty_arrays_in_a_large_frame_is_refused_before_it_is_built(i
     body = plain(message)
     n = 4 << 20
     tree = b"\x81\xa1k\xdd" + n.to_bytes(4, "big") + b"\x90" * n
-    encoded = b"".join(msgpack.packb(k) + (tree if k == "peft_config" else msgpack.packb(v)) for k, v in body.items())
+    encoded = b"".join(msgpack.packb(k) + (tree if k == "config" else msgpack.packb(v)) for k, v in body.items())
     frame = (
         b"\x94"
         + msgpack.packb(p.PROTOCOL_VERSION)
@@ -207,7 +211,7 @@ def test_a_tree_of_empty_arrays_in_a_large_frame_is_refused_before_it_is_built(i
         + bytes([0x80 | len(body)])
         + encoded
     )
-    refused_cheaply(frame, "'peft_config': 4194312 bytes, at most")
+    refused_cheaply(frame, "'config': 4194312 bytes, at most")
 
 
 def test_limits_are_declared_once():
@@ -300,9 +304,59 @@ def test_configs_decode_alike_in_small_and_large_frames(tensors):
     assert decoded.config == config and p.encode(decoded, 3) == frame
     for bad, needle in [
         ({"x": list(range(p.MAX_CONFIG_NODES))}, "more than 4096 values"),
-        ({"x": float("nan")}, "peft_config"),
-        ({"x": b"raw"}, "peft_config"),
+        ({"x": float("nan")}, "'config"),
+        ({"x": b"raw"}, "'config"),
     ]:
         with pytest.raises(ProtocolError, match=needle) as info:
-            p.decode(msgpack.packb([p.PROTOCOL_VERSION, "publish", 3, plain(message) | {"peft_config": bad}]))
+            p.decode(msgpack.packb([p.PROTOCOL_VERSION, "publish", 3, plain(message) | {"config": bad}]))
         assert info.value.request_id == 3
+
+
+def test_version_3_keys_are_the_field_names_and_version_2_is_refused():
+    """Protocol 3 has no aliases: every key on the wire is the Python field's name, and version 2's names for
+    a config and a listing (``peft_config``, ``adapters``, ``adapters_left_out``) are unknown keys."""
+    assert p.PROTOCOL_VERSION == 3
+    for message in sample_messages():
+        for cls in (type(message), p.StatusReport, p.CpuSlabHandle, p.CudaSlabHandle, p.VmmSlabHandle):
+            assert all(f.encode_name == f.name for f in msgspec.structs.fields(cls)), cls
+    fetch_reply, list_reply, status = sample_messages()[4], sample_messages()[1], sample_messages()[-2]
+    v2 = [
+        (
+            "fetch_reply",
+            {k if k != "config" else "peft_config": v for k, v in plain(fetch_reply).items()},
+            "peft_config",
+        ),
+        ("list_reply", {k if k != "sets" else "adapters": v for k, v in plain(list_reply).items()}, "adapters"),
+        (
+            "status_reply",
+            {
+                "report": {
+                    k if k != "versions_left_out" else "adapters_left_out": v for k, v in plain(status.report).items()
+                }
+            },
+            "adapters_left_out",
+        ),
+    ]
+    for type_name, body, key in v2:
+        with pytest.raises(ProtocolError, match=f"unknown key '{key}'"):
+            p.decode(msgpack.packb([p.PROTOCOL_VERSION, type_name, 5, body]))
+    with pytest.raises(ProtocolError, match="protocol version 2 not supported") as info:
+        p.decode(msgpack.packb([2, "list_reply", 5, plain(list_reply)]))
+    assert info.value.request_id == 5
+
+
+@pytest.mark.parametrize("epoch", ["", "EPOCH", "e90c4a1f0", "e90c4a1f" * 3, None])
+def test_a_reply_names_its_store_epoch_in_the_uri_grammar(epoch):
+    """A store's epoch is 1-16 lowercase hex digits (as in a ``lora-ipc://`` URI); a reply without one, or with
+    anything else, is refused (version 2's "" from a server that named none is gone)."""
+    list_reply = plain(sample_messages()[1])
+    if epoch is None:
+        del list_reply["epoch"]
+    else:
+        list_reply["epoch"] = epoch
+    if epoch == "e90c4a1f0":  # 9 hex digits: legal
+        assert p.decode(msgpack.packb([p.PROTOCOL_VERSION, "list_reply", 5, list_reply])).message.epoch == epoch
+        return
+    with pytest.raises(ProtocolError, match="epoch") as info:
+        p.decode(msgpack.packb([p.PROTOCOL_VERSION, "list_reply", 5, list_reply]))
+    assert info.value.request_id == 5

@@ -1,8 +1,9 @@
-"""Typed errors. Every error that crosses the socket is one of these, named by its class."""
+"""Typed errors. Every error that crosses the socket is one of these, named by its class: its code
+(:data:`WIRE_ERRORS`). How a code crosses each boundary (an ``ErrorReply``, a tag in an error's text) is
+declared with the wire, in :mod:`lora_ipc.core.protocol.tags`."""
 
 from __future__ import annotations
 
-import re
 from typing import TypeVar
 
 
@@ -26,9 +27,13 @@ class LayoutError(ProtocolError):
     """A slab layout is inconsistent: offsets outside the slab, overlaps, unknown dtype, shape/bytes mismatch."""
 
 
-class AdapterNotFound(LoraIpcError):
-    """Nothing of that name (an adapter, a refit stream) has been published. Error codes are wire names:
-    this one keeps the name protocol version 2 gave it."""
+class TensorSetNotFound(LoraIpcError):
+    """Nothing of that name has been published (no tensor set: an adapter, a refit stream). The LoRA layer
+    raises its subclass ``AdapterNotFound`` (:mod:`lora_ipc.lora.adapters`) where it looks an adapter up."""
+
+
+class BadName(LoraIpcError, ValueError):
+    """A name refused at publish: see :func:`lora_ipc.core.protocol.check_name`."""
 
 
 class VersionNotFound(LoraIpcError):
@@ -96,8 +101,8 @@ class LoaderBypassed(LoraIpcError):
 
 
 #: The one mapping from error codes (class names) to classes: an ErrorReply names one of these, and an
-#: error that crosses a vLLM RPC or a Ray call carries one (:func:`tag`, :func:`carried`). Anything else
-#: arrives as plain LoraIpcError. Classes outside this module join with :func:`wire_error`.
+#: error that crosses a vLLM RPC or a Ray call carries one (``protocol.tags``). Anything else arrives as
+#: plain LoraIpcError. Classes outside this module join with :func:`wire_error`.
 WIRE_ERRORS: dict[str, type[LoraIpcError]] = {
     cls.__name__: cls
     for cls in (
@@ -105,7 +110,8 @@ WIRE_ERRORS: dict[str, type[LoraIpcError]] = {
         ConfigError,
         ProtocolError,
         LayoutError,
-        AdapterNotFound,
+        TensorSetNotFound,
+        BadName,
         VersionNotFound,
         StaleEpoch,
         LeaseError,
@@ -139,57 +145,3 @@ def error_code(cls: type[BaseException]) -> str:
         if WIRE_ERRORS.get(base.__name__) is base:
             return base.__name__
     return "LoraIpcError"
-
-
-# vLLM's RPCs (collective_rpc, the engine's utility calls) hand a worker's exception to the caller as
-# text only (``Exception(f"Call to ... failed: {exc}")``), and Ray wraps that text again. So an error
-# meant to cross them starts its message with a typed code and the message's length; the caller reads
-# the first such tag back (the outermost error: wrapping only ever prepends) and raises that class.
-_TAG = re.compile(r"\[lora_ipc:([A-Za-z][A-Za-z0-9_]{0,63}):([0-9]{1,7})\] ")
-
-
-def tag(cls: type[LoraIpcError], message: str) -> str:
-    """``message`` prefixed with the code of ``cls``: what :func:`carried` reads back on the other side.
-    A message tagged already is left as it is (an error re-raised on its way out keeps its one tag)."""
-    if _TAG.match(message):
-        return message
-    return f"[lora_ipc:{error_code(cls)}:{len(message)}] {message}"
-
-
-def tagged(cls: type[LoraIpcError], message: str) -> LoraIpcError:
-    """A ``cls`` to raise where the error will cross a vLLM RPC or Ray call (see :func:`carried`)."""
-    return _build(cls, tag(cls, message))
-
-
-def carried(exc: BaseException) -> LoraIpcError | None:
-    """The lora_ipc error ``exc`` is or carries, as its own class with its own message; None if none.
-
-    In order: ``exc`` or an exception it was raised from (``__cause__``/``__context__``, e.g. an in-process
-    engine) that is a :class:`LoraIpcError`; else the first tag (:func:`tag`) in ``str(exc)`` (a worker's
-    error that came back as text). A tag naming an unknown code gives :class:`LoraIpcError`.
-    """
-    seen: BaseException | None = exc
-    for _ in range(16):
-        if seen is None:
-            break
-        if isinstance(seen, LoraIpcError):  # in-process: the error itself (its tag, if any, taken off)
-            m = _TAG.match(str(seen))
-            return seen if m is None else _build(type(seen), _message(str(seen), m))
-        seen = seen.__cause__ or seen.__context__
-    text = str(exc)
-    m = _TAG.search(text)
-    if m is None:
-        return None
-    return _build(WIRE_ERRORS.get(m.group(1), LoraIpcError), _message(text, m))
-
-
-def _message(text: str, m: re.Match) -> str:
-    return text[m.end() : m.end() + int(m.group(2))]
-
-
-def _build(cls: type[LoraIpcError], message: str) -> LoraIpcError:
-    try:
-        return cls(message)
-    except TypeError:  # a class that takes more than a message (e.g. EngineLoadError): its nearest base then
-        base = WIRE_ERRORS[error_code(cls)]
-        return base(message) if base is not cls else LoraIpcError(message)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from ..core import settings
-from ..core.errors import AdapterNotFound, ClientClosed, StaleEpoch, VersionNotFound
+from ..core.errors import ClientClosed, StaleEpoch, TensorSetNotFound, VersionNotFound, wire_error
 from ..core.fetching.client import TensorSet, TensorSetClient
 from ..core.lru import BoundedLRU
 from ..core.serving.exporter import RemoteTensorSetExporter, TensorSetExporter
@@ -18,6 +18,13 @@ from .peft import adapter_from
 from .uri import AdapterURI
 
 MAX_SHARED_CLIENTS = 8
+
+
+@wire_error
+class AdapterNotFound(TensorSetNotFound):
+    """No adapter of that name has been published: the core's ``TensorSetNotFound``, as the LoRA layer raises
+    it (:class:`AdapterClient`, :func:`resolve`). Its own code on the wire, so it keeps its name across a
+    vLLM RPC; ``except TensorSetNotFound`` catches it too."""
 
 
 @dataclass
@@ -81,9 +88,15 @@ class AdapterClient(TensorSetClient):
 
     fetched_as = Adapter
 
-    if TYPE_CHECKING:  # what fetch returns here; its arguments are TensorSetClient.fetch's
-
-        def fetch(self, *args: Any, **kwargs: Any) -> Adapter: ...
+    def fetch(self, *args: Any, **kwargs: Any) -> Adapter:
+        """:meth:`TensorSetClient.fetch <lora_ipc.core.fetching.client.TensorSetClient.fetch>`; a name never
+        published raises ``AdapterNotFound``."""
+        try:
+            return cast(Adapter, super().fetch(*args, **kwargs))
+        except TensorSetNotFound as exc:
+            if type(exc) is not TensorSetNotFound:
+                raise
+            raise AdapterNotFound(str(exc)) from None
 
 
 _shared: BoundedLRU[str, AdapterClient] = BoundedLRU(MAX_SHARED_CLIENTS)

@@ -1,6 +1,7 @@
 """``lora-ipc://`` URIs: what a vLLM ``LoRARequest.lora_path`` carries to the worker.
 
-``lora-ipc://<name>/v<version>?endpoint=<endpoint>&epoch=<epoch>`` (name and endpoint percent-encoded).
+``lora-ipc://<name>/v<version>?endpoint=<endpoint>&epoch=<epoch>`` (name and endpoint percent-encoded; the
+grammar and its limits are declared in :mod:`lora_ipc.core.protocol.uri`).
 The version is part of the path so vLLM's prefix cache, keyed by (lora_name, lora_path), never mixes
 versions. ``epoch`` is the exporter's store epoch (random per start): version numbers start again when
 a daemon restarts, so a pinned version is only meaningful with its epoch, and a URI of an earlier
@@ -23,13 +24,20 @@ from ..core import settings
 from ..core.channels.endpoint import ENV_ENDPOINT, ipc_path
 from ..core.errors import BadAdapterURI, LoraIpcError
 from ..core.protocol import MAX_NAME_CHARS
+from ..core.protocol.uri import (
+    EPOCH_PATTERN,
+    FOLLOW,
+    MAX_ENDPOINT_CHARS,
+    MAX_URI_CHARS,
+    QUERY_KEYS,
+    SCHEME,
+    VERSION_PATH,
+)
 
-SCHEME = "lora-ipc"
-EPOCH_RE = re.compile(r"[0-9a-f]{1,16}")
-MAX_ENDPOINT_CHARS = len("ipc://") + 100  # what endpoint.ipc_path accepts
-#: the longest URI a legal name and endpoint make: a character percent-encodes to at most 12 (4 UTF-8
-#: bytes, "%XX" each); the rest (scheme, /v<18 digits>, the query's keys, an epoch) is under 128
-MAX_URI_CHARS = 128 + 12 * (MAX_NAME_CHARS + MAX_ENDPOINT_CHARS)
+__all__ = ["MAX_ENDPOINT_CHARS", "MAX_URI_CHARS", "SCHEME", "AdapterURI"]
+
+EPOCH_RE = re.compile(EPOCH_PATTERN)
+_VERSION_PATH = re.compile(VERSION_PATH)
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ class AdapterURI:
     def __str__(self) -> str:
         version = "" if self.version is None else f"/v{self.version}"
         epoch = "" if self.epoch is None else f"&epoch={self.epoch}"
-        follow = "&follow=1" if self.follow else ""
+        follow = f"&follow={FOLLOW}" if self.follow else ""
         return (
             f"{SCHEME}://{quote(self.name, safe='')}{version}?endpoint={quote(self.endpoint, safe='')}{epoch}{follow}"
         )
@@ -61,7 +69,7 @@ class AdapterURI:
         try:
             parts = urlsplit(uri)
             name = unquote(parts.netloc, errors="strict")
-            m = re.fullmatch(r"(?:/v([1-9][0-9]{0,17}))?/?", parts.path)
+            m = _VERSION_PATH.fullmatch(parts.path)
             query = parse_qs(parts.query, strict_parsing=bool(parts.query), max_num_fields=8)
         except ValueError as exc:
             raise BadAdapterURI(f"{uri!r:.200}: {exc}") from None
@@ -70,9 +78,9 @@ class AdapterURI:
         if not m:
             raise BadAdapterURI(f"{uri!r:.200}: the path must be /v<version>, got {parts.path!r:.60}")
         version = int(m.group(1)) if m.group(1) else None
-        if set(query) - {"endpoint", "epoch", "follow"} or any(len(v) > 1 for v in query.values()):
+        if set(query) - set(QUERY_KEYS) or any(len(v) > 1 for v in query.values()):
             raise BadAdapterURI(f"{uri!r:.200}: the query parameters are one endpoint=, epoch= and follow=")
-        if query.get("follow", ["1"])[0] != "1":
+        if query.get("follow", [FOLLOW])[0] != FOLLOW:
             raise BadAdapterURI(f"{uri!r:.200}: follow= is 1 or absent")
         epoch = query.get("epoch", [None])[0]
         if epoch is not None and not EPOCH_RE.fullmatch(epoch):

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 
 import ray
 
-from ..core.errors import AdapterNotFound, carried
+from ..core.protocol import carried
+from ..lora.adapters import AdapterNotFound
 from .errors import EngineLoadError
 from .relay_actor import alive_node_ids, relay_handle
 
@@ -67,7 +68,7 @@ def load(
             i = pending.pop(ref)
             try:
                 entry = _entry(ray.get(ref), name, version, lora_int_id)
-            except Exception as exc:  # Ray's error for that engine (its worker's, typed: errors.carried) or ours
+            except Exception as exc:  # Ray's error for that engine (its worker's, typed: protocol.carried) or ours
                 failures[i] = exc
                 continue
             entry.update(engine=i, wall_ms=round((time.perf_counter() - started) * 1e3, 3))

@@ -24,21 +24,21 @@ import asyncio
 from http import HTTPStatus
 
 from ..core.errors import (
-    AdapterNotFound,
     BadAdapterURI,
     ExporterUnavailable,
     LoraIpcError,
     StaleEpoch,
+    TensorSetNotFound,
     VersionNotFound,
-    carried,
 )
+from ..core.protocol import carried
 from ..lora.uri import AdapterURI
 from . import api_io
 from .request import resolve
 from .resolver import parse_model_name
 
 STATUS_OF = {
-    AdapterNotFound: HTTPStatus.NOT_FOUND,
+    TensorSetNotFound: HTTPStatus.NOT_FOUND,  # AdapterNotFound too
     VersionNotFound: HTTPStatus.NOT_FOUND,
     BadAdapterURI: HTTPStatus.BAD_REQUEST,
     ExporterUnavailable: HTTPStatus.SERVICE_UNAVAILABLE,
@@ -136,7 +136,7 @@ async def _follow(models, model_name: str, entry, uri: AdapterURI):
     for _ in range(FOLLOW_TRIES):
         try:
             version, epoch = await api_io.call(uri.endpoint, resolve, uri.name, uri.endpoint, None)
-        except AdapterNotFound as exc:  # e.g. a restarted exporter that has not published it yet
+        except TensorSetNotFound as exc:  # AdapterNotFound: e.g. a restarted exporter that has not published it yet
             return _error(HTTPStatus.NOT_FOUND, f"{type(exc).__name__}: {exc}", "model")
         except LoraIpcError:  # the exporter cannot say: the version the name has, if the engine can still serve it
             return await _serve_entry(models, model_name, entry)

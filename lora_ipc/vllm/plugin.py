@@ -27,7 +27,8 @@ from typing import Any
 
 from ..core import settings
 from ..core.channels.endpoint import ENV_ENDPOINT
-from ..core.errors import LoaderBypassed, LoraIpcError, tagged
+from ..core.errors import LoaderBypassed, LoraIpcError
+from ..core.protocol import tagged
 from ..lora.uri import AdapterURI
 
 log = logging.getLogger("lora_ipc.vllm")

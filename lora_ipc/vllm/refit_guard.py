@@ -33,7 +33,7 @@ from typing import Any, cast
 
 import torch
 
-from ..core.errors import tagged
+from ..core.protocol import tagged
 from ..refit import RefitError
 from .compat import runtime
 

@@ -52,10 +52,11 @@ def add_lora(
     Errors (unknown module names, rank above ``max_lora_rank``, a missing version, a gone exporter)
     are raised here as :class:`~lora_ipc.core.errors.LoraIpcError` subclasses, and the engine keeps
     serving; a bad request handed straight to ``generate`` would fail inside vLLM's step loop instead.
-    The worker's own error class comes back (its code crosses vLLM's RPC, see ``errors.carried``);
+    The worker's own error class comes back (its code crosses vLLM's RPC, see ``protocol.carried``);
     what vLLM itself refuses is an ``AdapterRejected``.
     """
-    from ..core.errors import AdapterRejected, carried
+    from ..core.errors import AdapterRejected
+    from ..core.protocol import carried
 
     request = lora_request(name, endpoint, version, lora_int_id, **kwargs)
     try:

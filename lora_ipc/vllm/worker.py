@@ -25,7 +25,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..core.errors import LoraIpcError, tagged
+from ..core.errors import LoraIpcError
+from ..core.protocol import tagged
 from .request import lora_request
 
 
@@ -69,7 +70,7 @@ class WorkerExtension:
         try:
             request = lora_request(name, endpoint, version, lora_int_id)
             self._lora_ipc_manager().add_adapter(request)
-        except LoraIpcError as exc:  # vLLM passes only str(exc) back: the typed code goes in front (errors.carried)
+        except LoraIpcError as exc:  # vLLM passes only str(exc) back: the typed code goes in front (protocol.carried)
             raise tagged(type(exc), str(exc)) from exc
         uri = AdapterURI.parse(request.lora_path)
         return {

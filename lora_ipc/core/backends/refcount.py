@@ -7,7 +7,8 @@ the exporter frees its block only once every slot of the storage reads 0 (else `
 parks it in torch's limbo). torch's own release, ``UntypedStorage._release_ipc_counter_cuda``, raises
 "CUDA is not available" in a process without CUDA (a host-fallback consumer), so lora_ipc opens the file
 itself: a POSIX shm object (``/dev/shm/<name>``) written by ``at::RefcountedMapAllocator``, whose data
-starts after a 64-byte header (``kDataOffset``), int64 slots. Every access is best effort, as torch's is:
+starts after a 64-byte header (``kDataOffset``), int64 slots (the layout: ``lora_ipc.core.protocol.tables``).
+Every access is best effort, as torch's is:
 a file that is gone (its producer exited) is not an error.
 """
 
@@ -15,10 +16,9 @@ from __future__ import annotations
 
 import mmap
 import os
-import struct
 
-DATA_OFFSET = 64  # at::RefcountedMapAllocator's header (checked on CPU by tests/test_refcount.py)
-SLOT = struct.Struct("<q")
+from ..protocol.tables import REFCOUNT_SLOT as SLOT
+from ..protocol.tables import refcount_offset
 
 
 def _path(handle: bytes | str) -> str | None:
@@ -42,7 +42,7 @@ def _map(handle: bytes | str, offset: int):
         return None, None
     try:
         size = os.fstat(fd).st_size
-        at = DATA_OFFSET + offset * SLOT.size
+        at = refcount_offset(offset)
         if at + SLOT.size > size:
             return None, None
         return mmap.mmap(fd, size), at

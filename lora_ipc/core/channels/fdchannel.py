@@ -18,9 +18,10 @@ Note [why descriptors travel by a side socket]
     token in its ``PublishRequest``; the daemon takes the descriptor once (bounded, expiring) and
     checks it like any other. A push is the only request that may carry a descriptor.
 
-    The wire: request = ``b"F" + token`` (17 bytes, exactly). Reply = ``b"K" + <count byte>`` with
-    ``count`` descriptors attached, or ``b"E" + <utf-8 reason>`` with none (``b"G"``: the memory was freed
-    since the token was issued, which an importer treats as a recycled slab and fetches again). Anything else, and any
+    The wire (its bytes are declared in ``lora_ipc.core.protocol.descriptors``): request = ``b"F" + token``
+    (17 bytes, exactly). Reply = ``b"K" + <count byte>`` with ``count`` descriptors attached, or
+    ``b"E" + <utf-8 reason>`` with none (``b"G"``: the memory was freed since the token was issued, which an
+    importer treats as a recycled slab and fetches again). Anything else, and any
     descriptor a peer sends unasked, is refused and closed: the receiving side always takes the
     ancillary data (``MSG_CMSG_CLOEXEC``), closes what it did not ask for, and treats a truncated
     control message (``MSG_CTRUNC``: the receiver ran out of descriptors) as an error.
@@ -53,7 +54,6 @@ import secrets
 import selectors
 import socket
 import stat
-import struct
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -63,6 +63,22 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, cast
 import msgspec
 
 from ..errors import BackendError, EndpointNotTrusted, SlabRecycled
+from ..protocol.descriptors import (
+    ERR,
+    GONE,
+    MAX_FDS,
+    MAX_REPLY,
+    PUSH,
+    SUFFIX,
+    TOKEN_BYTES,
+    UCRED,
+    fetch_request,
+    ok_reply,
+    push_request,
+    read_ok,
+    read_request,
+    refusal,
+)
 from .endpoint import _check_dir_chain, ipc_path
 from .peers import Peer, Process, heaviest, peer_of_socket
 
@@ -81,20 +97,13 @@ class DescriptorSource(Protocol):
 
 log = logging.getLogger("lora_ipc.core.channels.fdchannel")
 
-SUFFIX = ".fd"
-TOKEN_BYTES = 16
 TOKEN_TTL_S = 60.0
 MAX_TOKENS = 1024  # outstanding tokens per server; the oldest is dropped first
-MAX_FDS = 2  # a slab and its generation table
 MAX_CONNECTIONS = 64  # open connections on the server at once; past it the heaviest peer's oldest is dropped
 CONNECTION_TIMEOUT_S = 5.0  # a peer must send its request within this (a same-uid peer; bounded by MAX_CONNECTIONS)
-REQUEST = b"F"
-PUSH = b"P"  # a publisher hands its staging slab's descriptor to a daemon (RemoteExporter)
-OK, ERR, GONE = b"K", b"E", b"G"  # GONE: the memory was freed after the token was issued (churn, not an error)
 MAX_PUSHED = 128  # pushed descriptors a server holds until their PublishRequest arrives (Note [shares of the channel])
 PUSHED_PER_PROCESS = 2  # of them, per pushing process: its own oldest makes room for its next
 PUSHED_TTL_S = 30.0
-MAX_REPLY = 512
 
 
 def fd_socket_path(endpoint: str) -> str:
@@ -104,7 +113,7 @@ def fd_socket_path(endpoint: str) -> str:
 
 def _peer_cred(sock: socket.socket) -> tuple[int, int]:
     """(pid, uid) of the peer as the kernel reports them (pid 0: a process in a pid namespace we cannot see)."""
-    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    pid, uid, _gid = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
     return pid, uid
 
 
@@ -342,26 +351,27 @@ class FdServer:
             log.info("descriptor channel: request dropped: %s", exc)
             return
         try:
-            if data[:1] == PUSH and len(data) == 1 + TOKEN_BYTES and len(unasked) == 1:
-                self._keep_pushed(data[1:], unasked.pop(), Process(conn))  # owned by the table now (or closed)
-                conn.send(OK + b"\x00")
+            request = read_request(data, len(unasked))
+            if request is not None and request[0] == PUSH:
+                self._keep_pushed(request[1], unasked.pop(), Process(conn))  # owned by the table now (or closed)
+                conn.send(ok_reply(0))
                 return
             if unasked:
                 raise BackendError(f"{len(unasked)} descriptors sent unasked (closed)")
-            if len(data) != 1 + TOKEN_BYTES or data[:1] != REQUEST:
+            if request is None:
                 raise BackendError("malformed descriptor request")
-            fds = self.tokens.redeem(data[1:])()  # duplicates: closed once sent
+            fds = self.tokens.redeem(request[1])()  # duplicates: closed once sent
             try:
                 if not 1 <= len(fds) <= MAX_FDS:
                     raise BackendError(f"internal: {len(fds)} descriptors for one token")
-                socket.send_fds(conn, [OK + bytes([len(fds)])], fds)
+                socket.send_fds(conn, [ok_reply(len(fds))], fds)
             finally:
                 _close_all(fds)
         except BackendError as exc:
             self.refused += 1
             log.info("descriptor channel: request refused: %s", exc)
             with contextlib.suppress(OSError):
-                conn.send((GONE if isinstance(exc, SlabGone) else ERR) + str(exc).encode()[: MAX_REPLY - 1])
+                conn.send(refusal(str(exc), gone=isinstance(exc, SlabGone)))
         except OSError as exc:
             self.refused += 1
             log.info("descriptor channel: reply dropped: %s", exc)
@@ -473,14 +483,14 @@ class FdReceiver:
                         f"{expected_pid}: descriptor refused"
                     )
                 sock.settimeout(_remaining(end, path))
-                sock.send(REQUEST + bytes(token))
+                sock.send(fetch_request(token))
                 sock.settimeout(_remaining(end, path))
                 data, fds = _recv(sock, MAX_FDS)
             except TimeoutError:
                 raise ChannelFailed(f"descriptor channel {path}: no answer within the fetch's timeout") from None
             except OSError as exc:
                 raise ChannelFailed(f"descriptor channel {path}: {exc}") from None
-        if data[:1] == OK and len(data) == 2 and data[1] == len(fds) and 1 <= len(fds) <= MAX_FDS:
+        if read_ok(data, len(fds)):
             return fds
         _close_all(fds)
         if not data and not fds:  # closed on us (a server out of room, or gone): the channel, not the slab
@@ -512,11 +522,11 @@ def push_fd(endpoint: str, fd: int, trusted_uids: set[int] | None = None, timeou
             uid = _peer_uid(sock)
             if uid not in trusted:
                 raise EndpointNotTrusted(f"{path} is served by uid {uid}, not {sorted(trusted)}")
-            socket.send_fds(sock, [PUSH + token], [fd])
+            socket.send_fds(sock, [push_request(token)], [fd])
             data, fds = _recv(sock, 1)
     except OSError as exc:
         raise BackendError(f"descriptor channel {path}: {exc}") from None
     _close_all(fds)
-    if data != OK + b"\x00" or fds:
+    if data != ok_reply(0) or fds:
         raise BackendError(f"descriptor push refused: {data[1:].decode(errors='replace')[:300]}")
     return token

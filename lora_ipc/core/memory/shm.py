@@ -71,6 +71,14 @@ import torch
 
 from ..errors import BackendError
 from ..lru import BoundedLRU
+from ..protocol.tables import (
+    GENERATION_COUNTER,
+    GENERATION_PREFIX,
+    GENERATION_SLOTS,
+    generation_offset,
+    generation_table_bytes,
+    generation_table_name,
+)
 
 MEMFD_PREFIX = "lora-ipc."
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -374,18 +382,20 @@ def memfds_of(pid: int) -> dict[str, str]:
 
 
 class GenerationTable:
-    """Exporter side: one 8-byte reuse counter per slab in a sealed memfd (``slots`` counters).
+    """Exporter side: one 8-byte reuse counter per slab in a sealed memfd (``slots`` counters; the layout is
+    ``lora_ipc.core.protocol.tables``'s).
 
     The store bumps a slab's counter *before* it writes a new version into the slab, and a fetch
     reply carries the counter's value for the version it leases. The importer reads the counter
     again after its copy is complete: unchanged means no new write had started when the copy ended.
     """
 
-    def __init__(self, slots: int = 4096):
+    def __init__(self, slots: int = GENERATION_SLOTS):
         self.slots = slots
-        self.name = f"gen.{os.getpid()}.{os.urandom(4).hex()}"
+        self.name = generation_table_name(os.getpid(), os.urandom(4))
         # only this mapping can write the counters: a same-uid process that opens the table cannot set one back
-        self.fd, mm = create_mapped(self.name, slots * 8)
+        self.fd, mm = create_mapped(self.name, generation_table_bytes(slots))
+        # native int64 ("q"): GENERATION_COUNTER's little-endian on every machine lora_ipc runs on (x86-64, aarch64)
         self._counters = memoryview(mm).cast("q")
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
@@ -416,10 +426,10 @@ class GenerationReader:
 
     def __init__(self, pid: int, fd: int, table_name: str, received: int | None = None):
         if received is None:
-            self.fd = open_sealed(pid, fd, table_name, 8)
+            self.fd = open_sealed(pid, fd, table_name, GENERATION_COUNTER.size)
         else:  # a descriptor that came by SCM_RIGHTS (fdchannel.py); this reader owns it once checked
             try:
-                check_sealed(received, table_name, 8)
+                check_sealed(received, table_name, GENERATION_COUNTER.size)
             except BaseException:
                 os.close(received)
                 raise
@@ -427,9 +437,10 @@ class GenerationReader:
         self.nbytes = os.fstat(self.fd).st_size
 
     def read(self, slot: int) -> int:
-        if slot * 8 + 8 > self.nbytes:
+        at = generation_offset(slot)
+        if at + GENERATION_COUNTER.size > self.nbytes:
             raise BackendError(f"generation slot {slot} lies outside the exporter's table")
-        return int.from_bytes(os.pread(self.fd, 8, slot * 8), "little", signed=True)
+        return GENERATION_COUNTER.unpack(os.pread(self.fd, GENERATION_COUNTER.size, at))[0]
 
     def close(self) -> None:
         os.close(self.fd)
@@ -445,7 +456,7 @@ _readers_lock = threading.Lock()
 def generation_reader(pid: int, fd: int, table: str) -> GenerationReader:
     """One reader per exporter table per process (bounded; the least recently used is closed). Keyed by
     the table's name too: a closed store's fd number comes back for the next store's table."""
-    if not table.startswith("gen."):
+    if not table.startswith(GENERATION_PREFIX):
         raise BackendError(f"{table!r} is not a lora-ipc generation table")
     key = (pid, fd, table)
     with _readers_lock:

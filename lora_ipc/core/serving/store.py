@@ -46,7 +46,7 @@ import torch
 
 from .. import protocol as p
 from ..backends import ExportedSlab, slab_device
-from ..errors import AdapterNotFound, AdapterRejected, LeaseError, LimitExceeded, StaleEpoch, VersionNotFound
+from ..errors import AdapterRejected, LeaseError, LimitExceeded, StaleEpoch, TensorSetNotFound, VersionNotFound
 from ..memory.layout import SlabLayout
 from ..memory.layout_cache import LayoutCache
 from ..protocol import MAX_STATUS_LEASES, TensorSetSummary, digest_of
@@ -361,7 +361,7 @@ class TensorSetStore:
             self.expire_leases()
             versions = self._versions.get(name)
             if not versions:
-                raise AdapterNotFound(f"nothing named {name!r} has been published")
+                raise TensorSetNotFound(f"nothing named {name!r} has been published")
             if version is None:
                 version = next(reversed(versions))
             pv = versions.get(version)

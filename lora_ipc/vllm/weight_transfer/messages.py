@@ -15,8 +15,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from ...core.channels.endpoint import ipc_path
-from ...core.errors import carried
-from ...core.protocol import Count, Name, check_fields
+from ...core.protocol import Count, Name, carried, check_fields
 from ...refit import DEFAULT_BUCKET_BYTES, BucketRef, RefitError
 from ..plugin import BACKEND
 

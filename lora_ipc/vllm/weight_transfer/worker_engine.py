@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
-from ...core.errors import tagged
+from ...core.protocol import tagged
 from ...refit import RefitBusy, RefitError, RefitStrayBucket, RefitTakenOver, RefitTimeout, WeightReceiver
 from .. import update_session
 from ..compat import checked_refit_surface, runtime
