@@ -17,6 +17,7 @@ import secrets
 
 import torch
 
+from ..channels.fdchannel import FdChannelUnavailable, memfd_descriptor
 from ..errors import BackendError
 from ..memory.host_buffers import HOST_BUFFERS, pinned_bounce
 from ..memory.shm import (
@@ -48,7 +49,6 @@ class CpuExportedSlab(ExportedSlab):
 
     def descriptor(self) -> int:
         """A duplicate of the memfd, for the descriptor channel (fdchannel.py); BackendError once closed."""
-        from ..channels.fdchannel import memfd_descriptor
 
         return memfd_descriptor(self.fd, self.slab_id)
 
@@ -161,7 +161,6 @@ def _receive_memfd(handle: CpuSlabHandle, receive) -> tuple[int, GenerationReade
     """The slab's memfd (read-only) and a reader of its generation table, both by the descriptor channel and
     checked as ones opened through /proc are; None when the channel is unreachable (an exporter without
     one: /proc is tried); BackendError when what came is wrong."""
-    from ..channels.fdchannel import FdChannelUnavailable
 
     try:
         fds = receive(handle.token)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import mmap
 import os
 
+from ..errors import BackendError
+from ..memory.shm import open_regular
 from ..protocol.tables import REFCOUNT_SLOT as SLOT
 from ..protocol.tables import refcount_offset
 
@@ -33,8 +35,6 @@ def _map(handle: bytes | str, offset: int):
     path = _path(handle)
     if path is None or offset < 0:
         return None, None
-    from ..errors import BackendError
-    from ..memory.shm import open_regular
 
     try:  # a name the exporter chose: nothing but a regular file of ours is opened (no FIFO, no device)
         fd = open_regular(path, os.O_RDWR, follow=False)

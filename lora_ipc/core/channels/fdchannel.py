@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, cast
 import msgspec
 
 from ..errors import BackendError, EndpointNotTrusted, SlabRecycled
+from ..memory.shm import MEMFD_PREFIX
 from ..protocol.descriptors import (
     ERR,
     GONE,
@@ -401,7 +402,6 @@ class FdServer:
 def memfd_descriptor(fd: int, name: str) -> int:
     """A duplicate of ``fd`` if it is this process's memfd ``name`` (a closed store's fd number is reused);
     the caller closes it. Checked on the duplicate, so a close racing with this cannot send another file."""
-    from ..memory.shm import MEMFD_PREFIX
 
     try:
         copy = os.dup(fd) if fd >= 0 else -1

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 from ..backends import ImportedSlab, open_slab
 from ..channels.endpoint import ServerIdentity
+from ..channels.fdchannel import FdChannelUnavailable
 from ..errors import ExporterUnavailable, ProtocolError
 from ..protocol import MAX_KNOWN, CpuSlabHandle, CudaSlabHandle, SlabHandle, VmmSlabHandle
 
@@ -85,8 +86,6 @@ def _bound_channel(receive, handle: SlabHandle, server: ServerIdentity, deadline
     namespaces, where the handle's own pids are the exporter's). Where the channel is unavailable and the
     backend falls back to ``/proc``, the handle's pids must be the server's as without a channel.
     ``deadline``: the fetch's (fdchannel.FdReceiver)."""
-    from ..channels.fdchannel import FdChannelUnavailable
-
     if handle.generation is None:
         check_owned_by(handle, server)  # refuses it, with the reason
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any
 
 import msgspec
@@ -28,9 +30,6 @@ def check_fields(obj: Any, what: str) -> None:
 
 
 def _annotated_fields(cls: type) -> tuple[tuple[str, ...], Any]:
-    import dataclasses
-    import typing
-
     hints = typing.get_type_hints(cls, include_extras=True)
     if dataclasses.is_dataclass(cls):
         names = tuple(f.name for f in dataclasses.fields(cls) if f.name in hints)
