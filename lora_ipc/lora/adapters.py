@@ -9,6 +9,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, cast
 
+import torch
+
 from ..core import settings
 from ..core.errors import ClientClosed, StaleEpoch, TensorSetNotFound, VersionNotFound, wire_error
 from ..core.fetching.client import TensorSet, TensorSetClient
@@ -88,11 +90,19 @@ class AdapterClient(TensorSetClient):
 
     fetched_as = Adapter
 
-    def fetch(self, *args: Any, **kwargs: Any) -> Adapter:
+    def fetch(
+        self,
+        name: str,
+        version: int | None = None,
+        device: torch.device | str | None = None,
+        epoch: str | None = None,
+        *,
+        max_bytes: int | None = None,
+    ) -> Adapter:
         """:meth:`TensorSetClient.fetch <lora_ipc.core.fetching.client.TensorSetClient.fetch>`; a name never
         published raises ``AdapterNotFound``."""
         try:
-            return cast(Adapter, super().fetch(*args, **kwargs))
+            return cast(Adapter, super().fetch(name, version, device, epoch, max_bytes=max_bytes))
         except TensorSetNotFound as exc:
             if type(exc) is not TensorSetNotFound:
                 raise
