@@ -338,3 +338,36 @@ def test_no_pickle_where_peer_bytes_are_decoded():
     ]
     assert hits == []
     assert len(list(PACKAGE.rglob("*.py"))) > 10  # the scan really looked at the package
+
+
+def test_a_release_of_an_unknown_lease_is_answered_and_counted_but_logged_only_at_debug(caplog):
+    """A release that lost the race with a publish revoking its lease is routine: the peer still gets a typed
+    ``LeaseError``, the store counts it, and the server's log does not warn (a flood of such releases cannot
+    fill the log); any other rejected request still warns."""
+    import logging
+
+    import zmq
+
+    from lora_ipc import AdapterExporter
+    from lora_ipc.core.serving import server as server_module
+
+    with AdapterExporter() as exporter, caplog.at_level(logging.DEBUG, logger=server_module.log.name):
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(exporter.endpoint)
+            for request_id, message in (
+                (7, p.ReleaseRequest(lease_id=123456)),
+                (8, p.FetchRequest(name="nope", version=None, client_id="t")),
+            ):
+                sock.send_multipart([b"", p.encode(message, request_id)])
+                assert sock.poll(10_000)
+                reply = p.decode(sock.recv_multipart()[-1])
+                assert reply.request_id == request_id and isinstance(reply.message, p.ErrorReply)
+        finally:
+            sock.close(0)
+            ctx.term()
+        assert exporter.store.metrics.errors_by_type.get("LeaseError") == 1
+    levels = {r.getMessage().split(":")[0]: r.levelno for r in caplog.records if "rejected" in r.getMessage()}
+    assert levels == {"request 7 rejected": logging.DEBUG, "request 8 rejected": logging.WARNING}

@@ -26,7 +26,7 @@ from ..channels.connection import make_socket
 from ..channels.endpoint import prepare_ipc_path
 from ..channels.fdchannel import FdServer
 from ..channels.guard import ConnectionGuard
-from ..errors import LoraIpcError, ProtocolError
+from ..errors import LeaseError, LoraIpcError, ProtocolError
 from ..lru import BoundedLRU
 from ..memory.layout import SlabLayout
 from .store import TensorSetStore
@@ -220,16 +220,26 @@ class TensorSetServer:
             return
         identity, payload = frames[0], frames[-1]
         request_id = 0
+        message: p.Message | None = None
         self._asking = connection
         try:
             frame = p.decode(payload, p.REQUEST_TYPES)
-            request_id = frame.request_id
-            reply = self._handlers[type(frame.message)](frame.message, identity)
+            request_id, message = frame.request_id, frame.message
+            reply = self._handlers[type(message)](message, identity)
         except LoraIpcError as exc:
             if isinstance(exc, ProtocolError):  # the id of a request that could not be decoded
                 request_id = exc.request_id or request_id
             self.store.count_error(exc)
-            log.warning("request %d rejected: %s: %.500s", request_id, type(exc).__name__, exc)
+            # a release that lost the race with a publish revoking its lease is routine (the reader's copy
+            # was checked by the slab's generation): counted, not shouted
+            late_release = isinstance(exc, LeaseError) and isinstance(message, p.ReleaseRequest)
+            log.log(
+                logging.DEBUG if late_release else logging.WARNING,
+                "request %d rejected: %s: %.500s",
+                request_id,
+                type(exc).__name__,
+                exc,
+            )
             reply = p.ErrorReply.from_error(exc)
         except Exception as exc:  # a bug of ours: the peer still gets a typed reply
             self.store.count_error(exc)
