@@ -419,3 +419,49 @@ def test_idle_connections_to_the_metrics_port_are_bounded():
                 s.close()
             server.shutdown()
             server.server_close()
+
+
+def test_a_connection_that_asked_before_the_guard_saw_its_accept_is_not_shed_as_a_squatter(tmp_path):
+    """The guard learns of accepts from a monitor that runs behind the server loop: a client that connects and
+    asks at once is touched before its accept is seen. That request must still count: before, the connection
+    was listed as one that never asked, first in accept order, and a flood arriving then shed it before any
+    squatter (the legitimate client was dropped under load)."""
+    import threading
+
+    from lora_ipc.core.channels import guard as guard_module
+
+    accepts_may_pass = threading.Event()
+
+    class LateMonitor(guard_module.ConnectionGuard):
+        def _on_event(self, event: int, fd: int) -> None:
+            if event == zmq.EVENT_ACCEPTED:
+                assert accepts_may_pass.wait(30)
+            super()._on_event(event, fd)
+
+    path = str(tmp_path / "g.sock")
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    guard = LateMonitor(router, path)
+    dealer = ctx.socket(zmq.DEALER)
+    try:
+        router.bind(f"ipc://{path}")
+        dealer.connect(f"ipc://{path}")
+        dealer.send_multipart([b"", b"hello"])
+        assert router.poll(10_000)
+        *_, payload = router.recv_multipart(copy=False)
+        fd = payload.get(zmq.SRCFD)
+        guard.touch(fd)  # the server loop, before the guard thread has seen the accept
+        accepts_may_pass.set()
+        deadline = time.monotonic() + 30
+        while guard.live < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert guard.live == 1
+        with guard._lock:
+            (held,) = guard._by_share.values()
+            assert list(held.active) == [fd] and not held.idle, "counted as a connection that never asked"
+    finally:
+        accepts_may_pass.set()
+        guard.close()
+        dealer.close(0)
+        router.close(0)
+        ctx.term()

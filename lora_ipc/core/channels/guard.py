@@ -183,6 +183,9 @@ class ConnectionGuard:
         # (fd, serial) of connections that went away, for the server to drain (bounded: one it missed is only late)
         self.closed: deque[tuple[int, int]] = deque(maxlen=1 << 16)
         self._dropping: set[int] = set()  # shut down, DISCONNECTED not seen yet
+        # fds a request came in on before this thread saw their accept (its monitor runs behind the server
+        # loop); the accept then counts the connection as active, not as one that never asked
+        self._asked_before_accept: set[int] = set()
         self._serial: dict[int, int] = {}  # fd -> which connection accepted on it (numbers are reused)
         self._live_serials: set[int] = set()
         self._accepted = 0
@@ -202,13 +205,14 @@ class ConnectionGuard:
 
     def touch(self, fd: int) -> None:
         """A request arrived on connection ``fd``."""
-        if fd in self._active:
-            with self._lock:
-                if fd in self._active:
-                    self._active[fd] = time.monotonic()
-                    held = self._by_share.get(self._share_of.get(fd, ()))  # set with _active: always there
-                    if held is not None:
-                        held.touch(fd)
+        with self._lock:
+            if fd in self._active:
+                self._active[fd] = time.monotonic()
+                held = self._by_share.get(self._share_of.get(fd, ()))  # set with _active: always there
+                if held is not None:
+                    held.touch(fd)
+            elif fd >= 0:  # its accept is still in the monitor's queue (at most one entry per fd number)
+                self._asked_before_accept.add(fd)
 
     def connection(self, fd: int) -> int | None:
         """Which connection ``fd`` is now (a serial number, new with each accept), None if not one of ours."""
@@ -274,7 +278,11 @@ class ConnectionGuard:
                 share = peer_of_fd(fd).share if ours else (-1, "gone")
                 self._active[fd] = time.monotonic()
                 self._share_of[fd] = share
-                self._by_share.setdefault(share, _Held()).idle[fd] = None
+                held = self._by_share.setdefault(share, _Held())
+                held.idle[fd] = None
+                if fd in self._asked_before_accept:  # it asked before this thread saw it: not a squatter
+                    self._asked_before_accept.discard(fd)
+                    held.touch(fd)
                 self.peak = max(self.peak, len(self._active))
                 if len(self._active) - len(self._dropping) > self.cap + 64:
                     self._shed()  # far behind: do not wait for the end of the batch
