@@ -169,7 +169,7 @@ def _queue_work(s, cycles):
 
 
 def _set_allocator_settings(s, *settings):
-    from lora_ipc.core.backends.cuda import _set_allocator_settings as set_settings
+    from lora_ipc.core.backends.cuda_allocator import _set_allocator_settings as set_settings
 
     for one in settings:
         set_settings(one)
@@ -177,19 +177,19 @@ def _set_allocator_settings(s, *settings):
 
 
 def _effective_settings(s):
-    from lora_ipc.core.backends.cuda import allocator_settings, effective_allocator_settings
+    from lora_ipc.core.backends.cuda_allocator import allocator_settings, effective_allocator_settings
 
     return allocator_settings(), effective_allocator_settings()
 
 
 def _allocator_settings(s):
-    from lora_ipc.core.backends.cuda import allocator_settings
+    from lora_ipc.core.backends.cuda_allocator import allocator_settings
 
     return allocator_settings()
 
 
 def _handle_kinds(s):
-    from lora_ipc.core.backends.cuda import HANDLE_KIND_OFFSET
+    from lora_ipc.core.backends.cuda_allocator import HANDLE_KIND_OFFSET
 
     return sorted(
         {

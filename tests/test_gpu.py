@@ -253,7 +253,7 @@ def test_the_first_import_does_not_make_the_callers_stream_wait_for_the_exporter
 
 def test_lora_ipc_stream_is_its_own_not_one_of_torchs_pooled_streams():
     """P6: torch.cuda.Stream() hands out a pool of 32 streams round robin; lora_ipc's must not be among them."""
-    from lora_ipc.core.backends.cuda import copy_stream
+    from lora_ipc.core.backends.cuda_streams import copy_stream
 
     own = copy_stream(torch.cuda.current_device())
     others = [torch.cuda.Stream() for _ in range(64)]

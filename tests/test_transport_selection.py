@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from lora_ipc import AdapterClient, BackendError, LoraIpcError
-from lora_ipc.core.backends import cuda as cuda_backend
+from lora_ipc.core.backends import cuda_allocator
 from lora_ipc.core.fetching import imports
 from lora_ipc.core.fetching.client import transport_mode
 
@@ -121,12 +121,12 @@ def test_plain_segments_forces_expandable_off_then_restores_effective_settings(m
     allocation still runs with it off, and afterwards both the effective settings and the string are as before
     (issue 18; the earlier test read the string, which is the fault)."""
     fake = _TorchAllocatorSettings()
-    monkeypatch.setattr(cuda_backend, "_set_allocator_settings", fake.set)
-    monkeypatch.setattr(cuda_backend, "allocator_settings", lambda: fake.last)
+    monkeypatch.setattr(cuda_allocator, "_set_allocator_settings", fake.set)
+    monkeypatch.setattr(cuda_allocator, "allocator_settings", lambda: fake.last)
     fake.set("expandable_segments:True")
     fake.set("max_split_size_mb:256,garbage_collection_threshold:0.7")
     before = (fake.last, dict(fake.effective))
     assert before[1]["expandable_segments"] is True and "expandable" not in before[0]
-    with cuda_backend.plain_segments():
+    with cuda_allocator.plain_segments():
         assert fake.effective == {**before[1], "expandable_segments": False}
     assert (fake.last, fake.effective) == before

@@ -1,12 +1,9 @@
 """CUDA backend: torch's own storage sharing (``torch.multiprocessing.reductions``), carried by msgpack.
 
-Producer: every slab is allocated from its own ``torch.cuda.MemPool`` (created with the slab's device
-current) so the exported cudaMalloc segment holds nothing but that slab (a handle exposes its whole
-segment). A probe export checks the handle's type byte: an expandable segment (``b"e"``, whose import
-needs ptrace permission) is freed and allocated again with ``expandable_segments:False`` forced for that
-one allocation, then the allocator settings are restored (:func:`plain_segments`). Each slab has one
-interprocess event, re-recorded after every pack, so the importer orders its copy on the GPU without a
-host synchronize on the producer.
+Producer: a slab's memory comes from :mod:`.cuda_allocator` (a plain cudaMalloc segment of its own); each slab
+has one interprocess event, re-recorded after every pack, so the importer orders its copy on the GPU without a
+host synchronize on the producer. Every CUDA call on the data path runs on lora_ipc's own streams
+(:mod:`.cuda_streams`).
 
 Note [one export per import]
     ``reduce_tensor`` → ``_share_cuda_`` wraps the storage in a fresh ``CudaIPCSentData`` whose
@@ -27,15 +24,6 @@ Note [unconfirmed exports]
     and 2 when it failed. At close the exporter subtracts 2 from every slot still reading 2: those
     exports were never imported. A slot reading 1 is a live import, and keeps torch's usual rule.
 
-Note [lora_ipc's own streams]
-    Every CUDA call lora_ipc makes on the data path runs with a stream of its own made current, on the
-    slab's device and on the target device (:func:`copy_stream`, created through the driver API, not
-    taken from torch's stream pool, which other code shares): the export (torch records its event on
-    the current stream, or synchronizes it past ~1000 events), the import (``_new_shared_cuda`` makes
-    the current stream wait on that event), the copy (a cross-device copy waits for the target's
-    current stream), and the final drop of an import (torch's IPC deleter synchronizes the current
-    stream). So none of them waits for model work queued on the caller's stream.
-
 Note [one copy into the caller's memory]
     ``copy_out`` allocates the importer's memory on lora_ipc's stream, so its copy waits for nothing
     the caller queued. ``copy_into(dst)`` (the daemon copying a publisher's staging slab into a slab
@@ -54,8 +42,6 @@ process itself uses the exporter's tensor directly (CUDA IPC cannot open a handl
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import itertools
 import logging
 import os
@@ -71,179 +57,17 @@ from ..errors import BackendError, LimitExceeded
 from ..protocol import CudaSlabHandle
 from . import refcount
 from .base import Backend, ExportedSlab, ImportedSlab
+from .cuda_allocator import PTRACE_HINT, allocate_plain
+from .cuda_streams import copy_stream, device_uuid, local_device_for_uuid, own_streams
 
 log = logging.getLogger("lora_ipc.cuda")
 
-PTRACE_HINT = (
-    "this slab was exported from an expandable segment, whose import needs ptrace permission "
-    "(pidfd_getfd). Run the trainer without PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, or "
-    "grant CAP_SYS_PTRACE to the engine process"
-)
 #: past this many exports a slab is worn out: the store closes it when it is freed instead of recycling it
 #: (each export adds one ``CudaIPCSentData`` to the storage's deleter chain, freed only when it dies)
 MAX_EXPORTS_PER_SLAB = 256
 #: a slab still in use refuses importers past this many exports (LimitExceeded)
 HARD_MAX_EXPORTS_PER_SLAB = 4096
-HANDLE_KIND_OFFSET = 1  # byte of torch's sharable handle that says how it was made: b"c" cudaMalloc, b"e" expandable
 UNCONFIRMED = 2  # an export's counter while nobody has confirmed importing it (Note [unconfirmed exports])
-
-
-def device_uuid(index: int) -> str:
-    return str(torch.cuda.get_device_properties(index).uuid)
-
-
-def local_device_for_uuid(uuid: str) -> int:
-    for i in range(torch.cuda.device_count()):
-        if device_uuid(i) == uuid:
-            return i
-    raise BackendError(f"GPU {uuid} of the exporter is not visible in this process (CUDA_VISIBLE_DEVICES)")
-
-
-# ---- lora_ipc's own streams (Note [lora_ipc's own streams]) ------------------------------------
-
-_streams: dict[int, torch.cuda.Stream] = {}
-_streams_lock = threading.Lock()
-CU_STREAM_NON_BLOCKING = 1
-
-
-def _driver_stream(index: int) -> torch.cuda.Stream:
-    """A stream created by ``cuStreamCreate`` in the device's primary context: no other code holds it."""
-    cuda = ctypes.CDLL("libcuda.so.1")
-    dev, ctx, stream = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
-
-    def check(rc, what):
-        if rc != 0:
-            raise RuntimeError(f"{what} returned CUresult {rc}")
-
-    check(cuda.cuInit(0), "cuInit")
-    check(cuda.cuDeviceGet(ctypes.byref(dev), index), "cuDeviceGet")
-    check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")  # kept: torch's ctx
-    check(cuda.cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent")
-    try:
-        check(cuda.cuStreamCreate(ctypes.byref(stream), CU_STREAM_NON_BLOCKING), "cuStreamCreate")
-    finally:
-        cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
-    return torch.cuda.ExternalStream(stream.value, device=torch.device("cuda", index))
-
-
-def copy_stream(index: int) -> torch.cuda.Stream:
-    """lora_ipc's own stream on a device (one per process, never destroyed)."""
-    stream = _streams.get(index)
-    if stream is None:
-        with _streams_lock:
-            stream = _streams.get(index)
-            if stream is None:
-                torch.cuda.init()
-                try:
-                    stream = _driver_stream(index)
-                except Exception as exc:  # no driver library, a sandbox: a pooled stream still beats the caller's
-                    log.warning(
-                        "lora-ipc: cannot create a dedicated CUDA stream on device %d (%s); using one "
-                        "from torch's pool",
-                        index,
-                        exc,
-                    )
-                    stream = torch.cuda.Stream(index)
-                _streams[index] = stream
-    return stream
-
-
-@contextlib.contextmanager
-def own_streams(*indices: int):
-    """``indices[0]`` current, and lora_ipc's stream current on every one of ``indices``."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.cuda.device(indices[0]))
-        for index in dict.fromkeys(indices):
-            stack.enter_context(torch.cuda.stream(copy_stream(index)))
-        yield copy_stream(indices[0])
-
-
-# ---- allocator settings ------------------------------------------------------------------------
-
-_settings_lock = threading.Lock()
-
-
-def allocator_settings() -> str:
-    """The last settings string the allocator parsed (what the process set, in code or by env)."""
-    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
-    if getter is not None:
-        return getter()
-    return os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-
-
-def effective_allocator_settings() -> dict:
-    """What the allocator does now (``torch.cuda.memory._snapshot()["allocator_settings"]``): unlike the
-    string, this counts settings made in several calls (``expandable_segments`` survives a later string
-    that omits it; ``max_split_size_mb`` and the like are reset by it)."""
-    settings = dict(torch.cuda.memory._snapshot().get("allocator_settings") or {})
-    settings.pop("PYTORCH_CUDA_ALLOC_CONF", None)
-    settings.pop("PYTORCH_ALLOC_CONF", None)
-    return settings
-
-
-def _set_allocator_settings(settings: str) -> None:
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    (setter or torch.cuda.memory._set_allocator_settings)(settings)
-
-
-@contextlib.contextmanager
-def plain_segments():
-    """Allocate from ordinary cudaMalloc segments: force ``expandable_segments:False``, then restore.
-
-    torch's parser (c10/core/AllocatorConfig.cpp ``parseArgs``) resets ``max_split_size_mb``,
-    ``roundup_power2_divisions`` and ``garbage_collection_threshold`` on every string and keeps
-    ``expandable_segments`` unless the string names it. So the last string is set again with
-    ``expandable_segments:False`` appended (the other settings stay what they are), and afterwards
-    ``expandable_segments:True`` is set and then the last string itself: the effective settings and the
-    string the getter returns are both as before. Only entered where an allocation came out expandable.
-    """
-    with _settings_lock:
-        before = allocator_settings()
-        _set_allocator_settings(f"{before},expandable_segments:False" if before else "expandable_segments:False")
-        try:
-            yield
-        finally:
-            _set_allocator_settings("expandable_segments:True")
-            if before:
-                _set_allocator_settings(before)
-
-
-def _handle_kind(tensor: torch.Tensor, index: int) -> tuple[bytes, CudaSlabHandle | None]:
-    """Export once to read the handle's type byte; that export's counter is released at once."""
-    with own_streams(index):
-        _, args = reduce_tensor(tensor)
-    storage_handle, rc_handle, rc_offset = bytes(args[7]), bytes(args[11]), int(args[12])
-    refcount.add(rc_handle, rc_offset, -1)  # never imported: freed with the storage
-    return storage_handle[HANDLE_KIND_OFFSET : HANDLE_KIND_OFFSET + 1], args
-
-
-def _allocate(nbytes: int, device: torch.device):
-    """(pool, tensor, probe export args) of a slab in a plain cudaMalloc segment of its own."""
-    error: RuntimeError | None = None
-    for attempt in range(2):
-        pool = torch.cuda.MemPool()  # bound to the device current at its creation
-        with contextlib.ExitStack() as stack:
-            if attempt:
-                stack.enter_context(plain_segments())
-            with torch.cuda.use_mem_pool(pool, device=device):
-                tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        try:
-            kind, args = _handle_kind(tensor, device.index)
-        except RuntimeError as exc:  # an older torch refuses to share an expandable segment at all
-            kind, args, error = b"e", None, exc
-        else:
-            error = None
-        if kind == b"c":
-            return pool, tensor, args
-        del tensor, pool
-        log.info(
-            "lora-ipc: slab came out of an expandable segment (%s); allocating it again with expandable_segments:False",
-            error or f"handle kind {kind!r}",
-        )
-    raise BackendError(
-        f"a {nbytes}-byte slab on {device} is not a plain cudaMalloc segment even with "
-        f"expandable_segments:False ({error or kind!r}): {PTRACE_HINT}"
-    )
 
 
 # ---- producer ----------------------------------------------------------------------------------
@@ -263,7 +87,7 @@ class CudaExportedSlab(ExportedSlab):
         self.device = device
         self._lock = threading.Lock()
         with torch.cuda.device(device):
-            self._pool, self.tensor, probe = _allocate(nbytes, device)
+            self._pool, self.tensor, probe = allocate_plain(nbytes, device)
             self._ready = torch.cuda.Event(interprocess=True)
             self._ready.record(torch.cuda.current_stream(device))
         self._exports = 0

@@ -34,7 +34,8 @@ from ..memory import native
 from ..memory.shm import GenerationReader, reopen_sealed
 from ..protocol import VmmSlabHandle
 from .base import Backend, ExportedSlab
-from .cuda import CudaImportedSlab, device_uuid, local_device_for_uuid
+from .cuda import CudaImportedSlab
+from .cuda_streams import device_uuid, local_device_for_uuid
 
 log = logging.getLogger("lora_ipc.vmm")
 
