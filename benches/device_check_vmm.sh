@@ -16,7 +16,7 @@ if command -v cc >/dev/null; then
   timeout 120 python3 setup.py -q build_ext --inplace 2>&1 | tail -5 | tee "$OUT/native-build.log"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -c "from lora_ipc import native; print('native', native.extension(), native.status())" 2>&1 | tee -a "$OUT/gpu.txt"
+python3 -c "from lora_ipc.core.memory import native; print('native', native.extension(), native.status())" 2>&1 | tee -a "$OUT/gpu.txt"
 # 1. the native primitives (stub driver: needs cc) and the VMM backend's GPU tests
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_vmm.py tests/test_native.py -s -rs 2>&1 | tee "$OUT/vmm-tests.log"
 # 2. torch CUDA IPC vs VMM slabs, same run: publish, steady fetch, first fetch, torch memory_allocated

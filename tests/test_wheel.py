@@ -120,7 +120,7 @@ def test_the_wheel_not_the_checkout_is_imported_and_the_vllm_plugin_is_visible(v
 def test_the_wheels_native_extension_loads_and_reports_the_missing_driver(venv):
     python, bindir, env = venv
     probe = (
-        "import json; from lora_ipc import native; print(json.dumps([native.extension().__file__, native.status()]))"
+        "import json; from lora_ipc.core.memory import native; print(json.dumps([native.extension().__file__, native.status()]))"
     )
     out = run(venv, python, "-c", probe, env={**env, "LORA_IPC_LIBCUDA": "/nonexistent/libcuda.so.1"})
     assert out.returncode == 0, out.stderr
@@ -139,7 +139,7 @@ def test_a_failed_native_build_does_not_fail_the_install(tmp_path):
     probe = (
         "import sys; sys.meta_path[:] = [f for f in sys.meta_path "
         "if not getattr(f, '__module__', '').startswith('__editable__')]; "
-        "import json, lora_ipc; from lora_ipc import native; "
+        "import json, lora_ipc; from lora_ipc.core.memory import native; "
         "print(json.dumps([lora_ipc.__file__, native.status()[1]]))"
     )
     got = subprocess.run(
@@ -163,7 +163,7 @@ def test_an_editable_install_of_a_fresh_clone_builds_the_extension(tmp_path):
         timeout=300,
     )
     probe = (
-        "import json, lora_ipc; from lora_ipc import native; print(json.dumps([lora_ipc.__file__, "
+        "import json, lora_ipc; from lora_ipc.core.memory import native; print(json.dumps([lora_ipc.__file__, "
         "native.extension().__file__, native.status()]))"
     )
     out = subprocess.run(
