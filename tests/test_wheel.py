@@ -120,7 +120,8 @@ def test_the_wheel_not_the_checkout_is_imported_and_the_vllm_plugin_is_visible(v
 def test_the_wheels_native_extension_loads_and_reports_the_missing_driver(venv):
     python, bindir, env = venv
     probe = (
-        "import json; from lora_ipc.core.memory import native; print(json.dumps([native.extension().__file__, native.status()]))"
+        "import json; from lora_ipc.core.memory import native; "
+        "print(json.dumps([native.extension().__file__, native.status()]))"
     )
     out = run(venv, python, "-c", probe, env={**env, "LORA_IPC_LIBCUDA": "/nonexistent/libcuda.so.1"})
     assert out.returncode == 0, out.stderr
