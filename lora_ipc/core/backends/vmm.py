@@ -22,7 +22,6 @@ Selection: ``$LORA_IPC_CUDA_EXPORT`` = ``torch`` (default, until device measurem
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import secrets
 import stat
@@ -36,8 +35,6 @@ from ..protocol import VmmSlabHandle
 from .base import Backend, ExportedSlab
 from .cuda import CudaImportedSlab
 from .cuda_streams import device_uuid, local_device_for_uuid
-
-log = logging.getLogger("lora_ipc.vmm")
 
 
 class _CudaArray:

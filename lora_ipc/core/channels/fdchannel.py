@@ -96,7 +96,7 @@ class DescriptorSource(Protocol):
     def descriptor(self) -> int: ...
 
 
-log = logging.getLogger("lora_ipc.core.channels.fdchannel")
+log = logging.getLogger(__name__)
 
 TOKEN_TTL_S = 60.0
 MAX_TOKENS = 1024  # outstanding tokens per server; the oldest is dropped first

@@ -55,7 +55,7 @@ import zmq
 
 from .peers import heaviest, peer_of_fd
 
-log = logging.getLogger("lora_ipc.core.channels.guard")
+log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 512  # per server; with the per-peer reply budget this bounds queued reply memory
 MIN_CONNECTIONS = 16  # even at a tiny fd limit a server takes this many (its fds are then at risk: logged)

@@ -47,7 +47,7 @@ MAX_CACHED_SLABS = 32
 ENV_TRANSPORT = "LORA_IPC_TRANSPORT"
 ENV_MAX_FETCH_BYTES = "LORA_IPC_MAX_FETCH_BYTES"
 DEFAULT_MAX_FETCH_BYTES = 4 << 30
-log = logging.getLogger("lora_ipc.core.fetching.client")
+log = logging.getLogger(__name__)
 
 
 def fetch_bytes_limit(value: int | None = None) -> int:

@@ -15,7 +15,7 @@ from types import ModuleType
 
 from ..errors import BackendError
 
-log = logging.getLogger("lora_ipc.core.memory.native")
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _logged: set[str] = set()
 

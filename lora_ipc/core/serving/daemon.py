@@ -11,7 +11,7 @@ from .metrics import serve_metrics
 from .server import TensorSetServer
 from .store import TensorSetStore
 
-log = logging.getLogger("lora_ipc.core.serving.daemon")
+log = logging.getLogger(__name__)
 
 
 def serve(

@@ -31,7 +31,7 @@ from ..lru import BoundedLRU
 from ..memory.layout import SlabLayout
 from .store import TensorSetStore
 
-log = logging.getLogger("lora_ipc.core.serving.server")
+log = logging.getLogger(__name__)
 POLL_MS = 50
 # Replies queued per peer. A client has one request in flight plus a few fire-and-forget release
 # replies it reads later; a peer whose queue is full does not read its replies and is disconnected.
