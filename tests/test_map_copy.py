@@ -1,10 +1,11 @@
-"""A fetch's copy out of a transient mapping of the exporter's memfd (Note [a copy out of a mapping], shm.py).
+"""A fetch's copy out of a kept read-only mapping of the exporter's memfd (Note [a copy out of a mapping], shm.py).
 
 Only a memfd sealed against every other write (``F_SEAL_FUTURE_WRITE`` beside the size seals), on shmem,
-without holes in the copied range, is mapped, and only for the one copy. A same-uid process can then
-neither truncate, punch, fill nor map it writable, so an importer copying from it cannot fault and cannot
-accept bytes other than the exporter's; everything else is read with ``pread`` as before. Real processes,
-the kernel's own answers; no timing (the speed is benchmarks/destinations.py's and breakdown.py's).
+without holes in the copied range, is copied through a mapping, kept as long as the importer holds the
+slab. A same-uid process can then neither truncate, punch, fill nor map it writable, so an importer
+copying from it cannot fault and cannot accept bytes other than the exporter's; everything else is read
+with ``pread`` as before. Real processes, the kernel's own answers; no timing (the speed is
+benchmarks/destinations.py's and breakdown.py's).
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ import lora_ipc.core.backends.cpu as cpu
 from lora_ipc import AdapterClient
 from lora_ipc.core.backends.cpu import CpuBackend
 from lora_ipc.core.memory import shm
-from lora_ipc.core.memory.shm import MAPPABLE_SEALS, SEALS, GenerationTable, first_hole, mappable, memfds_of, on_shmem
+from lora_ipc.core.memory.shm import (
+    MAPPABLE_SEALS,
+    SEALS,
+    GenerationTable,
+    SlabMapping,
+    first_hole,
+    mappable,
+    memfds_of,
+    on_shmem,
+)
 
 from . import models
 from .helpers import assert_same_adapter
@@ -112,19 +122,15 @@ def _besieger_main(conn, pid: int, stop) -> None:
 
 @pytest.fixture
 def counted_map_copies(monkeypatch):
-    """Every host copy of this process, however small, goes through the mapping path where it may; the
-    list counts the copies made through a mapping."""
+    """Counts the host copies of this process made through a slab's kept mapping (the sizes copied)."""
     made: list[int] = []
-    original = cpu.map_copy
+    original = SlabMapping.copy_into
 
-    def counting(fd, dst, offset):
-        copied = original(fd, dst, offset)
-        if copied:
-            made.append(dst.numel())
-        return copied
+    def counting(self, dst, offset):
+        original(self, dst, offset)
+        made.append(dst.numel())
 
-    monkeypatch.setattr(cpu, "MAP_COPY_MIN_BYTES", 1)
-    monkeypatch.setattr(cpu, "map_copy", counting)
+    monkeypatch.setattr(SlabMapping, "copy_into", counting)
     return made
 
 
@@ -219,7 +225,9 @@ def test_first_hole_counts_reserved_pages_never_written_as_holes():
 # ---- fetches ------------------------------------------------------------------------------------------
 
 
-def test_a_fetch_copies_through_a_mapping_and_keeps_none(counted_map_copies):
+def test_a_fetch_copies_through_a_kept_mapping_released_with_the_slab(counted_map_copies):
+    """One read-only mapping per imported slab, made by the first fetch and kept by the later ones (no mapping
+    per copy); it goes when the client lets go of the slab."""
     exporter = ExporterProcess()
     try:
         version = exporter.call("publish_random", "policy", 3)
@@ -228,8 +236,10 @@ def test_a_fetch_copies_through_a_mapping_and_keeps_none(counted_map_copies):
                 adapter = client.fetch("policy")
                 assert adapter.version == version
                 assert_same_adapter(adapter.tensors, models.random_adapter(3))
-                assert _mapped_memfds() == []  # unmapped before the fetch returned
+                mapped = _mapped_memfds()
+                assert len(mapped) == 1 and "lora-ipc." in mapped[0]
             assert len(counted_map_copies) == 3
+        assert _mapped_memfds() == []  # closing the client released the import and its mapping
     finally:
         exporter.close()
 
@@ -301,7 +311,7 @@ def test_attacks_while_an_importer_copies_neither_succeed_nor_tear(counted_map_c
 
 def test_a_staged_copy_into_other_memory_maps_each_chunk(counted_map_copies):
     """copy_staged (the host fallback into device memory; here into host memory) reads through the same
-    path, one mapping per bounce chunk."""
+    path: one copy out of the kept mapping per bounce chunk."""
     slab = CpuBackend().allocate(3 << 20)
     try:
         slab.tensor.copy_(torch.arange(3 << 20, dtype=torch.int64).remainder(251).to(torch.uint8))

@@ -9,8 +9,10 @@
                   ``madvise``)
   pooled          a buffer of ``host_buffers.HostBufferPool`` returned by the previous fetch's tensors (its
                   pages are warm): what a fetch uses for a memfd without ``F_SEAL_FUTURE_WRITE``
-  pooled_map      the same buffer, filled through a transient read-only mapping of the memfd (``shm.map_copy``,
-                  torch's ``copy_``, unmapped after): what a fetch does now (Note [a copy out of a mapping])
+  pooled_map_once the same buffer, filled through a read-only mapping of the memfd made for that copy and
+                  unmapped after it (torch's ``copy_``)
+  pooled_map_kept the same buffer, filled through one read-only mapping kept across copies
+                  (``shm.SlabMapping``): what a fetch does now (Note [a copy out of a mapping])
   copy_warm       ``copy_`` between two warm buffers (memcpy, the floor beside them)
 """
 
@@ -24,14 +26,14 @@ from typing import Any, cast
 from .breakdown import hardware, summary
 from .timing import save_json
 
-VARIANTS = ("fresh_empty", "fresh_thp", "pooled", "pooled_map", "copy_warm")
+VARIANTS = ("fresh_empty", "fresh_thp", "pooled", "pooled_map_once", "pooled_map_kept", "copy_warm")
 
 
 def run(mbs: list[int], iters: int, warmup: int) -> dict:
     import torch
 
     from ..core.memory.host_buffers import HostBufferPool, map_anonymous
-    from ..core.memory.shm import create_mapped, map_copy, read_exact
+    from ..core.memory.shm import SlabMapping, create_mapped, read_exact
 
     results: dict = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware(), "iters": iters, "sizes": {}}
     for mb in mbs:
@@ -41,6 +43,7 @@ def run(mbs: list[int], iters: int, warmup: int) -> dict:
         src.fill_(7)
         pool = HostBufferPool()
         warm_src, warm_dst = torch.ones(n, dtype=torch.uint8), torch.ones(n, dtype=torch.uint8)
+        kept = SlabMapping(fd, n)
         samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for i in range(warmup + iters):
             for variant in VARIANTS if i % 2 else VARIANTS[::-1]:
@@ -48,20 +51,26 @@ def run(mbs: list[int], iters: int, warmup: int) -> dict:
                 if variant == "copy_warm":
                     warm_dst.copy_(warm_src)
                 else:
-                    if variant == "pooled_map":
+                    if variant == "pooled_map_once":
                         dst = pool.take(n)
-                        assert map_copy(fd, dst, 0)
+                        once = SlabMapping(fd, n)
+                        once.copy_into(dst, 0)
+                        once.close()
+                    elif variant == "pooled_map_kept":
+                        dst = pool.take(n)
+                        kept.copy_into(dst, 0)
                     elif variant == "fresh_empty":
                         dst = torch.empty(n, dtype=torch.uint8)
                     elif variant == "fresh_thp":
                         dst = torch.frombuffer(map_anonymous(n, True), dtype=torch.uint8)
                     else:
                         dst = pool.take(n)
-                    if variant != "pooled_map":
+                    if not variant.startswith("pooled_map"):
                         read_exact(fd, memoryview(cast(Any, dst.numpy())), 0)
                     del dst  # the pooled buffer goes back, as a fetch's tensors do once freed
                 if i >= warmup:
                     samples[variant].append((time.perf_counter() - t0) * 1e3)
+        kept.close()
         del src
         os.close(fd)
         results["sizes"][mb] = {v: summary(s) for v, s in samples.items()} | {"pool_hits": pool.hits}

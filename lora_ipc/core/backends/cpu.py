@@ -1,12 +1,12 @@
-"""CPU backend: one sealed memfd per slab (see :mod:`..shm`), read by importers without keeping a mapping.
+"""CPU backend: one sealed memfd per slab (see :mod:`..shm`), read by importers through a read-only mapping.
 
 The exporter maps its slab read-write and packs into it; once mapped, the memfd is sealed against any
 other write, resize or hole (``F_SEAL_FUTURE_WRITE``, :func:`~lora_ipc.core.memory.shm.create_mapped`). An importer
 opens it through ``/proc/<pid>/fd/<fd>`` read-only, checks it on the opened descriptor (sealed, ours,
-reserved), keeps that descriptor and copies out of it through a mapping made for that one copy (Note [a
-copy out of a mapping]), or with ``pread`` where the seals or the range do not allow one (Note [the reader
-never pays for the exporter's memory]). The seals make a truncation impossible, so the descriptor stays
-valid for its whole life.
+reserved), keeps that descriptor and copies out of it through a read-only mapping kept as long as the
+descriptor (Note [a copy out of a mapping]), or with ``pread`` where the seals or the range do not allow
+one (Note [the reader never pays for the exporter's memory]). The seals make a truncation impossible, so
+the descriptor and the mapping stay valid for their whole life.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import threading
 
 import torch
 
@@ -21,12 +22,12 @@ from ..channels.fdchannel import FdChannelUnavailable, memfd_descriptor
 from ..errors import BackendError
 from ..memory.host_buffers import HOST_BUFFERS, pinned_bounce
 from ..memory.shm import (
-    MAP_COPY_MIN_BYTES,
     GenerationReader,
+    SlabMapping,
     check_sealed,
     create_mapped,
     first_hole,
-    map_copy,
+    map_slab,
     mappable,
     open_sealed,
     read_exact,
@@ -75,7 +76,9 @@ class CpuImportedSlab(ImportedSlab):
             fd = open_sealed(handle.pid, handle.fd, handle.slab_id, handle.nbytes)  # read-only, checked
         else:
             fd, self._generations = received
-        self.fd = fd  # read by read_into: never kept mapped
+        self.fd = fd  # read by read_into, through the kept mapping where it may (Note [a copy out of a mapping])
+        self._mapping: SlabMapping | None = None  # made by the first copy that may use it, kept until close
+        self._mapping_lock = threading.Lock()
         self.slab_id = handle.slab_id
         self.nbytes = handle.nbytes
         self.handle = handle
@@ -92,18 +95,26 @@ class CpuImportedSlab(ImportedSlab):
             raise BackendError(f"bytes [{offset}, {offset + dst.numel()}) lie outside slab {self.slab_id}")
         if not dst.numel():
             return
-        if dst.numel() >= MAP_COPY_MIN_BYTES and self._may_map(offset + dst.numel()) and map_copy(self.fd, dst, offset):
+        mapping = self._mapping_for(offset + dst.numel())
+        if mapping is not None:
+            mapping.copy_into(dst, offset)
             return
         read_exact(self.fd, memoryview(dst.numpy()), offset)  # type: ignore[arg-type]  # numpy: 3.12+ buffer
 
-    def _may_map(self, end: int) -> bool:
-        """Whether bytes up to ``end`` may be copied through a mapping: sealed for it, and no hole before ``end``
-        (each byte found hole-free is checked once: no hole can appear later)."""
+    def _mapping_for(self, end: int) -> SlabMapping | None:
+        """The slab's kept mapping if bytes up to ``end`` may be copied through it: sealed for it, and no hole
+        before ``end`` (each byte found hole-free is checked once: no hole can appear later); None: ``pread``."""
         if not self._mappable:
-            return False
+            return None
         if end > self._hole_free_to:  # look again from the first hole seen (a later publish may have filled it)
             self._hole_free_to = max(self._hole_free_to, first_hole(self.fd, self._hole_free_to))
-        return end <= self._hole_free_to
+        if end > self._hole_free_to:
+            return None
+        with self._mapping_lock:
+            if self._mapping is None and self.fd >= 0:
+                self._mapping = map_slab(self.fd, self.nbytes)
+                self._mappable = self._mapping is not None  # refused once: pread from then on
+            return self._mapping
 
     def copy_out(self, used_bytes: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Host memory: a recycled buffer of this process (Note [a fetch's destination is recycled, not fresh]);
@@ -124,6 +135,11 @@ class CpuImportedSlab(ImportedSlab):
         copy_staged(self.read_into, dst)
 
     def close(self) -> None:
+        with self._mapping_lock:
+            mapping, self._mapping = self._mapping, None
+            self._mappable = False
+        if mapping is not None:
+            mapping.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

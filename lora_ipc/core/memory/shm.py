@@ -8,7 +8,7 @@ Note [why memfds, not files in /dev/shm]
     ``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``: nobody, not even its creator, can change its size
     again, so every mapping of it stays valid for its whole life. An importer checks the seals, the
     owner, the size, the memfd's name and that every byte of it is reserved (``st_blocks``) on the
-    descriptor it opened, and reads it with ``pread`` or through a transient read-only mapping of it
+    descriptor it opened, and reads it with ``pread`` or through a read-only mapping of it it keeps
     (Note [a copy out of a mapping]).
     A memfd has no path another user could pre-create, replace by a symlink or leave behind: it goes
     away with the last process that holds it, however that process exits.
@@ -25,9 +25,12 @@ Note [the reader never pays for the exporter's memory]
 
 Note [a copy out of a mapping]
     ``pread`` out of shmem costs the kernel's per-4-KiB-page work on top of the copy (1.2-2.5x a
-    user-space memcpy on a 2-core VM). A copy out of a mapping costs a fault per 16 pages (fault-around)
-    and the unmap instead, and torch's ``copy_`` runs it on several threads: measured, that wins only for
-    large copies (``MAP_COPY_MIN_BYTES``; the unmap of 4-KiB pages is most of what it does not save).
+    user-space memcpy on a 2-core VM); a mapping made for one copy costs a fault per 16 pages
+    (fault-around) and, at the end, the unmap of every page instead, which is no better. An importer
+    therefore maps a slab once, read-only, and keeps that mapping as long as it keeps the slab's
+    descriptor (:class:`SlabMapping`): its first copy faults the pages in, every later copy is a plain
+    ``copy_`` split across torch's threads, as fast as a copy between two warm buffers (20 MB: 1.7 ms
+    against 4.9 ms with ``pread`` and 1.9 ms warm to warm, measured on the same VM).
     Its risks and their answers:
 
     - SIGBUS: an access past the end of the file (a truncation) or of a page another process freed (a hole
@@ -50,9 +53,11 @@ Note [a copy out of a mapping]
       generation after its copy (client.py), exactly as for ``pread``, which reads the same page-cache
       pages. A mapping makes no torn read acceptable that ``pread`` did not.
 
-    The mapping is read-only, covers only the bytes copied, and is unmapped before the copy returns: the
-    reader keeps no page of the exporter's. Without every one of these seals (an older exporter, a peer's
-    memfd, a kernel without ``F_SEAL_FUTURE_WRITE``) or if the mapping fails, the copy is a ``pread``.
+    The mapping is read-only and kept no longer than the descriptor, which holds the same pages alive on
+    its own: mapping them allocates nothing and charges nothing to the reader (the pages are the
+    exporter's, written before the reader first faults them). Nothing the mapping holds is handed out:
+    every view of it lives inside one copy. Without every one of these seals (a peer's memfd, a kernel
+    without ``F_SEAL_FUTURE_WRITE``) or if the mapping fails, the copy is a ``pread``.
 """
 
 from __future__ import annotations
@@ -311,7 +316,7 @@ def on_shmem(fd: int) -> bool:
 
 def mappable(fd: int, seals: int) -> bool:
     """Whether copies out of ``fd`` (with the final ``seals`` :func:`check_sealed` returned) may go through
-    a transient mapping (Note [a copy out of a mapping]); the caller still checks each range with
+    a kept mapping (Note [a copy out of a mapping]); the caller still checks each range with
     :func:`first_hole`."""
     return seals & MAPPABLE_SEALS == MAPPABLE_SEALS and on_shmem(fd)
 
@@ -326,40 +331,51 @@ def first_hole(fd: int, start: int) -> int:
         return start
 
 
-# below this a pread costs less than mapping, faulting and unmapping. Measured in one fetch loop alternating
-# the two (2-core VM, 18 runs, docs/development/benchmarks.md): at 20 MB the copy took 0.15 ms longer through
-# a mapping (median per run; pread won 10 of 18), at 80 MB 0.7 ms less (the mapping won 11 of 18; its unmap
-# alone costs 1.3-1.5 ms there). Also where reads are split across threads (PARALLEL_READ_BYTES).
-MAP_COPY_MIN_BYTES = 48 << 20
+class SlabMapping:
+    """A read-only shared mapping of a sealed memfd, kept for the life of the reader's import of it (Note [a copy
+    out of a mapping]). :meth:`copy_into` copies a range out of it; only ranges before :func:`first_hole` may be
+    asked (the caller checks). Nothing it maps is handed out: every view of it lives inside one copy."""
 
-
-def map_copy(fd: int, dst: torch.Tensor, offset: int) -> bool:
-    """Fill ``dst`` (uint8, 1-D, contiguous, host memory) from ``fd`` at ``offset`` through a transient
-    read-only mapping, unmapped before this returns; False (nothing copied) if the mapping was refused.
-    Only for a descriptor :func:`mappable` and a range before its :func:`first_hole` (Note [a copy out of a
-    mapping])."""
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    length = offset + dst.numel() - start
-    try:
-        mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=start)
-    except (OSError, ValueError):
-        return False
-    array = src = None
-    try:
-        # numpy holds a buffer export of the mapping (torch.frombuffer does not): close() below cannot unmap
-        # it while anything still reaches it, so no tensor ever points at unmapped memory
-        array = np.frombuffer(mm, dtype=np.uint8, count=dst.numel(), offset=offset - start)
+    def __init__(self, fd: int, nbytes: int):
+        self.nbytes = nbytes
+        self._mm: mmap.mmap | None = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        # numpy holds a buffer export of the mapping (torch.frombuffer does not): close() cannot unmap it while
+        # the array (and the tensor over it) is alive, so no tensor ever points at unmapped memory
+        array = np.frombuffer(self._mm, dtype=np.uint8)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "non-writable array": only read
-            src = torch.from_numpy(array)
-        dst.copy_(src)  # torch splits it across its threads; each faults in its own part
-    finally:
-        del src, array  # a traceback keeps this frame: drop the references before the unmap
-        try:
-            mm.close()
-        except BufferError:  # something still holds a view: unmapped when that goes
-            pass
-    return True
+            self._source: torch.Tensor | None = torch.from_numpy(array)
+
+    def copy_into(self, dst: torch.Tensor, offset: int) -> None:
+        """Fill ``dst`` (uint8, 1-D, contiguous, host memory) with the bytes at ``offset``: torch's ``copy_``,
+        split across its threads; the mapping's pages are faulted in by the first copy and stay mapped."""
+        source = self._source
+        if source is None:
+            raise BackendError("copy out of a closed mapping")
+        if offset < 0 or offset + dst.numel() > self.nbytes:
+            raise BackendError(f"bytes [{offset}, {offset + dst.numel()}) lie outside a {self.nbytes}-byte mapping")
+        dst.copy_(source[offset : offset + dst.numel()])
+
+    def close(self) -> None:
+        """Unmap (at once, or when the last view made by a copy in flight on another thread goes)."""
+        self._source = None  # the tensor, then the array: the mapping's only exports
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a copy on another thread still holds a view: unmapped when it lets go
+                pass
+
+
+def map_slab(fd: int, nbytes: int) -> SlabMapping | None:
+    """A :class:`SlabMapping` of ``fd`` (a descriptor :func:`mappable`), or None if the mapping was refused
+    (the copies are then ``pread``)."""
+    if nbytes <= 0:
+        return None
+    try:
+        return SlabMapping(fd, nbytes)
+    except (OSError, ValueError):
+        return None
 
 
 def memfds_of(pid: int) -> dict[str, str]:
