@@ -28,8 +28,8 @@ def test_two_clients_in_one_process_share_one_import(exporter_proc):
         assert_same_adapter(b.fetch("shared").tensors, models.random_adapter(2))
         (slab_id,) = [s for s in a._slabs]
         assert imports.REGISTRY.users(slab_id) == 2
-        assert shm_mappings(os.getpid()) == before  # read with pread (issue 15): nothing mapped
-        assert slab_fds(slab_id.slab_id) == 1  # one open descriptor for the two clients
+        assert shm_mappings(os.getpid()) == before + 1  # one kept read-only mapping for the two clients
+        assert slab_fds(slab_id.slab_id) == 2  # one descriptor for the two clients, and the mapping's duplicate
         a.close()
         assert imports.REGISTRY.users(slab_id) == 1
         assert_same_adapter(b.fetch("shared").tensors, models.random_adapter(2))
