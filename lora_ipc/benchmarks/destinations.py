@@ -1,8 +1,10 @@
-"""Where a host fetch's bytes should land: the remedies for a fresh destination's page faults, measured.
+"""Where a host fetch's bytes should land and how they should be read: fresh or recycled destinations,
+``pread`` or a mapping, measured.
 
     python -m lora_ipc.benchmarks.destinations --mb 20,80 --iters 20
 
-``pread`` of N MB from a sealed memfd (what a CPU fetch does), interleaved, into:
+A copy of N MB out of a sealed memfd, interleaved, ``pread`` into the first three and through a mapping
+into the next two:
 
   fresh_empty     a fresh ``torch.empty`` (a page fault per 4 KiB on first touch)
   fresh_thp       a fresh anonymous mapping advised ``MADV_HUGEPAGE`` (one fault per 2 MiB where THP is
@@ -85,7 +87,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     results = run([int(m) for m in args.mb.split(",")], args.iters, args.warmup)
-    print(f"pread from a sealed memfd, p50 (p10-p90) ms, {args.iters} interleaved iterations")
+    print(f"a copy out of a sealed memfd, p50 (p10-p90) ms, {args.iters} interleaved iterations")
     for mb, per in results["sizes"].items():
         cells = "  ".join(
             f"{v} {per[v]['p50_ms']:.2f} ({per[v]['p10_ms']:.1f}-{per[v]['p90_ms']:.1f})" for v in VARIANTS
