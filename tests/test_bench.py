@@ -65,6 +65,8 @@ def test_breakdown_without_an_engine_times_every_transport_stage(tmp_path):
             _positive(summary)
         assert c["first_fetch_import_ms"] and all(ms > 0 for ms in c["first_fetch_import_ms"])  # the slabs' imports
         assert c["ratio_to_two_copies"] > 0
+        total, two = ipc["total_ms"]["p50_ms"], c["ratio_to_two_copies"]
+        assert c["above_floor_ms"] == pytest.approx(total - total / two)  # the same floor as the ratio's
     assert (tmp_path / "breakdown.png").read_bytes()[:8] == PNG
     assert "ratio to the two-copy floor" in out.stdout
 
