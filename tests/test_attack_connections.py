@@ -465,3 +465,128 @@ def test_a_connection_that_asked_before_the_guard_saw_its_accept_is_not_shed_as_
         dealer.close(0)
         router.close(0)
         ctx.term()
+
+
+def _two_clients_in_turn(endpoint, conn):
+    """Client A asks once and goes; client B fetches and holds its lease until told."""
+    ctx = zmq.Context()
+    try:
+        while True:
+            command = conn.recv()
+            if command == "stop":
+                return
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            message = p.ListRequest() if command == "A" else p.FetchRequest("policy", None, "client-b")
+            sock.send_multipart([b"", p.encode(message, 1)])
+            assert sock.poll(30_000), "no reply"
+            reply = p.decode(sock.recv_multipart()[-1]).message
+            if command == "A":
+                sock.close(0)
+                conn.send("A done")
+            else:
+                conn.send(reply.lease_id)
+                assert conn.recv() == "let go"
+                sock.close(0)
+                conn.send("B done")
+    finally:
+        ctx.term()
+
+
+def test_a_lease_survives_the_late_close_of_the_connection_that_had_its_fd_before(tmp_path, monkeypatch):
+    """The guard learns of closes and accepts behind the server loop (here: 0.15 s behind). Client B's connection
+    gets the fd number client A's connection had just closed on; B's first request must be pinned to B's
+    connection. Before, it was pinned to A's (the guard had not seen A's close yet), and when the guard saw it,
+    B's lease went with A's connection: a fetch lost its lease mid-copy, its latency never reached the metrics."""
+
+    from lora_ipc import AdapterExporter
+    from lora_ipc.core.channels import guard as guard_module
+
+    behind = guard_module.ConnectionGuard._on_event
+
+    def late(self, event: int, fd: int) -> None:
+        time.sleep(0.15)
+        behind(self, event, fd)
+
+    monkeypatch.setattr(guard_module.ConnectionGuard, "_on_event", late)
+    monkeypatch.setattr(guard_module, "CATCH_UP_S", 5.0)  # a guard this far behind is waited for
+    endpoint = f"ipc://{tmp_path}/late.sock"
+    exporter = AdapterExporter(endpoint=endpoint)
+    here, there = mp.get_context("spawn").Pipe()
+    clients = mp.get_context("spawn").Process(target=_two_clients_in_turn, args=(endpoint, there), daemon=True)
+    clients.start()
+    server = exporter._server
+    try:
+        exporter.publish("policy", models.random_adapter(1), models.RANDOM_ADAPTER_CONFIG)
+        reused = False
+        for _ in range(5):  # until B's connection gets A's fd number (nothing else opens fds here meanwhile)
+            here.send("A")
+            assert here.poll(30) and here.recv() == "A done"
+            (fd_a, serial_a) = next(reversed(server._peers.values()))
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/self/fd/{fd_a}") and time.monotonic() < deadline:
+                time.sleep(0.005)  # libzmq's IO thread closes A's fd at once; the guard hears of it later
+            here.send("B")
+            assert here.poll(30)
+            lease_id = here.recv()
+            (fd_b, serial_b) = next(reversed(server._peers.values()))
+            reused = fd_b == fd_a
+            assert serial_b != serial_a, "B's request was taken for A's connection"
+            deadline = time.monotonic() + 10
+            while server.guard.disconnects < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with AdapterClient(endpoint) as observer:  # a request: the server loop drains the closes first
+                held = observer.status().lease_count
+            assert held == 1, f"B's lease {lease_id} went with A's connection"
+            here.send("let go")
+            assert here.poll(30) and here.recv() == "B done"
+            if reused:
+                break
+        assert reused, "B's connection never got A's fd number: nothing was tested"
+    finally:
+        here.send("stop")
+        clients.join(10)
+        exporter.close()
+
+
+def test_a_guard_far_behind_is_not_waited_for(tmp_path):
+    """A guard still busy with earlier events (a flood) is not waited for beyond CATCH_UP_S, and then not asked
+    again for CATCH_UP_BACKOFF_S: the server's time is not the flood's."""
+    import threading
+
+    from lora_ipc.core.channels import guard as guard_module
+
+    events_may_pass = threading.Event()
+
+    class StuckMonitor(guard_module.ConnectionGuard):
+        def _on_event(self, event: int, fd: int) -> None:
+            assert events_may_pass.wait(30)
+            super()._on_event(event, fd)
+
+    path = str(tmp_path / "g.sock")
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    guard = StuckMonitor(router, path)
+    dealer = ctx.socket(zmq.DEALER)
+    try:
+        router.bind(f"ipc://{path}")
+        dealer.connect(f"ipc://{path}")
+        dealer.send_multipart([b"", b"hello"])
+        assert router.poll(10_000)  # its ACCEPTED is queued; the guard thread is stuck in it
+        assert guard.catch_up(timeout_s=0.2) is False and guard.catch_ups_given_up == 1
+        asked = guard._catch_ups_asked
+        assert guard.catch_up(timeout_s=30) is False  # backing off: returns without asking (or waiting)
+        assert guard._catch_ups_asked == asked and guard.catch_ups_given_up == 1
+        events_may_pass.set()
+        guard._catch_up_again_at = 0.0  # the backoff over
+        assert (
+            guard.catch_up(timeout_s=30) is True
+            and guard.connection(router.recv_multipart(copy=False)[-1].get(zmq.SRCFD)) is not None
+        )
+    finally:
+        events_may_pass.set()
+        guard.close()
+        dealer.close(0)
+        router.close(0)
+        ctx.term()

@@ -174,11 +174,15 @@ class TensorSetServer:
             the socket after their connection closed, and by the time the server reads them the fd may
             belong to another peer. So the server pins each peer (routing id) to the connection it
             first came on; a drop names that connection and the guard refuses it once the fd is
-            another one. Pinned before the guard saw the accept, a peer is pinned to the previous
-            connection and is never dropped for not reading (the guard's cap still sheds it).
+            another one. The guard is asked to catch up with its monitor first (Note [a message names
+            a connection the monitor may not have shown yet], guard.py), so the pin names this
+            connection, not one that closed on the same fd number before it; where it could not catch
+            up, a peer may be pinned to the previous connection and is never dropped for not reading
+            (the guard's cap still sheds it).
         """
         pinned = self._peers.get(identity)
         if pinned is None or pinned[0] != fd:
+            self.guard.catch_up()
             pinned = self._peers.put(identity, (fd, self.guard.connection(fd)))
         return pinned
 
