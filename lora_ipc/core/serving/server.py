@@ -67,8 +67,8 @@ def publish_source_key(peer: bytes, handle: p.SlabHandle) -> tuple:
         handle = msgspec.structs.replace(
             handle, ref_counter_handle=b"", ref_counter_offset=0, event_handle=b"", event_sync_required=False
         )
-    elif handle.channel_token is not None:  # a CPU staging memfd pushed again with each publish
-        handle = msgspec.structs.replace(handle, token=None)
+    elif isinstance(handle, p.CpuSlabHandle):  # a CPU staging memfd pushed again with each publish
+        handle = msgspec.structs.replace(handle, token=p.NO_TOKEN)
     return (peer, handle)
 
 
@@ -325,8 +325,9 @@ class TensorSetServer:
     def _on_publish(self, msg: p.PublishRequest, peer: bytes) -> p.PublishReply:
         """Copy a publisher's staging slab in. The slab is opened once and kept (CUDA IPC handles must not
         be re-opened), keyed by the connection that sent it (its ROUTER identity) and the whole handle
-        (pid, fd, name, size; the CUDA memory handle): an import made for one connection is never used
-        for another, whatever slab id either of them names."""
+        (name, size; the CUDA memory handle): an import made for one connection is never used for another,
+        whatever slab id either of them names. A CPU staging slab's memfd comes only by the daemon's
+        descriptor channel, pushed with the token the handle names (a handle naming none is refused)."""
         layout = SlabLayout.from_wire(msg.entries, msg.used_bytes, msg.slab.nbytes)
         key = publish_source_key(peer, msg.slab)
         source = self._publish_sources.get(key)
