@@ -26,7 +26,7 @@ from lora_ipc.core.memory import shm
 from lora_ipc.core.memory.shm import MAPPABLE_SEALS, SEALS, GenerationTable, first_hole, mappable, memfds_of, on_shmem
 
 from . import models
-from .helpers import assert_same_adapter
+from .helpers import TOKEN, assert_same_adapter, delivered
 from .hostile import ATTACKER_BYTE, FALLOC_FL_KEEP_SIZE, HostileServer, fallocate, punch_holes
 from .procs import SPAWN, ExporterProcess
 
@@ -308,7 +308,7 @@ def test_a_staged_copy_into_other_memory_maps_each_chunk(counted_map_copies):
         from lora_ipc.core.backends import open_slab
         from lora_ipc.core.protocol import CpuSlabHandle
 
-        imported = open_slab(CpuSlabHandle(slab.slab_id, slab.nbytes, os.getpid(), slab.fd))
+        imported = open_slab(CpuSlabHandle(slab.slab_id, slab.nbytes, TOKEN), delivered(slab.fd))
         try:
             dst = torch.zeros(3 << 20, dtype=torch.uint8)
             cpu.copy_staged(imported.read_into, dst, chunk=1 << 20)
