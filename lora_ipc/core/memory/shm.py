@@ -349,9 +349,10 @@ def map_copy(fd: int, dst: torch.Tensor, offset: int) -> bool:
 
 
 def memfds_of(pid: int) -> dict[str, str]:
-    """The lora-ipc memfds (slabs and generation tables) process ``pid`` holds, for leak checks and
-    status: ``{memfd name as /proc shows it: a /proc/<pid>/fd/<fd> path to it}``, one entry per memfd
-    however many descriptors point at it (Python's mmap holds a dup). Empty once the process is gone."""
+    """The lora-ipc memfds (slabs and generation tables) process ``pid`` holds, for leak checks (the tests):
+    ``{memfd name as /proc shows it: a /proc/<pid>/fd/<fd> path to it}``, one entry per memfd however many
+    descriptors point at it (Python's mmap holds a dup). Empty once the process is gone. It reads the links'
+    names only and opens nothing: no import goes through these paths (the descriptor channel, fdchannel.py)."""
     found: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for fd in os.listdir(f"/proc/{pid}/fd"):

@@ -120,6 +120,7 @@ class RemoteTensorSetExporter:
         handle = slab.handle_for_import()
         if not (slab.passes_descriptor and handle.PASSES_DESCRIPTOR):
             return handle
+        self._conn.vet()  # an endpoint of another uid is refused as such, before its channel is looked for
         fd = slab.descriptor()
         try:
             token = push_fd(self.endpoint, fd, self._trusted_uids, self._timeout_s)
