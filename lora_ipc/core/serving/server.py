@@ -62,13 +62,21 @@ def _filter_peers(sock: zmq.Socket, uids: set[int]) -> bool:
 def publish_source_key(peer: bytes, handle: p.SlabHandle) -> tuple:
     """What a daemon keys a publisher's opened staging slab by: the connection that sent it and the memory the
     handle names. A CUDA handle's ref-counter fields change with every publish (each carries a fresh export,
-    Note [one export per import]); the memory they export does not."""
+    Note [one export per import]); the memory they export does not. Nor does a token (a CPU staging memfd is
+    pushed again with each publish)."""
     if isinstance(handle, p.CudaSlabHandle):
         handle = msgspec.structs.replace(
-            handle, ref_counter_handle=b"", ref_counter_offset=0, event_handle=b"", event_sync_required=False
+            handle,
+            ref_counter_handle=b"",
+            ref_counter_offset=0,
+            event_handle=b"",
+            event_sync_required=False,
+            token=None,
         )
-    elif isinstance(handle, p.CpuSlabHandle):  # a CPU staging memfd pushed again with each publish
+    elif isinstance(handle, p.CpuSlabHandle):
         handle = msgspec.structs.replace(handle, token=p.NO_TOKEN)
+    elif handle.channel_token is not None:
+        handle = msgspec.structs.replace(handle, token=None)
     return (peer, handle)
 
 
