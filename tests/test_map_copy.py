@@ -139,6 +139,45 @@ def _mapped_memfds(pid: int) -> list[str]:
 # ---- what the seals stop, asked of the kernel --------------------------------------------------------
 
 
+def test_what_a_peer_does_to_a_new_memfd_before_its_seals_does_not_stay(monkeypatch):
+    """Note [a new memfd is open to its owner's peers before it is sealed]: a same-uid process that opens a
+    slab's memfd the moment it exists (the besieger below does, through /proc/<pid>/fd) resizes it before its
+    size is sealed, or punches a hole before ``F_SEAL_FUTURE_WRITE``. Here that process's moves are made at
+    exactly those moments: the resized memfd is dropped for a fresh one, the hole is filled again once no
+    hole can be punched, and the slab an importer checks is whole (before: "not reserved", a failed fetch)."""
+    nbytes = 1 << 20
+    real_ftruncate, real_fcntl = os.ftruncate, fcntl.fcntl
+    moves: list[str] = []
+
+    def ftruncate(fd, size):
+        real_ftruncate(fd, size)
+        if not moves:  # the peer's resize, right after ours
+            moves.append("grew")
+            fallocate(fd, 0, size, 1 << 20)
+
+    def fcntl_(fd, cmd, arg=0):
+        if cmd == fcntl.F_ADD_SEALS and arg == MAPPABLE_SEALS:  # the peer's hole, just before the last seals
+            moves.append("punched")
+            punch_holes(fd, nbytes // 2, offset=nbytes // 4)
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(shm.os, "ftruncate", ftruncate)
+    monkeypatch.setattr(shm.fcntl, "fcntl", fcntl_)
+    fd, mm = shm.create_mapped("race.1", nbytes)
+    monkeypatch.undo()
+    try:
+        assert moves == ["grew", "punched"]
+        st = os.fstat(fd)
+        assert st.st_size == nbytes and st.st_blocks * 512 >= nbytes
+        seals = shm.check_sealed(fd, "race.1", nbytes)
+        assert seals & MAPPABLE_SEALS == MAPPABLE_SEALS
+        with pytest.raises(OSError):
+            punch_holes(fd, 4096)  # and none can be punched now
+    finally:
+        mm.close()
+        os.close(fd)
+
+
 def test_a_slab_is_written_only_through_its_exporters_own_mapping():
     slab = CpuBackend().allocate(1 << 20)
     table = GenerationTable(16)

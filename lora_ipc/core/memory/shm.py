@@ -87,19 +87,38 @@ F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux 5.1
 MAPPABLE_SEALS = SEALS | F_SEAL_FUTURE_WRITE
 
 
+RESIZED_TRIES = 4  # fresh memfds tried when another process resizes each one before its size is sealed
+
+
 def _reserved(name: str, nbytes: int) -> int:
-    """A new memfd named ``lora-ipc.<name>`` of exactly ``nbytes``, every page reserved, not yet sealed."""
-    try:
-        fd = os.memfd_create(MEMFD_PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except OSError as exc:
-        raise BackendError(f"cannot create shared memory {name!r}: {exc}") from None
-    try:
-        os.ftruncate(fd, nbytes)
-        os.posix_fallocate(fd, 0, nbytes)  # reserve every page now: ENOSPC/ENOMEM here, never SIGBUS later
-    except OSError as exc:
-        os.close(fd)
-        raise BackendError(f"cannot reserve {nbytes} bytes of shared memory for {name!r}: {exc}") from None
-    return fd
+    """A new memfd named ``lora-ipc.<name>`` of exactly ``nbytes``, every page reserved, sealed against
+    resizing (``F_SEAL_SHRINK | F_SEAL_GROW``) but not yet with ``F_SEAL_SEAL``.
+
+    Note [a new memfd is open to its owner's peers before it is sealed]
+        A same-uid process can open any memfd of ours through ``/proc/<pid>/fd`` the moment it exists
+        (tests/test_map_copy.py's besieger does, in a loop). Its size is therefore sealed right after it is
+        set, and checked once sealed (a resize that came in between is refused here); a hole punched before
+        ``F_SEAL_FUTURE_WRITE`` is filled again by :func:`create_mapped` once that seal is on. Bytes written
+        before then are overwritten by the exporter's pack, which is the only writer afterwards."""
+    for _ in range(RESIZED_TRIES):
+        try:
+            fd = os.memfd_create(MEMFD_PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as exc:
+            raise BackendError(f"cannot create shared memory {name!r}: {exc}") from None
+        try:
+            os.ftruncate(fd, nbytes)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            if os.fstat(fd).st_size != nbytes:  # resized by another process in between: a fresh one
+                os.close(fd)
+                continue
+            os.posix_fallocate(fd, 0, nbytes)  # reserve every page now: ENOSPC/ENOMEM here, never SIGBUS later
+        except OSError as exc:
+            os.close(fd)
+            raise BackendError(f"cannot reserve {nbytes} bytes of shared memory for {name!r}: {exc}") from None
+        return fd
+    raise BackendError(
+        f"shared memory {name!r} was resized by another process before it was sealed, {RESIZED_TRIES} times"
+    )
 
 
 def _seal(fd: int, name: str, seals: int) -> None:
@@ -132,6 +151,13 @@ def create_mapped(name: str, nbytes: int) -> tuple[int, mmap.mmap]:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MAPPABLE_SEALS)
     except OSError:  # EINVAL: a kernel before 5.1 does not know the seal
         _seal(fd, name, SEALS)
+        return fd, mm
+    try:  # no hole can be punched from now on: fill any punched before (Note [a new memfd is open ...])
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        mm.close()
+        os.close(fd)
+        raise BackendError(f"cannot reserve {nbytes} bytes of shared memory for {name!r}: {exc}") from None
     return fd, mm
 
 
