@@ -47,8 +47,8 @@ def _status_report() -> dict:
 
 
 def cases() -> list[tuple[str, object]]:
-    slot = p.GenerationSlot(77, 11, 3, "gen.77.ab")
-    cpu = p.CpuSlabHandle("1.ab.1", 1 << 30, pid=77, fd=12, generation=slot, token=b"t" * 16)
+    slot = p.GenerationSlot(3, "gen.77.ab")
+    cpu = p.CpuSlabHandle("1.ab.1", 1 << 30, generation=slot, token=b"t" * 16)
     config = {
         "r": 16,
         "lora_alpha": 32,

@@ -38,6 +38,24 @@ def run_in_checkout(cmd, timeout: float, env: dict | None = None) -> subprocess.
     )
 
 
+#: a token for handles given to ``open_slab`` directly (with :func:`delivered`)
+TOKEN = b"t" * 16
+
+
+def delivered(*fds: int) -> Callable[..., list[int]]:
+    """A ``receive`` for ``open_slab``: hands over duplicates of ``fds`` by ``SCM_RIGHTS`` over a socket pair,
+    as the descriptor channel delivers them (the importer owns what it receives, the caller keeps ``fds``)."""
+
+    def receive(token: bytes, **_) -> list[int]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with a, b:
+            socket.send_fds(a, [b"K"], list(fds))
+            _, got, _, _ = socket.recv_fds(b, 16, len(fds))
+        return got
+
+    return receive
+
+
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False

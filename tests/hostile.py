@@ -1,5 +1,7 @@
 """A hostile exporter: a real server process of the same uid that answers fetches with what an attacker
-chooses (issue 15, items 4 and 9). Started with the spawn method; driven over a control pipe.
+chooses (issue 15, items 4 and 9). Started with the spawn method; driven over a control pipe. Its memory
+reaches the client as every exporter's does: by the descriptor channel beside its endpoint (a real
+``FdServer`` in the hostile process, handing out the attacker's memfd and generation table for each token).
 
 Modes:
 - ``impersonate``: fetch from ``legit`` once, then answer every fetch with the legit reply's slab id,
@@ -99,17 +101,31 @@ def _legit_reply(legit: str):
     return reply
 
 
+class _Memfd:
+    """What a hostile server's descriptor channel hands out for a token (fdchannel.DescriptorSource): its
+    own memfd ``fd``, and its generation table."""
+
+    passes_descriptor = True
+
+    def __init__(self, fd: int, generation_fd: int):
+        self.fd, self.generation_fd = fd, generation_fd
+
+    def descriptor(self) -> int:
+        return os.dup(self.fd)
+
+
 def hostile_main(
     conn, endpoint: str, mode: str, nbytes: int = 0, legit: str | None = None, generation: bool = True
 ) -> None:
     from lora_ipc.core import protocol as p
+    from lora_ipc.core.channels.fdchannel import FdServer
     from lora_ipc.core.memory.layout import SlabLayout
     from lora_ipc.core.memory.shm import GenerationTable
 
     table = GenerationTable(16)
     slot = table.take_slot()
     table.bump(slot)
-    gen = p.GenerationSlot(os.getpid(), table.fd, slot, table.name)
+    gen = p.GenerationSlot(slot, table.name)
     if mode == "impersonate":
         base = _legit_reply(legit)
         slab_id, nbytes = base.slab_id, base.slab.nbytes
@@ -128,10 +144,12 @@ def hostile_main(
         entries, used, config = [["w", "uint8", [nbytes], 0, nbytes]], nbytes, CONFIG
         name, version = ("someone-else", 99) if mode == "wrong_name" else (None, None)
     layout = SlabLayout.from_wire(entries, used, nbytes)
-    handle = p.CpuSlabHandle(slab_id, nbytes, os.getpid(), fd, gen if generation else None)
+    handle = p.CpuSlabHandle(slab_id, nbytes, p.NO_TOKEN, gen if generation else None)
+    source = _Memfd(fd, table.fd)
 
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.bind(endpoint)
+    channel = FdServer(endpoint, {os.getuid()}).start()
     conn.send(("ready", os.getpid(), slab_id))
     while True:
         if conn.poll(0):
@@ -143,6 +161,7 @@ def hostile_main(
                 conn.send(os.fstat(fd).st_blocks * 512)
             elif cmd == "stop":
                 sock.close(0)
+                channel.stop()
                 conn.send("stopped")
                 return
         if not sock.poll(20):
@@ -158,7 +177,7 @@ def hostile_main(
                 config_digest=p.digest_of(config),
                 config=config,
                 slab_id=slab_id,
-                slab=None if slab_id in msg.known_slabs else handle,
+                slab=None if slab_id in msg.known_slabs else channel.attach(source, handle),
                 generation=table.read(slot) if generation else 0,
                 layout_digest=layout.digest,
                 entries=entries,
@@ -229,6 +248,7 @@ def attacker_publish_main(conn, endpoint: str, victim_id: str, evictions: int) -
     import torch
 
     from lora_ipc.core import protocol as p
+    from lora_ipc.core.channels.fdchannel import push_fd
     from lora_ipc.core.memory.layout import SlabLayout
     from lora_ipc.core.memory.shm import create_sealed, map_fd
 
@@ -244,7 +264,7 @@ def attacker_publish_main(conn, endpoint: str, victim_id: str, evictions: int) -
         fd = create_sealed(slab_id, size)
         keep.append(fd)
         layout.pack(layout.destination_views(map_fd(fd, size, writable=True)), tensors)
-        handle = p.CpuSlabHandle(slab_id, size, os.getpid(), fd)
+        handle = p.CpuSlabHandle(slab_id, size, push_fd(endpoint, fd))  # its memfd, by the daemon's channel
         request = p.PublishRequest("evil", models.RANDOM_ADAPTER_CONFIG, handle, layout.to_wire(), layout.used_bytes)
         sock.send_multipart([b"", p.encode(request, i + 1)])
         assert sock.poll(30_000), "daemon did not answer"
@@ -286,9 +306,8 @@ def _channel_listener(endpoint: str, mode: str, fds: list[int], conn) -> None:
 
 
 def channel_main(conn, endpoint: str, mode: str, fifo_path: str) -> None:
-    """A same-uid server whose every fetch reply names one slab of its own: through its descriptor channel
-    (a token; modes of ``_channel_listener``), or, in mode ``proc_fifo``, through ``/proc/<pid>/fd/<fd>``
-    where that fd is a FIFO without a writer."""
+    """A same-uid server whose every fetch reply names one slab of its own, delivered by its descriptor
+    channel (a token; modes of ``_channel_listener``)."""
     from lora_ipc.core import protocol as p
     from lora_ipc.core.memory.layout import SlabLayout
     from lora_ipc.core.memory.shm import GenerationTable
@@ -296,14 +315,13 @@ def channel_main(conn, endpoint: str, mode: str, fifo_path: str) -> None:
     table = GenerationTable(16)
     slot = table.take_slot()
     table.bump(slot)
-    gen = p.GenerationSlot(os.getpid(), table.fd, slot, table.name)
+    gen = p.GenerationSlot(slot, table.name)
     nbytes = 64 << 10
     slab_id = f"{os.getpid()}.hostile.1"
     slab = _sealed(slab_id, nbytes, True)
     os.mkfifo(fifo_path, 0o600)
     fifo = os.open(fifo_path, os.O_RDONLY | os.O_NONBLOCK)  # no writer, ever
-    if mode != "proc_fifo":
-        _channel_listener(endpoint, mode, {"fifo_table": [slab, fifo], "fifo_slab": [fifo]}.get(mode, []), conn)
+    _channel_listener(endpoint, mode, {"fifo_table": [slab, fifo], "fifo_slab": [fifo]}.get(mode, []), conn)
     entries = [["w", "uint8", [nbytes], 0, nbytes]]
     layout = SlabLayout.from_wire(entries, nbytes, nbytes)
     sock = zmq.Context.instance().socket(zmq.ROUTER)
@@ -314,8 +332,7 @@ def channel_main(conn, endpoint: str, mode: str, fifo_path: str) -> None:
         frame = p.decode(payload, p.REQUEST_TYPES)
         msg = frame.message
         if isinstance(msg, p.FetchRequest):
-            token = None if mode == "proc_fifo" else os.urandom(16)
-            handle = p.CpuSlabHandle(slab_id, nbytes, os.getpid(), fifo if mode == "proc_fifo" else slab, gen, token)
+            handle = p.CpuSlabHandle(slab_id, nbytes, os.urandom(16), gen)
             reply = p.FetchReply(
                 name=msg.name,
                 version=msg.version or 1,

@@ -1,12 +1,12 @@
-"""Attacks on the descriptor paths (issue 23, items 10, 11, 16): no descriptor or path a peer names can block.
+"""Attacks on the descriptor paths (issue 23, items 10, 11, 16): no descriptor a peer sends can block.
 
-A same-uid peer names what an importer opens: a descriptor sent over the descriptor channel, or a
-``/proc/<pid>/fd/<fd>`` in a handle. A FIFO without a writer there made ``open`` block for ever, in a
-client's fetch (under the process-wide import lock: every fetch of the process waited) and in the
-daemon's only serving thread. A channel that accepts and never answers cost a fetch twice its timeout
-(the host fallback tried again) and held up every other fetch of the process. Each test here failed on
-the code before; the attackers are real processes (tests/hostile.py), the victims real clients and a real
-``lora-ipc serve``.
+A same-uid peer chooses what an importer receives: a descriptor sent over the descriptor channel (the
+only way a descriptor reaches an importer; handles name no ``/proc/<pid>/fd/<fd>`` any more). A FIFO
+without a writer there made ``open`` block for ever, in a client's fetch (under the process-wide import
+lock: every fetch of the process waited) and in the daemon's only serving thread. A channel that accepts
+and never answers cost a fetch twice its timeout (the host fallback tried again) and held up every other
+fetch of the process. Each test here failed on the code before; the attackers are real processes
+(tests/hostile.py), the victims real clients and a real ``lora-ipc serve``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 from lora_ipc import AdapterClient, AdapterExporter, RemoteExporter
 from lora_ipc.core import protocol as p
 from lora_ipc.core.channels.connection import Connection
+from lora_ipc.core.channels.fdchannel import push_fd
 from lora_ipc.core.errors import BackendError, LoraIpcError
 from lora_ipc.core.memory.layout import SlabLayout
 
@@ -69,11 +70,11 @@ def hostile(tmp_path):
         server.kill()
 
 
-@pytest.mark.parametrize("mode", ["fifo_table", "fifo_slab", "proc_fifo"])
+@pytest.mark.parametrize("mode", ["fifo_table", "fifo_slab"])
 def test_a_fifo_named_by_a_hostile_server_is_refused_not_opened(hostile, mode):
     """``fifo_table``: a real sealed slab and, as its generation table, a FIFO (before: the table was
     reopened read-only before any check and the fetch blocked for ever); ``fifo_slab``: the FIFO as the
-    slab; ``proc_fifo``: a handle without a token naming the server's FIFO as ``/proc/<pid>/fd/<fd>``."""
+    slab."""
     server = hostile(mode)
     clients: list = []
     thread, out = _in_thread(lambda: _fetch(server.endpoint, 10, clients))
@@ -85,7 +86,7 @@ def test_a_fifo_named_by_a_hostile_server_is_refused_not_opened(hostile, mode):
 
 
 def test_a_fifo_named_in_a_publish_does_not_stop_the_daemon(tmp_path, daemons):
-    """A PublishRequest without a token whose handle names a FIFO of the sender as ``/proc/<pid>/fd/<fd>``:
+    """A FIFO of the sender pushed to the daemon's descriptor channel and named by a PublishRequest's token:
     refused with a typed error, and the daemon's only serving thread goes on (before: it blocked in open
     for ever, and every publish and fetch after it timed out)."""
     endpoint = f"ipc://{tmp_path}/d.sock"
@@ -96,7 +97,7 @@ def test_a_fifo_named_in_a_publish_does_not_stop_the_daemon(tmp_path, daemons):
     tensors = models.constant_adapter(3)
     layout = SlabLayout.plan(tensors)
     nbytes = -(-layout.used_bytes // (64 << 10)) * (64 << 10)
-    handle = p.CpuSlabHandle(f"{os.getpid()}.fifo.1", nbytes, os.getpid(), fifo)
+    handle = p.CpuSlabHandle(f"{os.getpid()}.fifo.1", nbytes, push_fd(endpoint, fifo))
     conn = Connection(endpoint, 20)
     try:
         with pytest.raises(LoraIpcError) as refused:
@@ -104,7 +105,8 @@ def test_a_fifo_named_in_a_publish_does_not_stop_the_daemon(tmp_path, daemons):
                 p.PublishRequest("evil", models.RANDOM_ADAPTER_CONFIG, handle, layout.to_wire(), layout.used_bytes),
                 p.PublishReply,
             )
-        assert type(refused.value) is BackendError and "not a regular file" in str(refused.value), refused.value
+        assert type(refused.value) is BackendError, refused.value
+        assert "not lora-ipc shared memory" in str(refused.value), refused.value
     finally:
         conn.close()
         os.close(fifo)

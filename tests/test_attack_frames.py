@@ -7,18 +7,21 @@ bytes with pickle.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import random
 import re
 import time
 
 import msgpack
+import msgspec
 import pytest
 import torch
 import zmq
 
 from lora_ipc import AdapterClient, LayoutError, ProtocolError
 from lora_ipc.core import protocol as p
+from lora_ipc.core.channels.fdchannel import FdServer, push_fd
 from lora_ipc.core.memory.layout import SlabLayout
 
 from . import models
@@ -76,8 +79,18 @@ def test_unknown_adapter_and_version(served):
     still_serving(exporter_proc)
 
 
-def publish_frame(slab, entries, used_bytes, name="pushed") -> bytes:
-    return p.encode(p.PublishRequest(name, models.RANDOM_ADAPTER_CONFIG, slab.handle, entries, used_bytes), 3)
+def publish_frame(slab, entries, used_bytes, name="pushed", endpoint: str | None = None) -> bytes:
+    """A publish of ``slab``: its memfd pushed to ``endpoint``'s descriptor channel first, the only way it
+    reaches a server; without ``endpoint`` the token names nothing pushed (refused after the checks before)."""
+    token = os.urandom(16)
+    if endpoint is not None:
+        fd = slab.descriptor()
+        try:
+            token = push_fd(endpoint, fd)
+        finally:
+            os.close(fd)
+    handle = msgspec.structs.replace(slab.handle, token=token)
+    return p.encode(p.PublishRequest(name, models.RANDOM_ADAPTER_CONFIG, handle, entries, used_bytes), 3)
 
 
 def corrupt(layout, index, field, value):
@@ -120,7 +133,7 @@ def test_layout_field_of_the_wrong_type_is_refused_by_the_schema(served, staged)
 def test_good_publish_request_is_copied_into_the_exporter(served, staged):
     exporter_proc, peer = served
     tensors, layout, slab = staged
-    frame = peer.send_raw(publish_frame(slab, layout.to_wire(), layout.used_bytes))
+    frame = peer.send_raw(publish_frame(slab, layout.to_wire(), layout.used_bytes, endpoint=exporter_proc.endpoint))
     assert isinstance(frame.message, p.PublishReply), frame.message
     slab.tensor.zero_()  # the exporter owns its copy: our staging buffer can change
     with AdapterClient(exporter_proc.endpoint) as client:
@@ -149,16 +162,15 @@ class FakeExporter:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(self.endpoint)
         self.tensors, self.layout, self.slab = staged
-        # like a store's: a handle carries the exporter's generation counter (clients refuse one without)
-        import os
-
-        import msgspec
-
+        # like a store's: a handle carries the exporter's generation counter (clients refuse one without), and
+        # the slab's memfd and the table travel by the descriptor channel (the only way they reach a client)
         from lora_ipc.core.memory.shm import GenerationTable
 
         self.table = GenerationTable(4)
-        slot = p.GenerationSlot(os.getpid(), self.table.fd, self.table.take_slot(), self.table.name)
+        slot = p.GenerationSlot(self.table.take_slot(), self.table.name)
         self.handle = msgspec.structs.replace(self.slab.handle, generation=slot)
+        self.slab.generation_fd = self.table.fd
+        self.fds = FdServer(self.endpoint, {os.getuid()}).start()
 
     def answer(self, **overrides):
         identity, _, payload = self.sock.recv_multipart()
@@ -170,7 +182,7 @@ class FakeExporter:
             config_digest=p.digest_of({}),
             config={},
             slab_id=self.slab.slab_id,
-            slab=self.handle,
+            slab=self.fds.attach(self.slab, self.handle),
             generation=0,
             layout_digest=self.layout.digest,
             entries=self.layout.to_wire(),
@@ -212,6 +224,7 @@ def test_client_validates_replies_and_keeps_working(tmp_path, staged, overrides,
     finally:
         client.close()
         fake.sock.close(0)
+        fake.fds.stop()
         fake.table.close()
 
 
@@ -276,7 +289,7 @@ def test_large_frames_take_the_streaming_path_with_the_same_rules():
         "config": {},
         "entries": entries,
         "used_bytes": 200 * 256,
-        "slab": {"backend": "cpu", "slab_id": "s", "nbytes": 1 << 20, "pid": 1, "fd": 3},
+        "slab": {"backend": "cpu", "slab_id": "s", "nbytes": 1 << 20, "token": b"t" * 16},
     }
     frame = msgpack.packb([p.PROTOCOL_VERSION, "publish", 3, body], use_bin_type=True)
     assert len(frame) > SMALL_FRAME

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import msgspec
 import pytest
 import torch
 
@@ -63,16 +64,42 @@ def test_a_hostile_server_cannot_poison_imports_from_a_legit_exporter(generation
         legit.close()
 
 
-def test_a_handle_must_belong_to_the_server_that_sent_it():
-    server = ServerIdentity("ipc:///x", pid=1000, uid=os.getuid())
-    slot = p.GenerationSlot(1000, 5, 0, "gen.1000.aa")
-    check_owned_by(p.CpuSlabHandle("s", 4096, 1000, 7, slot), server)
-    with pytest.raises(ProtocolError, match="memory is held by process 1001"):
-        check_owned_by(p.CpuSlabHandle("s", 4096, 1001, 7, slot), server)
-    with pytest.raises(ProtocolError, match="generation counter lives in process 1001"):
-        check_owned_by(p.CpuSlabHandle("s", 4096, 1000, 7, p.GenerationSlot(1001, 5, 0, "gen.x")), server)
-    with pytest.raises(ProtocolError, match="without a generation slot"):
-        check_owned_by(p.CpuSlabHandle("s", 4096, 1000, 7, None), server)
+def test_a_handle_must_belong_to_the_server_that_sent_it(tmp_path):
+    """A handle names no process: its memory and its generation counter are the answering server's because
+    they come by a descriptor channel served by that very process (the kernel's pid for the ZeroMQ reply).
+    Descriptors of this process's slab, offered at a channel here, are refused to an import of a reply that
+    another process (pid 1) answered: nothing is opened, nothing leaks. A handle without a generation slot
+    is refused before any channel is asked."""
+    from lora_ipc.core.backends.cpu import CpuBackend
+    from lora_ipc.core.channels.fdchannel import FdReceiver, FdServer
+    from lora_ipc.core.errors import EndpointNotTrusted
+    from lora_ipc.core.fetching.imports import ImportRegistry
+    from lora_ipc.core.memory.shm import GenerationTable
+
+    endpoint = f"ipc://{tmp_path}/e.sock"
+    channel = FdServer(endpoint, {os.getuid()}).start()
+    table = GenerationTable(4)
+    slab = CpuBackend().allocate(4096)
+    slab.generation_fd = table.fd
+    registry = ImportRegistry()
+    try:
+        handle = msgspec.structs.replace(slab.handle, generation=p.GenerationSlot(table.take_slot(), table.name))
+        other = ServerIdentity(endpoint, pid=1, uid=os.getuid())
+        with pytest.raises(EndpointNotTrusted, match="served by process"):
+            registry.acquire(other, slab.slab_id, channel.attach(slab, handle), FdReceiver(endpoint))
+        assert registry.users(slab.slab_id) == 0
+        ours = ServerIdentity(endpoint, pid=os.getpid(), uid=os.getuid())
+        key, imported = registry.acquire(ours, slab.slab_id, channel.attach(slab, handle), FdReceiver(endpoint))
+        assert imported.generation_now() == 0  # the counter came with it, from the same channel
+        registry.release(key)
+        with pytest.raises(ProtocolError, match="without a generation slot"):
+            check_owned_by(msgspec.structs.replace(handle, generation=None), ours)
+        with pytest.raises(ProtocolError, match="without a generation slot"):
+            registry.acquire(ours, slab.slab_id, channel.attach(slab, slab.handle), FdReceiver(endpoint))
+    finally:
+        channel.stop()
+        slab.close()
+        table.close()
 
 
 def test_a_client_follows_a_restarted_daemon_by_its_kernel_pid(daemons):

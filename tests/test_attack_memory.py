@@ -1,7 +1,8 @@
-"""Attacks on shared memory (security.md, *Shared memory*): what a handle may make an importer open, and
-what a peer may do to memory we share. Slabs are sealed memfds with no path; a handle naming anything else
-(a private file, unsealed memory, another user's memfd, a descriptor that is not a slab) is a
-``BackendError`` checked on the opened descriptor; nobody can truncate a slab under its reader (no
+"""Attacks on shared memory (security.md, *Shared memory*): what a peer may make an importer open, and
+what a peer may do to memory we share. Slabs are sealed memfds with no path, and their descriptors reach an
+importer only by the descriptor channel; a descriptor of anything else sent that way (a private file,
+unsealed memory, another user's memfd, a descriptor that is not a slab) is a ``BackendError`` checked on
+the received descriptor before anything is opened through it; nobody can truncate a slab under its reader (no
 SIGBUS); importers hold the exporter's memory read-only; memory that cannot be reserved is a typed error
 and /dev/shm is not used at all.
 
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from multiprocessing.reduction import recv_handle, send_handle
 
 import pytest
 import torch
@@ -24,11 +26,12 @@ from lora_ipc import AdapterClient, BackendError, RemoteExporter
 from lora_ipc.core import protocol as p
 from lora_ipc.core.backends import open_slab
 from lora_ipc.core.backends.cpu import CpuBackend
+from lora_ipc.core.channels.fdchannel import push_fd
 from lora_ipc.core.memory.shm import create_sealed
 from lora_ipc.core.protocol import CpuSlabHandle
 
 from . import models
-from .helpers import shm_fds, still_serving
+from .helpers import TOKEN, delivered, shm_fds, still_serving
 from .hostile import FORK, run_as
 from .procs import ExporterProcess
 
@@ -55,28 +58,31 @@ def test_a_handle_larger_than_the_slab_is_refused_not_a_sigbus():
     slab = CpuBackend().allocate(4096)
     try:
         with pytest.raises(BackendError, match="the handle says"):
-            open_slab(CpuSlabHandle(slab.slab_id, 1 << 20, os.getpid(), slab.fd))
+            open_slab(CpuSlabHandle(slab.slab_id, 1 << 20, TOKEN), delivered(slab.fd))
     finally:
         slab.close()
 
 
 def _hold_memfd(conn, name, sealed):
+    """Make a memfd named like a slab and send its descriptor to the test process (``SCM_RIGHTS``), as a
+    hostile exporter's channel would send it."""
     if sealed:
         fd = create_sealed(name, 1 << 16)
     else:
         fd = os.memfd_create("lora-ipc." + name, os.MFD_CLOEXEC)
         os.ftruncate(fd, 1 << 16)
-    conn.send((os.getpid(), fd))
+    send_handle(conn, fd, os.getppid())
     conn.recv()
 
 
 def assert_import_refused(proc, conn, name, needle):
-    """The memfd ``proc`` holds, named like a slab, must not import."""
-    pid, fd = conn.recv()
+    """The memfd ``proc`` made, named like a slab and delivered by descriptor, must not import."""
+    fd = recv_handle(conn)
     try:
         with pytest.raises(BackendError, match=needle):
-            open_slab(p.CpuSlabHandle(name, 1 << 16, pid, fd))
+            open_slab(p.CpuSlabHandle(name, 1 << 16, TOKEN), delivered(fd))
     finally:
+        os.close(fd)
         conn.send("done")
         proc.join(5)
 
@@ -91,7 +97,7 @@ def test_importer_refuses_a_handle_pointing_at_a_private_file_or_unsealed_memory
     os.chmod(secret, 0o600)
     with open(secret, "rb") as f:  # what a link in /dev/shm used to make an importer open
         with pytest.raises(BackendError, match="not lora-ipc shared memory"):
-            open_slab(p.CpuSlabHandle("x.2", 4096, os.getpid(), f.fileno()))
+            open_slab(p.CpuSlabHandle("x.2", 4096, TOKEN), delivered(f.fileno()))
     parent, child = FORK.Pipe()
     holder = FORK.Process(target=_hold_memfd, args=(child, "x.3", False), daemon=True)
     holder.start()
@@ -102,20 +108,19 @@ def test_importer_refuses_a_handle_pointing_at_a_private_file_or_unsealed_memory
 
 
 def test_a_handle_naming_something_else_than_a_slab_is_rejected(served, staged):
-    """A handle pointing at an open regular file (not a sealed lora-ipc memfd) is refused on the opened fd."""
-    import os
-
+    """A publish whose pushed descriptor is an open regular file (not a sealed lora-ipc memfd) is refused on
+    the received fd; one whose token names no pushed descriptor is refused too (nothing else is opened)."""
     import msgspec
 
     exporter_proc, peer = served
     tensors, layout, slab = staged
     with open("/etc/hostname", "rb") as f:
-        handle = msgspec.structs.replace(slab.handle, fd=f.fileno())
+        handle = msgspec.structs.replace(slab.handle, token=push_fd(exporter_proc.endpoint, f.fileno()))
         frame = p.encode(p.PublishRequest("x", {}, handle, layout.to_wire(), layout.used_bytes), 4)
         peer.expect_error(frame, "BackendError", "not lora-ipc shared memory")
-        gone = msgspec.structs.replace(slab.handle, pid=os.getpid(), fd=999_999)
+        gone = msgspec.structs.replace(slab.handle, token=os.urandom(16))
         frame = p.encode(p.PublishRequest("x", {}, gone, layout.to_wire(), layout.used_bytes), 5)
-        peer.expect_error(frame, "BackendError", "gone")
+        peer.expect_error(frame, "BackendError", "no descriptor was pushed")
     still_serving(exporter_proc)
 
 

@@ -128,17 +128,21 @@ def test_a_squatted_descriptor_channel_still_serves_publishes_and_fetches(tmp_pa
 
 
 def _pusher(path: str, fork: bool, ready) -> None:
-    """Push descriptors (one of our own memfds each time) as fast as the daemon takes them, until killed."""
-    from lora_ipc.core.protocol.descriptors import PUSH
+    """Push descriptors (one of our own memfds each time) as fast as the daemon takes them, until killed;
+    ``ready`` once the daemon has taken more than this process's share of them (the flood is under way)."""
+    from lora_ipc.core.channels.fdchannel import PUSHED_PER_PROCESS
+    from lora_ipc.core.protocol.descriptors import PUSH, ok_reply
 
     fd = os.memfd_create("lora-ipc.x", os.MFD_CLOEXEC)
-    ready.set()
+    taken = 0
     while True:
         with contextlib.suppress(OSError):
             sock = _connect(path, socket.SOCK_SEQPACKET, fork)
             with sock:
                 socket.send_fds(sock, [PUSH + os.urandom(16)], [fd])
-                sock.recv(512)
+                taken += sock.recv(512) == ok_reply(0)
+        if taken > PUSHED_PER_PROCESS:
+            ready.set()
 
 
 def test_pushes_of_other_processes_never_evict_a_trainers_push(tmp_path, daemons):
@@ -148,8 +152,7 @@ def test_pushes_of_other_processes_never_evict_a_trainers_push(tmp_path, daemons
     endpoint = f"ipc://{tmp_path}/d.sock"
     daemons(endpoint)
     path = fd_socket_path(endpoint)
-    with _processes(_pusher, [(path, False), (path, False), (path, True)]):
-        time.sleep(0.5)  # the flood is under way
+    with _processes(_pusher, [(path, False), (path, False), (path, True)]):  # each flooding when it returns
         with RemoteExporter(endpoint, timeout_s=20) as publisher:
             for seed in range(30):
                 publisher.publish("a", models.random_adapter(seed), models.RANDOM_ADAPTER_CONFIG)

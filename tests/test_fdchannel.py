@@ -1,7 +1,8 @@
 """CPU slabs travel as descriptors (SCM_RIGHTS) over the channel beside each server's ZeroMQ socket
-(lora_ipc/core/channels/fdchannel.py): across pid namespaces, with one-time tokens, and against hostile peers on
-either side (replayed or guessed tokens, descriptors sent unasked, descriptors of the wrong kind, size
-or name, a peer of another uid, a receiver out of descriptors): a typed error each, nothing leaked."""
+(lora_ipc/core/channels/fdchannel.py), the only way any descriptor reaches an importer: across pid
+namespaces, with one-time tokens, and against hostile peers on either side (replayed or guessed tokens,
+descriptors sent unasked, descriptors of the wrong kind, size or name, a peer of another uid, a receiver
+out of descriptors): a typed error each, nothing leaked."""
 
 import fcntl
 import json
@@ -63,7 +64,7 @@ def assert_no_new_fds(before: set[str], within_s: float = 5.0) -> None:
     assert not own_fds() - before
 
 
-def test_cpu_slabs_arrive_by_the_descriptor_channel_not_by_proc(tmp_path, monkeypatch):
+def test_cpu_slabs_arrive_by_the_descriptor_channel_with_one_time_tokens(tmp_path, monkeypatch):
     endpoint = f"ipc://{tmp_path}/e.sock"
     tokens = []
     original = FdReceiver.__call__
@@ -77,11 +78,6 @@ def test_cpu_slabs_arrive_by_the_descriptor_channel_not_by_proc(tmp_path, monkey
         assert stat.S_IMODE(os.stat(fd_socket_path(endpoint)).st_mode) == 0o600
         tensors = models.random_adapter(1)
         exporter.publish("a", tensors, models.RANDOM_ADAPTER_CONFIG)
-
-        def no_proc(*a, **kw):
-            raise AssertionError("opened through /proc")
-
-        monkeypatch.setattr(shm, "open_sealed", no_proc)
         with AdapterClient(endpoint) as client:
             assert_same_adapter(client.fetch("a").tensors, tensors)
             assert_same_adapter(client.fetch("a").tensors, tensors)  # kept mapping: no second token
@@ -115,14 +111,27 @@ def test_a_channel_served_by_another_process_than_the_zmq_server_is_refused(tmp_
     assert_no_new_fds(before)
 
 
-def test_without_a_channel_the_proc_path_is_the_fallback(tmp_path, monkeypatch):
+def test_without_a_channel_nothing_is_fetched_or_pushed_and_the_error_says_so(tmp_path):
+    """There is no other way for a descriptor (protocol 3 dropped the ``/proc`` fallback): a server whose
+    descriptor channel is gone answers fetches the client cannot import, and takes no publish; each is a typed
+    ``FdChannelUnavailable`` naming the channel, and the client does not fall back to host copies."""
+    from lora_ipc import RemoteExporter
+    from lora_ipc.core.channels.fdchannel import ChannelFailed, FdChannelUnavailable
+
     endpoint = f"ipc://{tmp_path}/e.sock"
     with AdapterExporter(endpoint) as exporter:
         tensors = models.random_adapter(2)
         exporter.publish("a", tensors, models.RANDOM_ADAPTER_CONFIG)
-        os.unlink(fd_socket_path(endpoint))  # an exporter without a descriptor channel
+        os.unlink(fd_socket_path(endpoint))  # a server without a descriptor channel
         with AdapterClient(endpoint) as client:
-            assert_same_adapter(client.fetch("a").tensors, tensors)
+            with pytest.raises(FdChannelUnavailable, match="no descriptor channel at .*e.sock.fd"):
+                client.fetch("a")
+            assert not client._host_only and client.host_fallbacks == 0
+        assert issubclass(FdChannelUnavailable, ChannelFailed)
+        with RemoteExporter(endpoint, timeout_s=10) as publisher:
+            with pytest.raises(FdChannelUnavailable, match="no descriptor channel"):
+                publisher.publish("b", tensors, models.RANDOM_ADAPTER_CONFIG)
+        assert exporter.store.summary("b") is None  # nothing reached the server
 
 
 # ---- hostile clients against the server ---------------------------------------------------------
@@ -247,7 +256,7 @@ def test_wrong_descriptors_from_the_exporter_are_refused_and_closed(tmp_path, ca
         ]
 
     try:
-        handle = CpuSlabHandle("s.1", 1 << 16, 1, 0, None, server.offer(provider))
+        handle = CpuSlabHandle("s.1", 1 << 16, server.offer(provider))
         before = own_fds()
         with pytest.raises(BackendError, match=message):
             CpuImportedSlab(handle, FdReceiver(endpoint))
@@ -399,26 +408,13 @@ CLIENT = textwrap.dedent("""
     import json, os, sys
     from safetensors.torch import load_file
     from lora_ipc import AdapterClient
-    from lora_ipc.core.memory import shm
-    from lora_ipc.core.errors import BackendError
     out = sys.argv[1]
-    seen = {}
-    original = shm.open_sealed
-    def watch(pid, fd, name, min_bytes):
-        seen["proc"] = True
-        return original(pid, fd, name, min_bytes)
-    shm.open_sealed = watch
     with AdapterClient(f"ipc://{out}/e.sock") as client:
         got = client.fetch("a")
         handle = client._slabs.get(next(iter(client._slabs.keys()))).handle
     want = load_file(f"{out}/want.safetensors")
     equal = set(got.tensors) == set(want) and all(
         got.tensors[k].view(-1).view(torch.uint8).equal(want[k].view(-1).view(torch.uint8)) for k in want)
-    try:
-        os.close(original(handle.pid, handle.fd, handle.slab_id, handle.nbytes))
-        proc_path = "opened"
-    except BackendError as exc:
-        proc_path = str(exc)
     visible = []
     for p in os.listdir("/proc"):
         try:
@@ -426,9 +422,8 @@ CLIENT = textwrap.dedent("""
                 visible.append(int(p))
         except OSError:
             pass
-    print(json.dumps({"pid": os.getpid(), "exporters_visible": visible,
-                      "exporter_pid_in_its_ns": handle.pid, "equal": equal, "used_proc": "proc" in seen,
-                      "proc_path": proc_path}))
+    print(json.dumps({"pid": os.getpid(), "exporters_visible": visible, "equal": equal,
+                      "handle_fields": sorted(type(handle).__struct_fields__)}))
 """).replace("import json, os, sys", "import json, os, sys\nimport torch")
 
 
@@ -445,11 +440,10 @@ def test_cpu_slabs_cross_pid_namespaces(tmp_path):
     ):
         got = run_child(CLIENT, str(tmp_path), timeout=120, prefix=tuple(ns))
     exporter_pid = int((tmp_path / "exporter.ready").read_text())
-    assert got["equal"], got
-    assert not got["used_proc"], got  # the descriptor came by SCM_RIGHTS
-    assert got["pid"] <= 2 and exporter_pid == got["exporter_pid_in_its_ns"] <= 2  # both near pid 1, apart
+    assert got["equal"], got  # the descriptor came by SCM_RIGHTS: the only way there is
+    assert got["pid"] <= 2 and exporter_pid <= 2  # both near pid 1, in namespaces apart
     assert got["exporters_visible"] == [], got  # the exporter is invisible from the client's namespace
-    assert got["proc_path"] != "opened", got  # /proc/<pid>/fd/<fd> leads to no exporter from there
+    assert got["handle_fields"] == ["generation", "nbytes", "slab_id", "token"], got  # it names no process
 
 
 # ---- fuzz: random requests, with and without descriptors, never get one out or kill the server ----
@@ -509,7 +503,7 @@ def test_random_requests_never_redeem_anything(fuzzed_server):
 # ---- the publish direction: a RemoteExporter pushes its staging slab to a daemon ----------------
 
 
-def test_a_publisher_pushes_its_staging_slab_and_the_daemon_never_uses_proc(tmp_path, monkeypatch):
+def test_a_publisher_pushes_its_staging_slab_to_the_daemons_channel(tmp_path):
     from lora_ipc import RemoteExporter
     from lora_ipc.core.serving.server import TensorSetServer
     from lora_ipc.core.serving.store import TensorSetStore
@@ -517,11 +511,6 @@ def test_a_publisher_pushes_its_staging_slab_and_the_daemon_never_uses_proc(tmp_
     endpoint = f"ipc://{tmp_path}/d.sock"
     server = TensorSetServer(TensorSetStore(), endpoint).start()
     try:
-
-        def no_proc(*a, **kw):
-            raise AssertionError("opened through /proc")
-
-        monkeypatch.setattr(shm, "open_sealed", no_proc)
         with RemoteExporter(endpoint) as publisher:
             for seed in (1, 2):  # the second publish reuses the staging slab: its pushed fd is closed unused
                 publisher.publish("p", models.random_adapter(seed), models.RANDOM_ADAPTER_CONFIG)
@@ -564,12 +553,8 @@ def test_pushes_are_bounded_single_use_and_one_descriptor_each(tmp_path):
 PUBLISH_AND_FETCH = textwrap.dedent("""
     import json, sys
     from lora_ipc import AdapterClient, RemoteExporter
-    from lora_ipc.core.memory import shm
     from tests import models
     endpoint = sys.argv[1]
-    def no_proc(*a, **kw):
-        raise AssertionError("opened through /proc")
-    shm.open_sealed = no_proc
     tensors = models.random_adapter(11)
     with RemoteExporter(endpoint) as publisher:
         version = publisher.publish("a", tensors, models.RANDOM_ADAPTER_CONFIG)

@@ -111,7 +111,7 @@ def test_structured_frames(version, type_name, request_id, body):
 
 def _valid_frames():
     layout = SlabLayout.plan({"a": torch.zeros(4, 8, dtype=torch.bfloat16), "b": torch.zeros(8, 4)})
-    slab = p.CpuSlabHandle("1.ab.1", 4096, pid=77, fd=12, generation=p.GenerationSlot(77, 11, 3, "gen.77.ab"))
+    slab = p.CpuSlabHandle("1.ab.1", 4096, b"t" * 16, generation=p.GenerationSlot(3, "gen.77.ab"))
     return [
         p.encode(p.FetchRequest("policy", 3, "c", ["s1"], [b"\0" * 16]), 7),
         p.encode(

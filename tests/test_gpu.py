@@ -158,10 +158,10 @@ def test_exports_nobody_imported_do_not_pin_the_slab(monkeypatch):
 
     real = imports.open_slab
 
-    def refuse_cuda(handle):
+    def refuse_cuda(handle, receive=None):
         if handle.TAG == "cuda":
             raise BackendError("CUDA IPC import refused (forced by the test)")
-        return real(handle)
+        return real(handle, receive)  # the host copy's memfd comes by the descriptor channel
 
     proc = ExporterProcess(keep=2, device="cuda")
     try:
@@ -439,8 +439,12 @@ def test_a_refused_handle_is_a_backend_error_naming_torch():
             client.fetch("v")
             slab = next(iter(client._slabs.values()))
             reply_handle = slab.handle
-        bad = msgspec.structs.replace(
-            reply_handle, slab_id="bad", storage_handle=b"\xff" + reply_handle.storage_handle[1:]
+        bad = msgspec.structs.replace(  # no generation table to receive: straight to torch's rebuild
+            reply_handle,
+            slab_id="bad",
+            storage_handle=b"\xff" + reply_handle.storage_handle[1:],
+            generation=None,
+            token=None,
         )
         with pytest.raises(BackendError, match="torch"):
             open_slab(bad)
@@ -455,10 +459,10 @@ def test_host_fallback_when_cuda_ipc_cannot_be_imported(gpu_exporter, monkeypatc
 
     real = imports.open_slab
 
-    def refuse_cuda(handle):
+    def refuse_cuda(handle, receive=None):
         if handle.TAG == "cuda":
             raise BackendError("CUDA IPC import refused (forced by the test)")
-        return real(handle)
+        return real(handle, receive)  # the host copy's memfd comes by the descriptor channel
 
     monkeypatch.setattr(imports, "open_slab", refuse_cuda)
     gpu_exporter.call("publish_random", "fb", 2)

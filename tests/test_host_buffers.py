@@ -3,6 +3,7 @@
 
 import gc
 
+import msgspec
 import pytest
 import torch
 
@@ -60,7 +61,8 @@ def test_a_fetch_copies_into_private_memory_of_the_reader():
     """copy_out fills a pooled buffer with pread: the bytes are the slab's, the memory is not the exporter's
     (a write into the slab afterwards does not show), and recycled buffers come back with the new bytes."""
     exported = CpuBackend().allocate(3 << 20)
-    imported = CpuImportedSlab(exported.handle)  # opened through /proc/self/fd, checked like a peer's
+    handle = msgspec.structs.replace(exported.handle, token=b"t" * 16)
+    imported = CpuImportedSlab(handle, lambda token: [exported.descriptor()])  # as the channel delivers it
     try:
         exported.tensor.copy_(torch.randint(0, 256, (exported.nbytes,), dtype=torch.uint8))
         owned = imported.copy_out(2 << 20)

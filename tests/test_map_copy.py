@@ -36,7 +36,7 @@ from lora_ipc.core.memory.shm import (
 )
 
 from . import models
-from .helpers import assert_same_adapter
+from .helpers import TOKEN, assert_same_adapter, delivered
 from .hostile import ATTACKER_BYTE, FALLOC_FL_KEEP_SIZE, HostileServer, fallocate, punch_holes
 from .procs import SPAWN, ExporterProcess
 
@@ -134,12 +134,54 @@ def counted_map_copies(monkeypatch):
     return made
 
 
-def _mapped_memfds() -> list[str]:
+def _mapped_memfds(pid: int) -> list[str]:
+    """This process's mappings of memfds of process ``pid`` (its slabs ``<pid>.…`` and table ``gen.<pid>.…``);
+    slabs this process exported in earlier tests, not yet collected, are not counted."""
+    names = (f"/memfd:lora-ipc.{pid}.", f"/memfd:lora-ipc.gen.{pid}.")
     with open("/proc/self/maps") as f:
-        return [line.split(maxsplit=5)[-1].strip() for line in f if "/memfd:lora-ipc." in line]
+        return [line.split(maxsplit=5)[-1].strip() for line in f if any(n in line for n in names)]
 
 
 # ---- what the seals stop, asked of the kernel --------------------------------------------------------
+
+
+def test_what_a_peer_does_to_a_new_memfd_before_its_seals_does_not_stay(monkeypatch):
+    """Note [a new memfd is open to its owner's peers before it is sealed]: a same-uid process that opens a
+    slab's memfd the moment it exists (the besieger below does, through /proc/<pid>/fd) resizes it before its
+    size is sealed, or punches a hole before ``F_SEAL_FUTURE_WRITE``. Here that process's moves are made at
+    exactly those moments: the resized memfd is dropped for a fresh one, the hole is filled again once no
+    hole can be punched, and the slab an importer checks is whole (before: "not reserved", a failed fetch)."""
+    nbytes = 1 << 20
+    real_ftruncate, real_fcntl = os.ftruncate, fcntl.fcntl
+    moves: list[str] = []
+
+    def ftruncate(fd, size):
+        real_ftruncate(fd, size)
+        if not moves:  # the peer's resize, right after ours
+            moves.append("grew")
+            fallocate(fd, 0, size, 1 << 20)
+
+    def fcntl_(fd, cmd, arg=0):
+        if cmd == fcntl.F_ADD_SEALS and arg == MAPPABLE_SEALS:  # the peer's hole, just before the last seals
+            moves.append("punched")
+            punch_holes(fd, nbytes // 2, offset=nbytes // 4)
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(shm.os, "ftruncate", ftruncate)
+    monkeypatch.setattr(shm.fcntl, "fcntl", fcntl_)
+    fd, mm = shm.create_mapped("race.1", nbytes)
+    monkeypatch.undo()
+    try:
+        assert moves == ["grew", "punched"]
+        st = os.fstat(fd)
+        assert st.st_size == nbytes and st.st_blocks * 512 >= nbytes
+        seals = shm.check_sealed(fd, "race.1", nbytes)
+        assert seals & MAPPABLE_SEALS == MAPPABLE_SEALS
+        with pytest.raises(OSError):
+            punch_holes(fd, 4096)  # and none can be punched now
+    finally:
+        mm.close()
+        os.close(fd)
 
 
 def test_a_slab_is_written_only_through_its_exporters_own_mapping():
@@ -236,10 +278,10 @@ def test_a_fetch_copies_through_a_kept_mapping_released_with_the_slab(counted_ma
                 adapter = client.fetch("policy")
                 assert adapter.version == version
                 assert_same_adapter(adapter.tensors, models.random_adapter(3))
-                mapped = _mapped_memfds()
-                assert len(mapped) == 1 and "lora-ipc." in mapped[0]
+                mapped = _mapped_memfds(exporter.pid)
+                assert len(mapped) == 1 and f"lora-ipc.{exporter.pid}." in mapped[0]
             assert len(counted_map_copies) == 3
-        assert _mapped_memfds() == []  # closing the client released the import and its mapping
+        assert _mapped_memfds(exporter.pid) == []  # closing the client released the import and its mapping
     finally:
         exporter.close()
 
@@ -318,7 +360,7 @@ def test_a_staged_copy_into_other_memory_maps_each_chunk(counted_map_copies):
         from lora_ipc.core.backends import open_slab
         from lora_ipc.core.protocol import CpuSlabHandle
 
-        imported = open_slab(CpuSlabHandle(slab.slab_id, slab.nbytes, os.getpid(), slab.fd))
+        imported = open_slab(CpuSlabHandle(slab.slab_id, slab.nbytes, TOKEN), delivered(slab.fd))
         try:
             dst = torch.zeros(3 << 20, dtype=torch.uint8)
             cpu.copy_staged(imported.read_into, dst, chunk=1 << 20)

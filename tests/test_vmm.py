@@ -37,7 +37,7 @@ def vmm_handle(**kw) -> p.VmmSlabHandle:
         nbytes=2 << 20,
         device_uuid="GPU-0",
         ready_event=b"e" * 64,
-        generation=p.GenerationSlot(77, 11, 3, "gen.77.ab"),
+        generation=p.GenerationSlot(3, "gen.77.ab"),
         token=b"t" * 16,
     )
     fields.update(kw)

@@ -22,10 +22,10 @@ EPOCH = "e90c4a1f"
 def sample_messages():
     """One or more of every message type, every slab handle backend, optional fields set and not."""
     lay = SlabLayout.plan({"a": torch.zeros(4, 8, dtype=torch.bfloat16), "b": torch.zeros(8, 4)})
-    slot = p.GenerationSlot(77, 11, 3, "gen.77.ab")
-    cpu = p.CpuSlabHandle("1.ab.1", 4096, pid=77, fd=12, generation=slot, token=b"t" * 16)
+    slot = p.GenerationSlot(3, "gen.77.ab")
+    cpu = p.CpuSlabHandle("1.ab.1", 4096, generation=slot, token=b"t" * 16)
     cuda = p.CudaSlabHandle(
-        "1.cd.2", 8192, "GPU-1234", b"h" * 64, 8192, 0, b"r" * 32, 5, b"e" * 64, True, b"v" * 64, slot
+        "1.cd.2", 8192, "GPU-1234", b"h" * 64, 8192, 0, b"r" * 32, 5, b"e" * 64, True, b"v" * 64, slot, b"g" * 16
     )
     vmm = p.VmmSlabHandle("1.vm.3", 1 << 21, "GPU-1234", b"v" * 64, slot, b"k" * 16)
     config = {
@@ -224,8 +224,10 @@ def test_limits_are_declared_once():
 
 def test_descriptor_passing_is_declared_by_every_handle_and_slab_kind():
     """Who may use the descriptor channel is a declared capability, not probed with hasattr: every member of
-    the handle union says whether it carries a channel token, and the backends' exported slabs say whether
-    they have a descriptor to pass (a slab that declares none refuses to give one, typed)."""
+    the handle union has a channel token (every descriptor comes by the channel: a slab's own where its
+    memory travels as one, the generation table's for any slab) and says whether its memory travels that
+    way; the backends' exported slabs say whether they have a descriptor to pass (a slab that declares none
+    refuses to give one, typed)."""
     import typing
 
     from lora_ipc.core.backends.base import ExportedSlab
@@ -237,12 +239,14 @@ def test_descriptor_passing_is_declared_by_every_handle_and_slab_kind():
     kinds = typing.get_args(p.SlabHandle)
     assert {k.TAG for k in kinds} == {"cpu", "cuda", "vmm"}
     for kind in kinds:
-        assert kind.PASSES_DESCRIPTOR == ("token" in kind.__struct_fields__), kind
-    slot = p.GenerationSlot(77, 12, 0, "gen.77.ab")
-    cpu = p.CpuSlabHandle("1.ab.1", 4096, pid=77, fd=12, generation=slot, token=b"t" * 16)
-    assert cpu.channel_token == b"t" * 16 and msgspec.structs.replace(cpu, token=None).channel_token is None
+        assert "token" in kind.__struct_fields__, kind
+    assert [k.TAG for k in kinds if k.PASSES_DESCRIPTOR] == ["cpu", "vmm"]
+    slot = p.GenerationSlot(0, "gen.77.ab")
+    cpu = p.CpuSlabHandle("1.ab.1", 4096, generation=slot, token=b"t" * 16)
+    assert cpu.channel_token == b"t" * 16 and msgspec.structs.replace(cpu, token=p.NO_TOKEN).channel_token is None
     cuda = p.CudaSlabHandle("c.1", 4096, "GPU-0", b"h", 4096, 0, b"r", 0, b"e", False, b"x", slot)
     assert cuda.channel_token is None
+    assert msgspec.structs.replace(cuda, token=b"g" * 16).channel_token == b"g" * 16
     assert (CpuExportedSlab.passes_descriptor, VmmExportedSlab.passes_descriptor) == (True, True)
     assert CudaExportedSlab.passes_descriptor is False  # torch's CUDA IPC: a memory handle, no descriptor
     slab = CpuBackend().allocate(4096)

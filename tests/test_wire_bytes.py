@@ -50,7 +50,7 @@ def test_the_generation_table_is_little_endian_int64_counters_one_per_slot():
         # the table's mapping, the one writer), read back by the table and by an importer's reader
         memoryview(table._counters).cast("B")[48:56] = struct.pack("<q", -(1 << 40) - 5)
         assert table.read(6) == -(1 << 40) - 5
-        reader = shm.GenerationReader(os.getpid(), table.fd, table.name, received=os.dup(table.fd))
+        reader = shm.GenerationReader(os.dup(table.fd), table.name)  # as the descriptor channel delivers it
         try:
             assert [reader.read(slot) for slot in range(8)] == [0, 0, 0, 3, 0, 1, -(1 << 40) - 5, 1]
             with pytest.raises(LoraIpcError, match="outside"):
@@ -60,7 +60,59 @@ def test_the_generation_table_is_little_endian_int64_counters_one_per_slot():
     finally:
         table.close()
     assert (tables.GENERATION_COUNTER.format, tables.generation_offset(6)) == ("<q", 48)
-    assert p.GenerationSlot.__struct_fields__ == ("pid", "fd", "slot", "table")
+    assert p.GenerationSlot.__struct_fields__ == ("slot", "table")
+
+
+# ---- the CPU slab handle ----------------------------------------------------------------------------------
+
+
+def _fetch_reply_body(handle) -> dict:
+    reply = p.FetchReply(
+        name="policy",
+        version=1,
+        lease_id=9,
+        config_digest=b"c" * 16,
+        config=None,
+        slab_id=handle.slab_id,
+        slab=handle,
+        generation=4,
+        layout_digest=b"d" * 16,
+        entries=None,
+        used_bytes=4096,
+        live_slabs=[],
+        epoch="0f",
+    )
+    return msgspec.msgpack.decode(msgspec.msgpack.encode(reply))  # plain maps, bytes kept
+
+
+def test_a_cpu_handle_is_name_size_token_and_slot_and_nothing_that_names_a_process():
+    """The CPU handle's map (wire.md): ``backend``, ``slab_id``, ``nbytes``, ``token`` (required, 16 bytes),
+    ``generation`` {``slot``, ``table``}. Its memfd comes only by the descriptor channel: a handle without its
+    token, or with the ``pid``/``fd`` that once named ``/proc/<pid>/fd/<fd>``, is refused at decode."""
+    handle = p.CpuSlabHandle("1.ab.1", 4096, b"t" * 16, p.GenerationSlot(3, "gen.77.ab"))
+    body = _fetch_reply_body(handle)
+    assert list(body["slab"]) == ["backend", "slab_id", "nbytes", "token", "generation"]
+    assert body["slab"]["token"] == b"t" * 16 and body["slab"]["generation"] == {"slot": 3, "table": "gen.77.ab"}
+    assert p.decode(msgspec.msgpack.encode([p.PROTOCOL_VERSION, "fetch_reply", 5, body])).message.slab == handle
+
+    def refused(mutate, needle: str) -> None:
+        bad = _fetch_reply_body(handle)
+        mutate(bad["slab"])
+        with pytest.raises(LoraIpcError, match=needle):
+            p.decode(msgspec.msgpack.encode([p.PROTOCOL_VERSION, "fetch_reply", 5, bad]))
+
+    refused(lambda s: s.pop("token"), "missing required field `token`")
+    refused(lambda s: s.update(token=b""), "slab.token")
+    refused(lambda s: s.update(token=b"t" * 15), "slab.token")
+    refused(lambda s: s.update(token=None), "slab.token")
+    refused(lambda s: s.update(pid=77), "unknown key 'pid'")
+    refused(lambda s: s.update(fd=12), "unknown key 'fd'")
+    refused(lambda s: s["generation"].update(pid=77, fd=11), "unknown key")
+    # a handle that was never given a token (an exported slab's own) cannot be sent as a valid one
+    unattached = msgspec.structs.replace(handle, token=p.NO_TOKEN)
+    assert unattached.channel_token is None
+    with pytest.raises(LoraIpcError, match="slab.token"):
+        p.decode(p.encode(p.PublishRequest("x", {}, unattached, [["w", "uint8", [8], 0, 8]], 8), 1))
 
 
 # ---- torch's CUDA IPC ref counters ---------------------------------------------------------------------

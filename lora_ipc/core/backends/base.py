@@ -8,6 +8,7 @@ consumer owns, fully written, so the lease on the slab can be dropped right afte
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import ClassVar
@@ -16,7 +17,7 @@ import torch
 
 from ..errors import BackendError
 from ..memory.layout import SlabLayout
-from ..memory.shm import GenerationReader, generation_reader
+from ..memory.shm import GenerationReader, reopen_sealed
 from ..protocol import SlabHandle
 
 
@@ -30,6 +31,9 @@ class ExportedSlab(ABC):
     #: whether the slab's memory is a descriptor that can travel by the descriptor channel (fdchannel.py):
     #: then :meth:`descriptor` gives it, and the slab's handles declare ``PASSES_DESCRIPTOR`` too
     passes_descriptor: ClassVar[bool] = False
+    #: this process's descriptor of the generation table the slab's handle names (slab_pool.py; -1: none): the
+    #: descriptor channel sends a duplicate of it with the slab (fdchannel.FdServer.attach)
+    generation_fd: int = -1
 
     def descriptor(self) -> int:
         """A duplicate of the descriptor holding the slab's memory (the caller closes it); only where
@@ -76,9 +80,8 @@ class ImportedSlab(ABC):
     nbytes: int
     device: torch.device  # where the mapping lives in this process
     handle: SlabHandle
-    # the reader of the exporter's generation table that came with this slab by the descriptor channel: this
-    # slab's own (a process-wide cache keyed by the pid/fd/name a handle states could be filled by another
-    # server's descriptor, imports.py); None: read through /proc
+    # the reader of the exporter's generation table that came with this slab by the descriptor channel (the
+    # only way it comes): this slab's own, never shared with a slab of another server (imports.py)
     _generations: GenerationReader | None = None
 
     def consume(self, handle: SlabHandle) -> None:  # noqa: B027 - a no-op by default, on purpose
@@ -89,10 +92,9 @@ class ImportedSlab(ABC):
         slot = self.handle.generation
         if slot is None:
             return None
-        if self._generations is not None:
-            return self._generations.read(slot.slot)
-
-        return generation_reader(slot.pid, slot.fd, slot.table).read(slot.slot)
+        if self._generations is None:
+            raise BackendError(f"slab {self.slab_id!r}: its generation table never came by the descriptor channel")
+        return self._generations.read(slot.slot)
 
     def _close_generations(self) -> None:
         if self._generations is not None:
@@ -112,6 +114,27 @@ class ImportedSlab(ABC):
     @abstractmethod
     def close(self) -> None:
         """Drop the mapping."""
+
+
+def receive_generations(handle: SlabHandle, extra: list[int]) -> GenerationReader | None:
+    """A reader of the exporter's generation table from ``extra``, the descriptors that came beside the
+    slab's own (none, or the table's exactly when the handle has a generation slot); owns ``extra``."""
+    slot = handle.generation
+    try:
+        if slot is None:
+            if extra:
+                raise BackendError(f"exporter sent {len(extra)} descriptors beside slab {handle.slab_id!r} unasked")
+            return None
+        if len(extra) != 1:
+            raise BackendError(
+                f"slab {handle.slab_id!r} has a generation slot, but {len(extra)} descriptors came for its table"
+            )
+        table_fd = reopen_sealed(extra[0], slot.table, 8)  # checked first (a FIFO would block), then read-only
+    except BaseException:
+        for other in extra:
+            os.close(other)
+        raise
+    return GenerationReader(table_fd, slot.table)  # checks it, owns it
 
 
 class Backend(ABC):

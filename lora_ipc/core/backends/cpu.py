@@ -1,12 +1,13 @@
 """CPU backend: one sealed memfd per slab (see :mod:`..shm`), read by importers through a read-only mapping.
 
 The exporter maps its slab read-write and packs into it; once mapped, the memfd is sealed against any
-other write, resize or hole (``F_SEAL_FUTURE_WRITE``, :func:`~lora_ipc.core.memory.shm.create_mapped`). An importer
-opens it through ``/proc/<pid>/fd/<fd>`` read-only, checks it on the opened descriptor (sealed, ours,
-reserved), keeps that descriptor and copies out of it through a read-only mapping kept as long as the
-descriptor (Note [a copy out of a mapping]), or with ``pread`` where the seals or the range do not allow
-one (Note [the reader never pays for the exporter's memory]). The seals make a truncation impossible, so
-the descriptor and the mapping stay valid for their whole life.
+other write, resize or hole (``F_SEAL_FUTURE_WRITE``, :func:`~lora_ipc.core.memory.shm.create_mapped`). An
+importer receives its descriptor by the descriptor channel (the handle's ``token``, fdchannel.py; there is
+no other way), checks it before opening anything through it (sealed, ours, reserved), reopens it read-only,
+keeps that descriptor and copies out of it through a read-only mapping kept as long as the descriptor (Note
+[a copy out of a mapping]), or with ``pread`` where the seals or the range do not allow one (Note [the
+reader never pays for the exporter's memory]). The seals make a truncation impossible, so the descriptor
+and the mapping stay valid for their whole life.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 
 import torch
 
-from ..channels.fdchannel import FdChannelUnavailable, memfd_descriptor
+from ..channels.fdchannel import memfd_descriptor
 from ..errors import BackendError
 from ..memory.host_buffers import HOST_BUFFERS, pinned_bounce
 from ..memory.shm import (
@@ -29,12 +30,11 @@ from ..memory.shm import (
     first_hole,
     map_slab,
     mappable,
-    open_sealed,
     read_exact,
     reopen_sealed,
 )
-from ..protocol import CpuSlabHandle
-from .base import Backend, ExportedSlab, ImportedSlab
+from ..protocol import NO_TOKEN, CpuSlabHandle
+from .base import Backend, ExportedSlab, ImportedSlab, receive_generations
 
 
 class CpuExportedSlab(ExportedSlab):
@@ -46,7 +46,7 @@ class CpuExportedSlab(ExportedSlab):
         self.tensor = torch.frombuffer(mm, dtype=torch.uint8)
         self.nbytes = nbytes
         self.slab_id = slab_id
-        self.handle = CpuSlabHandle(slab_id, nbytes, os.getpid(), self.fd)
+        self.handle = CpuSlabHandle(slab_id, nbytes, NO_TOKEN)  # a token is attached for each importer
 
     def descriptor(self) -> int:
         """A duplicate of the memfd, for the descriptor channel (fdchannel.py); BackendError once closed."""
@@ -71,11 +71,9 @@ class CpuImportedSlab(ImportedSlab):
     device = torch.device("cpu")
 
     def __init__(self, handle: CpuSlabHandle, receive=None):
-        received = _receive_memfd(handle, receive) if handle.token is not None and receive is not None else None
-        if received is None:
-            fd = open_sealed(handle.pid, handle.fd, handle.slab_id, handle.nbytes)  # read-only, checked
-        else:
-            fd, self._generations = received
+        if not handle.channel_token or receive is None:
+            raise BackendError(f"CPU slab {handle.slab_id!r} can only be imported through the descriptor channel")
+        fd, self._generations = _receive_memfd(handle, receive)
         self.fd = fd  # read by read_into, through the kept mapping where it may (Note [a copy out of a mapping])
         self._mapping: SlabMapping | None = None  # made by the first copy that may use it, kept until close
         self._mapping_lock = threading.Lock()
@@ -173,33 +171,25 @@ def copy_staged(read_into, dst: torch.Tensor, chunk: int = BOUNCE_BYTES) -> None
         torch.cuda.current_stream(dst.device).synchronize()  # complete on return, as every copy_into
 
 
-def _receive_memfd(handle: CpuSlabHandle, receive) -> tuple[int, GenerationReader | None] | None:
+def _receive_memfd(handle: CpuSlabHandle, receive) -> tuple[int, GenerationReader | None]:
     """The slab's memfd (read-only) and a reader of its generation table, both by the descriptor channel and
-    checked as ones opened through /proc are; None when the channel is unreachable (an exporter without
-    one: /proc is tried); BackendError when what came is wrong."""
+    checked before anything is opened through them; BackendError when what came is wrong, the channel's
+    own errors (``FdChannelUnavailable``, ``ChannelFailed``) when nothing came."""
 
-    try:
-        fds = receive(handle.token)
-    except FdChannelUnavailable:
-        return None
-    fd, extra = fds[0], fds[1:]
+    fds = receive(handle.token)
     try:
         # checked before anything is opened: what arrived may be a FIFO (Note [open nothing a peer chose
         # before knowing what it is], shm.py) or writable; this process only ever reads
-        fd = reopen_sealed(fd, handle.slab_id, handle.nbytes)
-        reader = None
-        if extra:
-            slot = handle.generation
-            if slot is None or len(extra) != 1:
-                raise BackendError(f"exporter sent {len(extra)} descriptors beside slab {handle.slab_id!r} unasked")
-            table_fd = reopen_sealed(extra[0], slot.table, 8)
-            extra = []
-            reader = GenerationReader(slot.pid, slot.fd, slot.table, table_fd)  # checks it, owns it
+        fd = reopen_sealed(fds[0], handle.slab_id, handle.nbytes)
     except BaseException:
-        for other in [fd, *extra]:
+        for other in fds:
             os.close(other)
         raise
-    return fd, reader
+    try:
+        return fd, receive_generations(handle, fds[1:])
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class CpuBackend(Backend):

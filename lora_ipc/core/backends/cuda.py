@@ -54,9 +54,10 @@ import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from ..errors import BackendError, LimitExceeded
+from ..memory.shm import GenerationReader
 from ..protocol import CudaSlabHandle
 from . import refcount
-from .base import Backend, ExportedSlab, ImportedSlab
+from .base import Backend, ExportedSlab, ImportedSlab, receive_generations
 from .cuda_allocator import PTRACE_HINT, allocate_plain
 from .cuda_streams import copy_stream, device_uuid, local_device_for_uuid, own_streams
 
@@ -224,8 +225,21 @@ def _indices(slab: torch.device, target: torch.device) -> tuple[int, ...]:
     return (slab.index, target.index) if target.type == "cuda" else (slab.index,)
 
 
+def _receive_table(handle: CudaSlabHandle, receive) -> GenerationReader | None:
+    """The exporter's generation table for a slab with a generation slot: its descriptor comes by the
+    descriptor channel (``token``), as every descriptor an importer uses does (fdchannel.py)."""
+    if handle.generation is None:
+        return None
+    if handle.token is None or receive is None:
+        raise BackendError(
+            f"slab {handle.slab_id}: its generation table comes only by the descriptor channel, and the handle "
+            "carries no token for it"
+        )
+    return receive_generations(handle, receive(handle.token))
+
+
 class CudaImportedSlab(ImportedSlab):
-    def __init__(self, handle: CudaSlabHandle):
+    def __init__(self, handle: CudaSlabHandle, receive=None):
         if not handle.ref_counter_handle:
             raise BackendError(
                 f"slab {handle.slab_id}: the handle carries no export (an exporter must send "
@@ -234,6 +248,11 @@ class CudaImportedSlab(ImportedSlab):
         self.handle = handle
         self.slab_id = handle.slab_id
         self.nbytes = handle.nbytes
+        try:
+            self._generations = _receive_table(handle, receive)
+        except BaseException:
+            _release(handle, UNCONFIRMED)  # nobody will import this export (Note [unconfirmed exports])
+            raise
         local = _local_slabs.get(handle.slab_id)
         if local is not None and local.tensor is not None:  # this process exported it: no IPC
             self.device = local.device
@@ -246,6 +265,7 @@ class CudaImportedSlab(ImportedSlab):
             self.tensor = _rebuild(handle, index)
         except BaseException:
             _release(handle, UNCONFIRMED)  # nobody will import this export (Note [unconfirmed exports])
+            self._close_generations()
             raise
         _release(handle, UNCONFIRMED - 1)  # imported: from now on the storage's death releases the rest
         self.device = torch.device("cuda", index)
@@ -307,6 +327,7 @@ class CudaImportedSlab(ImportedSlab):
 
     def close(self) -> None:
         """Drop the mapping; torch's IPC deleter synchronizes the current stream, so it runs under ours."""
+        self._close_generations()
         tensor, self.tensor = self.tensor, None  # type: ignore[assignment]
         if tensor is None:
             return

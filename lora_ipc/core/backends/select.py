@@ -57,9 +57,11 @@ def slab_device(device: torch.device | str | None, tensors) -> torch.device:
 
 def open_slab(handle: SlabHandle, receive=None) -> ImportedSlab:
     """Import a slab described by a validated handle. ``receive(token) -> [fd, ...]`` redeems a
-    descriptor-channel token (fdchannel.FdReceiver of the endpoint the handle came from)."""
+    descriptor-channel token (fdchannel.FdReceiver of the endpoint the handle came from): every descriptor an
+    import uses (a CPU or VMM slab's memory, any slab's generation table) comes that way, and a handle that
+    needs one cannot be imported without it."""
     if isinstance(handle, CudaSlabHandle):
-        return CudaImportedSlab(handle)
+        return CudaImportedSlab(handle, receive)
     if isinstance(handle, VmmSlabHandle):
         return VmmImportedSlab(handle, receive)
     if isinstance(handle, CpuSlabHandle):

@@ -30,9 +30,8 @@ import torch
 
 from ..errors import BackendError
 from ..memory import native
-from ..memory.shm import GenerationReader, reopen_sealed
 from ..protocol import VmmSlabHandle
-from .base import Backend, ExportedSlab
+from .base import Backend, ExportedSlab, receive_generations
 from .cuda import CudaImportedSlab
 from .cuda_streams import device_uuid, local_device_for_uuid
 
@@ -126,22 +125,18 @@ class VmmImportedSlab(CudaImportedSlab):
         index = local_device_for_uuid(handle.device_uuid)
         fds = receive(handle.token)
         try:
-            if len(fds) > 1:
-                slot = handle.generation
-                if slot is None or len(fds) != 2:
-                    raise BackendError(f"exporter sent {len(fds) - 1} descriptors beside slab {handle.slab_id!r}")
-                # checked before it is opened (a FIFO would block: shm.py), then reopened read-only
-                table_fd = reopen_sealed(fds[1], slot.table, 8)
-                fds.pop()
-                self._generations = GenerationReader(slot.pid, slot.fd, slot.table, table_fd)  # checks, owns it
+            self._generations = receive_generations(handle, fds[1:])  # checks and owns the table's descriptor
+        except BaseException:
+            os.close(fds[0])
+            raise
+        try:
             _check_allocation_fd(fds[0], handle.slab_id)
             mapping = native.call(ext.import_fd, fds[0], handle.nbytes, index, False)
         except BaseException:
             self._close_generations()
             raise
         finally:
-            for fd in fds:
-                os.close(fd)  # the mapping holds the memory
+            os.close(fds[0])  # the mapping holds the memory
         self.handle = handle
         self.slab_id = handle.slab_id
         self.nbytes = handle.nbytes

@@ -67,6 +67,12 @@ class Connection:
         self._probed: ServerIdentity | None = None
         self.server: ServerIdentity | None = None
 
+    def vet(self) -> None:
+        """Check who serves the endpoint now, as the first request would (``EndpointNotTrusted``,
+        ``ExporterUnavailable``), if no request has yet: before anything is handed to it by another way."""
+        if not self._connected:
+            self._ensure_trusted()
+
     def _ensure_trusted(self) -> None:
         wait_until = time.monotonic() + self.connect_wait_s
         while (probed := server_identity(self.endpoint, self.trusted_uids)) is None:  # raises EndpointNotTrusted

@@ -1,17 +1,21 @@
 """The descriptor channel: slabs travel as file descriptors (``SCM_RIGHTS``) beside the ZeroMQ socket.
 
 Note [why descriptors travel by a side socket]
-    ZeroMQ cannot carry descriptors, and opening ``/proc/<pid>/fd/<n>`` needs the exporter's pid to
-    mean the same process on both sides (one pid namespace) plus ptrace-read permission. A descriptor
-    received over a Unix socket needs neither: a trainer and an engine in two containers of one pod,
-    or two pods on one node sharing a socket directory, can exchange slabs.
+    ZeroMQ cannot carry descriptors, and opening ``/proc/<pid>/fd/<n>`` would need the exporter's pid to
+    mean the same process on both sides (one pid namespace) plus ptrace-read permission, and would trust a
+    pid and fd number the peer wrote into its handle. A descriptor received over a Unix socket needs none of
+    that: a trainer and an engine in two containers of one pod, or two pods on one node sharing a socket
+    directory, can exchange slabs. It is the only way a descriptor reaches an importer (protocol 3: handles
+    carry no pid or fd; a peer without a channel is ``FdChannelUnavailable``, no fallback).
 
     Each server listens on ``<its ipc path>.fd`` (SOCK_SEQPACKET, 0600, in the same directory, so the
     endpoint's trusted-directory rules cover it). A fetch reply that carries a slab handle carries a
     one-time ``token`` (16 random bytes, single use, expiring after ``TOKEN_TTL_S``); the client
-    connects, checks the listener's uid with ``SO_PEERCRED``, sends the token and receives the slab's
-    descriptor, plus the descriptor of the exporter's generation table when the slab has one.
-    The server checks the connecting peer's uid the same way.
+    connects, checks the listener's uid and pid with ``SO_PEERCRED`` (the pid must be the one the kernel
+    reports for the ZeroMQ connection the reply came on: the memory is the answering server's own, which
+    is what a handle's pid once claimed), sends the token and receives the slab's descriptor (CPU, VMM),
+    plus the descriptor of the exporter's generation table when the slab has one (a CUDA IPC handle's
+    token redeems that table alone). The server checks the connecting peer's uid the same way.
 
     The other direction: a ``RemoteExporter`` pushes its staging slab's memfd to a daemon
     (``b"P" + token`` with exactly one descriptor, the token of its own choosing), then names that
@@ -25,9 +29,9 @@ Note [why descriptors travel by a side socket]
     descriptor a peer sends unasked, is refused and closed: the receiving side always takes the
     ancillary data (``MSG_CMSG_CLOEXEC``), closes what it did not ask for, and treats a truncated
     control message (``MSG_CTRUNC``: the receiver ran out of descriptors) as an error.
-    The importer still checks every descriptor it gets exactly as it checks one it opened itself
-    (shm.check_sealed: sealed, our name, owner, size; mapped read-only), before it opens anything
-    through it (Note [open nothing a peer chose before knowing what it is], shm.py).
+    The importer checks every descriptor it gets (shm.check_sealed: sealed, our name, owner, size,
+    reserved; reopened read-only), before it opens anything through it (Note [open nothing a peer chose
+    before knowing what it is], shm.py).
 
 Note [shares of the channel]
     A same-uid peer can connect and say nothing (for ``CONNECTION_TIMEOUT_S``), or push descriptors it
@@ -89,9 +93,11 @@ if TYPE_CHECKING:
 
 class DescriptorSource(Protocol):
     """What the channel needs of an exported slab (``backends.base.ExportedSlab``, a layer above): whether
-    its memory travels as a descriptor, and a duplicate of that descriptor."""
+    its memory travels as a descriptor, a duplicate of that descriptor, and this process's descriptor of the
+    generation table its handle names (-1: none)."""
 
     passes_descriptor: ClassVar[bool]
+    generation_fd: int
 
     def descriptor(self) -> int: ...
 
@@ -380,17 +386,20 @@ class FdServer:
             _close_all(unasked)
 
     def attach(self, slab: DescriptorSource, handle: SlabHandle) -> SlabHandle:
-        """``handle`` with a fresh token that redeems ``slab``'s descriptor (and its generation table's);
-        unchanged for a slab or handle that cannot travel this way."""
-        if not (slab.passes_descriptor and handle.PASSES_DESCRIPTOR):
-            return handle
+        """``handle`` with a fresh token that redeems ``slab``'s descriptor (where its memory travels as one)
+        and its generation table's (where the handle names a slot): the only way either reaches an importer.
+        Unchanged for a handle that needs neither (a CUDA IPC handle without a generation slot)."""
+        passes = slab.passes_descriptor and handle.PASSES_DESCRIPTOR
         slot = handle.generation
+        if not passes and slot is None:
+            return handle
+        table_fd = slab.generation_fd
 
         def provider() -> list[int]:
-            fds = [slab.descriptor()]
+            fds = [slab.descriptor()] if passes else []
             try:
                 if slot is not None:
-                    fds.append(memfd_descriptor(slot.fd, slot.table))
+                    fds.append(memfd_descriptor(table_fd, slot.table))
             except BaseException:
                 _close_all(fds)
                 raise
@@ -427,13 +436,14 @@ class SlabGone(BackendError):
     """Server side: the memory a token names was freed since (its version evicted, its lease revoked)."""
 
 
-class FdChannelUnavailable(BackendError):
-    """The exporter has no descriptor channel (an older exporter): importers fall back to /proc."""
-
-
 class ChannelFailed(BackendError):
     """The descriptor channel did not deliver within the fetch's time (no answer, refused, reset): a
     property of the exporter's channel, not of the slab, so no reason to fall back to host copies."""
+
+
+class FdChannelUnavailable(ChannelFailed):
+    """The peer has no descriptor channel: nothing can be imported from it, or pushed to it (descriptors
+    travel by no other way)."""
 
 
 def _remaining(deadline: float, path: str) -> float:

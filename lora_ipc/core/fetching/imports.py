@@ -9,10 +9,12 @@ Note [imports are keyed by who served them]
     with another exporter's slab id and its own memory. An import is therefore keyed by the server's
     identity — the endpoint and the pid the kernel reports for the connection the reply came on
     (``Connection.server``) — plus the slab id, and it is only ever reused for replies of that same
-    server. Before anything is opened, a handle must belong to that server: its generation slot (which
-    every store-made handle carries; without it a torn copy could not be detected) and, for a CPU
-    slab, the memfd itself must be held by the server's own pid. A handle sent again for an open slab
-    must name the same memory as the one it was opened from.
+    server. A handle names no process or descriptor: every descriptor it leads to (a CPU or VMM slab's
+    memory, the generation table) comes by the descriptor channel, which must be served by that same pid
+    (``SO_PEERCRED``, fdchannel.FdReceiver), so the memory and the counter are the answering server's own.
+    A handle without a generation slot is refused (every store-made handle carries one; without it a torn
+    copy could not be detected). A handle sent again for an open slab must name the same memory as the
+    one it was opened from.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import NamedTuple
 
 from ..backends import ImportedSlab, open_slab
 from ..channels.endpoint import ServerIdentity
-from ..channels.fdchannel import FdChannelUnavailable
 from ..errors import ExporterUnavailable, ProtocolError
 from ..protocol import MAX_KNOWN, CpuSlabHandle, CudaSlabHandle, SlabHandle, VmmSlabHandle
 
@@ -44,8 +45,8 @@ def memory_of(handle: SlabHandle) -> tuple:
     """What a handle points at. A fresh CUDA export of the same slab (Note [one export per import]) has
     new ref-counter and event fields; its generation slot (one per slab in the server's store), device
     and extent are the slab's own."""
-    if isinstance(handle, CpuSlabHandle):
-        return ("cpu", handle.pid, handle.fd, handle.nbytes, handle.generation)
+    if isinstance(handle, CpuSlabHandle):  # its memfd's name is the slab id, checked on what the channel sent
+        return ("cpu", handle.nbytes, handle.generation)
     if isinstance(handle, CudaSlabHandle):
         return (
             "cuda",
@@ -61,40 +62,22 @@ def memory_of(handle: SlabHandle) -> tuple:
 
 
 def check_owned_by(handle: SlabHandle, server: ServerIdentity) -> None:
-    """Refuse a handle whose memory or generation counter is not the answering server's own."""
-    slot = handle.generation
-    if slot is None:
+    """Refuse a handle without a generation slot. That the memory and the counter are ``server``'s own is
+    checked by the descriptor channel that delivers them (:func:`_bound_channel`)."""
+    if handle.generation is None:
         raise ProtocolError(
             f"slab {handle.slab_id!r} of {server.endpoint} comes without a generation slot: "
             "a copy torn by a reuse could not be detected, so it is refused"
         )
-    if slot.pid != server.pid:
-        raise ProtocolError(
-            f"slab {handle.slab_id!r}: its generation counter lives in process {slot.pid}, but "
-            f"{server.endpoint} is served by process {server.pid}"
-        )
-    if isinstance(handle, CpuSlabHandle) and handle.pid != server.pid:
-        raise ProtocolError(
-            f"slab {handle.slab_id!r}: its memory is held by process {handle.pid}, but "
-            f"{server.endpoint} is served by process {server.pid}"
-        )
 
 
-def _bound_channel(receive, handle: SlabHandle, server: ServerIdentity, deadline: float | None = None):
+def _bound_channel(receive, server: ServerIdentity, deadline: float | None = None):
     """``receive`` held to the answering server: the descriptor channel must be served by the process the
     kernel reports for the ZeroMQ reply (pids as this process sees them, so this holds across pid
-    namespaces, where the handle's own pids are the exporter's). Where the channel is unavailable and the
-    backend falls back to ``/proc``, the handle's pids must be the server's as without a channel.
-    ``deadline``: the fetch's (fdchannel.FdReceiver)."""
-    if handle.generation is None:
-        check_owned_by(handle, server)  # refuses it, with the reason
+    namespaces). ``deadline``: the fetch's (fdchannel.FdReceiver)."""
 
     def receive_from_server(token: bytes) -> list[int]:
-        try:
-            return receive(token, expected_pid=server.pid, deadline=deadline)
-        except FdChannelUnavailable:
-            check_owned_by(handle, server)
-            raise
+        return receive(token, expected_pid=server.pid, deadline=deadline)
 
     return receive_from_server
 
@@ -186,10 +169,8 @@ class ImportRegistry:
     def _checked(server: ServerIdentity, slab_id: str, handle: SlabHandle, receive, deadline: float | None = None):
         if handle.slab_id != slab_id:
             raise ProtocolError(f"reply names slab {slab_id!r} but its handle is for {handle.slab_id!r}")
-        if handle.channel_token is not None and receive is not None:
-            return _bound_channel(receive, handle, server, deadline)
         check_owned_by(handle, server)
-        return receive
+        return None if receive is None else _bound_channel(receive, server, deadline)
 
     def release(self, key: ImportKey) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Sealed shared memory: memfds that cannot shrink, reserved up front, opened by peers through /proc.
+"""Sealed shared memory: memfds that cannot shrink, reserved up front, handed to peers as descriptors.
 
 Note [why memfds, not files in /dev/shm]
     A mapping of a file that another process truncates faults with SIGBUS on the next access, and a
@@ -13,7 +13,8 @@ Note [why memfds, not files in /dev/shm]
     A memfd has no path another user could pre-create, replace by a symlink or leave behind: it goes
     away with the last process that holds it, however that process exits.
 
-    Peers open it as ``/proc/<pid>/fd/<fd>`` (same user, same pid namespace — one host or one pod).
+    Peers receive its descriptor by the descriptor channel (``SCM_RIGHTS``, channels/fdchannel.py), never
+    by a path: nothing here opens another process's descriptor through ``/proc``.
 
 Note [the reader never pays for the exporter's memory]
     A read fault through a mapping of a hole in a memfd allocates the page, charged to the reader:
@@ -45,7 +46,7 @@ Note [a copy out of a mapping]
       the end, so the range is checked with ``SEEK_HOLE`` (:func:`first_hole`) before it is first mapped:
       hole-free stays true once the seals forbid punching (a fallocated page never written also reads as a
       hole there: refused, the copy falls back to ``pread``).
-    - a hugetlbfs memfd (``MFD_HUGETLB`` has the same /proc name): a fault on a hole there is a SIGBUS when
+    - a hugetlbfs memfd (``MFD_HUGETLB`` reads back the same ``/memfd:`` name): a fault on a hole there is a SIGBUS when
       the pool is empty. Only a memfd on the same internal shmem mount as one this process creates is mapped
       (:func:`on_shmem`).
     - bytes changing under the copy: only the exporter's own writable mapping can still write, which is how
@@ -75,7 +76,6 @@ import numpy as np
 import torch
 
 from ..errors import BackendError
-from ..lru import BoundedLRU
 from ..protocol.tables import (
     GENERATION_COUNTER,
     GENERATION_PREFIX,
@@ -92,19 +92,38 @@ F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux 5.1
 MAPPABLE_SEALS = SEALS | F_SEAL_FUTURE_WRITE
 
 
+RESIZED_TRIES = 4  # fresh memfds tried when another process resizes each one before its size is sealed
+
+
 def _reserved(name: str, nbytes: int) -> int:
-    """A new memfd named ``lora-ipc.<name>`` of exactly ``nbytes``, every page reserved, not yet sealed."""
-    try:
-        fd = os.memfd_create(MEMFD_PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except OSError as exc:
-        raise BackendError(f"cannot create shared memory {name!r}: {exc}") from None
-    try:
-        os.ftruncate(fd, nbytes)
-        os.posix_fallocate(fd, 0, nbytes)  # reserve every page now: ENOSPC/ENOMEM here, never SIGBUS later
-    except OSError as exc:
-        os.close(fd)
-        raise BackendError(f"cannot reserve {nbytes} bytes of shared memory for {name!r}: {exc}") from None
-    return fd
+    """A new memfd named ``lora-ipc.<name>`` of exactly ``nbytes``, every page reserved, sealed against
+    resizing (``F_SEAL_SHRINK | F_SEAL_GROW``) but not yet with ``F_SEAL_SEAL``.
+
+    Note [a new memfd is open to its owner's peers before it is sealed]
+        A same-uid process can open any memfd of ours through ``/proc/<pid>/fd`` the moment it exists
+        (tests/test_map_copy.py's besieger does, in a loop). Its size is therefore sealed right after it is
+        set, and checked once sealed (a resize that came in between is refused here); a hole punched before
+        ``F_SEAL_FUTURE_WRITE`` is filled again by :func:`create_mapped` once that seal is on. Bytes written
+        before then are overwritten by the exporter's pack, which is the only writer afterwards."""
+    for _ in range(RESIZED_TRIES):
+        try:
+            fd = os.memfd_create(MEMFD_PREFIX + name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as exc:
+            raise BackendError(f"cannot create shared memory {name!r}: {exc}") from None
+        try:
+            os.ftruncate(fd, nbytes)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            if os.fstat(fd).st_size != nbytes:  # resized by another process in between: a fresh one
+                os.close(fd)
+                continue
+            os.posix_fallocate(fd, 0, nbytes)  # reserve every page now: ENOSPC/ENOMEM here, never SIGBUS later
+        except OSError as exc:
+            os.close(fd)
+            raise BackendError(f"cannot reserve {nbytes} bytes of shared memory for {name!r}: {exc}") from None
+        return fd
+    raise BackendError(
+        f"shared memory {name!r} was resized by another process before it was sealed, {RESIZED_TRIES} times"
+    )
 
 
 def _seal(fd: int, name: str, seals: int) -> None:
@@ -137,6 +156,13 @@ def create_mapped(name: str, nbytes: int) -> tuple[int, mmap.mmap]:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MAPPABLE_SEALS)
     except OSError:  # EINVAL: a kernel before 5.1 does not know the seal
         _seal(fd, name, SEALS)
+        return fd, mm
+    try:  # no hole can be punched from now on: fill any punched before (Note [a new memfd is open ...])
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        mm.close()
+        os.close(fd)
+        raise BackendError(f"cannot reserve {nbytes} bytes of shared memory for {name!r}: {exc}") from None
     return fd, mm
 
 
@@ -153,15 +179,16 @@ def map_fd(fd: int, nbytes: int, *, writable: bool) -> torch.Tensor:
 
 
 def open_regular(path: str, flags: int = os.O_RDONLY, *, follow: bool = True) -> int:
-    """Open ``path`` (a name a peer chose) only if it is a regular file of this user; never blocks.
+    """Open ``path`` only if it is a regular file of this user; never blocks.
 
     Note [open nothing a peer chose before knowing what it is]
         ``open`` of a FIFO without a writer blocks for ever, and opening a device runs its driver. A path
-        or ``/proc/<pid>/fd/<n>`` named by a peer is therefore first opened with ``O_PATH`` (which opens
-        nothing: no driver, no FIFO wait), checked with ``fstat`` (a regular file owned by this user),
-        and only then reopened through our own ``/proc/self/fd`` entry of that very inode, with
+        a peer named (a CUDA ref-counter file, refcount.py), or our own ``/proc/self/fd/<n>`` entry of a
+        descriptor a peer sent (:func:`reopen_sealed`), is therefore first opened with ``O_PATH`` (which
+        opens nothing: no driver, no FIFO wait), checked with ``fstat`` (a regular file owned by this
+        user), and only then reopened through our own ``/proc/self/fd`` entry of that very inode, with
         ``O_NONBLOCK`` as a second guard. BackendError for anything else. ``follow=False``: a symlink is
-        refused too (``/proc/<pid>/fd`` entries are links that must be followed)."""
+        refused too (``/proc/self/fd`` entries are links that must be followed)."""
     try:
         pinned = os.open(path, os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
     except OSError as exc:
@@ -188,21 +215,6 @@ def check_regular(fd: int, what: str) -> None:
         raise BackendError(f"{what} is not owned by this user (uid {st.st_uid})")
 
 
-def open_sealed(pid: int, fd: int, name: str, min_bytes: int) -> int:
-    """Open another process's sealed memfd ``lora-ipc.<name>`` read-only; every check is on the opened fd
-    (Note [open nothing a peer chose before knowing what it is])."""
-    try:
-        opened = open_regular(f"/proc/{pid}/fd/{fd}")
-    except BackendError as exc:
-        raise BackendError(f"shared memory {name!r} of process {pid}: {exc}") from None
-    try:
-        check_sealed(opened, name, min_bytes)
-    except BaseException:
-        os.close(opened)
-        raise
-    return opened
-
-
 def reopen_sealed(fd: int, name: str, min_bytes: int) -> int:
     """A read-only descriptor of the memfd ``fd`` (one that came by SCM_RIGHTS, possibly writable), after
     checking that ``fd`` is our sealed memfd ``lora-ipc.<name>``: nothing is opened before that. ``fd``
@@ -219,8 +231,8 @@ def reopen_sealed(fd: int, name: str, min_bytes: int) -> int:
 
 
 def check_sealed(opened: int, name: str, min_bytes: int) -> int:
-    """The checks an importer makes on a descriptor it holds (opened through /proc or received by
-    SCM_RIGHTS, fdchannel.py): our memfd ``lora-ipc.<name>``, owned by this user, sealed, large enough.
+    """The checks an importer makes on a descriptor it received by SCM_RIGHTS (fdchannel.py): our memfd
+    ``lora-ipc.<name>``, owned by this user, sealed, large enough, every byte reserved.
     Returns its seals (final: ``F_SEAL_SEAL`` is among them)."""
     expected = f"/memfd:{MEMFD_PREFIX}{name} (deleted)"
     try:
@@ -379,9 +391,10 @@ def map_slab(fd: int, nbytes: int) -> SlabMapping | None:
 
 
 def memfds_of(pid: int) -> dict[str, str]:
-    """The lora-ipc memfds (slabs and generation tables) process ``pid`` holds, for leak checks and
-    status: ``{memfd name as /proc shows it: a /proc/<pid>/fd/<fd> path to it}``, one entry per memfd
-    however many descriptors point at it (Python's mmap holds a dup). Empty once the process is gone."""
+    """The lora-ipc memfds (slabs and generation tables) process ``pid`` holds, for leak checks (the tests):
+    ``{memfd name as /proc shows it: a /proc/<pid>/fd/<fd> path to it}``, one entry per memfd however many
+    descriptors point at it (Python's mmap holds a dup). Empty once the process is gone. It reads the links'
+    names only and opens nothing: no import goes through these paths (the descriptor channel, fdchannel.py)."""
     found: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -438,19 +451,20 @@ class GenerationTable:
 
 
 class GenerationReader:
-    """Importer side: reads counters of one exporter's table with ``pread`` (no mapping at all)."""
+    """Importer side: reads counters of one exporter's table with ``pread`` (no mapping at all), through the
+    table's descriptor that came by the descriptor channel with a slab (fdchannel.py). Owns ``received``
+    from the start: it is closed here if the checks refuse it."""
 
-    def __init__(self, pid: int, fd: int, table_name: str, received: int | None = None):
-        if received is None:
-            self.fd = open_sealed(pid, fd, table_name, GENERATION_COUNTER.size)
-        else:  # a descriptor that came by SCM_RIGHTS (fdchannel.py); this reader owns it once checked
-            try:
-                check_sealed(received, table_name, GENERATION_COUNTER.size)
-            except BaseException:
-                os.close(received)
-                raise
-            self.fd = received
-        self.nbytes = os.fstat(self.fd).st_size
+    def __init__(self, received: int, table_name: str):
+        try:
+            if not table_name.startswith(GENERATION_PREFIX):
+                raise BackendError(f"{table_name!r} is not a lora-ipc generation table")
+            check_sealed(received, table_name, GENERATION_COUNTER.size)
+            self.nbytes = os.fstat(received).st_size
+        except BaseException:
+            os.close(received)
+            raise
+        self.fd = received
 
     def read(self, slot: int) -> int:
         at = generation_offset(slot)
@@ -460,25 +474,3 @@ class GenerationReader:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-MAX_GENERATION_READERS = 16
-_readers: BoundedLRU[tuple[int, int, str], GenerationReader] = BoundedLRU(
-    MAX_GENERATION_READERS, lambda _, reader: reader.close()
-)
-_readers_lock = threading.Lock()
-
-
-def generation_reader(pid: int, fd: int, table: str) -> GenerationReader:
-    """One reader per exporter table per process (bounded; the least recently used is closed). Keyed by
-    the table's name too: a closed store's fd number comes back for the next store's table."""
-    if not table.startswith(GENERATION_PREFIX):
-        raise BackendError(f"{table!r} is not a lora-ipc generation table")
-    key = (pid, fd, table)
-    with _readers_lock:
-        reader = _readers.get(key)
-        if reader is not None:
-            return reader
-    reader = GenerationReader(pid, fd, table)  # checks the opened memfd's name is this table's
-    with _readers_lock:
-        return _readers.put(key, reader)

@@ -22,7 +22,6 @@ from .fields import (
     Count,
     Digest,
     Epoch,
-    Fd,
     Name,
     Number,
     Pid,
@@ -54,6 +53,7 @@ from .limits import (
 )
 from .messages import (
     MESSAGE_TYPES,
+    NO_TOKEN,
     PROTOCOL_VERSION,
     REPLY_TYPES,
     REQUEST_TYPES,
@@ -100,7 +100,6 @@ __all__ = [
     "Entries",
     "Epoch",
     "ErrorReply",
-    "Fd",
     "FetchReply",
     "FetchRequest",
     "Frame",
@@ -126,6 +125,7 @@ __all__ = [
     "MAX_TREE_DEPTH",
     "MAX_VERSIONS_LISTED",
     "MESSAGE_TYPES",
+    "NO_TOKEN",
     "Message",
     "MetricsStatus",
     "Name",

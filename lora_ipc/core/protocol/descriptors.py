@@ -20,8 +20,9 @@ Push (a ``RemoteExporter`` -> daemon), exactly 17 bytes, exactly one descriptor 
 Replies (exporter -> importer), at most :data:`MAX_REPLY` bytes::
 
     +------+-------+
-    | 'K'  | count |     + SCM_RIGHTS [count descriptors]: the slab's, then its generation table's
-    +------+-------+       (1 <= count <= MAX_FDS; a push is answered K 0 with none)
+    | 'K'  | count |     + SCM_RIGHTS [count descriptors]: the slab's (CPU, VMM), then its generation
+    +------+-------+       table's; for a CUDA IPC handle the table's alone
+                           (1 <= count <= MAX_FDS; a push is answered K 0 with none)
 
     +------+------------------------------+
     | 'E'  | reason (UTF-8, <= 511 bytes) |   refused; no descriptor
@@ -32,7 +33,8 @@ Replies (exporter -> importer), at most :data:`MAX_REPLY` bytes::
     +------+------------------------------+   fetch again (a recycled slab, not a failed import)
 
 Anything else, and any descriptor a peer sends unasked, is refused and closed. The peer's identity is
-the kernel's ``SO_PEERCRED`` (:data:`UCRED`: ``struct ucred``, three native ints pid, uid, gid), on both sides.
+the kernel's ``SO_PEERCRED`` (:data:`UCRED`: ``struct ucred``, three native ints pid, uid, gid), on both sides;
+an importer takes descriptors only from the pid that answered its ZeroMQ request (handles name no process).
 """
 
 from __future__ import annotations

@@ -52,7 +52,6 @@ Epoch = Annotated[str, Meta(min_length=1, max_length=MAX_EPOCH_CHARS, pattern=rf
 Positive = Annotated[int, Meta(ge=1, le=I64)]
 Count = Annotated[int, Meta(ge=0, le=I64)]
 Pid = Annotated[int, Meta(ge=1, le=1 << 31)]
-Fd = Annotated[int, Meta(ge=0, le=1 << 20)]
 ByteOffset = Annotated[int, Meta(ge=0, le=MAX_BYTE_OFFSET)]
 #: a float that is not NaN (which fails every comparison, so any bound refuses it) nor -inf
 Number = Annotated[float, Meta(ge=-sys.float_info.max)]

@@ -35,7 +35,6 @@ from .fields import (
     Count,
     Digest,
     Epoch,
-    Fd,
     Name,
     Number,
     Pid,
@@ -95,13 +94,12 @@ Entries = Annotated[list[LayoutEntry], Meta(max_length=MAX_ENTRIES)]
 
 class GenerationSlot(WireStruct, frozen=True):
     """Where the exporter counts reuses of a slab: counter ``slot`` of the generation table (tables.py), a
-    sealed memfd named ``table`` that the exporter process ``pid`` holds as ``fd`` (opened by importers as
-    ``/proc/<pid>/fd/<fd>``, or received by the descriptor channel)."""
+    sealed memfd named ``table``. Its descriptor comes by the descriptor channel with the slab's token (from
+    the process serving the endpoint, checked by the channel's peer credentials, fdchannel.py); the importer
+    checks that what came is the memfd ``table`` (shm.check_sealed)."""
 
-    pid: Pid
-    fd: Fd
     slot: Annotated[int, Meta(ge=0, le=MAX_GENERATION_SLOT)]
-    # the memfd's name: an fd number is reused when a store closes and another opens
+    # the memfd's name: checked on the descriptor that came (a closed store's table is never another's)
     table: Annotated[str, Meta(min_length=1, max_length=MAX_TABLE_NAME_CHARS)]
 
 
@@ -109,8 +107,9 @@ class _Handle(WireStruct, frozen=True, tag_field="backend"):
     """A slab handle: a map whose first key, ``backend``, names the class (``TAG``).
 
     What a kind of handle can do is declared here, not probed: ``PASSES_DESCRIPTOR`` says whether its
-    slab's memory may travel by the descriptor channel (fdchannel.py; such a handle has a ``token`` field),
-    ``channel_token`` is the token it carries (None: open the slab without the channel)."""
+    slab's memory travels by the descriptor channel (fdchannel.py). ``channel_token`` is the one-time token
+    that redeems, at the server's descriptor channel, the slab's descriptor (where it passes one) and its
+    generation table's (where it has a slot): every descriptor an importer uses comes that way."""
 
     PASSES_DESCRIPTOR: ClassVar[bool] = False
 
@@ -120,31 +119,30 @@ class _Handle(WireStruct, frozen=True, tag_field="backend"):
         return None
 
 
-class CpuSlabHandle(_Handle, frozen=True, tag="cpu"):
-    """A CPU slab: a sealed (cannot shrink or grow) memfd that process ``pid`` holds as ``fd``.
+#: the token of a CPU handle no server has attached one to yet (a slab's own handle): never valid on the wire
+NO_TOKEN = b""
 
-    Importers open ``/proc/<pid>/fd/<fd>`` read-only and check owner, seals, size and name on the
-    opened descriptor. No file name exists to race for, and the memory goes when the exporter goes.
+
+class CpuSlabHandle(_Handle, frozen=True, tag="cpu"):
+    """A CPU slab: a sealed (cannot shrink or grow) memfd named ``lora-ipc.<slab_id>``.
+
+    Its descriptor travels only by the descriptor channel: ``token`` (required) redeems it there, with the
+    generation table's, from the process the kernel reports for the endpoint (fdchannel.py). The importer
+    checks name, owner, seals, size and reservation on the descriptor it received before it reads
+    anything. No file name exists to race for, and the memory goes when the exporter goes.
     """
 
     slab_id: SlabId
     nbytes: Positive
-    pid: Pid
-    fd: Fd
+    #: one-time token for the descriptor channel: the memfd (and the generation table) by SCM_RIGHTS
+    token: Token
     generation: GenerationSlot | None = None
-    #: one-time token for the descriptor channel (fdchannel.py): the memfd (and the generation table)
-    #: by SCM_RIGHTS, across pid namespaces; without one, importers open ``path``
-    token: Token | None = None
     TAG: ClassVar[str] = "cpu"
     PASSES_DESCRIPTOR: ClassVar[bool] = True
 
     @property
     def channel_token(self) -> bytes | None:
-        return self.token
-
-    @property
-    def path(self) -> str:
-        return f"/proc/{self.pid}/fd/{self.fd}"
+        return self.token or None
 
 
 class CudaSlabHandle(_Handle, frozen=True, tag="cuda"):
@@ -166,7 +164,14 @@ class CudaSlabHandle(_Handle, frozen=True, tag="cuda"):
     event_sync_required: bool
     ready_event: Annotated[bytes, Meta(max_length=256)]
     generation: GenerationSlot | None = None
+    #: one-time token that redeems the generation table's descriptor (the slab's memory travels as the
+    #: IPC handle above); present whenever ``generation`` is
+    token: Token | None = None
     TAG: ClassVar[str] = "cuda"
+
+    @property
+    def channel_token(self) -> bytes | None:
+        return self.token
 
 
 class VmmSlabHandle(_Handle, frozen=True, tag="vmm"):

@@ -14,7 +14,7 @@ import torch
 from ..backends import ExportedSlab, backend_for, slab_device
 from ..channels.connection import Connection
 from ..channels.endpoint import daemon_endpoint, default_endpoint
-from ..channels.fdchannel import FdChannelUnavailable, push_fd
+from ..channels.fdchannel import push_fd
 from ..memory.layout_cache import LayoutCache
 from ..protocol import PublishReply, PublishRequest, SlabHandle
 from .server import TensorSetServer
@@ -113,17 +113,17 @@ class RemoteTensorSetExporter:
     def _handle_for_daemon(self, slab: ExportedSlab) -> SlabHandle:
         """A handle for one import by the daemon: on CUDA a fresh export (the daemon imports the first and
         consumes the rest: Note [one export per import] in backends/cuda.py); on CPU the staging memfd pushed to
-        the daemon first (fdchannel.py: the daemon may live in another pid namespace), or the plain handle (the
-        daemon opens /proc) where the daemon has no channel."""
+        the daemon's descriptor channel first, the only way it reaches the daemon (fdchannel.py), and named by
+        the push's token. A daemon without a channel is ``FdChannelUnavailable`` (every ``lora-ipc serve``
+        has one: something else listens at the endpoint)."""
 
         handle = slab.handle_for_import()
         if not (slab.passes_descriptor and handle.PASSES_DESCRIPTOR):
             return handle
+        self._conn.vet()  # an endpoint of another uid is refused as such, before its channel is looked for
         fd = slab.descriptor()
         try:
             token = push_fd(self.endpoint, fd, self._trusted_uids, self._timeout_s)
-        except FdChannelUnavailable:
-            return handle
         finally:
             os.close(fd)
         return msgspec.structs.replace(handle, token=token)

@@ -62,12 +62,20 @@ def _filter_peers(sock: zmq.Socket, uids: set[int]) -> bool:
 def publish_source_key(peer: bytes, handle: p.SlabHandle) -> tuple:
     """What a daemon keys a publisher's opened staging slab by: the connection that sent it and the memory the
     handle names. A CUDA handle's ref-counter fields change with every publish (each carries a fresh export,
-    Note [one export per import]); the memory they export does not."""
+    Note [one export per import]); the memory they export does not. Nor does a token (a CPU staging memfd is
+    pushed again with each publish)."""
     if isinstance(handle, p.CudaSlabHandle):
         handle = msgspec.structs.replace(
-            handle, ref_counter_handle=b"", ref_counter_offset=0, event_handle=b"", event_sync_required=False
+            handle,
+            ref_counter_handle=b"",
+            ref_counter_offset=0,
+            event_handle=b"",
+            event_sync_required=False,
+            token=None,
         )
-    elif handle.channel_token is not None:  # a CPU staging memfd pushed again with each publish
+    elif isinstance(handle, p.CpuSlabHandle):
+        handle = msgspec.structs.replace(handle, token=p.NO_TOKEN)
+    elif handle.channel_token is not None:
         handle = msgspec.structs.replace(handle, token=None)
     return (peer, handle)
 
@@ -329,8 +337,9 @@ class TensorSetServer:
     def _on_publish(self, msg: p.PublishRequest, peer: bytes) -> p.PublishReply:
         """Copy a publisher's staging slab in. The slab is opened once and kept (CUDA IPC handles must not
         be re-opened), keyed by the connection that sent it (its ROUTER identity) and the whole handle
-        (pid, fd, name, size; the CUDA memory handle): an import made for one connection is never used
-        for another, whatever slab id either of them names."""
+        (name, size; the CUDA memory handle): an import made for one connection is never used for another,
+        whatever slab id either of them names. A CPU staging slab's memfd comes only by the daemon's
+        descriptor channel, pushed with the token the handle names (a handle naming none is refused)."""
         layout = SlabLayout.from_wire(msg.entries, msg.used_bytes, msg.slab.nbytes)
         key = publish_source_key(peer, msg.slab)
         source = self._publish_sources.get(key)

@@ -18,7 +18,6 @@ Note [a generation bump before every write]
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 
@@ -144,9 +143,8 @@ class SlabPool:
                     table.free_slot(slot)
                 self._bytes -= size
             raise
-        slab.handle = msgspec.structs.replace(
-            slab.handle, generation=GenerationSlot(os.getpid(), table.fd, slot, table.name)
-        )
+        slab.handle = msgspec.structs.replace(slab.handle, generation=GenerationSlot(slot, table.name))
+        slab.generation_fd = table.fd  # the descriptor channel sends the table with the slab (fdchannel.py)
         with self._lock:
             if self._closed:  # closed while this slab was being allocated: it never joins the pool
                 self._bytes -= size
