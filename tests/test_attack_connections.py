@@ -421,33 +421,47 @@ def test_idle_connections_to_the_metrics_port_are_bounded():
             server.server_close()
 
 
-def test_a_connection_that_asked_before_the_guard_saw_its_accept_is_not_shed_as_a_squatter(tmp_path):
-    """The guard learns of accepts from a monitor that runs behind the server loop: a client that connects and
-    asks at once is touched before its accept is seen. That request must still count: before, the connection
-    was listed as one that never asked, first in accept order, and a flood arriving then shed it before any
-    squatter (the legitimate client was dropped under load)."""
+@contextlib.contextmanager
+def _held_guard(tmp_path, events: str):
+    """A ROUTER with a guard whose thread stops at each monitor event of ``events`` ("accepts" or "all") until
+    the Event yielded is set, and a DEALER that has connected and said hello: (router, guard, may_pass)."""
     import threading
 
     from lora_ipc.core.channels import guard as guard_module
 
-    accepts_may_pass = threading.Event()
+    may_pass = threading.Event()
 
-    class LateMonitor(guard_module.ConnectionGuard):
+    class HeldMonitor(guard_module.ConnectionGuard):
         def _on_event(self, event: int, fd: int) -> None:
-            if event == zmq.EVENT_ACCEPTED:
-                assert accepts_may_pass.wait(30)
+            if events == "all" or event == zmq.EVENT_ACCEPTED:
+                assert may_pass.wait(30)
             super()._on_event(event, fd)
 
     path = str(tmp_path / "g.sock")
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
-    guard = LateMonitor(router, path)
+    guard = HeldMonitor(router, path)
     dealer = ctx.socket(zmq.DEALER)
     try:
         router.bind(f"ipc://{path}")
         dealer.connect(f"ipc://{path}")
         dealer.send_multipart([b"", b"hello"])
         assert router.poll(10_000)
+        yield router, guard, may_pass
+    finally:
+        may_pass.set()
+        guard.close()
+        dealer.close(0)
+        router.close(0)
+        ctx.term()
+
+
+def test_a_connection_that_asked_before_the_guard_saw_its_accept_is_not_shed_as_a_squatter(tmp_path):
+    """The guard learns of accepts from a monitor that runs behind the server loop: a client that connects and
+    asks at once is touched before its accept is seen. That request must still count: before, the connection
+    was listed as one that never asked, first in accept order, and a flood arriving then shed it before any
+    squatter (the legitimate client was dropped under load)."""
+    with _held_guard(tmp_path, "accepts") as (router, guard, accepts_may_pass):
         *_, payload = router.recv_multipart(copy=False)
         fd = payload.get(zmq.SRCFD)
         guard.touch(fd)  # the server loop, before the guard thread has seen the accept
@@ -459,12 +473,6 @@ def test_a_connection_that_asked_before_the_guard_saw_its_accept_is_not_shed_as_
         with guard._lock:
             (held,) = guard._by_share.values()
             assert list(held.active) == [fd] and not held.idle, "counted as a connection that never asked"
-    finally:
-        accepts_may_pass.set()
-        guard.close()
-        dealer.close(0)
-        router.close(0)
-        ctx.term()
 
 
 def _two_clients_in_turn(endpoint, conn):
@@ -553,40 +561,13 @@ def test_a_lease_survives_the_late_close_of_the_connection_that_had_its_fd_befor
 def test_a_guard_far_behind_is_not_waited_for(tmp_path):
     """A guard still busy with earlier events (a flood) is not waited for beyond CATCH_UP_S, and then not asked
     again for CATCH_UP_BACKOFF_S: the server's time is not the flood's."""
-    import threading
-
-    from lora_ipc.core.channels import guard as guard_module
-
-    events_may_pass = threading.Event()
-
-    class StuckMonitor(guard_module.ConnectionGuard):
-        def _on_event(self, event: int, fd: int) -> None:
-            assert events_may_pass.wait(30)
-            super()._on_event(event, fd)
-
-    path = str(tmp_path / "g.sock")
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    guard = StuckMonitor(router, path)
-    dealer = ctx.socket(zmq.DEALER)
-    try:
-        router.bind(f"ipc://{path}")
-        dealer.connect(f"ipc://{path}")
-        dealer.send_multipart([b"", b"hello"])
-        assert router.poll(10_000)  # its ACCEPTED is queued; the guard thread is stuck in it
+    with _held_guard(tmp_path, "all") as (router, guard, events_may_pass):
+        # the DEALER's ACCEPTED is queued, and the guard thread is stuck in it
         assert guard.catch_up(timeout_s=0.2) is False and guard.catch_ups_given_up == 1
         asked = guard._catch_ups_asked
         assert guard.catch_up(timeout_s=30) is False  # backing off: returns without asking (or waiting)
         assert guard._catch_ups_asked == asked and guard.catch_ups_given_up == 1
         events_may_pass.set()
         guard._catch_up_again_at = 0.0  # the backoff over
-        assert (
-            guard.catch_up(timeout_s=30) is True
-            and guard.connection(router.recv_multipart(copy=False)[-1].get(zmq.SRCFD)) is not None
-        )
-    finally:
-        events_may_pass.set()
-        guard.close()
-        dealer.close(0)
-        router.close(0)
-        ctx.term()
+        assert guard.catch_up(timeout_s=30) is True
+        assert guard.connection(router.recv_multipart(copy=False)[-1].get(zmq.SRCFD)) is not None
