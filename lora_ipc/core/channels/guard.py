@@ -63,11 +63,17 @@ RESERVE_FDS = 128  # fds left for everything else in the process (slabs, files, 
 BACKLOG = 16  # connections waiting in the kernel queue (libzmq's default is 100)
 _EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 _POLL_MS = 100
-# the most a server waits for the guard thread to catch up with its monitor, and how long it then stops asking:
-# a guard that is behind by more is busy with a flood, and waiting on it would hand the flood the server's time
-CATCH_UP_S = 0.05
-CATCH_UP_BACKOFF_S = 1.0
 _EVENT = struct.Struct("=Hi")  # a monitor event's first frame: event, value (for ACCEPTED: the fd)
+
+
+def socket_inode(fd: int) -> int | None:
+    """The inode of what ``fd`` is now, None if nothing. A socket's inode number is its own while it lives, so
+    it tells a connection from an earlier or later one with the same fd number, and whether it is still open
+    (libzmq closes a connection's fd when the peer goes)."""
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return None
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -197,14 +203,6 @@ class ConnectionGuard:
         self.sheds = 0
         self.peak = 0
         self.disconnects = 0
-        # catching up on request (Note [a message names a connection the monitor may not have shown yet]): the
-        # server writes a byte to the pipe and waits until the guard thread has handled what the monitor held
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._catch_up = threading.Condition(threading.Lock())
-        self._catch_ups_asked = 0
-        self._catch_ups_done = 0
-        self._catch_up_again_at = 0.0  # after one that took too long (server thread only)
-        self.catch_ups_given_up = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lora-ipc-guard", daemon=True)
         self._thread.start()
@@ -227,50 +225,8 @@ class ConnectionGuard:
                 self._asked_before_accept.add(fd)
 
     def connection(self, fd: int) -> int | None:
-        """Which connection ``fd`` is now (a serial number, new with each accept), None if not one of ours.
-        As far as the guard thread has seen: call :meth:`catch_up` first to name the connection a message just
-        read came on."""
+        """Which connection ``fd`` is now (a serial number, new with each accept), None if not one of ours."""
         return self._serial.get(fd)
-
-    def catch_up(self, timeout_s: float | None = None) -> bool:
-        """Wait until the guard thread has handled every monitor event queued before this call; False if it
-        did not within ``timeout_s`` (default :data:`CATCH_UP_S`; then no wait at all for
-        :data:`CATCH_UP_BACKOFF_S`), or has stopped. Called by the server loop's thread only.
-
-        Note [a message names a connection the monitor may not have shown yet]
-            The guard learns of accepts and closes from libzmq's monitor, in a thread of its own that runs
-            behind the server loop. libzmq queues a connection's ``ACCEPTED`` before any of its messages can
-            be read, and an fd's ``DISCONNECTED`` before that fd number can be accepted again. So once the
-            guard has handled everything queued when a message was read, :meth:`connection` of the message's
-            fd is the connection it came on (or a later one on that number, or none). Without that wait, a
-            client whose connection reused the number of one that had just closed (often the endpoint probe
-            every client makes before it connects) was taken for the closed one, and its leases were
-            dropped when the guard then saw the old close. A guard far behind (a flood of connections) is
-            not waited for: the server's time is not the flood's to spend, and such a client is pinned as
-            before (its leases may go early; its copy is still checked by the slab's generation).
-        """
-        now = time.monotonic()
-        if now < self._catch_up_again_at:
-            return False
-        if not self._thread.is_alive():
-            return False
-        with self._catch_up:
-            self._catch_ups_asked += 1
-            ticket = self._catch_ups_asked
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:  # the pipe is full of wake-ups already: the thread is woken
-            pass
-        except OSError:  # closed: the guard has stopped
-            return False
-        with self._catch_up:
-            caught_up = self._catch_up.wait_for(
-                lambda: self._catch_ups_done >= ticket, CATCH_UP_S if timeout_s is None else timeout_s
-            )
-        if not caught_up:
-            self.catch_ups_given_up += 1
-            self._catch_up_again_at = time.monotonic() + CATCH_UP_BACKOFF_S
-        return caught_up
 
     def is_open(self, connection: int | None) -> bool:
         """Whether the connection with this serial is still open (as far as the guard has seen)."""
@@ -297,23 +253,14 @@ class ConnectionGuard:
             pass
         self._stop.set()
         self._thread.join(2.0)
-        if not self._thread.is_alive():
-            for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
 
     # ---- the guard thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._mon, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if not poller.poll(_POLL_MS):
+                if not self._mon.poll(_POLL_MS):
                     continue
-                with self._catch_up:  # read before the monitor is drained: these asked for what it holds now
-                    asked = self._catch_ups_asked
-                self._drain_wake_ups()
                 recv, unpack, on_event = self._mon.recv, _EVENT.unpack_from, self._on_event
                 while True:
                     try:
@@ -325,23 +272,10 @@ class ConnectionGuard:
                         on_event(*unpack(head))
                 with self._lock:
                     self._shed()
-                with self._catch_up:
-                    self._catch_ups_done = max(self._catch_ups_done, asked)
-                    self._catch_up.notify_all()
         except zmq.ZMQError as exc:  # context terminated under us: nothing left to guard
             log.debug("guard stopped: %s", exc)
         finally:
             self._mon.close(0)
-            with self._catch_up:  # nobody waits on a stopped guard
-                self._catch_ups_done = self._catch_ups_asked
-                self._catch_up.notify_all()
-
-    def _drain_wake_ups(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except OSError:  # EAGAIN: empty
-            pass
 
     def _on_event(self, event: int, fd: int) -> None:
         with self._lock:

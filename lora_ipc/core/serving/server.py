@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import zmq
@@ -25,7 +25,7 @@ from ..backends import ImportedSlab, open_slab
 from ..channels.connection import make_socket
 from ..channels.endpoint import prepare_ipc_path
 from ..channels.fdchannel import FdServer
-from ..channels.guard import ConnectionGuard
+from ..channels.guard import ConnectionGuard, socket_inode
 from ..errors import LeaseError, LoraIpcError, ProtocolError
 from ..lru import BoundedLRU
 from ..memory.layout import SlabLayout
@@ -42,6 +42,19 @@ MAX_LISTED_BYTES = 64 << 10  # what a list or status reply lists one by one; the
 TRIM_INTERVAL_S = 1.0  # after peers went away, give freed heap back to the OS at most this often
 MAX_PUBLISH_SOURCES = 8  # publishers' staging slabs a daemon keeps mapped (CUDA IPC handles must not be re-opened)
 UNSEEN_GRACE_S = 0.5  # a lease holder on a connection the guard had not seen is taken for alive this long
+
+
+class PeerConnection(NamedTuple):
+    """The connection a peer's messages came on (Note [a message names its connection late]): the fd they were
+    read from, the guard's serial for that connection (None where the guard had not seen it yet) and the
+    inode of its socket (None if it could not be read)."""
+
+    fd: int
+    serial: int | None
+    inode: int | None
+
+
+NO_CONNECTION = PeerConnection(-1, None, None)
 
 
 def _filter_peers(sock: zmq.Socket, uids: set[int]) -> bool:
@@ -114,11 +127,11 @@ class TensorSetServer:
             raise
         self._trimmed_at = (0.0, 0)
         # routing id -> the connection it came on (Note [a message names its connection late])
-        self._peers: BoundedLRU[bytes, tuple[int, int | None]] = BoundedLRU(4 * self.guard.cap)
+        self._peers: BoundedLRU[bytes, PeerConnection] = BoundedLRU(4 * self.guard.cap)
         # routing ids holding leases -> their connection and when it was first named so (Note [leases die with
         # their connection], store.py)
-        self._fetchers: dict[bytes, tuple[tuple[int, int | None], float]] = {}
-        self._asking: tuple[int, int | None] = (-1, None)  # the connection of the request being served
+        self._fetchers: dict[bytes, tuple[PeerConnection, float]] = {}
+        self._asking = NO_CONNECTION  # the connection of the request being served
         store.holder_alive = self._holder_alive
         self.requests = 0
         # (publishing connection, its handle) -> import: see _on_publish
@@ -174,40 +187,64 @@ class TensorSetServer:
             self._trimmed_at = (now, self.guard.disconnects)
             _malloc_trim()
 
-    def _connection_of(self, identity: bytes, fd: int) -> tuple[int, int | None]:
-        """The connection a peer's messages come on: its fd and the guard's serial for it, as first seen.
+    def _connection_of(self, identity: bytes, fd: int) -> PeerConnection:
+        """The connection a peer's messages come on: its fd, the guard's serial for it and its socket's inode,
+        as first seen.
 
         Note [a message names its connection late]
             A message's ``SRCFD`` is the fd it was read from, but messages already read stay queued in
             the socket after their connection closed, and by the time the server reads them the fd may
             belong to another peer. So the server pins each peer (routing id) to the connection it
             first came on; a drop names that connection and the guard refuses it once the fd is
-            another one. The guard is asked to catch up with its monitor first (Note [a message names
-            a connection the monitor may not have shown yet], guard.py), so the pin names this
-            connection, not one that closed on the same fd number before it; where it could not catch
-            up, a peer may be pinned to the previous connection and is never dropped for not reading
-            (the guard's cap still sheds it).
+            another one. Pinned before the guard saw the accept, a peer is pinned to the previous
+            connection and is never dropped for not reading (the guard's cap still sheds it).
+
+        Note [a connection is known by its socket's inode]
+            The guard learns of accepts and closes from libzmq's monitor, in a thread that runs behind the
+            server loop, so its serial for an fd can be the previous connection's. Every client probes the
+            endpoint (connect, close) just before its ZeroMQ socket connects, and that connection usually
+            gets the probe's fd number: its first request was taken for the probe's connection, and when the
+            guard then saw the probe's close, the client's leases were dropped (under load). The inode of the
+            socket an fd is when a message is read names the connection itself: while that socket lives, no
+            other has its inode, and libzmq closes the fd when the peer goes. So a close on a holder's fd
+            drops its leases only if its socket is no longer there, whatever serial it was pinned to.
         """
         pinned = self._peers.get(identity)
-        if pinned is None or pinned[0] != fd:
-            self.guard.catch_up()
-            pinned = self._peers.put(identity, (fd, self.guard.connection(fd)))
+        if pinned is None or pinned.fd != fd:
+            inode = socket_inode(fd) if fd >= 0 else None
+            pinned = self._peers.put(identity, PeerConnection(fd, self.guard.connection(fd), inode))
         return pinned
+
+    @staticmethod
+    def _socket_open(connection: PeerConnection) -> bool | None:
+        """Whether the holder's connection is still open, told by its socket's inode; None where it is unknown."""
+        if connection.inode is None:
+            return None
+        return socket_inode(connection.fd) == connection.inode
 
     def _release_closed(self) -> None:
         """Leases of connections the guard saw close are released now (Note [leases die with their
-        connection], store.py), not ``lease_timeout_s`` later. A holder pinned before the guard knew its
-        connection (serial None) goes with the next connection that closes on its fd."""
+        connection], store.py), not ``lease_timeout_s`` later: a holder whose fd closed goes if its socket is
+        gone (Note [a connection is known by its socket's inode]); where its inode is unknown, if its serial
+        closed, or with the next connection that closes on its fd if it was pinned with no serial."""
         closed = self.guard.closed
         if not closed:
             return
-        gone: set[tuple[int, int | None]] = set()
+        serials: set[int] = set()
+        fds: set[int] = set()
         while closed:
             fd, serial = closed.popleft()
-            gone.add((fd, serial))
-            gone.add((fd, None))
+            serials.add(serial)
+            fds.add(fd)
         for holder, (connection, _) in list(self._fetchers.items()):
-            if connection in gone or not self.store.holds_leases(holder):
+            gone = False
+            if connection.fd in fds:
+                is_open = self._socket_open(connection)
+                if is_open is not None:
+                    gone = not is_open
+                else:
+                    gone = connection.serial is None or connection.serial in serials
+            if gone or not self.store.holds_leases(holder):
                 del self._fetchers[holder]
                 self.store.release_holder(holder)
 
@@ -217,15 +254,18 @@ class TensorSetServer:
         entry = self._fetchers.get(holder)
         if entry is None:
             return True
-        (_fd, serial), since = entry
-        if serial is None:
+        connection, since = entry
+        is_open = self._socket_open(connection)
+        if is_open is not None:
+            return is_open
+        if connection.serial is None:
             # named when the guard knew no connection on its fd: one not seen yet (alive, and seen within
             # moments) or one already closed (its message read late). Which, no one can tell later: the fd
             # may carry another connection by then. Given the benefit of the doubt for a while only.
             return time.monotonic() - since < UNSEEN_GRACE_S
-        return self.guard.is_open(serial)
+        return self.guard.is_open(connection.serial)
 
-    def _serve_one(self, frames: list[bytes], connection: tuple[int, int | None] = (-1, None)) -> None:
+    def _serve_one(self, frames: list[bytes], connection: PeerConnection = NO_CONNECTION) -> None:
         # DEALER peers send [identity, b"", payload]; anything else is answered with an error if addressable
         self.requests += 1
         if len(frames) < 2:
@@ -259,7 +299,7 @@ class TensorSetServer:
             reply = p.ErrorReply("LoraIpcError", f"internal error: {type(exc).__name__}: {exc}")
         self._reply(identity, p.encode(reply, request_id), connection, request_id)
 
-    def _reply(self, identity: bytes, payload: bytes, connection: tuple[int, int | None], request_id: int) -> None:
+    def _reply(self, identity: bytes, payload: bytes, connection: PeerConnection, request_id: int) -> None:
         """Send one reply without blocking; a peer that does not read its replies is disconnected.
 
         Note [a full queue, judged late]
@@ -279,7 +319,7 @@ class TensorSetServer:
                 self._sock.getsockopt(zmq.EVENTS)  # process pending commands: the peer's reads catch up
                 self._sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:  # still SEND_HWM replies unread: a peer that does not read is disconnected
-            if self.guard.drop(*connection):
+            if self.guard.drop(connection.fd, connection.serial):
                 log.warning("peer on fd %d does not read its replies: disconnected", connection[0])
         except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH): never block the loop on one client
             if exc.errno != errno.EHOSTUNREACH:
