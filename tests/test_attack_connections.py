@@ -539,7 +539,7 @@ def test_a_lease_survives_the_late_close_of_the_connection_that_had_its_fd_befor
             lease_id = here.recv()
             pin_b = next(reversed(server._peers.values()))
             reused = pin_b.fd == pin_a.fd
-            assert pin_b.inode != pin_a.inode, "B's connection was taken for A's"
+            assert pin_b.socket != pin_a.socket, "B's connection was taken for A's"
             deadline = time.monotonic() + 10
             while server.guard.disconnects < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)

@@ -66,14 +66,16 @@ _POLL_MS = 100
 _EVENT = struct.Struct("=Hi")  # a monitor event's first frame: event, value (for ACCEPTED: the fd)
 
 
-def socket_inode(fd: int) -> int | None:
-    """The inode of what ``fd`` is now, None if nothing. A socket's inode number is its own while it lives, so
-    it tells a connection from an earlier or later one with the same fd number, and whether it is still open
-    (libzmq closes a connection's fd when the peer goes)."""
+def socket_identity(fd: int) -> tuple[int, int] | None:
+    """The (device, inode) of what ``fd`` is now, None if nothing. A socket's inode number is its own while it
+    lives, so it tells a connection from an earlier or later one with the same fd number, and whether it is
+    still open (libzmq closes a connection's fd when the peer goes); the device keeps an fd reused for a file
+    of another filesystem with the same inode number from passing for it."""
     try:
-        return os.fstat(fd).st_ino
-    except OSError:
+        st = os.fstat(fd)
+    except OSError:  # EBADF: closed (or -1, no fd at all)
         return None
+    return st.st_dev, st.st_ino
 
 
 def raise_nofile_limit() -> tuple[int, int]:

@@ -25,7 +25,7 @@ from ..backends import ImportedSlab, open_slab
 from ..channels.connection import make_socket
 from ..channels.endpoint import prepare_ipc_path
 from ..channels.fdchannel import FdServer
-from ..channels.guard import ConnectionGuard, socket_inode
+from ..channels.guard import ConnectionGuard, socket_identity
 from ..errors import LeaseError, LoraIpcError, ProtocolError
 from ..lru import BoundedLRU
 from ..memory.layout import SlabLayout
@@ -46,12 +46,12 @@ UNSEEN_GRACE_S = 0.5  # a lease holder on a connection the guard had not seen is
 
 class PeerConnection(NamedTuple):
     """The connection a peer's messages came on (Note [a message names its connection late]): the fd they were
-    read from, the guard's serial for that connection (None where the guard had not seen it yet) and the
-    inode of its socket (None if it could not be read)."""
+    read from, the guard's serial for that connection (None where the guard had not seen it yet) and its
+    socket's (device, inode) (:func:`~..channels.guard.socket_identity`; None if it could not be read)."""
 
     fd: int
     serial: int | None
-    inode: int | None
+    socket: tuple[int, int] | None
 
 
 NO_CONNECTION = PeerConnection(-1, None, None)
@@ -211,16 +211,15 @@ class TensorSetServer:
         """
         pinned = self._peers.get(identity)
         if pinned is None or pinned.fd != fd:
-            inode = socket_inode(fd) if fd >= 0 else None
-            pinned = self._peers.put(identity, PeerConnection(fd, self.guard.connection(fd), inode))
+            pinned = self._peers.put(identity, PeerConnection(fd, self.guard.connection(fd), socket_identity(fd)))
         return pinned
 
     @staticmethod
     def _socket_open(connection: PeerConnection) -> bool | None:
         """Whether the holder's connection is still open, told by its socket's inode; None where it is unknown."""
-        if connection.inode is None:
+        if connection.socket is None:
             return None
-        return socket_inode(connection.fd) == connection.inode
+        return socket_identity(connection.fd) == connection.socket
 
     def _release_closed(self) -> None:
         """Leases of connections the guard saw close are released now (Note [leases die with their
