@@ -30,8 +30,8 @@ Note [a copy out of a mapping]
     (fault-around) and, at the end, the unmap of every page instead, which is no better. An importer
     therefore maps a slab once, read-only, and keeps that mapping as long as it keeps the slab's
     descriptor (:class:`SlabMapping`): its first copy faults the pages in, every later copy is a plain
-    ``copy_`` split across torch's threads, as fast as a copy between two warm buffers (20 MB: 1.7 ms
-    against 4.9 ms with ``pread`` and 1.9 ms warm to warm, measured on the same VM).
+    ``copy_`` split across torch's threads, as fast as a copy between two warm buffers (measured in
+    docs/development/benchmarks.md, "The CPU copy at its floor").
     Its risks and their answers:
 
     - SIGBUS: an access past the end of the file (a truncation) or of a page another process freed (a hole
