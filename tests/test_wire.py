@@ -57,6 +57,7 @@ def sample_messages():
             lay.used_bytes,
             [cpu.slab_id],
             EPOCH,
+            32768 + 256,
         ),
         p.FetchReply("policy", 3, 9, b"c" * 16, None, cuda.slab_id, cuda, 4, lay.digest, None, 512, [], EPOCH),
         p.FetchReply(
@@ -67,6 +68,8 @@ def sample_messages():
         p.ReleaseReply(5),
         p.PublishRequest("policy", config, vmm, lay.to_wire(), lay.used_bytes),
         p.PublishReply("policy", 4),
+        p.FetchNote("policy", [p.BoardFetch(3, 0.4), p.BoardFetch(4, 0.0)]),
+        p.FetchNoteReply(2),
         p.StatusRequest(),
         p.StatusReply(status_report()),
         p.ErrorReply("LayoutError", "bad layout"),

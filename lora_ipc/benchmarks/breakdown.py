@@ -39,6 +39,7 @@ from typing import Any
 from ..core.memory.host_buffers import HOST_BUFFERS
 from .timing import now, percentile, save_json
 
+CONSUMER_TIMEOUT_S = 60.0  # the transport benchmark's consumer answers each fetch within this, or the run fails
 _lora_ids = itertools.count(1)  # every LoRA id this process gives the engine: never one twice
 
 STAGES = {
@@ -450,6 +451,8 @@ def run_transport(args) -> dict:
                             version = exporter.publish(name, tensors, config)
                             t1 = now()
                             parent.send((exporter.endpoint, name, version))
+                            if not parent.poll(CONSUMER_TIMEOUT_S) or not proc.is_alive() and not parent.poll(0):
+                                raise RuntimeError(f"the consumer process did not answer (exit code {proc.exitcode})")
                             t2, fetch_ms, stages, new_slab, count = parent.recv()
                             assert count == len(tensors)
                             stages["publish_ms"] = (t1 - t0) * 1e3

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import BackendError
+from ..memory.board import NewestEntry
 from ..memory.layout import SlabLayout
 from ..memory.shm import GenerationReader, reopen_sealed
 from ..protocol import SlabHandle
@@ -83,6 +84,10 @@ class ImportedSlab(ABC):
     # the reader of the exporter's generation table that came with this slab by the descriptor channel (the
     # only way it comes): this slab's own, never shared with a slab of another server (imports.py)
     _generations: GenerationReader | None = None
+    #: a copy out of this slab needs nothing from the exporter but the bytes and the generation check, so a client
+    #: may make it from the newest-version board without a request (Note [a fetch without a request], client.py).
+    #: Not a CUDA slab: each publish there has a ready event of its own, which only a fetch reply carries.
+    COPIES_WITHOUT_REQUEST: ClassVar[bool] = False
 
     def consume(self, handle: SlabHandle) -> None:  # noqa: B027 - a no-op by default, on purpose
         """Account for a surplus handle of this already-open slab (CUDA: release its ref counter)."""
@@ -95,6 +100,11 @@ class ImportedSlab(ABC):
         if self._generations is None:
             raise BackendError(f"slab {self.slab_id!r}: its generation table never came by the descriptor channel")
         return self._generations.read(slot.slot)
+
+    def newest_at(self, offset: int) -> NewestEntry | None:
+        """The newest-version board entry at byte ``offset`` of this slab's generation table (None: none there
+        now, or no table)."""
+        return None if self._generations is None else self._generations.newest_at(offset)
 
     def _close_generations(self) -> None:
         if self._generations is not None:

@@ -69,6 +69,7 @@ BOUNCE_BYTES = 16 << 20  # one chunk of a host-staged copy into device memory (t
 
 class CpuImportedSlab(ImportedSlab):
     device = torch.device("cpu")
+    COPIES_WITHOUT_REQUEST = True
 
     def __init__(self, handle: CpuSlabHandle, receive=None):
         if not handle.channel_token or receive is None:

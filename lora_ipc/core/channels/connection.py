@@ -15,6 +15,7 @@ from .endpoint import ServerIdentity, ipc_path, server_identity
 
 T = TypeVar("T", bound=p.Message)
 TRUST_POLL_S = 0.01
+MAX_DISCARDED = 64  # replies one notify drops at most (each later request skips what is left)
 
 
 def make_socket(context: zmq.Context | None, kind: int) -> zmq.Socket:
@@ -115,6 +116,18 @@ class Connection:
         request_id = next(self._request_ids)
         self._zmq(self._sock.send_multipart, [b"", p.encode(message, request_id)], zmq.NOBLOCK)
         return request_id
+
+    def notify(self, message: p.Message) -> None:
+        """Send ``message`` without waiting for its reply, and drop the replies already here: a client that only
+        notifies never asks, so nothing else would read them, and a server drops a peer whose replies pile up."""
+        self.send(message)
+        for _ in range(MAX_DISCARDED):
+            try:
+                self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed under us: the next request reports it
+                return
 
     def request(self, message: p.Message, reply_type: type[T], deadline: float | None = None) -> T:
         """One request and its reply, within ``timeout_s`` (and by ``deadline``, a ``time.monotonic()``

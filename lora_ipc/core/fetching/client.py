@@ -1,9 +1,26 @@
 """TensorSetClient: fetch a published tensor set (an adapter, a refit bucket) into tensors this process owns.
 
-One fetch is one round trip: ``FetchRequest`` -> ``FetchReply`` (a lease). The slab is imported the
+A first fetch is one round trip: ``FetchRequest`` -> ``FetchReply`` (a lease). The slab is imported the
 first time and kept open; the layout is validated the first time and cached by digest, so a steady
 state reply carries neither. Then the used bytes are copied into owned memory in one copy, the
 lease is released (sent, not waited for) and the owned buffer is cut into per-tensor views.
+
+Note [a fetch without a request]
+    Once a client holds a name's slabs, layout and config, the reply tells it nothing the exporter's
+    newest-version board (memory/board.py) does not: which version is newest, in which slab, at which
+    generation. A fetch of the newest version (or of the version the board names) therefore reads the name's
+    board entry, copies out of the slab it names and checks the slab's generation after the copy, as a
+    leased copy is checked: no request, no lease, no release, none of the round trip's thread hand-offs
+    (a ZeroMQ round trip between idle processes costs 0.4-0.6 ms on a 2-core VM, a board read a few
+    microseconds). It then sends a ``FetchNote`` without waiting, so the server's fetch metrics still count it.
+    Anything else asks the server, as before: no entry yet (a first fetch), an entry being written or
+    withdrawn (the store closed), a slab, layout or config this client does not hold (a new slab, a new
+    shape), an older version pinned, another epoch, a slab reused during the copy (the copy is discarded),
+    a CUDA slab (its ready event comes with a reply), or a server that is no longer the one that wrote the
+    entry or no longer runs (:class:`~.board.ServerWatch`). A server whose board is gone (it exited, it closed
+    its store) is therefore still found out by the request, with the same errors as before.
+    Without a lease, a slab can be reused under the copy more often than with one; the generation check
+    makes that a discarded copy and a request, never a torn version.
 """
 
 from __future__ import annotations
@@ -40,10 +57,13 @@ from ..errors import (
 )
 from ..lru import BoundedLRU
 from ..memory.layout import SlabLayout
-from .imports import REGISTRY, ImportKey
+from .board import BoardSpot, ServerWatch
+from .imports import REGISTRY, ImportKey, key_for
 
 MAX_CACHED_LAYOUTS = 32
 MAX_CACHED_SLABS = 32
+MAX_BOARD_SPOTS = 64  # names whose board entry a client remembers
+NOTE_INTERVAL_S = 1.0  # board fetches are told to the server at least this often while a client fetches
 ENV_TRANSPORT = "LORA_IPC_TRANSPORT"
 ENV_MAX_FETCH_BYTES = "LORA_IPC_MAX_FETCH_BYTES"
 DEFAULT_MAX_FETCH_BYTES = 4 << 30
@@ -133,6 +153,14 @@ class TensorSetClient:
         )  # this client's holds on imports
         self._layouts: BoundedLRU[bytes, SlabLayout] = BoundedLRU(MAX_CACHED_LAYOUTS)
         self._configs: BoundedLRU[bytes, dict] = BoundedLRU(16)
+        # where each name's newest-version board entry is read, and whether its writer still runs (Note [a fetch
+        # without a request])
+        self._spots: BoundedLRU[str, BoardSpot] = BoundedLRU(MAX_BOARD_SPOTS)
+        self._watch: ServerWatch | None = None
+        self.board_fetches = 0  # fetches made from the board, without a request
+        # board fetches not yet told to the server, per name, and since when (Note [a fetch without a request])
+        self._untold: dict[str, list[p.BoardFetch]] = {}
+        self._untold_since = 0.0
         # the last fetch's stages in ms (request round trip, slab import incl. descriptor passing, copy into
         # owned memory, lease release, unpack): what ``lora-ipc bench --breakdown`` reports
         self.last_stages: dict[str, float] = {}
@@ -166,6 +194,7 @@ class TensorSetClient:
         ``name``, only that name's entry (none if it was never published), which is never cut: look a
         name up this way."""
         with self._locked():
+            self._tell_untold()
             return self._conn.request(p.ListRequest(name), p.ListReply)
 
     def versions(self, name: str) -> builtins.list[int]:  # `list` is a method here
@@ -177,6 +206,7 @@ class TensorSetClient:
     def status(self) -> p.StatusReport:
         """The server's operator view (``msgspec.to_builtins`` makes it plain data, keyed as on the wire)."""
         with self._locked():
+            self._tell_untold()
             return self._conn.request(p.StatusRequest(), p.StatusReply).report
 
     def fetch(
@@ -249,6 +279,10 @@ class TensorSetClient:
         deadline: float,
     ) -> TensorSet:
         with self._locked():
+            from_board = self._fetch_from_board(name, version, device, epoch, limit)
+            if from_board is not None:
+                return from_board
+            self._tell_untold()  # before the request: the server's counts are exact once it answers
             started = time.perf_counter()
             host = self._host_only
             known = REGISTRY.known(self._conn.server, [k.slab_id for k in reversed(self._slabs.keys())])
@@ -295,6 +329,7 @@ class TensorSetClient:
                     )
                 copied = time.perf_counter()
                 fetch_ms = (copied - started) * 1e3
+                self._remember_spot(name, server, reply, slab)
             finally:
                 try:
                     self._conn.send(p.ReleaseRequest(reply.lease_id, fetch_ms))
@@ -312,6 +347,105 @@ class TensorSetClient:
         }
         return self.fetched_as(reply.name, reply.version, tensors, dict(config))
 
+    def _fetch_from_board(
+        self, name: str, version: int | None, device: torch.device | str | None, epoch: str | None, limit: int
+    ) -> TensorSet | None:
+        """The fetch made from the newest-version board, or None where the server must be asked (Note [a fetch
+        without a request]). Under the client's lock."""
+        spot = self._spots.get(name)
+        if spot is None:
+            return None
+        started = time.perf_counter()
+        watch = self._watch
+        if (
+            spot.server != self._conn.server
+            or (epoch is not None and epoch != spot.epoch)
+            or watch is None
+            or watch.pid != spot.server.pid
+            or not watch.alive()
+        ):
+            self._spots.pop(name)
+            return None
+        via = self._slabs.get(spot.via)
+        entry = None if via is None else via.newest_at(spot.offset)
+        if entry is None or (version is not None and entry.version != version) or entry.used_bytes > limit:
+            return None
+        key = key_for(spot.server, entry.slab_id)
+        slab = self._slabs.get(key)
+        layout = self._layouts.get(entry.layout_digest)
+        config = self._configs.get(entry.config_digest)
+        if (
+            slab is None
+            or layout is None
+            or config is None
+            or not slab.COPIES_WITHOUT_REQUEST
+            or layout.used_bytes != entry.used_bytes
+            or layout.used_bytes > slab.nbytes
+        ):
+            return None
+        read = time.perf_counter()
+        try:
+            owned = slab.copy_out(layout.used_bytes, device)
+            intact = slab.generation_now() == entry.generation
+        except BackendError:
+            return None  # the request says what is wrong
+        if not intact:
+            return None  # reused during the copy: discarded, and the server is asked
+        copied = time.perf_counter()
+        spot.via = key
+        self.board_fetches += 1
+        if self._host_only and self.transport == "auto":
+            self.host_fallbacks += 1  # a host copy, as the request would have served
+        self._note(name, p.BoardFetch(entry.version, (copied - started) * 1e3))
+        noted = time.perf_counter()
+        tensors = layout.unpack(owned)
+        self.last_stages = {
+            "request_ms": (read - started) * 1e3,  # the board read in place of the round trip
+            "import_ms": 0.0,
+            "copy_ms": (copied - read) * 1e3,
+            "release_ms": (noted - copied) * 1e3,  # the FetchNote in place of the release
+            "unpack_ms": (time.perf_counter() - noted) * 1e3,
+        }
+        return self.fetched_as(name, entry.version, tensors, dict(config))
+
+    def _note(self, name: str, fetch: p.BoardFetch) -> None:
+        """Keep a board fetch to tell the server; tell it the kept ones once ``MAX_NOTED_FETCHES`` or
+        ``NOTE_INTERVAL_S`` are reached (and before every request: :meth:`_tell_untold`)."""
+        if not self._untold:
+            self._untold_since = time.monotonic()
+        fetches = self._untold.setdefault(name, [])
+        fetches.append(fetch)
+        if len(fetches) >= p.MAX_NOTED_FETCHES or time.monotonic() - self._untold_since >= NOTE_INTERVAL_S:
+            self._tell_untold()
+
+    def _tell_untold(self) -> None:
+        """Send the board fetches not yet told (a ``FetchNote`` per name, not waited for). Under the lock."""
+        untold, self._untold = self._untold, {}
+        for name, fetches in untold.items():
+            try:
+                self._conn.notify(p.FetchNote(name, fetches))
+            except LoraIpcError:
+                pass  # only metrics are lost
+
+    def _remember_spot(self, name: str, server, reply: p.FetchReply, slab: ImportedSlab) -> None:
+        """After a fetch by request: where ``name``'s board entry is read from now on, if it can be."""
+        if reply.board_entry is None or not slab.COPIES_WITHOUT_REQUEST or not self._watching(server):
+            self._spots.pop(name)
+            return
+        self._spots.put(name, BoardSpot(server, reply.board_entry, reply.epoch, key_for(server, reply.slab_id)))
+
+    def _watching(self, server) -> bool:
+        """Whether ``server``'s process is watched (a new watch when the server changed) and alive."""
+        if self._watch is not None and self._watch.pid != server.pid:
+            self._watch.close()
+            self._watch = None
+        if self._watch is None:
+            try:
+                self._watch = ServerWatch(server.pid)
+            except (OSError, AttributeError):  # no pidfd here (or no such process): every fetch asks
+                return False
+        return self._watch.alive()
+
     def close(self) -> None:
         """Close the client; never waits: a request in flight finishes and then closes the socket.
         Later calls raise ``ClientClosed``."""
@@ -324,8 +458,13 @@ class TensorSetClient:
 
     def _shutdown(self) -> None:  # under the lock
         if not self._conn.closed:
+            self._tell_untold()  # sent as the socket closes: best effort (the socket does not linger)
+            self._spots.clear()
             self._slabs.clear()  # releases this client's hold on each import
             self._conn.close()
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
 
     def __enter__(self) -> Self:
         return self

@@ -80,10 +80,12 @@ from ..protocol.tables import (
     GENERATION_COUNTER,
     GENERATION_PREFIX,
     GENERATION_SLOTS,
+    board_offset,
     generation_offset,
     generation_table_bytes,
     generation_table_name,
 )
+from .board import BOARD_SUPPORTED, BoardWriter, NewestEntry, read_entry
 
 MEMFD_PREFIX = "lora-ipc."
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -419,15 +421,23 @@ class GenerationTable:
     again after its copy is complete: unchanged means no new write had started when the copy ended.
     """
 
-    def __init__(self, slots: int = GENERATION_SLOTS):
+    def __init__(self, slots: int = GENERATION_SLOTS, board_entries: int = 0):
         self.slots = slots
         self.name = generation_table_name(os.getpid(), os.urandom(4))
+        # the newest-version board after the counters (board.py), where this machine can post one
+        self.board_entries = board_entries if BOARD_SUPPORTED else 0
         # only this mapping can write the counters: a same-uid process that opens the table cannot set one back
-        self.fd, mm = create_mapped(self.name, generation_table_bytes(slots))
+        self.fd, mm = create_mapped(self.name, board_offset(slots, self.board_entries))
+        counters_end = generation_table_bytes(slots)
         # native int64 ("q"): GENERATION_COUNTER's little-endian on every machine lora_ipc runs on (x86-64, aarch64)
-        self._counters = memoryview(mm).cast("q")
+        self._counters = memoryview(mm)[:counters_end].cast("q")
+        self.board = BoardWriter(memoryview(mm)[counters_end:], self.board_entries) if self.board_entries else None
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
+
+    def board_entry_offset(self, index: int) -> int | None:
+        """Where board entry ``index`` lies in the table (None: this table has no such entry)."""
+        return board_offset(self.slots, index) if 0 <= index < self.board_entries else None
 
     def take_slot(self) -> int:
         with self._lock:
@@ -447,6 +457,8 @@ class GenerationTable:
         return self._counters[slot]
 
     def close(self) -> None:
+        if self.board is not None:
+            self.board.withdraw()  # readers of the board ask the server from now on (which says it is closed)
         os.close(self.fd)  # the mapping stays valid until the memoryview is collected
 
 
@@ -472,5 +484,11 @@ class GenerationReader:
             raise BackendError(f"generation slot {slot} lies outside the exporter's table")
         return GENERATION_COUNTER.unpack(os.pread(self.fd, GENERATION_COUNTER.size, at))[0]
 
+    def newest_at(self, offset: int) -> NewestEntry | None:
+        """The board entry at byte ``offset`` of the table, if complete and well formed (board.py)."""
+        return read_entry(self.fd, offset, self.nbytes) if self.fd >= 0 else None
+
     def close(self) -> None:
-        os.close(self.fd)
+        fd, self.fd = self.fd, -1  # a later read finds no descriptor, never a reused fd number
+        if fd >= 0:
+            os.close(fd)

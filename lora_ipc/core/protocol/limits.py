@@ -10,6 +10,7 @@ MAX_KNOWN_CONFIGS = 16
 MAX_VERSIONS_LISTED = 1024
 MAX_SETS_LISTED = 4096
 MAX_LIVE_SLABS = 4096
+MAX_NOTED_FETCHES = 64  # board fetches one FetchNote tells
 MAX_BYTE_OFFSET = 1 << 62
 MAX_CONFIG_NODES = 4096
 MAX_STATUS_LEASES = 100  # leases listed one by one in a status report (all are counted)

@@ -14,6 +14,7 @@ request                reply                purpose
 ``ListRequest``        ``ListReply``        tensor sets and their kept versions
 ``FetchRequest``       ``FetchReply``       lease a version, get handle + layout
 ``ReleaseRequest``     ``ReleaseReply``     drop a lease (the client sends it, and does not wait)
+``FetchNote``          ``FetchNoteReply``   a fetch made from the newest-version board (sent, not waited for)
 ``PublishRequest``     ``PublishReply``     a remote trainer asks a daemon to copy a slab in
 ``StatusRequest``      ``StatusReply``      operator view: versions, leases, metrics
 any                    ``ErrorReply``       typed error, named by its code (tags.py)
@@ -54,6 +55,7 @@ from .limits import (
     MAX_KNOWN,
     MAX_KNOWN_CONFIGS,
     MAX_LIVE_SLABS,
+    MAX_NOTED_FETCHES,
     MAX_SETS_LISTED,
     MAX_STATUS_LEASES,
     MAX_VERSIONS_LISTED,
@@ -288,6 +290,9 @@ class FetchReply(Message, frozen=True):
     used_bytes: Count
     live_slabs: Annotated[list[SlabId], Meta(max_length=MAX_LIVE_SLABS)]
     epoch: Epoch
+    # where the name's newest-version board entry lies in the slab's generation table (tables.py): a client that
+    # holds what an entry names fetches the next version from it without a request (None: no board)
+    board_entry: ByteOffset | None = None
     TYPE: ClassVar[str] = "fetch_reply"
     MAX_FRAME: ClassVar[int] = MAX_FRAME_BYTES
     TREES: ClassVar[dict[str, tuple[int, int]]] = {"config": (MAX_CONFIG_BYTES, MAX_CONFIG_NODES)}
@@ -306,6 +311,31 @@ class ReleaseRequest(Message, frozen=True):
 class ReleaseReply(Message, frozen=True):
     lease_id: Positive
     TYPE: ClassVar[str] = "release_reply"
+    MAX_FRAME: ClassVar[int] = 128
+
+
+class BoardFetch(WireStruct, frozen=True, array_like=True):
+    """One fetch made from the newest-version board, on the wire ``[version, fetch_ms]``: the version copied and
+    the client's own measure of it (board read -> bytes owned)."""
+
+    version: Positive
+    fetch_ms: Annotated[float, Meta(ge=0.0, le=1e9)]
+
+
+class FetchNote(Message, frozen=True):
+    """Fetches of ``name`` a client made from the newest-version board, without a request, since its last note.
+    Sent and not waited for (at most ``MAX_NOTED_FETCHES`` at once, at the latest with the client's next request):
+    the server counts them in its fetch metrics and answers ``FetchNoteReply``."""
+
+    name: Name
+    fetches: Annotated[list[BoardFetch], Meta(min_length=1, max_length=MAX_NOTED_FETCHES)]
+    TYPE: ClassVar[str] = "fetch_note"
+    MAX_FRAME: ClassVar[int] = 4 << 10
+
+
+class FetchNoteReply(Message, frozen=True):
+    counted: Count
+    TYPE: ClassVar[str] = "fetch_note_reply"
     MAX_FRAME: ClassVar[int] = 128
 
 
@@ -371,6 +401,7 @@ class LatencyStatus(WireStruct, frozen=True):
 class MetricsStatus(WireStruct, frozen=True):
     publishes: Count
     fetches: Count
+    board_fetches: Count  # of ``fetches``: made from the newest-version board (FetchNote)
     bytes_published: Count
     bytes_served: Count
     leases_expired: Count
@@ -437,5 +468,9 @@ class ErrorReply(Message, frozen=True):
         return from_code(self.error)(self.message)
 
 
-REQUEST_TYPES = frozenset(c.TYPE for c in (ListRequest, FetchRequest, ReleaseRequest, PublishRequest, StatusRequest))
-REPLY_TYPES = frozenset(c.TYPE for c in (ListReply, FetchReply, ReleaseReply, PublishReply, StatusReply, ErrorReply))
+REQUEST_TYPES = frozenset(
+    c.TYPE for c in (ListRequest, FetchRequest, ReleaseRequest, FetchNote, PublishRequest, StatusRequest)
+)
+REPLY_TYPES = frozenset(
+    c.TYPE for c in (ListReply, FetchReply, ReleaseReply, FetchNoteReply, PublishReply, StatusReply, ErrorReply)
+)

@@ -21,6 +21,7 @@ class StoreCollector:
         for key, doc in (
             ("publishes", "versions published"),
             ("fetches", "fetches served"),
+            ("board_fetches", "fetches made from the newest-version board, without a request (counted in fetches)"),
             ("bytes_published", "bytes packed into slabs"),
             ("bytes_served", "bytes leased to clients"),
             ("leases_expired", "leases reclaimed after their timeout"),
@@ -37,7 +38,7 @@ class StoreCollector:
             versions.add_metric([name], version)
         yield versions
         for key, doc in (
-            ("fetch_latency", "client-measured fetch latency (request -> owned copy)"),
+            ("fetch_latency", "client-measured fetch latency (request or board read -> owned copy)"),
             ("publish_latency", "publish latency (pack into a slab)"),
         ):
             h = getattr(m, key)

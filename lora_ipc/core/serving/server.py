@@ -144,6 +144,7 @@ class TensorSetServer:
             p.ListRequest: self._on_list,
             p.FetchRequest: self._on_fetch,
             p.ReleaseRequest: self._on_release,
+            p.FetchNote: self._on_fetch_note,
             p.PublishRequest: self._on_publish,
             p.StatusRequest: self._on_status,
         }
@@ -367,11 +368,15 @@ class TensorSetServer:
             used_bytes=layout.used_bytes,
             live_slabs=self.store.live_slab_ids(),
             epoch=self.store.epoch,
+            board_entry=self.store.board_entry(pv.name) if slab is pv.slab else None,  # not for a host-staged copy
         )
 
     def _on_release(self, msg: p.ReleaseRequest, peer: bytes) -> p.ReleaseReply:
         self.store.release(msg.lease_id, peer, msg.fetch_ms)
         return p.ReleaseReply(msg.lease_id)
+
+    def _on_fetch_note(self, msg: p.FetchNote, peer: bytes) -> p.FetchNoteReply:
+        return p.FetchNoteReply(self.store.count_board_fetches(msg.name, msg.fetches))
 
     def _on_publish(self, msg: p.PublishRequest, peer: bytes) -> p.PublishReply:
         """Copy a publisher's staging slab in. The slab is opened once and kept (CUDA IPC handles must not

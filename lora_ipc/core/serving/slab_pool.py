@@ -26,6 +26,7 @@ import torch
 
 from ..backends import Backend, ExportedSlab, backend_for
 from ..errors import LimitExceeded, StoreClosed
+from ..memory.board import NewestEntry
 from ..memory.shm import GenerationTable
 from ..protocol import GenerationSlot
 
@@ -39,10 +40,11 @@ class SlabCounts:
 
 
 class SlabPool:
-    def __init__(self, *, max_bytes: int, max_slabs: int, max_free: int):
+    def __init__(self, *, max_bytes: int, max_slabs: int, max_free: int, board_entries: int = 0):
         self.max_bytes = max_bytes
         self.max_slabs = max_slabs
         self.max_free = max_free
+        self.board_entries = board_entries  # newest-version board entries after the generation counters (board.py)
         self._lock = threading.Lock()
         self._backends: dict[torch.device, Backend] = {}
         self._slabs: dict[str, ExportedSlab] = {}  # slab_id -> every live slab, in use or free
@@ -78,6 +80,16 @@ class SlabPool:
         with self._lock:
             slot, table = self._slot_of.get(slab.slab_id), self._generations
             return None if slot is None or table is None else table.read(slot)
+
+    def post_newest(self, index: int, entry: NewestEntry) -> int | None:
+        """Board entry ``index`` names ``entry`` (the slab must be one of this pool's, so the table exists);
+        where the entry lies in the table, or None where this table has no board."""
+        with self._lock:
+            table = self._open_table()
+            offset = table.board_entry_offset(index)
+            if offset is not None and table.board is not None:
+                table.board.post(index, entry)
+            return offset
 
     def slabs(self) -> list[ExportedSlab]:
         """Every live slab, in use or free, oldest allocation first."""
@@ -128,7 +140,7 @@ class SlabPool:
             if len(self._slabs) >= self.max_slabs:
                 raise LimitExceeded(f"already {len(self._slabs)} slabs (max_slabs)")
             if self._generations is None and not self._closed:
-                self._generations = GenerationTable(self.max_slabs)
+                self._generations = GenerationTable(self.max_slabs, self.board_entries)
             table = self._open_table()
             backend = self._backends.get(device)
             if backend is None:

@@ -47,6 +47,7 @@ import torch
 from .. import protocol as p
 from ..backends import ExportedSlab, slab_device
 from ..errors import AdapterRejected, LeaseError, LimitExceeded, StaleEpoch, TensorSetNotFound, VersionNotFound
+from ..memory.board import NewestEntry
 from ..memory.layout import SlabLayout
 from ..memory.layout_cache import LayoutCache
 from ..protocol import MAX_STATUS_LEASES, TensorSetSummary, digest_of
@@ -122,6 +123,7 @@ class LatencyHistogram:
 class StoreMetrics:
     publishes: int = 0
     fetches: int = 0
+    board_fetches: int = 0  # of ``fetches``: made from the newest-version board, told by a FetchNote
     bytes_published: int = 0
     bytes_served: int = 0
     leases_expired: int = 0
@@ -136,6 +138,7 @@ class StoreMetrics:
         return p.MetricsStatus(
             publishes=self.publishes,
             fetches=self.fetches,
+            board_fetches=self.board_fetches,
             bytes_published=self.bytes_published,
             bytes_served=self.bytes_served,
             leases_expired=self.leases_expired,
@@ -191,8 +194,14 @@ class TensorSetStore:
         self.leases_dropped_with_connection = 0
         # every slab the versions live in: allocation, recycling, generation slots, byte accounting
         self.pool = SlabPool(
-            max_bytes=self.limits.max_slab_bytes, max_slabs=self.limits.max_slabs, max_free=max_free_slabs
+            max_bytes=self.limits.max_slab_bytes,
+            max_slabs=self.limits.max_slabs,
+            max_free=max_free_slabs,
+            board_entries=self.limits.max_names,
         )
+        # name -> (its newest-version board entry, where that lies in the generation table: None where there is no
+        # board); a name keeps its entry for the store's life (names are never dropped; max_names bounds them)
+        self._board: dict[str, tuple[int, int | None]] = {}
         self._layouts = LayoutCache()
         self._last_config: tuple[dict, bytes] | None = None  # (config object, its digest)
 
@@ -282,18 +291,13 @@ class TensorSetStore:
                 version = self._last_version.get(name, 0) + 1
             else:
                 self._check_newer(name, version)
+            pv = PublishedVersion(
+                name, version, slab, layout, config, time.time(), generation, config_digest=self._config_digest(config)
+            )
+            self._post_newest(pv)  # first: a store closed meanwhile raises here, before the version is added
             self._last_version[name] = version
             versions = self._versions.setdefault(name, {})
-            versions[version] = PublishedVersion(
-                name,
-                version,
-                slab,
-                layout,
-                config,
-                time.time(),
-                generation,
-                config_digest=self._config_digest(config),
-            )
+            versions[version] = pv
             self.metrics.publishes += 1
             self.metrics.bytes_published += layout.used_bytes
             while len(versions) > self.keep:
@@ -302,10 +306,24 @@ class TensorSetStore:
                     self._retiring[(old.name, old.version)] = old
                 else:
                     self._free_version(old)
-            retiring = [pv for pv in self._retiring.values() if pv.name == name]
-            for pv in retiring[: max(0, len(retiring) - self.limits.max_retiring_per_name)]:
-                self._revoke(pv)
+            retiring = [r for r in self._retiring.values() if r.name == name]
+            for r in retiring[: max(0, len(retiring) - self.limits.max_retiring_per_name)]:
+                self._revoke(r)
             return version
+
+    def _post_newest(self, pv: PublishedVersion) -> None:
+        """``pv`` is its name's newest version: say so on the board (lock held), once its bytes are all written."""
+        index = self._board[pv.name][0] if pv.name in self._board else len(self._board)
+        entry = NewestEntry(
+            pv.version, pv.generation, pv.layout.used_bytes, pv.layout.digest, pv.config_digest, pv.slab.slab_id
+        )
+        self._board[pv.name] = (index, self.pool.post_newest(index, entry))
+
+    def board_entry(self, name: str) -> int | None:
+        """Where ``name``'s newest-version board entry lies in the generation table (None: no board here)."""
+        with self._lock:
+            entry = self._board.get(name)
+            return None if entry is None else entry[1]
 
     def _config_digest(self, config: dict) -> bytes:
         """Digest of a config, remembered for the last config object seen (a training loop republishes one)."""
@@ -393,6 +411,23 @@ class TensorSetStore:
             self._drop(lease)
             if fetch_ms > 0:
                 self.metrics.fetch_latency.observe(fetch_ms)
+
+    def count_board_fetches(self, name: str, fetches: list[p.BoardFetch]) -> int:
+        """Fetches of ``name`` a client made from the newest-version board (a ``FetchNote``): counted as fetches,
+        their bytes too for versions still here (a fast publisher may have dropped one since). A version never
+        published is refused; otherwise a note is the peer's word, as a fetch's own latency is."""
+        with self._lock:
+            last = self._last_version.get(name, 0)
+            if any(f.version > last for f in fetches):
+                raise TensorSetNotFound(f"a fetch note names a version of {name!r} never published here; refused")
+            for f in fetches:
+                pv = self._versions.get(name, {}).get(f.version) or self._retiring.get((name, f.version))
+                self.metrics.bytes_served += 0 if pv is None else pv.layout.used_bytes
+                if f.fetch_ms > 0:
+                    self.metrics.fetch_latency.observe(f.fetch_ms)
+            self.metrics.fetches += len(fetches)
+            self.metrics.board_fetches += len(fetches)
+            return len(fetches)
 
     def release_holder(self, holder: bytes) -> int:
         """Drop every lease of ``holder`` (its connection went away: Note [leases die with their
