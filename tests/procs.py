@@ -211,6 +211,28 @@ def _close_exporter(s):
     return _cuda_memory(s)
 
 
+def _close_keep_serving_commands(s):
+    """Close the exporter (its store and server); the process goes on."""
+    s.exporter.close()
+
+
+def _newest_entry(s, name):
+    """What the store's board says of ``name``'s newest version (a NewestEntry)."""
+    from lora_ipc.core.memory.board import NewestEntry
+
+    store = s.exporter.store
+    pv = store._versions[name][store.newest_version(name)]
+    return NewestEntry(
+        pv.version, pv.generation, pv.layout.used_bytes, pv.layout.digest, pv.config_digest, pv.slab.slab_id
+    )
+
+
+def _forge_board(s, name, entry):
+    """Post ``entry`` as ``name``'s board entry, whatever it names (a hostile exporter's board)."""
+    store = s.exporter.store
+    store.pool.post_newest(store._board[name][0], entry)
+
+
 def _status(s):
     return s.exporter.store.status()
 
@@ -234,9 +256,12 @@ EXPORTER_COMMANDS = {
     "set_allocator_settings": _set_allocator_settings,
     "effective_settings": _effective_settings,
     "close_exporter": _close_exporter,
+    "close_keep_serving_commands": _close_keep_serving_commands,
     "allocator_settings": _allocator_settings,
     "handle_kinds": _handle_kinds,
     "status": _status,
+    "newest_entry": _newest_entry,
+    "forge_board": _forge_board,
     "cuda_memory": _cuda_memory,
     "close": _close,
 }

@@ -85,6 +85,27 @@ def _fetch_reply_body(handle) -> dict:
     return msgspec.msgpack.decode(msgspec.msgpack.encode(reply))  # plain maps, bytes kept
 
 
+def test_the_board_entries_follow_the_counters_as_the_diagram_says():
+    from lora_ipc.core.memory.board import BOARD_SUPPORTED, NewestEntry
+
+    if not BOARD_SUPPORTED:
+        pytest.skip("the board is written on x86-64 only")
+    table = shm.GenerationTable(40, board_entries=3)  # 320 bytes of counters: the board starts at 512
+    try:
+        assert os.fstat(table.fd).st_size == 512 + 3 * 256
+        assert table.board_entry_offset(2) == 512 + 2 * 256 and table.board_entry_offset(3) is None
+        table.board.post(2, NewestEntry(9, 4, 8192, b"L" * 16, b"C" * 16, "77.beef.3"))
+        raw = os.pread(table.fd, 256, 512 + 2 * 256)
+        seq, version, generation, used, layout, config, length = struct.unpack_from("<QQqQ16s16sB", raw)
+        assert (seq, version, generation, used, layout, config) == (2, 9, 4, 8192, b"L" * 16, b"C" * 16)
+        assert raw[65 : 65 + length] == b"77.beef.3" and raw[65 + length :] == bytes(256 - 65 - length)
+        assert os.pread(table.fd, 512 + 2 * 256, 0) == bytes(512 + 2 * 256)  # nothing else written
+        table.board.withdraw()  # what closing the table does first: every seq odd
+        assert [struct.unpack("<Q", os.pread(table.fd, 8, 512 + i * 256))[0] for i in range(3)] == [1, 1, 3]
+    finally:
+        table.close()
+
+
 def test_a_cpu_handle_is_name_size_token_and_slot_and_nothing_that_names_a_process():
     """The CPU handle's map (wire.md): ``backend``, ``slab_id``, ``nbytes``, ``token`` (required, 16 bytes),
     ``generation`` {``slot``, ``table``}. Its memfd comes only by the descriptor channel: a handle without its

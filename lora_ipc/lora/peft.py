@@ -11,6 +11,7 @@ nobody has.
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from collections.abc import Mapping
@@ -78,7 +79,14 @@ def _strip_compiled(name: str) -> str:
 
 def vllm_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` less the names vLLM discards, with compiled-wrapper name parts removed."""
-    return {_strip_compiled(k): v for k, v in state.items() if not vllm_discards(k)}
+    return {kept: state[name] for name, kept in _vllm_names(tuple(state))}
+
+
+@functools.lru_cache(maxsize=16)
+def _vllm_names(names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """(state-dict name, the name vLLM loads it as) for each name kept: worked out once per set of names (a
+    training loop publishes the same names every step)."""
+    return tuple((name, _strip_compiled(name)) for name in names if not vllm_discards(name))
 
 
 def _peft_state(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:

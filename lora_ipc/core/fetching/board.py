@@ -32,14 +32,16 @@ class ServerWatch:
     def __init__(self, pid: int):
         self.pid = pid
         self._fd = os.pidfd_open(pid)
+        self._poll = select.poll()  # not select(): a vLLM worker's descriptors can be numbered past FD_SETSIZE
+        self._poll.register(self._fd, select.POLLIN)
 
     def alive(self) -> bool:
         if self._fd < 0:
             return False
-        readable, _, _ = select.select([self._fd], [], [], 0)  # a pidfd reads ready once its process exited
-        return not readable
+        return not self._poll.poll(0)  # a pidfd polls readable once its process exited
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
+            self._poll.unregister(fd)
             os.close(fd)

@@ -427,11 +427,13 @@ class GenerationTable:
         # the newest-version board after the counters (board.py), where this machine can post one
         self.board_entries = board_entries if BOARD_SUPPORTED else 0
         # only this mapping can write the counters: a same-uid process that opens the table cannot set one back
-        self.fd, mm = create_mapped(self.name, board_offset(slots, self.board_entries))
         counters_end = generation_table_bytes(slots)
+        board_start = board_offset(slots, 0)
+        size = board_offset(slots, self.board_entries) if self.board_entries else counters_end
+        self.fd, mm = create_mapped(self.name, size)
         # native int64 ("q"): GENERATION_COUNTER's little-endian on every machine lora_ipc runs on (x86-64, aarch64)
         self._counters = memoryview(mm)[:counters_end].cast("q")
-        self.board = BoardWriter(memoryview(mm)[counters_end:], self.board_entries) if self.board_entries else None
+        self.board = BoardWriter(memoryview(mm)[board_start:], self.board_entries) if self.board_entries else None
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()
 

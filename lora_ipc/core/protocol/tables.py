@@ -17,7 +17,7 @@ saying where that name's newest version is. A fetch reply names its entry by byt
 (``FetchReply.board_entry``); a client that holds the slab, layout and config an entry names copies the
 version without asking (Note [a fetch without a request], client.py)::
 
-    offset  8*slots + 256*i
+    offset  board + 256*i          (board: 8*slots rounded up to a multiple of 256)
             +--------+---------+------------+------------+---------------+---------------+-----+---------+-------+
             | seq    | version | generation | used_bytes | layout digest | config digest | len | slab id | 0 ... |
             +--------+---------+------------+------------+---------------+---------------+-----+---------+-------+
@@ -79,8 +79,10 @@ def generation_table_bytes(slots: int) -> int:
 
 
 def board_offset(slots: int, index: int) -> int:
-    """Where board entry ``index`` starts in a generation table of ``slots`` counters."""
-    return generation_table_bytes(slots) + index * BOARD_ENTRY_BYTES
+    """Where board entry ``index`` starts in a generation table of ``slots`` counters: the board begins at the
+    first multiple of ``BOARD_ENTRY_BYTES`` after the counters, so every entry is aligned to its size."""
+    start = -(-generation_table_bytes(slots) // BOARD_ENTRY_BYTES) * BOARD_ENTRY_BYTES
+    return start + index * BOARD_ENTRY_BYTES
 
 
 def refcount_offset(slot: int) -> int:
