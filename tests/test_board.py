@@ -214,3 +214,61 @@ def test_a_board_entry_naming_another_servers_slab_is_not_taken(exporter):
             assert client.board_fetches == boarded
     finally:
         other.close()
+
+
+def test_many_names_told_at_once_do_not_get_the_client_disconnected(exporter, monkeypatch):
+    """Board fetches of many names are told together (a FetchNote per name). Sent in one burst, the server had as
+    many replies to send at once and dropped the client as one that does not read them (SEND_HWM, server.py
+    ``_reply``): the client's next request timed out. The exporter's threads share one core here, as on a loaded
+    machine, so its IO thread falls behind such a burst."""
+    monkeypatch.setattr(client_module, "NOTE_INTERVAL_S", 3600.0)
+    names = [f"many{i}" for i in range(24)]  # fewer than the slabs a client keeps imported (MAX_CACHED_SLABS)
+    for name in names:
+        exporter.call("publish_random", name, 1)
+    for task in os.listdir(f"/proc/{exporter.pid}/task"):
+        os.sched_setaffinity(int(task), {min(os.sched_getaffinity(0))})
+    with AdapterClient(exporter.endpoint, timeout_s=5) as client:
+        conn = client._conn
+        run = {"now": 0, "most": 0}
+        notify, request = conn.notify, conn.request
+
+        def counted_notify(message):
+            run["now"] += 1
+            run["most"] = max(run["most"], run["now"])
+            return notify(message)
+
+        def counted_request(*args, **kwargs):
+            run["now"] = 0
+            return request(*args, **kwargs)
+
+        monkeypatch.setattr(conn, "notify", counted_notify)
+        monkeypatch.setattr(conn, "request", counted_request)
+        for _ in range(3):
+            for name in names:
+                client.fetch(name)  # asked the first time, from the board later
+            for name in names:
+                client.fetch(name)
+            metrics = _status(client)  # the untold board fetches of every name travel first
+            assert metrics.fetches == 2 * len(names) * (_ + 1) and metrics.board_fetches == client.board_fetches
+        assert client.board_fetches == 5 * len(names)
+        assert run["most"] <= client_module.MAX_UNWAITED_NOTES
+
+
+def test_board_fetches_of_a_dead_server_are_not_told_to_its_successor(exporter, monkeypatch):
+    """An exporter killed before its client told its board fetches, another one at the same endpoint: the client's
+    next request must not make the new server count fetches it never served."""
+    monkeypatch.setattr(client_module, "NOTE_INTERVAL_S", 3600.0)
+    exporter.call("publish_random", "d", 1)
+    with AdapterClient(exporter.endpoint, timeout_s=10) as client:
+        for _ in range(3):
+            client.fetch("d")
+        assert client.board_fetches == 2  # not told yet
+        exporter.kill()
+        successor = ExporterProcess(endpoint=exporter.endpoint, keep=2)
+        try:
+            successor.call("publish_random", "d", 2)
+            assert_same_adapter(client.fetch("d").tensors, models.random_adapter(2))  # asked: its writer is dead
+            metrics = _status(client)
+            assert metrics.fetches == 1 and metrics.board_fetches == 0
+        finally:
+            successor.close()

@@ -42,7 +42,7 @@ from .. import protocol as p
 from .. import settings
 from ..backends import ImportedSlab
 from ..channels.connection import Connection
-from ..channels.endpoint import daemon_endpoint
+from ..channels.endpoint import ServerIdentity, daemon_endpoint
 from ..channels.fdchannel import ChannelFailed, FdReceiver
 from ..errors import (
     BackendError,
@@ -64,6 +64,10 @@ MAX_CACHED_LAYOUTS = 32
 MAX_CACHED_SLABS = 32
 MAX_BOARD_SPOTS = 64  # names whose board entry a client remembers
 NOTE_INTERVAL_S = 1.0  # board fetches are told to the server at least this often while a client fetches
+# FetchNotes sent in a row without waiting for a reply: the server drops a peer SEND_HWM (8) replies behind
+# (server.py ``_reply``), and a burst of replies can be that far ahead of its own IO thread; past this many, each
+# further note waits for its reply (which drains every reply before it)
+MAX_UNWAITED_NOTES = 2
 ENV_TRANSPORT = "LORA_IPC_TRANSPORT"
 ENV_MAX_FETCH_BYTES = "LORA_IPC_MAX_FETCH_BYTES"
 DEFAULT_MAX_FETCH_BYTES = 4 << 30
@@ -161,6 +165,7 @@ class TensorSetClient:
         # board fetches not yet told to the server, per name, and since when (Note [a fetch without a request])
         self._untold: dict[str, list[p.BoardFetch]] = {}
         self._untold_since = 0.0
+        self._untold_from: ServerIdentity | None = None  # the server whose board they were made from
         # the last fetch's stages in ms (request round trip, slab import incl. descriptor passing, copy into
         # owned memory, lease release, unpack): what ``lora-ipc bench --breakdown`` reports
         self.last_stages: dict[str, float] = {}
@@ -194,8 +199,9 @@ class TensorSetClient:
         ``name``, only that name's entry (none if it was never published), which is never cut: look a
         name up this way."""
         with self._locked():
-            self._tell_untold()
-            return self._conn.request(p.ListRequest(name), p.ListReply)
+            deadline = time.monotonic() + self.timeout_s
+            self._tell_untold(deadline)
+            return self._conn.request(p.ListRequest(name), p.ListReply, deadline=deadline)
 
     def versions(self, name: str) -> builtins.list[int]:  # `list` is a method here
         for summary in self.catalog(name).sets:
@@ -206,8 +212,9 @@ class TensorSetClient:
     def status(self) -> p.StatusReport:
         """The server's operator view (``msgspec.to_builtins`` makes it plain data, keyed as on the wire)."""
         with self._locked():
-            self._tell_untold()
-            return self._conn.request(p.StatusRequest(), p.StatusReply).report
+            deadline = time.monotonic() + self.timeout_s
+            self._tell_untold(deadline)
+            return self._conn.request(p.StatusRequest(), p.StatusReply, deadline=deadline).report
 
     def fetch(
         self,
@@ -282,7 +289,7 @@ class TensorSetClient:
             from_board = self._fetch_from_board(name, version, device, epoch, limit)
             if from_board is not None:
                 return from_board
-            self._tell_untold()  # before the request: the server's counts are exact once it answers
+            self._tell_untold(deadline)  # before the request: the server's counts are exact once it answers
             started = time.perf_counter()
             host = self._host_only
             known = REGISTRY.known(self._conn.server, [k.slab_id for k in reversed(self._slabs.keys())])
@@ -413,19 +420,40 @@ class TensorSetClient:
         ``NOTE_INTERVAL_S`` are reached (and before every request: :meth:`_tell_untold`)."""
         if not self._untold:
             self._untold_since = time.monotonic()
+            self._untold_from = self._conn.server
         fetches = self._untold.setdefault(name, [])
         fetches.append(fetch)
         if len(fetches) >= p.MAX_NOTED_FETCHES or time.monotonic() - self._untold_since >= NOTE_INTERVAL_S:
-            self._tell_untold()
+            self._tell_untold(time.monotonic() + self.timeout_s)
 
-    def _tell_untold(self) -> None:
-        """Send the board fetches not yet told (a ``FetchNote`` per name, not waited for). Under the lock."""
+    def _tell_untold(self, deadline: float | None = None) -> None:
+        """Send the board fetches not yet told (a ``FetchNote`` per name). Under the lock. The first
+        ``MAX_UNWAITED_NOTES`` are not waited for; each further one waits for its reply (until ``deadline``; None:
+        none waits, the rest is dropped), so the server never has a burst of replies for this client to send.
+        Fetches made from the board of a server that no longer runs are dropped: the process now serving the
+        endpoint did not serve them."""
         untold, self._untold = self._untold, {}
-        for name, fetches in untold.items():
-            try:
-                self._conn.notify(p.FetchNote(name, fetches))
-            except LoraIpcError:
-                pass  # only metrics are lost
+        made_by, self._untold_from = self._untold_from, None
+        watch = self._watch
+        if (
+            not untold
+            or made_by is None
+            or watch is None
+            or watch.pid != made_by.pid
+            or made_by != self._conn.server
+            or not watch.alive()
+        ):
+            return
+        try:
+            for sent, (name, fetches) in enumerate(untold.items()):
+                if sent < MAX_UNWAITED_NOTES:
+                    self._conn.notify(p.FetchNote(name, fetches))
+                elif deadline is None:
+                    return
+                else:
+                    self._conn.request(p.FetchNote(name, fetches), p.FetchNoteReply, deadline=deadline)
+        except LoraIpcError:
+            pass  # only metrics are lost
 
     def _remember_spot(self, name: str, server, reply: p.FetchReply, slab: ImportedSlab) -> None:
         """After a fetch by request: where ``name``'s board entry is read from now on, if it can be."""
