@@ -272,3 +272,29 @@ def test_board_fetches_of_a_dead_server_are_not_told_to_its_successor(exporter, 
             assert metrics.fetches == 1 and metrics.board_fetches == 0
         finally:
             successor.close()
+
+
+def test_a_server_that_reuses_a_dead_servers_pid_is_watched_anew(exporter):
+    """A successor that got its dead predecessor's pid (pids are reused; a restarted container's server often
+    gets the same one): the client's watch of the old process says dead, and was kept because the pid is the
+    same, so this client never fetched from a board again. Simulated by a watch of an exited process that bears
+    the server's pid."""
+    import subprocess
+
+    from lora_ipc.core.fetching.board import ServerWatch
+
+    exporter.call("publish_random", "u", 1)
+    with AdapterClient(exporter.endpoint) as client:
+        gone = subprocess.Popen(["sleep", "60"])
+        try:
+            stale = ServerWatch(gone.pid)
+        finally:
+            gone.kill()
+            gone.wait()
+        assert not stale.alive()
+        stale.pid = exporter.pid  # the pid the exited process had, now the server's
+        client._watch = stale
+        assert_same_adapter(client.fetch("u").tensors, models.random_adapter(1))  # asks: holds nothing yet
+        assert_same_adapter(client.fetch("u").tensors, models.random_adapter(1))
+        assert client.board_fetches == 1
+        stale.close()

@@ -463,8 +463,9 @@ class TensorSetClient:
         self._spots.put(name, BoardSpot(server, reply.board_entry, reply.epoch, key_for(server, reply.slab_id)))
 
     def _watching(self, server) -> bool:
-        """Whether ``server``'s process is watched (a new watch when the server changed) and alive."""
-        if self._watch is not None and self._watch.pid != server.pid:
+        """Whether ``server``'s process is watched (a new watch when the server changed, or when the watched process
+        exited: ``server`` just answered, so its pid now names a new process) and alive."""
+        if self._watch is not None and (self._watch.pid != server.pid or not self._watch.alive()):
             self._watch.close()
             self._watch = None
         if self._watch is None:
