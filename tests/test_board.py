@@ -298,3 +298,24 @@ def test_a_server_that_reuses_a_dead_servers_pid_is_watched_anew(exporter):
         assert_same_adapter(client.fetch("u").tensors, models.random_adapter(1))
         assert client.board_fetches == 1
         stale.close()
+
+
+def test_board_fetches_of_a_closed_store_are_not_told_to_the_next_in_the_same_process(monkeypatch, tmp_path):
+    """An exporter closed before its client told its board fetches, another one at the same endpoint in the same
+    process (same pid, so the client's watch cannot tell them apart): the new store must not count fetches made
+    from the old one's board."""
+    from lora_ipc import AdapterExporter
+
+    monkeypatch.setattr(client_module, "NOTE_INTERVAL_S", 3600.0)
+    endpoint = f"ipc://{tmp_path}/exporter.sock"
+    with AdapterExporter(endpoint) as first, AdapterClient(endpoint, timeout_s=10) as client:
+        first.publish("s", models.random_adapter(1), models.RANDOM_ADAPTER_CONFIG)
+        for _ in range(3):
+            client.fetch("s")
+        assert client.board_fetches == 2  # not told yet
+        first.close()
+        with AdapterExporter(endpoint) as second:
+            second.publish("s", models.random_adapter(2), models.RANDOM_ADAPTER_CONFIG)
+            metrics = _status(client)
+            assert metrics.fetches == 0 and metrics.board_fetches == 0
+            assert_same_adapter(client.fetch("s").tensors, models.random_adapter(2))  # asked: the board was withdrawn

@@ -166,6 +166,7 @@ class TensorSetClient:
         self._untold: dict[str, list[p.BoardFetch]] = {}
         self._untold_since = 0.0
         self._untold_from: ServerIdentity | None = None  # the server whose board they were made from
+        self._untold_board: tuple[ImportedSlab, int] | None = None  # an entry of that board: (via, offset)
         # the last fetch's stages in ms (request round trip, slab import incl. descriptor passing, copy into
         # owned memory, lease release, unpack): what ``lora-ipc bench --breakdown`` reports
         self.last_stages: dict[str, float] = {}
@@ -375,7 +376,12 @@ class TensorSetClient:
             return None
         via = self._slabs.get(spot.via)
         entry = None if via is None else via.newest_at(spot.offset)
-        if entry is None or (version is not None and entry.version != version) or entry.used_bytes > limit:
+        if (
+            via is None
+            or entry is None
+            or (version is not None and entry.version != version)
+            or entry.used_bytes > limit
+        ):
             return None
         key = key_for(spot.server, entry.slab_id)
         slab = self._slabs.get(key)
@@ -403,7 +409,7 @@ class TensorSetClient:
         self.board_fetches += 1
         if self._host_only and self.transport == "auto":
             self.host_fallbacks += 1  # a host copy, as the request would have served
-        self._note(name, p.BoardFetch(entry.version, (copied - started) * 1e3))
+        self._note(name, p.BoardFetch(entry.version, (copied - started) * 1e3), (via, spot.offset))
         noted = time.perf_counter()
         tensors = layout.unpack(owned)
         self.last_stages = {
@@ -415,12 +421,13 @@ class TensorSetClient:
         }
         return self.fetched_as(name, entry.version, tensors, dict(config))
 
-    def _note(self, name: str, fetch: p.BoardFetch) -> None:
+    def _note(self, name: str, fetch: p.BoardFetch, board: tuple[ImportedSlab, int]) -> None:
         """Keep a board fetch to tell the server; tell it the kept ones once ``MAX_NOTED_FETCHES`` or
         ``NOTE_INTERVAL_S`` are reached (and before every request: :meth:`_tell_untold`)."""
         if not self._untold:
             self._untold_since = time.monotonic()
             self._untold_from = self._conn.server
+            self._untold_board = board
         fetches = self._untold.setdefault(name, [])
         fetches.append(fetch)
         if len(fetches) >= p.MAX_NOTED_FETCHES or time.monotonic() - self._untold_since >= NOTE_INTERVAL_S:
@@ -430,14 +437,18 @@ class TensorSetClient:
         """Send the board fetches not yet told (a ``FetchNote`` per name). Under the lock. The first
         ``MAX_UNWAITED_NOTES`` are not waited for; each further one waits for its reply (until ``deadline``; None:
         none waits, the rest is dropped), so the server never has a burst of replies for this client to send.
-        Fetches made from the board of a server that no longer runs are dropped: the process now serving the
-        endpoint did not serve them."""
+        Fetches made from the board of a server that no longer runs, or of a store since closed (its board withdrawn:
+        another store of the same process may serve the endpoint now), are dropped: whoever serves the endpoint
+        now did not serve them."""
         untold, self._untold = self._untold, {}
         made_by, self._untold_from = self._untold_from, None
+        board, self._untold_board = self._untold_board, None
         watch = self._watch
         if (
             not untold
             or made_by is None
+            or board is None
+            or not _board_open(*board)
             or watch is None
             or watch.pid != made_by.pid
             or made_by != self._conn.server
@@ -549,6 +560,12 @@ class TensorSetClient:
         ]:
             self._slabs.pop(key)
             REGISTRY.release(key)
+
+
+def _board_open(via: ImportedSlab, offset: int, tries: int = 3) -> bool:
+    """Whether the board entry at ``offset`` of ``via``'s table reads complete (a store that closed withdrew it for
+    good; one being written reads complete again at once)."""
+    return any(via.newest_at(offset) is not None for _ in range(tries))
 
 
 def _check_reply(reply: p.FetchReply, name: str, version: int | None, limit: int) -> None:
