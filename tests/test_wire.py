@@ -68,7 +68,7 @@ def sample_messages():
         p.ReleaseReply(5),
         p.PublishRequest("policy", config, vmm, lay.to_wire(), lay.used_bytes),
         p.PublishReply("policy", 4),
-        p.FetchNote("policy", [p.BoardFetch(3, 0.4), p.BoardFetch(4, 0.0)]),
+        p.FetchNote(EPOCH, [p.BoardFetch("policy", 3, 0.4), p.BoardFetch("value", 4, 0.0)]),
         p.FetchNoteReply(2),
         p.StatusRequest(),
         p.StatusReply(status_report()),

@@ -42,7 +42,7 @@ from .. import protocol as p
 from .. import settings
 from ..backends import ImportedSlab
 from ..channels.connection import Connection
-from ..channels.endpoint import ServerIdentity, daemon_endpoint
+from ..channels.endpoint import daemon_endpoint
 from ..channels.fdchannel import ChannelFailed, FdReceiver
 from ..errors import (
     BackendError,
@@ -64,10 +64,6 @@ MAX_CACHED_LAYOUTS = 32
 MAX_CACHED_SLABS = 32
 MAX_BOARD_SPOTS = 64  # names whose board entry a client remembers
 NOTE_INTERVAL_S = 1.0  # board fetches are told to the server at least this often while a client fetches
-# FetchNotes sent in a row without waiting for a reply: the server drops a peer SEND_HWM (8) replies behind
-# (server.py ``_reply``), and a burst of replies can be that far ahead of its own IO thread; past this many, each
-# further note waits for its reply (which drains every reply before it)
-MAX_UNWAITED_NOTES = 2
 ENV_TRANSPORT = "LORA_IPC_TRANSPORT"
 ENV_MAX_FETCH_BYTES = "LORA_IPC_MAX_FETCH_BYTES"
 DEFAULT_MAX_FETCH_BYTES = 4 << 30
@@ -163,10 +159,9 @@ class TensorSetClient:
         self._watch: ServerWatch | None = None
         self.board_fetches = 0  # fetches made from the board, without a request
         # board fetches not yet told to the server, per name, and since when (Note [a fetch without a request])
-        self._untold: dict[str, list[p.BoardFetch]] = {}
+        self._untold: list[p.BoardFetch] = []
         self._untold_since = 0.0
-        self._untold_from: ServerIdentity | None = None  # the server whose board they were made from
-        self._untold_board: tuple[ImportedSlab, int] | None = None  # an entry of that board: (via, offset)
+        self._untold_epoch = ""  # the epoch of the store whose board they were made from
         # the last fetch's stages in ms (request round trip, slab import incl. descriptor passing, copy into
         # owned memory, lease release, unpack): what ``lora-ipc bench --breakdown`` reports
         self.last_stages: dict[str, float] = {}
@@ -200,9 +195,8 @@ class TensorSetClient:
         ``name``, only that name's entry (none if it was never published), which is never cut: look a
         name up this way."""
         with self._locked():
-            deadline = time.monotonic() + self.timeout_s
-            self._tell_untold(deadline)
-            return self._conn.request(p.ListRequest(name), p.ListReply, deadline=deadline)
+            self._tell_untold()
+            return self._conn.request(p.ListRequest(name), p.ListReply)
 
     def versions(self, name: str) -> builtins.list[int]:  # `list` is a method here
         for summary in self.catalog(name).sets:
@@ -213,9 +207,8 @@ class TensorSetClient:
     def status(self) -> p.StatusReport:
         """The server's operator view (``msgspec.to_builtins`` makes it plain data, keyed as on the wire)."""
         with self._locked():
-            deadline = time.monotonic() + self.timeout_s
-            self._tell_untold(deadline)
-            return self._conn.request(p.StatusRequest(), p.StatusReply, deadline=deadline).report
+            self._tell_untold()
+            return self._conn.request(p.StatusRequest(), p.StatusReply).report
 
     def fetch(
         self,
@@ -290,7 +283,7 @@ class TensorSetClient:
             from_board = self._fetch_from_board(name, version, device, epoch, limit)
             if from_board is not None:
                 return from_board
-            self._tell_untold(deadline)  # before the request: the server's counts are exact once it answers
+            self._tell_untold()  # before the request: the server's counts are exact once it answers
             started = time.perf_counter()
             host = self._host_only
             known = REGISTRY.known(self._conn.server, [k.slab_id for k in reversed(self._slabs.keys())])
@@ -376,12 +369,7 @@ class TensorSetClient:
             return None
         via = self._slabs.get(spot.via)
         entry = None if via is None else via.newest_at(spot.offset)
-        if (
-            via is None
-            or entry is None
-            or (version is not None and entry.version != version)
-            or entry.used_bytes > limit
-        ):
+        if entry is None or (version is not None and entry.version != version) or entry.used_bytes > limit:
             return None
         key = key_for(spot.server, entry.slab_id)
         slab = self._slabs.get(key)
@@ -409,7 +397,7 @@ class TensorSetClient:
         self.board_fetches += 1
         if self._host_only and self.transport == "auto":
             self.host_fallbacks += 1  # a host copy, as the request would have served
-        self._note(name, p.BoardFetch(entry.version, (copied - started) * 1e3), (via, spot.offset))
+        self._note(spot.epoch, p.BoardFetch(name, entry.version, (copied - started) * 1e3))
         noted = time.perf_counter()
         tensors = layout.unpack(owned)
         self.last_stages = {
@@ -421,48 +409,27 @@ class TensorSetClient:
         }
         return self.fetched_as(name, entry.version, tensors, dict(config))
 
-    def _note(self, name: str, fetch: p.BoardFetch, board: tuple[ImportedSlab, int]) -> None:
-        """Keep a board fetch to tell the server; tell it the kept ones once ``MAX_NOTED_FETCHES`` or
-        ``NOTE_INTERVAL_S`` are reached (and before every request: :meth:`_tell_untold`)."""
+    def _note(self, epoch: str, fetch: p.BoardFetch) -> None:
+        """Keep a board fetch to tell the server: one ``FetchNote`` per batch, sent once ``MAX_NOTED_FETCHES`` are
+        kept or ``NOTE_INTERVAL_S`` passed (and before every request, :meth:`_tell_untold`), so a server never has
+        more than one reply to it queued per batch (it drops a peer whose replies pile up: server.py ``_reply``)."""
+        if self._untold and epoch != self._untold_epoch:
+            self._tell_untold()  # a batch is of one store
         if not self._untold:
-            self._untold_since = time.monotonic()
-            self._untold_from = self._conn.server
-            self._untold_board = board
-        fetches = self._untold.setdefault(name, [])
-        fetches.append(fetch)
-        if len(fetches) >= p.MAX_NOTED_FETCHES or time.monotonic() - self._untold_since >= NOTE_INTERVAL_S:
-            self._tell_untold(time.monotonic() + self.timeout_s)
+            self._untold_since, self._untold_epoch = time.monotonic(), epoch
+        self._untold.append(fetch)
+        if len(self._untold) >= p.MAX_NOTED_FETCHES or time.monotonic() - self._untold_since >= NOTE_INTERVAL_S:
+            self._tell_untold()
 
-    def _tell_untold(self, deadline: float | None = None) -> None:
-        """Send the board fetches not yet told (a ``FetchNote`` per name). Under the lock. The first
-        ``MAX_UNWAITED_NOTES`` are not waited for; each further one waits for its reply (until ``deadline``; None:
-        none waits, the rest is dropped), so the server never has a burst of replies for this client to send.
-        Fetches made from the board of a server that no longer runs, or of a store since closed (its board withdrawn:
-        another store of the same process may serve the endpoint now), are dropped: whoever serves the endpoint
-        now did not serve them."""
-        untold, self._untold = self._untold, {}
-        made_by, self._untold_from = self._untold_from, None
-        board, self._untold_board = self._untold_board, None
-        watch = self._watch
-        if (
-            not untold
-            or made_by is None
-            or board is None
-            or not _board_open(*board)
-            or watch is None
-            or watch.pid != made_by.pid
-            or made_by != self._conn.server
-            or not watch.alive()
-        ):
+    def _tell_untold(self) -> None:
+        """Send the board fetches not yet told, in one ``FetchNote`` not waited for. Under the lock. The note names
+        the epoch of the store they were made from: whoever serves the endpoint now refuses it if that store was
+        closed or replaced since (``StaleEpoch``; the reply is dropped unread, as every note's is)."""
+        untold, self._untold = self._untold, []
+        if not untold:
             return
         try:
-            for sent, (name, fetches) in enumerate(untold.items()):
-                if sent < MAX_UNWAITED_NOTES:
-                    self._conn.notify(p.FetchNote(name, fetches))
-                elif deadline is None:
-                    return
-                else:
-                    self._conn.request(p.FetchNote(name, fetches), p.FetchNoteReply, deadline=deadline)
+            self._conn.notify(p.FetchNote(self._untold_epoch, untold))
         except LoraIpcError:
             pass  # only metrics are lost
 
@@ -560,12 +527,6 @@ class TensorSetClient:
         ]:
             self._slabs.pop(key)
             REGISTRY.release(key)
-
-
-def _board_open(via: ImportedSlab, offset: int, tries: int = 3) -> bool:
-    """Whether the board entry at ``offset`` of ``via``'s table reads complete (a store that closed withdrew it for
-    good; one being written reads complete again at once)."""
-    return any(via.newest_at(offset) is not None for _ in range(tries))
 
 
 def _check_reply(reply: p.FetchReply, name: str, version: int | None, limit: int) -> None:

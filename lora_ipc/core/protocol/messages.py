@@ -315,22 +315,24 @@ class ReleaseReply(Message, frozen=True):
 
 
 class BoardFetch(WireStruct, frozen=True, array_like=True):
-    """One fetch made from the newest-version board, on the wire ``[version, fetch_ms]``: the version copied and
-    the client's own measure of it (board read -> bytes owned)."""
+    """One fetch made from the newest-version board, on the wire ``[name, version, fetch_ms]``: the version copied
+    and the client's own measure of it (board read -> bytes owned)."""
 
+    name: Name
     version: Positive
     fetch_ms: Annotated[float, Meta(ge=0.0, le=1e9)]
 
 
 class FetchNote(Message, frozen=True):
-    """Fetches of ``name`` a client made from the newest-version board, without a request, since its last note.
-    Sent and not waited for (at most ``MAX_NOTED_FETCHES`` at once, at the latest with the client's next request):
-    the server counts them in its fetch metrics and answers ``FetchNoteReply``."""
+    """Fetches a client made from the newest-version board of store ``epoch``, without a request, since its last
+    note: one note per batch (at most ``MAX_NOTED_FETCHES``; sent once a second or per batch while it fetches, and
+    before its next request), not waited for. The server counts them in its fetch metrics and answers
+    ``FetchNoteReply``; a note of another epoch (a store since closed or replaced) is refused (``StaleEpoch``)."""
 
-    name: Name
+    epoch: Epoch
     fetches: Annotated[list[BoardFetch], Meta(min_length=1, max_length=MAX_NOTED_FETCHES)]
     TYPE: ClassVar[str] = "fetch_note"
-    MAX_FRAME: ClassVar[int] = 4 << 10
+    MAX_FRAME: ClassVar[int] = 160 << 10  # 64 fetches of names of up to 512 characters
 
 
 class FetchNoteReply(Message, frozen=True):

@@ -26,7 +26,7 @@ from ..channels.connection import make_socket
 from ..channels.endpoint import prepare_ipc_path
 from ..channels.fdchannel import FdServer
 from ..channels.guard import ConnectionGuard, socket_identity
-from ..errors import LeaseError, LoraIpcError, ProtocolError
+from ..errors import LeaseError, LoraIpcError, ProtocolError, StaleEpoch
 from ..lru import BoundedLRU
 from ..memory.layout import SlabLayout
 from .store import TensorSetStore
@@ -283,10 +283,13 @@ class TensorSetServer:
                 request_id = exc.request_id or request_id
             self.store.count_error(exc)
             # a release that lost the race with a publish revoking its lease is routine (the reader's copy
-            # was checked by the slab's generation): counted, not shouted
-            late_release = isinstance(exc, LeaseError) and isinstance(message, p.ReleaseRequest)
+            # was checked by the slab's generation), and so is a note of board fetches made before a restart:
+            # counted, not shouted
+            late = (isinstance(exc, LeaseError) and isinstance(message, p.ReleaseRequest)) or (
+                isinstance(exc, StaleEpoch) and isinstance(message, p.FetchNote)
+            )
             log.log(
-                logging.DEBUG if late_release else logging.WARNING,
+                logging.DEBUG if late else logging.WARNING,
                 "request %d rejected: %s: %.500s",
                 request_id,
                 type(exc).__name__,
@@ -376,7 +379,7 @@ class TensorSetServer:
         return p.ReleaseReply(msg.lease_id)
 
     def _on_fetch_note(self, msg: p.FetchNote, peer: bytes) -> p.FetchNoteReply:
-        return p.FetchNoteReply(self.store.count_board_fetches(msg.name, msg.fetches))
+        return p.FetchNoteReply(self.store.count_board_fetches(msg.epoch, msg.fetches))
 
     def _on_publish(self, msg: p.PublishRequest, peer: bytes) -> p.PublishReply:
         """Copy a publisher's staging slab in. The slab is opened once and kept (CUDA IPC handles must not

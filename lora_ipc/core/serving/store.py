@@ -412,16 +412,19 @@ class TensorSetStore:
             if fetch_ms > 0:
                 self.metrics.fetch_latency.observe(fetch_ms)
 
-    def count_board_fetches(self, name: str, fetches: list[p.BoardFetch]) -> int:
-        """Fetches of ``name`` a client made from the newest-version board (a ``FetchNote``): counted as fetches,
-        their bytes too for versions still here (a fast publisher may have dropped one since). A version never
-        published is refused; otherwise a note is the peer's word, as a fetch's own latency is."""
+    def count_board_fetches(self, epoch: str, fetches: list[p.BoardFetch]) -> int:
+        """Fetches a client made from this store's newest-version board (a ``FetchNote``): counted as fetches,
+        their bytes too for versions still here (a fast publisher may have dropped one since). A note of another
+        epoch is refused (``StaleEpoch``: made from a store since closed or replaced at this endpoint), and so is
+        one naming a version never published; otherwise a note is the peer's word, as a fetch's own latency is."""
+        if epoch != self.epoch:
+            raise StaleEpoch(f"a fetch note of epoch {epoch!r:.40} is not this store's ({self.epoch}); not counted")
         with self._lock:
-            last = self._last_version.get(name, 0)
-            if any(f.version > last for f in fetches):
-                raise TensorSetNotFound(f"a fetch note names a version of {name!r} never published here; refused")
             for f in fetches:
-                pv = self._versions.get(name, {}).get(f.version) or self._retiring.get((name, f.version))
+                if f.version > self._last_version.get(f.name, 0):
+                    raise TensorSetNotFound(f"a fetch note names {f.name!r:.80} v{f.version}, never published here")
+            for f in fetches:
+                pv = self._versions.get(f.name, {}).get(f.version) or self._retiring.get((f.name, f.version))
                 self.metrics.bytes_served += 0 if pv is None else pv.layout.used_bytes
                 if f.fetch_ms > 0:
                     self.metrics.fetch_latency.observe(f.fetch_ms)
