@@ -45,3 +45,7 @@ class ServerWatch:
         if fd >= 0:
             self._poll.unregister(fd)
             os.close(fd)
+
+    def __del__(self) -> None:  # a client collected without close() leaves no pidfd behind
+        if getattr(self, "_fd", -1) >= 0:  # not when pidfd_open refused in __init__
+            self.close()
