@@ -219,7 +219,9 @@ class TensorSetClient:
         *,
         max_bytes: int | None = None,
     ) -> TensorSet:
-        """Lease ``version`` (newest if None), copy it into owned memory on ``device``, release the lease.
+        """Lease ``version`` (newest if None), copy it into owned memory on ``device``, release the lease; or,
+        once this client holds what the exporter's newest-version board names, copy it from there without a
+        request (Note [a fetch without a request]).
 
         ``epoch`` (from :meth:`catalog` or a ``lora-ipc://`` URI): the version must be of that store
         epoch, else ``StaleEpoch`` (the exporter restarted; the number now names other bytes).
