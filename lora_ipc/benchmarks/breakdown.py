@@ -40,6 +40,7 @@ from ..core.memory.host_buffers import HOST_BUFFERS
 from .timing import now, percentile, save_json
 
 CONSUMER_TIMEOUT_S = 60.0  # the transport benchmark's consumer answers each fetch within this, or the run fails
+# (a consumer that died fails the run at once: its pipe reads EOF)
 _lora_ids = itertools.count(1)  # every LoRA id this process gives the engine: never one twice
 
 STAGES = {
@@ -419,6 +420,7 @@ def run_transport(args) -> dict:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_consumer, args=(child, device), daemon=True)
     proc.start()
+    child.close()  # the consumer's end is its own: if it dies, this end reads EOF at once
     results: dict[str, Any] = {"mode": "transport", "device": device, "iters": args.iters, "configs": []}
     results |= {"date": time.strftime("%Y-%m-%d"), "hardware": hardware()}
     exporter = AdapterExporter(keep=2)
@@ -451,7 +453,7 @@ def run_transport(args) -> dict:
                             version = exporter.publish(name, tensors, config)
                             t1 = now()
                             parent.send((exporter.endpoint, name, version))
-                            if not parent.poll(CONSUMER_TIMEOUT_S) or not proc.is_alive() and not parent.poll(0):
+                            if not parent.poll(CONSUMER_TIMEOUT_S):
                                 raise RuntimeError(f"the consumer process did not answer (exit code {proc.exitcode})")
                             t2, fetch_ms, stages, new_slab, count = parent.recv()
                             assert count == len(tensors)

@@ -124,9 +124,7 @@ class Connection:
         for _ in range(MAX_DISCARDED):
             try:
                 self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:  # closed under us: the next request reports it
+            except zmq.ZMQError:  # Again: nothing more is here; anything else: closed, the next request reports it
                 return
 
     def request(self, message: p.Message, reply_type: type[T], deadline: float | None = None) -> T:
